@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything racker needs on a Debian/Ubuntu host, as root.
+# Idempotent, and quick when everything is already there: apt runs only when a
+# package is missing, pip only when pyproject.toml changed since the last run.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PACKAGES=(
+  # machines and images
+  systemd-container mmdebstrap debian-archive-keyring arch-test uidmap util-linux iproute2
+  skopeo umoci buildah podman docker-registry
+  # disks and VMs
+  qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
+  grub-pc-bin grub-efi-amd64-bin systemd-boot-efi xorriso openssh-client
+  # downloads and archives
+  curl ca-certificates xz-utils zstd tar
+  # python
+  python3 python3-venv
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [ "$status" = installed ] || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: installing ${missing[*]}" >&2
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.racker-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,3 @@
+from racker.cli import entry
+
+entry()

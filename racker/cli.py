@@ -1,0 +1,292 @@
+"""The racker command. The only module that prints for people and calls exit.
+
+Exit status: a command run in a machine passes its own status through;
+racker's own failures exit 125 (as docker and podman do), so scripts can
+tell "racker failed" from "your command failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from racker import __version__, errors, machines, progress, store
+
+EXIT_RACKER_FAILED = 125
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value:.1f}GB"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    print()
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from racker import doctor
+
+    results = doctor.checks(probe_kvm=not args.no_probe)
+    if args.json:
+        _print_json([c.as_json() for c in results])
+    else:
+        for check in results:
+            mark = "ok" if check.ok else ("MISSING" if check.required else "no")
+            line = f"{mark:8} {check.name:20} {check.detail}"
+            if not check.ok and check.package:
+                line += f"  (apt-get install {check.package})"
+            print(line)
+    return 0 if all(c.ok for c in results if c.required) else 1
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from racker import images
+
+    image = images.pull(args.image, force=args.force)
+    print(f"{image.name} {image.digest}")
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    listed = store.images()
+    if args.json:
+        _print_json([i.as_json() for i in listed])
+        return 0
+    _table(
+        [[i.name, i.short_digest, _human_size(i.size), i.created, i.source] for i in listed],
+        ["NAME", "DIGEST", "SIZE", "CREATED", "SOURCE"],
+    )
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    from racker import images
+
+    for name in args.images:
+        image = images.find(name)
+        users = machines.in_use(image.digest)
+        if users and not args.force:
+            names = ", ".join(s.name for s in users)
+            raise errors.StoreError(f"image {image.name!r} is in use by {names}", hint="stop them first (racker stop NAME)")
+        store.remove(image.name)
+        print(f"removed {image.name} {image.digest}")
+    return 0
+
+
+def _pull_quietly(reference: str) -> store.StoredImage:
+    from racker import images
+
+    return images.pull(reference)
+
+
+def _login_shell(machine: object) -> list[str]:
+    from racker.nspawn import Machine
+
+    assert isinstance(machine, Machine)
+    has_bash = machine.run(["test", "-x", "/bin/bash"]).succeeded
+    return ["/bin/bash", "-l"] if has_bash else ["/bin/sh", "-l"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from racker.nspawn import Machine
+
+    image = _pull_quietly(args.image)
+    with Machine(image, args.name, boot_timeout=args.timeout) as machine:
+        command = args.command or _login_shell(machine)
+        return machine.interact(command, tty=args.tty)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from racker.nspawn import Machine
+
+    image = _pull_quietly(args.image)
+    machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True)
+    with progress.step(f"booting {machine.name}"):
+        machine.start()
+    machine.detach()
+    print(machine.name)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from racker.nspawn import Machine
+
+    machine = Machine.attach(args.name)
+    if not args.command:
+        raise errors.MachineError("no command given", hint=f"racker exec {args.name} -- CMD …")
+    return machine.interact(args.command, tty=args.tty)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Enter a running machine, or boot one from the image of that name and enter it."""
+    from racker.nspawn import Machine
+
+    state = machines.load("nspawn", args.name)
+    if state is not None and not machines.is_stale(state):
+        machine = Machine.attach(args.name)
+        return machine.interact(_login_shell(machine))
+    image = _pull_quietly(args.name)
+    with Machine(image, boot_timeout=args.timeout) as machine:
+        return machine.interact(_login_shell(machine))
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    running = [s for s in machines.all_states("nspawn") if not machines.is_stale(s)]
+    if args.json:
+        _print_json([{"name": s.name, "image": s.image, "digest": s.digest, "pid": s.pid, "leader": s.leader, "started": s.started} for s in running])
+        return 0
+    _table([[s.name, s.image, str(s.leader), s.started] for s in running], ["NAME", "IMAGE", "LEADER", "STARTED"])
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from racker.nspawn import Machine
+
+    for name in args.names:
+        Machine.attach(name).stop(grace=args.timeout)
+        print(name)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from racker import gc
+
+    removed = gc.collect()
+    for line in removed:
+        print(line)
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="racker", description="Boot OS images under systemd-nspawn and QEMU, and test that they work.")
+    parser.add_argument("--version", action="version", version=f"racker {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    def verb(name: str, func, help: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("doctor", cmd_doctor, "check the host's prerequisites")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
+
+    p = verb("pull", cmd_pull, "build or fetch an image into the store")
+    p.add_argument("image")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+
+    p = verb("images", cmd_images, "list the images in the store")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("rmi", cmd_rmi, "remove images from the store")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--force", action="store_true", help="remove even while machines use it")
+
+    boot_timeout = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
+    p = verb("run", cmd_run, "boot an image, run a command in it, tear it down")
+    p.add_argument("--rm", action="store_true", help="accepted for docker compatibility: machines are always removed")
+    p.add_argument("--name")
+    p.add_argument("-t", "--tty", action="store_true", default=None, help="give the command a terminal of the machine's own")
+    p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+    p.add_argument("image")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+
+    p = verb("start", cmd_start, "boot an image and leave it running")
+    p.add_argument("image")
+    p.add_argument("--name")
+    p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+
+    p = verb("exec", cmd_exec, "run a command in a running machine")
+    p.add_argument("-t", "--tty", action="store_true", default=None)
+    p.add_argument("name")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+
+    p = verb("shell", cmd_shell, "a login shell in a machine (booted from the image of that name if none runs)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=boot_timeout)
+
+    p = verb("ps", cmd_ps, "list running machines")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("stop", cmd_stop, "stop running machines")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
+
+    verb("gc", cmd_gc, "remove what killed racker processes left behind")
+
+    from racker import cli_vm
+
+    cli_vm.add_commands(verb, sub)
+    return parser
+
+
+def _strip_separator(args: argparse.Namespace) -> None:
+    command = getattr(args, "command", None)
+    if command and command[0] == "--":
+        args.command = command[1:]
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise errors.Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _strip_separator(args)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="racker: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so every `finally` and `with` cleans up.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    started = time.monotonic()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("racker: interrupted", file=sys.stderr)
+        return 130
+    except errors.Interrupted as interrupted:
+        print("racker: interrupted", file=sys.stderr)
+        return 128 + interrupted.signum
+    except errors.RackerError as error:
+        if args.debug:
+            raise
+        print(f"racker: error: {error}", file=sys.stderr)
+        if error.hint:
+            print(error.hint, file=sys.stderr)
+        return EXIT_RACKER_FAILED
+    finally:
+        logging.getLogger("racker").debug("finished in %.2fs", time.monotonic() - started)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

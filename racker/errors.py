@@ -1,0 +1,86 @@
+"""The exception hierarchy. The library raises these; only cli.py prints and exits."""
+
+from __future__ import annotations
+
+
+class RackerError(Exception):
+    """Base of every error racker expects. str(err) is the one line a user sees."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ToolMissing(RackerError):
+    """A host program racker needs is not installed."""
+
+    def __init__(self, tool: str, package: str | None = None) -> None:
+        self.tool = tool
+        self.package = package
+        hint = f"install it with: apt-get install {package}" if package else None
+        super().__init__(f"{tool} is not installed", hint)
+
+
+class ToolFailed(RackerError):
+    """A host program exited with a status the caller did not expect."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str = "") -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        what = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        super().__init__(f"{argv[0]} failed ({what})" + (f": {tail}" if tail else ""))
+
+
+class ToolTimeout(RackerError):
+    """A host program ran longer than its timeout and was killed."""
+
+    def __init__(self, argv: list[str], timeout: float) -> None:
+        self.argv = argv
+        self.timeout = timeout
+        super().__init__(f"{argv[0]} did not finish within {timeout:g}s and was stopped")
+
+
+class BadReference(RackerError):
+    """An image reference that cannot be parsed or names nothing."""
+
+
+class UnknownImage(BadReference):
+    """A catalogue name that does not exist."""
+
+
+class StoreError(RackerError):
+    """The image store refused an operation (image in use, not present, …)."""
+
+
+class MachineError(RackerError):
+    """A machine could not be started, found or entered."""
+
+
+class NameTaken(MachineError):
+    """A machine name already in use."""
+
+
+class BootTimeout(MachineError):
+    """A machine did not become ready in time; carries the console tail."""
+
+    def __init__(self, what: str, timeout: float, console_tail: str) -> None:
+        self.console_tail = console_tail
+        message = f"{what} did not become ready within {timeout:g}s"
+        super().__init__(message, hint="last console lines:\n" + console_tail if console_tail else None)
+
+
+class Unreachable(RackerError):
+    """The transport to a guest (ssh, nsenter) failed; not the guest command."""
+
+
+class Interrupted(RackerError):
+    """SIGINT or SIGTERM arrived; raised so that every `finally` runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by signal {signum}")

@@ -1,0 +1,81 @@
+"""Clean up what a killed racker left behind: stale machines, their processes, scratch space."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+
+from racker import machines, store
+
+
+def _kill(pid: int, started: int) -> bool:
+    if not machines.alive(pid, started):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while machines.alive(pid, started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def collect() -> list[str]:
+    """Remove every stale record and what it owns; return one line per thing removed."""
+    removed: list[str] = []
+    for kind in ("nspawn", "qemu"):
+        for state in machines.all_states(kind):
+            if not machines.is_stale(state):
+                continue
+            # The leader first: killing a pid namespace's init takes the whole machine down.
+            if state.leader and _kill(state.leader, machines.start_time(state.leader)):
+                removed.append(f"killed {kind} machine {state.name} (pid {state.leader})")
+            if state.pid and _kill(state.pid, state.pid_start):
+                removed.append(f"killed {kind} process of {state.name} (pid {state.pid})")
+            if state.rundir and os.path.isdir(state.rundir):
+                store.remove_tree(Path(state.rundir))
+                removed.append(f"removed {state.rundir}")
+            machines.release(state)
+            removed.append(f"removed stale {kind} record {state.name}")
+    removed += _orphan_rundirs()
+    removed += _stale_workdirs()
+    return removed
+
+
+def _orphan_rundirs() -> list[str]:
+    """Run directories that no record claims."""
+    removed = []
+    run = store.home() / "run"
+    if run.is_dir():
+        claimed = {s.rundir for kind in ("nspawn", "qemu") for s in machines.all_states(kind)}
+        for path in run.iterdir():
+            if str(path) not in claimed:
+                store.remove_tree(path)
+                removed.append(f"removed {path}")
+    return removed
+
+
+def _stale_workdirs() -> list[str]:
+    """Scratch directories whose owner is gone: their lock file is no longer held."""
+    removed = []
+    tmp = store.home() / "tmp"
+    if not tmp.is_dir():
+        return removed
+    for path in sorted(tmp.iterdir()):
+        if path.name.endswith(".lock"):
+            continue
+        lock = store.workdir_lock(path)
+        if lock.exists():
+            with open(lock, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # still in use
+        store.remove_tree(path)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        removed.append(f"removed unfinished {path}")
+    return removed

@@ -1,0 +1,129 @@
+"""racker's own registry of running machines and VMs, one JSON file each.
+
+It works where there is no machined (hosts whose PID 1 is not systemd). A
+name is claimed, atomically, before anything is started for it, so that a
+crash at any later point leaves a record that `racker gc` can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from racker import store
+from racker.errors import MachineError, NameTaken
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+
+
+@dataclass
+class State:
+    name: str
+    kind: str  # "nspawn" or "qemu"
+    image: str
+    digest: str = ""
+    pid: int = 0  # systemd-nspawn or qemu
+    pid_start: int = 0  # the process's start time: guards against pid reuse
+    leader: int = 0  # the machine's init, for nsenter
+    owner: int = 0  # the racker process that will stop it; 0 once detached
+    owner_start: int = 0
+    rundir: str = ""
+    started: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def registry_dir(kind: str) -> Path:
+    path = store.home() / ("machines" if kind == "nspawn" else "vms")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise MachineError(f"invalid machine name {name!r}: letters, digits, '-' and '.', at most 64")
+    return name
+
+
+def unique_name(image: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9.-]+", "-", image.rsplit("/", 1)[-1]).strip("-.")[:50] or "machine"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def start_time(pid: int) -> int:
+    """The kernel's start time of a process (clock ticks), or 0 if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return 0
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    return pid > 0 and started > 0 and start_time(pid) == started
+
+
+def claim(state: State) -> None:
+    """Reserve a name; NameTaken if it is in use (a stale record is cleared first)."""
+    check_name(state.name)
+    path = registry_dir(state.kind) / f"{state.name}.json"
+    for _attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            existing = load(state.kind, state.name)
+            if existing is not None and not is_stale(existing):
+                raise NameTaken(f"machine name {state.name!r} is already in use", hint="pick another --name, or `racker stop` it") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(state), handle)
+        return
+    raise NameTaken(f"machine name {state.name!r} is already in use")
+
+
+def save(state: State) -> None:
+    store.write_json(registry_dir(state.kind) / f"{state.name}.json", asdict(state))
+
+
+def load(kind: str, name: str) -> State | None:
+    try:
+        data = json.loads((registry_dir(kind) / f"{name}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return State(**data)
+
+
+def release(state: State) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (registry_dir(state.kind) / f"{state.name}.json").unlink()
+
+
+def all_states(kind: str) -> list[State]:
+    states = []
+    for path in sorted(registry_dir(kind).glob("*.json")):
+        state = load(kind, path.stem)
+        if state is not None:
+            states.append(state)
+    return states
+
+
+def is_stale(state: State) -> bool:
+    """A record whose machine is gone, or whose owner died without stopping it."""
+    if state.pid and not alive(state.pid, state.pid_start):
+        return True
+    if state.owner and not alive(state.owner, state.owner_start):
+        return True
+    return not state.pid and not (state.owner and alive(state.owner, state.owner_start))
+
+
+def in_use(digest: str) -> list[State]:
+    return [s for kind in ("nspawn", "qemu") for s in all_states(kind) if s.digest == digest and not is_stale(s)]

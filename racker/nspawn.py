@@ -1,0 +1,300 @@
+"""Machines: an image booted with systemd-nspawn, entered with nsenter.
+
+The image in the store is never written: the machine's root is an overlay
+whose upper layer is a tmpfs (`--volatile=overlay`), gone when nspawn exits.
+Readiness is the container's own systemd saying READY=1 (boot finished),
+relayed by nspawn over a notify socket that we own: no polling, no sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from racker import machines, proc, store
+from racker.errors import BootTimeout, MachineError
+from racker.machines import State
+from racker.proc import Result
+
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
+
+
+def has_machined() -> bool:
+    """machined is there to register with when the host runs systemd as PID 1."""
+    return os.path.isdir("/run/systemd/system") and proc.which("machinectl") is not None
+
+
+def console_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
+
+
+class Machine:
+    """A booted image. Use as a context manager: it is stopped on the way out.
+
+        with Machine(image) as m:
+            m.run(["systemctl", "is-system-running"])
+    """
+
+    def __init__(
+        self,
+        image: store.StoredImage,
+        name: str | None = None,
+        *,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        detached: bool = False,
+    ) -> None:
+        self.image = image
+        self.detached = detached
+        self.name = machines.check_name(name) if name else machines.unique_name(image.name)
+        self.boot_timeout = boot_timeout
+        self.state: State | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self.boot_seconds = 0.0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str) -> Machine:
+        """A running machine from the registry, started by this or another process."""
+        state = machines.load("nspawn", name)
+        if state is None or machines.is_stale(state):
+            raise MachineError(f"no running machine named {name!r}", hint="see `racker ps`")
+        machine = cls.__new__(cls)
+        machine.image = store.lookup(state.image) or store.StoredImage(state.image, state.digest, "", "", 0)
+        machine.name = name
+        machine.boot_timeout = DEFAULT_BOOT_TIMEOUT
+        machine.detached = state.owner == 0
+        machine.state = state
+        machine._child = None
+        machine.boot_seconds = 0.0
+        return machine
+
+    @property
+    def rundir(self) -> Path:
+        return store.home() / "run" / self.name
+
+    @property
+    def console_log(self) -> Path:
+        return self.rundir / "console.log"
+
+    def start(self) -> Machine:
+        rootfs = self.image.rootfs
+        if not rootfs.is_dir():
+            raise MachineError(f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}")
+        me = os.getpid()
+        self.state = State(
+            name=self.name,
+            kind="nspawn",
+            image=self.image.name,
+            digest=self.image.digest,
+            owner=me,
+            owner_start=machines.start_time(me),
+            rundir=str(self.rundir),
+            started=store.now(),
+        )
+        machines.claim(self.state)  # recorded before anything is made
+        try:
+            self._boot(rootfs)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _boot(self, rootfs: Path) -> None:
+        assert self.state is not None
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        self.rundir.mkdir(parents=True)
+        notify_path = self.rundir / "notify"
+        started = time.monotonic()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            argv = nspawn_argv(rootfs, self.name)
+            with open(self.console_log, "wb") as console:
+                self._child = subprocess.Popen(
+                    [proc.require("systemd-nspawn"), *argv[1:]],
+                    env={**proc.BASE_ENV, "NOTIFY_SOCKET": str(notify_path)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's
+                    # An owned machine shuts down if we die; a detached one outlives us.
+                    preexec_fn=None if self.detached else proc.die_with_parent(),
+                )
+            self.state.pid = self._child.pid
+            self.state.pid_start = machines.start_time(self._child.pid)
+            machines.save(self.state)
+            self.state.leader = self._wait_ready(notify, started + self.boot_timeout)
+        self.state.extra["machined"] = has_machined()
+        machines.save(self.state)
+        self.boot_seconds = time.monotonic() - started
+
+    def _wait_ready(self, notify: socket.socket, deadline: float) -> int:
+        """Read nspawn's notifications until READY=1; return the container's leader pid."""
+        assert self._child is not None
+        leader = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootTimeout(f"machine {self.name!r}", self.boot_timeout, console_tail(self.console_log))
+            # Wake up now and then to notice an nspawn that died without a word.
+            notify.settimeout(min(remaining, 0.5))
+            try:
+                message = notify.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                if self._child.poll() is not None:
+                    raise MachineError(
+                        f"systemd-nspawn exited with status {self._child.returncode} while booting {self.name!r}",
+                        hint="last console lines:\n" + console_tail(self.console_log),
+                    ) from None
+                continue
+            for line in message.splitlines():
+                key, _, value = line.partition("=")
+                if key == "X_NSPAWN_LEADER_PID":
+                    leader = int(value)
+                    self.state.leader = leader  # type: ignore[union-attr]
+                    machines.save(self.state)  # type: ignore[arg-type]
+                elif key == "READY" and value == "1" and leader:
+                    return leader
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Shut the machine down: SIGTERM to nspawn (a clean poweroff), then SIGKILL."""
+        state = self.state
+        if state is None:
+            return
+        try:
+            if state.pid and machines.alive(state.pid, state.pid_start):
+                _signal(state.pid, signal.SIGTERM)
+                if not self._wait_gone(grace):
+                    if state.leader:
+                        _signal(state.leader, signal.SIGKILL)  # takes the whole pid namespace down
+                    _signal(state.pid, signal.SIGKILL)
+                    self._wait_gone(5)
+            elif self._child is not None:
+                self._child.wait(5)
+        finally:
+            shutil.rmtree(state.rundir, ignore_errors=True)
+            machines.release(state)
+            self.state = None
+
+    def _wait_gone(self, timeout: float) -> bool:
+        assert self.state is not None
+        if self._child is not None:
+            try:
+                self._child.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not machines.alive(self.state.pid, self.state.pid_start):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def detach(self) -> None:
+        """Leave the machine running after this process exits (`racker start`)."""
+        assert self.state is not None and self.detached, "only a Machine(detached=True) may outlive its owner"
+        self.state.owner = self.state.owner_start = 0
+        machines.save(self.state)
+        self._child = None
+
+    def __enter__(self) -> Machine:
+        if self.state is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- commands ----------------------------------------------------------
+
+    def command(self, argv: Sequence[str], *, tty: bool = False, env: Mapping[str, str] | None = None) -> list[str]:
+        """The host argv that runs `argv` inside the machine as root, in a clean environment."""
+        if self.state is None or not self.state.leader:
+            raise MachineError(f"machine {self.name!r} is not running")
+        if not argv:
+            raise MachineError("no command given")
+        guest_env = {"PATH": GUEST_PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8"}
+        if tty:
+            guest_env["TERM"] = os.environ.get("TERM", "xterm-256color")
+        guest_env.update(env or {})
+        inner = list(argv)
+        if tty:
+            # A pty made inside the machine, so that `tty`, job control and
+            # curses programs see a terminal of the machine's own.
+            inner = ["script", "--quiet", "--return", "--command", proc.quote(*argv), "/dev/null"]
+        return [
+            proc.require("nsenter"),
+            f"--target={self.state.leader}",
+            "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
+            "--root", "--wd",
+            "--",
+            "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in guest_env.items()),
+            *inner,
+        ]  # fmt: skip
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        timeout: float | None = 600,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run a command to completion; exit code, stdout and stderr exactly as the guest gave them."""
+        result = proc.run(self.command(argv, env=env), input=input, timeout=timeout, check=False)
+        result.argv = list(argv)  # report the guest command, not the nsenter wrapper
+        return result
+
+    def run_expect(self, codes: Sequence[int], argv: Sequence[str], **kwargs: object) -> Result:
+        __tracebackhide__ = True
+        result = self.run(argv, **kwargs)  # type: ignore[arg-type]
+        assert result.returncode in codes, (
+            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result
+
+    def interact(self, argv: Sequence[str], *, tty: bool | None = None) -> int:
+        """Run a command wired to our own stdin, stdout and stderr; return its exit code."""
+        if tty is None:
+            tty = sys.stdin.isatty() and sys.stdout.isatty()
+        return subprocess.call(self.command(argv, tty=tty), env=proc.BASE_ENV)
+
+
+def nspawn_argv(rootfs: Path, name: str) -> list[str]:
+    argv = [
+        "systemd-nspawn",
+        "--quiet",
+        "--boot",
+        f"--directory={rootfs}",
+        f"--machine={name}",
+        "--volatile=overlay",  # writes go to a tmpfs; the store's copy stays pristine
+        "--private-network",  # machines never fight over the host's ports
+        "--link-journal=no",
+        "--notify-ready=yes",
+        "--console=read-only",
+    ]
+    if has_machined():
+        argv.append("--register=yes")
+    else:
+        argv += ["--register=no", "--keep-unit"]
+    return argv
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)

@@ -1,0 +1,1 @@
+"""The racker pytest plugin, loaded through the pytest11 entry point."""

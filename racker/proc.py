@@ -1,0 +1,203 @@
+"""The one place racker starts host programs.
+
+argv lists only, never a shell; every command is logged, has a timeout, and
+raises one error type carrying the tool's own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from racker.errors import ToolFailed, ToolMissing, ToolTimeout
+
+log = logging.getLogger("racker.proc")
+
+# Where each host program comes from on Debian/Ubuntu, for ToolMissing hints.
+TOOL_PACKAGES: dict[str, str] = {
+    "systemd-nspawn": "systemd-container",
+    "machinectl": "systemd-container",
+    "mmdebstrap": "mmdebstrap",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
+    "buildah": "buildah",
+    "podman": "podman",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "nsenter": "util-linux",
+    "sfdisk": "fdisk",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "mcopy": "mtools",
+    "mkfs.vfat": "dosfstools",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "tar": "tar",
+    "zstd": "zstd",
+    "xz": "xz-utils",
+    "docker-registry": "docker-registry",
+}
+
+# Host tools see a predictable environment, not whatever the caller had.
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+}
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the child gets `signum` when racker dies, even by kill -9."""
+
+    def set_pdeathsig() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+    return set_pdeathsig
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool, path=BASE_ENV["PATH"] + ":" + os.environ.get("PATH", ""))
+
+
+def require(tool: str) -> str:
+    """Absolute path of `tool`, or ToolMissing naming the package to install."""
+    path = which(tool)
+    if path is None:
+        raise ToolMissing(tool, TOOL_PACKAGES.get(tool))
+    return path
+
+
+def quote(*args: str) -> str:
+    """Quote arguments for the one shell boundary: a command line run inside a guest."""
+    return shlex.join(args)
+
+
+@dataclass
+class Result:
+    """What a finished command did. Output is decoded on first use."""
+
+    argv: list[str]
+    returncode: int
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+
+    @cached_property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @cached_property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0
+
+
+def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(BASE_ENV)
+    if env:
+        merged.update(env)
+    return merged
+
+
+@contextlib.contextmanager
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    new_session: bool = False,
+    cwd: str | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a program and own it: if the caller raises, it is terminated, then waited for."""
+    argv = [str(a) for a in argv]
+    argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
+    log.debug("run: %s", shlex.join(argv))
+    child = subprocess.Popen(
+        argv,
+        env=_environment(env),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=new_session,
+        cwd=cwd,
+        # A detached child (new session) may outlive us; any other dies with us.
+        preexec_fn=None if new_session else die_with_parent(),
+    )
+    try:
+        yield child
+    except BaseException:
+        terminate(child)
+        raise
+    finally:
+        if child.returncode is None and not new_session:
+            terminate(child)
+
+
+def terminate(child: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL. Always reaps the child."""
+    if child.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        child.wait()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = 600,
+    check: bool = True,
+    ok_codes: Sequence[int] = (0,),
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    capture: bool = True,
+    cwd: str | None = None,
+) -> Result:
+    """Run a program to completion and return its Result.
+
+    With check, an exit status outside ok_codes raises ToolFailed with the tool's
+    stderr; a run past `timeout` seconds is killed and raises ToolTimeout.
+    """
+    pipe = subprocess.PIPE if capture else None
+    with spawn(
+        argv,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=pipe,
+        stderr=pipe,
+        cwd=cwd,
+    ) as child:
+        try:
+            out, err = child.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            terminate(child, grace=2)
+            raise ToolTimeout(list(child.args), timeout or 0) from None
+    result = Result(list(child.args), child.returncode, out or b"", err or b"")
+    if check and result.returncode not in ok_codes:
+        raise ToolFailed(result.argv, result.returncode, result.stderr)
+    return result

@@ -1,0 +1,83 @@
+"""Image references: one parser, one canonical form.
+
+    debian-bookworm                      a catalogue name
+    bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
+    docker://debian:bookworm-slim        a registry image (skopeo + umoci)
+    docker-daemon:myimage:tag            exported from a Docker engine
+    dockerfile:path/to/dir               built with buildah, then imported
+    https://host/path/root.tar.xz        a cloud root tarball or disk image
+    file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
+    vagrant:debian/bullseye64            a Vagrant box
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from racker.errors import BadReference
+
+SCHEMES = ("bootstrap", "docker", "docker-daemon", "dockerfile", "https", "http", "file", "vagrant")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
+# docker reference grammar, simplified: [host[:port]/]path[:tag][@sha256:hex]
+_DOCKER = re.compile(
+    r"^(?:(?P<host>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
+    r"(?P<path>[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    scheme: str  # "catalog" for a catalogue name, else one of SCHEMES
+    target: str
+
+    def __str__(self) -> str:
+        if self.scheme == "catalog":
+            return self.target
+        if self.scheme in ("docker", "https", "http"):
+            return f"{self.scheme}://{self.target}"
+        return f"{self.scheme}:{self.target}"
+
+
+def parse(text: str) -> Reference:
+    """Parse what a user typed; BadReference says what is wrong with it."""
+    text = text.strip()
+    if not text:
+        raise BadReference("empty image reference")
+    if "://" in text:
+        scheme, _, target = text.partition("://")
+    elif ":" in text and text.split(":", 1)[0] in SCHEMES:
+        scheme, _, target = text.partition(":")
+    elif _NAME.match(text):
+        return Reference("catalog", text)
+    else:
+        raise BadReference(f"cannot parse image reference {text!r}; expected a catalogue name or SCHEME:TARGET ({', '.join(SCHEMES)})")
+    if scheme not in SCHEMES:
+        raise BadReference(f"unknown scheme {scheme!r} in {text!r}; known: {', '.join(SCHEMES)}")
+    if not target:
+        raise BadReference(f"{text!r} names nothing after {scheme}:")
+    if scheme == "bootstrap" and not _SUITE.match(target):
+        raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
+    if scheme == "docker":
+        target = normalise_docker(target, text)
+    return Reference(scheme, target)
+
+
+def normalise_docker(target: str, text: str) -> str:
+    """Docker Hub defaults: `debian` is docker.io/library/debian:latest."""
+    match = _DOCKER.match(target)
+    if not match:
+        raise BadReference(f"malformed docker reference {text!r}")
+    host, path, tag, digest = match["host"], match["path"], match["tag"], match["digest"]
+    if host is None or ("." not in host and ":" not in host and host != "localhost"):
+        # The first component was part of the path, not a registry host.
+        path = f"{host}/{path}" if host else path
+        host = "docker.io"
+    if host == "docker.io" and "/" not in path:
+        path = f"library/{path}"
+    if tag is None and digest is None:
+        tag = "latest"
+    return f"{host}/{path}" + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
