@@ -1,18 +1,16 @@
 """The image catalogue: one TOML file per image in images/.
 
-    # images/debian-bookworm.toml
-    description = "Debian 12 (bookworm)"
-    source = "bootstrap:debian/bookworm"
-    packages = ["systemd", "dbus", "openssh-server"]
+# images/debian-bookworm.toml
+description = "Debian 12 (bookworm)"
+source = "bootstrap:debian/bookworm"
+packages = ["systemd", "dbus", "openssh-server"]
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,22 @@ def catalog_dirs() -> list[Path]:
     return dirs
 
 
+def recipe_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def find_file(name: str) -> Path | None:
+    """The catalogue file for `name`, without reading the others."""
+    for directory in catalog_dirs():
+        path = directory / f"{name}.toml"
+        if path.is_file():
+            return path
+    return None
+
+
 def _load(path: Path) -> CatalogEntry:
+    import tomllib  # only when an entry is really read: it costs every racker start ~15 ms
+
     raw = path.read_bytes()
     data = tomllib.loads(raw.decode())
     return CatalogEntry(
@@ -50,7 +63,7 @@ def _load(path: Path) -> CatalogEntry:
         packages=tuple(data.get("packages", ())),
         apt_options=tuple(data.get("apt_options", ())),
         options={k: v for k, v in data.items() if k not in {"source", "description", "packages", "apt_options"}},
-        recipe=hashlib.sha256(raw).hexdigest()[:16],
+        recipe=recipe_of(raw),
     )
 
 
@@ -65,9 +78,12 @@ def entries() -> dict[str, CatalogEntry]:
 
 
 def get(name: str) -> CatalogEntry:
+    path = find_file(name)
+    if path is not None:
+        return _load(path)
+    import difflib
+
     known = entries()
-    if name in known:
-        return known[name]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     suggestion = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
     raise UnknownImage(f"unknown image {name!r}{suggestion}")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
-from racker import __version__, errors, machines, progress, store
+from racker import __version__, errors, machines, proc, progress, store
 
 EXIT_RACKER_FAILED = 125
 
@@ -154,7 +152,12 @@ def cmd_shell(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     running = [s for s in machines.all_states("nspawn") if not machines.is_stale(s)]
     if args.json:
-        _print_json([{"name": s.name, "image": s.image, "digest": s.digest, "pid": s.pid, "leader": s.leader, "started": s.started} for s in running])
+        _print_json(
+            [
+                {"name": s.name, "image": s.image, "digest": s.digest, "pid": s.pid, "leader": s.leader, "started": s.started}
+                for s in running
+            ]
+        )
         return 0
     _table([[s.name, s.image, str(s.leader), s.started] for s in running], ["NAME", "IMAGE", "LEADER", "STARTED"])
     return 0
@@ -261,10 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _strip_separator(args)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="racker: %(message)s")
-    # SIGTERM unwinds like Ctrl-C, so every `finally` and `with` cleans up.
+    proc.DEBUG = proc.DEBUG or args.debug
+    # SIGINT and SIGTERM unwind the stack, so every `finally` and `with` cleans
+    # up. SIGINT explicitly: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    started = time.monotonic()
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -280,8 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error.hint:
             print(error.hint, file=sys.stderr)
         return EXIT_RACKER_FAILED
-    finally:
-        logging.getLogger("racker").debug("finished in %.2fs", time.monotonic() - started)
 
 
 def entry() -> None:

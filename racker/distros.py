@@ -118,7 +118,7 @@ def detect(rootfs: Path) -> Distro:
             text = candidate.read_text(errors="replace")
             break
     info = parse_os_release(text)
-    words = [info.get("ID", "")] + info.get("ID_LIKE", "").split()
+    words = [info.get("ID", ""), *info.get("ID_LIKE", "").split()]
     manager = next((FAMILIES[w] for w in words if w in FAMILIES), None)
     init = _inside(rootfs, "sbin/init")
     has_systemd = (init.exists() and "systemd" in init.name) or any(

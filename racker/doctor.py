@@ -43,13 +43,22 @@ def checks(probe_kvm: bool = True) -> list[Check]:
         found.append(Check(tool, path is not None, path or f"missing ({purpose})", proc.TOOL_PACKAGES.get(tool, ""), required))
     found.append(_kvm(probe_kvm))
     loops = glob.glob("/dev/loop[0-9]*")
-    found.append(Check("loop devices", bool(loops), f"{len(loops)} present (racker does not need them)" if loops else "none (racker does not need them)", required=False))
+    found.append(
+        Check(
+            "loop devices",
+            bool(loops),
+            f"{len(loops)} present (racker does not need them)" if loops else "none (racker does not need them)",
+            required=False,
+        )
+    )
     machined = os.path.isdir("/run/systemd/system")
     found.append(
         Check(
             "machined",
             True,
-            "present: machines are registered with machinectl" if machined else "absent (PID 1 is not systemd): racker's own registry and nsenter are used",
+            "present: machines are registered with machinectl"
+            if machined
+            else "absent (PID 1 is not systemd): racker's own registry and nsenter are used",
             required=False,
         )
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from racker import catalog, distros, progress, store
 from racker.catalog import CatalogEntry
-from racker.errors import StoreError
+from racker.errors import StoreError, UnknownImage
 from racker.refs import Reference, parse
 from racker.sources import source_for
 
@@ -17,7 +17,12 @@ def resolve(text: str) -> tuple[str, Reference, CatalogEntry | None]:
     """(store name, source reference, catalogue entry or None) for what a user typed."""
     ref = parse(text)
     if ref.scheme == "catalog":
-        entry = catalog.get(ref.target)
+        try:
+            entry = catalog.get(ref.target)
+        except UnknownImage:
+            if store.lookup(ref.target) is not None:
+                return ref.target, ref, None  # made here (prepared, imported), not from the catalogue
+            raise
         return entry.name, parse(entry.source), entry
     return str(ref), ref, None
 
@@ -37,7 +42,18 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
     Any number of processes may pull the same image at once: the lock makes
     exactly one build it and the others find it done.
     """
+    if not force:
+        present = _present_catalog_image(text)
+        if present is not None:
+            return present
     name, ref, entry = resolve(text)
+    if ref.scheme == "catalog":
+        image = store.lookup(name)
+        if image is None:
+            raise StoreError(f"image {name!r} disappeared from the store")
+        if force:
+            raise StoreError(f"image {name!r} was made locally and cannot be rebuilt from a source")
+        return image
     recipe = entry.recipe if entry else str(ref)
     image = store.lookup(name)
     if image is not None and image.recipe == recipe and not force:
@@ -55,6 +71,17 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
             manifest = dict(fields, name=name, distro=distro.as_json())
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=str(ref), recipe=recipe, manifest=manifest)
+
+
+def _present_catalog_image(name: str) -> store.StoredImage | None:
+    """A catalogue image already built from the current catalogue file: no parsing, no lock."""
+    path = catalog.find_file(name)
+    if path is None:
+        return None
+    image = store.lookup(name)
+    if image is not None and image.recipe == catalog.recipe_of(path.read_bytes()):
+        return image
+    return None
 
 
 def normalise(rootfs: Path) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def check_name(name: str) -> str:
 
 def unique_name(image: str) -> str:
     base = re.sub(r"[^A-Za-z0-9.-]+", "-", image.rsplit("/", 1)[-1]).strip("-.")[:50] or "machine"
-    return f"{base}-{secrets.token_hex(3)}"
+    return f"{base}-{os.urandom(3).hex()}"
 
 
 def start_time(pid: int) -> int:

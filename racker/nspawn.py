@@ -44,8 +44,8 @@ def console_tail(path: Path, lines: int = 25) -> str:
 class Machine:
     """A booted image. Use as a context manager: it is stopped on the way out.
 
-        with Machine(image) as m:
-            m.run(["systemctl", "is-system-running"])
+    with Machine(image) as m:
+        m.run(["systemctl", "is-system-running"])
     """
 
     def __init__(
@@ -93,7 +93,9 @@ class Machine:
     def start(self) -> Machine:
         rootfs = self.image.rootfs
         if not rootfs.is_dir():
-            raise MachineError(f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}")
+            raise MachineError(
+                f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
+            )
         me = os.getpid()
         self.state = State(
             name=self.name,
@@ -125,7 +127,7 @@ class Machine:
             with open(self.console_log, "wb") as console:
                 self._child = subprocess.Popen(
                     [proc.require("systemd-nspawn"), *argv[1:]],
-                    env={**proc.BASE_ENV, "NOTIFY_SOCKET": str(notify_path)},
+                    env={**proc.BASE_ENV, **nspawn_env(), "NOTIFY_SOCKET": str(notify_path)},
                     stdin=subprocess.DEVNULL,
                     stdout=console,
                     stderr=subprocess.STDOUT,
@@ -191,18 +193,11 @@ class Machine:
 
     def _wait_gone(self, timeout: float) -> bool:
         assert self.state is not None
+        if not proc.wait_exit(self.state.pid, timeout):
+            return False
         if self._child is not None:
-            try:
-                self._child.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not machines.alive(self.state.pid, self.state.pid_start):
-                return True
-            time.sleep(0.05)
-        return False
+            self._child.wait()  # reap our own child
+        return True
 
     def detach(self) -> None:
         """Leave the machine running after this process exits (`racker start`)."""
@@ -263,8 +258,7 @@ class Machine:
         __tracebackhide__ = True
         result = self.run(argv, **kwargs)  # type: ignore[arg-type]
         assert result.returncode in codes, (
-            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\n"
-            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
         )
         return result
 
@@ -293,6 +287,20 @@ def nspawn_argv(rootfs: Path, name: str) -> list[str]:
     else:
         argv += ["--register=no", "--keep-unit"]
     return argv
+
+
+def nspawn_env() -> dict[str, str]:
+    """Give every machine a pure cgroup v2 hierarchy.
+
+    On a host with the hybrid layout (cgroup v1 controllers, cgroup2 beside
+    them), nspawn would hand the container the legacy v1 hierarchy, and
+    systemd >= 258 (Debian sid) refuses to boot on that. Every systemd since
+    230 runs on v2. RACKER_NSPAWN_UNIFIED=0 restores nspawn's own choice, for
+    images older than that.
+    """
+    if os.environ.get("RACKER_NSPAWN_UNIFIED", "1") == "0":
+        return {}
+    return {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
+import select
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 from racker.errors import ToolFailed, ToolMissing, ToolTimeout
-
-log = logging.getLogger("racker.proc")
 
 # Where each host program comes from on Debian/Ubuntu, for ToolMissing hints.
 TOOL_PACKAGES: dict[str, str] = {
@@ -44,6 +43,11 @@ TOOL_PACKAGES: dict[str, str] = {
     "tar": "tar",
     "zstd": "zstd",
     "xz": "xz-utils",
+    "lz4": "lz4",
+    "grub-mkimage": "grub-common",
+    "mmd": "mtools",
+    "xorriso": "xorriso",
+    "qemu-io": "qemu-utils",
     "docker-registry": "docker-registry",
 }
 
@@ -52,6 +56,15 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LC_ALL": "C.UTF-8",
 }
+
+
+DEBUG = os.environ.get("RACKER_DEBUG") == "1"
+
+
+def debug(message: str) -> None:
+    """With --debug (or RACKER_DEBUG=1): every command racker runs, on stderr."""
+    if DEBUG:
+        print(f"racker: {message}", file=sys.stderr, flush=True)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -68,7 +81,9 @@ def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
 
 
 def which(tool: str) -> str | None:
-    return shutil.which(tool, path=BASE_ENV["PATH"] + ":" + os.environ.get("PATH", ""))
+    """Where a host tool is. RACKER_PATH, if set, replaces the search path entirely."""
+    path = os.environ.get("RACKER_PATH") or BASE_ENV["PATH"] + ":" + os.environ.get("PATH", "")
+    return shutil.which(tool, path=path)
 
 
 def require(tool: str) -> str:
@@ -131,7 +146,7 @@ def spawn(
     """Start a program and own it: if the caller raises, it is terminated, then waited for."""
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
-    log.debug("run: %s", shlex.join(argv))
+    debug(f"run: {shlex.join(argv)}")
     child = subprocess.Popen(
         argv,
         env=_environment(env),
@@ -139,6 +154,9 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=new_session,
+        # Its own process group, so that terminate() reaches the grandchildren
+        # too (mmdebstrap's apt and dpkg), not just the tool we started.
+        process_group=None if new_session else 0,
         cwd=cwd,
         # A detached child (new session) may outlive us; any other dies with us.
         preexec_fn=None if new_session else die_with_parent(),
@@ -154,17 +172,39 @@ def spawn(
 
 
 def terminate(child: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM, a bounded wait, then SIGKILL. Always reaps the child."""
-    if child.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        child.send_signal(signal.SIGTERM)
+    """SIGTERM to the child's process group, a bounded wait, then SIGKILL to what is left.
+
+    Always reaps the child; no descendant that stayed in its group survives.
+    """
+    if child.poll() is None:
+        _signal_group(child.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(grace)
+    _signal_group(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until a process exits (a child or not); True if it did within `timeout`.
+
+    A pidfd wakes us the moment it happens, where Popen.wait(timeout) would
+    poll with sleeps of up to 50 ms.
+    """
     try:
-        child.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
-        child.wait()
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(fd)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 def run(

@@ -1,13 +1,13 @@
 """Image references: one parser, one canonical form.
 
-    debian-bookworm                      a catalogue name
-    bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
-    docker://debian:bookworm-slim        a registry image (skopeo + umoci)
-    docker-daemon:myimage:tag            exported from a Docker engine
-    dockerfile:path/to/dir               built with buildah, then imported
-    https://host/path/root.tar.xz        a cloud root tarball or disk image
-    file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
-    vagrant:debian/bullseye64            a Vagrant box
+debian-bookworm                      a catalogue name
+bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
+docker://debian:bookworm-slim        a registry image (skopeo + umoci)
+docker-daemon:myimage:tag            exported from a Docker engine
+dockerfile:path/to/dir               built with buildah, then imported
+https://host/path/root.tar.xz        a cloud root tarball or disk image
+file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
+vagrant:debian/bullseye64            a Vagrant box
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from racker.errors import BadReference
 SCHEMES = ("bootstrap", "docker", "docker-daemon", "dockerfile", "https", "http", "file", "vagrant")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
+_PATH = re.compile(r"^[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$")
 # docker reference grammar, simplified: [host[:port]/]path[:tag][@sha256:hex]
 _DOCKER = re.compile(
     r"^(?:(?P<host>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
@@ -76,6 +77,8 @@ def normalise_docker(target: str, text: str) -> str:
         # The first component was part of the path, not a registry host.
         path = f"{host}/{path}" if host else path
         host = "docker.io"
+        if not _PATH.match(path):
+            raise BadReference(f"malformed docker reference {text!r}: repository names are lower case")
     if host == "docker.io" and "/" not in path:
         path = f"library/{path}"
     if tag is None and digest is None:

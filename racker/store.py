@@ -150,10 +150,12 @@ class StoredImage:
     size: int
     recipe: str = ""
     manifest: dict = field(default_factory=dict)
+    # Fixed when found, so the image stays where it was even if RACKER_HOME changes.
+    path: Path = field(default=Path(), compare=False)
 
-    @property
-    def path(self) -> Path:
-        return home() / "images" / self.digest.replace(":", "-")
+    def __post_init__(self) -> None:
+        if self.path == Path():
+            self.path = image_dir(self.digest)
 
     @property
     def rootfs(self) -> Path:
@@ -200,6 +202,7 @@ def lookup(name: str) -> StoredImage | None:
         size=manifest.get("size", 0),
         recipe=ref.get("recipe", ""),
         manifest=manifest,
+        path=directory,
     )
 
 

@@ -20,15 +20,16 @@ DEFAULT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iprout
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     distro, suite = ref.target.split("/", 1)
-    packages = entry.packages if entry and entry.packages else DEFAULT_PACKAGES
+    packages = entry.packages if entry else DEFAULT_PACKAGES
     argv = [
         "mmdebstrap",
         # unshare mode: mmdebstrap's own mounts live in a private namespace, so
         # nothing stays mounted on the host if we are killed.
         "--mode=unshare",
-        "--variant=minbase",
-        "--include=" + ",".join(packages),
+        "--variant=" + str(entry.options.get("variant", "minbase") if entry else "minbase"),
     ]
+    if packages:
+        argv.append("--include=" + ",".join(packages))
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
     argv += [suite, str(rootfs), MIRRORS[distro]]

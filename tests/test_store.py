@@ -1,0 +1,71 @@
+"""The store's own logic, on small trees made here (the real builds are in test_pull.py)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from racker import gc, store
+from racker.errors import StoreError
+
+
+def make_tree(root: Path, text: str = "hello") -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    (root / "file").write_text(text)
+    os.symlink("file", root / "link")
+    return root
+
+
+def test_digest_is_stable_and_content_sensitive(tmp_path: Path) -> None:
+    a = make_tree(tmp_path / "a")
+    b = make_tree(tmp_path / "b")
+    assert store.tree_digest(a) == store.tree_digest(b)
+    (b / "file").write_text("changed")
+    assert store.tree_digest(a) != store.tree_digest(b)
+    os.chmod(a / "file", 0o600)
+    assert store.tree_digest(a) != store.tree_digest(make_tree(tmp_path / "c"))
+
+
+def test_commit_lookup_remove(private_store: dict, tmp_path: Path) -> None:
+    with store.workdir("test") as work:
+        image = store.commit("one", make_tree(work / "rootfs"), source="test:", recipe="r1", manifest={})
+    assert image.rootfs.joinpath("file").read_text() == "hello"
+    assert store.lookup("one") == image
+    assert [i.name for i in store.images()] == ["one"]
+    # A second name for the same content shares the image directory.
+    with store.workdir("test") as work:
+        same = store.commit("two", make_tree(work / "rootfs"), source="test:", recipe="r1", manifest={})
+    assert same.digest == image.digest
+    store.remove("one")
+    assert image.path.exists(), "still referenced by 'two'"
+    store.remove("two")
+    assert not image.path.exists()
+    with pytest.raises(StoreError, match="no image named"):
+        store.remove("two")
+
+
+def test_workdir_is_removed_even_on_error(private_store: dict) -> None:
+    with pytest.raises(RuntimeError), store.workdir("test") as work:
+        (work / "x").write_text("x")
+        raise RuntimeError
+    assert not work.exists()
+    assert list((store.home() / "tmp").iterdir()) == []
+
+
+def test_gc_removes_abandoned_workdirs_only(private_store: dict) -> None:
+    abandoned = store.home() / "tmp" / "pull.dead"
+    abandoned.mkdir(parents=True)
+    with store.workdir("live") as live:
+        removed = gc.collect()
+        assert live.exists()
+    assert not abandoned.exists()
+    assert any("pull.dead" in line for line in removed)
+
+
+def test_write_json_is_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    store.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
