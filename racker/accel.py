@@ -1,12 +1,17 @@
 """Does a KVM guest really run here? An openable /dev/kvm is not proof.
 
-Under nested virtualisation a KVM guest can hang at its first instruction.
-So we boot a 512-byte boot sector that writes "OK" to the serial port, with
-a few seconds' timeout, and cache the answer per kernel and QEMU binary.
+Under nested virtualisation a KVM guest can hang at its first instructions,
+and a toy guest (a boot sector writing to the serial port) can still pass.
+So the probe boots a real Linux kernel with `-accel kvm` and requires it to
+print its banner ("Linux version …") on the serial console within a few
+seconds. The kernel comes from a prepared image in the store, the host's
+/boot, or else Debian's linux-image package, fetched and unpacked in user
+space. The answer is cached per host kernel, QEMU binary and probe kernel.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -18,12 +23,9 @@ from pathlib import Path
 from racker import proc, progress, store
 
 PROBE_TIMEOUT = 5.0
-
-# 16-bit real mode, loaded by the BIOS at 0x7c00:
-#   mov dx,0x3f8; mov al,'O'; out dx,al; mov al,'K'; out dx,al; mov al,10; out dx,al
-#   cli; hlt; jmp $-1
-_BOOT_CODE = bytes.fromhex("baf803b04feeb04beeb00aeefaf4ebfd")
-BOOT_SECTOR = _BOOT_CODE + bytes(510 - len(_BOOT_CODE)) + b"\x55\xaa"
+PROBE_VERSION = "2"  # bumped: v1 booted a boot sector, which passes where real guests hang
+BANNER = b"Linux version"
+PROBE_PACKAGE = "linux-image-cloud-amd64"
 
 
 def kvm_device_opens() -> bool:
@@ -35,34 +37,72 @@ def kvm_device_opens() -> bool:
     return True
 
 
+def probe_kernel() -> Path | None:
+    """A bzImage to boot: from a prepared image, the host, or Debian's package (cached)."""
+    candidates = sorted(glob.glob(str(store.home() / "images" / "*" / "rootfs" / "boot" / "vmlinuz-*")))
+    candidates += sorted(glob.glob("/boot/vmlinuz-*"))
+    cached = store.home() / "cache" / "probe-kernel" / "vmlinuz"
+    candidates.append(str(cached))
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.R_OK):
+            return Path(candidate)
+    return _download_kernel(cached)
+
+
+def _download_kernel(target: Path) -> Path | None:
+    """Debian's kernel package, unpacked without installing it (apt-get download + dpkg-deb -x)."""
+    if proc.which("apt-get") is None or proc.which("dpkg-deb") is None:
+        return None
+    with store.locked("probe-kernel"):
+        if target.is_file():
+            return target
+        with store.workdir("probe-kernel") as work:
+            depends = proc.run(["apt-cache", "depends", PROBE_PACKAGE], check=False).stdout
+            wanted = [line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line and "linux-image-" in line]
+            versioned = wanted[0] if wanted else ""
+            if not versioned:
+                return None
+            fetched = proc.run(["apt-get", "download", versioned], cwd=str(work), check=False, timeout=300)
+            debs = list(work.glob("*.deb"))
+            if fetched.failed or not debs:
+                return None
+            proc.run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], timeout=300)
+            kernels = sorted((work / "root" / "boot").glob("vmlinuz-*"))
+            if not kernels:
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(kernels[0], target)
+    return target
+
+
 def _cache_key(qemu: str) -> str:
     info = os.stat(qemu)
-    return f"{platform.release()}|{qemu}|{info.st_mtime_ns}"
+    return f"v{PROBE_VERSION}|{platform.release()}|{qemu}|{info.st_mtime_ns}"
 
 
-def probe_boots(accel: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Boot the probe sector with `accel`; True if it printed OK in time."""
+def probe_boots(accel: str, kernel: Path, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Boot `kernel` with `accel`; True if it printed its banner on the serial port in time."""
     qemu = proc.require("qemu-system-x86_64")
-    with tempfile.TemporaryDirectory(prefix="racker-kvm-") as tmp:
-        disk = Path(tmp) / "probe.img"
-        disk.write_bytes(BOOT_SECTOR)
+    with tempfile.TemporaryDirectory(prefix="racker-accel-") as tmp:
         serial = Path(tmp) / "serial.log"
         argv = [
-            qemu, "-accel", accel, "-m", "16", "-display", "none", "-monitor", "none",
-            "-no-reboot", "-nodefaults", "-serial", f"file:{serial}",
-            "-drive", f"file={disk},format=raw,if=ide",
+            qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max", "-m", "256",
+            "-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults", "-no-user-config",
+            "-serial", f"file:{serial}", "-kernel", str(kernel),
+            "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 root=/dev/null",
         ]  # fmt: skip
         with proc.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as child:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if serial.exists() and b"OK" in serial.read_bytes():
-                    proc.terminate(child, grace=1)
-                    return True
-                if child.poll() is not None:
-                    return False
-                time.sleep(0.05)
-            proc.terminate(child, grace=1)
-    return False
+            try:
+                while time.monotonic() < deadline:
+                    if serial.exists() and BANNER in serial.read_bytes():
+                        return True
+                    if child.poll() is not None:
+                        return False
+                    time.sleep(0.05)
+                return False
+            finally:
+                proc.terminate(child, grace=1)
 
 
 def kvm_works() -> bool:
@@ -78,8 +118,10 @@ def kvm_works() -> bool:
             return bool(cached["works"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         pass
-    works = probe_boots("kvm")
-    store.write_json(cache, {"key": key, "works": works})
+    kernel = probe_kernel()
+    # No kernel to boot: KVM is not proven, and an unproven KVM can hang every VM.
+    works = probe_boots("kvm", kernel) if kernel is not None else False
+    store.write_json(cache, {"key": key, "works": works, "kernel": str(kernel) if kernel else None, "probed": store.now()})
     return works
 
 
@@ -90,11 +132,23 @@ def choose(requested: str | None = None) -> str:
     """The accelerator to use: the one asked for, else KVM if a guest really runs, else TCG."""
     global _warned
     if requested:
+        if requested not in ("kvm", "tcg"):
+            from racker.errors import VMError
+
+            raise VMError(f"unknown accelerator {requested!r}: kvm or tcg")
         return requested
     if kvm_works():
         return "kvm"
-    if not _warned:
-        why = "a KVM guest does not run here" if kvm_device_opens() else "/dev/kvm is not available"
+    if not _warned and not _warned_before():
+        why = "a KVM guest does not boot here (nested virtualisation?)" if kvm_device_opens() else "/dev/kvm is not available"
         progress.warn(f"{why}; using TCG (software emulation, slower)")
-        _warned = True
+    _warned = True
     return "tcg"
+
+
+def _warned_before() -> bool:
+    """Warn once per process; pytest-xdist workers share one warning through the environment."""
+    if os.environ.get("RACKER_ACCEL_WARNED") == "1":
+        return True
+    os.environ["RACKER_ACCEL_WARNED"] = "1"
+    return False

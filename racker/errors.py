@@ -84,3 +84,38 @@ class Interrupted(RackerError):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(f"interrupted by signal {signum}")
+
+
+class PrepareError(RackerError):
+    """An image cannot be made bootable (no kernel, unsupported distribution, …)."""
+
+
+class PromoteError(RackerError):
+    """A disk cannot be built from an image (too small, not prepared, a failed check)."""
+
+
+class BadDisk(RackerError):
+    """A disk file racker refuses to boot or import (backing file, not a disk, not bootable)."""
+
+
+class VMError(MachineError):
+    """A VM could not be started, found or reached."""
+
+
+class VMLaunchFailure(VMError):
+    """QEMU exited while starting or booting; carries its exit status and the console tail."""
+
+    def __init__(self, exitcode: int | None, command: list[str], output: str) -> None:
+        self.exitcode = exitcode
+        self.command = command
+        self.output = output
+        status = "did not start" if exitcode is None else f"exited with status {exitcode}"
+        super().__init__(f"QEMU {status}", hint=("last console lines:\n" + output) if output else None)
+
+
+class RequirementsFailed(PromoteError):
+    """A cloud profile's requirements are not all met; carries every check's result."""
+
+    def __init__(self, message: str, checks: list) -> None:
+        self.checks = checks
+        super().__init__(message)

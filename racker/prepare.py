@@ -1,0 +1,363 @@
+"""Prepare: make a stored image able to boot as a VM, as a new image in the store.
+
+A copy of the image gets, from the distribution's own packages (installed
+inside systemd-nspawn with the distribution's own package manager): a kernel
+and a small initramfs, cloud-init, sshd, sudo, udev and a DHCP client setup,
+then the configuration a cloud image needs (cloud-init datasources, sshd
+hardening, locale, no machine-id, no SSH host keys). The result is committed
+as `<image>+vm`; the source image is never modified.
+
+What to install is data: a row per package manager in PROFILES, overridable
+per distribution id. Any number of processes may prepare the same image at
+once: one builds it under a lock, the others find it done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from racker import distros, proc, progress, store
+from racker.errors import PrepareError
+
+# Bump when what prepare installs or writes changes: prepared images are rebuilt.
+PREPARE_VERSION = "4"
+SUFFIX = "+vm"
+
+
+@dataclass(frozen=True)
+class VmPackages:
+    """What one family of distributions needs to boot in a VM."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()  # installed where the archive has them
+    initramfs_conf: dict[str, str] = field(default_factory=dict)
+    # Files written before the kernel is installed, so the initramfs is built once.
+    pre_files: dict[str, str] = field(default_factory=dict)
+
+
+# Modules a VM's initramfs needs to find its root disk: virtio (QEMU, DigitalOcean,
+# GCE), NVMe (GCE), SCSI and SATA (imports that present another controller).
+INITRAMFS_MODULES = """\
+virtio_pci
+virtio_blk
+virtio_scsi
+virtio_net
+nvme
+sd_mod
+ahci
+ata_piix
+ext4
+crc32c_generic
+"""
+
+PACKAGES: dict[str, VmPackages] = {
+    "apt": VmPackages(
+        required=(
+            "linux-image-cloud-amd64",
+            "initramfs-tools",
+            "systemd-sysv",
+            "udev",
+            "dbus",
+            "openssh-server",
+            "sudo",
+            "cloud-init",
+            "cloud-guest-utils",
+            "fdisk",
+            "e2fsprogs",
+            "iproute2",
+            "procps",
+        ),
+        optional=("systemd-resolved",),
+        pre_files={
+            # A small initramfs: only the modules a VM's root disk needs, not every driver.
+            "etc/initramfs-tools/conf.d/racker.conf": "MODULES=list\nCOMPRESS=gzip\n",
+            "etc/initramfs-tools/modules": INITRAMFS_MODULES,
+            # Nothing starts during installation inside the container.
+            "usr/sbin/policy-rc.d": "#!/bin/sh\nexit 101\n",
+        },
+    ),
+}
+
+# os-release ID -> overrides of the package row (e.g. Ubuntu's kernel is another package).
+DISTRO_PACKAGES: dict[str, VmPackages] = {}
+
+# Configuration written into every prepared image (path relative to the root).
+CLOUD_CFG = """\
+# Written by racker prepare. ConfigDrive must come before NoCloud (DigitalOcean).
+datasource_list: [ConfigDrive, NoCloud]
+# The network is the distribution's own: systemd-networkd, DHCP on the first NIC.
+network: {config: disabled}
+locale: C.UTF-8
+ssh_pwauth: false
+disable_root: true
+ssh_deletekeys: true
+ssh_genkeytypes: [ed25519, ecdsa, rsa]
+growpart: {mode: auto, devices: ['/']}
+resize_rootfs: true
+# Only the modules a cloud VM needs: every module costs boot time.
+cloud_init_modules: [seed_random, bootcmd, write_files, growpart, resizefs, disk_setup, mounts,
+  set_hostname, update_hostname, update_etc_hosts, users_groups, ssh]
+cloud_config_modules: [ssh_import_id, set_passwords, timezone, runcmd]
+cloud_final_modules: [scripts_vendor, scripts_per_once, scripts_per_boot, scripts_per_instance,
+  scripts_user, ssh_authkey_fingerprints, final_message, power_state_change]
+"""
+
+NETWORK = """\
+# Written by racker prepare: DHCP on the first Ethernet NIC.
+[Match]
+Name=en* eth*
+Type=ether
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+
+[DHCPv4]
+UseDomains=yes
+"""
+
+SSHD = """\
+# Written by racker prepare: keys only, and no root.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+ChallengeResponseAuthentication no
+PermitRootLogin no
+UseDNS no
+"""
+
+# sshd waits for cloud-init's host keys; without them it makes its own.
+SSH_DROPIN = """\
+[Unit]
+After=cloud-init.service
+
+[Service]
+ExecStartPre=-/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A'
+"""
+
+# One configured NIC is enough to call the network online.
+WAIT_ONLINE_DROPIN = """\
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20
+"""
+
+CONFIG_FILES: dict[str, str] = {
+    "etc/cloud/cloud.cfg.d/90-racker.cfg": CLOUD_CFG,
+    "etc/systemd/network/99-racker-dhcp.network": NETWORK,
+    "etc/ssh/sshd_config.d/50-racker.conf": SSHD,
+    "etc/systemd/system/ssh.service.d/racker.conf": SSH_DROPIN,
+    "etc/systemd/system/systemd-networkd-wait-online.service.d/racker.conf": WAIT_ONLINE_DROPIN,
+    "etc/default/locale": "LANG=C.UTF-8\n",
+    "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+}
+
+ENABLE_UNITS = ("systemd-networkd.service", "ssh.service")
+OPTIONAL_ENABLE_UNITS = ("systemd-resolved.service",)
+# Units a VM does not need at boot; each costs seconds under emulation.
+MASK_UNITS = (
+    "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer",
+    "fstrim.timer", "e2scrub_all.timer", "systemd-networkd-wait-online@.service",
+)  # fmt: skip
+
+
+def prepared_name(name: str) -> str:
+    return name if name.endswith(SUFFIX) else name + SUFFIX
+
+
+def packages_for(distro: distros.Distro) -> VmPackages:
+    if distro.id in DISTRO_PACKAGES:
+        return DISTRO_PACKAGES[distro.id]
+    if distro.recipe is None or distro.recipe.manager not in PACKAGES:
+        manager = distro.recipe.manager if distro.recipe else "no package manager"
+        raise PrepareError(f"cannot prepare {distro.pretty_name} for VMs yet ({manager})", hint="supported: " + ", ".join(PACKAGES))
+    return PACKAGES[distro.recipe.manager]
+
+
+def recipe_key(image: store.StoredImage) -> str:
+    """What a prepared image depends on: its source digest and everything prepare writes."""
+    text = json.dumps(
+        [PREPARE_VERSION, image.digest, {k: [v.required, v.optional, v.pre_files] for k, v in PACKAGES.items()}, CONFIG_FILES],
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_prepared(image: store.StoredImage) -> bool:
+    return bool(image.manifest.get("prepared"))
+
+
+def prepare(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
+    """The prepared image for `image`, built first if missing or stale."""
+    if is_prepared(image):
+        return image
+    name = prepared_name(image.name)
+    recipe = recipe_key(image)
+    found = store.lookup(name)
+    if found is not None and found.recipe == recipe and not force:
+        return found
+    with store.locked(f"image-{name}"):
+        found = store.lookup(name)
+        if found is not None and found.recipe == recipe and not force:
+            return found
+        distro = distros.detect(image.rootfs)
+        if not distro.has_systemd:
+            raise PrepareError(f"{image.name} has no systemd; racker prepares systemd images only")
+        packages = packages_for(distro)
+        with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
+            rootfs = work / "rootfs"
+            with progress.step("copying"):
+                proc.run(["cp", "-a", "--reflink=auto", str(image.rootfs), str(rootfs)], timeout=600)
+            installed = _install(rootfs, distro, packages)
+            configure(rootfs)
+            kernel = find_kernel(rootfs)
+            manifest = dict(
+                image.manifest,
+                name=name,
+                prepared={"from": image.name, "from_digest": image.digest, "packages": installed, "kernel": kernel.version},
+            )
+            for key in ("digest", "size", "created", "source"):
+                manifest.pop(key, None)
+            with progress.step("storing"):
+                return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
+
+
+def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+    recipe = distro.recipe
+    assert recipe is not None
+    for rel, text in packages.pre_files.items():
+        write_file(rootfs, rel, text, mode=0o755 if rel.endswith("policy-rc.d") else 0o644)
+    resolv = rootfs / "etc" / "resolv.conf"
+    saved_resolv = _save_link_or_file(resolv)
+    try:
+        with progress.step("updating the package index"):
+            in_container(rootfs, recipe.update, env=recipe.env)
+        wanted = list(packages.required)
+        for optional in packages.optional:
+            if in_container(rootfs, ("apt-cache", "show", optional), env=recipe.env, check=False).succeeded:
+                wanted.append(optional)
+        with progress.step(f"installing {len(wanted)} packages"):
+            in_container(rootfs, (*recipe.install, *wanted), env=recipe.env, timeout=1800)
+        if recipe.clean:
+            in_container(rootfs, recipe.clean, env=recipe.env)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (rootfs / "usr/sbin/policy-rc.d").unlink()
+        _restore_link_or_file(resolv, saved_resolv)
+    return wanted
+
+
+def configure(rootfs: Path) -> None:
+    """Write the configuration every cloud VM needs and enable its services."""
+    for rel, text in CONFIG_FILES.items():
+        write_file(rootfs, rel, text)
+    units = [u for u in ENABLE_UNITS if _unit_exists(rootfs, u)]
+    units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(rootfs, u)]
+    in_container(rootfs, ("systemctl", "enable", *units))
+    in_container(rootfs, ("systemctl", "mask", *MASK_UNITS))
+    # First boot makes these: an empty machine-id, no SSH host keys, no apt lists.
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    machine_id = rootfs / "etc/machine-id"
+    with contextlib.suppress(FileNotFoundError):
+        machine_id.unlink()
+    machine_id.write_text("")
+    machine_id.chmod(0o444)
+    dbus_id = rootfs / "var/lib/dbus/machine-id"
+    if dbus_id.exists() or dbus_id.is_symlink():
+        dbus_id.unlink()
+        dbus_id.symlink_to("/etc/machine-id")
+    for stale in ("var/lib/cloud", "etc/hostname"):
+        store.remove_tree(rootfs / stale)
+    for lists in (rootfs / "var/lib/apt/lists").glob("*_*"):
+        lists.unlink()
+
+
+def _unit_exists(rootfs: Path, unit: str) -> bool:
+    return any((rootfs / d / unit).exists() for d in ("lib/systemd/system", "usr/lib/systemd/system", "etc/systemd/system"))
+
+
+def _save_link_or_file(path: Path) -> tuple[str, str | bytes] | None:
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.exists():
+        return ("file", path.read_bytes())
+    return None
+
+
+def _restore_link_or_file(path: Path, saved: tuple[str, str | bytes] | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    if saved is None:
+        return
+    kind, value = saved
+    if kind == "link":
+        path.symlink_to(value)
+    else:
+        path.write_bytes(value)  # type: ignore[arg-type]
+
+
+def write_file(rootfs: Path, rel: str, text: str, mode: int = 0o644) -> None:
+    """Replace a file inside a root filesystem; never write through a link."""
+    path = rootfs / rel
+    parent = path.parent
+    if not parent.resolve().is_relative_to(rootfs.resolve()):
+        raise PrepareError(f"{rel} points outside the image")
+    parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
+
+
+def in_container(
+    rootfs: Path,
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 900,
+) -> proc.Result:
+    """Run one command inside the image with systemd-nspawn, sharing the host's network."""
+    nspawn = [
+        "systemd-nspawn", "--quiet", f"--directory={rootfs}", "--register=no", "--keep-unit",
+        "--console=pipe", "--resolv-conf=replace-host", "--link-journal=no", "--timezone=off",
+        *(f"--setenv={k}={v}" for k, v in (env or {}).items()),
+        "--", *argv,
+    ]  # fmt: skip
+    return proc.run(nspawn, timeout=timeout, check=check)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: str  # paths relative to the root
+    initrd: str
+
+
+def find_kernel(rootfs: Path) -> Kernel:
+    """The newest kernel and its initramfs in /boot; PrepareError when there is none."""
+    boot = rootfs / "boot"
+    found = []
+    for vmlinuz in boot.glob("vmlinuz-*"):
+        version = vmlinuz.name.removeprefix("vmlinuz-")
+        for initrd in (f"initrd.img-{version}", f"initramfs-{version}.img"):
+            if (boot / initrd).is_file():
+                found.append(Kernel(version, f"boot/{vmlinuz.name}", f"boot/{initrd}"))
+    if not found:
+        raise PrepareError(f"no kernel with an initramfs in {boot}", hint="prepare the image first: racker promote does it for you")
+    return max(found, key=lambda k: _version_key(k.version))
+
+
+def _version_key(version: str) -> list[tuple[int, str]]:
+    import re
+
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]

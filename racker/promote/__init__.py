@@ -1,0 +1,202 @@
+"""Promote: a prepared image becomes a bootable disk file, without loop devices or mounts.
+
+    image (store) ──hard-link copy──▶ staged tree (+ fstab, grub.cfg, profile files, app unit)
+                  ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
+                  ──GRUB images written directly / mtools ESP──▶ bootable raw disk
+                  ──qemu-img / tar / split──▶ the asked-for format, renamed into place
+
+The store image is never modified: the staged tree is hard links to it, and
+every file promote writes there replaces a link rather than writing through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from racker import prepare, progress, store
+from racker.errors import PromoteError, RequirementsFailed
+from racker.promote import app as app_service
+from racker.promote import bootloader, disk, formats, profiles
+
+DEFAULT_SIZE = 2 * 1024**3
+
+
+@dataclass
+class Options:
+    fmt: str = "raw"
+    firmware: str = "bios"
+    size: int | None = None  # None: 2 GiB, or what the image needs if more
+    profile: str = "generic"
+    app: bool = False
+
+
+@dataclass
+class Promoted:
+    path: Path
+    image: store.StoredImage
+    layout: disk.Layout
+    fmt: str
+    checks: list[profiles.Result] = field(default_factory=list)
+    extra: dict[str, Path] = field(default_factory=dict)  # firecracker: vmlinux, initrd
+    seconds: float = 0.0
+
+
+def default_output(image: store.StoredImage, options: Options) -> Path:
+    base = image.name.removesuffix(prepare.SUFFIX).replace("/", "_").replace(":", "_")
+    return Path.cwd() / f"{base}-{options.firmware}{formats.get(options.fmt).suffix}"
+
+
+def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepare.Kernel, profiles.Profile, formats.Format]:
+    """Everything that can be wrong with the request, found before any work is done."""
+    fmt = formats.get(options.fmt)
+    profile = profiles.get(options.profile)
+    if options.firmware not in profile.firmware:
+        raise PromoteError(f"profile {profile.name} does not boot with {options.firmware}")
+    if not fmt.disk and options.firmware != "bios":
+        raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
+    kernel = prepare.find_kernel(image.rootfs)
+    tree_bytes = image.size or store.tree_size(image.rootfs)
+    size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
+    if options.fmt == "gce" and size % 1024**3:
+        size = (size // 1024**3 + 1) * 1024**3  # GCE imports whole GiB disks only
+    layout = disk.plan(options.firmware, size, tree_bytes)
+    if options.app:
+        app_service.spec(image)  # raises when the image has no entrypoint or command
+    return layout, kernel, profile, fmt
+
+
+def promote(image: store.StoredImage, output: Path | None = None, options: Options | None = None) -> Promoted:
+    """Build the disk; the output file appears complete or not at all."""
+    options = options or Options()
+    layout, kernel, profile, fmt = plan(image, options)
+    output = (output or default_output(image, options)).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cmdline = f"rw {profile.cmdline}"
+    with progress.step(f"promoting {image.name} to {output.name}"), store.workdir("promote") as work:
+        tree = work / "tree"
+        with progress.step("staging the root tree"):
+            stage(image, tree)
+            files = root_files(layout, kernel, cmdline, options.firmware if fmt.disk else "none")
+            files.update(profile.files)
+            if options.app:
+                files.update(app_service.unit_files(app_service.spec(image)))
+            for rel, text in files.items():
+                prepare.write_file(tree, rel, text)
+            if options.app:
+                app_service.enable(tree)
+            if fmt.disk:
+                bootloader.install_modules(tree / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
+        target = profiles.Target(tree=tree, fmt=fmt.name, firmware=options.firmware, size=layout.size, cmdline=cmdline)
+        checks = profiles.verify(profile, target)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise RequirementsFailed(
+                f"the image does not meet {len(failed)} requirement(s) of {profile.name}: "
+                + "; ".join(f"{c.requirement} ({c.detail})" for c in failed),
+                checks,
+            )
+        result = Promoted(output, image, layout, fmt.name, checks)
+        if fmt.name == "raw":
+            with _atomic(output) as partial:
+                build_disk(partial, layout, tree, work)
+        elif fmt.disk:
+            raw = work / "disk.raw"
+            build_disk(raw, layout, tree, work)
+            with progress.step(f"writing {fmt.name}"), _atomic(output) as partial:
+                if fmt.name == "gce":
+                    formats.pack_gce(raw, partial)
+                else:
+                    formats.convert(raw, fmt, partial)
+        else:
+            result.extra = build_firecracker(tree, layout, kernel, output, work)
+    return result
+
+
+# Bump when promote's output changes: cached disks are rebuilt.
+PROMOTE_VERSION = "1"
+
+
+def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
+    """A raw disk of `image` kept in the store, built once (under a lock) and reused.
+
+    VMs boot overlays over it, so it is never written after it is made.
+    """
+    directory = store.home() / "disks"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{image.digest.replace(':', '-')}-{firmware}-v{PROMOTE_VERSION}.raw"
+    if path.exists():
+        return path
+    with store.locked(f"disk-{path.name}"):
+        if not path.exists():
+            promote(image, path, Options(fmt="raw", firmware=firmware))
+    return path
+
+
+def stage(image: store.StoredImage, tree: Path) -> None:
+    """A hard-link copy of the image's root: cheap, and the store's files are never opened for writing."""
+    from racker import proc
+
+    proc.run(["cp", "-al", str(image.rootfs), str(tree)], timeout=600)
+
+
+def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmware: str) -> dict[str, str]:
+    """fstab naming root by UUID, read-write, and the GRUB menu that boots the kernel at once."""
+    fstab = f"# Written by racker promote.\nUUID={layout.root_uuid} / ext4 rw,discard,errors=remount-ro 0 1\n"
+    if firmware == "uefi":
+        fstab += f"UUID={layout.esp_uuid} /boot/efi vfat umask=0077,nofail,x-systemd.automount 0 0\n"
+    files = {"etc/fstab": fstab}
+    if firmware != "none":
+        files["boot/grub/grub.cfg"] = bootloader.grub_cfg(layout.root_uuid, kernel.vmlinuz, kernel.initrd, cmdline)
+    return files
+
+
+def build_disk(raw: Path, layout: disk.Layout, tree: Path, work: Path) -> None:
+    with progress.step("partitioning"):
+        disk.create(raw, layout)
+    if layout.firmware == "uefi":
+        with progress.step("writing the ESP"):
+            disk.make_esp(raw, layout)
+            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, work))
+        (tree / "boot/efi").mkdir(exist_ok=True)
+    with progress.step("writing the root filesystem"):
+        disk.make_root(raw, layout, tree)
+    if layout.firmware == "bios":
+        with progress.step("installing GRUB"):
+            bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, work)
+
+
+def build_firecracker(tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path) -> dict[str, Path]:
+    """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel."""
+    rootfs_only = disk.Layout(firmware="bios", size=layout.root_size, root_offset=0, root_size=layout.root_size, root_uuid=layout.root_uuid)
+    extra = {
+        "vmlinux": output.with_name(output.name.removesuffix(".ext4") + ".vmlinux"),
+        "initrd": output.with_name(output.name.removesuffix(".ext4") + ".initrd"),
+    }
+    with progress.step("writing the root filesystem"), _atomic(output) as partial:
+        with open(partial, "wb") as handle:
+            handle.truncate(rootfs_only.size)
+        disk.make_root(partial, rootfs_only, tree)
+        with _atomic(extra["vmlinux"]) as vmlinux:
+            formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
+        with _atomic(extra["initrd"]) as initrd:
+            initrd.write_bytes((tree / kernel.initrd).read_bytes())
+    return extra
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):  # type: ignore[no-untyped-def]
+    """A temporary name beside `path`, renamed onto it on success and removed otherwise."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    partial = Path(tmp)
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise

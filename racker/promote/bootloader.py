@@ -1,0 +1,151 @@
+"""Bootloaders written straight into a disk file: GRUB for BIOS and for UEFI.
+
+No grub-install, no loop device, no mount. BIOS: GRUB's boot.img goes into the
+MBR's code area (the partition table is left alone) and core.img into the gap
+between the MBR and the first partition, exactly where grub-bios-setup would
+put them. UEFI: a standalone GRUB EFI binary is copied onto the ESP with
+mtools. Both find the root filesystem by UUID and read the same
+/boot/grub/grub.cfg, which names the kernel directly: no menu, no delay.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+from racker import proc
+from racker.errors import PromoteError
+
+GRUB_LIB = Path("/usr/lib/grub")
+SECTOR = 512
+
+# Offsets in GRUB's boot.img (grub-core/boot/i386/pc/boot.S).
+KERNEL_SECTOR_OFFSET = 0x5C  # 8 bytes: LBA of core.img's first sector
+BOOT_DRIVE_CHECK_OFFSET = 0x66  # a 2-byte jmp; nop'd for hard disks, as grub-bios-setup does
+MBR_CODE_SIZE = 440  # boot code ends where the disk signature and partition table start
+
+# Modules built into the images, so that nothing has to be found before the root is.
+BIOS_MODULES = (
+    "biosdisk",
+    "part_msdos",
+    "part_gpt",
+    "ext2",
+    "search",
+    "search_fs_uuid",
+    "normal",
+    "linux",
+    "echo",
+    "test",
+    "serial",
+    "terminal",
+    "gzio",
+)
+EFI_MODULES = (
+    "part_gpt",
+    "part_msdos",
+    "ext2",
+    "fat",
+    "search",
+    "search_fs_uuid",
+    "normal",
+    "linux",
+    "echo",
+    "test",
+    "serial",
+    "terminal",
+    "gzio",
+    "efi_gop",
+)
+
+
+def early_config(root_uuid: str) -> str:
+    return f"search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n"
+
+
+def grub_cfg(root_uuid: str, kernel: str, initrd: str, cmdline: str) -> str:
+    """The one menu entry, booted at once."""
+    return (
+        "# Written by racker promote.\n"
+        "set timeout=0\n"
+        "set timeout_style=hidden\n"
+        "set default=0\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "menuentry 'racker' {\n"
+        f"  linux /{kernel} root=UUID={root_uuid} {cmdline}\n"
+        f"  initrd /{initrd}\n"
+        "}\n"
+    )
+
+
+def _platform_dir(platform: str) -> Path:
+    path = GRUB_LIB / platform
+    if not (path / "normal.mod").is_file():
+        package = {"i386-pc": "grub-pc-bin", "x86_64-efi": "grub-efi-amd64-bin"}[platform]
+        raise PromoteError(f"GRUB for {platform} is not installed", hint=f"apt-get install {package}")
+    return path
+
+
+def install_modules(boot_grub: Path, platform: str) -> None:
+    """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would."""
+    source = _platform_dir(platform)
+    target = boot_grub / platform
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix in (".mod", ".lst", ".img"):
+            shutil.copy2(path, target / path.name)
+
+
+def _mkimage(platform: str, output: Path, config: Path, modules: tuple[str, ...]) -> None:
+    directory = _platform_dir(platform)
+    proc.run(["grub-mkimage", "-O", platform, "-d", str(directory), "-o", str(output), "-c", str(config), "-p", "/boot/grub", *modules])
+
+
+def install_bios(disk: Path, root_uuid: str, first_partition_lba: int, work: Path) -> None:
+    """boot.img into the MBR, core.img right after it, before the first partition."""
+    directory = _platform_dir("i386-pc")
+    config = work / "early-bios.cfg"
+    config.write_text(early_config(root_uuid))
+    core = work / "core.img"
+    _mkimage("i386-pc", core, config, BIOS_MODULES)
+    core_bytes = core.read_bytes()
+    sectors = (len(core_bytes) + SECTOR - 1) // SECTOR
+    if 1 + sectors > first_partition_lba:
+        raise PromoteError(f"GRUB's core.img ({sectors} sectors) does not fit before the first partition")
+    # diskboot.img (core.img's first sector) loads the rest from LBA 2 onwards;
+    # grub-mkimage already wrote that blocklist, so core.img goes at LBA 1.
+    start, length, _segment = struct.unpack_from("<QHH", core_bytes, SECTOR - 12)
+    if start != 2 or length != sectors - 1:
+        raise PromoteError(f"unexpected blocklist in GRUB's core.img (start {start}, length {length})")
+    boot = bytearray((directory / "boot.img").read_bytes())
+    struct.pack_into("<Q", boot, KERNEL_SECTOR_OFFSET, 1)
+    boot[BOOT_DRIVE_CHECK_OFFSET : BOOT_DRIVE_CHECK_OFFSET + 2] = b"\x90\x90"
+    with open(disk, "r+b") as handle:
+        mbr = bytearray(handle.read(SECTOR))
+        if mbr[510:512] != b"\x55\xaa":
+            raise PromoteError(f"{disk} has no partition table to install GRUB beside")
+        mbr[:MBR_CODE_SIZE] = boot[:MBR_CODE_SIZE]
+        handle.seek(0)
+        handle.write(mbr)
+        handle.seek(SECTOR)
+        handle.write(core_bytes)
+
+
+def build_efi_binary(root_uuid: str, work: Path) -> Path:
+    """A standalone GRUB for x86_64 UEFI that finds the root by UUID."""
+    config = work / "early-efi.cfg"
+    config.write_text(early_config(root_uuid))
+    binary = work / "BOOTX64.EFI"
+    _mkimage("x86_64-efi", binary, config, EFI_MODULES)
+    return binary
+
+
+def install_efi(disk: Path, esp_offset: int, binary: Path) -> None:
+    """Copy the EFI binary to the removable-media path on the ESP, with mtools."""
+    image = f"{disk}@@{esp_offset}"
+    env = {"MTOOLS_SKIP_CHECK": "1"}
+    proc.run(["mmd", "-i", image, "::/EFI", "::/EFI/BOOT"], env=env)
+    proc.run(["mcopy", "-i", image, str(binary), "::/EFI/BOOT/BOOTX64.EFI"], env=env)

@@ -1,0 +1,176 @@
+"""A partitioned raw disk built in a plain file: no loop device, no mount, no root needed.
+
+The partition table is written by sfdisk on the file, the ESP by mkfs.vfat at
+its offset, the root filesystem by `mkfs.ext4 -d` at its offset, populated
+straight from a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from racker import proc
+from racker.errors import PromoteError
+
+SECTOR = 512
+MiB = 1024 * 1024
+ALIGN = MiB  # partitions start on 1 MiB boundaries (the gap before holds GRUB's core.img)
+ESP_SIZE = 64 * MiB
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_TYPE_GPT = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # Linux root (x86-64), discoverable partitions spec
+ROOT_TYPE_DOS = "83"
+GPT_TRAILER = 34 * SECTOR  # backup GPT header and entries at the end of the disk
+
+# New e2fsprogs features that older kernels, e2fsck and GRUB (before 2.12) cannot read.
+EXT4_FEATURES = "^orphan_file,^metadata_csum_seed"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '2.5G', '1073741824' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise PromoteError(f"cannot read disk size {text!r}", hint="use a number with a unit, e.g. 4G or 512M")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** "BKMGT".index(unit.upper() or "B"))
+
+
+def human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024  # type: ignore[assignment]
+    return f"{size}B"
+
+
+def min_root_size(tree_bytes: int) -> int:
+    """The smallest ext4 that holds a tree: data, inode tables, journal, and some room."""
+    return int(tree_bytes * 1.12) + 128 * MiB
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each partition sits in the disk file, in bytes."""
+
+    firmware: str  # "bios" or "uefi"
+    size: int
+    root_offset: int
+    root_size: int
+    esp_offset: int = 0
+    esp_size: int = 0
+    root_uuid: str = ""
+    esp_uuid: str = ""  # FAT volume id, as XXXX-XXXX
+
+    @property
+    def label(self) -> str:
+        return "gpt" if self.firmware == "uefi" else "dos"
+
+    def sfdisk_script(self) -> str:
+        lines = [f"label: {self.label}", "unit: sectors"]
+        if self.firmware == "uefi":
+            lines.append(f'start={self.esp_offset // SECTOR}, size={self.esp_size // SECTOR}, type={ESP_TYPE}, name="esp"')
+            lines.append(f'start={self.root_offset // SECTOR}, size={self.root_size // SECTOR}, type={ROOT_TYPE_GPT}, name="root"')
+        else:
+            lines.append(f"start={self.root_offset // SECTOR}, size={self.root_size // SECTOR}, type={ROOT_TYPE_DOS}, bootable")
+        return "\n".join(lines) + "\n"
+
+
+def plan(firmware: str, size: int, tree_bytes: int) -> Layout:
+    """Partition a disk of `size` bytes; PromoteError if the tree cannot fit."""
+    if firmware not in ("bios", "uefi"):
+        raise PromoteError(f"unknown firmware {firmware!r}: bios or uefi")
+    size = size // ALIGN * ALIGN
+    start = ALIGN
+    esp_offset = esp_size = 0
+    if firmware == "uefi":
+        esp_offset, esp_size = start, ESP_SIZE
+        start += ESP_SIZE
+    end = size - (GPT_TRAILER if firmware == "uefi" else 0)
+    root_size = (end - start) // ALIGN * ALIGN
+    needed = min_root_size(tree_bytes)
+    if root_size < needed:
+        overhead = size - root_size
+        raise PromoteError(
+            f"a {human(size)} disk is too small: the root filesystem needs {human(needed)} for {human(tree_bytes)} of files",
+            hint=f"use --size {(needed + overhead) // MiB + 1}M or more",
+        )
+    volume = uuid.uuid4().hex[:8].upper()
+    return Layout(
+        firmware=firmware,
+        size=size,
+        root_offset=start,
+        root_size=root_size,
+        esp_offset=esp_offset,
+        esp_size=esp_size,
+        root_uuid=str(uuid.uuid4()),
+        esp_uuid=f"{volume[:4]}-{volume[4:]}",
+    )
+
+
+def create(path: Path, layout: Layout) -> None:
+    """A sparse file with the partition table written into it."""
+    with open(path, "wb") as handle:
+        handle.truncate(layout.size)
+    proc.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=layout.sfdisk_script().encode())
+    written = partitions(path)
+    expected = [layout.root_offset] if layout.firmware == "bios" else [layout.esp_offset, layout.root_offset]
+    if [p["start"] * SECTOR for p in written] != expected:
+        raise PromoteError(f"sfdisk did not write the partitions asked for: {written}")
+
+
+def partitions(path: Path) -> list[dict]:
+    table = json.loads(proc.run(["sfdisk", "--json", str(path)]).stdout)["partitiontable"]
+    return table.get("partitions", [])
+
+
+def make_root(path: Path, layout: Layout, tree: Path) -> None:
+    """An ext4 filesystem at the root partition's offset, populated from `tree`."""
+    blocks = layout.root_size // 4096
+    proc.run(
+        [
+            "mkfs.ext4",
+            "-F",
+            "-q",
+            "-b",
+            "4096",
+            "-L",
+            "root",
+            "-U",
+            layout.root_uuid,
+            "-O",
+            EXT4_FEATURES,
+            "-E",
+            f"offset={layout.root_offset},lazy_itable_init=0,nodiscard",
+            "-d",
+            str(tree),
+            str(path),
+            str(blocks),
+        ],
+        env={"E2FSPROGS_FAKE_TIME": os.environ.get("SOURCE_DATE_EPOCH", "")} if os.environ.get("SOURCE_DATE_EPOCH") else None,
+        timeout=1200,
+    )
+
+
+def make_esp(path: Path, layout: Layout) -> None:
+    """A FAT32 ESP at its offset."""
+    volume_id = layout.esp_uuid.replace("-", "")
+    proc.run(
+        [
+            "mkfs.vfat",
+            "-F",
+            "32",
+            "-n",
+            "ESP",
+            "-i",
+            volume_id,
+            f"--offset={layout.esp_offset // SECTOR}",
+            str(path),
+            str(layout.esp_size // 1024),
+        ]
+    )

@@ -1,0 +1,106 @@
+"""Output formats: a raw disk converted by qemu-img, packed for GCE, or split for Firecracker."""
+
+from __future__ import annotations
+
+import lzma
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from racker import proc
+from racker.errors import PromoteError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str
+    qemu_format: str = ""  # qemu-img's name, for disk formats
+    options: tuple[str, ...] = ()
+    disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
+
+
+FORMATS: dict[str, Format] = {
+    "raw": Format("raw", ".raw", "raw"),
+    "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1")),
+    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=monolithicSparse")),
+    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=dynamic,force_size=on")),
+    "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
+    "vdi": Format("vdi", ".vdi", "vdi"),
+    "gce": Format("gce", ".tar.gz", "raw"),
+    "firecracker": Format("firecracker", ".ext4", disk=False),
+}
+
+# What `qemu-img info` calls each format, to tell them apart on the way back in.
+QEMU_NAMES = {f.qemu_format: f.name for f in FORMATS.values() if f.qemu_format and f.name != "gce"}
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise PromoteError(f"unknown format {name!r}", hint="one of: " + ", ".join(FORMATS)) from None
+
+
+def convert(raw: Path, fmt: Format, output: Path) -> None:
+    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated)."""
+    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, str(raw), str(output)], timeout=1800)
+
+
+def pack_gce(raw: Path, output: Path) -> None:
+    """GCE import's layout: a file named disk.raw in a sparse, oldgnu-format tar.gz."""
+    staged = raw.parent / "disk.raw"
+    if raw != staged:
+        raw.rename(staged)
+    proc.run(["tar", "--format=oldgnu", "--sparse", "-czf", str(output), "-C", str(staged.parent), "disk.raw"], timeout=1800)
+
+
+# Compressed payload magics inside a bzImage, as Linux's scripts/extract-vmlinux looks for them.
+_MAGICS = (
+    (b"\x1f\x8b\x08", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x02\x21\x4c\x18", "lz4"),
+    (b"\x5d\x00\x00", "lzma"),
+)
+
+# Decompressed by a host tool: (argv prefix, package).
+_TOOLS = {"zstd": ("zstd", "-d", "-c", "-q"), "lz4": ("lz4", "-d", "-c", "-q")}
+
+
+def extract_vmlinux(vmlinuz: Path, output: Path, work: Path) -> None:
+    """Write the uncompressed ELF kernel inside a bzImage (what Firecracker boots)."""
+    data = vmlinuz.read_bytes()
+    if data[:4] == b"\x7fELF":
+        output.write_bytes(data)
+        return
+    for magic, kind in _MAGICS:
+        start = data.find(magic)
+        while start != -1:
+            payload = _decompress(data[start:], kind, work)
+            if payload is not None and payload[:4] == b"\x7fELF":
+                output.write_bytes(payload)
+                return
+            start = data.find(magic, start + 1)
+    raise PromoteError(f"no uncompressed kernel could be extracted from {vmlinuz.name}")
+
+
+def _decompress(blob: bytes, kind: str, work: Path) -> bytes | None:
+    try:
+        if kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(blob)
+        if kind in ("xz", "lzma"):
+            decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
+            return decompressor.decompress(blob)
+        if kind in _TOOLS:
+            packed = work / f"vmlinux.{kind}"
+            packed.write_bytes(blob)
+            try:
+                # Both complain about the bzImage's trailing bytes, after the whole kernel is out.
+                result = proc.run([*_TOOLS[kind], str(packed)], check=False, timeout=120)
+            finally:
+                packed.unlink()
+            return result.stdout_bytes or None
+    except (OSError, EOFError, lzma.LZMAError, zlib.error):
+        return None
+    return None

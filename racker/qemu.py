@@ -1,0 +1,486 @@
+"""VMs: a disk booted in QEMU until SSH answers and the boot has finished.
+
+The disk itself is never written: the VM boots a qcow2 overlay over it. Every
+VM gets its own run directory (overlay, NoCloud seed, SSH key, serial log,
+QMP socket, UEFI variables), recorded in racker's registry before QEMU
+starts, so that `racker gc` can clean up after a kill -9. SSH is forwarded
+from a port on 127.0.0.1 chosen under a lock shared by all racker processes.
+
+    with VM(disk) as vm:
+        vm.run(["systemctl", "is-system-running"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from racker import accel, machines, proc, progress, seed, ssh, store
+from racker.errors import BadDisk, BootTimeout, ToolMissing, Unreachable, VMError, VMLaunchFailure
+from racker.machines import State
+from racker.proc import Result
+
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
+DEFAULT_MEMORY = 1024
+DEFAULT_CPUS = 2
+KIND = "qemu"
+
+OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
+
+# qemu-img's format names that racker boots (vpc is VHD).
+BOOTABLE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
+
+SECTOR = 512
+ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
+
+
+# -- the disk ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    path: Path
+    format: str
+    virtual_size: int
+    firmware: str  # what the disk boots with: "bios" or "uefi"
+
+
+def inspect_disk(path: Path, scratch: Path) -> DiskInfo:
+    """What a user-supplied disk is; BadDisk for anything racker must not boot.
+
+    A backing file or external data file is refused: it would let a disk read
+    any file on this host into the guest.
+    """
+    if not path.is_file():
+        raise BadDisk(f"{path} is not a file")
+    info = json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", str(path)]).stdout)
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise BadDisk(f"{path} has a backing file ({info.get('backing-filename')}); racker boots self-contained disks only")
+    data = info.get("format-specific", {}).get("data", {})
+    extents = [extent.get("filename") for extent in data.get("extents", [])]
+    if data.get("data-file") or any(name and os.path.abspath(name) != str(path.absolute()) for name in extents):
+        raise BadDisk(f"{path} refers to other files; racker boots self-contained disks only")
+    fmt = info.get("format", "")
+    if fmt not in BOOTABLE_FORMATS:
+        raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
+    head = _read_head(path, fmt, scratch)
+    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), boot_firmware(head, path))
+
+
+def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
+    if fmt == "raw":
+        with open(path, "rb") as handle:
+            return handle.read(sectors * SECTOR)
+    out = scratch / "head.raw"
+    proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={sectors}", f"if={path}", f"of={out}"])
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def _guid(raw: bytes) -> str:
+    return str(uuid.UUID(bytes_le=raw))
+
+
+def boot_firmware(head: bytes, path: Path | str = "disk") -> str:
+    """'bios' or 'uefi' from the first sectors of a disk; BadDisk if it cannot boot."""
+    if len(head) < 2 * SECTOR or head[510:512] != b"\x55\xaa":
+        raise BadDisk(f"{path} is not bootable: it has no boot sector or partition table")
+    entries = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
+    types = [entry[4] for entry in entries]
+    if 0xEE in types:  # protective MBR: the real table is GPT
+        if head[SECTOR : SECTOR + 8] != b"EFI PART":
+            raise BadDisk(f"{path} is not bootable: its GPT header is missing")
+        entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+        table = head[entries_lba * SECTOR :]
+        guids = {_guid(table[i * size : i * size + 16]) for i in range(min(count, len(table) // max(size, 1)))}
+        if ESP_GUID in guids:
+            return "uefi"
+        if BIOS_BOOT_GUID in guids and any(head[:440]):
+            return "bios"
+        raise BadDisk(f"{path} is not bootable: its GPT has neither an EFI system partition nor a BIOS boot partition")
+    if 0xEF in types:
+        return "uefi"
+    if not any(head[:440]):
+        raise BadDisk(f"{path} is not bootable: its MBR holds no boot code")
+    return "bios"
+
+
+def ovmf() -> tuple[str, str]:
+    for code, variables in zip(OVMF_CODE, OVMF_VARS, strict=True):
+        if os.path.isfile(code) and os.path.isfile(variables):
+            return code, variables
+    raise ToolMissing("OVMF (UEFI firmware for QEMU)", "ovmf")
+
+
+# -- ports ------------------------------------------------------------------
+
+
+def _ports_in_use() -> set[int]:
+    return {int(s.extra["ssh_port"]) for s in machines.all_states(KIND) if s.extra.get("ssh_port") and not machines.is_stale(s)}
+
+
+def free_port(exclude: set[int]) -> int:
+    """A port on 127.0.0.1 that nothing listens on now and no live VM has recorded."""
+    for _attempt in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise VMError("no free port on 127.0.0.1 for SSH forwarding")
+
+
+# -- the VM -----------------------------------------------------------------
+
+
+def console_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
+
+
+class VM:
+    """A disk booted in QEMU. Use as a context manager: it is stopped on the way out."""
+
+    def __init__(
+        self,
+        disk: Path,
+        name: str | None = None,
+        *,
+        image: str = "",
+        digest: str = "",
+        memory: int = DEFAULT_MEMORY,
+        cpus: int = DEFAULT_CPUS,
+        accelerator: str | None = None,
+        firmware: str | None = None,
+        disk_size: int | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        detached: bool = False,
+        trusted_disk: bool = False,
+    ) -> None:
+        self.disk = Path(disk).absolute()
+        self.image = image or self.disk.name
+        self.digest = digest
+        self.name = machines.check_name(name) if name else machines.unique_name(self.image)
+        self.memory = memory
+        self.cpus = cpus
+        self.requested_accel = accelerator
+        self.firmware = firmware
+        self.disk_size = disk_size
+        self.boot_timeout = boot_timeout
+        self.detached = detached
+        self.trusted_disk = trusted_disk
+        self.state: State | None = None
+        self.endpoint: ssh.Endpoint | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self.argv: list[str] = []
+        self.boot_seconds = 0.0
+        self.ssh_seconds = 0.0
+        self.system_state = ""
+
+    # -- paths ---------------------------------------------------------------
+
+    @property
+    def rundir(self) -> Path:
+        return store.home() / "run" / self.name
+
+    @property
+    def console_log(self) -> Path:
+        return self.rundir / "console.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.rundir / "qmp.sock"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str) -> VM:
+        """A running VM from the registry, started by this or another racker process."""
+        state = machines.load(KIND, name)
+        if state is None or machines.is_stale(state):
+            raise VMError(f"no running VM named {name!r}", hint="see `racker vm ps`")
+        vm = cls(Path(state.extra.get("disk", "/")), name, image=state.image, digest=state.digest)
+        vm.state = state
+        vm.detached = state.owner == 0
+        vm.endpoint = _endpoint(state)
+        return vm
+
+    def start(self) -> VM:
+        started = time.monotonic()
+        me = os.getpid()
+        self.state = State(
+            name=self.name,
+            kind=KIND,
+            image=self.image,
+            digest=self.digest,
+            owner=me,  # a detached VM is handed over once it runs (detach())
+            owner_start=machines.start_time(me),
+            rundir=str(self.rundir),
+            started=store.now(),
+            extra={"disk": str(self.disk)},
+        )
+        machines.claim(self.state)  # recorded before anything is made
+        try:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self.rundir.mkdir(parents=True)
+            info = inspect_disk(self.disk, self.rundir)
+            firmware = self.firmware or info.firmware
+            with progress.step(f"booting {self.name} ({firmware}, {self._accel()})"):
+                self._prepare_files(info, firmware)
+                self._launch(firmware)
+                self._wait_ready(started + self.boot_timeout)
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        self.boot_seconds = time.monotonic() - started
+        return self
+
+    def _accel(self) -> str:
+        if not hasattr(self, "_chosen_accel"):
+            self._chosen_accel = accel.choose(self.requested_accel)
+        return self._chosen_accel
+
+    def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
+        assert self.state is not None
+        key = ssh.keygen(self.rundir / "id_ed25519", f"racker@{self.name}")
+        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text())
+        overlay = self.rundir / "overlay.qcow2"
+        size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
+        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size])
+        if firmware == "uefi":
+            code, variables = ovmf()
+            shutil.copyfile(variables, self.rundir / "OVMF_VARS.fd")
+            self.state.extra["ovmf"] = code
+        self.state.extra["firmware"] = firmware
+        self.state.extra["format"] = info.format
+        machines.save(self.state)
+
+    def qemu_argv(self, firmware: str, port: int) -> list[str]:
+        accelerator = self._accel()
+        run = self.rundir
+        argv = [
+            proc.require("qemu-system-x86_64"),
+            "-name", f"{self.name},debug-threads=on",
+            "-machine", "q35", "-accel", accelerator,
+            "-cpu", "host" if accelerator == "kvm" else "max",
+            "-smp", str(self.cpus), "-m", str(self.memory),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+            "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=seed0",
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        if firmware == "uefi":
+            assert self.state is not None
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.state.extra['ovmf']}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={run / 'OVMF_VARS.fd'}",
+            ]  # fmt: skip
+        return argv
+
+    def _launch(self, firmware: str) -> None:
+        """Start QEMU with a port no other racker process can take; connect to its QMP."""
+        assert self.state is not None
+        for _attempt in range(3):
+            with store.locked("qemu-ports"):
+                port = free_port(_ports_in_use())
+                self.state.extra["ssh_port"] = port
+                machines.save(self.state)
+                self.argv = self.qemu_argv(firmware, port)
+                log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115 - handed to QEMU
+                try:
+                    self._child = subprocess.Popen(
+                        self.argv,
+                        env=proc.BASE_ENV,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # a Ctrl-C on our terminal is ours to handle
+                        preexec_fn=None if self.detached else proc.die_with_parent(signal.SIGKILL),
+                    )
+                finally:
+                    log.close()
+                self.state.pid = self._child.pid
+                self.state.pid_start = machines.start_time(self._child.pid)
+                machines.save(self.state)
+                if self._wait_qmp(time.monotonic() + 30):
+                    break  # QMP answers only after every netdev is set up: the port is bound
+            output = (self.rundir / "qemu.log").read_text(errors="replace").strip()
+            if "hostfwd" not in output and "forwarding" not in output:
+                raise VMLaunchFailure(self._child.returncode, self.argv, output or console_tail(self.console_log))
+        else:
+            raise VMLaunchFailure(self._child.returncode if self._child else None, self.argv, "no free port for SSH forwarding")
+        self.endpoint = _endpoint(self.state)
+
+    def _wait_qmp(self, deadline: float) -> bool:
+        """True once QEMU's QMP socket answers; False if QEMU exited first."""
+        assert self._child is not None
+        while time.monotonic() < deadline:
+            if self._child.poll() is not None:
+                return False
+            if self.qmp_socket.exists():
+                with contextlib.suppress(OSError):
+                    self.qmp(["query-status"])
+                    return True
+            time.sleep(0.05)
+        raise VMLaunchFailure(None, self.argv, "QEMU did not open its QMP socket")
+
+    def qmp(self, command: Sequence[str] | str, **arguments: object) -> object:
+        """One QMP command over the VM's socket (qemu.qmp's synchronous client)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        name = command if isinstance(command, str) else command[0]
+        monitor = QEMUMonitorProtocol(str(self.qmp_socket))
+        try:
+            monitor.connect(negotiate=True)
+            monitor.settimeout(10)
+            reply = monitor.cmd_raw(name, dict(arguments) or None)
+        finally:
+            monitor.close()
+        if "error" in reply:
+            raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def _alive(self) -> bool:
+        if self._child is not None:
+            return self._child.poll() is None
+        return self.state is not None and machines.alive(self.state.pid, self.state.pid_start)
+
+    def _exit_status(self) -> int | None:
+        return self._child.returncode if self._child is not None else None
+
+    def _wait_ready(self, deadline: float) -> None:
+        """SSH answers with our key, then systemd says the boot has finished."""
+        assert self.endpoint is not None
+        launched = time.monotonic()
+        while True:
+            if not self._alive():
+                raise VMLaunchFailure(self._exit_status(), self.argv, console_tail(self.console_log))
+            if time.monotonic() > deadline:
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, console_tail(self.console_log))
+            try:
+                self.endpoint.run(["true"], root=False, timeout=15, connect_timeout=3)
+                break
+            except Unreachable:
+                pass
+            time.sleep(0.5)
+        self.ssh_seconds = time.monotonic() - launched
+        remaining = max(deadline - time.monotonic(), 5)
+        try:
+            result = self.endpoint.run(["systemctl", "is-system-running", "--wait"], root=False, timeout=remaining)
+        except Exception as error:
+            if isinstance(error, Unreachable) or type(error).__name__ == "ToolTimeout":
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, console_tail(self.console_log)) from None
+            raise
+        self.system_state = result.stdout.strip()
+        assert self.state is not None
+        self.state.extra["system_state"] = self.system_state
+        machines.save(self.state)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Power the VM off and remove everything it had: process, overlay, seed, port, record.
+
+        With grace, the guest gets an ACPI power-off request first; then QMP
+        `quit`, SIGTERM, SIGKILL, each with a bounded wait.
+        """
+        state = self.state
+        if state is None:
+            return
+        try:
+            if state.pid and self._alive():
+                if grace > 0:
+                    with contextlib.suppress(Exception):
+                        self.qmp("system_powerdown")
+                    self._wait_gone(grace)
+                if self._alive():
+                    with contextlib.suppress(Exception):
+                        self.qmp("quit")
+                    if not self._wait_gone(3):
+                        _signal(state.pid, signal.SIGTERM)
+                        if not self._wait_gone(3):
+                            _signal(state.pid, signal.SIGKILL)
+                            self._wait_gone(5)
+            elif self._child is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._child.wait(5)
+        finally:
+            store.remove_tree(Path(state.rundir))
+            machines.release(state)
+            self.state = None
+
+    def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._alive():
+                if self._child is not None:
+                    self._child.wait()
+                return True
+            time.sleep(0.05)
+        return False
+
+    def detach(self) -> None:
+        """Leave the VM running after this process exits (`racker vm start`)."""
+        assert self.state is not None and self.detached, "only a VM(detached=True) may outlive its owner"
+        self.state.owner = self.state.owner_start = 0
+        machines.save(self.state)
+        self._child = None
+
+    def __enter__(self) -> VM:
+        if self.state is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- commands ------------------------------------------------------------
+
+    def run(self, argv: Sequence[str], *, root: bool = True, input: bytes | None = None, timeout: float | None = 600) -> Result:
+        """Run a command in the VM over SSH (as root through sudo unless root=False)."""
+        if self.endpoint is None:
+            raise VMError(f"VM {self.name!r} is not running")
+        return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
+
+    def run_expect(self, codes: Sequence[int], argv: Sequence[str], **kwargs: object) -> Result:
+        __tracebackhide__ = True
+        result = self.run(argv, **kwargs)  # type: ignore[arg-type]
+        assert result.returncode in codes, (
+            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result
+
+    def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
+        __tracebackhide__ = True
+        return self.run_expect([0], argv, **kwargs).stdout
+
+
+def _endpoint(state: State) -> ssh.Endpoint:
+    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, Path(state.rundir) / "id_ed25519")
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)

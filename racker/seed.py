@@ -1,0 +1,49 @@
+"""A NoCloud seed: an ISO 9660 volume labelled `cidata` with meta-data and user-data.
+
+cloud-init finds it by its label on any block device. It carries the VM's
+hostname and a per-VM SSH key for a sudo-capable user; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+from racker import proc
+
+USER = "racker"
+
+
+def user_data(hostname: str, public_key: str, user: str = USER) -> str:
+    """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules."""
+    config = {
+        "hostname": hostname,
+        "manage_etc_hosts": "localhost",
+        "users": [
+            {
+                "name": user,
+                "gecos": "racker",
+                "shell": "/bin/bash",
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "lock_passwd": True,
+                "ssh_authorized_keys": [public_key.strip()],
+            }
+        ],
+    }
+    return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
+
+
+def meta_data(hostname: str) -> str:
+    # dsmode local: everything the seed holds is applied before the network is up.
+    return json.dumps({"instance-id": f"racker-{hostname}-{secrets.token_hex(4)}", "local-hostname": hostname, "dsmode": "local"}) + "\n"
+
+
+def build(path: Path, hostname: str, public_key: str) -> Path:
+    """Write the seed ISO at `path`."""
+    files = path.parent / f"{path.stem}.d"
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "meta-data").write_text(meta_data(hostname))
+    (files / "user-data").write_text(user_data(hostname, public_key))
+    proc.run(["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)])
+    return path
