@@ -172,6 +172,45 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the built-in compatibility checks (racker.checks) and print a table of results."""
+    import tempfile
+
+    import pytest
+
+    from racker import images
+
+    for name in args.images:  # build first, with progress, and fail early on a bad name
+        images.pull(name)
+    with tempfile.TemporaryDirectory(prefix="racker-check-") as tmp:
+        results = os.path.join(tmp, "results.jsonl")
+        argv = [
+            "--pyargs", "racker.checks",
+            f"--racker-images={','.join(args.images)}",
+            f"--racker-engines={args.engine}",
+            f"--racker-results={args.results or results}",
+            "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
+            # racker itself is imported already, so pytest cannot rewrite its asserts: expected.
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
+            "-q" if not args.verbose else "-v",
+        ]  # fmt: skip
+        if args.workers:
+            argv += ["-n", str(args.workers)]
+        if args.junit:
+            argv.append(f"--junitxml={args.junit}")
+        status = pytest.main(argv)
+        with open(args.results or results) as handle:
+            records = [json.loads(line) for line in handle]
+    checks = sorted({r["check"] for r in records})
+    by_cell = {(r["image"], r["check"]): r["outcome"] for r in records}
+    print()
+    _table(
+        [[image, *(by_cell.get((image, check), "-") for check in checks)] for image in sorted({r["image"] for r in records})],
+        ["IMAGE", *(c.removeprefix("test_") for c in checks)],
+    )
+    return 0 if status == 0 else 1
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from racker import gc
 
@@ -241,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("stop", cmd_stop, "stop running machines")
     p.add_argument("names", nargs="+")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
+
+    p = verb("check", cmd_check, "boot images and run the built-in compatibility checks")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--engine", default="nspawn")
+    p.add_argument("-n", "--workers", help="parallel pytest workers (pytest-xdist), e.g. auto")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
+    p.add_argument("--results", metavar="FILE", help="also keep the JSON-lines results")
+    p.add_argument("-v", "--verbose", action="store_true")
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
 

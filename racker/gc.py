@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from racker import machines, store
+from racker import machines, nspawn, store
 
 
 def _kill(pid: int, started: int) -> bool:
@@ -35,12 +35,17 @@ def collect() -> list[str]:
                 removed.append(f"killed {kind} machine {state.name} (pid {state.leader})")
             if state.pid and _kill(state.pid, state.pid_start):
                 removed.append(f"killed {kind} process of {state.name} (pid {state.pid})")
+            cgroup = state.extra.get("cgroup")
+            if cgroup and os.path.isdir(cgroup):
+                nspawn.remove_cgroup(cgroup)
+                removed.append(f"removed cgroup {cgroup}")
             if state.rundir and os.path.isdir(state.rundir):
                 store.remove_tree(Path(state.rundir))
                 removed.append(f"removed {state.rundir}")
             machines.release(state)
             removed.append(f"removed stale {kind} record {state.name}")
     removed += _orphan_rundirs()
+    removed += _orphan_cgroups()
     removed += _stale_workdirs()
     return removed
 
@@ -55,6 +60,21 @@ def _orphan_rundirs() -> list[str]:
             if str(path) not in claimed:
                 store.remove_tree(path)
                 removed.append(f"removed {path}")
+    return removed
+
+
+def _orphan_cgroups() -> list[str]:
+    """Machine cgroups that no record claims (only empty ones can go)."""
+    removed = []
+    root = nspawn.unified_cgroup_root()
+    parent = root / "racker" if root is not None else None
+    if parent is not None and parent.is_dir():
+        claimed = {s.extra.get("cgroup") for s in machines.all_states("nspawn")}
+        for path in parent.iterdir():
+            if path.is_dir() and str(path) not in claimed:
+                nspawn.remove_cgroup(str(path))
+                if not path.exists():
+                    removed.append(f"removed cgroup {path}")
     return removed
 
 

@@ -119,6 +119,11 @@ class Machine:
         assert self.state is not None
         shutil.rmtree(self.rundir, ignore_errors=True)
         self.rundir.mkdir(parents=True)
+        cgroup = machine_cgroup(self.name)
+        if cgroup is not None:
+            self.state.extra["cgroup"] = str(cgroup)
+            machines.save(self.state)  # recorded before it is made
+            cgroup.mkdir(parents=True, exist_ok=True)
         notify_path = self.rundir / "notify"
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
@@ -132,8 +137,7 @@ class Machine:
                     stdout=console,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's
-                    # An owned machine shuts down if we die; a detached one outlives us.
-                    preexec_fn=None if self.detached else proc.die_with_parent(),
+                    preexec_fn=_child_setup(cgroup, die_with_parent=not self.detached),
                 )
             self.state.pid = self._child.pid
             self.state.pid_start = machines.start_time(self._child.pid)
@@ -188,6 +192,7 @@ class Machine:
                 self._child.wait(5)
         finally:
             shutil.rmtree(state.rundir, ignore_errors=True)
+            remove_cgroup(state.extra.get("cgroup"))
             machines.release(state)
             self.state = None
 
@@ -287,6 +292,55 @@ def nspawn_argv(rootfs: Path, name: str) -> list[str]:
     else:
         argv += ["--register=no", "--keep-unit"]
     return argv
+
+
+def unified_cgroup_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host."""
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if (root / "cgroup.controllers").exists():
+            return root
+    return None
+
+
+def machine_cgroup(name: str) -> Path | None:
+    """A cgroup of the machine's own, where no machined makes one.
+
+    With --keep-unit, nspawn puts the container in its caller's cgroup. Two
+    machines started from one cgroup would share it, and each one's systemd
+    would create and remove the other's service cgroups ("Failed to spawn
+    executor: No such file or directory"). machined gives each machine a
+    scope; without it, racker does the same.
+    """
+    if has_machined():
+        return None
+    root = unified_cgroup_root()
+    return root / "racker" / name if root is not None else None
+
+
+def remove_cgroup(path: str | None) -> None:
+    """Remove a machine's cgroup tree, deepest first (a cgroup goes only when empty)."""
+    if not path or not os.path.isdir(path):
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+def _child_setup(cgroup: Path | None, *, die_with_parent: bool):  # type: ignore[no-untyped-def]
+    """What nspawn's process does between fork and exec: join its cgroup, tie its life to ours."""
+    procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
+    # An owned machine shuts down if we die; a detached one outlives us.
+    pdeathsig = proc.die_with_parent() if die_with_parent else None
+
+    def setup() -> None:
+        if procs is not None:
+            fd = os.open(procs, os.O_WRONLY)
+            os.write(fd, b"0")  # 0: the writing process itself
+            os.close(fd)
+        if pdeathsig is not None:
+            pdeathsig()
+
+    return setup
 
 
 def nspawn_env() -> dict[str, str]:

@@ -1,1 +1,169 @@
-"""The racker pytest plugin, loaded through the pytest11 entry point."""
+"""The racker pytest plugin, loaded through the pytest11 entry point.
+
+    pytest --racker-images=all -n auto
+    pytest --pyargs racker.checks --racker-images=debian-bookworm
+
+Tests that use the `host`, `racker_machine` or `racker_image` fixtures are
+parametrised over the chosen images (and engines): `test_x[debian-bookworm]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from racker import engines, results
+
+# --- options --------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("racker", "racker: boot OS images and test them")
+    group.addoption("--racker-images", metavar="NAMES", help="comma-separated image names, or 'all' for the catalogue (ini: racker_images)")
+    group.addoption(
+        "--racker-engines", metavar="NAMES", help=f"comma-separated engines: {', '.join(engines.ENGINES)} (ini: racker_engines)"
+    )
+    group.addoption("--racker-results", metavar="FILE", help="write one JSON record per test to FILE (JSON lines)")
+    parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
+    parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
+    parser.addini("racker_machine_scope", "how long a machine lives: module or session", default="module")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def chosen_images(config: pytest.Config) -> list[str]:
+    value = config.getoption("--racker-images") or config.getini("racker_images")
+    names = _split(value)
+    if names == ["all"]:
+        from racker import catalog
+
+        names = list(catalog.entries())
+    return sorted(set(names))
+
+
+def chosen_engines(config: pytest.Config) -> list[str]:
+    names = sorted(set(_split(config.getoption("--racker-engines") or config.getini("racker_engines"))))
+    for name in names:
+        if name not in engines.ENGINES:
+            raise pytest.UsageError(f"--racker-engines: unknown engine {name!r}; known: {', '.join(engines.ENGINES)}")
+    return names
+
+
+def machine_scope(fixture_name: str, config: pytest.Config) -> str:
+    scope = config.getini("racker_machine_scope")
+    if scope not in ("module", "session"):
+        raise pytest.UsageError(f"racker_machine_scope must be module or session, not {scope!r}")
+    return scope
+
+
+# --- configuration --------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "racker(images=[...], engines=[...], needs=[...]): where a test runs and what it needs; "
+        f"unmet needs skip it. Needs: {', '.join(engines.NEEDS)}",
+    )
+    from racker import plugin_fixtures
+
+    # Registered now, after every entry-point plugin, so that our `host`
+    # fixture overrides pytest-testinfra's whatever order the plugins loaded in.
+    config.pluginmanager.register(plugin_fixtures, "racker-fixtures")
+    path = config.getoption("--racker-results")
+    if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
+        config.pluginmanager.register(results.ResultStream(path), "racker-results")
+
+
+# --- parametrisation ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One (image, engine) a test runs against."""
+
+    image: str
+    engine: str
+
+
+def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:
+    merged: dict = {}
+    for mark in node.definition.iter_markers("racker") if isinstance(node, pytest.Metafunc) else node.iter_markers("racker"):
+        for key, value in mark.kwargs.items():
+            merged.setdefault(key, list(value))
+    return merged
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "_racker_target" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    wanted = _mark_args(metafunc)
+    unknown = set(wanted.get("needs", [])) - set(engines.NEEDS)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown racker needs {sorted(unknown)}; known: {', '.join(engines.NEEDS)}")
+    image_names = [i for i in chosen_images(config) if "images" not in wanted or i in wanted["images"]]
+    engine_names = [e for e in chosen_engines(config) if "engines" not in wanted or e in wanted["engines"]]
+    targets = [Target(i, e) for i in image_names for e in engine_names]
+    # Ids name the image, and the engine only when there is more than one.
+    ids = [t.image if len(engine_names) == 1 else f"{t.image}-{t.engine}" for t in targets]
+    metafunc.parametrize("_racker_target", targets, ids=ids, indirect=True, scope=machine_scope("", config))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        target = callspec.params.get("_racker_target") if callspec else None
+        if not isinstance(target, Target):
+            continue
+        item.user_properties += [("racker_image", target.image), ("racker_engine", target.engine)]
+        # With --dist loadgroup, a worker takes every test of one image: one boot, not one per worker.
+        item.add_marker(pytest.mark.xdist_group(f"racker-{target.image}-{target.engine}"))
+        unmet = engines.get(target.engine).unmet(_mark_args(item).get("needs", []))
+        if unmet:
+            item.add_marker(pytest.mark.skip(reason=f"{target.engine} cannot provide: {', '.join(unmet)}"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # `-n auto` alone distributes test by test; group by image instead so
+    # that machines are shared (an explicit --dist wins).
+    option = config.option
+    if getattr(option, "numprocesses", None) and getattr(option, "dist", None) == "no":
+        option.dist = "loadgroup"
+
+
+# --- reports --------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    from racker.errors import RackerError
+
+    if call.excinfo is not None and isinstance(call.excinfo.value, RackerError):
+        # The harness failed, not the check: never blame the distribution for it.
+        report.user_properties.append(("racker_outcome", "error"))
+    machine = getattr(item, "funcargs", {}).get("racker_machine")
+    if machine is None or report.when != "call":
+        return
+    host = item.funcargs.get("host")
+    if host is not None:
+        for result in getattr(host.backend, "history", []):
+            report.sections.append(
+                (
+                    f"racker: command ({result.rc})",
+                    f"$ {result.command.decode(errors='replace')}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}",
+                )
+            )
+    try:
+        journal = machine.run(["journalctl", "--boot", "--no-pager", "--lines=200"], timeout=30)
+        report.sections.append((f"racker: journal of {machine.name}", journal.stdout or journal.stderr))
+    except RackerError as error:
+        report.sections.append(("racker: journal", f"could not read the journal: {error}"))

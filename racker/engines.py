@@ -1,0 +1,55 @@
+"""The engines that boot an image, and what each can offer a test.
+
+A test declares what it needs (`@pytest.mark.racker(needs=[...])`); a need
+that the engine or the image cannot meet skips the test, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from racker.store import StoredImage
+
+# Everything a test may ask for.
+NEEDS = {
+    "systemd": "systemd is the image's init",
+    "loopback": "a loopback interface inside the machine",
+    "network": "a network interface with an address from DHCP",
+    "full-boot": "a real boot: firmware, bootloader, kernel, initramfs",
+    "kernel": "the image's own kernel",
+    "ssh": "sshd reachable from the host",
+    "cloud-init": "cloud-init runs with a datasource",
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    machine_class: str  # "module:Class", imported when first used
+    provides: frozenset[str]
+
+    def load(self) -> type:
+        module, _, cls = self.machine_class.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def unmet(self, needs: list[str], image: StoredImage | None = None) -> list[str]:
+        """The needs this engine (and, once known, the image) cannot meet."""
+        offered = set(self.provides)
+        if image is not None and image.manifest.get("distro", {}).get("systemd"):
+            offered.add("systemd")
+        elif image is None:
+            offered.add("systemd")  # not known before the image is there: decided at setup
+        return [need for need in needs if need not in offered]
+
+
+ENGINES: dict[str, Engine] = {
+    "nspawn": Engine("nspawn", "racker.nspawn:Machine", frozenset({"loopback"})),
+}
+
+
+def get(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}") from None

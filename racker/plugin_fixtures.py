@@ -1,0 +1,67 @@
+"""The racker fixtures. plugin.py registers this module after every other plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import testinfra
+import testinfra.backend
+
+from racker import engines, images
+from racker.errors import RackerError
+from racker.plugin import Target, machine_scope
+from racker.store import StoredImage
+
+testinfra.backend.BACKENDS.setdefault("racker", "racker.testinfra_backend.RackerBackend")
+
+
+@pytest.fixture(scope=machine_scope)
+def _racker_target(request: pytest.FixtureRequest) -> Target:
+    return request.param
+
+
+@pytest.fixture(scope=machine_scope)
+def racker_engine(_racker_target: Target) -> str:
+    return _racker_target.engine
+
+
+@pytest.fixture(scope=machine_scope)
+def racker_image(_racker_target: Target) -> StoredImage:
+    """The image under test, built once for all workers (the store's lock sees to it)."""
+    return images.pull(_racker_target.image)
+
+
+@pytest.fixture(scope=machine_scope)
+def racker_machine(_racker_target: Target, racker_image: StoredImage) -> Iterator:
+    """A booted machine of the image, shared by the tests of a module (or the session)."""
+    engine = engines.get(_racker_target.engine)
+    machine_class = engine.load()
+    with machine_class(racker_image) as machine:
+        yield machine
+
+
+@pytest.fixture(autouse=True)
+def _racker_needs(request: pytest.FixtureRequest) -> None:
+    """Skip a test whose needs the image cannot meet (known only once the image is built)."""
+    if "_racker_target" not in request.fixturenames:
+        return
+    needs = [n for mark in request.node.iter_markers("racker") for n in mark.kwargs.get("needs", [])]
+    if not needs:
+        return
+    target: Target = request.getfixturevalue("_racker_target")
+    image: StoredImage = request.getfixturevalue("racker_image")
+    unmet = engines.get(target.engine).unmet(needs, image)
+    if unmet:
+        pytest.skip(f"{target.image} on {target.engine} cannot provide: {', '.join(unmet)}")
+
+
+@pytest.fixture(scope=machine_scope)
+def host(racker_machine) -> testinfra.host.Host:  # type: ignore[no-untyped-def]
+    """A pytest-testinfra Host bound to the machine: every testinfra module works against it."""
+    host = testinfra.get_host(f"racker://{racker_machine.name}")
+    host.backend.bind(racker_machine)
+    return host
+
+
+__all__ = ["RackerError", "_racker_needs", "_racker_target", "host", "racker_engine", "racker_image", "racker_machine"]

@@ -1,0 +1,155 @@
+"""The pytest plugin, driven the way a user drives it: pytest -n 2 in a project of theirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CATALOG_IMAGES, racker
+from racker import images, machines
+
+pytestmark = pytest.mark.slow
+SAMPLE = Path(__file__).parent / "sample_project"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def catalogue_images():
+    for name in CATALOG_IMAGES:
+        images.pull(name)
+
+
+def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True):
+    results = tmp_path / "results.jsonl"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "2",
+        f"--racker-results={results}",
+        f"--junitxml={tmp_path / 'junit.xml'}",
+        *args,
+    ]
+    if not wait:
+        return subprocess.Popen(
+            argv, cwd=SAMPLE, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ), results
+    done = subprocess.run(argv, cwd=SAMPLE, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return done, [json.loads(line) for line in results.read_text().splitlines()]
+
+
+def by_outcome(records: list[dict]) -> dict[str, set[str]]:
+    outcomes: dict[str, set[str]] = {}
+    for r in records:
+        outcomes.setdefault(r["outcome"], set()).add(r["nodeid"])
+    return outcomes
+
+
+def test_sample_project_passes_on_every_image(tmp_path: Path) -> None:
+    done, records = run_sample(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcomes = by_outcome(records)
+    assert set(outcomes) == {"pass", "skip"}
+    assert len(outcomes["pass"]) == 5 * len(CATALOG_IMAGES)
+    assert {r["image"] for r in records} == set(CATALOG_IMAGES)
+    # Stable, sorted ids that name the image.
+    assert "test_sample.py::test_root_user[debian-bookworm]" in outcomes["pass"]
+    full_boot = [r for r in records if r["check"] == "test_bootloader_installed"]
+    assert len(full_boot) == len(CATALOG_IMAGES)
+    assert all(r["outcome"] == "skip" and r["message"] == "nspawn cannot provide: full-boot" for r in full_boot)
+    junit = (tmp_path / "junit.xml").read_text()
+    assert 'name="racker_image" value="debian-sid"' in junit
+    assert machines.all_states("nspawn") == [] or all(not machines.is_stale(s) for s in machines.all_states("nspawn"))
+
+
+def test_failing_check_and_harness_error_are_told_apart(tmp_path: Path) -> None:
+    done, records = run_sample(
+        tmp_path, "--racker-images=debian-bookworm,no-such-image", "-k", "nginx or root_user", env={"SAMPLE_FAIL": "1"}
+    )
+    assert done.returncode == 1
+    result = {(r["check"], r["image"]): r for r in records}
+    failed = result[("test_nginx_is_installed", "debian-bookworm")]
+    assert failed["outcome"] == "fail"
+    assert "expected nginx to be installed" in failed["message"]
+    assert result[("test_root_user", "debian-bookworm")]["outcome"] == "pass"
+    broken = result[("test_root_user", "no-such-image")]
+    assert broken["outcome"] == "error", "an image that cannot be had is the harness's error, not a failing check"
+    assert "unknown image 'no-such-image'" in broken["message"]
+    # The failure report carries the command the check ran and the machine's journal.
+    assert "racker: command (1)" in done.stdout and "dpkg-query" in done.stdout
+    assert "racker: journal of debian-bookworm-" in done.stdout
+    assert "Reached target" in done.stdout or "Startup finished" in done.stdout
+
+
+def test_killed_worker_leaves_nothing_gc_cannot_clean(tmp_path: Path) -> None:
+    # Two images, so each worker takes one: the victim's and a survivor's run in parallel.
+    args = ("-k", "slow", "--racker-images=debian-bookworm,debian-sid", "--max-worker-restart=0")
+    run, _results = run_sample(tmp_path, *args, env={"SAMPLE_SLOW": "20"}, wait=False)
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        for state in machines.all_states("nspawn"):
+            if state.leader and state.owner != run.pid and machines.alive(state.owner, state.owner_start):
+                victim = state
+        time.sleep(0.2)
+    assert victim is not None, "no worker booted a machine"
+    os.kill(victim.owner, signal.SIGKILL)
+    try:
+        output, _ = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)
+            run.communicate(timeout=60)
+    assert run.returncode != 0, output
+    assert racker("gc").returncode == 0
+    assert [s.name for s in machines.all_states("nspawn")] == []
+    assert victim.name not in Path("/proc/mounts").read_text()
+    assert not machines.alive(victim.pid, victim.pid_start)
+    # The next run is unaffected.
+    done, records = run_sample(tmp_path, "-k", "root_user")
+    assert done.returncode == 0, done.stdout
+    assert {r["outcome"] for r in records} == {"pass"}
+
+
+def test_checks_run_from_the_installed_package(tmp_path: Path) -> None:
+    results = tmp_path / "checks.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--pyargs",
+            "racker.checks",
+            "--racker-images=all",
+            "-n",
+            "2",
+            f"--racker-results={results}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 6 * len(CATALOG_IMAGES)
+    assert {r["outcome"] for r in records} == {"pass"}
+
+
+def test_racker_check_prints_a_result_table() -> None:
+    done = racker("check", "debian-sid")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout.strip().splitlines()[-2:]
+    assert table[0].split()[:2] == ["IMAGE", "hostname_is_set"]
+    assert table[1].split() == ["debian-sid"] + ["pass"] * 6
