@@ -2,12 +2,238 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from racker import machines, progress, store
+from racker.errors import PromoteError, RequirementsFailed, VMError
 
 Verb = Callable[..., argparse.ArgumentParser]
+
+VM_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_checks(profile: str, checks: list) -> None:
+    print(f"requirements of profile {profile}:")
+    _table([["ok" if c.ok else "FAIL", c.requirement, c.detail] for c in checks], ["", "REQUIREMENT", "DETAIL"])
+
+
+def _prepared(reference: str, *, prepare_it: bool = True) -> store.StoredImage:
+    from racker import images, prepare
+
+    image = images.pull(reference)
+    return prepare.prepare(image) if prepare_it else image
+
+
+# -- promote ----------------------------------------------------------------
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from racker import promote
+    from racker.promote import disk, profiles
+
+    fmt = args.format or {"gcp": "gce", "digitalocean": "qcow2"}.get(args.profile, "raw")
+    options = promote.Options(
+        fmt=fmt,
+        firmware=args.firmware,
+        size=disk.parse_size(args.size) if args.size else None,
+        profile=args.profile,
+        app=args.app,
+    )
+    profiles.get(options.profile)  # a typo fails before an image is built
+    image = _prepared(args.image, prepare_it=not args.no_prepare)
+    try:
+        result = promote.promote(image, Path(args.output) if args.output else None, options)
+    except RequirementsFailed as failed:
+        _print_checks(options.profile, failed.checks)
+        raise
+    if result.checks:
+        _print_checks(options.profile, result.checks)
+    print(result.path)
+    for path in result.extra.values():
+        print(path)
+    return 0
+
+
+# -- vm ---------------------------------------------------------------------
+
+
+def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-untyped-def]
+    """A VM for a disk file, or for an image (promoted once to a cached disk)."""
+    from racker import promote, qemu
+    from racker.promote import disk
+
+    size = disk.parse_size(args.disk_size) if getattr(args, "disk_size", None) else None
+    common = dict(
+        memory=args.memory,
+        cpus=args.cpus,
+        accelerator=args.accel,
+        boot_timeout=args.timeout,
+        disk_size=size,
+        detached=detached,
+    )
+    target = Path(args.target)
+    if target.is_file() or "/" in args.target or args.target.endswith(tuple(f.suffix for f in _formats())):
+        if not target.is_file():
+            raise VMError(f"no disk file {args.target}")
+        return qemu.VM(target, args.name, firmware=args.firmware, **common)  # type: ignore[arg-type]
+    image = _prepared(args.target)
+    path = promote.cached_disk(image, args.firmware or "bios")
+    return qemu.VM(path, args.name, image=image.name, digest=image.digest, **common)  # type: ignore[arg-type]
+
+
+def _formats() -> list:
+    from racker.promote import formats
+
+    return list(formats.FORMATS.values())
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    vm = _vm_for(args, detached=True)
+    vm.start()
+    vm.detach()
+    progress.say(f"ssh on 127.0.0.1:{vm.endpoint.port}, booted in {vm.boot_seconds:.1f}s ({vm.system_state})")
+    print(vm.name)
+    return 0
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise VMError("no command given", hint="racker vm run IMAGE -- CMD …")
+    with _vm_for(args, detached=False) as vm:
+        return vm.endpoint.interact(args.command, tty=args.tty, root=args.root)
+
+
+def cmd_vm_ssh(args: argparse.Namespace) -> int:
+    from racker import qemu
+
+    vm = qemu.VM.attach(args.name)
+    return vm.endpoint.interact(args.command, tty=args.tty, root=args.root)
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    from racker import qemu
+
+    vm = qemu.VM.attach(args.name)
+    try:
+        data = vm.console_log.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if args.tail:
+        data = b"\n".join(data.splitlines()[-args.tail :]) + b"\n"
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_vm_ps(args: argparse.Namespace) -> int:
+    import json
+
+    running = [s for s in machines.all_states("qemu") if not machines.is_stale(s)]
+    if args.json:
+        json.dump(
+            [
+                {
+                    "name": s.name,
+                    "image": s.image,
+                    "pid": s.pid,
+                    "ssh_port": s.extra.get("ssh_port"),
+                    "firmware": s.extra.get("firmware"),
+                    "started": s.started,
+                }
+                for s in running
+            ],
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    _table(
+        [[s.name, s.image, f"127.0.0.1:{s.extra.get('ssh_port', '?')}", str(s.extra.get("firmware", "")), s.started] for s in running],
+        ["NAME", "IMAGE", "SSH", "FIRMWARE", "STARTED"],
+    )
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    from racker import qemu
+
+    for name in args.names:
+        qemu.VM.attach(name).stop(grace=args.timeout)
+        print(name)
+    return 0
 
 
 def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands: verb(name, func, help) -> parser."""
+    from racker.promote import formats, profiles
+
+    p = verb("promote", cmd_promote, "turn an image into a bootable disk file")
+    p.add_argument("image")
+    p.add_argument("--format", choices=list(formats.FORMATS), help="output format (default raw; qcow2 for digitalocean, gce for gcp)")
+    p.add_argument(
+        "--firmware", choices=["bios", "uefi"], default="bios", help="bios: GRUB in the MBR; uefi: GRUB on an ESP (default %(default)s)"
+    )
+    p.add_argument("--size", help="disk size, e.g. 4G (default 2G, or what the image needs)")
+    p.add_argument("--profile", choices=list(profiles.PROFILES), default="generic", help="apply and verify a cloud's requirements")
+    p.add_argument("--app", action="store_true", help="run the image's ENTRYPOINT/CMD as a systemd service")
+    p.add_argument("--no-prepare", action="store_true", help="promote the image as it is (it must hold a kernel)")
+    p.add_argument("-o", "--output", help="output file (default IMAGE-FIRMWARE.FORMAT here)")
+
+    vm = verb("vm", lambda _args: _missing_vm_command(), "boot disks and images in QEMU")
+    vm_sub = vm.add_subparsers(dest="vm_verb", required=True, metavar="VM_COMMAND")
+
+    def vm_verb(name: str, func, help: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        q = vm_sub.add_parser(name, help=help, description=help)
+        q.set_defaults(func=func)
+        return q
+
+    def boot_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--name")
+        q.add_argument("--memory", type=int, default=1024, help="MiB (default %(default)s)")
+        q.add_argument("--cpus", type=int, default=2)
+        q.add_argument("--accel", choices=["kvm", "tcg"], help="override the KVM probe")
+        q.add_argument("--firmware", choices=["bios", "uefi"], help="default: what the disk boots with")
+        q.add_argument("--disk-size", help="grow the VM's disk (an overlay) to this size, e.g. 8G")
+        q.add_argument("--timeout", type=float, default=VM_BOOT_TIMEOUT, help="seconds to wait for boot (default %(default)s)")
+
+    q = vm_verb("start", cmd_vm_start, "boot a disk file or an image and leave it running")
+    q.add_argument("target", metavar="DISK|IMAGE")
+    boot_options(q)
+
+    q = vm_verb("run", cmd_vm_run, "boot, run a command over SSH, tear down")
+    q.add_argument("target", metavar="DISK|IMAGE")
+    boot_options(q)
+    q.add_argument("-t", "--tty", action="store_true", default=None)
+    q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
+    q.add_argument("command", nargs=argparse.REMAINDER)
+
+    q = vm_verb("ssh", cmd_vm_ssh, "a shell or a command in a running VM")
+    q.add_argument("name")
+    q.add_argument("-t", "--tty", action="store_true", default=None)
+    q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
+    q.add_argument("command", nargs=argparse.REMAINDER)
+
+    q = vm_verb("console", cmd_vm_console, "print a VM's serial console log")
+    q.add_argument("name")
+    q.add_argument("--tail", type=int, help="only the last N lines")
+
+    q = vm_verb("ps", cmd_vm_ps, "list running VMs")
+    q.add_argument("--json", action="store_true")
+
+    q = vm_verb("stop", cmd_vm_stop, "power VMs off and remove them")
+    q.add_argument("names", nargs="+")
+    q.add_argument("--timeout", type=float, default=10.0, help="seconds for an ACPI power-off before quitting")
+
+
+def _missing_vm_command() -> int:
+    raise PromoteError("no vm command given")

@@ -26,7 +26,7 @@ from racker import distros, proc, progress, store
 from racker.errors import PrepareError
 
 # Bump when what prepare installs or writes changes: prepared images are rebuilt.
-PREPARE_VERSION = "4"
+PREPARE_VERSION = "5"
 SUFFIX = "+vm"
 
 
@@ -73,7 +73,7 @@ PACKAGES: dict[str, VmPackages] = {
             "iproute2",
             "procps",
         ),
-        optional=("systemd-resolved",),
+        optional=("gdisk",),
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
             "etc/initramfs-tools/conf.d/racker.conf": "MODULES=list\nCOMPRESS=gzip\n",
@@ -97,15 +97,17 @@ locale: C.UTF-8
 ssh_pwauth: false
 disable_root: true
 ssh_deletekeys: true
-ssh_genkeytypes: [ed25519, ecdsa, rsa]
+# RSA keys take seconds to make under emulation; ed25519 and ECDSA are what clients use.
+ssh_genkeytypes: [ed25519, ecdsa]
+manage_etc_hosts: localhost
 growpart: {mode: auto, devices: ['/']}
 resize_rootfs: true
 # Only the modules a cloud VM needs: every module costs boot time.
 cloud_init_modules: [seed_random, bootcmd, write_files, growpart, resizefs, disk_setup, mounts,
   set_hostname, update_hostname, update_etc_hosts, users_groups, ssh]
-cloud_config_modules: [ssh_import_id, set_passwords, timezone, runcmd]
+cloud_config_modules: [timezone, runcmd]
 cloud_final_modules: [scripts_vendor, scripts_per_once, scripts_per_boot, scripts_per_instance,
-  scripts_user, ssh_authkey_fingerprints, final_message, power_state_change]
+  scripts_user, final_message, power_state_change]
 """
 
 NETWORK = """\
@@ -163,7 +165,11 @@ OPTIONAL_ENABLE_UNITS = ("systemd-resolved.service",)
 # Units a VM does not need at boot; each costs seconds under emulation.
 MASK_UNITS = (
     "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer",
-    "fstrim.timer", "e2scrub_all.timer", "systemd-networkd-wait-online@.service",
+    "fstrim.timer", "e2scrub_all.timer", "dpkg-db-backup.timer",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "dev-hugepages.mount",
+    "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "systemd-pstore.service",
+    "modprobe@drm.service", "modprobe@fuse.service", "modprobe@loop.service", "modprobe@dm_mod.service",
+    "modprobe@efi_pstore.service", "cloud-init-hotplugd.socket",
 )  # fmt: skip
 
 

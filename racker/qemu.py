@@ -35,6 +35,8 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
 KIND = "qemu"
+# The CPU model QEMU emulates under TCG. See bench/bench_boot.py for why this one.
+TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max")
 
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
@@ -58,7 +60,7 @@ class DiskInfo:
     firmware: str  # what the disk boots with: "bios" or "uefi"
 
 
-def inspect_disk(path: Path, scratch: Path) -> DiskInfo:
+def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInfo:
     """What a user-supplied disk is; BadDisk for anything racker must not boot.
 
     A backing file or external data file is refused: it would let a disk read
@@ -76,8 +78,8 @@ def inspect_disk(path: Path, scratch: Path) -> DiskInfo:
     fmt = info.get("format", "")
     if fmt not in BOOTABLE_FORMATS:
         raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
-    head = _read_head(path, fmt, scratch)
-    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), boot_firmware(head, path))
+    firmware = boot_firmware(_read_head(path, fmt, scratch), path) if bootable else "bios"
+    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), firmware)
 
 
 def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
@@ -173,7 +175,9 @@ class VM:
         disk_size: int | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         detached: bool = False,
-        trusted_disk: bool = False,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        append: str = "",
     ) -> None:
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
@@ -186,7 +190,10 @@ class VM:
         self.disk_size = disk_size
         self.boot_timeout = boot_timeout
         self.detached = detached
-        self.trusted_disk = trusted_disk
+        # Direct kernel boot, for disks without a bootloader (a Firecracker rootfs).
+        self.kernel = Path(kernel).absolute() if kernel else None
+        self.initrd = Path(initrd).absolute() if initrd else None
+        self.append = append
         self.state: State | None = None
         self.endpoint: ssh.Endpoint | None = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -241,7 +248,7 @@ class VM:
         try:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir.mkdir(parents=True)
-            info = inspect_disk(self.disk, self.rundir)
+            info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             with progress.step(f"booting {self.name} ({firmware}, {self._accel()})"):
                 self._prepare_files(info, firmware)
@@ -280,7 +287,7 @@ class VM:
             proc.require("qemu-system-x86_64"),
             "-name", f"{self.name},debug-threads=on",
             "-machine", "q35", "-accel", accelerator,
-            "-cpu", "host" if accelerator == "kvm" else "max",
+            "-cpu", "host" if accelerator == "kvm" else TCG_CPU,
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
@@ -293,6 +300,10 @@ class VM:
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel), "-append", self.append or "root=/dev/vda rw console=ttyS0"]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
         if firmware == "uefi":
             assert self.state is not None
             argv += [

@@ -195,6 +195,9 @@ def _atomic(path: Path):  # type: ignore[no-untyped-def]
     partial = Path(tmp)
     try:
         yield partial
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
         os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

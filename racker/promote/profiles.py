@@ -12,6 +12,7 @@ importing-virtual-disks and configuring-imported-images).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,8 +119,9 @@ def cloud_init_version(tree: Path) -> tuple[int, ...] | None:
 
 
 def unit_enabled(tree: Path, unit: str) -> bool:
+    # The links point at absolute paths inside the image: test the link, never follow it.
     wants = tree / "etc/systemd/system"
-    return any(wants.glob(f"*.wants/{unit}"))
+    return any(os.path.lexists(directory / unit) for directory in wants.glob("*.wants"))
 
 
 def dhcp_first_nic(tree: Path) -> tuple[bool, str]:
