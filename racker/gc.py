@@ -66,8 +66,7 @@ def _orphan_rundirs() -> list[str]:
 def _orphan_cgroups() -> list[str]:
     """Machine cgroups that no record claims (only empty ones can go)."""
     removed = []
-    root = nspawn.unified_cgroup_root()
-    parent = root / "racker" if root is not None else None
+    parent = nspawn.store_cgroup()
     if parent is not None and parent.is_dir():
         claimed = {s.extra.get("cgroup") for s in machines.all_states("nspawn")}
         for path in parent.iterdir():

@@ -9,6 +9,7 @@ relayed by nspawn over a notify socket that we own: no polling, no sleeps.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -123,7 +124,7 @@ class Machine:
         if cgroup is not None:
             self.state.extra["cgroup"] = str(cgroup)
             machines.save(self.state)  # recorded before it is made
-            cgroup.mkdir(parents=True, exist_ok=True)
+            make_cgroup(cgroup)
         notify_path = self.rundir / "notify"
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
@@ -313,17 +314,40 @@ def machine_cgroup(name: str) -> Path | None:
     """
     if has_machined():
         return None
+    parent = store_cgroup()
+    return parent / name if parent is not None else None
+
+
+def store_cgroup() -> Path | None:
+    """The parent of this store's machine cgroups: each store (RACKER_HOME) has its own."""
     root = unified_cgroup_root()
-    return root / "racker" / name if root is not None else None
+    if root is None:
+        return None
+    key = hashlib.sha256(str(store.home().resolve()).encode()).hexdigest()[:12]
+    return root / "racker" / key
+
+
+def make_cgroup(path: Path) -> None:
+    # Another machine's stop may remove the empty store parent between our two mkdirs.
+    for _attempt in range(5):
+        with contextlib.suppress(FileNotFoundError):
+            path.mkdir(parents=True, exist_ok=True)
+            return
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def remove_cgroup(path: str | None) -> None:
-    """Remove a machine's cgroup tree, deepest first (a cgroup goes only when empty)."""
+    """Remove a machine's cgroup tree, deepest first, and the store's parent once empty.
+
+    A cgroup can only be removed when no process is in it: rmdir fails otherwise.
+    """
     if not path or not os.path.isdir(path):
         return
     for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
         with contextlib.suppress(OSError):
             os.rmdir(dirpath)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
 
 
 def _child_setup(cgroup: Path | None, *, die_with_parent: bool):  # type: ignore[no-untyped-def]
