@@ -145,7 +145,7 @@ def build_efi_binary(root_uuid: str, work: Path) -> Path:
 
 def install_efi(disk: Path, esp_offset: int, binary: Path) -> None:
     """Copy the EFI binary to the removable-media path on the ESP, with mtools."""
-    image = f"{disk}@@{esp_offset}"
-    env = {"MTOOLS_SKIP_CHECK": "1"}
-    proc.run(["mmd", "-i", image, "::/EFI", "::/EFI/BOOT"], env=env)
-    proc.run(["mcopy", "-i", image, str(binary), "::/EFI/BOOT/BOOTX64.EFI"], env=env)
+    tree = binary.parent / "esp"
+    (tree / "EFI/BOOT").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(binary, tree / "EFI/BOOT/BOOTX64.EFI")
+    proc.run(["mcopy", "-s", "-Q", "-i", f"{disk}@@{esp_offset}", str(tree / "EFI"), "::/"], env={"MTOOLS_SKIP_CHECK": "1"})

@@ -1,0 +1,257 @@
+"""Promote: the logic with fakes, and real disks built and read back (no boot here).
+
+Real boots are in test_vm_boot.py.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from racker import images, prepare, promote, qemu, seed, store
+from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
+from racker.promote import app, bootloader, disk, formats, profiles
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+# -- sizes and layouts ------------------------------------------------------
+
+
+SIZES = [("4G", 4 * GiB), ("512M", 512 * MiB), ("2.5G", int(2.5 * GiB)), ("1024", 1024), ("3GiB", 3 * GiB)]
+
+
+@pytest.mark.parametrize(("text", "size"), SIZES)
+def test_parse_size(text: str, size: int) -> None:
+    assert disk.parse_size(text) == size
+
+
+def test_parse_size_rejects_nonsense() -> None:
+    with pytest.raises(PromoteError, match="cannot read disk size"):
+        disk.parse_size("big")
+
+
+def test_plan_refuses_a_disk_too_small_with_the_size_to_use() -> None:
+    with pytest.raises(PromoteError, match="too small") as raised:
+        disk.plan("bios", 512 * MiB, 600 * MiB)
+    assert "--size" in (raised.value.hint or "")
+
+
+def test_bios_plan_is_one_partition_after_a_1mib_gap() -> None:
+    layout = disk.plan("bios", 2 * GiB, 400 * MiB)
+    assert layout.root_offset == MiB and layout.root_offset + layout.root_size == 2 * GiB
+    script = layout.sfdisk_script()
+    assert "label: dos" in script and "bootable" in script and "type=83" in script
+
+
+def test_uefi_plan_has_an_esp_and_leaves_room_for_the_backup_gpt() -> None:
+    layout = disk.plan("uefi", 2 * GiB, 400 * MiB)
+    assert layout.esp_offset == MiB and layout.root_offset == MiB + disk.ESP_SIZE
+    assert layout.root_offset + layout.root_size <= 2 * GiB - disk.GPT_TRAILER
+    assert disk.ESP_TYPE in layout.sfdisk_script() and disk.ROOT_TYPE_GPT in layout.sfdisk_script()
+
+
+# -- what a disk boots with -------------------------------------------------
+
+
+def _mbr(code: bytes, ptype: int) -> bytes:
+    sector = bytearray(512)
+    sector[: len(code)] = code
+    sector[446 + 4] = ptype
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def test_boot_firmware_reads_mbr_and_gpt() -> None:
+    assert qemu.boot_firmware(_mbr(b"\xeb\x63", 0x83) + bytes(512)) == "bios"
+    with pytest.raises(BadDisk, match="no boot code"):
+        qemu.boot_firmware(_mbr(b"", 0x83) + bytes(512))
+    with pytest.raises(BadDisk, match="no boot sector"):
+        qemu.boot_firmware(bytes(1024))
+    header = bytearray(512)
+    header[:8] = b"EFI PART"
+    struct.pack_into("<QII", header, 72, 2, 128, 128)
+    entries = bytearray(128 * 32)
+    import uuid
+
+    entries[:16] = uuid.UUID(qemu.ESP_GUID).bytes_le
+    assert qemu.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
+
+
+# -- profiles ---------------------------------------------------------------
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    return tmp_path
+
+
+def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None:
+    tree = _tree(
+        tmp_path,
+        {
+            "etc/cloud/cloud.cfg": "datasource_list: [NoCloud, ConfigDrive]\n",
+            "etc/cloud/cloud.cfg.d/90-a.cfg": "datasource_list: [ ConfigDrive, 'NoCloud' ]\n",
+        },
+    )
+    assert profiles.datasource_list(tree) == ["ConfigDrive", "NoCloud"]
+    target = profiles.Target(tree, "qcow2", "bios", GiB, "console=ttyS0")
+    assert profiles.check_datasource_order(target)[0]
+    (tree / "etc/cloud/cloud.cfg.d/99-b.cfg").write_text("datasource_list: [NoCloud, ConfigDrive]\n")
+    assert not profiles.check_datasource_order(target)[0]
+
+
+def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
+    tree = _tree(
+        tmp_path,
+        {
+            "etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication yes\n",
+            "etc/ssh/sshd_config.d/50-x.conf": "PasswordAuthentication no\n",
+        },
+    )
+    assert profiles.sshd_option(tree, "passwordauthentication") == "no"
+
+
+def test_digitalocean_refuses_a_format_it_cannot_import(tmp_path: Path) -> None:
+    target = profiles.Target(tmp_path, "vhd", "bios", GiB, "")
+    results = {r.requirement: r for r in profiles.verify(profiles.get("digitalocean"), target)}
+    assert not results["image format raw, qcow2, VHDX, VDI or VMDK"].ok
+    assert not results["cloud-init 0.7.7 or newer installed"].ok
+
+
+def test_unknown_profile_and_format_are_one_line_errors() -> None:
+    with pytest.raises(PromoteError, match="unknown profile"):
+        profiles.get("aws")
+    with pytest.raises(PromoteError, match="unknown format"):
+        formats.get("iso")
+
+
+# -- --app ------------------------------------------------------------------
+
+
+def test_app_unit_runs_entrypoint_and_cmd_with_env_workdir_user() -> None:
+    image = store.StoredImage(
+        "svc",
+        "sha256:0",
+        "",
+        "",
+        0,
+        manifest={
+            "config": {
+                "Entrypoint": ["/bin/sh", "-c"],
+                "Cmd": ['echo "$GREETING" 100% > out'],
+                "Env": ["GREETING=hello world", "PATH=/usr/bin:/bin"],
+                "WorkingDir": "/srv",
+                "User": "nobody:nogroup",
+            }
+        },
+    )
+    unit = app.unit_text(app.spec(image))
+    assert 'ExecStart="/bin/sh" "-c" "echo \\"$$GREETING\\" 100%% > out"' in unit
+    assert 'Environment="GREETING=hello world"' in unit
+    assert "WorkingDirectory=-/srv" in unit and "User=nobody" in unit and "Group=nogroup" in unit
+
+
+def test_app_needs_an_entrypoint_or_cmd() -> None:
+    with pytest.raises(PromoteError, match="no ENTRYPOINT or CMD"):
+        app.spec(store.StoredImage("base", "sha256:0", "", "", 0, manifest={}))
+
+
+# -- seed and grub config ---------------------------------------------------
+
+
+def test_seed_user_data_is_cloud_config_with_the_key() -> None:
+    text = seed.user_data("vm1", "ssh-ed25519 AAAA test\n")
+    assert text.startswith("#cloud-config\n")
+    data = json.loads(text.split("\n", 1)[1])
+    assert data["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 AAAA test"]
+    assert data["hostname"] == "vm1"
+
+
+def test_grub_cfg_boots_at_once_with_a_serial_console() -> None:
+    cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw console=ttyS0")
+    assert "set timeout=0" in cfg
+    assert "linux /boot/vmlinuz-6 root=UUID=1234 rw console=ttyS0" in cfg
+
+
+# -- real disks, built and read back ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bookworm_vm():
+    return prepare.prepare(images.pull("debian-bookworm"))
+
+
+@pytest.mark.slow
+def test_bios_disk_layout_and_grub_are_where_bios_looks(bookworm_vm, tmp_path: Path) -> None:
+    result = promote.promote(bookworm_vm, tmp_path / "d.raw", promote.Options(size=2 * GiB))
+    raw = result.path.read_bytes()[: 2 * MiB]
+    assert raw[510:512] == b"\x55\xaa"
+    boot = (bootloader.GRUB_LIB / "i386-pc/boot.img").read_bytes()
+    assert raw[:0x5C] == boot[:0x5C], "GRUB's boot.img is in the MBR"
+    assert struct.unpack_from("<Q", raw, 0x5C)[0] == 1, "boot.img loads core.img from LBA 1"
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(result.path)], capture_output=True, text=True, check=True).stdout)
+    part = table["partitiontable"]["partitions"][0]
+    assert part["start"] == 2048 and part.get("bootable")
+    # Read the root filesystem back without mounting it.
+    fstab = subprocess.run(
+        ["debugfs", "-R", "cat /etc/fstab", f"{result.path}?offset={MiB}"], capture_output=True, text=True, check=False
+    ).stdout or _debugfs_cat(result.path, "/etc/fstab", tmp_path)
+    assert f"UUID={result.layout.root_uuid} / ext4 rw" in fstab
+    assert result.path.stat().st_mode & 0o777 != 0o600
+
+
+def _debugfs_cat(path: Path, name: str, tmp_path: Path) -> str:
+    part = tmp_path / "root.ext4"
+    subprocess.run(["dd", f"if={path}", f"of={part}", "bs=1M", "skip=1", "conv=sparse", "status=none"], check=True)
+    return subprocess.run(["debugfs", "-R", f"cat {name}", str(part)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_missing_kernel_fails_before_any_work(tmp_path: Path) -> None:
+    plain = images.pull("debian-bookworm")  # not prepared: no kernel
+    started = time.monotonic()
+    with pytest.raises(PrepareError, match="no kernel"):
+        promote.promote(plain, tmp_path / "x.raw")
+    assert time.monotonic() - started < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_size_too_small_fails_before_any_work(bookworm_vm, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(PromoteError, match="too small"):
+        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(size=300 * MiB))
+    assert time.monotonic() - started < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_failing_profile_prints_a_table_and_fails(bookworm_vm, tmp_path: Path) -> None:
+    from conftest import racker
+
+    result = racker("promote", "debian-bookworm", "--profile", "digitalocean", "--format", "vhd", "-o", str(tmp_path / "x.vhd"))
+    assert result.returncode == 125
+    assert "FAIL" in result.stdout and "image format raw, qcow2, VHDX, VDI or VMDK" in result.stdout
+    assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.vhd").exists()
+
+
+@pytest.mark.slow
+def test_app_service_is_in_the_disk(bookworm_vm, tmp_path: Path) -> None:
+    with pytest.raises(PromoteError, match="no ENTRYPOINT"):
+        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(app=True))
+    assert not (tmp_path / "x.raw").exists()
+
+
+def test_requirements_failed_carries_checks() -> None:
+    error = RequirementsFailed("x", [profiles.Result("r", False, "d")])
+    assert error.checks[0].requirement == "r"

@@ -1,0 +1,194 @@
+"""Bad disks are refused before any work; hung, crashed, interrupted or killed VMs leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import racker
+from racker import accel, gc, machines, qemu, store
+from racker.errors import BadDisk, BootTimeout, VMLaunchFailure
+from racker.qemu import VM
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu]
+
+# 16-bit real mode: print "racker-hang" on COM1, then halt forever.
+_MESSAGE = b"racker-hang\n"
+# xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg; mov cx,12; lodsb; out dx,al; loop; cli; hlt; jmp $-1
+_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")
+HANG_SECTOR = (_CODE + bytes(0x1E - len(_CODE)) + _MESSAGE).ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
+
+
+def _qemu_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
+def _assert_nothing_left(name: str, before: set[int]) -> None:
+    assert machines.load("qemu", name) is None, "registry record left"
+    assert not (store.home() / "run" / name).exists(), "run directory (overlay, seed, sockets) left"
+    deadline = time.monotonic() + 10
+    while _qemu_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (_qemu_pids() - before), "a QEMU process was left running"
+
+
+@pytest.fixture
+def hang_disk(tmp_path: Path) -> Path:
+    path = tmp_path / "hang.raw"
+    path.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    return path
+
+
+def test_backing_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(evil)], check=True)
+    vm = VM(evil)
+    with pytest.raises(BadDisk, match="backing file"):
+        vm.start()
+    assert machines.load("qemu", vm.name) is None and not vm.rundir.exists()
+    result = racker("vm", "start", str(evil))
+    assert result.returncode == 125 and "backing file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_disk_that_cannot_boot_is_refused(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    with pytest.raises(BadDisk, match="not bootable"):
+        VM(blank).start()
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(BadDisk):
+        VM(text).start()
+
+
+def test_a_hung_boot_times_out_with_the_console_tail(hang_disk: Path) -> None:
+    before = _qemu_pids()
+    vm = VM(hang_disk, boot_timeout=8, accelerator="tcg")
+    started = time.monotonic()
+    with pytest.raises(BootTimeout) as raised:
+        vm.start()
+    assert time.monotonic() - started < 30
+    assert "racker-hang" in (raised.value.hint or "")
+    _assert_nothing_left(vm.name, before)
+
+
+def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
+    before = _qemu_pids()
+    vm = VM(hang_disk, boot_timeout=60, accelerator="tcg")
+
+    def kill_qemu_soon() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = machines.load("qemu", vm.name)
+            if state and state.pid and b"racker-hang" in _read(vm.console_log):
+                os.kill(state.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    import threading
+
+    killer = threading.Thread(target=kill_qemu_soon)
+    killer.start()
+    with pytest.raises(VMLaunchFailure, match="QEMU exited") as raised:
+        vm.start()
+    killer.join()
+    assert "racker-hang" in (raised.value.hint or "")
+    _assert_nothing_left(vm.name, before)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _spawn_racker(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "racker", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_vm(name: str, timeout: float = 60) -> machines.State:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = machines.load("qemu", name)
+        if state and state.pid and machines.alive(state.pid, state.pid_start):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"VM {name} never started")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_booting_leaves_nothing(hang_disk: Path, signum: int) -> None:
+    before = _qemu_pids()
+    name = f"sig-{signum}-{os.getpid()}"
+    child = _spawn_racker("vm", "run", "--accel", "tcg", "--name", name, "--timeout", "120", str(hang_disk), "--", "true")
+    try:
+        state = _wait_for_vm(name)
+        assert 0 < int(state.extra["ssh_port"]) < 65536
+        child.send_signal(signum)
+        _out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signum or (signum == signal.SIGINT and child.returncode == 130), err
+    assert "Traceback" not in err
+    _assert_nothing_left(name, before)
+
+
+def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
+    before = _qemu_pids()
+    name = f"killed-{os.getpid()}"
+    child = _spawn_racker("vm", "run", "--accel", "tcg", "--name", name, "--timeout", "120", str(hang_disk), "--", "true")
+    state = _wait_for_vm(name)
+    child.kill()
+    child.wait(10)
+    assert machines.load("qemu", name) is not None, "the record survives a kill -9 until gc"
+    removed = gc.collect()
+    assert any(name in line for line in removed), removed
+    assert not machines.alive(state.pid, state.pid_start)
+    _assert_nothing_left(name, before)
+
+
+def test_kvm_probe_boots_a_real_kernel_and_tcg_passes() -> None:
+    kernel = accel.probe_kernel()
+    assert kernel is not None
+    assert accel.probe_boots("tcg", kernel, timeout=30), "a real kernel must print its banner under TCG"
+    if accel.kvm_device_opens() and not accel.kvm_works():
+        # This host: /dev/kvm opens but a nested guest hangs. The probe must say so.
+        started = time.monotonic()
+        assert not accel.probe_boots("kvm", kernel)
+        assert time.monotonic() - started < accel.PROBE_TIMEOUT + 3
+    assert accel.choose("tcg") == "tcg" and accel.choose("kvm") == "kvm"
+
+
+def test_ports_are_distinct_for_concurrent_vms(hang_disk: Path) -> None:
+    vms = [VM(hang_disk, boot_timeout=5, accelerator="tcg") for _ in range(2)]
+    ports = []
+    for vm in vms:
+        vm.state = machines.State(name=vm.name, kind="qemu", image="x", owner=os.getpid(), owner_start=machines.start_time(os.getpid()))
+        machines.claim(vm.state)
+    try:
+        for vm in vms:
+            with store.locked("qemu-ports"):
+                port = qemu.free_port(qemu._ports_in_use())
+                vm.state.extra["ssh_port"] = port
+                vm.state.pid, vm.state.pid_start = os.getpid(), machines.start_time(os.getpid())
+                machines.save(vm.state)
+                ports.append(port)
+        assert len(set(ports)) == 2
+        assert set(ports) <= qemu._ports_in_use()
+    finally:
+        for vm in vms:
+            machines.release(vm.state)
