@@ -165,6 +165,11 @@ def make_esp(path: Path, layout: Layout) -> None:
             "mkfs.vfat",
             "-F",
             "32",
+            # One sector per cluster: enough clusters for a valid FAT32 at this size.
+            "-S",
+            "512",
+            "-s",
+            "1",
             "-n",
             "ESP",
             "-i",
