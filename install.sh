@@ -11,7 +11,7 @@ PACKAGES=(
   skopeo umoci buildah podman docker-registry
   # disks and VMs
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
-  grub-pc-bin grub-efi-amd64-bin systemd-boot-efi xorriso openssh-client
+  grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client
   # downloads and archives
   curl ca-certificates xz-utils zstd lz4 tar
   # python

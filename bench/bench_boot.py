@@ -1,0 +1,86 @@
+"""Boot-to-SSH-ready time of a promoted disk in QEMU, and where the time goes.
+
+Ready means what `racker vm` waits for: SSH answers with the VM's key and
+`systemctl is-system-running --wait` has returned (cloud-init's last stage is
+part of the boot, so it has finished). The split comes from the guest's own
+`systemd-analyze` (kernel, initrd, userspace) and the cloud-init units' times.
+
+    .venv/bin/python bench/bench_boot.py [--image debian-bookworm] [--firmware bios] [--runs 3] [--accel tcg]
+
+Goal (issue 4): <= 12 s under TCG on the 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from racker import images, prepare, promote
+from racker.qemu import VM
+
+CLOUD_INIT_UNITS = ("cloud-init-local.service", "cloud-init.service", "cloud-config.service", "cloud-final.service")
+
+
+def seconds(text: str) -> float:
+    """systemd's '1min 2.345s' / '812ms' -> seconds."""
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)\s*(min|ms|s)\b", text):
+        total += float(number) * {"min": 60, "s": 1, "ms": 0.001}[unit]
+    return total
+
+
+def breakdown(vm: VM) -> dict[str, float]:
+    analyze = vm.run(["systemd-analyze"]).stdout
+    parts = {name: seconds(value) for value, name in re.findall(r"([\d.]+(?:min)?\s*[\d.]*m?s) \((\w+)\)", analyze)}
+    blame = vm.run(["systemd-analyze", "blame", "--no-pager"]).stdout
+    for line in blame.splitlines():
+        words = line.split()
+        if words and words[-1] in CLOUD_INIT_UNITS:
+            parts[words[-1]] = seconds(" ".join(words[:-1]))
+    parts["cloud-init (all stages)"] = sum(parts.get(u, 0.0) for u in CLOUD_INIT_UNITS)
+    top = [line.strip() for line in blame.splitlines()[:8]]
+    parts["_top"] = top  # type: ignore[assignment]
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--image", default="debian-bookworm")
+    parser.add_argument("--firmware", default="bios", choices=["bios", "uefi"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--accel", default="tcg", choices=["kvm", "tcg"])
+    args = parser.parse_args()
+    image = prepare.prepare(images.pull(args.image))
+    disk = promote.cached_disk(image, args.firmware)
+    runs = []
+    for _ in range(args.runs):
+        with VM(disk, image=image.name, accelerator=args.accel) as vm:
+            parts = breakdown(vm)
+            run = {"ready_s": round(vm.boot_seconds, 2), "ssh_answered_s": round(vm.ssh_seconds, 2), "state": vm.system_state}
+            runs.append({**run, **parts})
+    ready = [r["ready_s"] for r in runs]
+    print(
+        json.dumps(
+            {
+                "image": image.name,
+                "firmware": args.firmware,
+                "accel": args.accel,
+                "ready_median_s": statistics.median(ready),
+                "ready_min_s": min(ready),
+                "goal_12s": statistics.median(ready) <= 12,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
