@@ -9,6 +9,7 @@ parametrised over the chosen images (and engines): `test_x[debian-bookworm]`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -113,6 +114,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("_racker_target", targets, ids=ids, indirect=True, scope=machine_scope("", config))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks we add
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
@@ -120,20 +122,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not isinstance(target, Target):
             continue
         item.user_properties += [("racker_image", target.image), ("racker_engine", target.engine)]
-        # With --dist loadgroup, a worker takes every test of one image: one boot, not one per worker.
+        # For --dist loadgroup (where pytest and xdist agree on it): one image, one worker.
         item.add_marker(pytest.mark.xdist_group(f"racker-{target.image}-{target.engine}"))
         unmet = engines.get(target.engine).unmet(_mark_args(item).get("needs", []))
         if unmet:
             item.add_marker(pytest.mark.skip(reason=f"{target.engine} cannot provide: {', '.join(unmet)}"))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    # `-n auto` alone distributes test by test; group by image instead so
-    # that machines are shared (an explicit --dist wins).
-    option = config.option
-    if getattr(option, "numprocesses", None) and getattr(option, "dist", None) == "no":
-        option.dist = "loadgroup"
+def _dist_chosen(config: pytest.Config) -> bool:
+    words = [*config.invocation_params.args, *os.environ.get("PYTEST_ADDOPTS", "").split(), *config.getini("addopts")]
+    return any(w in ("--dist", "-d", "--distload") or w.startswith("--dist=") for w in words)
+
+
+def target_ids(config: pytest.Config) -> list[str]:
+    engine_names = chosen_engines(config)
+    return [i if len(engine_names) == 1 else f"{i}-{e}" for i in chosen_images(config) for e in engine_names]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-untyped-def]
+    """Under -n, send every test of one image to one worker, so each machine boots once.
+
+    Our own scheduler rather than xdist's loadgroup: loadgroup relies on
+    rewriting node ids, which pytest >= 9.2 no longer allows. An explicit
+    --dist wins.
+    """
+    if _dist_chosen(config):
+        return None
+    from racker.xdist_scheduling import ImageScheduling
+
+    return ImageScheduling(config, log, target_ids(config))
 
 
 # --- reports --------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,8 +56,11 @@ def by_outcome(records: list[dict]) -> dict[str, set[str]]:
 
 
 def test_sample_project_passes_on_every_image(tmp_path: Path) -> None:
-    done, records = run_sample(tmp_path)
+    done, records = run_sample(tmp_path, "-v")
     assert done.returncode == 0, done.stdout + done.stderr
+    # All tests of one image run on one worker, so each image boots once.
+    placed = set(re.findall(r"^\[(gw\d+)\] .*\[(debian-\w+)\]\s*$", done.stdout, re.MULTILINE))
+    assert sorted(image for _worker, image in placed) == sorted(CATALOG_IMAGES), placed
     outcomes = by_outcome(records)
     assert set(outcomes) == {"pass", "skip"}
     assert len(outcomes["pass"]) == 5 * len(CATALOG_IMAGES)
