@@ -295,7 +295,7 @@ class VM:
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+            "-device", "virtio-blk-pci,drive=disk0" + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=seed0",
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
@@ -355,7 +355,8 @@ class VM:
             if self._child.poll() is not None:
                 return False
             if self.qmp_socket.exists():
-                with contextlib.suppress(OSError):
+                # Refused or dropped (qemu.qmp's ConnectError) while QEMU starts or dies: look again.
+                with contextlib.suppress(Exception):
                     self.qmp(["query-status"])
                     return True
             time.sleep(0.05)

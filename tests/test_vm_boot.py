@@ -10,6 +10,7 @@ run boots at once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -151,3 +152,61 @@ def test_promote_never_writes_the_store_image(prepared, tmp_path: Path) -> None:
     promote.promote(image, tmp_path / "a.qcow2", promote.Options(fmt="qcow2", firmware="uefi", profile="digitalocean", size=DISK))
     assert store.tree_digest(image.rootfs) == before == image.digest
 
+
+
+@pytest.mark.xdist_group("debian-bookworm")
+def test_vm_cli_lifecycle_start_ps_ssh_console_stop(prepared) -> None:
+    from conftest import racker
+
+    prepared("debian-bookworm")
+    name = f"cli-{os.getpid()}"
+    started = racker("vm", "start", "debian-bookworm", "--name", name, timeout=900)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert started.stdout.strip() == name
+        listed = json.loads(racker("vm", "ps", "--json").stdout)
+        mine = [vm for vm in listed if vm["name"] == name]
+        assert mine and mine[0]["ssh_port"] and mine[0]["firmware"] == "bios"
+        ran = racker("vm", "ssh", name, "--", "sh", "-c", "hostname; exit 3")
+        assert ran.returncode == 3 and ran.stdout.strip() == name
+        assert "Linux version" in racker("vm", "console", name).stdout
+    finally:
+        stopped = racker("vm", "stop", name)
+    assert stopped.returncode == 0, stopped.stderr
+    assert machines.load("qemu", name) is None
+    assert racker("vm", "ssh", name, "--", "true").returncode == 125
+
+
+@pytest.mark.xdist_group("debian-bookworm")
+def test_app_image_runs_its_entrypoint_as_a_service(prepared, tmp_path: Path) -> None:
+    """A Dockerfile-style service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) really runs in the VM."""
+    base = prepared("debian-bookworm")
+    name = "racker-test-app"
+    image = store.lookup(name)
+    if image is None:
+        with store.locked(f"image-{name}"), store.workdir("test-app") as work:
+            rootfs = work / "rootfs"
+            subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+            (rootfs / "srv/www").mkdir(parents=True)
+            (rootfs / "srv/www/index.html").write_text("hello from the app\n")
+            config = {
+                "Entrypoint": ["/usr/bin/python3", "-m", "http.server"],
+                "Cmd": ["8080", "--bind", "127.0.0.1"],
+                "Env": ["GREETING=hello world", "PATH=/usr/local/bin:/usr/bin:/bin"],
+                "WorkingDir": "/srv/www",
+                "User": "nobody",
+            }
+            manifest = dict(base.manifest, name=name, config=config)
+            for key in ("digest", "size", "created", "source"):
+                manifest.pop(key, None)
+            image = store.commit(name, rootfs, source="test:app", recipe="1", manifest=manifest)
+    result = promote.promote(image, tmp_path / "app.qcow2", promote.Options(fmt="qcow2", app=True, size=DISK))
+    with VM(result.path, image=image.name) as vm:
+        assert vm.run(["systemctl", "is-active", "racker-app"]).stdout.strip() == "active"
+        fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/index.html').read().decode())"
+        assert vm.run(["python3", "-c", fetch]).stdout.strip() == "hello from the app"
+        pid = vm.check_output(["systemctl", "show", "-p", "MainPID", "--value", "racker-app"]).strip()
+        environ = vm.check_output(["cat", f"/proc/{pid}/environ"])
+        assert "GREETING=hello world" in environ.split("\0")
+        assert vm.check_output(["readlink", f"/proc/{pid}/cwd"]).strip() == "/srv/www"
+        assert vm.check_output(["ps", "-o", "user=", "-p", pid]).strip() == "nobody"
