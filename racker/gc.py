@@ -93,8 +93,33 @@ def _stale_workdirs() -> list[str]:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # still in use
+        for pid in _kill_processes_inside(path):
+            removed.append(f"killed process {pid} still working in {path}")
         store.remove_tree(path)
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
         removed.append(f"removed unfinished {path}")
     return removed
+
+
+def _kill_processes_inside(path: Path) -> list[int]:
+    """SIGKILL every process whose root, working directory or command line is inside `path`.
+
+    A killed pull leaves mmdebstrap, and the apt and dpkg it runs chrooted in
+    the unfinished rootfs, behind; they must be gone before the tree is.
+    """
+    prefix = str(path)
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            links = [os.readlink(f"/proc/{pid}/{link}") for link in ("root", "cwd")]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone already, or a kernel thread
+        inside = any(link == prefix or link.startswith(prefix + "/") for link in links) or prefix in cmdline
+        if inside and _kill(pid, machines.start_time(pid)):
+            killed.append(pid)
+    return killed
