@@ -44,15 +44,13 @@ def hand_procedure(rootfs: Path, kernel: prepare.Kernel, work: Path, size: int) 
     image = work / "hand.img"
     sh("dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={size // (1024 * 1024)}", "status=none")
     sh("sfdisk", "--quiet", str(image), input=b"label: dos\nunit: sectors\nstart=2048, type=83, bootable\n")
-    loop = sh("losetup", "--find", "--show", "--partscan", str(image)).strip()
+    # One loop device for the disk (grub-install), one at the partition's offset (mkfs, mount),
+    # as in the write-ups; partition nodes (losetup -P) need udev, which CI hosts often lack.
+    loop = sh("losetup", "--find", "--show", str(image)).strip()
+    part = sh("losetup", "--find", "--show", "--offset", str(1024 * 1024), str(image)).strip()
     mnt = work / "mnt"
     mnt.mkdir()
     try:
-        part = f"{loop}p1"
-        for _ in range(50):
-            if os.path.exists(part):
-                break
-            time.sleep(0.1)
         sh("mkfs.ext4", "-q", "-F", "-O", disk.EXT4_FEATURES, part)
         uuid = sh("blkid", "-s", "UUID", "-o", "value", part).strip()
         sh("mount", part, str(mnt))
@@ -68,6 +66,7 @@ def hand_procedure(rootfs: Path, kernel: prepare.Kernel, work: Path, size: int) 
         finally:
             sh("umount", str(mnt))
     finally:
+        sh("losetup", "-d", part)
         sh("losetup", "-d", loop)
     return image
 

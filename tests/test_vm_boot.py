@@ -51,8 +51,9 @@ echo "disk_size=$(lsblk -b -dno SIZE /dev/vda)"
 echo "machine_id=$(cat /etc/machine-id)"
 echo "host_keys=$(ls /etc/ssh/ssh_host_*_key | wc -l)"
 echo "cmdline=$(cat /proc/cmdline)"
-echo "pwauth=$(sshd -T 2>/dev/null | sed -n 's/^passwordauthentication //p')"
-echo "rootlogin=$(sshd -T 2>/dev/null | sed -n 's/^permitrootlogin //p')"
+# sshd -T prints lower-case keys, or (OpenSSH 10) the configuration's own spelling.
+echo "pwauth=$(sshd -T 2>/dev/null | awk 'tolower($1) == "passwordauthentication" {print tolower($2)}')"
+echo "rootlogin=$(sshd -T 2>/dev/null | awk 'tolower($1) == "permitrootlogin" {print tolower($2)}')"
 echo "failed=$(systemctl --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')"
 """
 
