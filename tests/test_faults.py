@@ -78,8 +78,8 @@ def test_kill_9_then_gc_leaves_nothing(bookworm) -> None:
     assert _gone(state) == []
 
 
-def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_store: dict) -> None:
-    # An image whose boot blocks forever: a oneshot unit that the default target waits for.
+def _make_hanging_image(bookworm) -> None:
+    """An image whose boot blocks forever: a oneshot unit that the default target waits for."""
     with store.workdir("hang") as work:
         rootfs = work / "rootfs"
         proc.run(["cp", "-a", "--reflink=auto", str(bookworm.rootfs), str(rootfs)])
@@ -91,6 +91,10 @@ def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_
         wants.mkdir(exist_ok=True)
         os.symlink("/etc/systemd/system/hang.service", wants / "hang.service")
         store.commit("hang", rootfs, source="test:", recipe="hang", manifest={})
+
+
+def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_store: dict) -> None:
+    _make_hanging_image(bookworm)
     started = time.monotonic()
     result = racker("run", "--timeout", "4", "--name", "hang-test", "hang", "--", "true", env=private_store)
     assert time.monotonic() - started < 30
@@ -102,3 +106,21 @@ def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_
     assert racker("gc", env=private_store).stdout.strip() == "nothing to clean up"
     assert "hang-test" not in Path("/proc/mounts").read_text()
     assert not (store.home() / "run" / "hang-test").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_boot_leaves_nothing(bookworm, private_store: dict, signum: int) -> None:
+    _make_hanging_image(bookworm)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "racker", "run", "hang", "--", "true"], env={**os.environ, **private_store}, stdin=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    booting = None
+    while booting is None and time.monotonic() < deadline:
+        booting = next((s for s in machines.all_states("nspawn") if s.pid and s.owner == run.pid), None)
+        time.sleep(0.05)
+    assert booting is not None, "the boot never started"
+    time.sleep(0.5)  # well into the boot, which never finishes
+    run.send_signal(signum)
+    assert run.wait(timeout=60) == 128 + signum
+    assert _gone(booting, timeout=1) == []
