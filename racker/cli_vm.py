@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from racker import machines, progress, store
-from racker.errors import PromoteError, RequirementsFailed, VMError
+from racker.errors import RequirementsFailed, VMError
 
 Verb = Callable[..., argparse.ArgumentParser]
 
@@ -82,7 +82,8 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
         detached=detached,
     )
     target = Path(args.target)
-    if target.is_file() or "/" in args.target or args.target.endswith(tuple(f.suffix for f in _formats())):
+    looks_like_a_file = ("/" in args.target and "://" not in args.target) or args.target.endswith(tuple(f.suffix for f in _formats()))
+    if target.is_file() or looks_like_a_file:
         if not target.is_file():
             raise VMError(f"no disk file {args.target}")
         return qemu.VM(target, args.name, firmware=args.firmware, **common)  # type: ignore[arg-type]
@@ -236,4 +237,4 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
 
 
 def _missing_vm_command() -> int:
-    raise PromoteError("no vm command given")
+    raise VMError("no vm command given", hint="racker vm start|run|ssh|console|ps|stop")
