@@ -26,12 +26,14 @@ NEEDS = {
 @dataclass(frozen=True)
 class Engine:
     name: str
-    machine_class: str  # "module:Class", imported when first used
+    # "module:callable" taking a StoredImage and returning an unstarted machine
+    # (a context manager with .name and .run(argv)); imported when first used.
+    factory: str
     provides: frozenset[str]
 
-    def load(self) -> type:
-        module, _, cls = self.machine_class.partition(":")
-        return getattr(importlib.import_module(module), cls)
+    def machine_for(self, image: StoredImage):  # type: ignore[no-untyped-def]
+        module, _, name = self.factory.partition(":")
+        return getattr(importlib.import_module(module), name)(image)
 
     def unmet(self, needs: list[str], image: StoredImage | None = None) -> list[str]:
         """The needs this engine (and, once known, the image) cannot meet."""
@@ -43,8 +45,18 @@ class Engine:
         return [need for need in needs if need not in offered]
 
 
+def qemu_vm(image: StoredImage):  # type: ignore[no-untyped-def]
+    """A VM booting the image's promoted disk (prepared and promoted once, then cached)."""
+    from racker import prepare, promote, qemu
+
+    prepared = prepare.prepare(image)
+    disk = promote.cached_disk(prepared, "bios")
+    return qemu.VM(disk, image=prepared.name, digest=prepared.digest)
+
+
 ENGINES: dict[str, Engine] = {
     "nspawn": Engine("nspawn", "racker.nspawn:Machine", frozenset({"loopback"})),
+    "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS)),
 }
 
 

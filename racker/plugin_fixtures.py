@@ -35,9 +35,7 @@ def racker_image(_racker_target: Target) -> StoredImage:
 @pytest.fixture(scope=machine_scope)
 def racker_machine(_racker_target: Target, racker_image: StoredImage) -> Iterator:
     """A booted machine of the image, shared by the tests of a module (or the session)."""
-    engine = engines.get(_racker_target.engine)
-    machine_class = engine.load()
-    with machine_class(racker_image) as machine:
+    with engines.get(_racker_target.engine).machine_for(racker_image) as machine:
         yield machine
 
 

@@ -157,3 +157,16 @@ def test_racker_check_prints_a_result_table() -> None:
     table = done.stdout.strip().splitlines()[-2:]
     assert table[0].split()[:2] == ["IMAGE", "hostname_is_set"]
     assert table[1].split() == ["debian-sid"] + ["pass"] * 6
+
+
+def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path) -> None:
+    """Two engines: ids name the engine too, and a full-boot test runs in the VM only."""
+    done, records = run_sample(tmp_path, "--racker-engines=nspawn,qemu", "--racker-images=debian-bookworm", "-k", "bootloader or root_user")
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcomes = {r["nodeid"]: (r["engine"], r["outcome"]) for r in records}
+    assert outcomes == {
+        "test_sample.py::test_root_user[debian-bookworm-nspawn]": ("nspawn", "pass"),
+        "test_sample.py::test_root_user[debian-bookworm-qemu]": ("qemu", "pass"),
+        "test_sample.py::test_bootloader_installed[debian-bookworm-nspawn]": ("nspawn", "skip"),
+        "test_sample.py::test_bootloader_installed[debian-bookworm-qemu]": ("qemu", "pass"),
+    }
