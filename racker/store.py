@@ -247,6 +247,11 @@ def remove(name: str) -> StoredImage:
         raise StoreError(f"no image named {name!r} in the store", hint="see `racker images`")
     ref_path(name).unlink()
     if not any(other.digest == image.digest for other in images()):
+        # Disks promoted from it (promote.cached_disk) go with it.
+        disks = home() / "disks"
+        if disks.is_dir():
+            for disk in disks.glob(f"{image.digest.replace(':', '-')}-*"):
+                disk.unlink()
         # Rename first so a crash mid-delete never leaves a half image under its digest.
         doomed = _dir("tmp") / f"rmi.{image.short_digest}.{os.getpid()}"
         os.rename(image.path, doomed)
