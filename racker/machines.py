@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from racker import store
+from racker import proc, store
 from racker.errors import MachineError, NameTaken
+from racker.proc import Result
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 
@@ -126,3 +128,53 @@ def is_stale(state: State) -> bool:
 
 def in_use(digest: str) -> list[State]:
     return [s for kind in ("nspawn", "qemu") for s in all_states(kind) if s.digest == digest and not is_stale(s)]
+
+
+def console_tail(path: Path, lines: int = 25) -> str:
+    """The last lines a machine wrote to its console log, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
+
+
+class Guest:
+    """What an nspawn machine and a QEMU VM share: a context manager that stops
+    what it started, hand-over to `racker start`'s caller, and run_expect."""
+
+    state: State | None
+    detached: bool
+    _child: object
+
+    def start(self) -> Guest:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def run(self, argv: Sequence[str], **kwargs: object) -> Result:
+        raise NotImplementedError
+
+    def __enter__(self) -> Guest:
+        if self.state is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def detach(self) -> None:
+        """Leave it running after this process exits (`racker start`, `racker vm start`)."""
+        assert self.state is not None and self.detached, "only one made with detached=True may outlive its owner"
+        self.state.owner = self.state.owner_start = 0
+        save(self.state)
+        self._child = None
+
+    def run_expect(self, codes: Sequence[int], argv: Sequence[str], **kwargs: object) -> Result:
+        __tracebackhide__ = True
+        result = self.run(argv, **kwargs)
+        assert result.returncode in codes, (
+            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result

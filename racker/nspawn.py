@@ -34,15 +34,7 @@ def has_machined() -> bool:
     return os.path.isdir("/run/systemd/system") and proc.which("machinectl") is not None
 
 
-def console_tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
-
-
-class Machine:
+class Machine(machines.Guest):
     """A booted image. Use as a context manager: it is stopped on the way out.
 
     with Machine(image) as m:
@@ -155,7 +147,7 @@ class Machine:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BootTimeout(f"machine {self.name!r}", self.boot_timeout, console_tail(self.console_log))
+                raise BootTimeout(f"machine {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
             # Wake up now and then to notice an nspawn that died without a word.
             notify.settimeout(min(remaining, 0.5))
             try:
@@ -164,7 +156,7 @@ class Machine:
                 if self._child.poll() is not None:
                     raise MachineError(
                         f"systemd-nspawn exited with status {self._child.returncode} while booting {self.name!r}",
-                        hint="last console lines:\n" + console_tail(self.console_log),
+                        hint="last console lines:\n" + machines.console_tail(self.console_log),
                     ) from None
                 continue
             for line in message.splitlines():
@@ -183,11 +175,11 @@ class Machine:
             return
         try:
             if state.pid and machines.alive(state.pid, state.pid_start):
-                _signal(state.pid, signal.SIGTERM)
+                proc.signal_quietly(state.pid, signal.SIGTERM)
                 if not self._wait_gone(grace):
                     if state.leader:
-                        _signal(state.leader, signal.SIGKILL)  # takes the whole pid namespace down
-                    _signal(state.pid, signal.SIGKILL)
+                        proc.signal_quietly(state.leader, signal.SIGKILL)  # takes the whole pid namespace down
+                    proc.signal_quietly(state.pid, signal.SIGKILL)
                     self._wait_gone(5)
             elif self._child is not None:
                 self._child.wait(5)
@@ -204,21 +196,6 @@ class Machine:
         if self._child is not None:
             self._child.wait()  # reap our own child
         return True
-
-    def detach(self) -> None:
-        """Leave the machine running after this process exits (`racker start`)."""
-        assert self.state is not None and self.detached, "only a Machine(detached=True) may outlive its owner"
-        self.state.owner = self.state.owner_start = 0
-        machines.save(self.state)
-        self._child = None
-
-    def __enter__(self) -> Machine:
-        if self.state is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- commands ----------------------------------------------------------
 
@@ -258,14 +235,6 @@ class Machine:
         """Run a command to completion; exit code, stdout and stderr exactly as the guest gave them."""
         result = proc.run(self.command(argv, env=env), input=input, timeout=timeout, check=False)
         result.argv = list(argv)  # report the guest command, not the nsenter wrapper
-        return result
-
-    def run_expect(self, codes: Sequence[int], argv: Sequence[str], **kwargs: object) -> Result:
-        __tracebackhide__ = True
-        result = self.run(argv, **kwargs)  # type: ignore[arg-type]
-        assert result.returncode in codes, (
-            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-        )
         return result
 
     def interact(self, argv: Sequence[str], *, tty: bool | None = None) -> int:
@@ -379,8 +348,3 @@ def nspawn_env() -> dict[str, str]:
     if os.environ.get("RACKER_NSPAWN_UNIFIED", "1") == "0":
         return {}
     return {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signum)

@@ -152,15 +152,7 @@ def free_port(exclude: set[int]) -> int:
 # -- the VM -----------------------------------------------------------------
 
 
-def console_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
-
-
-class VM:
+class VM(machines.Guest):
     """A disk booted in QEMU. Use as a context manager: it is stopped on the way out."""
 
     def __init__(
@@ -343,7 +335,7 @@ class VM:
                     break  # QMP answers only after every netdev is set up: the port is bound
             output = (self.rundir / "qemu.log").read_text(errors="replace").strip()
             if "hostfwd" not in output and "forwarding" not in output:
-                raise VMLaunchFailure(self._child.returncode, self.argv, output or console_tail(self.console_log))
+                raise VMLaunchFailure(self._child.returncode, self.argv, output or machines.console_tail(self.console_log))
         else:
             raise VMLaunchFailure(self._child.returncode if self._child else None, self.argv, "no free port for SSH forwarding")
         self.endpoint = _endpoint(self.state)
@@ -392,11 +384,11 @@ class VM:
         launched = time.monotonic()
         while True:
             if not self._alive():
-                raise VMLaunchFailure(self._exit_status(), self.argv, console_tail(self.console_log))
+                raise VMLaunchFailure(self._exit_status(), self.argv, machines.console_tail(self.console_log))
             if time.monotonic() > deadline:
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, console_tail(self.console_log))
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
             if _console_has(self.console_log, GUEST_DEATH):
-                tail = console_tail(self.console_log, lines=60)
+                tail = machines.console_tail(self.console_log, lines=60)
                 raise VMError(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
             try:
                 self.endpoint.run(["true"], root=False, timeout=15, connect_timeout=3)
@@ -410,7 +402,7 @@ class VM:
             result = self.endpoint.run(["systemctl", "is-system-running", "--wait"], root=False, timeout=remaining)
         except Exception as error:
             if isinstance(error, Unreachable) or type(error).__name__ == "ToolTimeout":
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, console_tail(self.console_log)) from None
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
             raise
         self.system_state = result.stdout.strip()
         assert self.state is not None
@@ -436,9 +428,9 @@ class VM:
                     with contextlib.suppress(Exception):
                         self.qmp("quit")
                     if not self._wait_gone(3):
-                        _signal(state.pid, signal.SIGTERM)
+                        proc.signal_quietly(state.pid, signal.SIGTERM)
                         if not self._wait_gone(3):
-                            _signal(state.pid, signal.SIGKILL)
+                            proc.signal_quietly(state.pid, signal.SIGKILL)
                             self._wait_gone(5)
             elif self._child is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -458,21 +450,6 @@ class VM:
             time.sleep(0.05)
         return False
 
-    def detach(self) -> None:
-        """Leave the VM running after this process exits (`racker vm start`)."""
-        assert self.state is not None and self.detached, "only a VM(detached=True) may outlive its owner"
-        self.state.owner = self.state.owner_start = 0
-        machines.save(self.state)
-        self._child = None
-
-    def __enter__(self) -> VM:
-        if self.state is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- commands ------------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, root: bool = True, input: bytes | None = None, timeout: float | None = 600) -> Result:
@@ -480,14 +457,6 @@ class VM:
         if self.endpoint is None:
             raise VMError(f"VM {self.name!r} is not running")
         return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
-
-    def run_expect(self, codes: Sequence[int], argv: Sequence[str], **kwargs: object) -> Result:
-        __tracebackhide__ = True
-        result = self.run(argv, **kwargs)  # type: ignore[arg-type]
-        assert result.returncode in codes, (
-            f"{proc.quote(*argv)} exited {result.returncode}, expected {list(codes)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-        )
-        return result
 
     def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
         __tracebackhide__ = True
@@ -510,8 +479,3 @@ def _console_has(path: Path, needles: tuple[bytes, ...], size: int = 16384) -> b
     except FileNotFoundError:
         return False
     return any(needle in tail for needle in needles)
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signum)

@@ -123,9 +123,10 @@ def test_shell_with_an_image_name_boots_one(bookworm) -> None:
 
 
 def test_machine_names_are_unique(bookworm) -> None:
-    with Machine(bookworm, "dup-name-test"), pytest.raises(NameTaken):
-        Machine(bookworm, "dup-name-test").start()
-    assert machines.load("nspawn", "dup-name-test") is None
+    name = f"dup-{os.getpid()}"  # unique to this run: other runs may share the store
+    with Machine(bookworm, name), pytest.raises(NameTaken):
+        Machine(bookworm, name).start()
+    assert machines.load("nspawn", name) is None
 
 
 def test_rmi_refuses_while_in_use(bookworm) -> None:

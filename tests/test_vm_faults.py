@@ -25,18 +25,22 @@ _CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf
 HANG_SECTOR = (_CODE + bytes(0x1E - len(_CODE)) + _MESSAGE).ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
 
 
-def _qemu_pids() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True).stdout.split()
+def _qemu_pids(name: str) -> set[int]:
+    """The QEMU processes of the VM called `name` (QEMU runs with -name NAME,…).
+
+    Only this VM's: tests on other xdist workers run VMs of their own meanwhile.
+    """
+    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
     return {int(pid) for pid in found}
 
 
-def _assert_nothing_left(name: str, before: set[int]) -> None:
+def _assert_nothing_left(name: str) -> None:
     assert machines.load("qemu", name) is None, "registry record left"
     assert not (store.home() / "run" / name).exists(), "run directory (overlay, seed, sockets) left"
     deadline = time.monotonic() + 10
-    while _qemu_pids() - before and time.monotonic() < deadline:
+    while _qemu_pids(name) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not (_qemu_pids() - before), "a QEMU process was left running"
+    assert not _qemu_pids(name), "a QEMU process was left running"
 
 
 @pytest.fixture
@@ -72,18 +76,16 @@ def test_a_disk_that_cannot_boot_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_hung_boot_times_out_with_the_console_tail(hang_disk: Path) -> None:
-    before = _qemu_pids()
     vm = VM(hang_disk, boot_timeout=8, accelerator="tcg")
     started = time.monotonic()
     with pytest.raises(BootTimeout) as raised:
         vm.start()
     assert time.monotonic() - started < 30
     assert "racker-hang" in (raised.value.hint or "")
-    _assert_nothing_left(vm.name, before)
+    _assert_nothing_left(vm.name)
 
 
 def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
-    before = _qemu_pids()
     vm = VM(hang_disk, boot_timeout=60, accelerator="tcg")
 
     def kill_qemu_soon() -> None:
@@ -103,7 +105,7 @@ def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
         vm.start()
     killer.join()
     assert "racker-hang" in (raised.value.hint or "")
-    _assert_nothing_left(vm.name, before)
+    _assert_nothing_left(vm.name)
 
 
 def _read(path: Path) -> bytes:
@@ -131,7 +133,6 @@ def _wait_for_vm(name: str, timeout: float = 60) -> machines.State:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_booting_leaves_nothing(hang_disk: Path, signum: int) -> None:
-    before = _qemu_pids()
     name = f"sig-{signum}-{os.getpid()}"
     child = _spawn_racker("vm", "run", "--accel", "tcg", "--name", name, "--timeout", "120", str(hang_disk), "--", "true")
     try:
@@ -144,11 +145,10 @@ def test_a_signal_while_booting_leaves_nothing(hang_disk: Path, signum: int) -> 
             child.kill()
     assert child.returncode == 128 + signum or (signum == signal.SIGINT and child.returncode == 130), err
     assert "Traceback" not in err
-    _assert_nothing_left(name, before)
+    _assert_nothing_left(name)
 
 
 def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
-    before = _qemu_pids()
     name = f"killed-{os.getpid()}"
     child = _spawn_racker("vm", "run", "--accel", "tcg", "--name", name, "--timeout", "120", str(hang_disk), "--", "true")
     state = _wait_for_vm(name)
@@ -158,7 +158,7 @@ def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
     removed = gc.collect()
     assert any(name in line for line in removed), removed
     assert not machines.alive(state.pid, state.pid_start)
-    _assert_nothing_left(name, before)
+    _assert_nothing_left(name)
 
 
 def test_kvm_probe_boots_a_real_kernel_and_tcg_passes() -> None:
