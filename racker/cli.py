@@ -225,7 +225,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+VM_VERBS = ("promote", "vm")
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; the promote and vm commands only when argv may use them.
+
+    Building those imports the promote package (about 25 ms), which every
+    `racker run` would otherwise pay. racker's own options take no values,
+    so the first word that is not an option is the command.
+    """
     parser = argparse.ArgumentParser(prog="racker", description="Boot OS images under systemd-nspawn and QEMU, and test that they work.")
     parser.add_argument("--version", action="version", version=f"racker {__version__}")
     parser.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
@@ -291,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
 
-    from racker import cli_vm
+    command = next((word for word in (argv or []) if not word.startswith("-")), None)
+    if argv is None or command is None or command in VM_VERBS:
+        from racker import cli_vm
 
-    cli_vm.add_commands(verb, sub)
+        cli_vm.add_commands(verb, sub)
     return parser
 
 
@@ -308,7 +319,8 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _strip_separator(args)
     proc.DEBUG = proc.DEBUG or args.debug
