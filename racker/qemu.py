@@ -358,6 +358,8 @@ class VM(machines.Guest):
         """One QMP command over the VM's socket (qemu.qmp's synchronous client)."""
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
+        _quiet_library_logs()
+
         name = command if isinstance(command, str) else command[0]
         monitor = QEMUMonitorProtocol(str(self.qmp_socket))
         try:
@@ -461,6 +463,21 @@ class VM(machines.Guest):
     def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
         __tracebackhide__ = True
         return self.run_expect([0], argv, **kwargs).stdout
+
+
+def _quiet_library_logs() -> None:
+    """Keep qemu.qmp's and asyncio's log records off a user's terminal (--debug shows them).
+
+    A Ctrl-C that lands while qemu.qmp negotiates interrupts its event loop;
+    the library then logs errors and asyncio logs the abandoned task with a
+    traceback at exit. racker reports the interrupt itself, in one line, and
+    stops the VM in its `finally`.
+    """
+    import logging
+
+    if not proc.DEBUG:
+        for name in ("qemu.qmp", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _endpoint(state: State) -> ssh.Endpoint:
