@@ -143,9 +143,19 @@ class Guest:
     """What an nspawn machine and a QEMU VM share: a context manager that stops
     what it started, hand-over to `racker start`'s caller, and run_expect."""
 
+    name: str
     state: State | None
     detached: bool
     _child: object
+
+    @property
+    def rundir(self) -> Path:
+        """Where its console log, sockets and overlay live while it runs."""
+        return store.home() / "run" / self.name
+
+    @property
+    def console_log(self) -> Path:
+        return self.rundir / "console.log"
 
     def start(self) -> Guest:
         raise NotImplementedError

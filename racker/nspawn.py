@@ -75,14 +75,6 @@ class Machine(machines.Guest):
         machine.boot_seconds = 0.0
         return machine
 
-    @property
-    def rundir(self) -> Path:
-        return store.home() / "run" / self.name
-
-    @property
-    def console_log(self) -> Path:
-        return self.rundir / "console.log"
-
     def start(self) -> Machine:
         rootfs = self.image.rootfs
         if not rootfs.is_dir():

@@ -199,14 +199,6 @@ class VM(machines.Guest):
     # -- paths ---------------------------------------------------------------
 
     @property
-    def rundir(self) -> Path:
-        return store.home() / "run" / self.name
-
-    @property
-    def console_log(self) -> Path:
-        return self.rundir / "console.log"
-
-    @property
     def qmp_socket(self) -> Path:
         return self.rundir / "qmp.sock"
 
