@@ -26,7 +26,7 @@ from racker import distros, proc, progress, store
 from racker.errors import PrepareError
 
 # Bump when what prepare installs or writes changes: prepared images are rebuilt.
-PREPARE_VERSION = "5"
+PREPARE_VERSION = "6"
 SUFFIX = "+vm"
 
 
@@ -41,19 +41,18 @@ class VmPackages:
     pre_files: dict[str, str] = field(default_factory=dict)
 
 
-# Modules a VM's initramfs needs to find its root disk: virtio (QEMU, DigitalOcean,
-# GCE), NVMe (GCE), SCSI and SATA (imports that present another controller).
-INITRAMFS_MODULES = """\
-virtio_pci
-virtio_blk
-virtio_scsi
-virtio_net
-nvme
-sd_mod
-ahci
-ata_piix
-ext4
-crc32c_generic
+# The drivers a VM's root disk may sit behind: virtio (QEMU, DigitalOcean, GCE),
+# NVMe (GCE), SCSI and SATA (imports that present another controller). The hook
+# puts them in the initramfs; udev loads only those whose hardware is there
+# (listing them in /etc/initramfs-tools/modules would load every one at boot).
+INITRAMFS_HOOK = """\
+#!/bin/sh
+# Written by racker prepare: root-disk drivers in the initramfs, loaded by udev on demand.
+case "$1" in prereqs) exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+for module in virtio_pci virtio_blk virtio_scsi nvme sd_mod ahci ata_piix crc32c_generic; do
+    manual_add_modules "$module"
+done
 """
 
 PACKAGES: dict[str, VmPackages] = {
@@ -77,7 +76,7 @@ PACKAGES: dict[str, VmPackages] = {
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
             "etc/initramfs-tools/conf.d/racker.conf": "MODULES=list\nCOMPRESS=gzip\n",
-            "etc/initramfs-tools/modules": INITRAMFS_MODULES,
+            "etc/initramfs-tools/hooks/racker": INITRAMFS_HOOK,
             # Nothing starts during installation inside the container.
             "usr/sbin/policy-rc.d": "#!/bin/sh\nexit 101\n",
         },
@@ -172,6 +171,10 @@ MASK_UNITS = (
     "modprobe@efi_pstore.service", "cloud-init-hotplugd.socket",
 )  # fmt: skip
 
+# Generators a cloud VM does not need: systemd >= 256's ssh generator probes
+# AF_VSOCK (loading the vsock modules) to offer sshd on sockets no cloud uses.
+MASK_GENERATORS = ("systemd-ssh-generator",)
+
 
 def prepared_name(name: str) -> str:
     return name if name.endswith(SUFFIX) else name + SUFFIX
@@ -238,7 +241,7 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
     recipe = distro.recipe
     assert recipe is not None
     for rel, text in packages.pre_files.items():
-        write_file(rootfs, rel, text, mode=0o755 if rel.endswith("policy-rc.d") else 0o644)
+        write_file(rootfs, rel, text, mode=0o755 if text.startswith("#!") else 0o644)
     resolv = rootfs / "etc" / "resolv.conf"
     saved_resolv = _save_link_or_file(resolv)
     try:
@@ -267,6 +270,12 @@ def configure(rootfs: Path) -> None:
     units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(rootfs, u)]
     in_container(rootfs, ("systemctl", "enable", *units))
     in_container(rootfs, ("systemctl", "mask", *MASK_UNITS))
+    for generator in MASK_GENERATORS:
+        link = rootfs / "etc/systemd/system-generators" / generator
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
+    mark_updated(rootfs)
     # First boot makes these: an empty machine-id, no SSH host keys, no apt lists.
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
@@ -283,6 +292,15 @@ def configure(rootfs: Path) -> None:
         store.remove_tree(rootfs / stale)
     for lists in (rootfs / "var/lib/apt/lists").glob("*_*"):
         lists.unlink()
+
+
+def mark_updated(rootfs: Path) -> None:
+    """Write now what systemd-update-done writes at first boot: /etc and /var are
+    up to date with /usr, so every first boot need not rerun ldconfig and the catalog."""
+    usr = (rootfs / "usr").stat().st_mtime_ns
+    for directory in ("etc", "var"):
+        write_file(rootfs, f"{directory}/.updated", f"# Written by racker prepare, as systemd-update-done does.\nTIMESTAMP_NSEC={usr}\n")
+        os.utime(rootfs / directory / ".updated", ns=(usr, usr))
 
 
 def _unit_exists(rootfs: Path, unit: str) -> bool:
