@@ -27,9 +27,10 @@ GiB = 1024**3
 DISK = 2 * GiB  # what promote writes
 GROWN = 3 * GiB  # what the VM's overlay offers: the root must grow to fill it
 
-UEFI_IMAGES = ["debian-bookworm", "debian-trixie"]
-MATRIX = [pytest.param(name, "bios", id=f"{name}-bios", marks=pytest.mark.xdist_group(name)) for name in CATALOG_IMAGES] + [
-    pytest.param(name, "uefi", id=f"{name}-uefi", marks=pytest.mark.xdist_group(name)) for name in UEFI_IMAGES
+MATRIX = [
+    pytest.param(name, firmware, id=f"{name}-{firmware}", marks=pytest.mark.xdist_group(name))
+    for name in CATALOG_IMAGES
+    for firmware in ("bios", "uefi")
 ]
 
 # One SSH round trip for every fact the checks need (each handshake costs under emulation).
