@@ -47,6 +47,27 @@ def collect() -> list[str]:
     removed += _orphan_rundirs()
     removed += _orphan_cgroups()
     removed += _stale_workdirs()
+    removed += _unreferenced_images()
+    return removed
+
+
+def _unreferenced_images() -> list[str]:
+    """Images no name links to any more (rebuilding a name leaves its old image)
+    and disks promoted from them; kept while a machine or VM still uses them."""
+    removed = []
+    states = [s for kind in ("nspawn", "qemu") for s in machines.all_states(kind)]
+    in_use = {s.digest for s in states if s.digest}
+    disks_in_use = {s.extra.get("disk") for s in states}
+    with store.locked(store.SWEEP_LOCK):
+        for path in list(store.unreferenced(in_use)):
+            if not path.exists() or str(path) in disks_in_use:
+                continue  # a disk that went with its image, or one a VM boots from
+            if path.is_dir():
+                store.drop_image(path)
+                removed.append(f"removed unreferenced image {path.name[:19]}")
+            else:
+                path.unlink()
+                removed.append(f"removed disk {path.name} of a removed image")
     return removed
 
 

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -42,11 +43,14 @@ def now() -> str:
 
 
 @contextlib.contextmanager
-def locked(key: str) -> Iterator[None]:
-    """An exclusive lock across processes, released when the holder exits, even by kill -9."""
+def locked(key: str, *, shared: bool = False) -> Iterator[None]:
+    """A lock across processes, released when the holder exits, even by kill -9.
+
+    Exclusive unless `shared`: any number of shared holders, or one exclusive.
+    """
     path = _dir("locks") / f"{_safe(key)}.lock"
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -226,15 +230,16 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
     size = tree_size(rootfs)
     target = image_dir(digest)
     created = now()
-    if not target.exists():
-        staging = rootfs.parent / "image"
-        staging.mkdir()
-        os.rename(rootfs, staging / "rootfs")
-        full_manifest = dict(manifest, digest=digest, size=size, source=source, created=created)
-        write_json(staging / "manifest.json", full_manifest)
-        _dir("images")
-        os.rename(staging, target)
-    write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created})
+    with locked(SWEEP_LOCK, shared=True):
+        if not target.exists():
+            staging = rootfs.parent / "image"
+            staging.mkdir()
+            os.rename(rootfs, staging / "rootfs")
+            full_manifest = dict(manifest, digest=digest, size=size, source=source, created=created)
+            write_json(staging / "manifest.json", full_manifest)
+            _dir("images")
+            os.rename(staging, target)
+        write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created})
     image = lookup(name)
     assert image is not None
     return image
@@ -247,13 +252,38 @@ def remove(name: str) -> StoredImage:
         raise StoreError(f"no image named {name!r} in the store", hint="see `racker images`")
     ref_path(name).unlink()
     if not any(other.digest == image.digest for other in images()):
-        # Disks promoted from it (promote.cached_disk) go with it.
-        disks = home() / "disks"
-        if disks.is_dir():
-            for disk in disks.glob(f"{image.digest.replace(':', '-')}-*"):
-                disk.unlink()
-        # Rename first so a crash mid-delete never leaves a half image under its digest.
-        doomed = _dir("tmp") / f"rmi.{image.short_digest}.{os.getpid()}"
-        os.rename(image.path, doomed)
-        remove_tree(doomed)
+        drop_image(image.path)
     return image
+
+
+# Held shared while a commit links a name to an image; exclusive while gc
+# removes images no name links to, so it never takes one a commit is about to name.
+SWEEP_LOCK = "store-sweep"
+_DIGEST_NAME = re.compile(r"^sha256-[0-9a-f]{64}")
+
+
+def drop_image(path: Path) -> None:
+    """Delete an image directory and the disks promoted from it (promote.cached_disk)."""
+    disks = home() / "disks"
+    if disks.is_dir():
+        for disk in disks.glob(f"{path.name}-*"):
+            disk.unlink()
+    # Rename first so a crash mid-delete never leaves a half image under its digest.
+    doomed = _dir("tmp") / f"rmi.{path.name[7:19]}.{os.getpid()}"
+    os.rename(path, doomed)
+    remove_tree(doomed)
+
+
+def unreferenced(keep: set[str]) -> Iterator[Path]:
+    """Image directories and cached disks whose digest no name links to and `keep` lacks.
+
+    The caller holds SWEEP_LOCK exclusively.
+    """
+    linked = {image.digest.replace(":", "-") for image in images()} | {d.replace(":", "-") for d in keep}
+    for kind in ("images", "disks"):
+        directory = home() / kind
+        if directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                match = _DIGEST_NAME.match(path.name)
+                if match and match.group() not in linked:
+                    yield path

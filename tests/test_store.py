@@ -64,6 +64,45 @@ def test_gc_removes_abandoned_workdirs_only(private_store: dict) -> None:
     assert any("pull.dead" in line for line in removed)
 
 
+def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> None:
+    with store.workdir("test") as work:
+        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    with store.workdir("test") as work:
+        new = store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+    disks = store.home() / "disks"
+    disks.mkdir()
+    old_disk = disks / f"{old.path.name}-bios-v1.raw"
+    new_disk = disks / f"{new.path.name}-bios-v1.raw"
+    partial = disks / f".{new.path.name}-uefi-v1.raw.x.partial"  # a promote writing now
+    for disk in (old_disk, new_disk, partial):
+        disk.write_bytes(b"disk")
+    removed = gc.collect()
+    assert not old.path.exists() and not old_disk.exists()
+    assert new.path.exists() and new_disk.exists() and partial.exists()
+    assert store.lookup("name") == new
+    assert any(old.path.name[:19] in line for line in removed)
+    assert not any(new.path.name[:19] in line for line in removed)
+
+
+def test_gc_keeps_an_unlinked_image_a_machine_still_uses(private_store: dict) -> None:
+    from racker import machines
+
+    with store.workdir("test") as work:
+        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    state = machines.State(name="user", kind="nspawn", image="name", digest=old.digest, pid=os.getpid(), owner=os.getpid())
+    state.pid_start = state.owner_start = machines.start_time(os.getpid())
+    machines.claim(state)
+    try:
+        with store.workdir("test") as work:
+            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+        gc.collect()
+        assert old.path.exists(), "a live machine's image must stay"
+    finally:
+        machines.release(state)
+    gc.collect()
+    assert not old.path.exists()
+
+
 def test_write_json_is_atomic(tmp_path: Path) -> None:
     target = tmp_path / "x.json"
     store.write_json(target, {"a": 1})
