@@ -26,37 +26,12 @@ BOOT_DRIVE_CHECK_OFFSET = 0x66  # a 2-byte jmp; nop'd for hard disks, as grub-bi
 MBR_CODE_SIZE = 440  # boot code ends where the disk signature and partition table start
 
 # Modules built into the images, so that nothing has to be found before the root is.
-BIOS_MODULES = (
-    "biosdisk",
-    "part_msdos",
-    "part_gpt",
-    "ext2",
-    "search",
-    "search_fs_uuid",
-    "normal",
-    "linux",
-    "echo",
-    "test",
-    "serial",
-    "terminal",
-    "gzio",
-)
-EFI_MODULES = (
-    "part_gpt",
-    "part_msdos",
-    "ext2",
-    "fat",
-    "search",
-    "search_fs_uuid",
-    "normal",
-    "linux",
-    "echo",
-    "test",
-    "serial",
-    "terminal",
-    "gzio",
-    "efi_gop",
-)
+SHARED_MODULES = (
+    "part_msdos", "part_gpt", "ext2", "search", "search_fs_uuid",
+    "normal", "linux", "echo", "test", "serial", "terminal", "gzio",
+)  # fmt: skip
+BIOS_MODULES = ("biosdisk", *SHARED_MODULES)
+EFI_MODULES = (*SHARED_MODULES, "fat", "efi_gop")
 
 
 def early_config(root_uuid: str) -> str:
