@@ -475,9 +475,9 @@ def _endpoint(state: State) -> ssh.Endpoint:
     return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, Path(state.rundir) / "id_ed25519")
 
 
-# What a guest prints when it is dead and will never answer: no use waiting for the timeout.
 # Returns when the boot has finished (cloud-init's last stage is part of it).
 WAIT_BOOTED = ("systemctl", "is-system-running", "--wait")
+# What a guest prints when it is dead and will never answer: no use waiting for the timeout.
 GUEST_DEATH = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 
 
