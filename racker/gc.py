@@ -57,11 +57,15 @@ def _unreferenced_images() -> list[str]:
     removed = []
     states = [s for kind in ("nspawn", "qemu") for s in machines.all_states(kind)]
     in_use = {s.digest for s in states if s.digest}
-    disks_in_use = {s.extra.get("disk") for s in states}
+    for state in states:
+        # A VM started from a cached disk's path has no image digest; the disk's name has it.
+        digest = store.digest_of(Path(state.extra.get("disk", "")))
+        if digest:
+            in_use.add(digest)
     with store.locked(store.SWEEP_LOCK):
         for path in list(store.unreferenced(in_use)):
-            if not path.exists() or str(path) in disks_in_use:
-                continue  # a disk that went with its image, or one a VM boots from
+            if not path.exists():
+                continue  # a disk that went with its image
             if path.is_dir():
                 store.drop_image(path)
                 removed.append(f"removed unreferenced image {path.name[:19]}")

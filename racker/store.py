@@ -274,16 +274,22 @@ def drop_image(path: Path) -> None:
     remove_tree(doomed)
 
 
+def digest_of(path: Path) -> str | None:
+    """The digest an image directory or a cached disk is named after, if it is."""
+    match = _DIGEST_NAME.match(path.name)
+    return match.group().replace("-", ":", 1) if match else None
+
+
 def unreferenced(keep: set[str]) -> Iterator[Path]:
     """Image directories and cached disks whose digest no name links to and `keep` lacks.
 
     The caller holds SWEEP_LOCK exclusively.
     """
-    linked = {image.digest.replace(":", "-") for image in images()} | {d.replace(":", "-") for d in keep}
+    linked = {image.digest for image in images()} | keep
     for kind in ("images", "disks"):
         directory = home() / kind
         if directory.is_dir():
             for path in sorted(directory.iterdir()):
-                match = _DIGEST_NAME.match(path.name)
-                if match and match.group() not in linked:
+                digest = digest_of(path)
+                if digest and digest not in linked:
                     yield path

@@ -103,6 +103,29 @@ def test_gc_keeps_an_unlinked_image_a_machine_still_uses(private_store: dict) ->
     assert not old.path.exists()
 
 
+def test_gc_keeps_an_unlinked_image_whose_disk_a_vm_boots(private_store: dict) -> None:
+    from racker import machines
+
+    with store.workdir("test") as work:
+        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    disk = store.home() / "disks" / f"{old.path.name}-bios-v1.raw"
+    disk.parent.mkdir()
+    disk.write_bytes(b"disk")
+    # `racker vm start PATH` records the disk, not an image digest.
+    state = machines.State(name="vm", kind="qemu", image=disk.name, pid=os.getpid(), owner=os.getpid(), extra={"disk": str(disk)})
+    state.pid_start = state.owner_start = machines.start_time(os.getpid())
+    machines.claim(state)
+    try:
+        with store.workdir("test") as work:
+            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+        gc.collect()
+        assert disk.exists() and old.path.exists(), "a running VM's disk and its image must stay"
+    finally:
+        machines.release(state)
+    gc.collect()
+    assert not disk.exists() and not old.path.exists()
+
+
 def test_write_json_is_atomic(tmp_path: Path) -> None:
     target = tmp_path / "x.json"
     store.write_json(target, {"a": 1})
