@@ -177,9 +177,19 @@ def test_seed_user_data_is_cloud_config_with_the_key() -> None:
 
 
 def test_grub_cfg_boots_at_once_with_a_serial_console() -> None:
-    cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw console=ttyS0")
+    cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw console=ttyS0", "uefi")
     assert "set timeout=0" in cfg
+    assert "terminal_output serial console" in cfg
+    assert "terminal_input" not in cfg, "GRUB's serial input polls for seconds under emulation"
     assert "linux /boot/vmlinuz-6 root=UUID=1234 rw console=ttyS0" in cfg
+    assert "initrd /boot/initrd.img-6" in cfg
+
+
+def test_grub_cfg_for_bios_loads_the_kernel_where_it_runs() -> None:
+    cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw", "bios")
+    assert "linux16 /boot/vmlinuz-6 root=UUID=1234 rw" in cfg
+    assert "initrd16 /boot/initrd.img-6" in cfg
+    assert "linux16" in bootloader.BIOS_MODULES
 
 
 # -- real disks, built and read back ----------------------------------------

@@ -117,7 +117,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
 
 
 # Bump when promote's output changes: cached disks are rebuilt.
-PROMOTE_VERSION = "1"
+PROMOTE_VERSION = "2"
 
 
 def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
@@ -150,7 +150,7 @@ def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmwa
         fstab += f"UUID={layout.esp_uuid} /boot/efi vfat umask=0077,nofail,x-systemd.automount 0 0\n"
     files = {"etc/fstab": fstab}
     if firmware != "none":
-        files["boot/grub/grub.cfg"] = bootloader.grub_cfg(layout.root_uuid, kernel.vmlinuz, kernel.initrd, cmdline)
+        files["boot/grub/grub.cfg"] = bootloader.grub_cfg(layout.root_uuid, kernel.vmlinuz, kernel.initrd, cmdline, firmware)
     return files
 
 
