@@ -39,8 +39,11 @@ KIND = "qemu"
 # Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong, and trixie's kernel double-faults
 # in __kmalloc at boot; without cx16 the kernel takes its other path. Without
 # svm the guest does not load KVM (a second of emulated work at every boot), and
-# without la57 its page tables have four levels, which TCG walks faster.
-TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off")
+# without la57 its page tables have four levels, which TCG walks faster. Without
+# erms and fsrm, the kernel and glibc copy and clear memory with wide moves
+# instead of `rep movsb`/`rep stosb`, which TCG runs one byte per step (some
+# 40 MB/s here): boots are 3 s shorter (bench/bench_boot.py --baseline-cpu).
+TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off")
 # No SATA controller or SMBus: racker's disks are virtio, and every extra
 # device is one more driver for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"
@@ -177,6 +180,7 @@ class VM(machines.Guest):
         kernel: Path | None = None,
         initrd: Path | None = None,
         append: str = "",
+        tcg_cpu: str = TCG_CPU,
     ) -> None:
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
@@ -193,6 +197,7 @@ class VM(machines.Guest):
         self.kernel = Path(kernel).absolute() if kernel else None
         self.initrd = Path(initrd).absolute() if initrd else None
         self.append = append
+        self.tcg_cpu = tcg_cpu
         self.state: State | None = None
         self.endpoint: ssh.Endpoint | None = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -277,7 +282,7 @@ class VM(machines.Guest):
             proc.require("qemu-system-x86_64"),
             "-name", f"{self.name},debug-threads=on",
             "-machine", MACHINE, "-accel", accelerator,
-            "-cpu", "host" if accelerator == "kvm" else TCG_CPU,
+            "-cpu", "host" if accelerator == "kvm" else self.tcg_cpu,
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
