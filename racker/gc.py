@@ -48,6 +48,31 @@ def collect() -> list[str]:
     removed += _orphan_cgroups()
     removed += _stale_workdirs()
     removed += _unreferenced_images()
+    removed += _stale_disks()
+    return removed
+
+
+def _stale_disks() -> list[str]:
+    """Cached disks an older racker promoted (rebuilt under a new name since),
+    and what killed promotes left half-written; kept while a VM boots them."""
+    from racker import promote
+
+    removed: list[str] = []
+    directory = store.home() / "disks"
+    if not directory.is_dir():
+        return removed
+    booted = {s.extra.get("disk") for s in machines.all_states("qemu")}
+    for path in sorted(directory.iterdir()):
+        if path.name.endswith(".partial"):
+            # ".<disk name>.<random>.partial", written under the disk's build lock.
+            name = path.name[1:].rsplit(".", 2)[0]
+            with store.locked_if_free(promote.disk_lock(name)) as free:
+                if free and path.exists():
+                    path.unlink()
+                    removed.append(f"removed unfinished disk {path.name}")
+        elif promote.is_stale_cached_disk(path) and str(path) not in booted:
+            path.unlink()
+            removed.append(f"removed disk {path.name} of an older racker")
     return removed
 
 

@@ -57,6 +57,22 @@ def locked(key: str, *, shared: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def locked_if_free(key: str) -> Iterator[bool]:
+    """`key`'s exclusive lock if nobody holds it; yields whether it was taken."""
+    path = _dir("locks") / f"{_safe(key)}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_json(path: Path, data: object) -> None:
     """Write a JSON file atomically: a temp file beside it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

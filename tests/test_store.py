@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from racker import gc, store
+from racker import gc, promote, store
 from racker.errors import StoreError
 
 
@@ -71,17 +71,45 @@ def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> No
         new = store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
     disks = store.home() / "disks"
     disks.mkdir()
-    old_disk = disks / f"{old.path.name}-bios-v1.raw"
-    new_disk = disks / f"{new.path.name}-bios-v1.raw"
-    partial = disks / f".{new.path.name}-uefi-v1.raw.x.partial"  # a promote writing now
+    old_disk = disks / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
+    new_disk = disks / f"{new.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
+    partial = disks / f".{new.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw.x.partial"  # a promote writing now
     for disk in (old_disk, new_disk, partial):
         disk.write_bytes(b"disk")
-    removed = gc.collect()
+    with store.locked(promote.disk_lock(f"{new.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw")):
+        removed = gc.collect()
     assert not old.path.exists() and not old_disk.exists()
     assert new.path.exists() and new_disk.exists() and partial.exists()
     assert store.lookup("name") == new
     assert any(old.path.name[:19] in line for line in removed)
     assert not any(new.path.name[:19] in line for line in removed)
+
+
+def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_store: dict) -> None:
+    from racker import machines
+
+    with store.workdir("test") as work:
+        image = store.commit("name", make_tree(work / "rootfs"), source="test:", recipe="r1", manifest={})
+    disks = store.home() / "disks"
+    disks.mkdir()
+    current = disks / f"{image.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
+    older = disks / f"{image.path.name}-bios-v0.raw"
+    booted = disks / f"{image.path.name}-uefi-v0.raw"  # an older disk a VM still runs on
+    dead = disks / f".{image.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw.abc123.partial"  # a killed promote's
+    live = disks / f".{current.name}.def456.partial"  # a promote writing now, under the disk's lock
+    for disk in (current, older, booted, dead, live):
+        disk.write_bytes(b"disk")
+    state = machines.State(name="vm", kind="qemu", image=booted.name, pid=os.getpid(), owner=os.getpid(), extra={"disk": str(booted)})
+    state.pid_start = state.owner_start = machines.start_time(os.getpid())
+    machines.claim(state)
+    try:
+        with store.locked(promote.disk_lock(current.name)):
+            removed = gc.collect()
+    finally:
+        machines.release(state)
+    assert current.exists() and booted.exists() and live.exists()
+    assert not older.exists() and not dead.exists()
+    assert any(older.name in line for line in removed) and any(dead.name in line for line in removed)
 
 
 def test_gc_keeps_an_unlinked_image_a_machine_still_uses(private_store: dict) -> None:
@@ -108,7 +136,7 @@ def test_gc_keeps_an_unlinked_image_whose_disk_a_vm_boots(private_store: dict) -
 
     with store.workdir("test") as work:
         old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
-    disk = store.home() / "disks" / f"{old.path.name}-bios-v1.raw"
+    disk = store.home() / "disks" / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
     disk.parent.mkdir()
     disk.write_bytes(b"disk")
     # `racker vm start PATH` records the disk, not an image digest.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,20 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
     return result
 
 
-# Bump when promote's output changes: cached disks are rebuilt.
+# Bump when promote's output changes: cached disks are rebuilt (and gc removes the old ones).
 PROMOTE_VERSION = "2"
+CACHED_DISK_VERSION = re.compile(r"-v(\w+)\.raw$")
+
+
+def disk_lock(name: str) -> str:
+    """The lock held while the cached disk `name` is built."""
+    return f"disk-{name}"
+
+
+def is_stale_cached_disk(path: Path) -> bool:
+    """A cached disk that an older promote made: no racker of this version boots it."""
+    match = CACHED_DISK_VERSION.search(path.name)
+    return bool(match) and match.group(1) != PROMOTE_VERSION
 
 
 def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
@@ -130,7 +143,7 @@ def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
     path = directory / f"{image.digest.replace(':', '-')}-{firmware}-v{PROMOTE_VERSION}.raw"
     if path.exists():
         return path
-    with store.locked(f"disk-{path.name}"):
+    with store.locked(disk_lock(path.name)):
         if not path.exists():
             promote(image, path, Options(fmt="raw", firmware=firmware))
     return path
