@@ -6,6 +6,7 @@ command's status, stdout and stderr come back as they were.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,18 @@ class Endpoint:
             "-F", "/dev/null",
         ]  # fmt: skip
         return options
+
+    def answers(self, timeout: float = 2) -> bool:
+        """True if an SSH server greets on the port: a banner read in-process, no ssh client started.
+
+        Under QEMU's user networking the port accepts even while nothing listens
+        in the guest, and then closes at once: only the banner tells.
+        """
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as connection:
+                return connection.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
 
     def argv(self, command: Sequence[str], *, tty: bool = False, root: bool = True, connect_timeout: float = 5) -> list[str]:
         """The host argv that runs `command` in the VM (as root through sudo, unless root=False)."""
