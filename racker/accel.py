@@ -126,6 +126,17 @@ def kvm_works() -> bool:
 
 
 _warned = False
+# Ant Group's PVM: a KVM that runs without hardware virtualisation (in cloud VMs),
+# but only guests whose kernel is built for it; firmware and distribution kernels hang.
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+
+
+def why_no_kvm() -> str:
+    if not kvm_device_opens():
+        return "/dev/kvm is not available"
+    if PVM_MODULE.is_dir():
+        return "this host's KVM is PVM (kvm_pvm), which boots only kernels built as PVM guests"
+    return "a KVM guest does not boot here (nested virtualisation?)"
 
 
 def choose(requested: str | None = None) -> str:
@@ -140,8 +151,7 @@ def choose(requested: str | None = None) -> str:
     if kvm_works():
         return "kvm"
     if not _warned and not _warned_before():
-        why = "a KVM guest does not boot here (nested virtualisation?)" if kvm_device_opens() else "/dev/kvm is not available"
-        progress.warn(f"{why}; using TCG (software emulation, slower)")
+        progress.warn(f"{why_no_kvm()}; using TCG (software emulation, slower)")
     _warned = True
     return "tcg"
 

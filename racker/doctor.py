@@ -74,4 +74,4 @@ def _kvm(probe: bool) -> Check:
         return Check("kvm", True, "/dev/kvm opens (guest not probed)", required=False)
     if accel.kvm_works():
         return Check("kvm", True, "a KVM guest boots: QEMU will use KVM", required=False)
-    return Check("kvm", False, "/dev/kvm opens but a KVM guest hangs (nested virtualisation?): QEMU will use TCG", required=False)
+    return Check("kvm", False, f"/dev/kvm opens but {accel.why_no_kvm()}: QEMU will use TCG", required=False)
