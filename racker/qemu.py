@@ -48,9 +48,7 @@ KIND = "qemu"
 #   string functions over the AVX2 ones).
 # - aes, pclmulqdq: udev would load seven crypto modules for them, each running
 #   its self-tests. 0.7 s.
-TCG_CPU = os.environ.get(
-    "RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off"
-)
+TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
 # No SATA controller or SMBus: racker's disks are virtio, and every extra
 # device is one more driver for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"

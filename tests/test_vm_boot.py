@@ -155,7 +155,6 @@ def test_promote_never_writes_the_store_image(prepared, tmp_path: Path) -> None:
     assert store.tree_digest(image.rootfs) == before == image.digest
 
 
-
 @pytest.mark.xdist_group("debian-bookworm")
 def test_vm_cli_lifecycle_start_ps_ssh_console_stop(prepared) -> None:
     from conftest import racker

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 # 16-bit real mode: print "racker-hang" on COM1, then halt forever.
 _MESSAGE = b"racker-hang\n"
 # xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg; mov cx,12; lodsb; out dx,al; loop; cli; hlt; jmp $-1
-_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")
+_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")  # fmt: skip
 HANG_SECTOR = (_CODE + bytes(0x1E - len(_CODE)) + _MESSAGE).ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
 
 
