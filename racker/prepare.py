@@ -221,8 +221,8 @@ def prepare(image: store.StoredImage, *, force: bool = False) -> store.StoredIma
         packages = packages_for(distro)
         with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
             rootfs = work / "rootfs"
-            with progress.step("copying"):
-                proc.run(["cp", "-a", "--reflink=auto", str(image.rootfs), str(rootfs)], timeout=600)
+            with progress.step("copying"), store.reading(image) as source:
+                proc.run(["cp", "-a", "--reflink=auto", str(source), str(rootfs)], timeout=600)
             installed = _install(rootfs, distro, packages)
             configure(rootfs)
             kernel = find_kernel(rootfs)

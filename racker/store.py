@@ -272,10 +272,24 @@ def remove(name: str) -> StoredImage:
     return image
 
 
-# Held shared while a commit links a name to an image; exclusive while gc
-# removes images no name links to, so it never takes one a commit is about to name.
+# Held shared while a commit links a name to an image or while an image is
+# copied out (reading()); exclusive while gc removes images no name links to,
+# so it never takes one a commit is about to name or a copy is reading.
 SWEEP_LOCK = "store-sweep"
 _DIGEST_NAME = re.compile(r"^sha256-[0-9a-f]{64}")
+
+
+@contextlib.contextmanager
+def reading(image: StoredImage) -> Iterator[Path]:
+    """The image's rootfs, which gc leaves alone until the block ends (copy it out in there).
+
+    A name can be rebuilt while its old image is being copied; gc would then
+    remove an image no name links to from under the copy.
+    """
+    with locked(SWEEP_LOCK, shared=True):
+        if not image.rootfs.is_dir():
+            raise StoreError(f"image {image.name} ({image.digest[:19]}) is gone from the store", hint="pull or prepare it again")
+        yield image.rootfs
 
 
 def drop_image(path: Path) -> None:

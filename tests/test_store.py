@@ -85,6 +85,28 @@ def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> No
     assert not any(new.path.name[:19] in line for line in removed)
 
 
+def test_gc_waits_for_a_copy_reading_an_image_no_name_links_to_any_more(private_store: dict) -> None:
+    import threading
+    import time
+
+    with store.workdir("test") as work:
+        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    collected = threading.Event()
+    with store.reading(old) as rootfs:
+        # The name is rebuilt while the old image is being copied out, and gc runs.
+        with store.workdir("test") as work:
+            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+        sweeper = threading.Thread(target=lambda: (gc.collect(), collected.set()))
+        sweeper.start()
+        time.sleep(0.5)
+        assert not collected.is_set(), "gc must wait for the copy"
+        assert (rootfs / "file").read_text() == "old"
+    sweeper.join(10)
+    assert collected.is_set() and not old.path.exists()
+    with pytest.raises(StoreError, match="gone from the store"), store.reading(old):
+        pass
+
+
 def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_store: dict) -> None:
     from racker import machines
 

@@ -153,7 +153,8 @@ def stage(image: store.StoredImage, tree: Path) -> None:
     """A hard-link copy of the image's root: cheap, and the store's files are never opened for writing."""
     from racker import proc
 
-    proc.run(["cp", "-al", str(image.rootfs), str(tree)], timeout=600)
+    with store.reading(image) as rootfs:
+        proc.run(["cp", "-al", str(rootfs), str(tree)], timeout=600)
 
 
 def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmware: str) -> dict[str, str]:
