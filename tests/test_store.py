@@ -2,6 +2,8 @@
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,27 @@ def make_tree(root: Path, text: str = "hello") -> Path:
     (root / "file").write_text(text)
     os.symlink("file", root / "link")
     return root
+
+
+def commit_name(text: str, recipe: str, name: str = "name") -> store.StoredImage:
+    """Build a small tree and commit it under `name`, as a pull or prepare would."""
+    with store.workdir("test") as work:
+        return store.commit(name, make_tree(work / "rootfs", text), source="test:", recipe=recipe, manifest={})
+
+
+@contextmanager
+def live_machine(kind: str, name: str, image: str, digest: str = "", disk: Path | None = None) -> Iterator[None]:
+    """A registry record of a running machine (this test process stands in for it)."""
+    from racker import machines
+
+    extra = {"disk": str(disk)} if disk else {}
+    state = machines.State(name=name, kind=kind, image=image, digest=digest, pid=os.getpid(), owner=os.getpid(), extra=extra)
+    state.pid_start = state.owner_start = machines.start_time(os.getpid())
+    machines.claim(state)
+    try:
+        yield
+    finally:
+        machines.release(state)
 
 
 def test_digest_is_stable_and_content_sensitive(tmp_path: Path) -> None:
@@ -65,10 +88,8 @@ def test_gc_removes_abandoned_workdirs_only(private_store: dict) -> None:
 
 
 def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> None:
-    with store.workdir("test") as work:
-        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
-    with store.workdir("test") as work:
-        new = store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+    old = commit_name("old", "r1")
+    new = commit_name("new", "r2")
     disks = store.home() / "disks"
     disks.mkdir()
     old_disk = disks / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
@@ -89,13 +110,11 @@ def test_gc_waits_for_a_copy_reading_an_image_no_name_links_to_any_more(private_
     import threading
     import time
 
-    with store.workdir("test") as work:
-        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    old = commit_name("old", "r1")
     collected = threading.Event()
     with store.reading(old) as rootfs:
         # The name is rebuilt while the old image is being copied out, and gc runs.
-        with store.workdir("test") as work:
-            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+        commit_name("new", "r2")
         sweeper = threading.Thread(target=lambda: (gc.collect(), collected.set()))
         sweeper.start()
         time.sleep(0.5)
@@ -108,10 +127,7 @@ def test_gc_waits_for_a_copy_reading_an_image_no_name_links_to_any_more(private_
 
 
 def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_store: dict) -> None:
-    from racker import machines
-
-    with store.workdir("test") as work:
-        image = store.commit("name", make_tree(work / "rootfs"), source="test:", recipe="r1", manifest={})
+    image = commit_name("hello", "r1")
     disks = store.home() / "disks"
     disks.mkdir()
     current = disks / f"{image.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
@@ -121,57 +137,33 @@ def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_sto
     live = disks / f".{current.name}.def456.partial"  # a promote writing now, under the disk's lock
     for disk in (current, older, booted, dead, live):
         disk.write_bytes(b"disk")
-    state = machines.State(name="vm", kind="qemu", image=booted.name, pid=os.getpid(), owner=os.getpid(), extra={"disk": str(booted)})
-    state.pid_start = state.owner_start = machines.start_time(os.getpid())
-    machines.claim(state)
-    try:
-        with store.locked(promote.disk_lock(current.name)):
-            removed = gc.collect()
-    finally:
-        machines.release(state)
+    with live_machine("qemu", "vm", booted.name, disk=booted), store.locked(promote.disk_lock(current.name)):
+        removed = gc.collect()
     assert current.exists() and booted.exists() and live.exists()
     assert not older.exists() and not dead.exists()
     assert any(older.name in line for line in removed) and any(dead.name in line for line in removed)
 
 
 def test_gc_keeps_an_unlinked_image_a_machine_still_uses(private_store: dict) -> None:
-    from racker import machines
-
-    with store.workdir("test") as work:
-        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
-    state = machines.State(name="user", kind="nspawn", image="name", digest=old.digest, pid=os.getpid(), owner=os.getpid())
-    state.pid_start = state.owner_start = machines.start_time(os.getpid())
-    machines.claim(state)
-    try:
-        with store.workdir("test") as work:
-            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+    old = commit_name("old", "r1")
+    with live_machine("nspawn", "user", "name", digest=old.digest):
+        commit_name("new", "r2")
         gc.collect()
         assert old.path.exists(), "a live machine's image must stay"
-    finally:
-        machines.release(state)
     gc.collect()
     assert not old.path.exists()
 
 
 def test_gc_keeps_an_unlinked_image_whose_disk_a_vm_boots(private_store: dict) -> None:
-    from racker import machines
-
-    with store.workdir("test") as work:
-        old = store.commit("name", make_tree(work / "rootfs", "old"), source="test:", recipe="r1", manifest={})
+    old = commit_name("old", "r1")
     disk = store.home() / "disks" / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
     disk.parent.mkdir()
     disk.write_bytes(b"disk")
     # `racker vm start PATH` records the disk, not an image digest.
-    state = machines.State(name="vm", kind="qemu", image=disk.name, pid=os.getpid(), owner=os.getpid(), extra={"disk": str(disk)})
-    state.pid_start = state.owner_start = machines.start_time(os.getpid())
-    machines.claim(state)
-    try:
-        with store.workdir("test") as work:
-            store.commit("name", make_tree(work / "rootfs", "new"), source="test:", recipe="r2", manifest={})
+    with live_machine("qemu", "vm", disk.name, disk=disk):
+        commit_name("new", "r2")
         gc.collect()
         assert disk.exists() and old.path.exists(), "a running VM's disk and its image must stay"
-    finally:
-        machines.release(state)
     gc.collect()
     assert not disk.exists() and not old.path.exists()
 
