@@ -42,14 +42,17 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _lock_path(key: str) -> Path:
+    return _dir("locks") / f"{_safe(key)}.lock"
+
+
 @contextlib.contextmanager
 def locked(key: str, *, shared: bool = False) -> Iterator[None]:
     """A lock across processes, released when the holder exits, even by kill -9.
 
     Exclusive unless `shared`: any number of shared holders, or one exclusive.
     """
-    path = _dir("locks") / f"{_safe(key)}.lock"
-    with open(path, "a") as handle:
+    with open(_lock_path(key), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
@@ -60,8 +63,7 @@ def locked(key: str, *, shared: bool = False) -> Iterator[None]:
 @contextlib.contextmanager
 def locked_if_free(key: str) -> Iterator[bool]:
     """`key`'s exclusive lock if nobody holds it; yields whether it was taken."""
-    path = _dir("locks") / f"{_safe(key)}.lock"
-    with open(path, "a") as handle:
+    with open(_lock_path(key), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
