@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--tcg-cpu", default=TCG_CPU, help="the CPU model QEMU emulates under TCG")
     parser.add_argument(
         "--baseline-cpu",
-        help="also boot with this CPU model, each run right after one with --tcg-cpu, and report the ratio (e.g. max)",
+        help="also boot with this CPU model, each run right after one with --tcg-cpu, and report the ratio (e.g. max,cx16=off)",
     )
     args = parser.parse_args()
     image = prepare.prepare(images.pull(args.image))
