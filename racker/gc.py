@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import time
@@ -128,26 +127,27 @@ def _orphan_cgroups() -> list[str]:
 
 
 def _stale_workdirs() -> list[str]:
-    """Scratch directories whose owner is gone: their lock file is no longer held."""
+    """Scratch directories whose owner is gone (their lock is no longer held), and
+    the unfinished outputs (OUT.partial) they recorded outside the store."""
     removed = []
     tmp = store.home() / "tmp"
     if not tmp.is_dir():
         return removed
-    for path in sorted(tmp.iterdir()):
-        if path.name.endswith(".lock"):
+    candidates = [p for p in sorted(tmp.iterdir()) if p.name != ".new"]
+    if (tmp / ".new").is_dir():
+        candidates += sorted((tmp / ".new").iterdir())  # killed before it was ready
+    for path in candidates:
+        if path.name.endswith(".lock") and path.is_file():
+            path.unlink(missing_ok=True)  # an older racker's lock file
             continue
-        lock = store.workdir_lock(path)
-        if lock.exists():
-            with open(lock, "a") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # still in use
-        for pid in _kill_processes_inside(path):
-            removed.append(f"killed process {pid} still working in {path}")
-        store.remove_tree(path)
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+        with store.stale_workdir(path) as stale:
+            if not stale:
+                continue  # still in use
+            for pid in _kill_processes_inside(path):
+                removed.append(f"killed process {pid} still working in {path}")
+            for output in store.remove_outputs(path):
+                removed.append(f"removed unfinished output {output}")
+            store.remove_tree(path)
         removed.append(f"removed unfinished {path}")
     return removed
 

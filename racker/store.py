@@ -99,21 +99,73 @@ def workdir(prefix: str) -> Iterator[Path]:
     """A scratch directory inside the store (same filesystem, so renames are atomic).
 
     Removed on the way out, whatever happens; `gc` removes any that a kill -9 left.
-    Each holds a lock file so that gc can tell a live one from a stale one.
+    The directory itself is flocked while its owner lives, and it appears in
+    tmp/ only once locked (made in tmp/.new, locked, renamed): gc never sees a
+    live workdir unlocked.
     """
-    path = Path(tempfile.mkdtemp(dir=_dir("tmp"), prefix=f"{prefix}."))
-    lock = open(workdir_lock(path), "a")  # noqa: SIM115 - held for the block
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    new = Path(tempfile.mkdtemp(dir=_dir("tmp/.new"), prefix=f"{prefix}."))
+    fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield path
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = new.parent.parent / new.name
+        os.rename(new, path)
+        try:
+            yield path
+        finally:
+            remove_outputs(path)
+            remove_tree(path)
+    except BaseException:
+        remove_tree(new)
+        raise
     finally:
-        remove_tree(path)
-        os.unlink(lock.name)
-        lock.close()
+        os.close(fd)
 
 
-def workdir_lock(path: Path) -> Path:
-    return path.parent / f"{path.name}.lock"
+@contextlib.contextmanager
+def stale_workdir(path: Path) -> Iterator[bool]:
+    """Hold `path`'s workdir lock if its owner is gone; yields whether it was taken."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+OUTPUTS = ".outputs"  # in a workdir: files outside the store it is writing, one path a line
+
+
+def record_output(work: Path, path: Path) -> None:
+    """Note, before it is made, a file `work`'s owner writes outside the store
+    (a promote's OUT.partial), so that gc can remove it if the owner is killed."""
+    with open(work / OUTPUTS, "a") as handle:
+        handle.write(f"{path.absolute()}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def remove_outputs(work: Path) -> list[Path]:
+    """Remove the unfinished outputs a workdir recorded; only `.partial` files, never anything else."""
+    removed = []
+    try:
+        lines = (work / OUTPUTS).read_text().splitlines()
+    except FileNotFoundError:
+        return removed
+    for line in lines:
+        path = Path(line)
+        if path.is_absolute() and path.name.endswith(".partial") and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def remove_tree(path: Path) -> None:
@@ -295,15 +347,18 @@ def reading(image: StoredImage) -> Iterator[Path]:
 
 
 def drop_image(path: Path) -> None:
-    """Delete an image directory and the disks promoted from it (promote.cached_disk)."""
+    """Delete an image directory and the disks promoted from it (promote.cached_disk).
+
+    The caller holds SWEEP_LOCK exclusively. The image is first renamed into a
+    locked workdir, so that a crash mid-delete never leaves a half image under
+    its digest, and gc can finish the job.
+    """
     disks = home() / "disks"
     if disks.is_dir():
         for disk in disks.glob(f"{path.name}-*"):
             disk.unlink()
-    # Rename first so a crash mid-delete never leaves a half image under its digest.
-    doomed = _dir("tmp") / f"rmi.{path.name[7:19]}.{os.getpid()}"
-    os.rename(path, doomed)
-    remove_tree(doomed)
+    with workdir("rmi") as doomed:
+        os.rename(path, doomed / "image")
 
 
 def digest_of(path: Path) -> str | None:

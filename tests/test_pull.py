@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _store_is_empty() -> bool:
     home = store.home()
-    leftovers = [p for p in (home / "tmp").iterdir()] if (home / "tmp").exists() else []
+    leftovers = [p for p in (home / "tmp").iterdir() if p.name != ".new"] if (home / "tmp").exists() else []
     refs = list((home / "refs").glob("*.json")) if (home / "refs").exists() else []
     return not leftovers and not refs
 
