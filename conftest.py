@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# The store racker's tests share (catalogue images built once, kept between runs);
+# tests that change a store use a private one (private_store) instead.
+SHARED_HOME = Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
 
 ROOT = Path(__file__).resolve().parent
 CATALOG_IMAGES = ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
@@ -46,3 +51,34 @@ def private_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture
+def share_image(private_store: dict[str, str]):
+    """share_image(name, prepared=False) -> StoredImage: a catalogue image, built in the
+    shared store if missing, put into the private store by hard links (no rebuild).
+
+    Safe because nothing ever writes a store image in place: both stores only read it.
+    """
+    from racker import images, prepare, store
+
+    def share(name: str, *, prepared: bool = False) -> store.StoredImage:
+        private = os.environ["RACKER_HOME"]
+        os.environ["RACKER_HOME"] = str(SHARED_HOME)
+        try:
+            image = images.pull(name)
+            if prepared:
+                image = prepare.prepare(image)
+            ref = json.loads(store.ref_path(image.name).read_text())
+        finally:
+            os.environ["RACKER_HOME"] = private
+        target = store.image_dir(image.digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-al", str(image.path), str(target)], check=True)
+        store.write_json(store.ref_path(image.name), ref)
+        found = store.lookup(image.name)
+        assert found is not None and found.digest == image.digest
+        return found
+
+    return share
