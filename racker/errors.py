@@ -78,8 +78,12 @@ class Unreachable(RackerError):
     """The transport to a guest (ssh, nsenter) failed; not the guest command."""
 
 
-class Interrupted(RackerError):
-    """SIGINT or SIGTERM arrived; raised so that every `finally` runs."""
+class Interrupted(BaseException):
+    """SIGTERM arrived; raised so that every `finally` runs.
+
+    A BaseException, as KeyboardInterrupt is (SIGINT), so that no
+    `except Exception` or `suppress(Exception)` on the way up swallows it.
+    """
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
