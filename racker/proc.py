@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import IO, Any
 
 from racker.errors import ToolFailed, ToolMissing, ToolTimeout
 
@@ -68,16 +69,42 @@ def debug(message: str) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None = None
 
 
-def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
-    """A preexec_fn: the child gets `signum` when racker dies, even by kill -9."""
+def _resolve_prctl() -> Callable[..., int]:
+    """libc's prctl, loaded in the parent: never between fork and exec, where
+    loading a library in a multi-threaded process (an xdist worker) can deadlock."""
+    global _prctl
+    if _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
 
-    def set_pdeathsig() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
-    return set_pdeathsig
+def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: str | None = None) -> Callable[[], None] | None:
+    """What a child does between fork and exec, with everything resolved here, in the parent.
+
+    die_with_parent: the signal the child gets when racker dies, even by kill -9
+    (strictly: when the thread that started it exits; racker starts children
+    from the thread that waits for them). cgroup_procs: a cgroup.procs file the
+    child moves itself into before it runs, so its own children start there.
+    """
+    if die_with_parent is None and cgroup_procs is None:
+        return None
+    prctl = _resolve_prctl() if die_with_parent is not None else None
+    parent = os.getpid()
+    procs = os.open(cgroup_procs, os.O_WRONLY | os.O_CLOEXEC) if cgroup_procs else None
+
+    def setup() -> None:
+        if procs is not None:
+            os.write(procs, b"0")  # 0: the writing process itself
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, die_with_parent, 0, 0, 0)
+            if os.getppid() != parent:  # racker died before prctl took effect
+                os.kill(os.getpid(), die_with_parent)  # type: ignore[arg-type]
+
+    setup.fd = procs  # type: ignore[attr-defined]  # closed by start() once the child runs
+    return setup
 
 
 def which(tool: str) -> str | None:
@@ -132,55 +159,84 @@ def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
     return merged
 
 
-@contextlib.contextmanager
-def spawn(
+def start(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
-    stdin: int | None = subprocess.DEVNULL,
-    stdout: int | None = None,
-    stderr: int | None = None,
+    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
     new_session: bool = False,
+    foreground: bool = False,
+    die_with_parent: int | None = signal.SIGTERM,
+    cgroup_procs: str | None = None,
     cwd: str | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a program and own it: if the caller raises, it is terminated, then waited for."""
+) -> subprocess.Popen[bytes]:
+    """Start a program; the caller owns it (spawn() owns it for a block).
+
+    Every child racker starts comes through here, so --debug shows every
+    command line. It gets a process group of its own (so terminate() reaches
+    its grandchildren too, mmdebstrap's apt and dpkg), or a session of its own
+    (new_session: a Ctrl-C on our terminal is ours to handle, not nspawn's),
+    or stays in ours (foreground: an interactive command reading our
+    terminal). It dies with racker unless die_with_parent is None (a
+    machine that `racker start` leaves running).
+    """
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
     debug(f"run: {shlex.join(argv)}")
-    child = subprocess.Popen(
-        argv,
-        env=_environment(env),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        start_new_session=new_session,
-        # Its own process group, so that terminate() reaches the grandchildren
-        # too (mmdebstrap's apt and dpkg), not just the tool we started.
-        process_group=None if new_session else 0,
-        cwd=cwd,
-        # A detached child (new session) may outlive us; any other dies with us.
-        preexec_fn=None if new_session else die_with_parent(),
-    )
+    setup = child_setup(die_with_parent=die_with_parent, cgroup_procs=cgroup_procs)
+    try:
+        return subprocess.Popen(
+            argv,
+            env=_environment(env),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=new_session,
+            process_group=None if new_session or foreground else 0,
+            cwd=cwd,
+            preexec_fn=setup,
+        )
+    finally:
+        if setup is not None and setup.fd is not None:  # type: ignore[attr-defined]
+            os.close(setup.fd)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def spawn(argv: Sequence[str], **options: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """start() a program and own it: if the caller raises, or leaves the block
+    while it runs, it is terminated (with its group), and always waited for."""
+    child = start(argv, **options)
     try:
         yield child
-    except BaseException:
-        terminate(child)
-        raise
     finally:
-        if child.returncode is None and not new_session:
-            terminate(child)
+        if child.returncode is None:
+            terminate(child, group=not options.get("foreground", False))
 
 
-def terminate(child: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM to the child's process group, a bounded wait, then SIGKILL to what is left.
+def interact(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
+    """Run a command wired to our own terminal (stdin, stdout, stderr); its exit status.
+
+    It stays in our process group, so that it may read the terminal. If we are
+    interrupted, it is terminated on the way out.
+    """
+    with spawn(argv, env=env, stdin=None, foreground=True) as child:
+        return child.wait()
+
+
+def terminate(child: subprocess.Popen[bytes], grace: float = 5.0, *, group: bool = True) -> None:
+    """SIGTERM to the child (its process group, if `group`), a bounded wait, then SIGKILL to what is left.
 
     Always reaps the child; no descendant that stayed in its group survives.
     """
+    send = _signal_group if group else signal_quietly
     if child.poll() is None:
-        _signal_group(child.pid, signal.SIGTERM)
+        send(child.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(grace)
-    _signal_group(child.pid, signal.SIGKILL)
+    if group or child.poll() is None:
+        send(child.pid, signal.SIGKILL)
     child.wait()
 
 

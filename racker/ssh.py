@@ -7,7 +7,6 @@ command's status, stdout and stderr come back as they were.
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,5 +89,4 @@ class Endpoint:
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
         argv = self.argv(command, tty=tty, root=root) if command else ["ssh", *self.options(), "-t", f"{self.user}@{self.host}"]
-        argv[0] = proc.require("ssh")
-        return subprocess.call(argv, env=proc.BASE_ENV)
+        return proc.interact(argv)
