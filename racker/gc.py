@@ -4,45 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import time
 from pathlib import Path
 
-from racker import machines, nspawn, store
-
-
-def _kill(pid: int, started: int) -> bool:
-    if not machines.alive(pid, started):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while machines.alive(pid, started) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return True
+from racker import cgroups, machines, store
 
 
 def collect() -> list[str]:
     """Remove every stale record and what it owns; return one line per thing removed."""
     removed: list[str] = []
-    for kind in ("nspawn", "qemu"):
-        for state in machines.all_states(kind):
-            if not machines.is_stale(state):
-                continue
-            # The leader first: killing a pid namespace's init takes the whole machine down.
-            if state.leader and _kill(state.leader, machines.start_time(state.leader)):
-                removed.append(f"killed {kind} machine {state.name} (pid {state.leader})")
-            if state.pid and _kill(state.pid, state.pid_start):
-                removed.append(f"killed {kind} process of {state.name} (pid {state.pid})")
-            cgroup = state.extra.get("cgroup")
-            if cgroup and os.path.isdir(cgroup):
-                nspawn.remove_cgroup(cgroup)
-                removed.append(f"removed cgroup {cgroup}")
-            if state.rundir and os.path.isdir(state.rundir):
-                store.remove_tree(Path(state.rundir))
-                removed.append(f"removed {state.rundir}")
-            machines.release(state)
-            removed.append(f"removed stale {kind} record {state.name}")
+    for kind in machines.KINDS:
+        removed += machines.collect_stale(kind)
     removed += _orphan_rundirs()
     removed += _orphan_cgroups()
     removed += _stale_workdirs()
@@ -79,7 +50,7 @@ def _unreferenced_images() -> list[str]:
     """Images no name links to any more (rebuilding a name leaves its old image)
     and disks promoted from them; kept while a machine or VM still uses them."""
     removed = []
-    states = [s for kind in ("nspawn", "qemu") for s in machines.all_states(kind)]
+    states = [s for kind in machines.KINDS for s in machines.all_states(kind)]
     in_use = {s.digest for s in states if s.digest}
     for state in states:
         # A VM started from a cached disk's path has no image digest; the disk's name has it.
@@ -100,27 +71,30 @@ def _unreferenced_images() -> list[str]:
 
 
 def _orphan_rundirs() -> list[str]:
-    """Run directories that no record claims."""
+    """Run directories that no record claims (a record is made before its run directory)."""
     removed = []
     run = store.home() / "run"
     if run.is_dir():
-        claimed = {s.rundir for kind in ("nspawn", "qemu") for s in machines.all_states(kind)}
-        for path in run.iterdir():
-            if str(path) not in claimed:
-                store.remove_tree(path)
-                removed.append(f"removed {path}")
+        with contextlib.ExitStack() as names_locked:
+            for kind in machines.KINDS:
+                names_locked.enter_context(machines.names_locked(kind))
+            claimed = {s.name for kind in machines.KINDS for s in machines.all_states(kind)}
+            for path in run.iterdir():
+                if path.name not in claimed:
+                    store.remove_tree(path)
+                    removed.append(f"removed {path}")
     return removed
 
 
 def _orphan_cgroups() -> list[str]:
     """Machine cgroups that no record claims (only empty ones can go)."""
     removed = []
-    parent = nspawn.store_cgroup()
+    parent = cgroups.store_parent()
     if parent is not None and parent.is_dir():
         claimed = {s.extra.get("cgroup") for s in machines.all_states("nspawn")}
         for path in parent.iterdir():
             if path.is_dir() and str(path) not in claimed:
-                nspawn.remove_cgroup(str(path))
+                cgroups.remove(path)
                 if not path.exists():
                     removed.append(f"removed cgroup {path}")
     return removed
@@ -156,20 +130,24 @@ def _kill_processes_inside(path: Path) -> list[int]:
     """SIGKILL every process whose root, working directory or command line is inside `path`.
 
     A killed pull leaves mmdebstrap, and the apt and dpkg it runs chrooted in
-    the unfinished rootfs, behind; they must be gone before the tree is.
+    the unfinished rootfs, behind; they must be gone before the tree is. Each
+    is signalled as the process seen here (pid and start time), never a pid's
+    later owner.
     """
     prefix = str(path)
     killed = []
+    boot = machines.boot_id()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         pid = int(entry)
+        started = machines.start_time(pid)
         try:
             links = [os.readlink(f"/proc/{pid}/{link}") for link in ("root", "cwd")]
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # gone already, or a kernel thread
         inside = any(link == prefix or link.startswith(prefix + "/") for link in links) or prefix in cmdline
-        if inside and _kill(pid, machines.start_time(pid)):
+        if inside and machines.kill_and_wait(pid, started, boot):
             killed.append(pid)
     return killed

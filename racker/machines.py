@@ -8,18 +8,88 @@ crash at any later point leaves a record that `racker gc` can act on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from racker import proc, store
+from racker import cgroups, proc, store
 from racker.errors import MachineError, NameTaken
 from racker.proc import Result
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+KINDS = {"nspawn": "machines", "qemu": "vms"}
+
+
+# -- process identity ---------------------------------------------------------
+#
+# A pid alone names a process only until it exits: after that (or a reboot) the
+# kernel hands the number to another process. racker records each process it
+# starts as (pid, start time, boot id) and signals a pid only while all three match.
+
+
+@functools.cache
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def start_time(pid: int) -> int:
+    """The kernel's start time of a process (clock ticks since boot), or 0 if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    fields_ = stat.rsplit(")", 1)[1].split()
+    if fields_[0] in ("Z", "X"):
+        return 0
+    return int(fields_[19])
+
+
+def alive(pid: int, started: int, boot: str) -> bool:
+    """The process recorded as (pid, start time, boot id) is still running."""
+    return pid > 0 and started > 0 and boot == boot_id() and start_time(pid) == started
+
+
+def signal_process(pid: int, started: int, boot: str, signum: int) -> bool:
+    """Send `signum` to the process recorded as (pid, start time, boot id), and to no other.
+
+    A pidfd pins the process while its start time is compared, so the pid
+    cannot be reused between the check and the signal. False if it is gone.
+    """
+    if pid <= 0 or started <= 0 or boot != boot_id():
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if start_time(pid) != started:
+            return False
+        signal.pidfd_send_signal(fd, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def kill_and_wait(pid: int, started: int, boot: str, timeout: float = 5) -> bool:
+    """SIGKILL the recorded process and wait for it to go; True if there was one to kill."""
+    if not signal_process(pid, started, boot, signal.SIGKILL):
+        return False
+    deadline = time.monotonic() + timeout
+    while alive(pid, started, boot) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+# -- records ------------------------------------------------------------------
 
 
 @dataclass
@@ -28,26 +98,42 @@ class State:
     kind: str  # "nspawn" or "qemu"
     image: str
     digest: str = ""
+    boot_id: str = ""  # the boot every pid below belongs to
     pid: int = 0  # systemd-nspawn or qemu
-    pid_start: int = 0  # the process's start time: guards against pid reuse
+    pid_start: int = 0  # each pid's start time: guards against pid reuse
     leader: int = 0  # the machine's init, for nsenter
+    leader_start: int = 0
     owner: int = 0  # the racker process that will stop it; 0 once detached
     owner_start: int = 0
-    rundir: str = ""
+    token: str = ""  # tells this claim of the name from a later one
     started: str = ""
     extra: dict = field(default_factory=dict)
 
+    @property
+    def rundir(self) -> Path:
+        return run_dir(self.name)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise MachineError(f"invalid machine name {name!r}: letters, digits, '-' and '.', at most 64, not starting with '.' or '-'")
+    return name
+
 
 def registry_dir(kind: str) -> Path:
-    path = store.home() / ("machines" if kind == "nspawn" else "vms")
+    path = store.home() / KINDS[kind]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise MachineError(f"invalid machine name {name!r}: letters, digits, '-' and '.', at most 64")
-    return name
+def record_path(kind: str, name: str) -> Path:
+    """The one place a machine name becomes a path: the name is checked first."""
+    return registry_dir(kind) / f"{check_name(name)}.json"
+
+
+def run_dir(name: str) -> Path:
+    """Where a machine's console log, sockets and overlay live while it runs."""
+    return store.home() / "run" / check_name(name)
 
 
 def unique_name(image: str) -> str:
@@ -55,79 +141,178 @@ def unique_name(image: str) -> str:
     return f"{base}-{os.urandom(3).hex()}"
 
 
-def start_time(pid: int) -> int:
-    """The kernel's start time of a process (clock ticks), or 0 if it is gone or a zombie."""
+class DamagedRecord(MachineError):
+    """A registry file that is not a record racker wrote for that name."""
+
+
+_TYPES = {f.name: (int if f.type == "int" else dict if f.type == "dict" else str) for f in fields(State)}
+
+
+def _parse(kind: str, name: str, text: str) -> State:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return 0
-    return int(fields[19])
-
-
-def alive(pid: int, started: int) -> bool:
-    return pid > 0 and started > 0 and start_time(pid) == started
-
-
-def claim(state: State) -> None:
-    """Reserve a name; NameTaken if it is in use (a stale record is cleared first)."""
-    check_name(state.name)
-    path = registry_dir(state.kind) / f"{state.name}.json"
-    for _attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            existing = load(state.kind, state.name)
-            if existing is not None and not is_stale(existing):
-                raise NameTaken(f"machine name {state.name!r} is already in use", hint="pick another --name, or `racker stop` it") from None
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(state), handle)
-        return
-    raise NameTaken(f"machine name {state.name!r} is already in use")
-
-
-def save(state: State) -> None:
-    store.write_json(registry_dir(state.kind) / f"{state.name}.json", asdict(state))
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DamagedRecord(f"the record of {name!r} is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DamagedRecord(f"the record of {name!r} is not a machine record")
+    known = {key: value for key, value in data.items() if key in _TYPES}  # an older racker's extra keys are ignored
+    for key, value in known.items():
+        if type(value) is not _TYPES[key]:
+            raise DamagedRecord(f"the record of {name!r} has a bad {key!r}: {value!r}")
+    if known.get("name") != name or known.get("kind") != kind or "image" not in known:
+        raise DamagedRecord(f"the record of {name!r} names another machine or kind")
+    return State(**known)
 
 
 def load(kind: str, name: str) -> State | None:
+    """The record of `name`, or None; DamagedRecord if the file is not one of ours."""
     try:
-        data = json.loads((registry_dir(kind) / f"{name}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        text = record_path(kind, name).read_text()
+    except FileNotFoundError:
         return None
-    return State(**data)
+    return _parse(kind, name, text)
 
 
-def release(state: State) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (registry_dir(state.kind) / f"{state.name}.json").unlink()
+def save(state: State) -> None:
+    store.write_json(record_path(state.kind, state.name), asdict(state))
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(path.stem for path in registry_dir(kind).glob("*.json") if _NAME.match(path.stem))
 
 
 def all_states(kind: str) -> list[State]:
+    """Every readable record of `kind` (damaged ones are left for gc)."""
     states = []
-    for path in sorted(registry_dir(kind).glob("*.json")):
-        state = load(kind, path.stem)
-        if state is not None:
-            states.append(state)
+    for name in _names(kind):
+        with contextlib.suppress(DamagedRecord):
+            state = load(kind, name)
+            if state is not None:
+                states.append(state)
     return states
 
 
 def is_stale(state: State) -> bool:
     """A record whose machine is gone, or whose owner died without stopping it."""
-    if state.pid and not alive(state.pid, state.pid_start):
+    if state.pid and not alive(state.pid, state.pid_start, state.boot_id):
         return True
-    if state.owner and not alive(state.owner, state.owner_start):
+    if state.owner and not alive(state.owner, state.owner_start, state.boot_id):
         return True
-    return not state.pid and not (state.owner and alive(state.owner, state.owner_start))
+    return not state.pid and not state.owner
 
 
 def in_use(digest: str) -> list[State]:
-    return [s for kind in ("nspawn", "qemu") for s in all_states(kind) if s.digest == digest and not is_stale(s)]
+    return [s for kind in KINDS for s in all_states(kind) if s.digest == digest and not is_stale(s)]
+
+
+@contextlib.contextmanager
+def names_locked(kind: str) -> Iterator[None]:
+    """Held while a name is claimed, released or its stale record reaped: these never interleave."""
+    with store.locked(f"claim-{kind}"):
+        yield
+
+
+def new_state(kind: str, name: str, image: str, digest: str = "", *, extra: dict | None = None) -> State:
+    """A record for a machine this process is about to make (and will stop)."""
+    me = os.getpid()
+    return State(
+        name=check_name(name),
+        kind=kind,
+        image=image,
+        digest=digest,
+        boot_id=boot_id(),
+        owner=me,
+        owner_start=start_time(me),
+        token=os.urandom(8).hex(),
+        started=store.now(),
+        extra=extra or {},
+    )
+
+
+def claim(state: State) -> None:
+    """Reserve a name; NameTaken if it is in use. A stale record is reaped first.
+
+    The record appears whole (written aside, then linked into place), so no
+    other claimer ever reads a half-written one.
+    """
+    path = record_path(state.kind, state.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(state), handle)
+        with names_locked(state.kind):
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                pass
+            try:
+                existing = load(state.kind, state.name)
+            except DamagedRecord:
+                existing = None
+            if existing is not None and not is_stale(existing):
+                raise NameTaken(f"machine name {state.name!r} is already in use", hint="pick another --name, or stop it first")
+            if existing is not None:
+                reap(existing)
+            os.replace(tmp, path)
+            tmp = ""
+    finally:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def release(state: State) -> None:
+    """Drop the record of this claim (not a later claim of the same name)."""
+    with names_locked(state.kind):
+        try:
+            current = load(state.kind, state.name)
+        except DamagedRecord:
+            current = None
+        if current is not None and current.token == state.token:
+            record_path(state.kind, state.name).unlink(missing_ok=True)
+
+
+def reap(state: State) -> list[str]:
+    """Remove what a stale record owns: its processes (only if still the ones recorded),
+    its cgroup, its run directory and the record itself. One line per thing removed.
+
+    The caller holds the names lock (claim() and collect_stale() do).
+    """
+    removed = []
+    # The leader first: killing a pid namespace's init takes the whole machine down.
+    if kill_and_wait(state.leader, state.leader_start, state.boot_id):
+        removed.append(f"killed {state.kind} machine {state.name} (pid {state.leader})")
+    if kill_and_wait(state.pid, state.pid_start, state.boot_id):
+        removed.append(f"killed {state.kind} process of {state.name} (pid {state.pid})")
+    cgroup = state.extra.get("cgroup")
+    if cgroup and os.path.isdir(cgroup):
+        cgroups.remove(cgroup)
+        if not os.path.isdir(cgroup):
+            removed.append(f"removed cgroup {cgroup}")
+    if state.rundir.exists():
+        store.remove_tree(state.rundir)
+        removed.append(f"removed {state.rundir}")
+    record_path(state.kind, state.name).unlink(missing_ok=True)
+    removed.append(f"removed stale {state.kind} record {state.name}")
+    return removed
+
+
+def collect_stale(kind: str) -> list[str]:
+    """Reap every stale or damaged record of `kind`; what `racker gc` does for machines."""
+    removed = []
+    for name in _names(kind):
+        with names_locked(kind):
+            try:
+                state = load(kind, name)
+            except DamagedRecord as damaged:
+                # Not ours to act on: nothing it names is signalled or deleted.
+                record_path(kind, name).unlink(missing_ok=True)
+                removed.append(f"removed damaged {kind} record {name} ({damaged})")
+                continue
+            if state is not None and is_stale(state):
+                removed += reap(state)
+    return removed
 
 
 def console_tail(path: Path, lines: int = 25) -> str:
@@ -151,7 +336,7 @@ class Guest:
     @property
     def rundir(self) -> Path:
         """Where its console log, sockets and overlay live while it runs."""
-        return store.home() / "run" / self.name
+        return run_dir(self.name)
 
     @property
     def console_log(self) -> Path:

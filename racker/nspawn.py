@@ -8,8 +8,6 @@ relayed by nspawn over a notify socket that we own: no polling, no sleeps.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -20,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import machines, proc, store
+from racker import cgroups, machines, proc, store
 from racker.errors import BootTimeout, MachineError
 from racker.machines import State
 from racker.proc import Result
@@ -81,18 +79,9 @@ class Machine(machines.Guest):
             raise MachineError(
                 f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
             )
-        me = os.getpid()
-        self.state = State(
-            name=self.name,
-            kind="nspawn",
-            image=self.image.name,
-            digest=self.image.digest,
-            owner=me,
-            owner_start=machines.start_time(me),
-            rundir=str(self.rundir),
-            started=store.now(),
-        )
-        machines.claim(self.state)  # recorded before anything is made
+        state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest)
+        machines.claim(state)  # recorded before anything is made
+        self.state = state
         try:
             self._boot(rootfs)
         except BaseException:
@@ -108,32 +97,32 @@ class Machine(machines.Guest):
         if cgroup is not None:
             self.state.extra["cgroup"] = str(cgroup)
             machines.save(self.state)  # recorded before it is made
-            make_cgroup(cgroup)
+            cgroups.make(cgroup)
         notify_path = self.rundir / "notify"
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(str(notify_path))
-            argv = nspawn_argv(rootfs, self.name)
             with open(self.console_log, "wb") as console:
-                self._child = subprocess.Popen(
-                    [proc.require("systemd-nspawn"), *argv[1:]],
-                    env={**proc.BASE_ENV, **nspawn_env(), "NOTIFY_SOCKET": str(notify_path)},
-                    stdin=subprocess.DEVNULL,
+                self._child = proc.start(
+                    nspawn_argv(rootfs, self.name),
+                    env={**nspawn_env(), "NOTIFY_SOCKET": str(notify_path)},
                     stdout=console,
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's
-                    preexec_fn=_child_setup(cgroup, die_with_parent=not self.detached),
+                    new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's
+                    # An owned machine shuts down if we die; a detached one outlives us.
+                    die_with_parent=None if self.detached else signal.SIGTERM,
+                    cgroup_procs=str(cgroup / "cgroup.procs") if cgroup is not None else None,
                 )
             self.state.pid = self._child.pid
             self.state.pid_start = machines.start_time(self._child.pid)
             machines.save(self.state)
-            self.state.leader = self._wait_ready(notify, started + self.boot_timeout)
+            self._wait_ready(notify, started + self.boot_timeout)
         self.state.extra["machined"] = has_machined()
         machines.save(self.state)
         self.boot_seconds = time.monotonic() - started
 
     def _wait_ready(self, notify: socket.socket, deadline: float) -> int:
-        """Read nspawn's notifications until READY=1; return the container's leader pid."""
+        """Read nspawn's notifications until READY=1 (recording the container's leader); its pid."""
         assert self._child is not None
         leader = 0
         while True:
@@ -156,28 +145,32 @@ class Machine(machines.Guest):
                 if key == "X_NSPAWN_LEADER_PID":
                     leader = int(value)
                     self.state.leader = leader  # type: ignore[union-attr]
+                    self.state.leader_start = machines.start_time(leader)  # type: ignore[union-attr]
                     machines.save(self.state)  # type: ignore[arg-type]
                 elif key == "READY" and value == "1" and leader:
                     return leader
 
     def stop(self, grace: float = 10.0) -> None:
-        """Shut the machine down: SIGTERM to nspawn (a clean poweroff), then SIGKILL."""
+        """Shut the machine down: SIGTERM to nspawn (a clean poweroff), then SIGKILL.
+
+        Only the processes this machine's record names are signalled, and only
+        while they are still those processes (pid, start time and boot match).
+        """
         state = self.state
         if state is None:
             return
         try:
-            if state.pid and machines.alive(state.pid, state.pid_start):
-                proc.signal_quietly(state.pid, signal.SIGTERM)
+            if machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM):
                 if not self._wait_gone(grace):
-                    if state.leader:
-                        proc.signal_quietly(state.leader, signal.SIGKILL)  # takes the whole pid namespace down
-                    proc.signal_quietly(state.pid, signal.SIGKILL)
+                    # The leader first: it takes the whole pid namespace down.
+                    machines.signal_process(state.leader, state.leader_start, state.boot_id, signal.SIGKILL)
+                    machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
                     self._wait_gone(5)
             elif self._child is not None:
                 self._child.wait(5)
         finally:
             shutil.rmtree(state.rundir, ignore_errors=True)
-            remove_cgroup(state.extra.get("cgroup"))
+            cgroups.remove(state.extra.get("cgroup"))
             machines.release(state)
             self.state = None
 
@@ -233,7 +226,7 @@ class Machine(machines.Guest):
         """Run a command wired to our own stdin, stdout and stderr; return its exit code."""
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
-        return subprocess.call(self.command(argv, tty=tty), env=proc.BASE_ENV)
+        return proc.interact(self.command(argv, tty=tty))
 
 
 def nspawn_argv(rootfs: Path, name: str) -> list[str]:
@@ -256,14 +249,6 @@ def nspawn_argv(rootfs: Path, name: str) -> list[str]:
     return argv
 
 
-def unified_cgroup_root() -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host."""
-    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        if (root / "cgroup.controllers").exists():
-            return root
-    return None
-
-
 def machine_cgroup(name: str) -> Path | None:
     """A cgroup of the machine's own, where no machined makes one.
 
@@ -275,57 +260,7 @@ def machine_cgroup(name: str) -> Path | None:
     """
     if has_machined():
         return None
-    parent = store_cgroup()
-    return parent / name if parent is not None else None
-
-
-def store_cgroup() -> Path | None:
-    """The parent of this store's machine cgroups: each store (RACKER_HOME) has its own."""
-    root = unified_cgroup_root()
-    if root is None:
-        return None
-    key = hashlib.sha256(str(store.home().resolve()).encode()).hexdigest()[:12]
-    return root / "racker" / key
-
-
-def make_cgroup(path: Path) -> None:
-    # Another machine's stop may remove the empty store parent between our two mkdirs.
-    for _attempt in range(5):
-        with contextlib.suppress(FileNotFoundError):
-            path.mkdir(parents=True, exist_ok=True)
-            return
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def remove_cgroup(path: str | None) -> None:
-    """Remove a machine's cgroup tree, deepest first, and the store's parent once empty.
-
-    A cgroup can only be removed when no process is in it: rmdir fails otherwise.
-    """
-    if not path or not os.path.isdir(path):
-        return
-    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
-        with contextlib.suppress(OSError):
-            os.rmdir(dirpath)
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.dirname(path))
-
-
-def _child_setup(cgroup: Path | None, *, die_with_parent: bool):  # type: ignore[no-untyped-def]
-    """What nspawn's process does between fork and exec: join its cgroup, tie its life to ours."""
-    procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
-    # An owned machine shuts down if we die; a detached one outlives us.
-    pdeathsig = proc.die_with_parent() if die_with_parent else None
-
-    def setup() -> None:
-        if procs is not None:
-            fd = os.open(procs, os.O_WRONLY)
-            os.write(fd, b"0")  # 0: the writing process itself
-            os.close(fd)
-        if pdeathsig is not None:
-            pdeathsig()
-
-    return setup
+    return cgroups.for_machine(name)
 
 
 def nspawn_env() -> dict[str, str]:

@@ -22,7 +22,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +151,39 @@ def _ports_in_use() -> set[int]:
     return {int(s.extra["ssh_port"]) for s in machines.all_states(KIND) if s.extra.get("ssh_port") and not machines.is_stale(s)}
 
 
+def port_range() -> range | None:
+    """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
+    opening, say); unset, any free port the kernel offers."""
+    text = os.environ.get("RACKER_SSH_PORTS", "")
+    if not text:
+        return None
+    low, _, high = text.partition("-")
+    try:
+        ports = range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
+    if not ports or ports.start < 1 or ports.stop > 65536:
+        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(exclude: set[int]) -> int:
     """A port on 127.0.0.1 that nothing listens on now and no live VM has recorded."""
+    ports = port_range()
+    if ports is not None:
+        for port in ports:
+            if port not in exclude and _bindable(port):
+                return port
+        raise VMError(f"no free port in RACKER_SSH_PORTS ({ports.start}-{ports.stop - 1}) for SSH forwarding")
     for _attempt in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("127.0.0.1", 0))
@@ -160,6 +191,20 @@ def free_port(exclude: set[int]) -> int:
         if port not in exclude:
             return port
     raise VMError("no free port on 127.0.0.1 for SSH forwarding")
+
+
+@contextlib.contextmanager
+def ssh_port(state: State) -> Iterator[int]:
+    """A port for the VM's SSH forward, recorded in its state.
+
+    Chosen and held under a lock shared by every racker process until the
+    block ends: QEMU binds it inside the block, so no other VM can be given it.
+    """
+    with store.locked("qemu-ports"):
+        port = free_port(_ports_in_use())
+        state.extra["ssh_port"] = port
+        machines.save(state)
+        yield port
 
 
 # -- the VM -----------------------------------------------------------------
@@ -232,19 +277,9 @@ class VM(machines.Guest):
 
     def start(self) -> VM:
         started = time.monotonic()
-        me = os.getpid()
-        self.state = State(
-            name=self.name,
-            kind=KIND,
-            image=self.image,
-            digest=self.digest,
-            owner=me,  # a detached VM is handed over once it runs (detach())
-            owner_start=machines.start_time(me),
-            rundir=str(self.rundir),
-            started=store.now(),
-            extra={"disk": str(self.disk)},
-        )
-        machines.claim(self.state)  # recorded before anything is made
+        state = machines.new_state(KIND, self.name, self.image, self.digest, extra={"disk": str(self.disk)})
+        machines.claim(state)  # recorded before anything is made
+        self.state = state  # a detached VM is handed over once it runs (detach())
         try:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir.mkdir(parents=True)
@@ -316,24 +351,16 @@ class VM(machines.Guest):
         """Start QEMU with a port no other racker process can take; connect to its QMP."""
         assert self.state is not None
         for _attempt in range(3):
-            with store.locked("qemu-ports"):
-                port = free_port(_ports_in_use())
-                self.state.extra["ssh_port"] = port
-                machines.save(self.state)
+            with ssh_port(self.state) as port:
                 self.argv = self.qemu_argv(firmware, port)
-                log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115 - handed to QEMU
-                try:
-                    self._child = subprocess.Popen(
+                with open(self.rundir / "qemu.log", "wb") as log:
+                    self._child = proc.start(
                         self.argv,
-                        env=proc.BASE_ENV,
-                        stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        start_new_session=True,  # a Ctrl-C on our terminal is ours to handle
-                        preexec_fn=None if self.detached else proc.die_with_parent(signal.SIGKILL),
+                        new_session=True,  # a Ctrl-C on our terminal is ours to handle
+                        die_with_parent=None if self.detached else signal.SIGKILL,
                     )
-                finally:
-                    log.close()
                 self.state.pid = self._child.pid
                 self.state.pid_start = machines.start_time(self._child.pid)
                 machines.save(self.state)
@@ -381,7 +408,7 @@ class VM(machines.Guest):
     def _alive(self) -> bool:
         if self._child is not None:
             return self._child.poll() is None
-        return self.state is not None and machines.alive(self.state.pid, self.state.pid_start)
+        return self.state is not None and machines.alive(self.state.pid, self.state.pid_start, self.state.boot_id)
 
     def _exit_status(self) -> int | None:
         return self._child.returncode if self._child is not None else None
@@ -440,15 +467,15 @@ class VM(machines.Guest):
                     with contextlib.suppress(Exception):
                         self.qmp("quit")
                     if not self._wait_gone(3):
-                        proc.signal_quietly(state.pid, signal.SIGTERM)
+                        machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
                         if not self._wait_gone(3):
-                            proc.signal_quietly(state.pid, signal.SIGKILL)
+                            machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
                             self._wait_gone(5)
             elif self._child is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._child.wait(5)
         finally:
-            store.remove_tree(Path(state.rundir))
+            store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
 
@@ -491,7 +518,7 @@ def _quiet_library_logs() -> None:
 
 
 def _endpoint(state: State) -> ssh.Endpoint:
-    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, Path(state.rundir) / "id_ed25519")
+    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519")
 
 
 # Returns when the boot has finished (cloud-init's last stage is part of it).

@@ -35,13 +35,13 @@ def _machine_of(owner: int, timeout: float = 60) -> machines.State:
 def _traces(state: machines.State) -> list[str]:
     """Everything that would show the machine still exists."""
     found = []
-    for pid in (state.pid, state.leader):
-        if machines.alive(pid, machines.start_time(pid)) and pid:
+    for pid, started in ((state.pid, state.pid_start), (state.leader, state.leader_start)):
+        if machines.alive(pid, started, state.boot_id):
             found.append(f"process {pid} alive")
     mounts = Path("/proc/mounts").read_text()
     if state.name in mounts:
         found.append("mount left")
-    if Path(state.rundir).exists():
+    if state.rundir.exists():
         found.append(f"{state.rundir} left")
     if machines.load("nspawn", state.name) is not None:
         found.append("registry record left")

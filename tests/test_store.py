@@ -31,9 +31,8 @@ def live_machine(kind: str, name: str, image: str, digest: str = "", disk: Path 
     """A registry record of a running machine (this test process stands in for it)."""
     from racker import machines
 
-    extra = {"disk": str(disk)} if disk else {}
-    state = machines.State(name=name, kind=kind, image=image, digest=digest, pid=os.getpid(), owner=os.getpid(), extra=extra)
-    state.pid_start = state.owner_start = machines.start_time(os.getpid())
+    state = machines.new_state(kind, name, image, digest, extra={"disk": str(disk)} if disk else {})
+    state.pid, state.pid_start = state.owner, state.owner_start
     machines.claim(state)
     try:
         yield

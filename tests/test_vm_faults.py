@@ -125,7 +125,7 @@ def _wait_for_vm(name: str, timeout: float = 60) -> machines.State:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = machines.load("qemu", name)
-        if state and state.pid and machines.alive(state.pid, state.pid_start):
+        if state and state.pid and machines.alive(state.pid, state.pid_start, state.boot_id):
             return state
         time.sleep(0.05)
     raise AssertionError(f"VM {name} never started")
@@ -157,7 +157,7 @@ def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
     assert machines.load("qemu", name) is not None, "the record survives a kill -9 until gc"
     removed = gc.collect()
     assert any(name in line for line in removed), removed
-    assert not machines.alive(state.pid, state.pid_start)
+    assert not machines.alive(state.pid, state.pid_start, state.boot_id)
     _assert_nothing_left(name)
 
 
