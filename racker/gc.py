@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from racker import cgroups, machines, store
+from racker import cgroups, machines, proc, store
 
 
 def collect() -> list[str]:
@@ -136,12 +136,12 @@ def _kill_processes_inside(path: Path) -> list[int]:
     """
     prefix = str(path)
     killed = []
-    boot = machines.boot_id()
+    boot = proc.boot_id()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         pid = int(entry)
-        started = machines.start_time(pid)
+        started = proc.start_time(pid)
         try:
             links = [os.readlink(f"/proc/{pid}/{link}") for link in ("root", "cwd")]
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

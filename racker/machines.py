@@ -8,7 +8,6 @@ crash at any later point leaves a record that `racker gc` can act on.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -27,64 +26,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 KINDS = {"nspawn": "machines", "qemu": "vms"}
 
 
-# -- process identity ---------------------------------------------------------
-#
-# A pid alone names a process only until it exits: after that (or a reboot) the
-# kernel hands the number to another process. racker records each process it
-# starts as (pid, start time, boot id) and signals a pid only while all three match.
-
-
-@functools.cache
-def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def start_time(pid: int) -> int:
-    """The kernel's start time of a process (clock ticks since boot), or 0 if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0
-    fields_ = stat.rsplit(")", 1)[1].split()
-    if fields_[0] in ("Z", "X"):
-        return 0
-    return int(fields_[19])
-
-
-def alive(pid: int, started: int, boot: str) -> bool:
-    """The process recorded as (pid, start time, boot id) is still running."""
-    return pid > 0 and started > 0 and boot == boot_id() and start_time(pid) == started
-
-
-def signal_process(pid: int, started: int, boot: str, signum: int) -> bool:
-    """Send `signum` to the process recorded as (pid, start time, boot id), and to no other.
-
-    A pidfd pins the process while its start time is compared, so the pid
-    cannot be reused between the check and the signal. False if it is gone.
-    """
-    if pid <= 0 or started <= 0 or boot != boot_id():
-        return False
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        if start_time(pid) != started:
-            return False
-        signal.pidfd_send_signal(fd, signum)
-        return True
-    except ProcessLookupError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def kill_and_wait(pid: int, started: int, boot: str, timeout: float = 5) -> bool:
     """SIGKILL the recorded process and wait for it to go; True if there was one to kill."""
-    if not signal_process(pid, started, boot, signal.SIGKILL):
+    if not proc.signal_process(pid, started, boot, signal.SIGKILL):
         return False
     deadline = time.monotonic() + timeout
-    while alive(pid, started, boot) and time.monotonic() < deadline:
+    while proc.alive(pid, started, boot) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
@@ -194,9 +141,9 @@ def all_states(kind: str) -> list[State]:
 
 def is_stale(state: State) -> bool:
     """A record whose machine is gone, or whose owner died without stopping it."""
-    if state.pid and not alive(state.pid, state.pid_start, state.boot_id):
+    if state.pid and not proc.alive(state.pid, state.pid_start, state.boot_id):
         return True
-    if state.owner and not alive(state.owner, state.owner_start, state.boot_id):
+    if state.owner and not proc.alive(state.owner, state.owner_start, state.boot_id):
         return True
     return not state.pid and not state.owner
 
@@ -220,9 +167,9 @@ def new_state(kind: str, name: str, image: str, digest: str = "", *, extra: dict
         kind=kind,
         image=image,
         digest=digest,
-        boot_id=boot_id(),
+        boot_id=proc.boot_id(),
         owner=me,
-        owner_start=start_time(me),
+        owner_start=proc.start_time(me),
         token=os.urandom(8).hex(),
         started=store.now(),
         extra=extra or {},

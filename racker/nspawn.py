@@ -114,7 +114,7 @@ class Machine(machines.Guest):
                     cgroup_procs=str(cgroup / "cgroup.procs") if cgroup is not None else None,
                 )
             self.state.pid = self._child.pid
-            self.state.pid_start = machines.start_time(self._child.pid)
+            self.state.pid_start = proc.start_time(self._child.pid)
             machines.save(self.state)
             self._wait_ready(notify, started + self.boot_timeout)
         self.state.extra["machined"] = has_machined()
@@ -145,7 +145,7 @@ class Machine(machines.Guest):
                 if key == "X_NSPAWN_LEADER_PID":
                     leader = int(value)
                     self.state.leader = leader  # type: ignore[union-attr]
-                    self.state.leader_start = machines.start_time(leader)  # type: ignore[union-attr]
+                    self.state.leader_start = proc.start_time(leader)  # type: ignore[union-attr]
                     machines.save(self.state)  # type: ignore[arg-type]
                 elif key == "READY" and value == "1" and leader:
                     return leader
@@ -160,11 +160,11 @@ class Machine(machines.Guest):
         if state is None:
             return
         try:
-            if machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM):
+            if proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM):
                 if not self._wait_gone(grace):
                     # The leader first: it takes the whole pid namespace down.
-                    machines.signal_process(state.leader, state.leader_start, state.boot_id, signal.SIGKILL)
-                    machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
+                    proc.signal_process(state.leader, state.leader_start, state.boot_id, signal.SIGKILL)
+                    proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
                     self._wait_gone(5)
             elif self._child is not None:
                 self._child.wait(5)

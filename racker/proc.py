@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import select
 import shlex
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import IO, Any
 
 from racker.errors import ToolFailed, ToolMissing, ToolTimeout
@@ -303,3 +305,55 @@ def run(
     if check and result.returncode not in ok_codes:
         raise ToolFailed(result.argv, result.returncode, result.stderr)
     return result
+
+
+# -- process identity ---------------------------------------------------------
+#
+# A pid alone names a process only until it exits: after that (or a reboot) the
+# kernel hands the number to another process. racker records each process it
+# starts as (pid, start time, boot id) and signals a pid only while all three match.
+
+
+@functools.cache
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def start_time(pid: int) -> int:
+    """The kernel's start time of a process (clock ticks since boot), or 0 if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    fields_ = stat.rsplit(")", 1)[1].split()
+    if fields_[0] in ("Z", "X"):
+        return 0
+    return int(fields_[19])
+
+
+def alive(pid: int, started: int, boot: str) -> bool:
+    """The process recorded as (pid, start time, boot id) is still running."""
+    return pid > 0 and started > 0 and boot == boot_id() and start_time(pid) == started
+
+
+def signal_process(pid: int, started: int, boot: str, signum: int) -> bool:
+    """Send `signum` to the process recorded as (pid, start time, boot id), and to no other.
+
+    A pidfd pins the process while its start time is compared, so the pid
+    cannot be reused between the check and the signal. False if it is gone.
+    """
+    if pid <= 0 or started <= 0 or boot != boot_id():
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if start_time(pid) != started:
+            return False
+        signal.pidfd_send_signal(fd, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)

@@ -362,7 +362,7 @@ class VM(machines.Guest):
                         die_with_parent=None if self.detached else signal.SIGKILL,
                     )
                 self.state.pid = self._child.pid
-                self.state.pid_start = machines.start_time(self._child.pid)
+                self.state.pid_start = proc.start_time(self._child.pid)
                 machines.save(self.state)
                 if self._wait_qmp(time.monotonic() + 30):
                     break  # QMP answers only after every netdev is set up: the port is bound
@@ -408,7 +408,7 @@ class VM(machines.Guest):
     def _alive(self) -> bool:
         if self._child is not None:
             return self._child.poll() is None
-        return self.state is not None and machines.alive(self.state.pid, self.state.pid_start, self.state.boot_id)
+        return self.state is not None and proc.alive(self.state.pid, self.state.pid_start, self.state.boot_id)
 
     def _exit_status(self) -> int | None:
         return self._child.returncode if self._child is not None else None
@@ -467,9 +467,9 @@ class VM(machines.Guest):
                     with contextlib.suppress(Exception):
                         self.qmp("quit")
                     if not self._wait_gone(3):
-                        machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
+                        proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
                         if not self._wait_gone(3):
-                            machines.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
+                            proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
                             self._wait_gone(5)
             elif self._child is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):

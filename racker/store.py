@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from racker import proc
 from racker.errors import StoreError
 
 
@@ -100,14 +102,15 @@ def workdir(prefix: str) -> Iterator[Path]:
 
     Removed on the way out, whatever happens; `gc` removes any that a kill -9 left.
     The directory itself is flocked while its owner lives, and it appears in
-    tmp/ only once locked (made in tmp/.new, locked, renamed): gc never sees a
-    live workdir unlocked.
+    tmp/ only once locked: it is made in tmp/.new under a name that says who
+    made it (stale_workdir() reads it), locked, then renamed into tmp/.
     """
-    new = Path(tempfile.mkdtemp(dir=_dir("tmp/.new"), prefix=f"{prefix}."))
+    me = os.getpid()
+    new = Path(tempfile.mkdtemp(dir=_dir("tmp/.new"), prefix=f"{me}.{proc.start_time(me)}.{proc.boot_id()}.{prefix}."))
     fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        path = new.parent.parent / new.name
+        path = new.parent.parent / new.name.split(".", 3)[3]
         os.rename(new, path)
         try:
             yield path
@@ -123,7 +126,16 @@ def workdir(prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def stale_workdir(path: Path) -> Iterator[bool]:
-    """Hold `path`'s workdir lock if its owner is gone; yields whether it was taken."""
+    """Hold `path`'s workdir lock if its owner is gone; yields whether it was taken.
+
+    In tmp/.new, where a workdir is not locked yet, the owner is the process
+    its name records (pid, start time, boot id).
+    """
+    if path.parent.name == ".new":
+        pid, started, boot, _rest = [*path.name.split(".", 3), "", "", ""][:4]
+        if pid.isdigit() and started.isdigit() and proc.alive(int(pid), int(started), boot):
+            yield False
+            return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -308,7 +320,12 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
             full_manifest = dict(manifest, digest=digest, size=size, source=source, created=created)
             write_json(staging / "manifest.json", full_manifest)
             _dir("images")
-            os.rename(staging, target)
+            try:
+                os.rename(staging, target)
+            except OSError as error:
+                # Another name committed the same content first: the image is there, ours goes with the workdir.
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
+                    raise
         write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created})
     image = lookup(name)
     assert image is not None
@@ -316,13 +333,18 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
 
 
 def remove(name: str) -> StoredImage:
-    """Drop a name; drop its image too when no other name points at it."""
-    image = lookup(name)
-    if image is None:
-        raise StoreError(f"no image named {name!r} in the store", hint="see `racker images`")
-    ref_path(name).unlink()
-    if not any(other.digest == image.digest for other in images()):
-        drop_image(image.path)
+    """Drop a name; drop its image too when no other name points at it.
+
+    Under the sweep lock, so that an image a copy is reading (reading()) or a
+    commit is naming stays until they are done.
+    """
+    with locked(SWEEP_LOCK):
+        image = lookup(name)
+        if image is None:
+            raise StoreError(f"no image named {name!r} in the store", hint="see `racker images`")
+        ref_path(name).unlink()
+        if not any(other.digest == image.digest for other in images()):
+            drop_image(image.path)
     return image
 
 

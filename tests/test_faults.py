@@ -36,7 +36,7 @@ def _traces(state: machines.State) -> list[str]:
     """Everything that would show the machine still exists."""
     found = []
     for pid, started in ((state.pid, state.pid_start), (state.leader, state.leader_start)):
-        if machines.alive(pid, started, state.boot_id):
+        if proc.alive(pid, started, state.boot_id):
             found.append(f"process {pid} alive")
     mounts = Path("/proc/mounts").read_text()
     if state.name in mounts:

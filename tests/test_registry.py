@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import cgroups, gc, machines
+from racker import cgroups, gc, machines, proc
 from racker.errors import MachineError, NameTaken
 
 
@@ -34,7 +34,7 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
 def _dead_owner() -> tuple[int, int]:
     """(pid, start time) of a process that has exited: a record's owner that died."""
     child = subprocess.Popen(["true"])
-    started = machines.start_time(child.pid)
+    started = proc.start_time(child.pid)
     child.wait()
     return child.pid, started
 
@@ -46,7 +46,7 @@ def _stale_record(name: str, pid: int, started: int, *, boot: str | None = None,
         name=name,
         kind="nspawn",
         image="x",
-        boot_id=machines.boot_id() if boot is None else boot,
+        boot_id=proc.boot_id() if boot is None else boot,
         pid=pid,
         pid_start=started,
         leader=pid,
@@ -61,7 +61,7 @@ def _stale_record(name: str, pid: int, started: int, *, boot: str | None = None,
 
 
 def test_gc_never_signals_a_pid_whose_start_time_or_boot_differs(private_store: dict, bystander) -> None:
-    started = machines.start_time(bystander.pid)
+    started = proc.start_time(bystander.pid)
     _stale_record("reused-pid", bystander.pid, started - 1)  # the pid now belongs to another process
     _stale_record("other-boot", bystander.pid, started, boot="00000000-0000-0000-0000-000000000000")  # recorded before a reboot
     removed = gc.collect()
@@ -71,7 +71,7 @@ def test_gc_never_signals_a_pid_whose_start_time_or_boot_differs(private_store: 
 
 
 def test_gc_kills_the_process_a_stale_record_really_names(private_store: dict, bystander) -> None:
-    _stale_record("mine", bystander.pid, machines.start_time(bystander.pid))
+    _stale_record("mine", bystander.pid, proc.start_time(bystander.pid))
     removed = gc.collect()
     assert bystander.wait(10) == -9
     assert f"killed nspawn machine mine (pid {bystander.pid})" in removed
@@ -80,11 +80,11 @@ def test_gc_kills_the_process_a_stale_record_really_names(private_store: dict, b
 def test_signal_process_checks_identity(bystander) -> None:
     import signal
 
-    started = machines.start_time(bystander.pid)
-    assert not machines.signal_process(bystander.pid, started + 1, machines.boot_id(), signal.SIGTERM)
-    assert not machines.signal_process(bystander.pid, started, "another-boot", signal.SIGTERM)
+    started = proc.start_time(bystander.pid)
+    assert not proc.signal_process(bystander.pid, started + 1, proc.boot_id(), signal.SIGTERM)
+    assert not proc.signal_process(bystander.pid, started, "another-boot", signal.SIGTERM)
     assert bystander.poll() is None
-    assert machines.signal_process(bystander.pid, started, machines.boot_id(), signal.SIGTERM)
+    assert proc.signal_process(bystander.pid, started, proc.boot_id(), signal.SIGTERM)
     assert bystander.wait(10) == -signal.SIGTERM
 
 
@@ -131,7 +131,7 @@ def test_a_crafted_record_signals_and_deletes_nothing_it_names(private_store: di
         "name": "evil",
         "kind": "nspawn",
         "image": "x",
-        "boot_id": machines.boot_id(),
+        "boot_id": proc.boot_id(),
         "pid": bystander.pid,
         "pid_start": 1,
         "leader": bystander.pid,
@@ -191,7 +191,7 @@ def test_exactly_one_of_many_concurrent_claims_wins(private_store: dict) -> None
 
 
 def test_a_stale_claim_is_reaped_and_taken_over(private_store: dict, bystander) -> None:
-    _stale_record("box", bystander.pid, machines.start_time(bystander.pid))
+    _stale_record("box", bystander.pid, proc.start_time(bystander.pid))
     machines.run_dir("box").mkdir(parents=True)
     state = machines.new_state("nspawn", "box", "x")
     machines.claim(state)

@@ -1,7 +1,10 @@
 """The store's own logic, on small trees made here (the real builds are in test_pull.py)."""
 
 import json
+import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,24 +108,97 @@ def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> No
     assert not any(new.path.name[:19] in line for line in removed)
 
 
-def test_gc_waits_for_a_copy_reading_an_image_no_name_links_to_any_more(private_store: dict) -> None:
-    import threading
-    import time
+def _blocked_on(lock: Path, timeout: float = 30) -> None:
+    """Return once some process or thread waits for a flock on `lock` (a `->` line in /proc/locks)."""
+    inode = os.stat(lock).st_ino
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            words = line.split()
+            if "->" in words and words[words.index("->") + 1] == "FLOCK" and words[-3].rsplit(":", 1)[-1] == str(inode):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing waited for {lock}")
 
+
+def _in_thread(func) -> tuple[threading.Thread, threading.Event]:  # type: ignore[no-untyped-def]
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (func(), done.set()))
+    thread.start()
+    return thread, done
+
+
+def test_gc_waits_for_a_copy_reading_an_image_no_name_links_to_any_more(private_store: dict) -> None:
     old = commit_name("old", "r1")
-    collected = threading.Event()
     with store.reading(old) as rootfs:
         # The name is rebuilt while the old image is being copied out, and gc runs.
         commit_name("new", "r2")
-        sweeper = threading.Thread(target=lambda: (gc.collect(), collected.set()))
-        sweeper.start()
-        time.sleep(0.5)
-        assert not collected.is_set(), "gc must wait for the copy"
+        sweeper, collected = _in_thread(gc.collect)
+        _blocked_on(store._lock_path(store.SWEEP_LOCK))
+        assert not collected.is_set() and old.path.exists(), "gc must wait for the copy"
         assert (rootfs / "file").read_text() == "old"
     sweeper.join(10)
     assert collected.is_set() and not old.path.exists()
     with pytest.raises(StoreError, match="gone from the store"), store.reading(old):
         pass
+
+
+def test_rmi_waits_for_a_copy_reading_the_image(private_store: dict) -> None:
+    image = commit_name("only", "r1")
+    with store.reading(image) as rootfs:
+        remover, removed = _in_thread(lambda: store.remove("name"))
+        _blocked_on(store._lock_path(store.SWEEP_LOCK))
+        assert not removed.is_set() and (rootfs / "file").read_text() == "only"
+    remover.join(10)
+    assert removed.is_set() and not image.path.exists() and store.lookup("name") is None
+
+
+def _commit_at_once(home: str, name: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    os.environ["RACKER_HOME"] = home
+    with store.workdir("test") as work:
+        tree = make_tree(work / "rootfs", "same")
+        barrier.wait()
+        try:
+            results.put(store.commit(name, tree, source="test:", recipe="r", manifest={}).digest)
+        except Exception as error:
+            results.put(f"error: {error!r}")
+
+
+def test_names_committing_the_same_content_at_once_all_succeed(private_store: dict) -> None:
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        barrier, results = context.Barrier(6), context.Queue()
+        names = [f"n{round_}-{i}" for i in range(6)]
+        workers = [context.Process(target=_commit_at_once, args=(private_store["RACKER_HOME"], n, barrier, results)) for n in names]
+        for worker in workers:
+            worker.start()
+        outcomes = {results.get(timeout=60) for _ in workers}
+        for worker in workers:
+            worker.join(30)
+        assert len(outcomes) == 1 and next(iter(outcomes)).startswith("sha256:"), outcomes
+        assert all(store.lookup(n) is not None for n in names)
+        for name in names:
+            store.remove(name)
+
+
+def test_gc_never_removes_a_live_workdir(private_store: dict) -> None:
+    """gc sweeping all the while workdirs are made: none may vanish under its owner."""
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.is_set():
+            gc._stale_workdirs()
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    try:
+        for _ in range(300):
+            with store.workdir("live") as work:
+                (work / "x").write_text("x")
+                assert (work / "x").read_text() == "x"
+    finally:
+        stop.set()
+        sweeper.join(10)
 
 
 def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_store: dict) -> None:

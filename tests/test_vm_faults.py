@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import accel, gc, machines, qemu, store
+from racker import accel, gc, machines, proc, qemu, store
 from racker.errors import BadDisk, BootTimeout, VMLaunchFailure
 from racker.qemu import VM
 
@@ -125,7 +125,7 @@ def _wait_for_vm(name: str, timeout: float = 60) -> machines.State:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = machines.load("qemu", name)
-        if state and state.pid and machines.alive(state.pid, state.pid_start, state.boot_id):
+        if state and state.pid and proc.alive(state.pid, state.pid_start, state.boot_id):
             return state
         time.sleep(0.05)
     raise AssertionError(f"VM {name} never started")
@@ -157,7 +157,7 @@ def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
     assert machines.load("qemu", name) is not None, "the record survives a kill -9 until gc"
     removed = gc.collect()
     assert any(name in line for line in removed), removed
-    assert not machines.alive(state.pid, state.pid_start, state.boot_id)
+    assert not proc.alive(state.pid, state.pid_start, state.boot_id)
     _assert_nothing_left(name)
 
 
@@ -177,14 +177,14 @@ def test_ports_are_distinct_for_concurrent_vms(hang_disk: Path) -> None:
     vms = [VM(hang_disk, boot_timeout=5, accelerator="tcg") for _ in range(2)]
     ports = []
     for vm in vms:
-        vm.state = machines.State(name=vm.name, kind="qemu", image="x", owner=os.getpid(), owner_start=machines.start_time(os.getpid()))
+        vm.state = machines.State(name=vm.name, kind="qemu", image="x", owner=os.getpid(), owner_start=proc.start_time(os.getpid()))
         machines.claim(vm.state)
     try:
         for vm in vms:
             with store.locked("qemu-ports"):
                 port = qemu.free_port(qemu._ports_in_use())
                 vm.state.extra["ssh_port"] = port
-                vm.state.pid, vm.state.pid_start = os.getpid(), machines.start_time(os.getpid())
+                vm.state.pid, vm.state.pid_start = os.getpid(), proc.start_time(os.getpid())
                 machines.save(vm.state)
                 ports.append(port)
         assert len(set(ports)) == 2
