@@ -6,6 +6,7 @@ that may reach a process or a path it did not make.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -219,3 +220,63 @@ def test_cgroups_outside_the_store_are_never_removed(private_store: dict, tmp_pa
     elsewhere.mkdir()
     cgroups.remove(elsewhere)
     assert elsewhere.exists()
+
+
+def _free_run_of_ports(count: int) -> range:
+    """`count` consecutive ports on 127.0.0.1 that nothing listens on now."""
+    import random
+    import socket
+
+    for _attempt in range(100):
+        start = random.randrange(40000, 60000)
+        ports = range(start, start + count)
+        try:
+            with contextlib.ExitStack() as probes:
+                for port in ports:
+                    probe = probes.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port))
+            return ports
+        except OSError:
+            continue
+    raise AssertionError("no free run of ports")
+
+
+def _allocate_at_once(home: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    from racker import qemu
+
+    os.environ["RACKER_HOME"] = home
+    state = machines.new_state("qemu", f"port-{os.getpid()}", "x")
+    machines.claim(state)
+    state.pid, state.pid_start = state.owner, state.owner_start  # stands in for its QEMU
+    barrier.wait()
+    try:
+        with qemu.ssh_port(state) as port:
+            results.put(port)
+    except Exception as error:
+        results.put(f"error: {error!r}")
+    barrier.wait()  # every VM holds its port until all have one
+    machines.release(state)
+
+
+def test_concurrent_vms_are_given_distinct_ports(private_store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real allocators in parallel processes, with exactly as many ports as VMs: any overlap is a collision."""
+    context = multiprocessing.get_context("fork")
+    for _round in range(3):
+        ports = _free_run_of_ports(6)
+        monkeypatch.setenv("RACKER_SSH_PORTS", f"{ports.start}-{ports.stop - 1}")
+        barrier, results = context.Barrier(6), context.Queue()
+        workers = [context.Process(target=_allocate_at_once, args=(private_store["RACKER_HOME"], barrier, results)) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        given = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(30)
+        assert sorted(given) == list(ports), given
+
+
+def test_a_bad_port_range_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from racker import qemu
+
+    monkeypatch.setenv("RACKER_SSH_PORTS", "lots")
+    with pytest.raises(MachineError, match="RACKER_SSH_PORTS='lots' is not a port range"):
+        qemu.free_port(set())
