@@ -56,7 +56,8 @@ def _gone(state: machines.State, timeout: float = 30) -> list[str]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_during_run_leaves_nothing(bookworm, signum: int) -> None:
+def test_signal_during_run_leaves_nothing(share_image, signum: int) -> None:
+    share_image("debian-bookworm")
     run = subprocess.Popen([sys.executable, "-m", "racker", "run", "debian-bookworm", "--", "sleep", "300"], stdin=subprocess.DEVNULL)
     state = _machine_of(run.pid)
     run.send_signal(signum)
@@ -64,7 +65,9 @@ def test_signal_during_run_leaves_nothing(bookworm, signum: int) -> None:
     assert _gone(state, timeout=1) == []
 
 
-def test_kill_9_then_gc_leaves_nothing(bookworm) -> None:
+def test_kill_9_then_gc_leaves_nothing(share_image) -> None:
+    """In a store of its own: gc on the shared one would clean up after other racker users too."""
+    share_image("debian-bookworm")
     run = subprocess.Popen([sys.executable, "-m", "racker", "run", "debian-bookworm", "--", "sleep", "300"], stdin=subprocess.DEVNULL)
     state = _machine_of(run.pid)
     run.kill()

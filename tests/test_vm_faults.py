@@ -43,6 +43,11 @@ def _assert_nothing_left(name: str) -> None:
     assert not _qemu_pids(name), "a QEMU process was left running"
 
 
+@pytest.fixture(autouse=True)
+def _own_store(private_store: dict) -> None:
+    """VMs here are made, killed and collected in a store of their own, never a user's."""
+
+
 @pytest.fixture
 def hang_disk(tmp_path: Path) -> Path:
     path = tmp_path / "hang.raw"
