@@ -53,6 +53,10 @@ class UnknownImage(BadReference):
     """A catalogue name that does not exist."""
 
 
+class BadArchive(RackerError):
+    """An archive racker refuses to unpack: broken, or with members that would reach outside its root."""
+
+
 class StoreError(RackerError):
     """The image store refused an operation (image in use, not present, …)."""
 
