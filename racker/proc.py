@@ -280,20 +280,22 @@ def run(
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
     capture: bool = True,
+    stdout: IO[bytes] | None = None,
     cwd: str | None = None,
 ) -> Result:
     """Run a program to completion and return its Result.
 
     With check, an exit status outside ok_codes raises ToolFailed with the tool's
     stderr; a run past `timeout` seconds is killed and raises ToolTimeout.
+    `stdout`: a file the output goes to (stderr is still kept for errors).
     """
     pipe = subprocess.PIPE if capture else None
     with spawn(
         argv,
         env=env,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=pipe,
-        stderr=pipe,
+        stdout=stdout or pipe,
+        stderr=subprocess.PIPE if stdout is not None else pipe,
         cwd=cwd,
     ) as child:
         try:

@@ -164,6 +164,25 @@ def record_output(work: Path, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+@contextlib.contextmanager
+def output_file(work: Path, path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (recorded in the workdir `work`, so gc finds it if we are
+    killed), renamed onto `path` when the block succeeds and removed otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.urandom(4).hex()}.partial")
+    record_output(work, partial)
+    partial.touch(mode=0o600, exist_ok=False)
+    try:
+        yield partial
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def remove_outputs(work: Path) -> list[Path]:
     """Remove the unfinished outputs a workdir recorded; only `.partial` files, never anything else."""
     removed = []

@@ -16,6 +16,7 @@ from racker.refs import Reference
 
 SOURCES: dict[str, str] = {
     "bootstrap": "racker.sources.bootstrap",
+    "docker": "racker.sources.oci",
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]

@@ -1,0 +1,130 @@
+"""docker://[host[:port]/]name[:tag|@digest] — an image from a registry, with skopeo and umoci.
+
+    registry ──skopeo copy──▶ an OCI layout in the workdir, whose blobs are the store's
+             (oci-blobs/, shared by every image: a layer is downloaded and kept once)
+             ──umoci unpack──▶ the root filesystem (layers applied in order, whiteouts honoured)
+
+skopeo verifies every blob against its digest as it downloads it, and the
+manifest against a pinned @digest. The manifest's digest and the image
+configuration (Entrypoint, Cmd, Env, …) go into the store's manifest.
+
+Registries answer over HTTPS; plain HTTP (or a certificate not verified) only
+for a registry on loopback, or with RACKER_INSECURE_REGISTRIES=host[:port],….
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+from racker import proc, progress, store
+from racker.catalog import CatalogEntry
+from racker.errors import BadReference, ToolFailed
+from racker.refs import Reference
+
+
+def registry_host(ref: Reference) -> str:
+    return ref.target.split("/", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """A registry on this machine: localhost or a loopback address, with any port."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_verify(host: str) -> bool:
+    insecure = {h.strip() for h in os.environ.get("RACKER_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    return not (is_loopback(host) or host in insecure)
+
+
+def auth_options() -> list[str]:
+    """The credentials file podman and docker would use, if there is one."""
+    candidates = [
+        os.environ.get("REGISTRY_AUTH_FILE", ""),
+        os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/run/user/0"), "containers/auth.json"),
+        os.path.join(os.environ.get("DOCKER_CONFIG", os.path.expanduser("~/.docker")), "config.json"),
+    ]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return ["--authfile", path]
+    return []
+
+
+def shared_layout(work: Path) -> Path:
+    """An empty OCI layout in `work` whose blobs directory is the store's shared one."""
+    blobs = store.home() / "oci-blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    layout = work / "layout"
+    (layout / "blobs").mkdir(parents=True)
+    (layout / "blobs" / "sha256").symlink_to(blobs)
+    return layout
+
+
+def read_layout(layout: Path, tag: str) -> tuple[str, dict]:
+    """(manifest digest, OCI image configuration) of `tag` in a layout."""
+    index = json.loads((layout / "index.json").read_text())
+    for descriptor in index.get("manifests", []):
+        if descriptor.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            manifest = json.loads(_blob(layout, descriptor["digest"]))
+            config = json.loads(_blob(layout, manifest["config"]["digest"]))
+            return descriptor["digest"], config
+    raise BadReference(f"{tag!r} is not in the OCI layout {layout}")
+
+
+def _blob(layout: Path, digest: str) -> bytes:
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+        raise BadReference(f"unexpected digest {digest!r} in an OCI layout")
+    return (layout / "blobs" / "sha256" / hexdigest).read_bytes()
+
+
+def copy_argv(source: str, layout: Path, tag: str, host: str) -> list[str]:
+    return [
+        "skopeo", "copy", "--quiet", *auth_options(),
+        f"--src-tls-verify={str(tls_verify(host)).lower()}",
+        source, f"oci:{layout}:{tag}",
+    ]  # fmt: skip
+
+
+def unpack(layout: Path, tag: str, rootfs: Path) -> None:
+    """umoci unpack into a bundle beside `rootfs`, then the bundle's rootfs becomes `rootfs`."""
+    bundle = rootfs.parent / "bundle"
+    with progress.step("unpacking the layers"):
+        proc.run(["umoci", "unpack", "--keep-dirlinks", "--image", f"{layout}:{tag}", str(bundle)], timeout=1800)
+    os.rename(bundle / "rootfs", rootfs)
+    store.remove_tree(bundle)
+
+
+def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    host = registry_host(ref)
+    layout = shared_layout(rootfs.parent)
+    tag = "pull"
+    with progress.step(f"copying {ref} with skopeo"):
+        try:
+            proc.run(copy_argv(str(ref), layout, tag, host), timeout=3600)
+        except ToolFailed as failed:
+            raise BadReference(f"cannot pull {ref}: {_skopeo_reason(failed.stderr)}") from None
+    digest, config = read_layout(layout, tag)
+    unpack(layout, tag, rootfs)
+    return {
+        "oci": {"reference": str(ref), "manifest_digest": digest, "architecture": config.get("architecture", "")},
+        "config": config.get("config") or {},
+    }
+
+
+def _skopeo_reason(stderr: str) -> str:
+    """skopeo's last line, without its 'time=… level=fatal msg=' wrapping."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else "skopeo failed"
+    if 'msg="' in last:
+        last = last.split('msg="', 1)[1].rstrip('"')
+    return last.replace('\\"', '"')
