@@ -135,3 +135,31 @@ def test_export_writes_what_load_and_import_take(share_image, tmp_path: Path, fm
         return
     inspected = json.loads(subprocess.run(["skopeo", "inspect", f"{fmt}:{output}"], capture_output=True, text=True, check=True).stdout)
     assert len(inspected["Layers"]) == 1 and inspected["Architecture"] == "amd64"
+
+
+def _registries_conf(tmp_path: Path, text: str) -> dict[str, str]:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(text)
+    return {"CONTAINERS_REGISTRIES_CONF": str(conf)}
+
+
+def test_docker_hub_names_resolve_through_a_configured_mirror(registry: str, seeded: dict, private_store: dict, tmp_path: Path) -> None:
+    """As podman would: docker.io's mirrors from CONTAINERS_REGISTRIES_CONF, the first that answers wins."""
+    dead = f"127.0.0.1:{free_port()}"
+    conf = _registries_conf(
+        tmp_path,
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "{dead}"\n[[registry.mirror]]\nlocation = "{registry}"\n',
+    )
+    pulled = racker("pull", "docker://debian:bookworm", env={**private_store, **conf})
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.split() == ["docker://docker.io/library/debian:bookworm", seeded["digest"]]
+    image = store.lookup("docker://docker.io/library/debian:bookworm")
+    assert image is not None and image.manifest["oci"]["pulled_from"] == f"{registry}/library/debian:bookworm"
+
+
+def test_a_blocked_registry_is_refused(private_store: dict, tmp_path: Path) -> None:
+    conf = _registries_conf(tmp_path, '[[registry]]\nprefix = "docker.io/library/debian"\nblocked = true\n')
+    result = racker("pull", "docker://debian:bookworm", env={**private_store, **conf})
+    assert result.returncode == 125 and "blocked by registries.conf" in result.stderr, result.stderr
+    assert _store_unchanged()

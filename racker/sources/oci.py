@@ -23,6 +23,7 @@ from racker import proc, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, ToolFailed
 from racker.refs import Reference
+from racker.sources import registries
 
 
 def registry_host(ref: Reference) -> str:
@@ -87,11 +88,13 @@ def _blob(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / hexdigest).read_bytes()
 
 
-def copy_argv(source: str, layout: Path, tag: str, host: str) -> list[str]:
+def copy_argv(source: registries.Source, layout: Path, tag: str) -> list[str]:
+    host = source.reference.split("/", 1)[0]
+    verify = tls_verify(host) and not source.insecure
     return [
         "skopeo", "copy", "--quiet", *auth_options(),
-        f"--src-tls-verify={str(tls_verify(host)).lower()}",
-        source, f"oci:{layout}:{tag}",
+        f"--src-tls-verify={str(verify).lower()}",
+        f"docker://{source.reference}", f"oci:{layout}:{tag}",
     ]  # fmt: skip
 
 
@@ -105,18 +108,27 @@ def unpack(layout: Path, tag: str, rootfs: Path) -> None:
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
-    host = registry_host(ref)
     layout = shared_layout(rootfs.parent)
     tag = "pull"
-    with progress.step(f"copying {ref} with skopeo"):
-        try:
-            proc.run(copy_argv(str(ref), layout, tag, host), timeout=3600)
-        except ToolFailed as failed:
-            raise BadReference(f"cannot pull {ref}: {_skopeo_reason(failed.stderr)}") from None
+    failures = []
+    for source in registries.sources(ref.target):
+        with progress.step(f"copying {source.reference} with skopeo"):
+            try:
+                proc.run(copy_argv(source, layout, tag), timeout=3600)
+                break
+            except ToolFailed as failed:
+                failures.append(f"{source.reference}: {_skopeo_reason(failed.stderr)}")
+    else:
+        raise BadReference(f"cannot pull {ref}: " + "; ".join(failures))
     digest, config = read_layout(layout, tag)
     unpack(layout, tag, rootfs)
     return {
-        "oci": {"reference": str(ref), "manifest_digest": digest, "architecture": config.get("architecture", "")},
+        "oci": {
+            "reference": str(ref),
+            "pulled_from": source.reference,
+            "manifest_digest": digest,
+            "architecture": config.get("architecture", ""),
+        },
         "config": config.get("config") or {},
     }
 
