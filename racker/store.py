@@ -299,6 +299,9 @@ def lookup(name: str) -> StoredImage | None:
         manifest = json.loads((directory / "manifest.json").read_text())
     except FileNotFoundError:
         return None
+    # What this name was made as (its config, source, prepare record): the image
+    # directory's manifest is only that of the first name to commit the content.
+    manifest = ref.get("manifest", manifest)
     return StoredImage(
         name=name,
         digest=ref["digest"],
@@ -331,13 +334,13 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
     size = tree_size(rootfs)
     target = image_dir(digest)
     created = now()
+    named = dict(manifest, digest=digest, size=size, source=source, created=created)
     with locked(SWEEP_LOCK, shared=True):
         if not target.exists():
             staging = rootfs.parent / "image"
             staging.mkdir()
             os.rename(rootfs, staging / "rootfs")
-            full_manifest = dict(manifest, digest=digest, size=size, source=source, created=created)
-            write_json(staging / "manifest.json", full_manifest)
+            write_json(staging / "manifest.json", named)
             _dir("images")
             try:
                 os.rename(staging, target)
@@ -345,7 +348,7 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
                 # Another name committed the same content first: the image is there, ours goes with the workdir.
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
                     raise
-        write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created})
+        write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created, "manifest": named})
     image = lookup(name)
     assert image is not None
     return image

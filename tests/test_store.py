@@ -248,3 +248,14 @@ def test_write_json_is_atomic(tmp_path: Path) -> None:
     store.write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_each_name_keeps_its_own_manifest_when_content_is_shared(private_store: dict) -> None:
+    """Two images with the same files but different configs (a base and an app built from it)."""
+    with store.workdir("test") as work:
+        base = store.commit("base", make_tree(work / "rootfs", "same"), source="test:base", recipe="r", manifest={})
+    with store.workdir("test") as work:
+        app = store.commit("app", make_tree(work / "rootfs", "same"), source="test:app", recipe="r", manifest={"config": {"Cmd": ["x"]}})
+    assert app.digest == base.digest and app.path == base.path
+    assert store.lookup("app").manifest["config"] == {"Cmd": ["x"]}  # type: ignore[union-attr]
+    assert "config" not in store.lookup("base").manifest  # type: ignore[union-attr]
