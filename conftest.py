@@ -121,3 +121,32 @@ def registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """podman's Docker-compatible API on a unix socket, with a storage of its own: yields DOCKER_HOST."""
+    import time
+
+    home = tmp_path_factory.mktemp("podman")
+    socket_path = home / "podman.sock"
+    argv = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"), "--storage-driver", "vfs"]
+    server = subprocess.Popen([*argv, "system", "service", "--time=0", f"unix://{socket_path}"], stderr=subprocess.PIPE)
+    url = f"unix://{socket_path}"
+    try:
+        import docker
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                docker.DockerClient(base_url=url).ping()
+                break
+            except docker.errors.DockerException:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"podman system service did not start: {server.stderr.read().decode()}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+        subprocess.run([*argv, "system", "reset", "--force"], capture_output=True)

@@ -17,6 +17,7 @@ from racker.refs import Reference
 SOURCES: dict[str, str] = {
     "bootstrap": "racker.sources.bootstrap",
     "docker": "racker.sources.oci",
+    "docker-daemon": "racker.sources.daemon",
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]
