@@ -251,12 +251,14 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
     q.add_argument("-t", "--tty", action="store_true", default=None)
     q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
     q.add_argument("command", nargs=argparse.REMAINDER)
+    q.set_defaults(command_follows=("target", "the disk or image", "racker vm run [OPTIONS] DISK|IMAGE -- COMMAND ..."))
 
     q = vm_verb("ssh", cmd_vm_ssh, "a shell or a command in a running VM")
     q.add_argument("name")
     q.add_argument("-t", "--tty", action="store_true", default=None)
     q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
     q.add_argument("command", nargs=argparse.REMAINDER)
+    q.set_defaults(command_follows=("name", "the VM's name", "racker vm ssh [OPTIONS] NAME [-- COMMAND ...]"))
 
     q = vm_verb("console", cmd_vm_console, "print a VM's serial console log")
     q.add_argument("name")

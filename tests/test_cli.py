@@ -151,3 +151,68 @@ def test_vm_start_of_a_scheme_reference_pulls_the_image(private_store: dict[str,
     result = racker("vm", "start", "bootstrap:debian/bookworm", env={**private_store, "RACKER_PATH": "/nonexistent"})
     assert result.returncode == 125
     assert result.stderr.splitlines()[0] == "racker: error: mmdebstrap is not installed"
+
+
+# -- options between IMAGE and -- are options, never the command --------------
+
+
+def _parsed(*argv: str) -> dict[str, object]:
+    from racker import cli
+
+    args = cli.parse(list(argv))
+    return {k: v for k, v in vars(args).items() if k in ("image", "target", "name", "tty", "root", "memory", "timeout", "command")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "img", "--name", "x", "--", "true"], {"image": "img", "name": "x", "command": ["true"]}),
+        (["run", "img", "-t", "--timeout", "5", "--", "tty"], {"image": "img", "tty": True, "timeout": 5.0, "command": ["tty"]}),
+        (["run", "--name", "x", "img", "--", "ls", "-la"], {"image": "img", "name": "x", "command": ["ls", "-la"]}),
+        (["run", "img", "ls", "-la", "--", "x"], {"image": "img", "name": None, "command": ["ls", "-la", "--", "x"]}),
+        (["run", "img"], {"image": "img", "name": None, "command": []}),
+        (["exec", "box", "-t", "--", "bash"], {"name": "box", "tty": True, "command": ["bash"]}),
+        (["exec", "box", "ls", "-la"], {"name": "box", "tty": None, "command": ["ls", "-la"]}),
+        (["vm", "run", "img", "--memory", "512", "--root", "--", "id"], {"target": "img", "memory": 512, "root": True, "command": ["id"]}),
+        (["vm", "ssh", "vm1", "--root", "--", "id"], {"name": "vm1", "root": True, "command": ["id"]}),
+        (["vm", "ssh", "vm1"], {"name": "vm1", "root": False, "command": []}),
+    ],
+)
+def test_words_between_the_image_and_the_separator_are_options(argv: list[str], expected: dict[str, object]) -> None:
+    parsed = _parsed(*argv)
+    assert {k: parsed[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "word", "what"),
+    [
+        (["run", "img", "--name", "x"], "--name", "the image"),
+        (["exec", "box", "-t"], "-t", "the machine's name"),
+        (["vm", "run", "img", "--root", "id"], "--root", "the disk or image"),
+        (["vm", "ssh", "vm1", "--root"], "--root", "the VM's name"),
+    ],
+)
+def test_an_option_after_the_image_without_a_separator_is_one_error(argv: list[str], word: str, what: str) -> None:
+    result = racker(*argv)
+    assert result.returncode == 125
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"racker: error: {word!r} follows {what}: put options before {what}, or the command after --"
+    assert len(lines) == 2 and lines[1].startswith(f"racker {argv[0]} ")  # the usage, as the hint
+
+
+def test_a_word_between_the_image_and_the_separator_that_is_no_option_is_one_error() -> None:
+    result = racker("run", "img", "--name", "x", "foo", "--", "true")
+    assert result.returncode == 125
+    assert result.stderr.splitlines() == [
+        "racker: error: only options may come between the image and --, not 'foo'",
+        "racker run [OPTIONS] IMAGE [-- COMMAND ...]",
+    ]
+
+
+@pytest.mark.slow
+def test_run_with_options_after_the_image_boots_with_them(private_store: dict[str, str], share_image) -> None:
+    share_image("debian-bookworm")
+    name = f"cli-options-{os.getpid()}"
+    result = racker("run", "debian-bookworm", "--name", name, "--", "hostname", env=private_store, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{name}\n"
