@@ -57,11 +57,13 @@ def _found(name: str) -> tuple[str, str, str]:
         return (str(error), "", "")
 
 
+@pytest.mark.root  # share_image: hard links into the shared store
 def test_every_listed_name_resolves_to_itself(every_kind_of_name: dict[str, str]) -> None:
     found = {name: _found(name) for name in every_kind_of_name}
     assert found == {name: (name, digest, digest) for name, digest in every_kind_of_name.items()}
 
 
+@pytest.mark.root  # share_image: hard links into the shared store
 def test_rmi_removes_every_listed_name(private_store: dict[str, str], every_kind_of_name: dict[str, str]) -> None:
     for name, digest in every_kind_of_name.items():
         result = racker("rmi", name, env=private_store)
@@ -83,6 +85,7 @@ def test_a_missing_prepared_image_says_what_prepares_it(private_store: dict[str,
 # -- vm start: a disk file or an image --------------------------------------
 
 
+@pytest.mark.root  # share_image: hard links into the shared store
 def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from racker.cli_vm import disk_or_image
 
@@ -127,6 +130,7 @@ def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_pat
     }
 
 
+@pytest.mark.root  # share_image: hard links into the shared store
 def test_every_listed_name_is_an_image_to_vm_start(every_kind_of_name: dict[str, str]) -> None:
     from racker.cli_vm import disk_or_image
 
@@ -210,6 +214,7 @@ def test_a_word_between_the_image_and_the_separator_that_is_no_option_is_one_err
 
 
 @pytest.mark.slow
+@pytest.mark.root
 def test_run_with_options_after_the_image_boots_with_them(private_store: dict[str, str], share_image) -> None:
     share_image("debian-bookworm")
     name = f"cli-options-{os.getpid()}"
