@@ -53,10 +53,10 @@ def parse(text: str) -> Reference:
     """Parse what a user typed; BadReference says what is wrong with it."""
     text = text.strip()
     if text.endswith(PREPARED):
-        base = parse(text.removesuffix(PREPARED))
-        if base.prepared:
+        base = text.removesuffix(PREPARED).strip()
+        if base.endswith(PREPARED):
             raise BadReference(f"{text!r} is prepared twice; a prepared image ends in one {PREPARED}")
-        return replace(base, prepared=True)
+        return replace(parse(base), prepared=True)
     if not text:
         raise BadReference("empty image reference")
     if "://" in text:

@@ -75,3 +75,8 @@ def test_catalogue_holds_the_debian_images() -> None:
 def test_unknown_image_names_the_closest() -> None:
     with pytest.raises(UnknownImage, match="did you mean debian-bookworm"):
         catalog.get("debian-bookwrom")
+
+
+def test_a_long_run_of_prepared_suffixes_is_one_bad_reference() -> None:
+    with pytest.raises(BadReference, match="prepared twice"):
+        refs.parse("debian-bookworm" + "+vm" * 5000)
