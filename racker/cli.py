@@ -319,17 +319,20 @@ def _command_and_options(parser: argparse.ArgumentParser, argv: list[str], args:
 
     Verbs that take a command declare command_follows = (dest, what, usage) with their `command` REMAINDER.
     """
-    after = getattr(args, "command", None)
+    if getattr(args, "command", None) is None:
+        return args
+    dest, what, usage = args.command_follows
+    after = _words_after(argv, getattr(args, dest), args.command)
     if not after or not after[0].startswith("-"):
+        args.command = after
         return args
     if after[0] == "--":
         args.command = after[1:]
         return args
-    dest, what, usage = args.command_follows
     if "--" not in after:
         raise errors.RackerError(f"{after[0]!r} follows {what}: put options before {what}, or the command after --", hint=usage)
     cut = after.index("--")
-    head = argv[: len(argv) - len(after)]  # ends with the IMAGE (or NAME): REMAINDER takes every word after it
+    head = argv[: len(argv) - len(after)]  # ends with the IMAGE (or NAME)
     options, command = after[:cut], after[cut + 1 :]
     reparsed = parser.parse_args([*head[:-1], *options, head[-1]])
     if getattr(reparsed, dest) != head[-1] or reparsed.command:
@@ -337,6 +340,15 @@ def _command_and_options(parser: argparse.ArgumentParser, argv: list[str], args:
         raise errors.RackerError(f"only options may come between {what} and --, not {stray!r}", hint=usage)
     reparsed.command = command
     return reparsed
+
+
+def _words_after(argv: list[str], value: str, remainder: list[str]) -> list[str]:
+    """Every word after the IMAGE (or NAME) as typed: argparse's REMAINDER, with the `--` that some
+    Python versions drop from its start put back."""
+    start = len(argv) - len(remainder)
+    if argv[start - 1] != value and argv[start - 1] == "--" and argv[start - 2] == value:
+        start -= 1
+    return argv[start:]
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:

@@ -175,6 +175,9 @@ def _parsed(*argv: str) -> dict[str, object]:
         (["run", "--name", "x", "img", "--", "ls", "-la"], {"image": "img", "name": "x", "command": ["ls", "-la"]}),
         (["run", "img", "ls", "-la", "--", "x"], {"image": "img", "name": None, "command": ["ls", "-la", "--", "x"]}),
         (["run", "img"], {"image": "img", "name": None, "command": []}),
+        (["run", "img", "--", "--version"], {"image": "img", "name": None, "command": ["--version"]}),
+        (["run", "img", "--name", "x", "--", "-v"], {"image": "img", "name": "x", "command": ["-v"]}),
+        (["exec", "box", "--", "--", "x"], {"name": "box", "command": ["--", "x"]}),  # the command's own --
         (["exec", "box", "-t", "--", "bash"], {"name": "box", "tty": True, "command": ["bash"]}),
         (["exec", "box", "ls", "-la"], {"name": "box", "tty": None, "command": ["ls", "-la"]}),
         (["vm", "run", "img", "--memory", "512", "--root", "--", "id"], {"target": "img", "memory": 512, "root": True, "command": ["id"]}),
