@@ -4,6 +4,10 @@
 description = "Debian 12 (bookworm)"
 source = "bootstrap:debian/bookworm"
 packages = ["systemd", "dbus", "openssh-server"]
+
+Every key a file may hold is declared once, in KEYS; a file with an unknown
+key, a missing `source`, a value of the wrong type or bad TOML is refused
+with one line naming the file and the key, never read as a different image.
 """
 
 from __future__ import annotations
@@ -14,7 +18,32 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker.errors import UnknownImage
+from racker import refs
+from racker.errors import BadReference, RackerError, UnknownImage
+
+
+class BadCatalogEntry(RackerError):
+    """A catalogue file racker cannot read as an image: bad TOML, an unknown key, a wrong type."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: type  # str, or list: a list of strings
+    example: str  # what a right value looks like, for the error message
+    required: bool = False
+    field: bool = True  # a CatalogEntry field; otherwise kept in CatalogEntry.options for the source to read
+
+    def describe(self) -> str:
+        return "a string" if self.kind is str else "a list of strings"
+
+
+KEYS: dict[str, Key] = {
+    "source": Key(str, '"bootstrap:debian/bookworm"', required=True),
+    "description": Key(str, '"Debian 12 (bookworm)"'),
+    "packages": Key(list, '["systemd", "dbus"]'),
+    "apt_options": Key(list, """['Acquire::Check-Valid-Until "false"']"""),
+    "variant": Key(str, '"minbase"', field=False),  # mmdebstrap --variant, read by sources/bootstrap.py
+}
 
 
 @dataclass(frozen=True)
@@ -51,39 +80,78 @@ def find_file(name: str) -> Path | None:
     return None
 
 
+def _close(word: str, known: list[str], n: int = 3) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(word, known, n=n, cutoff=0.5)
+
+
+def _type_name(value: object) -> str:
+    return {str: "a string", list: "a list", dict: "a table", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def validate(path: Path, data: dict) -> None:
+    """Raise BadCatalogEntry, naming the file and the key, unless `data` is a valid entry."""
+    for key in data:
+        if key not in KEYS:
+            near = _close(key, list(KEYS), n=1)
+            advice = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(KEYS)}"
+            raise BadCatalogEntry(f"catalogue file {path}: unknown key {key!r}; {advice}")
+    for key, spec in KEYS.items():
+        if key not in data:
+            if spec.required:
+                raise BadCatalogEntry(f"catalogue file {path}: no {key!r}, which every entry needs, e.g. {key} = {spec.example}")
+            continue
+        value = data[key]
+        if spec.kind is str:
+            wrong = None if isinstance(value, str) else _type_name(value)
+        elif not isinstance(value, list):
+            wrong = _type_name(value)
+        else:
+            wrong = next(("a list holding " + _type_name(v) for v in value if not isinstance(v, str)), None)
+        if wrong is not None:
+            raise BadCatalogEntry(f"catalogue file {path}: {key} must be {spec.describe()}, not {wrong}, e.g. {key} = {spec.example}")
+    try:
+        source = refs.parse(data["source"])
+    except BadReference as error:
+        raise BadCatalogEntry(f"catalogue file {path}: source: {error}") from None
+    if source.scheme == "catalog":
+        raise BadCatalogEntry(
+            f"catalogue file {path}: source {data['source']!r} is a catalogue name, not a source, e.g. source = {KEYS['source'].example}"
+        )
+
+
 def _load(path: Path) -> CatalogEntry:
     import tomllib  # only when an entry is really read: it costs every racker start ~15 ms
 
     raw = path.read_bytes()
-    data = tomllib.loads(raw.decode())
-    return CatalogEntry(
-        name=path.stem,
-        source=data["source"],
-        description=data.get("description", ""),
-        packages=tuple(data.get("packages", ())),
-        apt_options=tuple(data.get("apt_options", ())),
-        options={k: v for k, v in data.items() if k not in {"source", "description", "packages", "apt_options"}},
-        recipe=recipe_of(raw),
-    )
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise BadCatalogEntry(f"catalogue file {path} is not valid TOML: {error}") from None
+    validate(path, data)
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if KEYS[key].field}
+    options = {key: value for key, value in data.items() if not KEYS[key].field}
+    return CatalogEntry(name=path.stem, **fields, options=options, recipe=recipe_of(raw))
 
 
 def entries() -> dict[str, CatalogEntry]:
     """Every catalogue image by name; an earlier directory wins over a later one."""
-    found: dict[str, CatalogEntry] = {}
+    found: dict[str, Path] = {}
     for directory in reversed(catalog_dirs()):
         if directory.is_dir():
             for path in sorted(directory.glob("*.toml")):
-                found[path.stem] = _load(path)
-    return dict(sorted(found.items()))
+                found[path.stem] = path
+    return {name: _load(path) for name, path in sorted(found.items())}
 
 
 def get(name: str) -> CatalogEntry:
     path = find_file(name)
     if path is not None:
         return _load(path)
-    import difflib
-
     known = entries()
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    close = _close(name, list(known))
     suggestion = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
     raise UnknownImage(f"unknown image {name!r}{suggestion}")

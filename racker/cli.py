@@ -268,6 +268,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(command_follows=("image", "the image", "racker run [OPTIONS] IMAGE [-- COMMAND ...]"))
 
     p = verb("start", cmd_start, "boot an image and leave it running")
     p.add_argument("image")
@@ -278,6 +279,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-t", "--tty", action="store_true", default=None)
     p.add_argument("name")
     p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(command_follows=("name", "the machine's name", "racker exec [OPTIONS] NAME -- COMMAND ..."))
 
     p = verb("shell", cmd_shell, "a login shell in a machine (booted from the image of that name if none runs)")
     p.add_argument("name")
@@ -308,21 +310,70 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _strip_separator(args: argparse.Namespace) -> None:
-    command = getattr(args, "command", None)
-    if command and command[0] == "--":
-        args.command = command[1:]
+def _command_and_options(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    """Split what follows IMAGE (or NAME) into options and the command; never take an option for the command.
+
+        racker run IMAGE -- CMD ARGS            racker run IMAGE --name x -t -- CMD ARGS
+        racker run IMAGE CMD ARGS               (CMD does not start with -; any -- after it is CMD's own)
+        racker run IMAGE                        (a login shell)
+
+    Verbs that take a command declare command_follows = (dest, what, usage) with their `command` REMAINDER.
+    """
+    if getattr(args, "command", None) is None:
+        return args
+    dest, what, usage = args.command_follows
+    after = _words_after(argv, getattr(args, dest), args.command)
+    if not after or not after[0].startswith("-"):
+        args.command = after
+        return args
+    if after[0] == "--":
+        args.command = after[1:]
+        return args
+    if "--" not in after:
+        raise errors.RackerError(f"{after[0]!r} follows {what}: put options before {what}, or the command after --", hint=usage)
+    cut = after.index("--")
+    head = argv[: len(argv) - len(after)]  # ends with the IMAGE (or NAME)
+    options, command = after[:cut], after[cut + 1 :]
+    reparsed = parser.parse_args([*head[:-1], *options, head[-1]])
+    if getattr(reparsed, dest) != head[-1] or reparsed.command:
+        stray = getattr(reparsed, dest) if getattr(reparsed, dest) != head[-1] else reparsed.command[0]
+        raise errors.RackerError(f"only options may come between {what} and --, not {stray!r}", hint=usage)
+    reparsed.command = command
+    return reparsed
+
+
+def _words_after(argv: list[str], value: str, remainder: list[str]) -> list[str]:
+    """Every word after the IMAGE (or NAME) as typed: argparse's REMAINDER, with the `--` that some
+    Python versions drop from its start put back."""
+    start = len(argv) - len(remainder)
+    if argv[start - 1] != value and argv[start - 1] == "--" and argv[start - 2] == value:
+        start -= 1
+    return argv[start:]
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise errors.Interrupted(signum)
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line as main() reads it; RackerError for a misplaced option (argparse exits for the rest)."""
+    parser = build_parser(argv)
+    return _command_and_options(parser, argv, parser.parse_args(argv))
+
+
+def _print_error(error: errors.RackerError) -> int:
+    print(f"racker: error: {error}", file=sys.stderr)
+    if error.hint:
+        print(error.hint, file=sys.stderr)
+    return EXIT_RACKER_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    _strip_separator(args)
+    try:
+        args = parse(argv)
+    except errors.RackerError as error:
+        return _print_error(error)
     proc.DEBUG = proc.DEBUG or args.debug
     # SIGINT and SIGTERM unwind the stack, so every `finally` and `with` cleans
     # up. SIGINT explicitly: a shell starts background jobs with it ignored.
@@ -339,10 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.RackerError as error:
         if args.debug:
             raise
-        print(f"racker: error: {error}", file=sys.stderr)
-        if error.hint:
-            print(error.hint, file=sys.stderr)
-        return EXIT_RACKER_FAILED
+        return _print_error(error)
 
 
 def entry() -> None:

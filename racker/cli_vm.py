@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from racker import machines, progress, store
-from racker.errors import RequirementsFailed, VMError
+from racker import images, machines, progress, refs, store
+from racker.errors import BadReference, RequirementsFailed, VMError
 
 Verb = Callable[..., argparse.ArgumentParser]
 
@@ -28,7 +28,7 @@ def _print_checks(profile: str, checks: list) -> None:
 
 
 def _prepared(reference: str, *, prepare_it: bool = True) -> store.StoredImage:
-    from racker import images, prepare
+    from racker import prepare
 
     image = images.pull(reference)
     return prepare.prepare(image) if prepare_it else image
@@ -81,21 +81,55 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
         disk_size=size,
         detached=detached,
     )
-    target = Path(args.target)
-    looks_like_a_file = ("/" in args.target and "://" not in args.target) or args.target.endswith(tuple(f.suffix for f in _formats()))
-    if target.is_file() or looks_like_a_file:
-        if not target.is_file():
-            raise VMError(f"no disk file {args.target}")
-        return qemu.VM(target, args.name, firmware=args.firmware, **common)  # type: ignore[arg-type]
+    disk = disk_or_image(args.target)
+    if disk is not None:
+        if not disk.is_file():
+            raise VMError(f"no disk file {disk.absolute()}")
+        return qemu.VM(disk, args.name, firmware=args.firmware, **common)  # type: ignore[arg-type]
     image = _prepared(args.target)
     path = promote.cached_disk(image, args.firmware or "bios")
     return qemu.VM(path, args.name, image=image.name, digest=image.digest, **common)  # type: ignore[arg-type]
 
 
-def _formats() -> list:
+def disk_or_image(target: str) -> Path | None:
+    """The disk file `racker vm start TARGET` boots, or None when TARGET is an image.
+
+    The reference parser decides first: file:PATH is a disk; any other scheme
+    (bootstrap:debian/bookworm, docker://…) and NAME+vm are images, whatever
+    the filesystem holds. A plain name is a disk if it ends in a disk suffix
+    (bookworm.qcow2), an image if the catalogue or the store knows it, else a
+    disk if such a file exists. What does not parse (./disk.qcow2, /srv/vm.img)
+    is a path, unless the store holds that very name.
+    """
+    try:
+        ref = refs.parse(target)
+    except BadReference:
+        ref = None
+    if ref is not None and ref.scheme == "file":
+        return Path(ref.target)
+    if ref is not None and (ref.scheme != "catalog" or ref.prepared):
+        return None
+    if ref is not None and target.endswith(_disk_suffixes()):
+        return Path(target)
+    if _is_image(target):
+        return None
+    if ref is None or Path(target).is_file():
+        return Path(target)
+    return None  # an unknown image name: pulling it says so, with the nearest names
+
+
+def _is_image(text: str) -> bool:
+    try:
+        images.resolve(text)
+    except BadReference:
+        return False
+    return True
+
+
+def _disk_suffixes() -> tuple[str, ...]:
     from racker.promote import formats
 
-    return list(formats.FORMATS.values())
+    return tuple(f.suffix for f in formats.FORMATS.values())
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
@@ -217,12 +251,14 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
     q.add_argument("-t", "--tty", action="store_true", default=None)
     q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
     q.add_argument("command", nargs=argparse.REMAINDER)
+    q.set_defaults(command_follows=("target", "the disk or image", "racker vm run [OPTIONS] DISK|IMAGE -- COMMAND ..."))
 
     q = vm_verb("ssh", cmd_vm_ssh, "a shell or a command in a running VM")
     q.add_argument("name")
     q.add_argument("-t", "--tty", action="store_true", default=None)
     q.add_argument("--root", action="store_true", help="run the command as root (through sudo)")
     q.add_argument("command", nargs=argparse.REMAINDER)
+    q.set_defaults(command_follows=("name", "the VM's name", "racker vm ssh [OPTIONS] NAME [-- COMMAND ...]"))
 
     q = vm_verb("console", cmd_vm_console, "print a VM's serial console log")
     q.add_argument("name")

@@ -4,35 +4,58 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from racker import catalog, distros, progress, store
 from racker.catalog import CatalogEntry
-from racker.errors import StoreError, UnknownImage
-from racker.refs import Reference, parse
+from racker.errors import BadReference, StoreError, UnknownImage
+from racker.refs import PREPARED, Reference, parse
 from racker.sources import source_for
 
 
-def resolve(text: str) -> tuple[str, Reference, CatalogEntry | None]:
-    """(store name, source reference, catalogue entry or None) for what a user typed."""
-    ref = parse(text)
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference names: the store name, and where the image comes from."""
+
+    name: str
+    source: Reference | None  # None: made here (prepared, named locally), so only the store has it
+    entry: CatalogEntry | None = None
+
+
+def resolve(text: str) -> Resolved:
+    """The store name and source of what a user typed.
+
+    Every name the store lists resolves to itself: catalogue names, NAME+vm,
+    scheme names (bootstrap:debian/bookworm) and names made here.
+    """
+    try:
+        ref = parse(text)
+    except BadReference:
+        if store.lookup(text) is not None:
+            return Resolved(text, None)  # a name the store holds is an image, whatever its shape
+        raise
+    if ref.prepared:
+        return Resolved(str(ref), None)
     if ref.scheme == "catalog":
         try:
             entry = catalog.get(ref.target)
         except UnknownImage:
             if store.lookup(ref.target) is not None:
-                return ref.target, ref, None  # made here (prepared, imported), not from the catalogue
+                return Resolved(ref.target, None)  # made here (imported, committed), not from the catalogue
             raise
-        return entry.name, parse(entry.source), entry
-    return str(ref), ref, None
+        return Resolved(entry.name, parse(entry.source), entry)
+    return Resolved(str(ref), ref)
 
 
 def find(text: str) -> store.StoredImage:
     """An image that is already in the store, without building anything."""
-    name, _ref, _entry = resolve(text)
-    image = store.lookup(name)
+    resolved = resolve(text)
+    image = store.lookup(resolved.name)
     if image is None:
-        raise StoreError(f"image {name!r} is not in the store", hint=f"run: racker pull {name}")
+        if resolved.source is None:
+            return _made_here(resolved.name, force=False)  # raises, with what makes it
+        raise StoreError(f"image {resolved.name!r} is not in the store", hint=f"run: racker pull {resolved.name}")
     return image
 
 
@@ -46,14 +69,10 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
         present = _present_catalog_image(text)
         if present is not None:
             return present
-    name, ref, entry = resolve(text)
-    if ref.scheme == "catalog":
-        image = store.lookup(name)
-        if image is None:
-            raise StoreError(f"image {name!r} disappeared from the store")
-        if force:
-            raise StoreError(f"image {name!r} was made locally and cannot be rebuilt from a source")
-        return image
+    resolved = resolve(text)
+    name, ref, entry = resolved.name, resolved.source, resolved.entry
+    if ref is None:
+        return _made_here(name, force=force)
     recipe = entry.recipe if entry else str(ref)
     image = store.lookup(name)
     if image is not None and image.recipe == recipe and not force:
@@ -71,6 +90,18 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
             manifest = dict(fields, name=name, distro=distro.as_json())
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=str(ref), recipe=recipe, manifest=manifest)
+
+
+def _made_here(name: str, *, force: bool) -> store.StoredImage:
+    """An image racker made (NAME+vm) or was given a name for: the store has it, or nothing does."""
+    image = store.lookup(name)
+    prepared_from = name.removesuffix(PREPARED) if name.endswith(PREPARED) else None
+    if image is None:
+        hint = f"it is prepared by: racker promote {prepared_from} (or racker vm start {prepared_from})" if prepared_from else None
+        raise StoreError(f"image {name!r} is not in the store", hint=hint)
+    if force:
+        raise StoreError(f"image {name!r} was made locally and cannot be rebuilt from a source")
+    return image
 
 
 def _present_catalog_image(name: str) -> store.StoredImage | None:

@@ -8,15 +8,18 @@ dockerfile:path/to/dir               built with buildah, then imported
 https://host/path/root.tar.xz        a cloud root tarball or disk image
 file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
 vagrant:debian/bullseye64            a Vagrant box
+debian-bookworm+vm                   any of the above, prepared to boot as a VM (prepare.py)
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from racker.errors import BadReference
 
+# The suffix of an image prepared to boot as a VM: `racker promote X` and `racker vm start X` make X+vm.
+PREPARED = "+vm"
 SCHEMES = ("bootstrap", "docker", "docker-daemon", "dockerfile", "https", "http", "file", "vagrant")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
@@ -34,18 +37,26 @@ _DOCKER = re.compile(
 class Reference:
     scheme: str  # "catalog" for a catalogue name, else one of SCHEMES
     target: str
+    prepared: bool = False  # the image prepared from this one (NAME+vm), made here, never pulled
 
     def __str__(self) -> str:
         if self.scheme == "catalog":
-            return self.target
-        if self.scheme in ("docker", "https", "http"):
-            return f"{self.scheme}://{self.target}"
-        return f"{self.scheme}:{self.target}"
+            text = self.target
+        elif self.scheme in ("docker", "https", "http"):
+            text = f"{self.scheme}://{self.target}"
+        else:
+            text = f"{self.scheme}:{self.target}"
+        return text + PREPARED if self.prepared else text
 
 
 def parse(text: str) -> Reference:
     """Parse what a user typed; BadReference says what is wrong with it."""
     text = text.strip()
+    if text.endswith(PREPARED):
+        base = text.removesuffix(PREPARED).strip()
+        if base.endswith(PREPARED):
+            raise BadReference(f"{text!r} is prepared twice; a prepared image ends in one {PREPARED}")
+        return replace(parse(base), prepared=True)
     if not text:
         raise BadReference("empty image reference")
     if "://" in text:

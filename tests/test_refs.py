@@ -22,6 +22,10 @@ from racker.errors import BadReference, UnknownImage
         ("https://example.org/root.tar.xz", "https://example.org/root.tar.xz"),
         ("file:disk.qcow2", "file:disk.qcow2"),
         ("vagrant:debian/bullseye64", "vagrant:debian/bullseye64"),
+        # prepared to boot as a VM: what prepare names them, and `racker images` lists
+        ("debian-bookworm+vm", "debian-bookworm+vm"),
+        ("bootstrap:debian/bookworm+vm", "bootstrap:debian/bookworm+vm"),
+        ("docker://debian+vm", "docker://docker.io/library/debian:latest+vm"),
     ],
 )
 def test_canonical_form(text: str, canonical: str) -> None:
@@ -41,6 +45,9 @@ def test_canonical_form(text: str, canonical: str) -> None:
         "docker://UPPER/case",
         "docker://debian:bad tag",
         "docker://a//b",
+        "+vm",
+        "debian-bookworm+vm+vm",
+        "bootstrap:fedora/40+vm",
     ],
 )
 def test_malformed_references_are_refused(text: str) -> None:
@@ -68,3 +75,8 @@ def test_catalogue_holds_the_debian_images() -> None:
 def test_unknown_image_names_the_closest() -> None:
     with pytest.raises(UnknownImage, match="did you mean debian-bookworm"):
         catalog.get("debian-bookwrom")
+
+
+def test_a_long_run_of_prepared_suffixes_is_one_bad_reference() -> None:
+    with pytest.raises(BadReference, match="prepared twice"):
+        refs.parse("debian-bookworm" + "+vm" * 5000)

@@ -1,0 +1,74 @@
+"""The catalogue is validated: a bad file is one line naming the file and the key, never another image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import racker
+from racker import catalog, refs
+
+# (file text, what the one error line must say besides the file's path)
+BAD_ENTRIES = {
+    "unknown-key": ('source = "bootstrap:debian/bookworm"\npakages = ["curl"]\n', ["unknown key 'pakages'", "did you mean 'packages'?"]),
+    "no-source": ('description = "no source"\npackages = []\n', ["no 'source'", 'source = "bootstrap:debian/bookworm"']),
+    "misspelt-source": ('sorce = "bootstrap:debian/bookworm"\n', ["unknown key 'sorce'", "did you mean 'source'?"]),
+    "string-packages": ('source = "bootstrap:debian/bookworm"\npackages = "curl"\n', ["packages must be a list of strings, not a string"]),
+    "number-in-packages": ('source = "bootstrap:debian/bookworm"\npackages = ["curl", 3]\n', ["a list of strings", "a number"]),
+    "number-variant": ('source = "bootstrap:debian/bookworm"\nvariant = 3\n', ["variant must be a string, not a number"]),
+    "bad-toml": ('source = "bootstrap:debian/bookworm\n', ["is not valid TOML", "line 1"]),
+    "bad-source": ('source = "bootstrap:fedora/40"\n', ["source: bad bootstrap reference"]),
+    "catalogue-source": ('source = "debian-bookworm"\n', ["source 'debian-bookworm' is a catalogue name"]),
+}
+
+
+def _nothing_stored(env: dict[str, str]) -> bool:
+    home = Path(env["RACKER_HOME"])
+    return not any((home / "refs").glob("*.json")) and not any((home / "images").glob("*")) if home.exists() else True
+
+
+@pytest.mark.parametrize("verb", ["pull", "check"])
+@pytest.mark.parametrize("name", list(BAD_ENTRIES))
+def test_a_bad_entry_is_one_line_naming_file_and_key(private_store: dict[str, str], name: str, verb: str) -> None:
+    text, says = BAD_ENTRIES[name]
+    path = Path(private_store["RACKER_CATALOG"]) / f"{name}.toml"
+    path.write_text(text)
+    result = racker(verb, name, env=private_store)
+    assert result.returncode == 125, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"racker: error: catalogue file {path}")
+    for words in says:
+        assert words in lines[0]
+    assert _nothing_stored(private_store)
+
+
+def test_a_bad_entry_is_named_when_the_catalogue_is_listed(private_store: dict[str, str]) -> None:
+    """An unknown name reads every file to suggest one: a bad file there is an error too, not skipped."""
+    path = Path(private_store["RACKER_CATALOG"]) / "broken.toml"
+    path.write_text('source = "bootstrap:debian/bookworm"\npakages = []\n')
+    result = racker("pull", "tinny", env=private_store)
+    assert result.returncode == 125
+    assert result.stderr.splitlines() == [f"racker: error: catalogue file {path}: unknown key 'pakages'; did you mean 'packages'?"]
+
+
+def test_every_key_is_read_as_declared(private_store: dict[str, str]) -> None:
+    path = Path(private_store["RACKER_CATALOG"]) / "full.toml"
+    path.write_text(
+        'description = "d"\nsource = "bootstrap:debian/bookworm"\nvariant = "essential"\n'
+        'packages = ["a", "b"]\napt_options = [\'Acquire::Check-Valid-Until "false"\']\n'
+    )
+    entry = catalog.get("full")
+    assert (entry.description, entry.source, entry.packages, entry.apt_options) == (
+        "d",
+        "bootstrap:debian/bookworm",
+        ("a", "b"),
+        ('Acquire::Check-Valid-Until "false"',),
+    )
+    assert entry.options == {"variant": "essential"}
+
+
+def test_the_shipped_catalogue_is_valid() -> None:
+    for entry in catalog.entries().values():
+        assert refs.parse(entry.source).scheme != "catalog"
