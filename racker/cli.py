@@ -140,7 +140,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
     """Enter a running machine, or boot one from the image of that name and enter it."""
     from racker.nspawn import Machine
 
-    state = machines.load("nspawn", args.name)
+    # An image reference (bootstrap:debian/bookworm) is no machine name: boot it.
+    state = machines.load("nspawn", args.name) if machines.valid_name(args.name) else None
     if state is not None and not machines.is_stale(state):
         machine = Machine.attach(args.name)
         return machine.interact(_login_shell(machine))

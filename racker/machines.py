@@ -61,8 +61,12 @@ class State:
         return run_dir(self.name)
 
 
+def valid_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not valid_name(name):
         raise MachineError(f"invalid machine name {name!r}: letters, digits, '-' and '.', at most 64, not starting with '.' or '-'")
     return name
 

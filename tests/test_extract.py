@@ -176,6 +176,12 @@ def test_whiteouts_remove_inside_and_refuse_tricks(world) -> None:  # type: igno
     assert (outer / "secret").exists() and (root / "etc").is_dir()
 
 
+def test_an_empty_symlink_target_is_refused(world) -> None:  # type: ignore[no-untyped-def]
+    _outer, root = world
+    with pytest.raises(BadArchive, match="empty target"):
+        unpack(root, [file("a"), entry("a", tarfile.SYMTYPE, "")])
+
+
 def test_a_corrupt_archive_is_one_error(world) -> None:  # type: ignore[no-untyped-def]
     _outer, root = world
     whole = _tar([file("a", b"y" * 5000)]).getvalue()

@@ -122,6 +122,25 @@ def test_shell_with_an_image_name_boots_one(bookworm) -> None:
     assert "debian-bookworm-" in screen
 
 
+def test_shell_with_an_image_reference_boots_it(share_image) -> None:
+    """bootstrap:debian/bookworm is no machine name (it has a '/'): shell boots that image."""
+    from racker import store
+
+    base = share_image("debian-bookworm")
+    with store.workdir("test") as work:
+        subprocess.run(["cp", "-al", str(base.rootfs), str(work / "rootfs")], check=True)
+        store.commit(
+            "bootstrap:debian/bookworm",
+            work / "rootfs",
+            source="bootstrap:debian/bookworm",
+            recipe="bootstrap:debian/bookworm",
+            manifest=base.manifest,
+        )
+    status, screen = _on_a_terminal([sys.executable, "-m", "racker", "shell", "bootstrap:debian/bookworm"], b"hostname; exit\n")
+    assert status == 0, screen
+    assert "bookworm-" in screen
+
+
 def test_machine_names_are_unique(bookworm) -> None:
     name = f"dup-{os.getpid()}"  # unique to this run: other runs may share the store
     with Machine(bookworm, name), pytest.raises(NameTaken):

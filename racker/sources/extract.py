@@ -140,7 +140,10 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, name: str
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
                 report.members += 1
-                _extract_member(archive, member, tree, report, written, whiteouts)
+                try:
+                    _extract_member(archive, member, tree, report, written, whiteouts)
+                except OSError as error:
+                    raise BadArchive(f"{name}: cannot unpack {member.name!r}: {error.strerror or error}") from None
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
         raise BadArchive(f"{name} is not a readable tar archive: {error}") from None
     return report
@@ -176,6 +179,8 @@ def _extract_member(
         with contextlib.suppress(FileExistsError):
             os.mkdir(target, 0o700)
     elif member.issym():
+        if not member.linkname:
+            raise BadArchive(f"symbolic link {member.name!r} has an empty target")
         tree.clear(target)
         os.symlink(member.linkname, target)
     elif member.islnk():
@@ -206,7 +211,8 @@ def _extract_member(
 
 
 def _apply_metadata(member: tarfile.TarInfo, target: Path, rel: str, report: Report) -> None:
-    os.chown(target, member.uid, member.gid, follow_symlinks=False)
+    if os.geteuid() == 0:  # unprivileged, files stay the caller's (as umoci --rootless does)
+        os.chown(target, member.uid, member.gid, follow_symlinks=False)
     if not member.issym():
         mode = member.mode & 0o7777
         if mode & (stat.S_ISUID | stat.S_ISGID) and not member.isdir() and not _setid_allowed(rel):
