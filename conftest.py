@@ -130,7 +130,8 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
     home = tmp_path_factory.mktemp("podman")
     socket_path = home / "podman.sock"
-    argv = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"), "--storage-driver", "vfs"]
+    # runc, not crun: crun refuses hosts with the hybrid cgroup layout (this one) to run a build's RUN steps.
+    argv = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"), "--storage-driver", "vfs", "--runtime", "runc"]
     server = subprocess.Popen([*argv, "system", "service", "--time=0", f"unix://{socket_path}"], stderr=subprocess.PIPE)
     url = f"unix://{socket_path}"
     try:
@@ -150,3 +151,35 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         server.terminate()
         server.wait(10)
         subprocess.run([*argv, "system", "reset", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def seeded_registry(registry: str) -> dict[str, str]:
+    """The registry holding the shared store's debian-bookworm as library/debian:bookworm (and :copy),
+    pushed by racker: {"host", "digest" (the filesystem's), "manifest" (the pushed manifest's)}."""
+    from racker import export, images
+
+    home = os.environ.get("RACKER_HOME")
+    os.environ["RACKER_HOME"] = str(SHARED_HOME)
+    try:
+        image = images.pull("debian-bookworm")
+        manifest = export.push(image, f"docker://{registry}/library/debian:bookworm")
+        export.push(image, f"docker://{registry}/library/debian:copy")
+    finally:
+        if home is None:
+            os.environ.pop("RACKER_HOME")
+        else:
+            os.environ["RACKER_HOME"] = home
+    return {"host": registry, "digest": image.digest, "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def hub_mirror(seeded_registry: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A registries.conf making the loopback registry docker.io's mirror, as a CI behind a mirror has:
+    the environment that makes `docker://debian:bookworm` and `FROM debian:bookworm` work offline."""
+    conf = tmp_path_factory.mktemp("containers") / "registries.conf"
+    conf.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "{seeded_registry["host"]}"\ninsecure = true\n'
+    )
+    return {"CONTAINERS_REGISTRIES_CONF": str(conf)}

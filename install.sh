@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 PACKAGES=(
   # machines and images
   systemd-container mmdebstrap debian-archive-keyring arch-test uidmap util-linux iproute2
-  skopeo umoci buildah podman docker-registry
+  skopeo umoci buildah podman runc docker-registry
   # disks and VMs
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
   grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client

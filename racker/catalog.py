@@ -34,7 +34,7 @@ class Key:
     field: bool = True  # a CatalogEntry field; otherwise kept in CatalogEntry.options for the source to read
 
     def describe(self) -> str:
-        return "a string" if self.kind is str else "a list of strings"
+        return {str: "a string", list: "a list of strings", dict: "a table of strings"}[self.kind]
 
 
 KEYS: dict[str, Key] = {
@@ -43,6 +43,9 @@ KEYS: dict[str, Key] = {
     "packages": Key(list, '["systemd", "dbus"]'),
     "apt_options": Key(list, """['Acquire::Check-Valid-Until "false"']"""),
     "variant": Key(str, '"minbase"', field=False),  # mmdebstrap --variant, read by sources/bootstrap.py
+    # Read by sources/dockerfile.py: docker build's --build-arg and --target.
+    "build_args": Key(dict, '{ GREETING = "hello" }', field=False),
+    "target": Key(str, '"runtime"', field=False),
 }
 
 
@@ -107,6 +110,13 @@ def validate(path: Path, data: dict) -> None:
         value = data[key]
         if spec.kind is str:
             wrong = None if isinstance(value, str) else _type_name(value)
+        elif spec.kind is dict:
+            items = value.values() if isinstance(value, dict) else ()
+            wrong = (
+                _type_name(value)
+                if not isinstance(value, dict)
+                else next(("a table holding " + _type_name(v) for v in items if not isinstance(v, str)), None)
+            )
         elif not isinstance(value, list):
             wrong = _type_name(value)
         else:

@@ -17,6 +17,8 @@ BAD_ENTRIES = {
     "string-packages": ('source = "bootstrap:debian/bookworm"\npackages = "curl"\n', ["packages must be a list of strings, not a string"]),
     "number-in-packages": ('source = "bootstrap:debian/bookworm"\npackages = ["curl", 3]\n', ["a list of strings", "a number"]),
     "number-variant": ('source = "bootstrap:debian/bookworm"\nvariant = 3\n', ["variant must be a string, not a number"]),
+    "list-build-args": ('source = "dockerfile:."\nbuild_args = ["A=1"]\n', ["build_args must be a table of strings, not a list"]),
+    "number-build-arg": ('source = "dockerfile:."\nbuild_args = { A = 1 }\n', ["a table of strings", "a table holding a number"]),
     "bad-toml": ('source = "bootstrap:debian/bookworm\n', ["is not valid TOML", "line 1"]),
     "bad-source": ('source = "bootstrap:fedora/40"\n', ["source: bad bootstrap reference"]),
     "catalogue-source": ('source = "debian-bookworm"\n', ["source 'debian-bookworm' is a catalogue name"]),

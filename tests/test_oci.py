@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_HOME, free_port, racker
+from conftest import free_port, racker
 from racker import export, store
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def seeded(registry: str) -> dict[str, str]:
-    """The shared store's debian-bookworm pushed as library/debian:bookworm (and :copy): its digests."""
-    home = os.environ.get("RACKER_HOME")
-    os.environ["RACKER_HOME"] = str(SHARED_HOME)
-    try:
-        from racker import images
-
-        image = images.pull("debian-bookworm")
-        manifest = export.push(image, f"docker://{registry}/library/debian:bookworm")
-        export.push(image, f"docker://{registry}/library/debian:copy")
-    finally:
-        if home is None:
-            os.environ.pop("RACKER_HOME")
-        else:
-            os.environ["RACKER_HOME"] = home
-    return {"digest": image.digest, "manifest": manifest}
+@pytest.fixture
+def seeded(seeded_registry: dict) -> dict[str, str]:
+    return seeded_registry
 
 
 def _blobs() -> set[str]:

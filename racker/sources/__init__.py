@@ -18,6 +18,7 @@ SOURCES: dict[str, str] = {
     "bootstrap": "racker.sources.bootstrap",
     "docker": "racker.sources.oci",
     "docker-daemon": "racker.sources.daemon",
+    "dockerfile": "racker.sources.dockerfile",
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]

@@ -79,6 +79,15 @@ def image_name(ref: Reference) -> str:
     return ref.target if ":" in last or "@" in last else f"{ref.target}:latest"
 
 
+def engine_answers() -> bool:
+    """An engine is configured or found, and answers (the Dockerfile source then builds with it)."""
+    try:
+        client()
+    except EngineUnavailable:
+        return False
+    return True
+
+
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     import docker
 
@@ -90,7 +99,14 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         raise BadReference(f"the Docker engine at {engine_url()} has no image {name!r}") from None
     except docker.errors.APIError as error:
         raise BadReference(f"the Docker engine could not look up {name!r}: {error.explanation or error}") from None
-    config = image.attrs.get("Config") or {}
+    return {
+        "engine": {"reference": name, "image_id": image.id, "url": engine_url()},
+        "config": export_image(engine, image, name, rootfs),
+    }
+
+
+def export_image(engine, image, name: str, rootfs: Path) -> dict:  # type: ignore[no-untyped-def]
+    """Unpack an engine's image into `rootfs` (through a container made for it); its config."""
     rootfs.mkdir()
     container = engine.containers.create(image.id, command=["/racker-never-started"], entrypoint=[])
     try:
@@ -103,7 +119,8 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
             f"{name}: skipped {len(report.skipped_devices)} device node(s), "
             f"cleared set-uid/set-gid on {len(report.cleared_setid)} file(s) outside the system directories"
         )
-    return {
-        "engine": {"reference": name, "image_id": image.id, "url": engine_url()},
-        "config": {key: config[key] for key in CONFIG_KEYS if config.get(key) not in (None, "", [], {})},
-    }
+    return kept_config(image.attrs.get("Config") or {})
+
+
+def kept_config(config: dict) -> dict:
+    return {key: config[key] for key in CONFIG_KEYS if config.get(key) not in (None, "", [], {})}

@@ -1,0 +1,115 @@
+"""dockerfile:DIR[#FILE] — an image built from a Dockerfile, then acquired like any other.
+
+Built through the docker SDK when a Docker engine answers (sources/daemon.py
+finds it), otherwise with buildah, which needs no daemon:
+
+    buildah build --isolation chroot --format docker  (storage: the store's buildah/, so base
+        images are pulled once; registries.conf as podman reads it, CONTAINERS_REGISTRIES_CONF passed on)
+    buildah push ──▶ an OCI layout sharing the store's blobs ──umoci unpack──▶ the rootfs
+    buildah inspect ──▶ the image config, HEALTHCHECK and STOPSIGNAL included
+
+The catalogue entry may give `build_args` (a table) and `target` (a stage).
+A failed build is one line, with the build's last lines of output below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from racker import proc, progress, store
+from racker.catalog import CatalogEntry
+from racker.errors import BadReference, RackerError
+from racker.refs import Reference
+from racker.sources import daemon, oci
+
+TAIL_LINES = 15
+
+
+class BuildFailed(RackerError):
+    """The Dockerfile did not build; carries the build's last lines of output."""
+
+
+def context_and_file(target: str) -> tuple[Path, Path]:
+    """(build context, Dockerfile) from `DIR[#FILE]`, FILE relative to DIR."""
+    directory, _, name = target.partition("#")
+    context = Path(directory).expanduser().absolute()
+    if not context.is_dir():
+        raise BadReference(f"dockerfile:{target}: {context} is not a directory", hint="dockerfile:DIR, or dockerfile:DIR#FILE")
+    dockerfile = (context / (name or "Dockerfile")).absolute()
+    if not dockerfile.is_file():
+        raise BadReference(f"dockerfile:{target}: no Dockerfile at {dockerfile}")
+    return context, dockerfile
+
+
+def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | None]:
+    options = entry.options if entry else {}
+    return dict(options.get("build_args", {})), options.get("target")
+
+
+def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    context, dockerfile = context_and_file(ref.target)
+    build_args, stage = build_options(entry)
+    built = {"context": str(context), "dockerfile": str(dockerfile), "build_args": build_args, "target": stage}
+    if daemon.engine_answers():
+        config = _with_engine(context, dockerfile, build_args, stage, rootfs)
+        return {"build": dict(built, builder="docker engine"), "config": config}
+    config = _with_buildah(context, dockerfile, build_args, stage, rootfs)
+    return {"build": dict(built, builder="buildah"), "config": config}
+
+
+def buildah_argv(*words: str) -> list[str]:
+    """buildah with the store's own storage, and the registries.conf podman would read."""
+    home = store.home() / "buildah"
+    argv = ["buildah", "--root", str(home / "root"), "--runroot", str(home / "run")]
+    if os.environ.get("CONTAINERS_REGISTRIES_CONF"):
+        argv += ["--registries-conf", os.environ["CONTAINERS_REGISTRIES_CONF"]]
+    return [*argv, *words]
+
+
+def _with_buildah(context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path) -> dict:
+    tag = f"localhost/racker-build-{os.urandom(6).hex()}"
+    argv = ["build", "--isolation", "chroot", "--format", "docker", "--file", str(dockerfile), "--tag", tag]
+    for key, value in build_args.items():
+        argv += ["--build-arg", f"{key}={value}"]
+    if stage:
+        argv += ["--target", stage]
+    with progress.step(f"building {dockerfile} with buildah"):
+        result = proc.run(buildah_argv(*argv, str(context)), timeout=3600, check=False)
+    if result.failed:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-TAIL_LINES:])
+        raise BuildFailed(f"the build of {dockerfile} failed (buildah exit status {result.returncode})", hint=tail or None)
+    try:
+        layout = oci.shared_layout(rootfs.parent)
+        proc.run(buildah_argv("push", "--quiet", tag, f"oci:{layout}:build"), timeout=1800)
+        inspected = json.loads(proc.run(buildah_argv("inspect", "--type", "image", tag)).stdout)
+        oci.unpack(layout, "build", rootfs)
+    finally:
+        proc.run(buildah_argv("rmi", tag), check=False, timeout=300)
+    return daemon.kept_config(inspected.get("Docker", {}).get("config") or {})
+
+
+def _with_engine(context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path) -> dict:
+    import docker
+
+    engine = daemon.client()
+    tag = f"localhost/racker-build-{os.urandom(6).hex()}"
+    with progress.step(f"building {dockerfile} with the Docker engine"):
+        try:
+            image, _log = engine.images.build(
+                path=str(context),
+                dockerfile=str(dockerfile.relative_to(context)) if dockerfile.is_relative_to(context) else str(dockerfile),
+                buildargs=build_args,
+                target=stage,
+                tag=tag,
+                rm=True,
+                forcerm=True,
+            )
+        except docker.errors.BuildError as error:
+            tail = "\n".join(str(line.get("stream", line.get("error", ""))).rstrip() for line in error.build_log)
+            raise BuildFailed(f"the build of {dockerfile} failed: {error.msg}", hint="\n".join(tail.splitlines()[-TAIL_LINES:])) from None
+    try:
+        return daemon.export_image(engine, image, tag, rootfs)
+    finally:
+        engine.images.remove(image.id, force=True)

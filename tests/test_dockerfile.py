@@ -1,0 +1,123 @@
+"""dockerfile: images built with buildah (no engine) or through a Docker engine, FROM an image
+that docker.io's mirror (a loopback registry the tests start) serves."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import racker
+from racker import store
+
+pytestmark = pytest.mark.slow
+
+DOCKERFILE = """\
+FROM debian:bookworm AS base
+RUN echo built-in-stage-one > /etc/racker-built
+
+FROM base AS runtime
+ARG GREETING=hi
+ENV GREETING=$GREETING
+WORKDIR /srv
+COPY index.html /srv/index.html
+USER nobody
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=5s CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/')"
+ONBUILD RUN echo never-run-here
+ENTRYPOINT ["/usr/bin/python3", "-m", "http.server"]
+CMD ["8080"]
+
+FROM runtime AS extra
+RUN echo not-in-runtime > /etc/extra
+"""
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Path:
+    context = tmp_path / "svc"
+    context.mkdir()
+    (context / "Dockerfile").write_text(DOCKERFILE)
+    (context / "index.html").write_text("hello from the app\n")
+    (context / "Failing.dockerfile").write_text("FROM debian:bookworm\nRUN echo about-to-fail && exit 3\n")
+    return context
+
+
+@pytest.fixture
+def catalog_entry(private_store: dict, service: Path) -> str:
+    """A catalogue image built from the service's Dockerfile, with a build argument and a target stage."""
+    entry = Path(private_store["RACKER_CATALOG"]) / "svc.toml"
+    entry.write_text(f'source = "dockerfile:{service}"\nbuild_args = {{ GREETING = "hello world" }}\ntarget = "runtime"\n')
+    return "svc"
+
+
+def _expect_service(name: str, *, healthcheck: bool = True) -> store.StoredImage:
+    image = store.lookup(name)
+    assert image is not None
+    config = image.manifest["config"]
+    assert config["Entrypoint"] == ["/usr/bin/python3", "-m", "http.server"] and config["Cmd"] == ["8080"]
+    assert "GREETING=hello world" in config["Env"]
+    assert (config["User"], config["WorkingDir"], config["StopSignal"]) == ("nobody", "/srv", "SIGINT")
+    if healthcheck:
+        assert config["Healthcheck"]["Test"][0] == "CMD-SHELL"
+    assert (image.rootfs / "etc/racker-built").read_text() == "built-in-stage-one\n"
+    assert (image.rootfs / "srv/index.html").read_text() == "hello from the app\n"
+    assert not (image.rootfs / "etc/extra").exists(), "--target stops at the runtime stage"
+    return image
+
+
+def test_a_multi_stage_dockerfile_builds_with_buildah_and_boots(hub_mirror: dict, catalog_entry: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for key, value in hub_mirror.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    pulled = racker("pull", catalog_entry)
+    assert pulled.returncode == 0, pulled.stderr
+    image = _expect_service(catalog_entry)
+    assert image.manifest["build"]["builder"] == "buildah"
+    ran = racker("run", catalog_entry, "--", "systemctl", "is-system-running", "--wait")
+    assert (ran.returncode, ran.stdout.strip()) == (0, "running"), ran.stderr
+    buildah = ["buildah", "--root", str(store.home() / "buildah/root"), "--runroot", str(store.home() / "buildah/run")]
+    left = subprocess.run([*buildah, "images", "--format", "{{.Name}}"], capture_output=True, text=True, check=True).stdout
+    assert "racker-build" not in left, "the built image is removed from buildah's storage once acquired"
+
+
+def test_a_failing_build_shows_its_last_lines_and_stores_nothing(hub_mirror: dict, private_store: dict, service: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for key, value in hub_mirror.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    result = racker("pull", f"dockerfile:{service}#Failing.dockerfile")
+    assert result.returncode == 125
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"racker: error: the build of {service}/Failing.dockerfile failed"), result.stderr
+    assert "about-to-fail" in result.stderr and "Traceback" not in result.stderr
+    assert store.images() == []
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/dir", "{service}#Nope.dockerfile"])
+def test_a_missing_context_or_file_is_one_line(private_store: dict, service: Path, target: str) -> None:
+    result = racker("pull", "dockerfile:" + target.format(service=service))
+    assert result.returncode == 125 and len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_with_an_engine_the_engine_builds(catalog_entry: str, docker_engine: str, share_image, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import docker
+
+    from racker import export
+
+    engine = docker.DockerClient(base_url=docker_engine)
+    # The engine's own base image, as a user's engine would have it: racker's bookworm, loaded and tagged.
+    archive = tmp_path / "debian.tar"
+    export.export(share_image("debian-bookworm"), archive, "docker-archive")
+    with open(archive, "rb") as handle:
+        (base,) = engine.images.load(handle.read())
+    base.tag("docker.io/library/debian", "bookworm")
+    monkeypatch.setenv("DOCKER_HOST", docker_engine)
+    result = racker("pull", catalog_entry)
+    assert result.returncode == 0, result.stderr
+    # podman's Docker API builds OCI images, which have no HEALTHCHECK (dockerd keeps it).
+    image = _expect_service(catalog_entry, healthcheck=False)
+    assert image.manifest["build"]["builder"] == "docker engine"
+    assert not [i for i in engine.images.list() if any("racker-build" in t for t in i.tags)]
+    assert engine.containers.list(all=True) == []
