@@ -66,6 +66,32 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from racker import images
+
+    image = images.import_image(args.name, Path(args.path))
+    print(f"{image.name} {image.digest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from racker import export, images
+
+    print(export.export(images.find(args.image), Path(args.output), args.format))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from racker import export, images
+
+    print(export.push(images.find(args.image), args.destination, tls_verify=args.tls_verify))
+    return 0
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     listed = store.images()
     if args.json:
@@ -253,6 +279,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+
+    p = verb("import", cmd_import, "store a root filesystem (a directory or a tarball) made by another tool")
+    p.add_argument("name")
+    p.add_argument("path", metavar="DIR|TARBALL")
+
+    p = verb("export", cmd_export, "write an image as an OCI or docker archive (docker/podman load), or a root tarball (docker import)")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--format", choices=["oci-archive", "docker-archive", "rootfs-tar"], default="oci-archive")
+
+    p = verb("push", cmd_push, "push an image to a registry: racker push IMAGE docker://HOST/NAME[:TAG]")
+    p.add_argument("image")
+    p.add_argument("destination")
+    p.add_argument("--tls-verify", action=argparse.BooleanOptionalAction, default=True, help="(loopback registries: never)")
 
     p = verb("images", cmd_images, "list the images in the store")
     p.add_argument("--json", action="store_true")

@@ -11,7 +11,7 @@ from racker import catalog, distros, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, StoreError, UnknownImage
 from racker.refs import PREPARED, Reference, parse
-from racker.sources import source_for
+from racker.sources import recipe_for, source_for
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
     name, ref, entry = resolved.name, resolved.source, resolved.entry
     if ref is None:
         return _made_here(name, force=force)
-    recipe = entry.recipe if entry else str(ref)
+    recipe = entry.recipe if entry else recipe_for(ref)
     image = store.lookup(name)
     if image is not None and image.recipe == recipe and not force:
         return image  # fast path: no lock, no network
@@ -131,3 +131,30 @@ def normalise(rootfs: Path) -> None:
         os.unlink(machine_id)
     fd = os.open(machine_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
     os.close(fd)
+
+
+def import_image(name: str, path: Path) -> store.StoredImage:
+    """Store the root filesystem at `path` (a directory or a tarball) as the image `name`.
+
+    Importing the same, unchanged file again does nothing; a changed one makes a new image.
+    """
+    from racker.sources import rootfs as local
+
+    reference = parse(name)
+    if reference.scheme != "catalog" or reference.prepared:
+        raise BadReference(f"{name!r} cannot name an imported image: use a plain name such as my-image")
+    if catalog.find_file(name) is not None:
+        raise BadReference(f"{name!r} is a catalogue image; import under another name")
+    path = path.absolute()
+    if not path.exists():
+        raise BadReference(f"nothing to import at {path}")
+    recipe = local.signature(path)
+    found = store.lookup(name)
+    if found is not None and found.recipe == recipe:
+        return found
+    with store.locked(f"image-{name}"), progress.step(f"importing {path} as {name}"), store.workdir("import") as work:
+        rootfs = work / "rootfs"
+        local.unpack(path, rootfs)
+        normalise(rootfs)
+        manifest = {"name": name, "distro": distros.detect(rootfs).as_json(), "imported": {"path": str(path)}}
+        return store.commit(name, rootfs, source=f"import:{path}", recipe=recipe, manifest=manifest)

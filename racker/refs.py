@@ -4,6 +4,8 @@ debian-bookworm                      a catalogue name
 bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
 docker://debian:bookworm-slim        a registry image (skopeo + umoci)
 docker-daemon:myimage:tag            exported from a Docker engine
+oci:DIR[:TAG], oci-archive:FILE      an OCI image layout or archive; docker-archive:FILE (`docker save`)
+containers-storage:NAME              an image podman or buildah built
 dockerfile:path/to/dir               built with buildah, then imported
 https://host/path/root.tar.xz        a cloud root tarball or disk image
 file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
@@ -20,7 +22,13 @@ from racker.errors import BadReference
 
 # The suffix of an image prepared to boot as a VM: `racker promote X` and `racker vm start X` make X+vm.
 PREPARED = "+vm"
-SCHEMES = ("bootstrap", "docker", "docker-daemon", "dockerfile", "https", "http", "file", "vagrant")
+SCHEMES = (
+    "bootstrap", "docker", "docker-daemon", "dockerfile", "https", "http", "file", "vagrant",
+    "oci", "oci-archive", "docker-archive", "containers-storage",
+)  # fmt: skip
+# Local images skopeo reads: an OCI layout directory (oci:DIR[:TAG]), `docker save` and OCI archives,
+# and podman's or buildah's storage.
+LOCAL_IMAGE_SCHEMES = ("oci", "oci-archive", "docker-archive", "containers-storage")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
 _PATH = re.compile(r"^[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$")
@@ -75,7 +83,20 @@ def parse(text: str) -> Reference:
         raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
     if scheme == "docker":
         target = normalise_docker(target, text)
+    if scheme in ("oci", "oci-archive", "docker-archive"):
+        target = absolute_path(target, tagged=scheme == "oci")
     return Reference(scheme, target)
+
+
+def absolute_path(target: str, *, tagged: bool) -> str:
+    """A file or directory target made absolute, so that a stored name means one thing wherever it is typed.
+    `tagged`: an OCI layout's `DIR:TAG`, whose tag has no '/'."""
+    import os
+
+    path, tag = target, ""
+    if tagged and ":" in target and "/" not in target.rsplit(":", 1)[1]:
+        path, tag = target.rsplit(":", 1)
+    return os.path.abspath(os.path.expanduser(path)) + (f":{tag}" if tag else "")
 
 
 def normalise_docker(target: str, text: str) -> str:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference
-from racker.refs import Reference
+from racker.refs import LOCAL_IMAGE_SCHEMES, Reference
 
 SOURCES: dict[str, str] = {
     "bootstrap": "racker.sources.bootstrap",
     "docker": "racker.sources.oci",
     "docker-daemon": "racker.sources.daemon",
     "dockerfile": "racker.sources.dockerfile",
+    **{scheme: "racker.sources.oci" for scheme in LOCAL_IMAGE_SCHEMES},
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]
@@ -31,3 +32,13 @@ def source_for(ref: Reference) -> Acquire:
         raise BadReference(f"{ref.scheme}: images are not supported yet (supported: {supported})")
     module = importlib.import_module(module_name)
     return module.acquire
+
+
+def recipe_for(ref: Reference) -> str:
+    """What an image acquired from `ref` depends on: the reference, or more where the source says
+    (a local archive: the file as it is now, so a changed file is acquired again)."""
+    module_name = SOURCES.get(ref.scheme)
+    if module_name is None:
+        return str(ref)
+    recipe = getattr(importlib.import_module(module_name), "recipe", None)
+    return recipe(ref) if recipe is not None else str(ref)

@@ -88,14 +88,38 @@ def _blob(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / hexdigest).read_bytes()
 
 
-def copy_argv(source: registries.Source, layout: Path, tag: str) -> list[str]:
-    host = source.reference.split("/", 1)[0]
-    verify = tls_verify(host) and not source.insecure
+def copy_argv(source: str, layout: Path, tag: str, *, verify: bool = True) -> list[str]:
     return [
-        "skopeo", "copy", "--quiet", *auth_options(),
-        f"--src-tls-verify={str(verify).lower()}",
-        f"docker://{source.reference}", f"oci:{layout}:{tag}",
+        "skopeo", "copy", "--quiet", *auth_options(), f"--src-tls-verify={str(verify).lower()}", source, f"oci:{layout}:{tag}",
     ]  # fmt: skip
+
+
+def sources(ref: Reference) -> list[tuple[str, bool]]:
+    """(skopeo source, verify TLS) to try in order: a registry's mirrors then itself, or the local image."""
+    if ref.scheme != "docker":
+        return [(f"{ref.scheme}:{ref.target}", True)]
+    return [
+        (f"docker://{s.reference}", tls_verify(s.reference.split("/", 1)[0]) and not s.insecure) for s in registries.sources(ref.target)
+    ]
+
+
+def local_path(ref: Reference) -> Path | None:
+    """The file or directory a local image reference names (an OCI layout's, without its :TAG)."""
+    if ref.scheme in ("oci-archive", "docker-archive"):
+        return Path(ref.target)
+    if ref.scheme == "oci":
+        directory, _, tag = ref.target.rpartition(":")
+        return Path(directory if directory and "/" not in tag else ref.target)
+    return None
+
+
+def recipe(ref: Reference) -> str:
+    """What the stored image of `ref` depends on: for an archive or a layout, the file as it is now."""
+    path = local_path(ref)
+    if path is not None and path.exists():
+        info = (path / "index.json" if path.is_dir() else path).stat()
+        return f"{ref} {info.st_size} {info.st_mtime_ns} {info.st_ino}"
+    return str(ref)
 
 
 def unpack(layout: Path, tag: str, rootfs: Path) -> None:
@@ -111,13 +135,13 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     layout = shared_layout(rootfs.parent)
     tag = "pull"
     failures = []
-    for source in registries.sources(ref.target):
-        with progress.step(f"copying {source.reference} with skopeo"):
+    for source, verify in sources(ref):
+        with progress.step(f"copying {source} with skopeo"):
             try:
-                proc.run(copy_argv(source, layout, tag), timeout=3600)
+                proc.run(copy_argv(source, layout, tag, verify=verify), timeout=3600)
                 break
             except ToolFailed as failed:
-                failures.append(f"{source.reference}: {_skopeo_reason(failed.stderr)}")
+                failures.append(f"{source}: {_skopeo_reason(failed.stderr)}")
     else:
         raise BadReference(f"cannot pull {ref}: " + "; ".join(failures))
     digest, config = read_layout(layout, tag)
@@ -125,7 +149,7 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     return {
         "oci": {
             "reference": str(ref),
-            "pulled_from": source.reference,
+            "pulled_from": source.removeprefix("docker://"),
             "manifest_digest": digest,
             "architecture": config.get("architecture", ""),
         },
