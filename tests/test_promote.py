@@ -5,7 +5,10 @@ Real boots are in test_vm_boot.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import struct
 import subprocess
 import time
@@ -82,6 +85,115 @@ def test_boot_firmware_reads_mbr_and_gpt() -> None:
 
     entries[:16] = uuid.UUID(qemu.ESP_GUID).bytes_le
     assert qemu.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
+
+
+# -- images to promote ------------------------------------------------------
+
+KERNEL = "6.1.0-9-cloud-amd64"
+ROOT_UUID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+
+# A small root tree that meets every tree requirement of every profile, with a
+# kernel and an initramfs that promote finds (not bootable: no test boots it).
+GOOD_TREE = {
+    "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n',
+    "usr/lib/python3/dist-packages/cloudinit/version.py": '__VERSION__ = "22.4.2"\n',
+    "usr/sbin/sshd": "#!/bin/sh\n",
+    "etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\n",
+    "etc/ssh/sshd_config.d/50-racker.conf": "PasswordAuthentication no\nPermitRootLogin no\n",
+    "etc/systemd/network/99-racker-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+    "etc/cloud/cloud.cfg.d/90-racker.cfg": "datasource_list: [ConfigDrive, NoCloud]\n",
+    f"lib/modules/{KERNEL}/modules.builtin": "kernel/drivers/virtio/virtio_pci.ko\n",
+    f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko": "",
+    f"lib/modules/{KERNEL}/kernel/drivers/net/virtio_net.ko": "",
+    f"boot/vmlinuz-{KERNEL}": "not a kernel",
+    f"boot/initrd.img-{KERNEL}": "not an initramfs",
+    # What promote writes; the staged tree has it before the disk is built.
+    "boot/grub/grub.cfg": bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0,38400n8"),
+}
+GOOD_LINKS = {"etc/systemd/system/multi-user.target.wants/ssh.service": "/lib/systemd/system/ssh.service"}
+
+
+def write_tree(root: Path, files: dict[str, str | bytes], links: dict[str, str] | None = None) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for rel, target in (links or {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.symlink_to(target)
+    return root
+
+
+def commit_image(
+    name: str, files: dict[str, str | bytes], links: dict[str, str] | None = None, config: dict | None = None
+) -> store.StoredImage:
+    """A small image in the (private) store, as a pull would leave it."""
+    with store.workdir("test") as work:
+        rootfs = write_tree(work / "rootfs", files, links)
+        manifest = {"name": name, **({"config": config} if config else {})}
+        return store.commit(name, rootfs, source="test:", recipe="-", manifest=manifest)
+
+
+@pytest.fixture
+def small_image(private_store: dict[str, str]) -> store.StoredImage:
+    return commit_image("small", GOOD_TREE, GOOD_LINKS)
+
+
+def debugfs(path: Path, offset: int, request: str) -> bytes:
+    """debugfs on the ext4 at `offset` in a disk file, read-only."""
+    return subprocess.run(["debugfs", "-R", request, f"{path}?offset={offset}"], capture_output=True, check=True).stdout
+
+
+# -- the store image is never written ---------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`: type and mode, mtime, and content or link target."""
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            else:
+                content = ""
+            found[os.path.relpath(path, root)] = (info.st_mode, info.st_mtime_ns, content)
+    return found
+
+
+def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_path: Path) -> None:
+    """The image already holds every file promote writes into its staged copy
+    (hard links to the store's files): GRUB's modules for both platforms, grub.cfg,
+    fstab, each profile's files, an app's unit and its link. Promote must replace
+    each of them in the copy, never write into the store's."""
+    shipped: dict[str, str | bytes] = {"etc/fstab": "the image's own fstab\n", "boot/grub/grub.cfg": "the image's own grub.cfg\n"}
+    for platform in ("i386-pc", "x86_64-efi"):
+        for module in ("normal.mod", "linux.mod", "search.mod", "moddep.lst", "command.lst", "boot.img"):
+            if (bootloader.GRUB_LIB / platform / module).exists():
+                shipped[f"boot/grub/{platform}/{module}"] = f"the image's own {platform}/{module}\n"
+    for profile in profiles.PROFILES.values():
+        shipped.update({rel: f"the image's own {rel}\n" for rel in profile.files})
+    shipped[f"etc/systemd/system/{app.UNIT}"] = "the image's own unit\n"
+    links = {**GOOD_LINKS, f"etc/systemd/system/multi-user.target.wants/{app.UNIT}": "/the/image's/own/unit"}
+    config = {"Entrypoint": ["/bin/sleep"], "Cmd": ["infinity"]}
+    image = commit_image("ships-grub", {**GOOD_TREE, **shipped}, links, config)
+    before = snapshot(image.rootfs)
+    promoted = [
+        promote.promote(image, tmp_path / "bios.raw"),
+        promote.promote(image, tmp_path / "uefi.tar.gz", promote.Options(fmt="gce", firmware="uefi", profile="gcp", app=True)),
+        promote.promote(image, tmp_path / "do.qcow2", promote.Options(fmt="qcow2", profile="digitalocean", app=True)),
+    ]
+    assert snapshot(image.rootfs) == before
+    # And the disk has what promote wrote: the host's GRUB modules, not the image's.
+    modules = debugfs(promoted[0].path, promoted[0].layout.root_offset, "cat /boot/grub/i386-pc/normal.mod")
+    assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
 
 
 # -- profiles ---------------------------------------------------------------

@@ -14,7 +14,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from racker import proc
+from racker import prepare, proc
 from racker.errors import PromoteError
 
 GRUB_LIB = Path("/usr/lib/grub")
@@ -75,13 +75,20 @@ def _platform_dir(platform: str) -> Path:
 
 
 def install_modules(boot_grub: Path, platform: str) -> None:
-    """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would."""
+    """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would.
+
+    Each file is a new one renamed over what the image has: the staged tree is
+    hard links into the store, and an image that ships /boot/grub/<platform>
+    must not have the host's modules written through into its files.
+    """
     source = _platform_dir(platform)
     target = boot_grub / platform
     target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
+    for path in sorted(source.iterdir()):
         if path.suffix in (".mod", ".lst", ".img"):
-            shutil.copy2(path, target / path.name)
+            copied = target / path.name
+            prepare.replace_file(copied, path.read_bytes(), path.stat().st_mode & 0o7777)
+            shutil.copystat(path, copied)
 
 
 def _mkimage(platform: str, output: Path, config: Path, modules: tuple[str, ...]) -> None:
