@@ -1,6 +1,8 @@
 """Promote: the logic with fakes, and real disks built and read back (no boot here).
 
-Real boots are in test_vm_boot.py.
+Real boots are in test_vm_boot.py. Every test that builds a disk does it in a
+private store: a small image made here, or the shared store's prepared
+bookworm linked in (share_prepared).
 """
 
 from __future__ import annotations
@@ -8,15 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import struct
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from racker import images, prepare, promote, qemu, seed, store
+from conftest import SHARED_HOME, racker
+from racker import prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.promote import app, bootloader, disk, formats, profiles
 
@@ -137,9 +143,40 @@ def commit_image(
         return store.commit(name, rootfs, source="test:", recipe="-", manifest=manifest)
 
 
+def share_prepared(share_image: Callable[..., store.StoredImage], name: str) -> store.StoredImage:
+    """share_image(name) and share_image(name, prepared=True), taking the prepared
+    image the shared store holds as it is, and keying it, in the private store,
+    as this checkout's prepare would (so that `racker promote NAME` takes it).
+
+    prepare's key is a fingerprint of prepare's code: where this checkout's
+    prepare.py differs from the one that prepared the shared store's image,
+    share_image(prepared=True) would prepare it again in the shared store,
+    replacing it for every other checkout. Promote's tests need a prepared
+    image, not this checkout's prepare.
+    """
+    plain = share_image(name)
+    shared_ref = SHARED_HOME / "refs" / store.ref_path(prepare.prepared_name(name)).name
+    with pytest.MonkeyPatch.context() as patch:
+        if shared_ref.is_file():
+            recipe = json.loads(shared_ref.read_text())["recipe"]
+            patch.setattr(prepare, "recipe_key", lambda image: recipe)
+        prepared = share_image(name, prepared=True)
+    ref = store.ref_path(prepared.name)
+    store.write_json(ref, {**json.loads(ref.read_text()), "recipe": prepare.recipe_key(plain)})
+    found = store.lookup(prepared.name)
+    assert found is not None
+    return found
+
+
 @pytest.fixture
 def small_image(private_store: dict[str, str]) -> store.StoredImage:
     return commit_image("small", GOOD_TREE, GOOD_LINKS)
+
+
+@pytest.fixture
+def bookworm_vm(share_image) -> store.StoredImage:
+    """The prepared bookworm, in this test's private store."""
+    return share_prepared(share_image, "debian-bookworm")
 
 
 def debugfs(path: Path, offset: int, request: str) -> bytes:
@@ -307,11 +344,6 @@ def test_grub_cfg_for_bios_loads_the_kernel_where_it_runs() -> None:
 # -- real disks, built and read back ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bookworm_vm():
-    return prepare.prepare(images.pull("debian-bookworm"))
-
-
 @pytest.mark.slow
 def test_bios_disk_layout_and_grub_are_where_bios_looks(bookworm_vm, tmp_path: Path) -> None:
     result = promote.promote(bookworm_vm, tmp_path / "d.raw", promote.Options(size=2 * GiB))
@@ -324,43 +356,34 @@ def test_bios_disk_layout_and_grub_are_where_bios_looks(bookworm_vm, tmp_path: P
     part = table["partitiontable"]["partitions"][0]
     assert part["start"] == 2048 and part.get("bootable")
     # Read the root filesystem back without mounting it.
-    fstab = subprocess.run(
-        ["debugfs", "-R", "cat /etc/fstab", f"{result.path}?offset={MiB}"], capture_output=True, text=True, check=False
-    ).stdout or _debugfs_cat(result.path, "/etc/fstab", tmp_path)
+    fstab = debugfs(result.path, MiB, "cat /etc/fstab").decode()
     assert f"UUID={result.layout.root_uuid} / ext4 rw" in fstab
     assert result.path.stat().st_mode & 0o777 != 0o600
 
 
-def _debugfs_cat(path: Path, name: str, tmp_path: Path) -> str:
-    part = tmp_path / "root.ext4"
-    subprocess.run(["dd", f"if={path}", f"of={part}", "bs=1M", "skip=1", "conv=sparse", "status=none"], check=True)
-    return subprocess.run(["debugfs", "-R", f"cat {name}", str(part)], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.slow
-def test_missing_kernel_fails_before_any_work(tmp_path: Path) -> None:
-    plain = images.pull("debian-bookworm")  # not prepared: no kernel
+def test_missing_kernel_fails_before_any_work(share_image, tmp_path: Path) -> None:
+    plain = share_image("debian-bookworm")  # not prepared: no kernel
     started = time.monotonic()
     with pytest.raises(PrepareError, match="no kernel"):
-        promote.promote(plain, tmp_path / "x.raw")
+        promote.promote(plain, tmp_path / "out/x.raw")
     assert time.monotonic() - started < 5
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_size_too_small_fails_before_any_work(bookworm_vm, tmp_path: Path) -> None:
+def test_size_too_small_fails_before_any_work(small_image, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(PromoteError, match="too small"):
-        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(size=300 * MiB))
+        promote.promote(small_image, tmp_path / "out/x.raw", promote.Options(size=100 * MiB))
     assert time.monotonic() - started < 5
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-def test_failing_profile_prints_a_table_and_fails(bookworm_vm, tmp_path: Path) -> None:
-    from conftest import racker
-
-    result = racker("promote", "debian-bookworm", "--profile", "digitalocean", "--format", "vhd", "-o", str(tmp_path / "x.vhd"))
+def test_failing_profile_prints_a_table_and_fails(bookworm_vm, private_store: dict, tmp_path: Path) -> None:
+    result = racker(
+        "promote", "debian-bookworm", "--profile", "digitalocean", "--format", "vhd", "-o", str(tmp_path / "x.vhd"), env=private_store
+    )
     assert result.returncode == 125
     assert "FAIL" in result.stdout and "image format raw, qcow2, VHDX, VDI or VMDK" in result.stdout
     assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
@@ -368,10 +391,40 @@ def test_failing_profile_prints_a_table_and_fails(bookworm_vm, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_app_service_is_in_the_disk(bookworm_vm, tmp_path: Path) -> None:
+def test_app_service_is_in_the_disk(small_image, tmp_path: Path) -> None:
     with pytest.raises(PromoteError, match="no ENTRYPOINT"):
-        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(app=True))
+        promote.promote(small_image, tmp_path / "x.raw", promote.Options(app=True))
     assert not (tmp_path / "x.raw").exists()
+
+
+@pytest.mark.slow
+def test_gc_removes_what_a_killed_promote_was_writing(bookworm_vm, private_store: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "promote.log"
+    with open(log, "wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "racker", "promote", "debian-bookworm", "--format", "qcow2", "-o", str(out / "x.qcow2")],
+            env={**os.environ, **private_store},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while not (partials := list(out.glob(".x.qcow2.*.partial"))):
+            assert child.poll() is None, f"promote ended before writing its output: {log.read_text()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    [partial] = partials
+    collected = racker("gc", env=private_store)
+    assert collected.returncode == 0, collected.stderr
+    assert not partial.exists()
+    assert f"removed unfinished output {partial}" in collected.stdout
+    assert list(out.iterdir()) == []
 
 
 def test_requirements_failed_carries_checks() -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +103,12 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
             )
         result = Promoted(output, image, layout, fmt.name, checks)
         if fmt.name == "raw":
-            with _atomic(output) as partial:
+            with _atomic(output, work) as partial:
                 build_disk(partial, layout, tree, work)
         elif fmt.disk:
             raw = work / "disk.raw"
             build_disk(raw, layout, tree, work)
-            with progress.step(f"writing {fmt.name}"), _atomic(output) as partial:
+            with progress.step(f"writing {fmt.name}"), _atomic(output, work) as partial:
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
@@ -190,23 +191,32 @@ def build_firecracker(tree: Path, layout: disk.Layout, kernel: prepare.Kernel, o
         "vmlinux": output.with_name(output.name.removesuffix(".ext4") + ".vmlinux"),
         "initrd": output.with_name(output.name.removesuffix(".ext4") + ".initrd"),
     }
-    with progress.step("writing the root filesystem"), _atomic(output) as partial:
+    with progress.step("writing the root filesystem"), _atomic(output, work) as partial:
         with open(partial, "wb") as handle:
             handle.truncate(rootfs_only.size)
         disk.make_root(partial, rootfs_only, tree)
-        with _atomic(extra["vmlinux"]) as vmlinux:
+        with _atomic(extra["vmlinux"], work) as vmlinux:
             formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
-        with _atomic(extra["initrd"]) as initrd:
+        with _atomic(extra["initrd"], work) as initrd:
             initrd.write_bytes((tree / kernel.initrd).read_bytes())
     return extra
 
 
 @contextlib.contextmanager
-def _atomic(path: Path):  # type: ignore[no-untyped-def]
-    """A temporary name beside `path`, renamed onto it on success and removed otherwise."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    partial = Path(tmp)
+def _atomic(path: Path, work: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed onto it on success and removed otherwise.
+
+    The name is recorded in the workdir `work` before the file is made, so that
+    gc removes it if this process is killed (a cached disk's is found by its lock).
+    """
+    while True:
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        store.record_output(work, partial)
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            break
+        except FileExistsError:
+            continue
     try:
         yield partial
         umask = os.umask(0)
