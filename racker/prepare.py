@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, proc, progress, store
+from racker import distros, fingerprint, proc, progress, store
 from racker.errors import PrepareError
 
-# Bump when what prepare installs or writes changes: prepared images are rebuilt.
-PREPARE_VERSION = "6"
 SUFFIX = "+vm"
 
 
@@ -191,11 +189,10 @@ def packages_for(distro: distros.Distro) -> VmPackages:
 
 
 def recipe_key(image: store.StoredImage) -> str:
-    """What a prepared image depends on: its source digest and everything prepare writes."""
-    text = json.dumps(
-        [PREPARE_VERSION, image.digest, {k: [v.required, v.optional, v.pre_files] for k, v in PACKAGES.items()}, CONFIG_FILES],
-        sort_keys=True,
-    )
+    """What a prepared image depends on: its source digest, and the code and tables
+    of prepare and distros (packages, files, units enabled and masked, generators,
+    package-manager recipes). Any change there makes a new key, so a new image."""
+    text = f"{image.digest}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,9 @@ bookworm linked in (share_prepared).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_HOME, racker
-from racker import prepare, promote, qemu, seed, store
+from racker import distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.promote import app, bootloader, disk, formats, profiles
 
@@ -231,6 +233,120 @@ def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_pa
     # And the disk has what promote wrote: the host's GRUB modules, not the image's.
     modules = debugfs(promoted[0].path, promoted[0].layout.root_offset, "cat /boot/grub/i386-pc/normal.mod")
     assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
+
+
+# -- keys: prepared images and cached disks ---------------------------------
+
+
+def _add(value):  # type: ignore[no-untyped-def]
+    """`value` with one more entry, of its own kind."""
+    if isinstance(value, tuple):
+        return (*value, "racker-test.service")
+    if isinstance(value, dict):
+        return {**value, "racker-test": next(iter(value.values()))}
+    return value + "\n# changed\n"
+
+
+def _replace_first(**changes):  # type: ignore[no-untyped-def]
+    """A dict of dataclasses with its first row changed."""
+
+    def change(table: dict) -> dict:
+        key = next(iter(table))
+        return {**table, key: dataclasses.replace(table[key], **changes)}
+
+    return change
+
+
+PREPARE_TABLES = [
+    (prepare, "MASK_UNITS", _add),
+    (prepare, "ENABLE_UNITS", _add),
+    (prepare, "OPTIONAL_ENABLE_UNITS", _add),
+    (prepare, "MASK_GENERATORS", _add),
+    (prepare, "CONFIG_FILES", _add),
+    (prepare, "SSHD", _add),
+    (prepare, "PACKAGES", _replace_first(optional=("racker-test",))),
+    (prepare, "DISTRO_PACKAGES", lambda table: {"ubuntu": prepare.PACKAGES["apt"]}),
+    (distros, "RECIPES", _replace_first(install=("apt-get", "install", "-y"))),
+    (distros, "FAMILIES", _add),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "change"), PREPARE_TABLES, ids=[f"{m.__name__}.{n}" for m, n, _ in PREPARE_TABLES])
+def test_prepare_key_follows_what_prepare_works_from(module, name: str, change, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = store.StoredImage("x", "sha256:" + "1" * 64, "", "", 0)
+    before = prepare.recipe_key(image)
+    assert prepare.recipe_key(image) == before
+    monkeypatch.setattr(module, name, change(getattr(module, name)))
+    assert prepare.recipe_key(image) != before
+    assert prepare.recipe_key(dataclasses.replace(image, digest="sha256:" + "2" * 64)) != prepare.recipe_key(image)
+
+
+DISK_TABLES = [
+    (bootloader, "SHARED_MODULES", _add),
+    (bootloader, "BIOS_MODULES", _add),
+    (bootloader, "EFI_MODULES", _add),
+    (disk, "EXT4_FEATURES", lambda value: value + ",^64bit"),
+    (disk, "ESP_SIZE", lambda value: value * 2),
+    (formats, "FORMATS", _replace_first(options=("-o", "preallocation=full"))),
+    (profiles, "PROFILES", lambda table: {**table, "generic": dataclasses.replace(table["generic"], cmdline="console=ttyS1")}),
+    (promote, "DEFAULT_SIZE", lambda value: value * 2),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "change"), DISK_TABLES, ids=[f"{m.__name__}.{n}" for m, n, _ in DISK_TABLES])
+def test_cached_disk_key_follows_what_promote_works_from(module, name: str, change, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = "sha256:" + "1" * 64
+    cached = Path(promote.cached_disk_name(digest, "bios"))
+    assert not promote.is_stale_cached_disk(cached)
+    monkeypatch.setattr(module, name, change(getattr(module, name)))
+    assert promote.cached_disk_name(digest, "bios") != cached.name
+    assert promote.is_stale_cached_disk(cached), "gc must see the old disk as stale"
+
+
+def test_cached_disks_of_the_old_hand_bumped_versions_are_stale() -> None:
+    assert promote.is_stale_cached_disk(Path("sha256-ab-bios-v2.raw"))
+    assert not promote.is_stale_cached_disk(Path("sha256-ab-bios.img"))
+
+
+def _load(path: Path, source: str, name: str = "racker_fingerprint_subject"):  # type: ignore[no-untyped-def]
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fingerprint_ignores_comments_docstrings_and_layout_not_code_or_data(tmp_path: Path) -> None:
+    base = "X = (1, 2)\n\n\ndef f(a):\n    return a + 1\n"
+    same = (
+        '"""A docstring."""\n\n# A comment.\nX = (\n    1,\n    2,  # two\n)\n\n\n'
+        'def f(a):\n    """Adds one."""\n    return (a\n            + 1)\n'
+    )
+    fingerprints = [
+        fingerprint.fingerprint(_load(tmp_path / f"m{i}.py", source))
+        for i, source in enumerate([base, same, base.replace("+ 1", "+ 2"), base.replace("(1, 2)", "(1, 3)")])
+    ]
+    assert fingerprints[0] == fingerprints[1]
+    assert len(set(fingerprints)) == 3
+
+
+def test_a_comment_in_prepare_changes_no_key_and_a_unit_does(tmp_path: Path) -> None:
+    source = Path(prepare.__file__).read_text()
+    image = store.StoredImage("x", "sha256:" + "1" * 64, "", "", 0)
+    key = prepare.recipe_key(image)
+    commented = _load(tmp_path / "commented.py", "# A new comment.\n" + source.replace("\n\n\n", "\n\n\n# here too\n"), prepare.__name__)
+    assert fingerprint.fingerprint(commented, distros) == fingerprint.fingerprint(prepare, distros)
+    masked = _load(tmp_path / "masked.py", source.replace('"man-db.timer",', '"man-db.timer", "racker-test.timer",'), prepare.__name__)
+    assert fingerprint.fingerprint(masked, distros) != fingerprint.fingerprint(prepare, distros)
+    assert prepare.recipe_key(image) == key
+
+
+def test_fingerprint_refuses_a_value_it_cannot_serialise_faithfully() -> None:
+    with pytest.raises(TypeError, match="cannot serialise"):
+        fingerprint.canonical(object())
+    assert fingerprint.canonical({"b": (1,), "a": [Path("/x")]}) == fingerprint.canonical({"a": [Path("/x")], "b": (1,)})
+    assert fingerprint.canonical((1,)) != fingerprint.canonical([1])
 
 
 # -- profiles ---------------------------------------------------------------

@@ -15,11 +15,12 @@ import contextlib
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import prepare, progress, store
+from racker import fingerprint, prepare, progress, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, disk, formats, profiles
@@ -118,9 +119,21 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
     return result
 
 
-# Bump when promote's output changes: cached disks are rebuilt (and gc removes the old ones).
-PROMOTE_VERSION = "2"
-CACHED_DISK_VERSION = re.compile(r"-v(\w+)\.raw$")
+# Cached disks are named after the image's digest, the firmware and disk_key():
+# a change to what shapes a disk makes a new name, and gc removes the old ones.
+CACHED_DISK_KEY = re.compile(r"-v(\w+)\.raw$")
+
+
+def disk_key() -> str:
+    """What a cached disk depends on besides its image: the code and tables of the
+    modules that build it (prepare's write_file and find_kernel among them; not
+    app, since a cached disk runs no app)."""
+    return fingerprint.fingerprint(sys.modules[__name__], bootloader, disk, formats, profiles, prepare)
+
+
+def cached_disk_name(digest: str, firmware: str) -> str:
+    """The file name, in the store's disks/, of the cached disk of an image with `digest`."""
+    return f"{digest.replace(':', '-')}-{firmware}-v{disk_key()}.raw"
 
 
 def disk_lock(name: str) -> str:
@@ -129,9 +142,9 @@ def disk_lock(name: str) -> str:
 
 
 def is_stale_cached_disk(path: Path) -> bool:
-    """A cached disk that an older promote made: no racker of this version boots it."""
-    match = CACHED_DISK_VERSION.search(path.name)
-    return bool(match) and match.group(1) != PROMOTE_VERSION
+    """A cached disk made with another disk key (an older racker): none of this version boots it."""
+    match = CACHED_DISK_KEY.search(path.name)
+    return bool(match) and match.group(1) != disk_key()
 
 
 def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
@@ -141,7 +154,7 @@ def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
     """
     directory = store.home() / "disks"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{image.digest.replace(':', '-')}-{firmware}-v{PROMOTE_VERSION}.raw"
+    path = directory / cached_disk_name(image.digest, firmware)
     if path.exists():
         return path
     with store.locked(disk_lock(path.name)):
