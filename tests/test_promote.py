@@ -26,7 +26,7 @@ import pytest
 from conftest import SHARED_HOME, racker
 from racker import distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
-from racker.promote import app, bootloader, disk, formats, profiles
+from racker.promote import app, bootloader, disk, formats, profiles, readback
 
 MiB = 1024**2
 GiB = 1024**3
@@ -303,6 +303,15 @@ def test_cached_disk_key_follows_what_promote_works_from(module, name: str, chan
     assert promote.is_stale_cached_disk(cached), "gc must see the old disk as stale"
 
 
+def test_cached_disk_key_follows_what_a_profile_check_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requirement made by a factory (_format_in(DO_FORMATS)) counts with what it captured."""
+    before = promote.disk_key()
+    do = profiles.PROFILES["digitalocean"]
+    requirements = tuple(dataclasses.replace(r, check=profiles._format_in(("raw",))) if r.formats else r for r in do.requirements)
+    monkeypatch.setitem(profiles.PROFILES, "digitalocean", dataclasses.replace(do, requirements=requirements))
+    assert promote.disk_key() != before
+
+
 def test_cached_disks_of_the_old_hand_bumped_versions_are_stale() -> None:
     assert promote.is_stale_cached_disk(Path("sha256-ab-bios-v2.raw"))
     assert not promote.is_stale_cached_disk(Path("sha256-ab-bios.img"))
@@ -349,18 +358,154 @@ def test_fingerprint_refuses_a_value_it_cannot_serialise_faithfully() -> None:
     assert fingerprint.canonical((1,)) != fingerprint.canonical([1])
 
 
-# -- profiles ---------------------------------------------------------------
+# -- profiles: every requirement is checked on the product ------------------
 
 
-def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    return tmp_path
+def _unlink(rel: str) -> Callable[[Path], None]:
+    return lambda tree: (tree / rel).unlink()
+
+
+def _rewrite(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda tree: write_tree(tree, {rel: text})
+
+
+# Requirement -> how to break it in a tree that meets every tree requirement.
+TREE_BREAKERS: dict[str, Callable[[Path], None]] = {
+    "Unix-like operating system": _unlink("etc/os-release"),
+    "cloud-init 0.7.7 or newer installed": _rewrite("usr/lib/python3/dist-packages/cloudinit/version.py", '__VERSION__ = "0.7.5"\n'),
+    "sshd installed and started at boot": _unlink("etc/systemd/system/multi-user.target.wants/ssh.service"),
+    "SSH password authentication disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication yes\n"),
+    "DHCP on the first NIC": _rewrite("etc/systemd/network/99-racker-dhcp.network", "[Match]\nName=en*\n\n[Network]\nDHCP=no\n"),
+    "NoCloud not listed before ConfigDrive": _rewrite("etc/cloud/cloud.cfg.d/99-user.cfg", "datasource_list: [NoCloud, ConfigDrive]\n"),
+    "IPv4 only (no IPv6 support)": _rewrite("etc/systemd/network/50-v6.network", "[Match]\nName=en*\n\n[Network]\nDHCP=ipv6\n"),
+    "serial console on ttyS0": _rewrite(
+        "boot/grub/grub.cfg", bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=tty0")
+    ),
+    "virtio-scsi and virtio-net drivers": _unlink(f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko"),
+    "root login over SSH disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication no\nPermitRootLogin yes\n"),
+}
+
+
+class Products:
+    """Small real outputs for the disk checks: disks that GRUB boots, packed as a
+    cloud imports them, and the same broken on purpose."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.count = 0
+
+    def path(self, suffix: str) -> Path:
+        self.count += 1
+        return self.directory / f"product{self.count}{suffix}"
+
+    def disk(self, firmware: str = "bios", size: int = GiB, grub: bool = True) -> Path:
+        layout = disk.plan(firmware, size, 0)
+        raw = self.path(".raw")
+        disk.create(raw, layout)
+        if firmware == "uefi":
+            disk.make_esp(raw, layout)
+        if grub and firmware == "bios":
+            bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, self.directory)
+        if grub and firmware == "uefi":
+            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, self.directory))
+        return raw
+
+    def convert(self, raw: Path, fmt: str) -> Path:
+        output = self.path(formats.get(fmt).suffix)
+        formats.convert(raw, formats.get(fmt), output)
+        return output
+
+    def tar(self, raw: Path, *options: str, name: str = "disk.raw", extra: bool = False) -> Path:
+        """raw packed as GCE imports it (tar --format=oldgnu --sparse -cz), unless `options` say otherwise."""
+        directory = self.path(".d")
+        directory.mkdir()
+        os.link(raw, directory / name)
+        if extra:
+            (directory / "README").write_text("not a disk\n")
+        output = self.path(".tar.gz")
+        names = sorted(p.name for p in directory.iterdir())
+        subprocess.run(
+            ["tar", *(options or ("--format=oldgnu", "--sparse")), "-czf", str(output), "-C", str(directory), *names], check=True
+        )
+        return output
+
+    def qcow2_of_size(self, size: int) -> Path:
+        output = self.path(".qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(output), str(size)], check=True)
+        return output
+
+    def good(self, profile: str) -> Path:
+        """What promote makes for the profile: a qcow2 for DigitalOcean, GCE's tar.gz for gcp."""
+        return {"digitalocean": lambda: self.convert(self.disk(), "qcow2"), "gcp": lambda: self.tar(self.disk())}[profile]()
+
+
+# Requirement -> ways to break it in the product, each named.
+DISK_BREAKERS: dict[str, Callable[[Products], dict[str, Path]]] = {
+    "image format raw, qcow2, VHDX, VDI or VMDK": lambda p: {
+        "vhd": p.convert(p.disk(), "vhd"),
+        "tar.gz": p.tar(p.disk()),
+    },
+    "100 GB or less uncompressed": lambda p: {"100 GB and a sector": p.qcow2_of_size(100 * 10**9 + 512)},
+    "packed as disk.raw in a sparse oldgnu tar.gz": lambda p: {
+        "posix tar": p.tar(p.disk(), "--format=posix", "--sparse"),
+        "not sparse": p.tar(p.disk(size=256 * MiB), "--format=oldgnu"),
+        "named root.raw": p.tar(p.disk(), name="root.raw"),
+        "a second file": p.tar(p.disk(), extra=True),
+        "qcow2": p.convert(p.disk(), "qcow2"),
+    },
+    "GRUB bootloader": lambda p: {
+        "bios, no boot code": p.tar(p.disk(grub=False)),
+        "uefi, empty ESP": p.tar(p.disk("uefi", grub=False)),
+    },
+    "disk size a whole number of GB": lambda p: {"1 GiB and 1 MiB": p.tar(p.disk(size=GiB + MiB))},
+}
+
+REQUIREMENTS = [(p.name, r) for p in profiles.PROFILES.values() for r in p.requirements]
+
+
+def test_every_requirement_of_every_profile_has_a_breaking_case() -> None:
+    texts = {r.text for _profile, r in REQUIREMENTS}
+    assert {r.reads for _profile, r in REQUIREMENTS} <= {"tree", "disk"}
+    assert texts - set(TREE_BREAKERS) - set(DISK_BREAKERS) == set(), (
+        "a requirement no test breaks: add it to TREE_BREAKERS or DISK_BREAKERS"
+    )
+    assert set(TREE_BREAKERS) | set(DISK_BREAKERS) <= texts, "a breaking case for a requirement no profile has"
+
+
+@pytest.mark.parametrize(("profile", "requirement"), REQUIREMENTS, ids=[f"{p}-{r.text}" for p, r in REQUIREMENTS])
+def test_requirement_passes_on_a_good_product_and_fails_on_a_broken_one(
+    profile: str, requirement: profiles.Requirement, tmp_path: Path
+) -> None:
+    if requirement.reads == "tree":
+        assert requirement.text in TREE_BREAKERS, f"no test breaks {requirement.text!r}"
+        good = write_tree(tmp_path / "good", GOOD_TREE, GOOD_LINKS)
+        ok, detail = requirement.check(good)
+        assert ok, detail
+        broken = write_tree(tmp_path / "broken", GOOD_TREE, GOOD_LINKS)
+        TREE_BREAKERS[requirement.text](broken)
+        ok, detail = requirement.check(broken)
+        assert not ok, f"broken, yet passes: {detail}"
+        return
+    assert requirement.text in DISK_BREAKERS, f"no test breaks {requirement.text!r}"
+    products = Products(tmp_path)
+    ok, detail = requirement.check(profiles.Built(products.good(profile), tmp_path))
+    assert ok, detail
+    for way, broken_product in DISK_BREAKERS[requirement.text](products).items():
+        ok, detail = requirement.check(profiles.Built(broken_product, tmp_path))
+        assert not ok, f"{way}: broken, yet passes: {detail}"
+
+
+def test_grub_check_reads_an_efi_grub_on_the_esp_in_any_format(tmp_path: Path) -> None:
+    products = Products(tmp_path)
+    uefi, bios = products.disk("uefi"), products.disk("bios")
+    for product in (products.tar(uefi), products.convert(uefi, "qcow2"), uefi, products.convert(bios, "vmdk")):
+        ok, detail = profiles.check_grub(profiles.Built(product, tmp_path))
+        assert ok, f"{product.name}: {detail}"
+    assert readback.probe_format(products.convert(bios, "vhd")) == "vhd"
 
 
 def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None:
-    tree = _tree(
+    tree = write_tree(
         tmp_path,
         {
             "etc/cloud/cloud.cfg": "datasource_list: [NoCloud, ConfigDrive]\n",
@@ -368,14 +513,13 @@ def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None
         },
     )
     assert profiles.datasource_list(tree) == ["ConfigDrive", "NoCloud"]
-    target = profiles.Target(tree, "qcow2", "bios", GiB, "console=ttyS0")
-    assert profiles.check_datasource_order(target)[0]
+    assert profiles.check_datasource_order(tree)[0]
     (tree / "etc/cloud/cloud.cfg.d/99-b.cfg").write_text("datasource_list: [NoCloud, ConfigDrive]\n")
-    assert not profiles.check_datasource_order(target)[0]
+    assert not profiles.check_datasource_order(tree)[0]
 
 
 def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
-    tree = _tree(
+    tree = write_tree(
         tmp_path,
         {
             "etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication yes\n",
@@ -385,18 +529,74 @@ def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
     assert profiles.sshd_option(tree, "passwordauthentication") == "no"
 
 
-def test_digitalocean_refuses_a_format_it_cannot_import(tmp_path: Path) -> None:
-    target = profiles.Target(tmp_path, "vhd", "bios", GiB, "")
-    results = {r.requirement: r for r in profiles.verify(profiles.get("digitalocean"), target)}
-    assert not results["image format raw, qcow2, VHDX, VDI or VMDK"].ok
-    assert not results["cloud-init 0.7.7 or newer installed"].ok
-
-
 def test_unknown_profile_and_format_are_one_line_errors() -> None:
     with pytest.raises(PromoteError, match="unknown profile"):
         profiles.get("aws")
     with pytest.raises(PromoteError, match="unknown format"):
         formats.get("iso")
+
+
+def test_a_format_the_cloud_does_not_import_fails_before_any_work(small_image, tmp_path: Path, monkeypatch) -> None:
+    assert [r.ok for r in profiles.check_request(profiles.get("digitalocean"), "vhd")] == [False]
+    assert profiles.check_request(profiles.get("digitalocean"), "qcow2") == []
+    assert profiles.check_request(profiles.get("generic"), "vhd") == []
+    monkeypatch.setattr(promote, "stage", lambda *args: pytest.fail("staged a tree for a request that cannot succeed"))
+    with pytest.raises(RequirementsFailed, match="image format raw, qcow2"):
+        promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", profile="digitalocean"))
+
+
+def test_a_failing_tree_check_fails_before_the_disk_is_built(private_store: dict, tmp_path: Path, monkeypatch) -> None:
+    image = commit_image("no-cloud-init", {k: v for k, v in GOOD_TREE.items() if "cloudinit" not in k}, GOOD_LINKS)
+    monkeypatch.setattr(disk, "create", lambda *args: pytest.fail("built a disk for a tree that fails its profile"))
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match="cloud-init") as raised:
+        promote.promote(image, out / "x.qcow2", promote.Options(fmt="qcow2", profile="digitalocean"))
+    assert {c.requirement for c in raised.value.checks} == {r.text for r in profiles.get("digitalocean").requirements if r.reads == "tree"}
+    assert list(out.iterdir()) == []
+
+
+def test_a_failing_disk_check_leaves_no_output(small_image, tmp_path: Path, monkeypatch) -> None:
+    def posix_tar(raw: Path, output: Path) -> None:
+        subprocess.run(["tar", "--format=posix", "--sparse", "-czf", str(output), "-C", str(raw.parent), raw.name], check=True)
+
+    monkeypatch.setattr(formats, "pack_gce", posix_tar)
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match=r"sparse oldgnu tar\.gz") as raised:
+        promote.promote(small_image, out / "x.tar.gz", promote.Options(fmt="gce", profile="gcp"))
+    assert [c.requirement for c in raised.value.checks] == [r.text for r in profiles.get("gcp").requirements], "the whole table, in order"
+    assert list(out.iterdir()) == [], "no output, no .partial"
+
+
+@pytest.mark.parametrize("fmt", list(formats.FORMATS))
+def test_every_format_is_checked_before_it_is_in_place(small_image, tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """A disk requirement that reads the output fails: nothing is left where the output would be."""
+    seen: list[Path] = []
+
+    def refuse(built: profiles.Built) -> tuple[bool, str]:
+        seen.append(built.path)
+        assert built.path.is_file() and built.path.name.endswith(".partial")
+        return False, "refused"
+
+    strict = profiles.Profile("strict", "refuses every disk", requirements=(profiles.Requirement("refused", refuse, "disk"),))
+    monkeypatch.setitem(profiles.PROFILES, "strict", strict)
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match="refused"):
+        promote.promote(small_image, out / f"x{formats.get(fmt).suffix}", promote.Options(fmt=fmt, profile="strict"))
+    assert len(seen) == 1
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "fmt", "firmware"),
+    [("gcp", "gce", "bios"), ("gcp", "gce", "uefi"), ("digitalocean", "qcow2", "bios"), ("digitalocean", "raw", "uefi")],
+)
+def test_what_promote_builds_meets_its_profile(small_image, tmp_path: Path, profile: str, fmt: str, firmware: str) -> None:
+    out = tmp_path / "out"
+    options = promote.Options(fmt=fmt, firmware=firmware, profile=profile)
+    result = promote.promote(small_image, out / f"x{formats.get(fmt).suffix}", options)
+    assert [c.requirement for c in result.checks] == [r.text for r in profiles.get(profile).requirements]
+    assert all(c.ok for c in result.checks), [c for c in result.checks if not c.ok]
+    assert [p.name for p in out.iterdir()] == [result.path.name]
 
 
 # -- --app ------------------------------------------------------------------

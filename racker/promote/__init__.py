@@ -1,9 +1,11 @@
 """Promote: a prepared image becomes a bootable disk file, without loop devices or mounts.
 
     image (store) ──hard-link copy──▶ staged tree (+ fstab, grub.cfg, profile files, app unit)
+                  ──profile's tree checks──▶ (fail before any disk is built)
                   ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
                   ──GRUB images written directly / mtools ESP──▶ bootable raw disk
-                  ──qemu-img / tar / split──▶ the asked-for format, renamed into place
+                  ──qemu-img / tar / split──▶ the asked-for format, as OUT's .partial
+                  ──profile's disk checks, on what was written──▶ renamed into place
 
 The store image is never modified: the staged tree is hard links to it, and
 every file promote writes there replaces a link rather than writing through it.
@@ -16,7 +18,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         raise PromoteError(f"profile {profile.name} does not boot with {options.firmware}")
     if not fmt.disk and options.firmware != "bios":
         raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
+    _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
@@ -72,8 +75,19 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     return layout, kernel, profile, fmt
 
 
+def _raise_if_failed(profile: profiles.Profile, checks: list[profiles.Result]) -> None:
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        order = {r.text: i for i, r in enumerate(profile.requirements)}
+        raise RequirementsFailed(
+            f"the image does not meet {len(failed)} requirement(s) of {profile.name}: "
+            + "; ".join(f"{c.requirement} ({c.detail})" for c in failed),
+            sorted(checks, key=lambda c: order.get(c.requirement, len(order))),
+        )
+
+
 def promote(image: store.StoredImage, output: Path | None = None, options: Options | None = None) -> Promoted:
-    """Build the disk; the output file appears complete or not at all."""
+    """Build the disk; the output file appears complete, and meeting the profile, or not at all."""
     options = options or Options()
     layout, kernel, profile, fmt = plan(image, options)
     output = (output or default_output(image, options)).absolute()
@@ -93,19 +107,21 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 app_service.enable(tree)
             if fmt.disk:
                 bootloader.install_modules(tree / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
-        target = profiles.Target(tree=tree, fmt=fmt.name, firmware=options.firmware, size=layout.size, cmdline=cmdline)
-        checks = profiles.verify(profile, target)
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            raise RequirementsFailed(
-                f"the image does not meet {len(failed)} requirement(s) of {profile.name}: "
-                + "; ".join(f"{c.requirement} ({c.detail})" for c in failed),
-                checks,
-            )
-        result = Promoted(output, image, layout, fmt.name, checks)
+        checks = profiles.verify_tree(profile, tree)
+        _raise_if_failed(profile, checks)  # before the disk is built
+
+        def verify(built: Path) -> None:
+            """The disk checks, on the output as built; a failure leaves no output."""
+            if any(r.reads == "disk" for r in profile.requirements):
+                with progress.step("checking the disk"):
+                    checks.extend(profiles.verify_disk(profile, profiles.Built(built, work)))
+                _raise_if_failed(profile, checks)
+
+        result = Promoted(output, image, layout, fmt.name)
         if fmt.name == "raw":
             with _atomic(output, work) as partial:
                 build_disk(partial, layout, tree, work)
+                verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"
             build_disk(raw, layout, tree, work)
@@ -114,8 +130,11 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                     formats.pack_gce(raw, partial)
                 else:
                     formats.convert(raw, fmt, partial)
+                verify(partial)
         else:
-            result.extra = build_firecracker(tree, layout, kernel, output, work)
+            result.extra = build_firecracker(tree, layout, kernel, output, work, verify)
+        order = {r.text: i for i, r in enumerate(profile.requirements)}
+        result.checks = sorted(checks, key=lambda c: order[c.requirement])
     return result
 
 
@@ -197,7 +216,9 @@ def build_disk(raw: Path, layout: disk.Layout, tree: Path, work: Path) -> None:
             bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, work)
 
 
-def build_firecracker(tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path) -> dict[str, Path]:
+def build_firecracker(
+    tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path, verify: Callable[[Path], None]
+) -> dict[str, Path]:
     """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel."""
     rootfs_only = disk.Layout(firmware="bios", size=layout.root_size, root_offset=0, root_size=layout.root_size, root_uuid=layout.root_uuid)
     extra = {
@@ -208,6 +229,7 @@ def build_firecracker(tree: Path, layout: disk.Layout, kernel: prepare.Kernel, o
         with open(partial, "wb") as handle:
             handle.truncate(rootfs_only.size)
         disk.make_root(partial, rootfs_only, tree)
+        verify(partial)
         with _atomic(extra["vmlinux"], work) as vmlinux:
             formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
         with _atomic(extra["initrd"], work) as initrd:

@@ -24,6 +24,7 @@ SECTOR = 512
 KERNEL_SECTOR_OFFSET = 0x5C  # 8 bytes: LBA of core.img's first sector
 BOOT_DRIVE_CHECK_OFFSET = 0x66  # a 2-byte jmp; nop'd for hard disks, as grub-bios-setup does
 MBR_CODE_SIZE = 440  # boot code ends where the disk signature and partition table start
+DISKBOOT_BLOCKLIST = SECTOR - 12  # in diskboot.img (core.img's first sector): where its blocklist starts
 
 # Modules built into the images, so that nothing has to be found before the root is.
 SHARED_MODULES = (
@@ -109,7 +110,7 @@ def install_bios(disk: Path, root_uuid: str, first_partition_lba: int, work: Pat
         raise PromoteError(f"GRUB's core.img ({sectors} sectors) does not fit before the first partition")
     # diskboot.img (core.img's first sector) loads the rest from LBA 2 onwards;
     # grub-mkimage already wrote that blocklist, so core.img goes at LBA 1.
-    start, length, _segment = struct.unpack_from("<QHH", core_bytes, SECTOR - 12)
+    start, length, _segment = struct.unpack_from("<QHH", core_bytes, DISKBOOT_BLOCKLIST)
     if start != 2 or length != sectors - 1:
         raise PromoteError(f"unexpected blocklist in GRUB's core.img (start {start}, length {length})")
     boot = bytearray((directory / "boot.img").read_bytes())
