@@ -625,6 +625,54 @@ def test_app_unit_runs_entrypoint_and_cmd_with_env_workdir_user() -> None:
     assert "WorkingDirectory=-/srv" in unit and "User=nobody" in unit and "Group=nogroup" in unit
 
 
+def test_app_environment_is_quoted_as_systemd_reads_it() -> None:
+    """Environment= expands % specifiers, never $: a `$` stays one `$`; ExecStart= expands both."""
+    unit = app.unit_text(app.AppSpec(("/bin/echo", "$HOME 100%"), (("A", "x $HOME ${Y} $$ 100% \"q\" 's' \\ \n\tz"),)))
+    assert 'Environment="A=x $HOME ${Y} $$ 100%% \\"q\\" \'s\' \\\\ \\n\\tz"' in unit
+    assert 'ExecStart="/bin/echo" "$$HOME 100%%"' in unit
+    assert "\x01" not in app.systemd_quote("a\x01b") and app.systemd_quote("a\x01b") == '"a\\x01b"'
+
+
+# Values and arguments a shell, systemd's unquoting, its $ and % expansion and
+# its C escapes would each change; the service must get them byte for byte.
+HOSTILE_ENV = (
+    ("DOLLARS", "$HOME ${HOME} $$ $"),
+    ("PERCENT", "100% %n %% %"),
+    ("QUOTES", '"double" \'single\' "unbalanced'),
+    ("SPACES", "  two  spaces  "),
+    ("BACKSLASHES", "C:\\dir\\n \\\\ \\"),
+    ("NEWLINE", "one\ntwo"),
+    ("TAB", "a\tb"),
+    ("EMPTY", ""),
+)
+HOSTILE_ARGS = ("$HOME", "${HOME}", "$$", "100%", "%n", ";", "\"q\" 'q'", "back\\slash\\", "new\nline", " spaced ", "")
+
+
+@pytest.mark.slow
+def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> None:
+    """The unit promote writes, run by a real systemd (an nspawn machine, in a second)."""
+    from racker.nspawn import Machine
+
+    base = share_image("debian-bookworm")
+    script = 'cat /proc/$$/environ >/run/app.environ.new; printf "%s\\0" "$0" "$@" >/run/app.argv; mv /run/app.environ.new /run/app.environ'
+    spec = app.AppSpec(("/bin/sh", "-c", script, "app", *HOSTILE_ARGS), HOSTILE_ENV)
+    with store.workdir("test") as work:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+        for rel, text in app.unit_files(spec).items():
+            prepare.write_file(rootfs, rel, text)
+        app.enable(rootfs)
+        image = store.commit("app-env", rootfs, source="test:", recipe="-", manifest={})
+    with Machine(image) as machine:
+        wait = machine.run(["sh", "-c", "for i in $(seq 100); do [ -e /run/app.environ ] && exit 0; sleep 0.1; done; exit 1"])
+        assert wait.returncode == 0, machine.run(["systemctl", "status", app.UNIT]).stdout
+        environ = machine.run(["cat", "/run/app.environ"]).stdout.split("\0")
+        argv = machine.run(["cat", "/run/app.argv"]).stdout.split("\0")
+    for key, value in HOSTILE_ENV:
+        assert f"{key}={value}" in environ, [e for e in environ if e.startswith(key)]
+    assert argv == ["app", *HOSTILE_ARGS, ""]
+
+
 def test_app_needs_an_entrypoint_or_cmd() -> None:
     with pytest.raises(PromoteError, match="no ENTRYPOINT or CMD"):
         app.spec(store.StoredImage("base", "sha256:0", "", "", 0, manifest={}))
