@@ -754,8 +754,19 @@ def test_failing_profile_prints_a_table_and_fails(bookworm_vm, private_store: di
     assert not (tmp_path / "x.vhd").exists()
 
 
-@pytest.mark.slow
-def test_app_service_is_in_the_disk(small_image, tmp_path: Path) -> None:
+def test_app_service_is_in_the_disk(private_store: dict, tmp_path: Path) -> None:
+    config = {"Entrypoint": ["/usr/bin/python3", "-m", "http.server"], "Cmd": ["8080"], "Env": ["GREETING=hello $USER"]}
+    image = commit_image("svc", GOOD_TREE, GOOD_LINKS, config)
+    result = promote.promote(image, tmp_path / "x.raw", promote.Options(app=True))
+    offset = result.layout.root_offset
+    unit = debugfs(result.path, offset, f"cat /etc/systemd/system/{app.UNIT}").decode()
+    assert unit == app.unit_text(app.spec(image))
+    assert 'ExecStart="/usr/bin/python3" "-m" "http.server" "8080"' in unit
+    link = debugfs(result.path, offset, f"stat /etc/systemd/system/multi-user.target.wants/{app.UNIT}").decode()
+    assert "Type: symlink" in link and f'Fast link dest: "/etc/systemd/system/{app.UNIT}"' in link
+
+
+def test_app_needs_an_entrypoint_or_cmd_before_any_work(small_image, tmp_path: Path) -> None:
     with pytest.raises(PromoteError, match="no ENTRYPOINT"):
         promote.promote(small_image, tmp_path / "x.raw", promote.Options(app=True))
     assert not (tmp_path / "x.raw").exists()
