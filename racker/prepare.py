@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, proc, progress, store
+from racker import distros, fingerprint, proc, progress, store
 from racker.errors import PrepareError
 
-# Bump when what prepare installs or writes changes: prepared images are rebuilt.
-PREPARE_VERSION = "6"
 SUFFIX = "+vm"
 
 
@@ -190,11 +189,10 @@ def packages_for(distro: distros.Distro) -> VmPackages:
 
 
 def recipe_key(image: store.StoredImage) -> str:
-    """What a prepared image depends on: its source digest and everything prepare writes."""
-    text = json.dumps(
-        [PREPARE_VERSION, image.digest, {k: [v.required, v.optional, v.pre_files] for k, v in PACKAGES.items()}, CONFIG_FILES],
-        sort_keys=True,
-    )
+    """What a prepared image depends on: its source digest, and the code and tables
+    of prepare and distros (packages, files, units enabled and masked, generators,
+    package-manager recipes). Any change there makes a new key, so a new image."""
+    text = f"{image.digest}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -334,12 +332,25 @@ def write_file(rootfs: Path, rel: str, text: str, mode: int = 0o644) -> None:
     if not parent.resolve().is_relative_to(rootfs.resolve()):
         raise PrepareError(f"{rel} points outside the image")
     parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, mode)
+    replace_file(path, text.encode(), mode)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Put a new file at `path`: written under a fresh name beside it, then renamed over.
+
+    What was at `path` is never opened: in a tree that is hard links to the
+    store (promote's staged copy), writing to it would write into the store.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def in_container(

@@ -1,21 +1,32 @@
 """Promote: the logic with fakes, and real disks built and read back (no boot here).
 
-Real boots are in test_vm_boot.py.
+Real boots are in test_vm_boot.py. Every test that builds a disk does it in a
+private store: a small image made here, or the shared store's prepared
+bookworm linked in (share_prepared).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.util
 import json
+import os
+import signal
+import stat
 import struct
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from racker import images, prepare, promote, qemu, seed, store
+from conftest import SHARED_HOME, racker
+from racker import distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
-from racker.promote import app, bootloader, disk, formats, profiles
+from racker.promote import app, bootloader, disk, formats, profiles, readback
 
 MiB = 1024**2
 GiB = 1024**3
@@ -84,18 +95,417 @@ def test_boot_firmware_reads_mbr_and_gpt() -> None:
     assert qemu.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
 
 
-# -- profiles ---------------------------------------------------------------
+# -- images to promote ------------------------------------------------------
+
+KERNEL = "6.1.0-9-cloud-amd64"
+ROOT_UUID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+
+# A small root tree that meets every tree requirement of every profile, with a
+# kernel and an initramfs that promote finds (not bootable: no test boots it).
+GOOD_TREE = {
+    "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n',
+    "usr/lib/python3/dist-packages/cloudinit/version.py": '__VERSION__ = "22.4.2"\n',
+    "usr/sbin/sshd": "#!/bin/sh\n",
+    "etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\n",
+    "etc/ssh/sshd_config.d/50-racker.conf": "PasswordAuthentication no\nPermitRootLogin no\n",
+    "etc/systemd/network/99-racker-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+    "etc/cloud/cloud.cfg.d/90-racker.cfg": "datasource_list: [ConfigDrive, NoCloud]\n",
+    f"lib/modules/{KERNEL}/modules.builtin": "kernel/drivers/virtio/virtio_pci.ko\n",
+    f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko": "",
+    f"lib/modules/{KERNEL}/kernel/drivers/net/virtio_net.ko": "",
+    f"boot/vmlinuz-{KERNEL}": "not a kernel",
+    f"boot/initrd.img-{KERNEL}": "not an initramfs",
+    # What promote writes; the staged tree has it before the disk is built.
+    "boot/grub/grub.cfg": bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0,38400n8"),
+}
+GOOD_LINKS = {"etc/systemd/system/multi-user.target.wants/ssh.service": "/lib/systemd/system/ssh.service"}
 
 
-def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    return tmp_path
+def write_tree(root: Path, files: dict[str, str | bytes], links: dict[str, str] | None = None) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for rel, target in (links or {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.symlink_to(target)
+    return root
+
+
+def commit_image(
+    name: str, files: dict[str, str | bytes], links: dict[str, str] | None = None, config: dict | None = None
+) -> store.StoredImage:
+    """A small image in the (private) store, as a pull would leave it."""
+    with store.workdir("test") as work:
+        rootfs = write_tree(work / "rootfs", files, links)
+        manifest = {"name": name, **({"config": config} if config else {})}
+        return store.commit(name, rootfs, source="test:", recipe="-", manifest=manifest)
+
+
+def share_prepared(share_image: Callable[..., store.StoredImage], name: str) -> store.StoredImage:
+    """share_image(name) and share_image(name, prepared=True), taking the prepared
+    image the shared store holds as it is, and keying it, in the private store,
+    as this checkout's prepare would (so that `racker promote NAME` takes it).
+
+    prepare's key is a fingerprint of prepare's code: where this checkout's
+    prepare.py differs from the one that prepared the shared store's image,
+    share_image(prepared=True) would prepare it again in the shared store,
+    replacing it for every other checkout. Promote's tests need a prepared
+    image, not this checkout's prepare.
+    """
+    plain = share_image(name)
+    shared_ref = SHARED_HOME / "refs" / store.ref_path(prepare.prepared_name(name)).name
+    with pytest.MonkeyPatch.context() as patch:
+        if shared_ref.is_file():
+            recipe = json.loads(shared_ref.read_text())["recipe"]
+            patch.setattr(prepare, "recipe_key", lambda image: recipe)
+        prepared = share_image(name, prepared=True)
+    ref = store.ref_path(prepared.name)
+    store.write_json(ref, {**json.loads(ref.read_text()), "recipe": prepare.recipe_key(plain)})
+    found = store.lookup(prepared.name)
+    assert found is not None
+    return found
+
+
+@pytest.fixture
+def small_image(private_store: dict[str, str]) -> store.StoredImage:
+    return commit_image("small", GOOD_TREE, GOOD_LINKS)
+
+
+@pytest.fixture
+def bookworm_vm(share_image) -> store.StoredImage:
+    """The prepared bookworm, in this test's private store."""
+    return share_prepared(share_image, "debian-bookworm")
+
+
+def debugfs(path: Path, offset: int, request: str) -> bytes:
+    """debugfs on the ext4 at `offset` in a disk file, read-only."""
+    return subprocess.run(["debugfs", "-R", request, f"{path}?offset={offset}"], capture_output=True, check=True).stdout
+
+
+# -- the store image is never written ---------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`: type and mode, mtime, and content or link target."""
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            else:
+                content = ""
+            found[os.path.relpath(path, root)] = (info.st_mode, info.st_mtime_ns, content)
+    return found
+
+
+def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_path: Path) -> None:
+    """The image already holds every file promote writes into its staged copy
+    (hard links to the store's files): GRUB's modules for both platforms, grub.cfg,
+    fstab, each profile's files, an app's unit and its link. Promote must replace
+    each of them in the copy, never write into the store's."""
+    shipped: dict[str, str | bytes] = {"etc/fstab": "the image's own fstab\n", "boot/grub/grub.cfg": "the image's own grub.cfg\n"}
+    for platform in ("i386-pc", "x86_64-efi"):
+        for module in ("normal.mod", "linux.mod", "search.mod", "moddep.lst", "command.lst", "boot.img"):
+            if (bootloader.GRUB_LIB / platform / module).exists():
+                shipped[f"boot/grub/{platform}/{module}"] = f"the image's own {platform}/{module}\n"
+    for profile in profiles.PROFILES.values():
+        shipped.update({rel: f"the image's own {rel}\n" for rel in profile.files})
+    shipped[f"etc/systemd/system/{app.UNIT}"] = "the image's own unit\n"
+    links = {**GOOD_LINKS, f"etc/systemd/system/multi-user.target.wants/{app.UNIT}": "/the/image's/own/unit"}
+    config = {"Entrypoint": ["/bin/sleep"], "Cmd": ["infinity"]}
+    image = commit_image("ships-grub", {**GOOD_TREE, **shipped}, links, config)
+    before = snapshot(image.rootfs)
+    promoted = [
+        promote.promote(image, tmp_path / "bios.raw"),
+        promote.promote(image, tmp_path / "uefi.tar.gz", promote.Options(fmt="gce", firmware="uefi", profile="gcp", app=True)),
+        promote.promote(image, tmp_path / "do.qcow2", promote.Options(fmt="qcow2", profile="digitalocean", app=True)),
+    ]
+    assert snapshot(image.rootfs) == before
+    # And the disk has what promote wrote: the host's GRUB modules, not the image's.
+    modules = debugfs(promoted[0].path, promoted[0].layout.root_offset, "cat /boot/grub/i386-pc/normal.mod")
+    assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
+
+
+# -- keys: prepared images and cached disks ---------------------------------
+
+
+def _add(value):  # type: ignore[no-untyped-def]
+    """`value` with one more entry, of its own kind."""
+    if isinstance(value, tuple):
+        return (*value, "racker-test.service")
+    if isinstance(value, dict):
+        return {**value, "racker-test": next(iter(value.values()))}
+    return value + "\n# changed\n"
+
+
+def _replace_first(**changes):  # type: ignore[no-untyped-def]
+    """A dict of dataclasses with its first row changed."""
+
+    def change(table: dict) -> dict:
+        key = next(iter(table))
+        return {**table, key: dataclasses.replace(table[key], **changes)}
+
+    return change
+
+
+PREPARE_TABLES = [
+    (prepare, "MASK_UNITS", _add),
+    (prepare, "ENABLE_UNITS", _add),
+    (prepare, "OPTIONAL_ENABLE_UNITS", _add),
+    (prepare, "MASK_GENERATORS", _add),
+    (prepare, "CONFIG_FILES", _add),
+    (prepare, "SSHD", _add),
+    (prepare, "PACKAGES", _replace_first(optional=("racker-test",))),
+    (prepare, "DISTRO_PACKAGES", lambda table: {"ubuntu": prepare.PACKAGES["apt"]}),
+    (distros, "RECIPES", _replace_first(install=("apt-get", "install", "-y"))),
+    (distros, "FAMILIES", _add),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "change"), PREPARE_TABLES, ids=[f"{m.__name__}.{n}" for m, n, _ in PREPARE_TABLES])
+def test_prepare_key_follows_what_prepare_works_from(module, name: str, change, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = store.StoredImage("x", "sha256:" + "1" * 64, "", "", 0)
+    before = prepare.recipe_key(image)
+    assert prepare.recipe_key(image) == before
+    monkeypatch.setattr(module, name, change(getattr(module, name)))
+    assert prepare.recipe_key(image) != before
+    assert prepare.recipe_key(dataclasses.replace(image, digest="sha256:" + "2" * 64)) != prepare.recipe_key(image)
+
+
+DISK_TABLES = [
+    (bootloader, "SHARED_MODULES", _add),
+    (bootloader, "BIOS_MODULES", _add),
+    (bootloader, "EFI_MODULES", _add),
+    (disk, "EXT4_FEATURES", lambda value: value + ",^64bit"),
+    (disk, "ESP_SIZE", lambda value: value * 2),
+    (formats, "FORMATS", _replace_first(options=("-o", "preallocation=full"))),
+    (profiles, "PROFILES", lambda table: {**table, "generic": dataclasses.replace(table["generic"], cmdline="console=ttyS1")}),
+    (promote, "DEFAULT_SIZE", lambda value: value * 2),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "change"), DISK_TABLES, ids=[f"{m.__name__}.{n}" for m, n, _ in DISK_TABLES])
+def test_cached_disk_key_follows_what_promote_works_from(module, name: str, change, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = "sha256:" + "1" * 64
+    cached = Path(promote.cached_disk_name(digest, "bios"))
+    assert not promote.is_stale_cached_disk(cached)
+    monkeypatch.setattr(module, name, change(getattr(module, name)))
+    assert promote.cached_disk_name(digest, "bios") != cached.name
+    assert promote.is_stale_cached_disk(cached), "gc must see the old disk as stale"
+
+
+def test_cached_disk_key_follows_what_a_profile_check_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A requirement made by a factory (_format_in(DO_FORMATS)) counts with what it captured."""
+    before = promote.disk_key()
+    do = profiles.PROFILES["digitalocean"]
+    requirements = tuple(dataclasses.replace(r, check=profiles._format_in(("raw",))) if r.formats else r for r in do.requirements)
+    monkeypatch.setitem(profiles.PROFILES, "digitalocean", dataclasses.replace(do, requirements=requirements))
+    assert promote.disk_key() != before
+
+
+def test_cached_disks_of_the_old_hand_bumped_versions_are_stale() -> None:
+    assert promote.is_stale_cached_disk(Path("sha256-ab-bios-v2.raw"))
+    assert not promote.is_stale_cached_disk(Path("sha256-ab-bios.img"))
+
+
+def _load(path: Path, source: str, name: str = "racker_fingerprint_subject"):  # type: ignore[no-untyped-def]
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fingerprint_ignores_comments_docstrings_and_layout_not_code_or_data(tmp_path: Path) -> None:
+    base = "X = (1, 2)\n\n\ndef f(a):\n    return a + 1\n"
+    same = (
+        '"""A docstring."""\n\n# A comment.\nX = (\n    1,\n    2,  # two\n)\n\n\n'
+        'def f(a):\n    """Adds one."""\n    return (a\n            + 1)\n'
+    )
+    fingerprints = [
+        fingerprint.fingerprint(_load(tmp_path / f"m{i}.py", source))
+        for i, source in enumerate([base, same, base.replace("+ 1", "+ 2"), base.replace("(1, 2)", "(1, 3)")])
+    ]
+    assert fingerprints[0] == fingerprints[1]
+    assert len(set(fingerprints)) == 3
+
+
+def test_a_comment_in_prepare_changes_no_key_and_a_unit_does(tmp_path: Path) -> None:
+    source = Path(prepare.__file__).read_text()
+    image = store.StoredImage("x", "sha256:" + "1" * 64, "", "", 0)
+    key = prepare.recipe_key(image)
+    commented = _load(tmp_path / "commented.py", "# A new comment.\n" + source.replace("\n\n\n", "\n\n\n# here too\n"), prepare.__name__)
+    assert fingerprint.fingerprint(commented, distros) == fingerprint.fingerprint(prepare, distros)
+    masked = _load(tmp_path / "masked.py", source.replace('"man-db.timer",', '"man-db.timer", "racker-test.timer",'), prepare.__name__)
+    assert fingerprint.fingerprint(masked, distros) != fingerprint.fingerprint(prepare, distros)
+    assert prepare.recipe_key(image) == key
+
+
+def test_fingerprint_refuses_a_value_it_cannot_serialise_faithfully() -> None:
+    with pytest.raises(TypeError, match="cannot serialise"):
+        fingerprint.canonical(object())
+    assert fingerprint.canonical({"b": (1,), "a": [Path("/x")]}) == fingerprint.canonical({"a": [Path("/x")], "b": (1,)})
+    assert fingerprint.canonical((1,)) != fingerprint.canonical([1])
+
+
+# -- profiles: every requirement is checked on the product ------------------
+
+
+def _unlink(rel: str) -> Callable[[Path], None]:
+    return lambda tree: (tree / rel).unlink()
+
+
+def _rewrite(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda tree: write_tree(tree, {rel: text})
+
+
+# Requirement -> how to break it in a tree that meets every tree requirement.
+TREE_BREAKERS: dict[str, Callable[[Path], None]] = {
+    "Unix-like operating system": _unlink("etc/os-release"),
+    "cloud-init 0.7.7 or newer installed": _rewrite("usr/lib/python3/dist-packages/cloudinit/version.py", '__VERSION__ = "0.7.5"\n'),
+    "sshd installed and started at boot": _unlink("etc/systemd/system/multi-user.target.wants/ssh.service"),
+    "SSH password authentication disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication yes\n"),
+    "DHCP on the first NIC": _rewrite("etc/systemd/network/99-racker-dhcp.network", "[Match]\nName=en*\n\n[Network]\nDHCP=no\n"),
+    "NoCloud not listed before ConfigDrive": _rewrite("etc/cloud/cloud.cfg.d/99-user.cfg", "datasource_list: [NoCloud, ConfigDrive]\n"),
+    "IPv4 only (no IPv6 support)": _rewrite("etc/systemd/network/50-v6.network", "[Match]\nName=en*\n\n[Network]\nDHCP=ipv6\n"),
+    "serial console on ttyS0": _rewrite(
+        "boot/grub/grub.cfg", bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=tty0")
+    ),
+    "virtio-scsi and virtio-net drivers": _unlink(f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko"),
+    "root login over SSH disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication no\nPermitRootLogin yes\n"),
+}
+
+
+class Products:
+    """Small real outputs for the disk checks: disks that GRUB boots, packed as a
+    cloud imports them, and the same broken on purpose."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.count = 0
+
+    def path(self, suffix: str) -> Path:
+        self.count += 1
+        return self.directory / f"product{self.count}{suffix}"
+
+    def disk(self, firmware: str = "bios", size: int = GiB, grub: bool = True) -> Path:
+        layout = disk.plan(firmware, size, 0)
+        raw = self.path(".raw")
+        disk.create(raw, layout)
+        if firmware == "uefi":
+            disk.make_esp(raw, layout)
+        if grub and firmware == "bios":
+            bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, self.directory)
+        if grub and firmware == "uefi":
+            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, self.directory))
+        return raw
+
+    def convert(self, raw: Path, fmt: str) -> Path:
+        output = self.path(formats.get(fmt).suffix)
+        formats.convert(raw, formats.get(fmt), output)
+        return output
+
+    def tar(self, raw: Path, *options: str, name: str = "disk.raw", extra: bool = False) -> Path:
+        """raw packed as GCE imports it (tar --format=oldgnu --sparse -cz), unless `options` say otherwise."""
+        directory = self.path(".d")
+        directory.mkdir()
+        os.link(raw, directory / name)
+        if extra:
+            (directory / "README").write_text("not a disk\n")
+        output = self.path(".tar.gz")
+        names = sorted(p.name for p in directory.iterdir())
+        subprocess.run(
+            ["tar", *(options or ("--format=oldgnu", "--sparse")), "-czf", str(output), "-C", str(directory), *names], check=True
+        )
+        return output
+
+    def qcow2_of_size(self, size: int) -> Path:
+        output = self.path(".qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(output), str(size)], check=True)
+        return output
+
+    def good(self, profile: str) -> Path:
+        """What promote makes for the profile: a qcow2 for DigitalOcean, GCE's tar.gz for gcp."""
+        return {"digitalocean": lambda: self.convert(self.disk(), "qcow2"), "gcp": lambda: self.tar(self.disk())}[profile]()
+
+
+# Requirement -> ways to break it in the product, each named.
+DISK_BREAKERS: dict[str, Callable[[Products], dict[str, Path]]] = {
+    "image format raw, qcow2, VHDX, VDI or VMDK": lambda p: {
+        "vhd": p.convert(p.disk(), "vhd"),
+        "tar.gz": p.tar(p.disk()),
+    },
+    "100 GB or less uncompressed": lambda p: {"100 GB and a sector": p.qcow2_of_size(100 * 10**9 + 512)},
+    "packed as disk.raw in a sparse oldgnu tar.gz": lambda p: {
+        "posix tar": p.tar(p.disk(), "--format=posix", "--sparse"),
+        "not sparse": p.tar(p.disk(size=256 * MiB), "--format=oldgnu"),
+        "named root.raw": p.tar(p.disk(), name="root.raw"),
+        "a second file": p.tar(p.disk(), extra=True),
+        "qcow2": p.convert(p.disk(), "qcow2"),
+    },
+    "GRUB bootloader": lambda p: {
+        "bios, no boot code": p.tar(p.disk(grub=False)),
+        "uefi, empty ESP": p.tar(p.disk("uefi", grub=False)),
+    },
+    "disk size a whole number of GB": lambda p: {"1 GiB and 1 MiB": p.tar(p.disk(size=GiB + MiB))},
+}
+
+REQUIREMENTS = [(p.name, r) for p in profiles.PROFILES.values() for r in p.requirements]
+
+
+def test_every_requirement_of_every_profile_has_a_breaking_case() -> None:
+    texts = {r.text for _profile, r in REQUIREMENTS}
+    assert {r.reads for _profile, r in REQUIREMENTS} <= {"tree", "disk"}
+    assert texts - set(TREE_BREAKERS) - set(DISK_BREAKERS) == set(), (
+        "a requirement no test breaks: add it to TREE_BREAKERS or DISK_BREAKERS"
+    )
+    assert set(TREE_BREAKERS) | set(DISK_BREAKERS) <= texts, "a breaking case for a requirement no profile has"
+
+
+@pytest.mark.parametrize(("profile", "requirement"), REQUIREMENTS, ids=[f"{p}-{r.text}" for p, r in REQUIREMENTS])
+def test_requirement_passes_on_a_good_product_and_fails_on_a_broken_one(
+    profile: str, requirement: profiles.Requirement, tmp_path: Path
+) -> None:
+    if requirement.reads == "tree":
+        assert requirement.text in TREE_BREAKERS, f"no test breaks {requirement.text!r}"
+        good = write_tree(tmp_path / "good", GOOD_TREE, GOOD_LINKS)
+        ok, detail = requirement.check(good)
+        assert ok, detail
+        broken = write_tree(tmp_path / "broken", GOOD_TREE, GOOD_LINKS)
+        TREE_BREAKERS[requirement.text](broken)
+        ok, detail = requirement.check(broken)
+        assert not ok, f"broken, yet passes: {detail}"
+        return
+    assert requirement.text in DISK_BREAKERS, f"no test breaks {requirement.text!r}"
+    products = Products(tmp_path)
+    ok, detail = requirement.check(profiles.Built(products.good(profile), tmp_path))
+    assert ok, detail
+    for way, broken_product in DISK_BREAKERS[requirement.text](products).items():
+        ok, detail = requirement.check(profiles.Built(broken_product, tmp_path))
+        assert not ok, f"{way}: broken, yet passes: {detail}"
+
+
+def test_grub_check_reads_an_efi_grub_on_the_esp_in_any_format(tmp_path: Path) -> None:
+    products = Products(tmp_path)
+    uefi, bios = products.disk("uefi"), products.disk("bios")
+    for product in (products.tar(uefi), products.convert(uefi, "qcow2"), uefi, products.convert(bios, "vmdk")):
+        ok, detail = profiles.check_grub(profiles.Built(product, tmp_path))
+        assert ok, f"{product.name}: {detail}"
+    assert readback.probe_format(products.convert(bios, "vhd")) == "vhd"
 
 
 def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None:
-    tree = _tree(
+    tree = write_tree(
         tmp_path,
         {
             "etc/cloud/cloud.cfg": "datasource_list: [NoCloud, ConfigDrive]\n",
@@ -103,14 +513,13 @@ def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None
         },
     )
     assert profiles.datasource_list(tree) == ["ConfigDrive", "NoCloud"]
-    target = profiles.Target(tree, "qcow2", "bios", GiB, "console=ttyS0")
-    assert profiles.check_datasource_order(target)[0]
+    assert profiles.check_datasource_order(tree)[0]
     (tree / "etc/cloud/cloud.cfg.d/99-b.cfg").write_text("datasource_list: [NoCloud, ConfigDrive]\n")
-    assert not profiles.check_datasource_order(target)[0]
+    assert not profiles.check_datasource_order(tree)[0]
 
 
 def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
-    tree = _tree(
+    tree = write_tree(
         tmp_path,
         {
             "etc/ssh/sshd_config": "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication yes\n",
@@ -120,18 +529,74 @@ def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
     assert profiles.sshd_option(tree, "passwordauthentication") == "no"
 
 
-def test_digitalocean_refuses_a_format_it_cannot_import(tmp_path: Path) -> None:
-    target = profiles.Target(tmp_path, "vhd", "bios", GiB, "")
-    results = {r.requirement: r for r in profiles.verify(profiles.get("digitalocean"), target)}
-    assert not results["image format raw, qcow2, VHDX, VDI or VMDK"].ok
-    assert not results["cloud-init 0.7.7 or newer installed"].ok
-
-
 def test_unknown_profile_and_format_are_one_line_errors() -> None:
     with pytest.raises(PromoteError, match="unknown profile"):
         profiles.get("aws")
     with pytest.raises(PromoteError, match="unknown format"):
         formats.get("iso")
+
+
+def test_a_format_the_cloud_does_not_import_fails_before_any_work(small_image, tmp_path: Path, monkeypatch) -> None:
+    assert [r.ok for r in profiles.check_request(profiles.get("digitalocean"), "vhd")] == [False]
+    assert profiles.check_request(profiles.get("digitalocean"), "qcow2") == []
+    assert profiles.check_request(profiles.get("generic"), "vhd") == []
+    monkeypatch.setattr(promote, "stage", lambda *args: pytest.fail("staged a tree for a request that cannot succeed"))
+    with pytest.raises(RequirementsFailed, match="image format raw, qcow2"):
+        promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", profile="digitalocean"))
+
+
+def test_a_failing_tree_check_fails_before_the_disk_is_built(private_store: dict, tmp_path: Path, monkeypatch) -> None:
+    image = commit_image("no-cloud-init", {k: v for k, v in GOOD_TREE.items() if "cloudinit" not in k}, GOOD_LINKS)
+    monkeypatch.setattr(disk, "create", lambda *args: pytest.fail("built a disk for a tree that fails its profile"))
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match="cloud-init") as raised:
+        promote.promote(image, out / "x.qcow2", promote.Options(fmt="qcow2", profile="digitalocean"))
+    assert {c.requirement for c in raised.value.checks} == {r.text for r in profiles.get("digitalocean").requirements if r.reads == "tree"}
+    assert list(out.iterdir()) == []
+
+
+def test_a_failing_disk_check_leaves_no_output(small_image, tmp_path: Path, monkeypatch) -> None:
+    def posix_tar(raw: Path, output: Path) -> None:
+        subprocess.run(["tar", "--format=posix", "--sparse", "-czf", str(output), "-C", str(raw.parent), raw.name], check=True)
+
+    monkeypatch.setattr(formats, "pack_gce", posix_tar)
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match=r"sparse oldgnu tar\.gz") as raised:
+        promote.promote(small_image, out / "x.tar.gz", promote.Options(fmt="gce", profile="gcp"))
+    assert [c.requirement for c in raised.value.checks] == [r.text for r in profiles.get("gcp").requirements], "the whole table, in order"
+    assert list(out.iterdir()) == [], "no output, no .partial"
+
+
+@pytest.mark.parametrize("fmt", list(formats.FORMATS))
+def test_every_format_is_checked_before_it_is_in_place(small_image, tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """A disk requirement that reads the output fails: nothing is left where the output would be."""
+    seen: list[Path] = []
+
+    def refuse(built: profiles.Built) -> tuple[bool, str]:
+        seen.append(built.path)
+        assert built.path.is_file() and built.path.name.endswith(".partial")
+        return False, "refused"
+
+    strict = profiles.Profile("strict", "refuses every disk", requirements=(profiles.Requirement("refused", refuse, "disk"),))
+    monkeypatch.setitem(profiles.PROFILES, "strict", strict)
+    out = tmp_path / "out"
+    with pytest.raises(RequirementsFailed, match="refused"):
+        promote.promote(small_image, out / f"x{formats.get(fmt).suffix}", promote.Options(fmt=fmt, profile="strict"))
+    assert len(seen) == 1
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "fmt", "firmware"),
+    [("gcp", "gce", "bios"), ("gcp", "gce", "uefi"), ("digitalocean", "qcow2", "bios"), ("digitalocean", "raw", "uefi")],
+)
+def test_what_promote_builds_meets_its_profile(small_image, tmp_path: Path, profile: str, fmt: str, firmware: str) -> None:
+    out = tmp_path / "out"
+    options = promote.Options(fmt=fmt, firmware=firmware, profile=profile)
+    result = promote.promote(small_image, out / f"x{formats.get(fmt).suffix}", options)
+    assert [c.requirement for c in result.checks] == [r.text for r in profiles.get(profile).requirements]
+    assert all(c.ok for c in result.checks), [c for c in result.checks if not c.ok]
+    assert [p.name for p in out.iterdir()] == [result.path.name]
 
 
 # -- --app ------------------------------------------------------------------
@@ -158,6 +623,54 @@ def test_app_unit_runs_entrypoint_and_cmd_with_env_workdir_user() -> None:
     assert 'ExecStart="/bin/sh" "-c" "echo \\"$$GREETING\\" 100%% > out"' in unit
     assert 'Environment="GREETING=hello world"' in unit
     assert "WorkingDirectory=-/srv" in unit and "User=nobody" in unit and "Group=nogroup" in unit
+
+
+def test_app_environment_is_quoted_as_systemd_reads_it() -> None:
+    """Environment= expands % specifiers, never $: a `$` stays one `$`; ExecStart= expands both."""
+    unit = app.unit_text(app.AppSpec(("/bin/echo", "$HOME 100%"), (("A", "x $HOME ${Y} $$ 100% \"q\" 's' \\ \n\tz"),)))
+    assert 'Environment="A=x $HOME ${Y} $$ 100%% \\"q\\" \'s\' \\\\ \\n\\tz"' in unit
+    assert 'ExecStart="/bin/echo" "$$HOME 100%%"' in unit
+    assert "\x01" not in app.systemd_quote("a\x01b") and app.systemd_quote("a\x01b") == '"a\\x01b"'
+
+
+# Values and arguments a shell, systemd's unquoting, its $ and % expansion and
+# its C escapes would each change; the service must get them byte for byte.
+HOSTILE_ENV = (
+    ("DOLLARS", "$HOME ${HOME} $$ $"),
+    ("PERCENT", "100% %n %% %"),
+    ("QUOTES", '"double" \'single\' "unbalanced'),
+    ("SPACES", "  two  spaces  "),
+    ("BACKSLASHES", "C:\\dir\\n \\\\ \\"),
+    ("NEWLINE", "one\ntwo"),
+    ("TAB", "a\tb"),
+    ("EMPTY", ""),
+)
+HOSTILE_ARGS = ("$HOME", "${HOME}", "$$", "100%", "%n", ";", "\"q\" 'q'", "back\\slash\\", "new\nline", " spaced ", "")
+
+
+@pytest.mark.slow
+def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> None:
+    """The unit promote writes, run by a real systemd (an nspawn machine, in a second)."""
+    from racker.nspawn import Machine
+
+    base = share_image("debian-bookworm")
+    script = 'cat /proc/$$/environ >/run/app.environ.new; printf "%s\\0" "$0" "$@" >/run/app.argv; mv /run/app.environ.new /run/app.environ'
+    spec = app.AppSpec(("/bin/sh", "-c", script, "app", *HOSTILE_ARGS), HOSTILE_ENV)
+    with store.workdir("test") as work:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+        for rel, text in app.unit_files(spec).items():
+            prepare.write_file(rootfs, rel, text)
+        app.enable(rootfs)
+        image = store.commit("app-env", rootfs, source="test:", recipe="-", manifest={})
+    with Machine(image) as machine:
+        wait = machine.run(["sh", "-c", "for i in $(seq 100); do [ -e /run/app.environ ] && exit 0; sleep 0.1; done; exit 1"])
+        assert wait.returncode == 0, machine.run(["systemctl", "status", app.UNIT]).stdout
+        environ = machine.run(["cat", "/run/app.environ"]).stdout.split("\0")
+        argv = machine.run(["cat", "/run/app.argv"]).stdout.split("\0")
+    for key, value in HOSTILE_ENV:
+        assert f"{key}={value}" in environ, [e for e in environ if e.startswith(key)]
+    assert argv == ["app", *HOSTILE_ARGS, ""]
 
 
 def test_app_needs_an_entrypoint_or_cmd() -> None:
@@ -195,11 +708,6 @@ def test_grub_cfg_for_bios_loads_the_kernel_where_it_runs() -> None:
 # -- real disks, built and read back ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bookworm_vm():
-    return prepare.prepare(images.pull("debian-bookworm"))
-
-
 @pytest.mark.slow
 def test_bios_disk_layout_and_grub_are_where_bios_looks(bookworm_vm, tmp_path: Path) -> None:
     result = promote.promote(bookworm_vm, tmp_path / "d.raw", promote.Options(size=2 * GiB))
@@ -212,54 +720,86 @@ def test_bios_disk_layout_and_grub_are_where_bios_looks(bookworm_vm, tmp_path: P
     part = table["partitiontable"]["partitions"][0]
     assert part["start"] == 2048 and part.get("bootable")
     # Read the root filesystem back without mounting it.
-    fstab = subprocess.run(
-        ["debugfs", "-R", "cat /etc/fstab", f"{result.path}?offset={MiB}"], capture_output=True, text=True, check=False
-    ).stdout or _debugfs_cat(result.path, "/etc/fstab", tmp_path)
+    fstab = debugfs(result.path, MiB, "cat /etc/fstab").decode()
     assert f"UUID={result.layout.root_uuid} / ext4 rw" in fstab
     assert result.path.stat().st_mode & 0o777 != 0o600
 
 
-def _debugfs_cat(path: Path, name: str, tmp_path: Path) -> str:
-    part = tmp_path / "root.ext4"
-    subprocess.run(["dd", f"if={path}", f"of={part}", "bs=1M", "skip=1", "conv=sparse", "status=none"], check=True)
-    return subprocess.run(["debugfs", "-R", f"cat {name}", str(part)], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.slow
-def test_missing_kernel_fails_before_any_work(tmp_path: Path) -> None:
-    plain = images.pull("debian-bookworm")  # not prepared: no kernel
+def test_missing_kernel_fails_before_any_work(share_image, tmp_path: Path) -> None:
+    plain = share_image("debian-bookworm")  # not prepared: no kernel
     started = time.monotonic()
     with pytest.raises(PrepareError, match="no kernel"):
-        promote.promote(plain, tmp_path / "x.raw")
+        promote.promote(plain, tmp_path / "out/x.raw")
     assert time.monotonic() - started < 5
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_size_too_small_fails_before_any_work(bookworm_vm, tmp_path: Path) -> None:
+def test_size_too_small_fails_before_any_work(small_image, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(PromoteError, match="too small"):
-        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(size=300 * MiB))
+        promote.promote(small_image, tmp_path / "out/x.raw", promote.Options(size=100 * MiB))
     assert time.monotonic() - started < 5
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-def test_failing_profile_prints_a_table_and_fails(bookworm_vm, tmp_path: Path) -> None:
-    from conftest import racker
-
-    result = racker("promote", "debian-bookworm", "--profile", "digitalocean", "--format", "vhd", "-o", str(tmp_path / "x.vhd"))
+def test_failing_profile_prints_a_table_and_fails(bookworm_vm, private_store: dict, tmp_path: Path) -> None:
+    result = racker(
+        "promote", "debian-bookworm", "--profile", "digitalocean", "--format", "vhd", "-o", str(tmp_path / "x.vhd"), env=private_store
+    )
     assert result.returncode == 125
     assert "FAIL" in result.stdout and "image format raw, qcow2, VHDX, VDI or VMDK" in result.stdout
     assert result.stderr.count("\n") <= 2 and "Traceback" not in result.stderr
     assert not (tmp_path / "x.vhd").exists()
 
 
-@pytest.mark.slow
-def test_app_service_is_in_the_disk(bookworm_vm, tmp_path: Path) -> None:
+def test_app_service_is_in_the_disk(private_store: dict, tmp_path: Path) -> None:
+    config = {"Entrypoint": ["/usr/bin/python3", "-m", "http.server"], "Cmd": ["8080"], "Env": ["GREETING=hello $USER"]}
+    image = commit_image("svc", GOOD_TREE, GOOD_LINKS, config)
+    result = promote.promote(image, tmp_path / "x.raw", promote.Options(app=True))
+    offset = result.layout.root_offset
+    unit = debugfs(result.path, offset, f"cat /etc/systemd/system/{app.UNIT}").decode()
+    assert unit == app.unit_text(app.spec(image))
+    assert 'ExecStart="/usr/bin/python3" "-m" "http.server" "8080"' in unit
+    link = debugfs(result.path, offset, f"stat /etc/systemd/system/multi-user.target.wants/{app.UNIT}").decode()
+    assert "Type: symlink" in link and f'Fast link dest: "/etc/systemd/system/{app.UNIT}"' in link
+
+
+def test_app_needs_an_entrypoint_or_cmd_before_any_work(small_image, tmp_path: Path) -> None:
     with pytest.raises(PromoteError, match="no ENTRYPOINT"):
-        promote.promote(bookworm_vm, tmp_path / "x.raw", promote.Options(app=True))
+        promote.promote(small_image, tmp_path / "x.raw", promote.Options(app=True))
     assert not (tmp_path / "x.raw").exists()
+
+
+@pytest.mark.slow
+def test_gc_removes_what_a_killed_promote_was_writing(bookworm_vm, private_store: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "promote.log"
+    with open(log, "wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "racker", "promote", "debian-bookworm", "--format", "qcow2", "-o", str(out / "x.qcow2")],
+            env={**os.environ, **private_store},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while not (partials := list(out.glob(".x.qcow2.*.partial"))):
+            assert child.poll() is None, f"promote ended before writing its output: {log.read_text()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    [partial] = partials
+    collected = racker("gc", env=private_store)
+    assert collected.returncode == 0, collected.stderr
+    assert not partial.exists()
+    assert f"removed unfinished output {partial}" in collected.stdout
+    assert list(out.iterdir()) == []
 
 
 def test_requirements_failed_carries_checks() -> None:

@@ -94,12 +94,12 @@ def test_gc_removes_images_and_disks_no_name_links_to(private_store: dict) -> No
     new = commit_name("new", "r2")
     disks = store.home() / "disks"
     disks.mkdir()
-    old_disk = disks / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
-    new_disk = disks / f"{new.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
-    partial = disks / f".{new.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw.x.partial"  # a promote writing now
+    old_disk = disks / promote.cached_disk_name(old.digest, "bios")
+    new_disk = disks / promote.cached_disk_name(new.digest, "bios")
+    partial = disks / f".{promote.cached_disk_name(new.digest, 'uefi')}.x.partial"  # a promote writing now
     for disk in (old_disk, new_disk, partial):
         disk.write_bytes(b"disk")
-    with store.locked(promote.disk_lock(f"{new.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw")):
+    with store.locked(promote.disk_lock(promote.cached_disk_name(new.digest, "uefi"))):
         removed = gc.collect()
     assert not old.path.exists() and not old_disk.exists()
     assert new.path.exists() and new_disk.exists() and partial.exists()
@@ -205,10 +205,10 @@ def test_gc_removes_disks_of_an_older_promote_and_dead_partials_only(private_sto
     image = commit_name("hello", "r1")
     disks = store.home() / "disks"
     disks.mkdir()
-    current = disks / f"{image.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
+    current = disks / promote.cached_disk_name(image.digest, "bios")
     older = disks / f"{image.path.name}-bios-v0.raw"
     booted = disks / f"{image.path.name}-uefi-v0.raw"  # an older disk a VM still runs on
-    dead = disks / f".{image.path.name}-uefi-v{promote.PROMOTE_VERSION}.raw.abc123.partial"  # a killed promote's
+    dead = disks / f".{promote.cached_disk_name(image.digest, 'uefi')}.abc123.partial"  # a killed promote's
     live = disks / f".{current.name}.def456.partial"  # a promote writing now, under the disk's lock
     for disk in (current, older, booted, dead, live):
         disk.write_bytes(b"disk")
@@ -231,7 +231,7 @@ def test_gc_keeps_an_unlinked_image_a_machine_still_uses(private_store: dict) ->
 
 def test_gc_keeps_an_unlinked_image_whose_disk_a_vm_boots(private_store: dict) -> None:
     old = commit_name("old", "r1")
-    disk = store.home() / "disks" / f"{old.path.name}-bios-v{promote.PROMOTE_VERSION}.raw"
+    disk = store.home() / "disks" / promote.cached_disk_name(old.digest, "bios")
     disk.parent.mkdir()
     disk.write_bytes(b"disk")
     # `racker vm start PATH` records the disk, not an image digest.

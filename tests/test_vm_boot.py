@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_promote import HOSTILE_ENV, share_prepared
 
 from conftest import CATALOG_IMAGES
 from racker import images, machines, prepare, promote, store
@@ -179,35 +180,39 @@ def test_vm_cli_lifecycle_start_ps_ssh_console_stop(prepared) -> None:
 
 
 @pytest.mark.xdist_group("debian-bookworm")
-def test_app_image_runs_its_entrypoint_as_a_service(prepared, tmp_path: Path) -> None:
-    """A Dockerfile-style service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) really runs in the VM."""
-    base = prepared("debian-bookworm")
-    name = "racker-test-app"
-    image = store.lookup(name)
-    if image is None:
-        with store.locked(f"image-{name}"), store.workdir("test-app") as work:
-            rootfs = work / "rootfs"
-            subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
-            (rootfs / "srv/www").mkdir(parents=True)
-            (rootfs / "srv/www/index.html").write_text("hello from the app\n")
-            config = {
-                "Entrypoint": ["/usr/bin/python3", "-m", "http.server"],
-                "Cmd": ["8080", "--bind", "127.0.0.1"],
-                "Env": ["GREETING=hello world", "PATH=/usr/local/bin:/usr/bin:/bin"],
-                "WorkingDir": "/srv/www",
-                "User": "nobody",
-            }
-            manifest = dict(base.manifest, name=name, config=config)
-            for key in ("digest", "size", "created", "source"):
-                manifest.pop(key, None)
-            image = store.commit(name, rootfs, source="test:app", recipe="1", manifest=manifest)
+def test_app_image_runs_its_entrypoint_as_a_service(share_image, tmp_path: Path) -> None:
+    """A Dockerfile-style service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) really runs in the VM,
+    with its environment and its arguments exactly as the image gives them."""
+    base = share_prepared(share_image, "debian-bookworm")  # in this test's private store
+    # A directory whose name holds what quoting can get wrong, served by http.server --directory.
+    served = "/srv/www/$HOME ${HOME} $$ 100% %n \"q\" 'q' back\\slash\\ new\nline ;"
+    with store.workdir("test-app") as work:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+        (rootfs / served.lstrip("/")).mkdir(parents=True)
+        (rootfs / served.lstrip("/") / "index.html").write_text("hello from the app\n")
+        config = {
+            "Entrypoint": ["/usr/bin/python3", "-m", "http.server"],
+            "Cmd": ["8080", "--bind", "127.0.0.1", "--directory", served],
+            "Env": ["GREETING=hello world", "PATH=/usr/local/bin:/usr/bin:/bin", *(f"{k}={v}" for k, v in HOSTILE_ENV)],
+            "WorkingDir": "/srv/www",
+            "User": "nobody",
+        }
+        manifest = dict(base.manifest, name="racker-test-app", config=config)
+        for key in ("digest", "size", "created", "source"):
+            manifest.pop(key, None)
+        image = store.commit("racker-test-app", rootfs, source="test:app", recipe="1", manifest=manifest)
     result = promote.promote(image, tmp_path / "app.qcow2", promote.Options(fmt="qcow2", app=True, size=DISK))
     with VM(result.path, image=image.name) as vm:
         assert vm.run(["systemctl", "is-active", "racker-app"]).stdout.strip() == "active"
+        pid = vm.check_output(["systemctl", "show", "-p", "MainPID", "--value", "racker-app"]).strip()
+        environ = vm.check_output(["cat", f"/proc/{pid}/environ"]).split("\0")
+        assert "GREETING=hello world" in environ
+        for key, value in HOSTILE_ENV:
+            assert f"{key}={value}" in environ, [e for e in environ if e.startswith(key)]
+        cmdline = vm.check_output(["cat", f"/proc/{pid}/cmdline"]).split("\0")
+        assert cmdline == [*config["Entrypoint"], *config["Cmd"], ""]
         fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/index.html').read().decode())"
         assert vm.run(["python3", "-c", fetch]).stdout.strip() == "hello from the app"
-        pid = vm.check_output(["systemctl", "show", "-p", "MainPID", "--value", "racker-app"]).strip()
-        environ = vm.check_output(["cat", f"/proc/{pid}/environ"])
-        assert "GREETING=hello world" in environ.split("\0")
         assert vm.check_output(["readlink", f"/proc/{pid}/cwd"]).strip() == "/srv/www"
         assert vm.check_output(["ps", "-o", "user=", "-p", pid]).strip() == "nobody"

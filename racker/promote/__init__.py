@@ -1,9 +1,11 @@
 """Promote: a prepared image becomes a bootable disk file, without loop devices or mounts.
 
     image (store) ──hard-link copy──▶ staged tree (+ fstab, grub.cfg, profile files, app unit)
+                  ──profile's tree checks──▶ (fail before any disk is built)
                   ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
                   ──GRUB images written directly / mtools ESP──▶ bootable raw disk
-                  ──qemu-img / tar / split──▶ the asked-for format, renamed into place
+                  ──qemu-img / tar / split──▶ the asked-for format, as OUT's .partial
+                  ──profile's disk checks, on what was written──▶ renamed into place
 
 The store image is never modified: the staged tree is hard links to it, and
 every file promote writes there replaces a link rather than writing through it.
@@ -14,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
+import secrets
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import prepare, progress, store
+from racker import fingerprint, prepare, progress, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, disk, formats, profiles
@@ -59,6 +63,7 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         raise PromoteError(f"profile {profile.name} does not boot with {options.firmware}")
     if not fmt.disk and options.firmware != "bios":
         raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
+    _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
@@ -70,8 +75,19 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     return layout, kernel, profile, fmt
 
 
+def _raise_if_failed(profile: profiles.Profile, checks: list[profiles.Result]) -> None:
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        order = {r.text: i for i, r in enumerate(profile.requirements)}
+        raise RequirementsFailed(
+            f"the image does not meet {len(failed)} requirement(s) of {profile.name}: "
+            + "; ".join(f"{c.requirement} ({c.detail})" for c in failed),
+            sorted(checks, key=lambda c: order.get(c.requirement, len(order))),
+        )
+
+
 def promote(image: store.StoredImage, output: Path | None = None, options: Options | None = None) -> Promoted:
-    """Build the disk; the output file appears complete or not at all."""
+    """Build the disk; the output file appears complete, and meeting the profile, or not at all."""
     options = options or Options()
     layout, kernel, profile, fmt = plan(image, options)
     output = (output or default_output(image, options)).absolute()
@@ -91,35 +107,52 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 app_service.enable(tree)
             if fmt.disk:
                 bootloader.install_modules(tree / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
-        target = profiles.Target(tree=tree, fmt=fmt.name, firmware=options.firmware, size=layout.size, cmdline=cmdline)
-        checks = profiles.verify(profile, target)
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            raise RequirementsFailed(
-                f"the image does not meet {len(failed)} requirement(s) of {profile.name}: "
-                + "; ".join(f"{c.requirement} ({c.detail})" for c in failed),
-                checks,
-            )
-        result = Promoted(output, image, layout, fmt.name, checks)
+        checks = profiles.verify_tree(profile, tree)
+        _raise_if_failed(profile, checks)  # before the disk is built
+
+        def verify(built: Path) -> None:
+            """The disk checks, on the output as built; a failure leaves no output."""
+            if any(r.reads == "disk" for r in profile.requirements):
+                with progress.step("checking the disk"):
+                    checks.extend(profiles.verify_disk(profile, profiles.Built(built, work)))
+                _raise_if_failed(profile, checks)
+
+        result = Promoted(output, image, layout, fmt.name)
         if fmt.name == "raw":
-            with _atomic(output) as partial:
+            with _atomic(output, work) as partial:
                 build_disk(partial, layout, tree, work)
+                verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"
             build_disk(raw, layout, tree, work)
-            with progress.step(f"writing {fmt.name}"), _atomic(output) as partial:
+            with progress.step(f"writing {fmt.name}"), _atomic(output, work) as partial:
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
                     formats.convert(raw, fmt, partial)
+                verify(partial)
         else:
-            result.extra = build_firecracker(tree, layout, kernel, output, work)
+            result.extra = build_firecracker(tree, layout, kernel, output, work, verify)
+        order = {r.text: i for i, r in enumerate(profile.requirements)}
+        result.checks = sorted(checks, key=lambda c: order[c.requirement])
     return result
 
 
-# Bump when promote's output changes: cached disks are rebuilt (and gc removes the old ones).
-PROMOTE_VERSION = "2"
-CACHED_DISK_VERSION = re.compile(r"-v(\w+)\.raw$")
+# Cached disks are named after the image's digest, the firmware and disk_key():
+# a change to what shapes a disk makes a new name, and gc removes the old ones.
+CACHED_DISK_KEY = re.compile(r"-v(\w+)\.raw$")
+
+
+def disk_key() -> str:
+    """What a cached disk depends on besides its image: the code and tables of the
+    modules that build it (prepare's write_file and find_kernel among them; not
+    app, since a cached disk runs no app)."""
+    return fingerprint.fingerprint(sys.modules[__name__], bootloader, disk, formats, profiles, prepare)
+
+
+def cached_disk_name(digest: str, firmware: str) -> str:
+    """The file name, in the store's disks/, of the cached disk of an image with `digest`."""
+    return f"{digest.replace(':', '-')}-{firmware}-v{disk_key()}.raw"
 
 
 def disk_lock(name: str) -> str:
@@ -128,9 +161,9 @@ def disk_lock(name: str) -> str:
 
 
 def is_stale_cached_disk(path: Path) -> bool:
-    """A cached disk that an older promote made: no racker of this version boots it."""
-    match = CACHED_DISK_VERSION.search(path.name)
-    return bool(match) and match.group(1) != PROMOTE_VERSION
+    """A cached disk made with another disk key (an older racker): none of this version boots it."""
+    match = CACHED_DISK_KEY.search(path.name)
+    return bool(match) and match.group(1) != disk_key()
 
 
 def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
@@ -140,7 +173,7 @@ def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
     """
     directory = store.home() / "disks"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{image.digest.replace(':', '-')}-{firmware}-v{PROMOTE_VERSION}.raw"
+    path = directory / cached_disk_name(image.digest, firmware)
     if path.exists():
         return path
     with store.locked(disk_lock(path.name)):
@@ -183,30 +216,42 @@ def build_disk(raw: Path, layout: disk.Layout, tree: Path, work: Path) -> None:
             bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, work)
 
 
-def build_firecracker(tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path) -> dict[str, Path]:
+def build_firecracker(
+    tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path, verify: Callable[[Path], None]
+) -> dict[str, Path]:
     """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel."""
     rootfs_only = disk.Layout(firmware="bios", size=layout.root_size, root_offset=0, root_size=layout.root_size, root_uuid=layout.root_uuid)
     extra = {
         "vmlinux": output.with_name(output.name.removesuffix(".ext4") + ".vmlinux"),
         "initrd": output.with_name(output.name.removesuffix(".ext4") + ".initrd"),
     }
-    with progress.step("writing the root filesystem"), _atomic(output) as partial:
+    with progress.step("writing the root filesystem"), _atomic(output, work) as partial:
         with open(partial, "wb") as handle:
             handle.truncate(rootfs_only.size)
         disk.make_root(partial, rootfs_only, tree)
-        with _atomic(extra["vmlinux"]) as vmlinux:
+        verify(partial)
+        with _atomic(extra["vmlinux"], work) as vmlinux:
             formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
-        with _atomic(extra["initrd"]) as initrd:
+        with _atomic(extra["initrd"], work) as initrd:
             initrd.write_bytes((tree / kernel.initrd).read_bytes())
     return extra
 
 
 @contextlib.contextmanager
-def _atomic(path: Path):  # type: ignore[no-untyped-def]
-    """A temporary name beside `path`, renamed onto it on success and removed otherwise."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    partial = Path(tmp)
+def _atomic(path: Path, work: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed onto it on success and removed otherwise.
+
+    The name is recorded in the workdir `work` before the file is made, so that
+    gc removes it if this process is killed (a cached disk's is found by its lock).
+    """
+    while True:
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        store.record_output(work, partial)
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            break
+        except FileExistsError:
+            continue
     try:
         yield partial
         umask = os.umask(0)

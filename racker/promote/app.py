@@ -54,9 +54,19 @@ def spec(image: store.StoredImage) -> AppSpec:
 
 
 def systemd_quote(word: str) -> str:
-    """One ExecStart= or Environment= word, quoted the way systemd unquotes it."""
-    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("%", "%%").replace("$", "$$")
-    return f'"{escaped}"'
+    """One word of a setting that systemd unquotes (C escapes) and then expands
+    % specifiers in, such as Environment=: there `$` is an ordinary character."""
+    return '"' + "".join(_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if char < " " or char == "\x7f" else char) for char in word) + '"'
+
+
+# C escapes for what would end the quoted word or the line; other control characters become \xNN.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "%": "%%"}
+
+
+def exec_quote(word: str) -> str:
+    """One ExecStart= word: quoted as systemd_quote, and `$` doubled, since
+    ExecStart= also expands $VAR and ${VAR} (and only there is `$$` a `$`)."""
+    return systemd_quote(word.replace("$", "$$"))
 
 
 def unit_text(app: AppSpec) -> str:
@@ -69,15 +79,16 @@ def unit_text(app: AppSpec) -> str:
         "",
         "[Service]",
         "Type=simple",
-        "ExecStart=" + " ".join(systemd_quote(word) for word in app.argv),
-        f"WorkingDirectory=-{app.workdir}",
+        "ExecStart=" + " ".join(exec_quote(word) for word in app.argv),
+        # Paths and names: not unquoted by systemd, but % specifiers are expanded.
+        f"WorkingDirectory=-{app.workdir.replace('%', '%%')}",
     ]
     for key, value in app.env:
         lines.append("Environment=" + systemd_quote(f"{key}={value}"))
     if app.user:
-        lines.append(f"User={app.user}")
+        lines.append(f"User={app.user.replace('%', '%%')}")
     if app.group:
-        lines.append(f"Group={app.group}")
+        lines.append(f"Group={app.group.replace('%', '%%')}")
     lines += ["Restart=on-failure", "RestartSec=1", "", "[Install]", "WantedBy=multi-user.target", ""]
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from racker import proc
+from racker import prepare, proc
 from racker.errors import PromoteError
 
 GRUB_LIB = Path("/usr/lib/grub")
@@ -24,6 +24,7 @@ SECTOR = 512
 KERNEL_SECTOR_OFFSET = 0x5C  # 8 bytes: LBA of core.img's first sector
 BOOT_DRIVE_CHECK_OFFSET = 0x66  # a 2-byte jmp; nop'd for hard disks, as grub-bios-setup does
 MBR_CODE_SIZE = 440  # boot code ends where the disk signature and partition table start
+DISKBOOT_BLOCKLIST = SECTOR - 12  # in diskboot.img (core.img's first sector): where its blocklist starts
 
 # Modules built into the images, so that nothing has to be found before the root is.
 SHARED_MODULES = (
@@ -75,13 +76,20 @@ def _platform_dir(platform: str) -> Path:
 
 
 def install_modules(boot_grub: Path, platform: str) -> None:
-    """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would."""
+    """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would.
+
+    Each file is a new one renamed over what the image has: the staged tree is
+    hard links into the store, and an image that ships /boot/grub/<platform>
+    must not have the host's modules written through into its files.
+    """
     source = _platform_dir(platform)
     target = boot_grub / platform
     target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
+    for path in sorted(source.iterdir()):
         if path.suffix in (".mod", ".lst", ".img"):
-            shutil.copy2(path, target / path.name)
+            copied = target / path.name
+            prepare.replace_file(copied, path.read_bytes(), path.stat().st_mode & 0o7777)
+            shutil.copystat(path, copied)
 
 
 def _mkimage(platform: str, output: Path, config: Path, modules: tuple[str, ...]) -> None:
@@ -102,7 +110,7 @@ def install_bios(disk: Path, root_uuid: str, first_partition_lba: int, work: Pat
         raise PromoteError(f"GRUB's core.img ({sectors} sectors) does not fit before the first partition")
     # diskboot.img (core.img's first sector) loads the rest from LBA 2 onwards;
     # grub-mkimage already wrote that blocklist, so core.img goes at LBA 1.
-    start, length, _segment = struct.unpack_from("<QHH", core_bytes, SECTOR - 12)
+    start, length, _segment = struct.unpack_from("<QHH", core_bytes, DISKBOOT_BLOCKLIST)
     if start != 2 or length != sectors - 1:
         raise PromoteError(f"unexpected blocklist in GRUB's core.img (start {start}, length {length})")
     boot = bytearray((directory / "boot.img").read_bytes())

@@ -1,8 +1,9 @@
 """Cloud profiles: what a cloud's import needs written into the image, then verified.
 
 Each profile is data: files to write into the disk's tree, kernel command line
-options, and the published requirements as checks. A check reads the staged
-tree and the disk's plan; it never trusts that `apply` did its job.
+options, and the published requirements as checks. A check reads the product,
+never the request: the staged tree (before the disk is built) or the built
+output itself (before it is renamed into place).
 
 Sources: DigitalOcean's custom image requirements (docs.digitalocean.com,
 products/images/custom-images/details/features and limits), and GCE's
@@ -14,25 +15,24 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from racker.errors import PromoteError
+from racker.promote import bootloader, readback
 
 GiB = 1024**3
 
 
 @dataclass(frozen=True)
-class Target:
-    """What a check looks at: the staged root tree and the disk about to be built."""
+class Built:
+    """What a disk check reads: the output file as built, before it is renamed into place."""
 
-    tree: Path
-    fmt: str
-    firmware: str
-    size: int
-    cmdline: str
-    bootloader: str = "grub"
+    path: Path
+    work: Path  # scratch space for what a check reads out of the disk
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,24 @@ class Result:
     detail: str
 
 
-Check = Callable[[Target], tuple[bool, str]]
+TreeCheck = Callable[[Path], tuple[bool, str]]
+DiskCheck = Callable[[Built], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One published requirement, and the check that reads the product for it.
+
+    `reads` says what the check reads: "tree", the staged root (checked before
+    the disk is built, to fail fast), or "disk", the built output (checked
+    before it is renamed into place). `formats`, when set, are the output
+    formats the requirement accepts: a request for another fails before any work.
+    """
+
+    text: str
+    check: TreeCheck | DiskCheck
+    reads: str = "tree"
+    formats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,9 +68,13 @@ class Profile:
     description: str
     files: dict[str, str] = field(default_factory=dict)
     cmdline: str = "console=tty0 console=ttyS0,115200n8"
-    checks: tuple[tuple[str, Check], ...] = ()
-    formats: tuple[str, ...] = ()  # formats the cloud imports; empty: any
+    requirements: tuple[Requirement, ...] = ()
     firmware: tuple[str, ...] = ("bios", "uefi")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The formats the cloud imports; empty: any."""
+        return tuple(f for r in self.requirements for f in r.formats)
 
 
 # -- reading the tree -------------------------------------------------------
@@ -137,27 +158,27 @@ def dhcp_first_nic(tree: Path) -> tuple[bool, str]:
     return False, "no DHCP configuration for the first NIC"
 
 
-# -- checks -----------------------------------------------------------------
+# -- tree checks: the staged root, before the disk is built ---------------
 
 
-def check_unix(t: Target) -> tuple[bool, str]:
-    rel = _exists(t.tree, "etc/os-release", "usr/lib/os-release")
+def check_unix(tree: Path) -> tuple[bool, str]:
+    rel = _exists(tree, "etc/os-release", "usr/lib/os-release")
     if not rel:
         return False, "no os-release"
-    match = re.search(r'^PRETTY_NAME="?([^"\n]*)', _read(t.tree, rel), re.MULTILINE)
+    match = re.search(r'^PRETTY_NAME="?([^"\n]*)', _read(tree, rel), re.MULTILINE)
     return True, match.group(1) if match else "Linux"
 
 
-def check_cloud_init(t: Target) -> tuple[bool, str]:
-    version = cloud_init_version(t.tree)
+def check_cloud_init(tree: Path) -> tuple[bool, str]:
+    version = cloud_init_version(tree)
     if version is None:
         return False, "cloud-init is not installed"
     text = ".".join(map(str, version))
     return version >= (0, 7, 7), f"cloud-init {text}"
 
 
-def check_datasource_order(t: Target) -> tuple[bool, str]:
-    sources = datasource_list(t.tree)
+def check_datasource_order(tree: Path) -> tuple[bool, str]:
+    sources = datasource_list(tree)
     if not sources:
         return False, "no datasource_list: cloud-init's default order lists NoCloud first"
     if "NoCloud" in sources and "ConfigDrive" in sources and sources.index("NoCloud") < sources.index("ConfigDrive"):
@@ -167,58 +188,40 @@ def check_datasource_order(t: Target) -> tuple[bool, str]:
     return True, ", ".join(sources)
 
 
-def check_sshd(t: Target) -> tuple[bool, str]:
-    if not _exists(t.tree, "usr/sbin/sshd"):
+def check_sshd(tree: Path) -> tuple[bool, str]:
+    if not _exists(tree, "usr/sbin/sshd"):
         return False, "openssh-server is not installed"
-    if not (unit_enabled(t.tree, "ssh.service") or unit_enabled(t.tree, "sshd.service")):
+    if not (unit_enabled(tree, "ssh.service") or unit_enabled(tree, "sshd.service")):
         return False, "sshd is not enabled at boot"
     return True, "installed, enabled at boot"
 
 
-def check_password_auth_off(t: Target) -> tuple[bool, str]:
-    value = sshd_option(t.tree, "PasswordAuthentication")
+def check_password_auth_off(tree: Path) -> tuple[bool, str]:
+    value = sshd_option(tree, "PasswordAuthentication")
     return value == "no", f"PasswordAuthentication {value or 'yes (default)'}"
 
 
-def check_root_login_off(t: Target) -> tuple[bool, str]:
-    value = sshd_option(t.tree, "PermitRootLogin")
+def check_root_login_off(tree: Path) -> tuple[bool, str]:
+    value = sshd_option(tree, "PermitRootLogin")
     return value == "no", f"PermitRootLogin {value or 'prohibit-password (default)'}"
 
 
-def check_dhcp(t: Target) -> tuple[bool, str]:
-    return dhcp_first_nic(t.tree)
+def check_dhcp(tree: Path) -> tuple[bool, str]:
+    return dhcp_first_nic(tree)
 
 
-def _format_in(allowed: tuple[str, ...]) -> Check:
-    def check(t: Target) -> tuple[bool, str]:
-        return t.fmt in allowed, f"{t.fmt} (accepted: {', '.join(allowed)})"
-
-    return check
-
-
-def _size_at_most(limit: int) -> Check:
-    def check(t: Target) -> tuple[bool, str]:
-        return t.size <= limit, f"{t.size / GiB:.1f} GiB (limit {limit / GiB:.0f} GiB)"
-
-    return check
+def check_serial_console(tree: Path) -> tuple[bool, str]:
+    """Every kernel the staged grub.cfg boots logs to ttyS0."""
+    lines = [line.strip() for line in _read(tree, "boot/grub/grub.cfg").splitlines() if re.match(r"\s*linux(16|efi)?\s", line)]
+    if not lines:
+        return False, "no linux line in /boot/grub/grub.cfg"
+    missing = [line for line in lines if not re.search(r"(^|\s)console=ttyS0(\s|,|$)", line)]
+    return not missing, f"not on ttyS0: {missing[0]}" if missing else lines[0].split(None, 2)[-1]
 
 
-def check_whole_gib(t: Target) -> tuple[bool, str]:
-    return t.size % GiB == 0, f"{t.size} bytes" + ("" if t.size % GiB == 0 else " is not a whole number of GiB")
-
-
-def check_grub(t: Target) -> tuple[bool, str]:
-    return t.bootloader == "grub", f"{t.bootloader} ({t.firmware})"
-
-
-def check_serial_console(t: Target) -> tuple[bool, str]:
-    ok = re.search(r"(^|\s)console=ttyS0", t.cmdline) is not None
-    return ok, t.cmdline
-
-
-def check_virtio_drivers(t: Target) -> tuple[bool, str]:
+def check_virtio_drivers(tree: Path) -> tuple[bool, str]:
     needed = ("virtio_scsi", "virtio_net", "virtio_pci")
-    modules = list(t.tree.glob("lib/modules/*/modules.builtin")) + list(t.tree.glob("usr/lib/modules/*/modules.builtin"))
+    modules = list(tree.glob("lib/modules/*/modules.builtin")) + list(tree.glob("usr/lib/modules/*/modules.builtin"))
     if not modules:
         return False, "no kernel modules in /lib/modules"
     directory = modules[0].parent
@@ -229,19 +232,86 @@ def check_virtio_drivers(t: Target) -> tuple[bool, str]:
     return not missing, "missing: " + ", ".join(missing) if missing else ", ".join(needed)
 
 
-def check_no_ipv6_needed(t: Target) -> tuple[bool, str]:
-    for path in (t.tree / "etc/systemd/network").glob("*.network"):
+def check_no_ipv6_needed(tree: Path) -> tuple[bool, str]:
+    for path in (tree / "etc/systemd/network").glob("*.network"):
         if re.search(r"^DHCP\s*=\s*ipv6", path.read_text(), re.MULTILINE):
             return False, f"{path.name} wants DHCPv6 only"
     return True, "IPv4 DHCP (the cloud has no IPv6 here)"
 
 
-COMMON_CHECKS: tuple[tuple[str, Check], ...] = (
-    ("Unix-like operating system", check_unix),
-    ("cloud-init 0.7.7 or newer installed", check_cloud_init),
-    ("sshd installed and started at boot", check_sshd),
-    ("SSH password authentication disabled", check_password_auth_off),
-    ("DHCP on the first NIC", check_dhcp),
+# -- disk checks: the built output, before it is renamed into place ----------
+
+
+def _format_in(allowed: tuple[str, ...]) -> DiskCheck:
+    def check(built: Built) -> tuple[bool, str]:
+        found = readback.probe_format(built.path)
+        return found in allowed, f"{found} (accepted: {', '.join(allowed)})"
+
+    return check
+
+
+def _size_at_most(limit: int) -> DiskCheck:
+    def check(built: Built) -> tuple[bool, str]:
+        size = readback.virtual_size(built.path)
+        return size <= limit, f"{size / GiB:.1f} GiB (limit {limit / GiB:.0f} GiB)"
+
+    return check
+
+
+def check_whole_gib(built: Built) -> tuple[bool, str]:
+    size = readback.virtual_size(built.path)
+    return size % GiB == 0, f"{size} bytes" + ("" if size % GiB == 0 else " is not a whole number of GiB")
+
+
+def check_gce_tar(built: Built) -> tuple[bool, str]:
+    """GCE's import: a gzip'd tar holding one file, disk.raw, stored as an old-GNU
+    sparse member (type S): what `tar --format=oldgnu --sparse` writes. POSIX
+    tars store sparse files otherwise (pax headers), and GCE refuses them."""
+    found = readback.probe_format(built.path)
+    if found != "tar.gz":
+        return False, f"not a tar.gz: {found}"
+    members = readback.tar_members(built.path)
+    names = [m.name for m in members]
+    if names != ["disk.raw"]:
+        return False, f"holds {names}, not only disk.raw"
+    if members[0].type != tarfile.GNUTYPE_SPARSE:
+        return False, "disk.raw is not an old-GNU sparse member"
+    return True, f"disk.raw, {members[0].size / GiB:.1f} GiB, sparse (oldgnu)"
+
+
+def check_grub(built: Built) -> tuple[bool, str]:
+    """GRUB boots the disk: its boot.img in the MBR and core.img after it (BIOS), or a GRUB EFI binary on the ESP."""
+    head = readback.read_disk(built.path, 0, 2 * readback.SECTOR, built.work)
+    table = readback.partition_table(head)
+    if table == "gpt":
+        binary = readback.esp_file(built.path, "EFI/BOOT/BOOTX64.EFI", built.work)
+        if binary is None:
+            return False, "no EFI/BOOT/BOOTX64.EFI on an EFI system partition"
+        if binary[:2] != b"MZ" or b"GRUB" not in binary:
+            return False, "EFI/BOOT/BOOTX64.EFI is not a GRUB EFI binary"
+        return True, "GRUB EFI binary on the ESP (uefi)"
+    if table == "dos":
+        grub = bootloader.GRUB_LIB / "i386-pc"
+        boot, diskboot = (grub / "boot.img").read_bytes(), (grub / "diskboot.img").read_bytes()
+        mbr, core = head[: readback.SECTOR], head[readback.SECTOR :]
+        # What grub-bios-setup changes in boot.img: the LBA of core.img and the drive check.
+        patched = {*range(bootloader.KERNEL_SECTOR_OFFSET, bootloader.KERNEL_SECTOR_OFFSET + 8), bootloader.BOOT_DRIVE_CHECK_OFFSET,
+                   bootloader.BOOT_DRIVE_CHECK_OFFSET + 1}  # fmt: skip
+        if any(mbr[i] != boot[i] for i in range(bootloader.MBR_CODE_SIZE) if i not in patched):
+            return False, "the MBR holds no GRUB boot.img"
+        lba = struct.unpack_from("<Q", mbr, bootloader.KERNEL_SECTOR_OFFSET)[0]
+        if lba != 1 or core[: bootloader.DISKBOOT_BLOCKLIST] != diskboot[: bootloader.DISKBOOT_BLOCKLIST]:
+            return False, f"no GRUB core.img where boot.img loads it (LBA {lba})"
+        return True, "GRUB boot.img in the MBR, core.img at LBA 1 (bios)"
+    return False, "no partition table"
+
+
+COMMON: tuple[Requirement, ...] = (
+    Requirement("Unix-like operating system", check_unix),
+    Requirement("cloud-init 0.7.7 or newer installed", check_cloud_init),
+    Requirement("sshd installed and started at boot", check_sshd),
+    Requirement("SSH password authentication disabled", check_password_auth_off),
+    Requirement("DHCP on the first NIC", check_dhcp),
 )
 
 DO_FORMATS = ("raw", "qcow2", "vhdx", "vdi", "vmdk")
@@ -256,14 +326,13 @@ PROFILES: dict[str, Profile] = {
             "etc/cloud/cloud.cfg.d/95-racker-digitalocean.cfg": "# racker profile digitalocean: ConfigDrive must come before NoCloud\n"
             "datasource_list: [ConfigDrive, DigitalOcean, NoCloud]\n",
         },
-        checks=(
-            *COMMON_CHECKS,
-            ("image format raw, qcow2, VHDX, VDI or VMDK", _format_in(DO_FORMATS)),
-            ("100 GB or less uncompressed", _size_at_most(100 * 10**9)),
-            ("NoCloud not listed before ConfigDrive", check_datasource_order),
-            ("IPv4 only (no IPv6 support)", check_no_ipv6_needed),
+        requirements=(
+            *COMMON,
+            Requirement("image format raw, qcow2, VHDX, VDI or VMDK", _format_in(DO_FORMATS), "disk", DO_FORMATS),
+            Requirement("100 GB or less uncompressed", _size_at_most(100 * 10**9), "disk"),
+            Requirement("NoCloud not listed before ConfigDrive", check_datasource_order),
+            Requirement("IPv4 only (no IPv6 support)", check_no_ipv6_needed),
         ),
-        formats=DO_FORMATS,
     ),
     "gcp": Profile(
         "gcp",
@@ -278,16 +347,15 @@ PROFILES: dict[str, Profile] = {
             ),
         },
         cmdline="console=ttyS0,38400n8",
-        checks=(
-            *COMMON_CHECKS,
-            ("packed as disk.raw in a sparse oldgnu tar.gz", _format_in(GCE_FORMATS)),
-            ("GRUB bootloader", check_grub),
-            ("disk size a whole number of GB", check_whole_gib),
-            ("serial console on ttyS0", check_serial_console),
-            ("virtio-scsi and virtio-net drivers", check_virtio_drivers),
-            ("root login over SSH disabled", check_root_login_off),
+        requirements=(
+            *COMMON,
+            Requirement("packed as disk.raw in a sparse oldgnu tar.gz", check_gce_tar, "disk", GCE_FORMATS),
+            Requirement("GRUB bootloader", check_grub, "disk"),
+            Requirement("disk size a whole number of GB", check_whole_gib, "disk"),
+            Requirement("serial console on ttyS0", check_serial_console),
+            Requirement("virtio-scsi and virtio-net drivers", check_virtio_drivers),
+            Requirement("root login over SSH disabled", check_root_login_off),
         ),
-        formats=GCE_FORMATS,
         firmware=("bios", "uefi"),
     ),
 }
@@ -300,5 +368,18 @@ def get(name: str) -> Profile:
         raise PromoteError(f"unknown profile {name!r}", hint="one of: " + ", ".join(PROFILES)) from None
 
 
-def verify(profile: Profile, target: Target) -> list[Result]:
-    return [Result(requirement, *check(target)) for requirement, check in profile.checks]
+def check_request(profile: Profile, fmt: str) -> list[Result]:
+    """The requirements a request breaks by itself (a format the cloud does not import), known before any work."""
+    return [
+        Result(r.text, False, f"{fmt} asked for (accepted: {', '.join(r.formats)})")
+        for r in profile.requirements
+        if r.formats and fmt not in r.formats
+    ]
+
+
+def verify_tree(profile: Profile, tree: Path) -> list[Result]:
+    return [Result(r.text, *r.check(tree)) for r in profile.requirements if r.reads == "tree"]
+
+
+def verify_disk(profile: Profile, built: Built) -> list[Result]:
+    return [Result(r.text, *r.check(built)) for r in profile.requirements if r.reads == "disk"]

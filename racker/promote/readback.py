@@ -1,0 +1,147 @@
+"""Reading a built output back: its format, its size, and the disk's own bytes.
+
+Whatever the disk is packed in (raw, a qemu-img format, GCE's tar.gz), the
+profile checks read what was built through here, never what was asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from racker import proc
+from racker.errors import PromoteError
+from racker.promote import disk, formats
+
+SECTOR = 512
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def qemu_info(path: Path) -> dict:
+    return json.loads(proc.run(["qemu-img", "info", "--output=json", str(path)], timeout=120).stdout)
+
+
+def probe_format(path: Path) -> str:
+    """The format the file is, by its content: racker's name for it (vpc is vhd), or tar.gz / gzip."""
+    if is_gzip(path):
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                tar.next()
+            return "tar.gz"
+        except (tarfile.TarError, OSError, EOFError):
+            return "gzip"
+    name = qemu_info(path)["format"]
+    return formats.QEMU_NAMES.get(name, name)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    type: bytes
+    size: int
+
+
+def tar_members(path: Path) -> list[TarMember]:
+    """Every member of a tar.gz (reads all of it)."""
+    with tarfile.open(path, "r:gz") as tar:
+        return [TarMember(m.name, m.type, m.size) for m in tar]
+
+
+def virtual_size(path: Path) -> int:
+    """The disk's size as a guest sees it: qemu-img's virtual size, or the tar.gz's disk file's size."""
+    if is_gzip(path):
+        with _tar_disk(path) as (member, _handle):
+            return member.size
+    return int(qemu_info(path)["virtual-size"])
+
+
+@contextlib.contextmanager
+def _tar_disk(path: Path) -> Iterator[tuple[tarfile.TarInfo, object]]:
+    with tarfile.open(path, "r:gz") as tar:
+        member = tar.next()
+        handle = tar.extractfile(member) if member is not None else None
+        if member is None or handle is None:
+            raise PromoteError(f"{path.name} holds no disk file")
+        yield member, handle
+
+
+def read_disk(path: Path, offset: int, length: int, work: Path) -> bytes:
+    """`length` bytes of the disk at `offset`, read out of whatever holds it."""
+    if is_gzip(path):
+        with _tar_disk(path) as (_member, handle):
+            handle.seek(offset)  # type: ignore[attr-defined]
+            return handle.read(length)  # type: ignore[attr-defined]
+    fmt = qemu_info(path)["format"]
+    if fmt == "raw":
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+    if offset % SECTOR or length % SECTOR:
+        raise PromoteError(f"read {length} bytes at {offset}: not whole sectors")
+    out = work / f"read-{offset}-{length}.raw"
+    out.unlink(missing_ok=True)
+    try:
+        proc.run(
+            ["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={offset // SECTOR}", f"count={length // SECTOR}",
+             f"if={path}", f"of={out}"],
+            timeout=600,
+        )  # fmt: skip
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def partition_table(head: bytes) -> str:
+    """'gpt', 'dos' or '' from the disk's first sector."""
+    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
+        return ""
+    types = [head[446 + 16 * i + 4] for i in range(4)]
+    return "gpt" if 0xEE in types else "dos"
+
+
+def esp_extent(path: Path, work: Path) -> tuple[int, int] | None:
+    """(offset, size) in bytes of the GPT's EFI system partition, or None."""
+    head = read_disk(path, 0, 34 * SECTOR, work)
+    if partition_table(head) != "gpt" or head[SECTOR : SECTOR + 8] != b"EFI PART":
+        return None
+    entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+    table = read_disk(path, entries_lba * SECTOR, (count * size + SECTOR - 1) // SECTOR * SECTOR, work)
+    for i in range(count):
+        entry = table[i * size : (i + 1) * size]
+        if len(entry) >= 48 and uuid.UUID(bytes_le=entry[:16]) == uuid.UUID(disk.ESP_TYPE):
+            first, last = struct.unpack_from("<QQ", entry, 32)
+            return first * SECTOR, (last - first + 1) * SECTOR
+    return None
+
+
+def esp_file(path: Path, rel: str, work: Path) -> bytes | None:
+    """A file on the disk's ESP, read with mtools; None if there is no ESP or no such file."""
+    extent = esp_extent(path, work)
+    if extent is None:
+        return None
+    offset, size = extent
+    if not is_gzip(path) and qemu_info(path)["format"] == "raw":
+        image = f"{path}@@{offset}"
+    else:
+        esp = work / "esp-readback.img"
+        esp.write_bytes(read_disk(path, offset, size, work))
+        image = str(esp)
+    out = work / "esp-readback.file"
+    out.unlink(missing_ok=True)
+    try:
+        copied = proc.run(["mcopy", "-n", "-i", image, f"::/{rel}", str(out)], env=MTOOLS_ENV, check=False)
+        return out.read_bytes() if copied.succeeded and out.is_file() else None
+    finally:
+        out.unlink(missing_ok=True)
+        (work / "esp-readback.img").unlink(missing_ok=True)
