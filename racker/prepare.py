@@ -25,8 +25,7 @@ from pathlib import Path
 
 from racker import distros, fingerprint, proc, progress, store
 from racker.errors import PrepareError
-
-SUFFIX = "+vm"
+from racker.refs import PREPARED
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ MASK_GENERATORS = ("systemd-ssh-generator",)
 
 
 def prepared_name(name: str) -> str:
-    return name if name.endswith(SUFFIX) else name + SUFFIX
+    return name if name.endswith(PREPARED) else name + PREPARED
 
 
 def packages_for(distro: distros.Distro) -> VmPackages:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import fingerprint, prepare, progress, store
+from racker import fingerprint, prepare, progress, refs, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, disk, formats, profiles
@@ -51,7 +51,7 @@ class Promoted:
 
 
 def default_output(image: store.StoredImage, options: Options) -> Path:
-    base = image.name.removesuffix(prepare.SUFFIX).replace("/", "_").replace(":", "_")
+    base = image.name.removesuffix(refs.PREPARED).replace("/", "_").replace(":", "_")
     return Path.cwd() / f"{base}-{options.firmware}{formats.get(options.fmt).suffix}"
 
 
