@@ -118,10 +118,11 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull_quietly(reference: str) -> store.StoredImage:
-    from racker import images
+def _bootable(reference: str) -> store.StoredImage:
+    """The image to boot for `reference`: pulled if missing, and given an init first if it has none."""
+    from racker import images, prepare
 
-    return images.pull(reference)
+    return prepare.bootable(images.pull(reference))
 
 
 def _login_shell(machine: object) -> list[str]:
@@ -135,7 +136,11 @@ def _login_shell(machine: object) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
-    image = _pull_quietly(args.image)
+    if args.no_boot:
+        from racker import images, nspawn
+
+        return nspawn.run_unbooted(images.pull(args.image), args.command, tty=args.tty)
+    image = _bootable(args.image)
     with Machine(image, args.name, boot_timeout=args.timeout) as machine:
         command = args.command or _login_shell(machine)
         return machine.interact(command, tty=args.tty)
@@ -144,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
-    image = _pull_quietly(args.image)
+    image = _bootable(args.image)
     machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True)
     with progress.step(f"booting {machine.name}"):
         machine.start()
@@ -171,7 +176,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if state is not None and not machines.is_stale(state):
         machine = Machine.attach(args.name)
         return machine.interact(_login_shell(machine))
-    image = _pull_quietly(args.name)
+    image = _bootable(args.name)
     with Machine(image, boot_timeout=args.timeout) as machine:
         return machine.interact(_login_shell(machine))
 
@@ -307,6 +312,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("-t", "--tty", action="store_true", default=None, help="give the command a terminal of the machine's own")
     p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+    p.add_argument(
+        "--no-boot",
+        action="store_true",
+        help="run the command (default: the image's ENTRYPOINT and CMD) directly, as docker run does, without booting an init",
+    )
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(command_follows=("image", "the image", "racker run [OPTIONS] IMAGE [-- COMMAND ...]"))

@@ -45,6 +45,13 @@ class Engine:
         return [need for need in needs if need not in offered]
 
 
+def nspawn_machine(image: StoredImage):  # type: ignore[no-untyped-def]
+    """A machine booting the image under systemd-nspawn (given an init first if it has none)."""
+    from racker import nspawn, prepare
+
+    return nspawn.Machine(prepare.bootable(image))
+
+
 def qemu_vm(image: StoredImage):  # type: ignore[no-untyped-def]
     """A VM booting the image's promoted disk (prepared and promoted once, then cached)."""
     from racker import prepare, promote, qemu
@@ -55,7 +62,8 @@ def qemu_vm(image: StoredImage):  # type: ignore[no-untyped-def]
 
 
 ENGINES: dict[str, Engine] = {
-    "nspawn": Engine("nspawn", "racker.nspawn:Machine", frozenset({"loopback"})),
+    # Every image boots with systemd under nspawn: one without an init is given one (prepare.bootable).
+    "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback", "systemd"})),
     "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS)),
 }
 

@@ -244,9 +244,25 @@ def reap(state: State) -> list[str]:
     if state.rundir.exists():
         store.remove_tree(state.rundir)
         removed.append(f"removed {state.rundir}")
+    if state.kind == "nspawn" and remove_propagate_dir(state.name):
+        removed.append(f"removed {NSPAWN_PROPAGATE / state.name}")
     record_path(state.kind, state.name).unlink(missing_ok=True)
     removed.append(f"removed stale {state.kind} record {state.name}")
     return removed
+
+
+# systemd-nspawn's per-machine directory for bind mounts made later; a killed nspawn
+# leaves it, and where /run is no tmpfs nothing else ever removes it.
+NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
+
+
+def remove_propagate_dir(name: str) -> bool:
+    """Remove nspawn's propagate directory of a machine that is gone; only if empty."""
+    try:
+        os.rmdir(NSPAWN_PROPAGATE / check_name(name))
+        return True
+    except (FileNotFoundError, OSError):
+        return False
 
 
 def collect_stale(kind: str) -> list[str]:

@@ -171,6 +171,7 @@ class Machine(machines.Guest):
         finally:
             shutil.rmtree(state.rundir, ignore_errors=True)
             cgroups.remove(state.extra.get("cgroup"))
+            machines.remove_propagate_dir(state.name)
             machines.release(state)
             self.state = None
 
@@ -227,6 +228,32 @@ class Machine(machines.Guest):
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
         return proc.interact(self.command(argv, tty=tty))
+
+
+def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool | None = None) -> int:
+    """Run one command in the image as `docker run` would: no init, the image's Env,
+    WorkingDir and User, ENTRYPOINT + CMD when no command is given; its exit status.
+
+    The store's copy is never written (a tmpfs overlay takes the writes), and
+    gc leaves the image alone while it runs.
+    """
+    config = image.manifest.get("config") or {}
+    argv = list(command) or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    if not argv:
+        raise MachineError(f"{image.name} has no ENTRYPOINT or CMD, and no command was given", hint="racker run --no-boot IMAGE -- COMMAND")
+    if tty is None:
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+    with store.reading(image) as rootfs:
+        nspawn = [
+            "systemd-nspawn", "--quiet", f"--directory={rootfs}", f"--machine={machines.unique_name(image.name)}",
+            "--volatile=overlay", "--private-network", "--as-pid2", "--link-journal=no", "--timezone=off",
+            "--register=no", *([] if has_machined() else ["--keep-unit"]), f"--console={'interactive' if tty else 'pipe'}",
+            *(f"--setenv={item}" for item in config.get("Env") or [] if "=" in item),
+            *([f"--chdir={config['WorkingDir']}"] if config.get("WorkingDir") else []),
+            *([f"--user={config['User']}"] if config.get("User") else []),
+            "--", *argv,
+        ]  # fmt: skip
+        return proc.interact(nspawn, env=nspawn_env())
 
 
 def nspawn_argv(rootfs: Path, name: str) -> list[str]:

@@ -84,6 +84,16 @@ PACKAGES: dict[str, VmPackages] = {
 # os-release ID -> overrides of the package row (e.g. Ubuntu's kernel is another package).
 DISTRO_PACKAGES: dict[str, VmPackages] = {}
 
+# What an image without an init (most container images) gets to boot under
+# systemd-nspawn: systemd as init, D-Bus, sshd, and the tools checks call.
+BOOT_PACKAGES: dict[str, VmPackages] = {
+    "apt": VmPackages(
+        required=("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "procps"),
+        pre_files={"usr/sbin/policy-rc.d": "#!/bin/sh\nexit 101\n"},  # nothing starts while installing
+    ),
+}
+BOOTABLE = "+boot"
+
 # Configuration written into every prepared image (path relative to the root).
 CLOUD_CFG = """\
 # Written by racker prepare. ConfigDrive must come before NoCloud (DigitalOcean).
@@ -178,33 +188,47 @@ def prepared_name(name: str) -> str:
     return name if name.endswith(PREPARED) else name + PREPARED
 
 
-def packages_for(distro: distros.Distro) -> VmPackages:
-    if distro.id in DISTRO_PACKAGES:
+def packages_for(distro: distros.Distro, table: dict[str, VmPackages] | None = None, what: str = "VMs") -> VmPackages:
+    table = PACKAGES if table is None else table
+    if table is PACKAGES and distro.id in DISTRO_PACKAGES:
         return DISTRO_PACKAGES[distro.id]
-    if distro.recipe is None or distro.recipe.manager not in PACKAGES:
+    if distro.recipe is None or distro.recipe.manager not in table:
         manager = distro.recipe.manager if distro.recipe else "no package manager"
-        raise PrepareError(f"cannot prepare {distro.pretty_name} for VMs yet ({manager})", hint="supported: " + ", ".join(PACKAGES))
-    return PACKAGES[distro.recipe.manager]
+        raise PrepareError(f"cannot prepare {distro.pretty_name} for {what} yet ({manager})", hint="supported: " + ", ".join(table))
+    return table[distro.recipe.manager]
 
 
-def recipe_key(image: store.StoredImage) -> str:
+def recipe_key(image: store.StoredImage, level: str = "vm") -> str:
     """What a prepared image depends on: its source digest, and the code and tables
     of prepare and distros (packages, files, units enabled and masked, generators,
     package-manager recipes). Any change there makes a new key, so a new image."""
-    text = f"{image.digest}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
+    text = f"{image.digest}\0{level}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def is_prepared(image: store.StoredImage) -> bool:
-    return bool(image.manifest.get("prepared"))
+    prepared = image.manifest.get("prepared")
+    return bool(prepared) and prepared.get("for", "vm") == "vm"
 
 
 def prepare(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
-    """The prepared image for `image`, built first if missing or stale."""
+    """The image prepared to boot as a VM (NAME+vm): kernel, initramfs, cloud-init, sshd,
+    DHCP; built first if missing or stale."""
     if is_prepared(image):
         return image
-    name = prepared_name(image.name)
-    recipe = recipe_key(image)
+    return _prepared(image, "vm", prepared_name(image.name), PACKAGES, force=force)
+
+
+def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
+    """An image systemd-nspawn can boot: `image` itself if systemd is its init, else
+    NAME+boot, with its distribution's systemd, D-Bus and sshd installed (the original untouched)."""
+    if distros.detect(image.rootfs).has_systemd:
+        return image
+    return _prepared(image, "boot", image.name + BOOTABLE, BOOT_PACKAGES, force=force)
+
+
+def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, VmPackages], *, force: bool) -> store.StoredImage:
+    recipe = recipe_key(image, level)
     found = store.lookup(name)
     if found is not None and found.recipe == recipe and not force:
         return found
@@ -213,21 +237,17 @@ def prepare(image: store.StoredImage, *, force: bool = False) -> store.StoredIma
         if found is not None and found.recipe == recipe and not force:
             return found
         distro = distros.detect(image.rootfs)
-        if not distro.has_systemd:
-            raise PrepareError(f"{image.name} has no systemd; racker prepares systemd images only")
-        packages = packages_for(distro)
+        packages = packages_for(distro, table, "VMs" if level == "vm" else "booting under systemd-nspawn")
         with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
             rootfs = work / "rootfs"
             with progress.step("copying"), store.reading(image) as source:
                 proc.run(["cp", "-a", "--reflink=auto", str(source), str(rootfs)], timeout=600)
             installed = _install(rootfs, distro, packages)
-            configure(rootfs)
-            kernel = find_kernel(rootfs)
-            manifest = dict(
-                image.manifest,
-                name=name,
-                prepared={"from": image.name, "from_digest": image.digest, "packages": installed, "kernel": kernel.version},
-            )
+            record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed}
+            if level == "vm":
+                configure(rootfs)
+                record["kernel"] = find_kernel(rootfs).version
+            manifest = dict(image.manifest, name=name, prepared=record, distro=distros.detect(rootfs).as_json())
             for key in ("digest", "size", "created", "source"):
                 manifest.pop(key, None)
             with progress.step("storing"):

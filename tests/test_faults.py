@@ -43,6 +43,8 @@ def _traces(state: machines.State) -> list[str]:
         found.append("mount left")
     if state.rundir.exists():
         found.append(f"{state.rundir} left")
+    if (machines.NSPAWN_PROPAGATE / state.name).exists():
+        found.append("nspawn's propagate directory left")
     if machines.load("nspawn", state.name) is not None:
         found.append("registry record left")
     return found

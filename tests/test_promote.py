@@ -2,7 +2,7 @@
 
 Real boots are in test_vm_boot.py. Every test that builds a disk does it in a
 private store: a small image made here, or the shared store's prepared
-bookworm linked in (share_prepared).
+bookworm linked in (share_image).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_HOME, racker
+from conftest import racker
 from racker import distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.promote import app, bootloader, disk, formats, profiles, readback
@@ -145,31 +145,6 @@ def commit_image(
         return store.commit(name, rootfs, source="test:", recipe="-", manifest=manifest)
 
 
-def share_prepared(share_image: Callable[..., store.StoredImage], name: str) -> store.StoredImage:
-    """share_image(name) and share_image(name, prepared=True), taking the prepared
-    image the shared store holds as it is, and keying it, in the private store,
-    as this checkout's prepare would (so that `racker promote NAME` takes it).
-
-    prepare's key is a fingerprint of prepare's code: where this checkout's
-    prepare.py differs from the one that prepared the shared store's image,
-    share_image(prepared=True) would prepare it again in the shared store,
-    replacing it for every other checkout. Promote's tests need a prepared
-    image, not this checkout's prepare.
-    """
-    plain = share_image(name)
-    shared_ref = SHARED_HOME / "refs" / store.ref_path(prepare.prepared_name(name)).name
-    with pytest.MonkeyPatch.context() as patch:
-        if shared_ref.is_file():
-            recipe = json.loads(shared_ref.read_text())["recipe"]
-            patch.setattr(prepare, "recipe_key", lambda image: recipe)
-        prepared = share_image(name, prepared=True)
-    ref = store.ref_path(prepared.name)
-    store.write_json(ref, {**json.loads(ref.read_text()), "recipe": prepare.recipe_key(plain)})
-    found = store.lookup(prepared.name)
-    assert found is not None
-    return found
-
-
 @pytest.fixture
 def small_image(private_store: dict[str, str]) -> store.StoredImage:
     return commit_image("small", GOOD_TREE, GOOD_LINKS)
@@ -178,7 +153,8 @@ def small_image(private_store: dict[str, str]) -> store.StoredImage:
 @pytest.fixture
 def bookworm_vm(share_image) -> store.StoredImage:
     """The prepared bookworm, in this test's private store."""
-    return share_prepared(share_image, "debian-bookworm")
+    share_image("debian-bookworm")
+    return share_image("debian-bookworm", prepared=True)
 
 
 def debugfs(path: Path, offset: int, request: str) -> bytes:

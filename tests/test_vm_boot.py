@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_promote import HOSTILE_ENV, share_prepared
+from test_promote import HOSTILE_ENV
 
 from conftest import CATALOG_IMAGES
 from racker import images, machines, prepare, promote, store
@@ -183,7 +183,8 @@ def test_vm_cli_lifecycle_start_ps_ssh_console_stop(prepared) -> None:
 def test_app_image_runs_its_entrypoint_as_a_service(share_image, tmp_path: Path) -> None:
     """A Dockerfile-style service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) really runs in the VM,
     with its environment and its arguments exactly as the image gives them."""
-    base = share_prepared(share_image, "debian-bookworm")  # in this test's private store
+    share_image("debian-bookworm")
+    base = share_image("debian-bookworm", prepared=True)  # in this test's private store
     # A directory whose name holds what quoting can get wrong, served by http.server --directory.
     served = "/srv/www/$HOME ${HOME} $$ 100% %n \"q\" 'q' back\\slash\\ new\nline ;"
     with store.workdir("test-app") as work:
