@@ -353,6 +353,7 @@ class Lab:
         self.racker("gc", timeout=300)
         for path in self.cgroups():
             nspawn.remove_cgroup(str(path))
+            done.append(f"removed {path}")
         for path in self.stray_files():
             with contextlib.suppress(OSError):
                 store.remove_tree(path)
@@ -426,6 +427,7 @@ TRIGGERS: dict[str, Callable[[Lab, str], bool]] = {
     "nspawn": lambda lab, name: _record(lab, "machines", name).get("pid", 0) > 0,
     "booted": lambda lab, name: "machined" in _record(lab, "machines", name).get("extra", {}),  # saved once READY=1 came
     "qemu": lambda lab, name: _record(lab, "vms", name).get("pid", 0) > 0,
+    "disk": lambda lab, name: any((lab.home / "disks").glob(".*.partial")),  # vm start building the cached disk
 }
 
 
@@ -616,6 +618,48 @@ def parallel_starts(lab: Lab, count: int = 4) -> dict:
     return {"starts": count, "exit_statuses": sorted(codes), "running": running, "failures": failures, "leftovers": left}
 
 
+def _claim_names(home: str, prefix: str, count: int, barrier, wins) -> None:  # type: ignore[no-untyped-def]
+    os.environ["RACKER_HOME"] = home
+    from racker.errors import NameTaken
+
+    me = os.getpid()
+    for i in range(count):
+        state = machines.State(name=f"{prefix}-{i}", kind="nspawn", image=IMAGE, owner=me, owner_start=machines.start_time(me))
+        barrier.wait()
+        with contextlib.suppress(NameTaken):
+            machines.claim(state)
+            wins.put(i)
+
+
+def parallel_claims(lab: Lab, processes: int = 4, names: int = 200) -> dict:
+    """`processes` processes claim the same `names` machine names in step (what `racker start
+    --name` does first): each name must go to exactly one of them. Machines are never started."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, wins = context.Barrier(processes), context.Queue()
+    prefix = lab.name("claim")
+    workers = [context.Process(target=_claim_names, args=(str(lab.home), prefix, names, barrier, wins)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    claimed: dict[int, int] = {}
+    with contextlib.suppress(Exception):
+        while True:
+            i = wins.get(timeout=1)
+            claimed[i] = claimed.get(i, 0) + 1
+    for path in (lab.home / "machines").glob(f"{prefix}-*.json"):
+        path.unlink()
+    doubles = sorted(i for i, n in claimed.items() if n > 1)
+    failures = []
+    if doubles:
+        failures.append(f"{len(doubles)} of {names} names were claimed by two processes at once, e.g. {prefix}-{doubles[0]}")
+    if len(claimed) != names:
+        failures.append(f"{names - len(claimed)} of {names} names were claimed by nobody")
+    return {"processes": processes, "names": names, "claimed_twice": len(doubles), "failures": failures}
+
+
 # -- the whole run -------------------------------------------------------------
 
 
@@ -728,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_parallel:
             parallel["pulls"] = parallel_pulls(lab)
             parallel["starts"] = parallel_starts(lab)
+            parallel["claims"] = parallel_claims(lab)
             if tty:
                 print(f"parallel: {json.dumps({k: v['failures'] or 'ok' for k, v in parallel.items()})}", file=sys.stderr, flush=True)
         plan = plan_rounds(args.rounds, ops, rng)
