@@ -57,6 +57,12 @@ def test_four_parallel_starts_of_one_name_start_one_machine(lab) -> None:
     assert outcome["leftovers"] == [], "left behind:\n" + "\n".join(outcome["leftovers"])
 
 
+def test_one_name_claimed_by_four_processes_at_once_goes_to_one(lab) -> None:
+    """What `racker start --name` does first, 200 times in step: the four-start test above, made likely."""
+    outcome = chaos.parallel_claims(lab, processes=4, names=200)
+    assert outcome["failures"] == [], outcome
+
+
 # (operation, event, seconds after it): where each kill lands.
 KILLS = [
     pytest.param("pull", "building", 2.0, id="pull-during-mmdebstrap"),
