@@ -756,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.randrange(2**31)
     rng = random.Random(args.seed)
+    # SIGINT explicitly: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     tty = sys.stderr.isatty()
     started = time.monotonic()
