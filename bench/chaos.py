@@ -269,16 +269,15 @@ class Lab:
         return left
 
     def cgroups(self) -> list[Path]:
-        """The store's machine cgroups, in any hierarchy."""
+        """The store's machine cgroups, in any hierarchy (cgroup v2, or each of a hybrid host's)."""
         if not self.cgroup_rel:
             return []
+        top = Path("/sys/fs/cgroup")
         found = []
-        for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            for base in (hierarchy, hierarchy / "unified") if hierarchy.name == "unified" else (hierarchy,):
-                path = base / self.cgroup_rel.lstrip("/")
-                if path.is_dir():
-                    children = [p for p in path.iterdir() if p.is_dir()]
-                    found += children or [path]
+        for base in [top, *(p for p in top.iterdir() if p.is_dir())]:
+            path = base / self.cgroup_rel.lstrip("/")
+            if path.is_dir():
+                found += [p for p in path.iterdir() if p.is_dir()] or [path]
         return sorted(set(found))
 
     def stray_files(self) -> list[Path]:
