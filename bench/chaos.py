@@ -2,12 +2,14 @@
 
 Each round starts one operation in a private store (seeded by hard links from
 the shared one), SIGKILLs the racker process, and only it, as `kill -9` would,
-at a random point of its work, runs `racker gc`, then looks for anything left:
-processes, mounts, loop devices, cgroups, scratch files, records, half-written
-output. Then the next normal command must work and every stored image must
-still match its digest. A parallel section checks that eight pulls of one
-unbuilt image build it once, and that four starts of one machine name start
-exactly one machine.
+at a random point of its work (timed from its start, or in half the rounds
+from an event such as "nspawn started"), runs `racker gc`, then looks for
+anything left: processes, mounts, loop devices, cgroups, scratch files,
+records, half-written output. Then the next normal command must work and
+every stored image must still match its digest. A parallel section checks
+that eight pulls of one unbuilt image build it once, that four starts of one
+machine name start exactly one machine, and that four processes claiming
+the same names in step never both get one.
 
     python bench/chaos.py [--rounds 12] [--seed N] [--ops pull,run,promote,vm] [--verify quick|full] [--no-parallel]
 
@@ -67,18 +69,29 @@ class Op:
     # --force tiny 9-10 s; promote to qcow2 2.3-5 s (page cache cold or warm);
     # vm start 33 s the first time (the cached disk is built, ~4 s, and KVM
     # probed), 24 s after. `run` boots in 0.4 s and then sleeps 30 s: 2.5 s
-    # puts most kills in the boot and the start of the command. A round's kill
-    # lands uniformly between 0.1 s and 95% of this, which each finished run
-    # of the operation updates to what it took.
+    # puts most kills in the boot and the start of the command. A kill timed
+    # from the start lands uniformly between 0.1 s and 95% of this, which each
+    # finished run of the operation updates to what it took.
     duration: float
+    # Events of its work (see TRIGGERS) -> how many seconds after one a kill may land.
+    # Half the rounds time their kill from one of these: some phases are short
+    # (nspawn running before the container's leader is known: about 0.1 s), and a
+    # kill timed from the start would rarely hit them.
+    events: dict[str, float] = field(default_factory=dict)
     qemu: bool = False
 
 
 OPS: dict[str, Op] = {
-    "pull": Op("pull", lambda lab, name: ["pull", "--force", "tiny"], 9.5),
-    "run": Op("run", lambda lab, name: ["run", "--name", name, IMAGE, "--", "sleep", "30"], 2.5),
-    "promote": Op("promote", lambda lab, name: ["promote", IMAGE, "--format", "qcow2", "-o", str(lab.out / "x.qcow2")], 3.5),
-    "vm": Op("vm", lambda lab, name: ["vm", "start", IMAGE, "--name", name], 30.0, qemu=True),
+    "pull": Op("pull", lambda lab, name: ["pull", "--force", "tiny"], 9.5, {"building": 6.0}),
+    "run": Op("run", lambda lab, name: ["run", "--name", name, IMAGE, "--", "sleep", "30"], 2.5, {"nspawn": 0.1, "booted": 2.0}),
+    "promote": Op(
+        "promote",
+        lambda lab, name: ["promote", IMAGE, "--format", "qcow2", "-o", str(lab.out / "x.qcow2")],
+        3.5,
+        {"staging": 1.5, "writing": 1.0},
+    ),
+    # Not "disk": it happens in the first vm start only; a kill timed from the start covers it.
+    "vm": Op("vm", lambda lab, name: ["vm", "start", IMAGE, "--name", name], 30.0, {"qemu": 20.0}, qemu=True),
 }
 
 
@@ -662,24 +675,45 @@ def parallel_claims(lab: Lab, processes: int = 4, names: int = 200) -> dict:
 # -- the whole run -------------------------------------------------------------
 
 
-def plan_rounds(rounds: int, ops: list[str], rng: random.Random) -> list[tuple[str, float]]:
-    """Each op equally often, in a shuffled order, each with where in its run the kill lands (0 to 1)."""
+def plan_rounds(rounds: int, ops: list[str], rng: random.Random) -> list[tuple[str, str, float]]:
+    """Each op equally often, in a shuffled order: (op, event the kill is timed from or "" for
+    the start, where in the span the kill lands from 0 to 1)."""
     picked = [ops[i % len(ops)] for i in range(rounds)]
     rng.shuffle(picked)
-    return [(op, rng.random()) for op in picked]
+    plan = []
+    for op in picked:
+        events = sorted(OPS[op].events)
+        event = rng.choice(events) if events and rng.random() < 0.5 else ""
+        plan.append((op, event, rng.random()))
+    return plan
 
 
-def kill_delay(fraction: float, duration: float) -> float:
+def kill_delay(op: Op, event: str, fraction: float, duration: float) -> float:
+    """Seconds from the start (or from `event`) to the kill."""
+    if event:
+        return fraction * op.events[event]
     return 0.1 + fraction * max(0.95 * duration - 0.1, 0.0)
 
 
 def summary(results: list[Round], parallel: dict, args: argparse.Namespace, seconds: float) -> dict:
     leftovers = [
-        {"round": r.number, "op": r.op, "kill_delay": r.delay, "killed_at": r.killed_at, "at_kill": r.at_kill, "what": what}
+        {
+            "round": r.number,
+            "op": r.op,
+            "after": r.trigger or "start",
+            "kill_delay": r.delay,
+            "killed_at": r.killed_at,
+            "at_kill": r.at_kill,
+            "what": what,
+        }
         for r in results
         for what in r.leftovers
     ]
-    failures = [{"round": r.number, "op": r.op, "kill_delay": r.delay, "what": what} for r in results for what in r.failures]
+    failures = [
+        {"round": r.number, "op": r.op, "after": r.trigger or "start", "kill_delay": r.delay, "what": what}
+        for r in results
+        for what in r.failures
+    ]
     for section, outcome in parallel.items():
         failures += [{"parallel": section, "what": what} for what in outcome.get("failures", [])]
         leftovers += [{"parallel": section, "what": what} for what in outcome.get("leftovers", [])]
@@ -701,6 +735,7 @@ def summary(results: list[Round], parallel: dict, args: argparse.Namespace, seco
             {
                 "round": r.number,
                 "op": r.op,
+                "after": r.trigger or "start",
                 "kill_delay": r.delay,
                 "killed_at": r.killed_at,
                 "completed": r.completed,
@@ -778,15 +813,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"parallel: {json.dumps({k: v['failures'] or 'ok' for k, v in parallel.items()})}", file=sys.stderr, flush=True)
         plan = plan_rounds(args.rounds, ops, rng)
         durations = {name: op.duration for name, op in OPS.items()}
-        for number, (op, fraction) in enumerate(plan, 1):
-            result = run_round(lab, number, OPS[op], kill_delay(fraction, durations[op]), verify=args.verify)
+        for number, (op, event, fraction) in enumerate(plan, 1):
+            delay = kill_delay(OPS[op], event, fraction, durations[op])
+            result = run_round(lab, number, OPS[op], delay, trigger=event, verify=args.verify)
             results.append(result)
-            if result.completed and not result.failures:
+            if result.completed and not result.failures and not event:
                 durations[op] = result.killed_at  # it finished sooner than thought
             if result.rerun_seconds:
                 durations[op] = result.rerun_seconds
             if tty:
-                state = "finished first" if result.completed else f"killed at {result.killed_at:.1f}s"
+                state = "finished first" if result.completed else f"killed at {result.killed_at:.1f}s" + (f" ({event})" if event else "")
                 print(
                     f"round {number}/{len(plan)} {op:8} {state:18} {len(result.leftovers)} left, {len(result.failures)} failed"
                     f" ({result.seconds:.0f}s)",
