@@ -556,10 +556,15 @@ def verify_next(lab: Lab, op: Op, result: Round, verify: str) -> None:
 
 
 def _last(text: str) -> str:
-    """racker's error line and the first line of its hint, else the last two lines of output."""
+    """racker's error line and the first line of its hint, a traceback's exception, else the last two lines."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("racker: error:") or line.startswith("Traceback")]
-    shown = lines[errors[-1] : errors[-1] + 2] if errors else lines[-2:]
+    errors = [i for i, line in enumerate(lines) if line.startswith("racker: error:")]
+    if errors:
+        shown = lines[errors[-1] : errors[-1] + 2]
+    elif any(line.startswith("Traceback") for line in lines):
+        shown = ["Traceback", lines[-1]]
+    else:
+        shown = lines[-2:]
     return " | ".join(shown)[:300]
 
 
@@ -614,7 +619,8 @@ def parallel_starts(lab: Lab, count: int = 4) -> dict:
     running = [entry["name"] for entry in json.loads(listed.stdout or "[]")] if listed.returncode == 0 else []
     failures = []
     if sorted(codes) != [0] + [125] * (count - 1):
-        failures.append(f"exit statuses {codes}, not one 0 and {count - 1} times 125")
+        odd = [f"{c}: {_last(t)}" for t, c in zip(outputs, codes, strict=True) if c not in (0, 125)]
+        failures.append(f"exit statuses {codes}, not one 0 and {count - 1} times 125" + (f"; {odd}" if odd else ""))
     refused = [t for t, c in zip(outputs, codes, strict=True) if c == 125]
     unclear = [_last(t) for t in refused if not any("already in use" in line for line in t.splitlines())]
     if unclear:
