@@ -1,4 +1,8 @@
-"""The pytest plugin, driven the way a user drives it: pytest -n 2 in a project of theirs."""
+"""The pytest plugin, driven the way a user drives it: pytest -n 2 in a project of theirs.
+
+Every test runs in a private store holding the catalogue images (hard links to
+the shared store's): they boot machines, gc, and build cached disks there.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CATALOG_IMAGES, racker
-from racker import images, machines
+from conftest import CATALOG_IMAGES, ROOT, racker
+from racker import machines
 
 pytestmark = pytest.mark.slow
 SAMPLE = Path(__file__).parent / "sample_project"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def catalogue_images():
+@pytest.fixture(autouse=True)
+def catalogue_store(share_image, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A private store with the catalogue images, and the catalogue itself (no `tiny`: "all" means the catalogue)."""
+    monkeypatch.delenv("RACKER_CATALOG")
     for name in CATALOG_IMAGES:
-        images.pull(name)
+        share_image(name)
+    return {"RACKER_HOME": os.environ["RACKER_HOME"]}
+
+
+def _env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a pytest run of ours: this tree's racker, not whichever one is installed
+    (its cwd is the sample project, so it would import the installed one)."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True):
@@ -41,10 +55,8 @@ def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool =
         *args,
     ]
     if not wait:
-        return subprocess.Popen(
-            argv, cwd=SAMPLE, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ), results
-    done = subprocess.run(argv, cwd=SAMPLE, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(argv, cwd=SAMPLE, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), results
+    done = subprocess.run(argv, cwd=SAMPLE, env=_env(env), capture_output=True, text=True, timeout=600)
     return done, [json.loads(line) for line in results.read_text().splitlines()]
 
 
@@ -72,7 +84,7 @@ def test_sample_project_passes_on_every_image(tmp_path: Path) -> None:
     assert all(r["outcome"] == "skip" and r["message"] == "nspawn cannot provide: full-boot" for r in full_boot)
     junit = (tmp_path / "junit.xml").read_text()
     assert 'name="racker_image" value="debian-sid"' in junit
-    assert machines.all_states("nspawn") == [] or all(not machines.is_stale(s) for s in machines.all_states("nspawn"))
+    assert machines.all_states("nspawn") == []
 
 
 def test_failing_check_and_harness_error_are_told_apart(tmp_path: Path) -> None:
@@ -94,27 +106,74 @@ def test_failing_check_and_harness_error_are_told_apart(tmp_path: Path) -> None:
     assert "Reached target" in done.stdout or "Startup finished" in done.stdout
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `pid` is `ancestor` or one of its descendants (children, their children…)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def test_descends_from_tells_a_worker_from_any_other_process() -> None:
+    child = subprocess.Popen(["sh", "-c", "sleep 30; true"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        grandchildren: list[str] = []
+        while not grandchildren and time.monotonic() < deadline:
+            grandchildren = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+            time.sleep(0.05)
+        assert grandchildren, "the child never started sleep"
+        assert descends_from(int(grandchildren[0]), child.pid)
+        assert descends_from(child.pid, os.getpid())
+        assert not descends_from(os.getpid(), child.pid)
+        assert not descends_from(os.getppid(), child.pid)
+        assert not descends_from(1, child.pid)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the shell and its sleep
+        child.wait()
+
+
 def test_killed_worker_leaves_nothing_gc_cannot_clean(tmp_path: Path) -> None:
     # Two images, so each worker takes one: the victim's and a survivor's run in parallel.
     args = ("-k", "slow", "--racker-images=debian-bookworm,debian-sid", "--max-worker-restart=0")
     run, _results = run_sample(tmp_path, *args, env={"SAMPLE_SLOW": "20"}, wait=False)
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None and time.monotonic() < deadline:
-        for state in machines.all_states("nspawn"):
-            if state.leader and state.owner != run.pid and machines.alive(state.owner, state.owner_start):
-                victim = state
-        time.sleep(0.2)
-    assert victim is not None, "no worker booted a machine"
-    os.kill(victim.owner, signal.SIGKILL)
     try:
+        victim = None
+        deadline = time.monotonic() + 120
+        while victim is None and time.monotonic() < deadline and run.poll() is None:
+            for state in machines.all_states("nspawn"):
+                # A machine of an xdist worker of the run started here: never another process's.
+                if state.leader and state.owner != run.pid and descends_from(state.owner, run.pid):
+                    victim = state
+            time.sleep(0.2)
+        assert victim is not None, "no worker of this run booted a machine"
+        # Kill through a pidfd, after checking once more that it is still that worker:
+        # its pid cannot be reused by another process in between.
+        pidfd = os.pidfd_open(victim.owner)
+        try:
+            assert machines.alive(victim.owner, victim.owner_start), "the worker exited before the kill"
+            assert descends_from(victim.owner, run.pid), f"pid {victim.owner} is not a worker of this run"
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
         output, _ = run.communicate(timeout=180)
     finally:
         if run.poll() is None:
             run.send_signal(signal.SIGINT)
             run.communicate(timeout=60)
     assert run.returncode != 0, output
-    assert racker("gc").returncode == 0
+    assert "crashed" in output or "node down" in output, output
+    gc = racker("gc")
+    assert gc.returncode == 0, gc.stderr
+    assert f"removed stale nspawn record {victim.name}" in gc.stdout, gc.stdout
     assert [s.name for s in machines.all_states("nspawn")] == []
     assert victim.name not in Path("/proc/mounts").read_text()
     assert not machines.alive(victim.pid, victim.pid_start)
@@ -141,6 +200,7 @@ def test_checks_run_from_the_installed_package(tmp_path: Path) -> None:
             f"--racker-results={results}",
         ],
         cwd=tmp_path,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -159,8 +219,10 @@ def test_racker_check_prints_a_result_table() -> None:
     assert table[1].split() == ["debian-sid"] + ["pass"] * 6
 
 
-def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path) -> None:
+@pytest.mark.qemu
+def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> None:
     """Two engines: ids name the engine too, and a full-boot test runs in the VM only."""
+    share_image("debian-bookworm", prepared=True)  # prepared once, in the shared store
     done, records = run_sample(tmp_path, "--racker-engines=nspawn,qemu", "--racker-images=debian-bookworm", "-k", "bootloader or root_user")
     assert done.returncode == 0, done.stdout + done.stderr
     outcomes = {r["nodeid"]: (r["engine"], r["outcome"]) for r in records}
