@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from racker import machines, nspawn, store  # noqa: E402
+from racker import cgroups, machines, proc, store  # noqa: E402
 
 # The store the test suite and users share; chaos only reads it (and builds there what is missing).
 SHARED_HOME = Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
@@ -162,9 +162,9 @@ class Lab:
         self.env.pop("RACKER_PROGRESS", None)
         self.token = os.urandom(2).hex()
         with racker_home(self.home):
-            cgroup = nspawn.store_cgroup()
+            cgroup = cgroups.store_parent()
         # The store's cgroup path below the hierarchy root, as /proc/PID/cgroup shows it.
-        self.cgroup_rel = "/" + str(cgroup.relative_to(nspawn.unified_cgroup_root())) if cgroup else None
+        self.cgroup_rel = "/" + str(cgroup.relative_to(cgroups.unified_root())) if cgroup else None
         self.names: list[str] = []  # every machine and VM name given out
         self.loops_before = loop_devices()
         self._digest_fingerprints: dict[str, tuple] = {}
@@ -205,7 +205,7 @@ class Lab:
             for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
                 with contextlib.suppress(OSError, json.JSONDecodeError):
                     data = json.loads(path.read_text())
-                    data["leader_start"] = machines.start_time(data.get("leader") or 0)
+                    data["leader_start"] = proc.start_time(data.get("leader") or 0)
                     found.append(data)
         return found
 
@@ -259,7 +259,7 @@ class Lab:
                 why = "named after a machine of the lab"
             elif any(target in cmdline.split() for target in leaders):
                 why = "enters a machine of the lab"
-            elif pid in recorded and machines.start_time(pid) == recorded[pid][0]:
+            elif pid in recorded and proc.start_time(pid) == recorded[pid][0]:
                 why = recorded[pid][1]
             if why:
                 found[pid] = f"{why}: {cmdline[:160]}"
@@ -364,7 +364,7 @@ class Lab:
         time.sleep(0.2 if done else 0)
         self.racker("gc", timeout=300)
         for path in self.cgroups():
-            nspawn.remove_cgroup(str(path))
+            cgroups.remove(path)
             done.append(f"removed {path}")
         for path in self.stray_files():
             with contextlib.suppress(OSError):
@@ -387,7 +387,7 @@ class Lab:
         with contextlib.suppress(Exception):
             self.racker("gc", timeout=300)
         for path in self.cgroups():
-            nspawn.remove_cgroup(str(path))
+            cgroups.remove(path)
         if remove:
             store.remove_tree(self.root)
 
@@ -640,9 +640,8 @@ def _claim_names(home: str, prefix: str, count: int, barrier, wins) -> None:  # 
     os.environ["RACKER_HOME"] = home
     from racker.errors import NameTaken
 
-    me = os.getpid()
     for i in range(count):
-        state = machines.State(name=f"{prefix}-{i}", kind="nspawn", image=IMAGE, owner=me, owner_start=machines.start_time(me))
+        state = machines.new_state("nspawn", f"{prefix}-{i}", IMAGE)
         barrier.wait()
         with contextlib.suppress(NameTaken):
             machines.claim(state)

@@ -87,16 +87,22 @@ def _orphan_rundirs() -> list[str]:
 
 
 def _orphan_cgroups() -> list[str]:
-    """Machine cgroups that no record claims (only empty ones can go)."""
+    """Machine cgroups (and their v1 mirrors) no record claims, with any process left in them.
+
+    Judged by name under the registry's lock: a machine's record is claimed
+    before its cgroup is made, so no cgroup of a machine being started is taken.
+    """
     removed = []
     parent = cgroups.store_parent()
-    if parent is not None and parent.is_dir():
-        claimed = {s.extra.get("cgroup") for s in machines.all_states("nspawn")}
-        for path in parent.iterdir():
-            if path.is_dir() and str(path) not in claimed:
-                cgroups.remove(path)
-                if not path.exists():
-                    removed.append(f"removed cgroup {path}")
+    if parent is None:
+        return removed
+    with machines.names_locked("nspawn"):
+        claimed = {s.name for s in machines.all_states("nspawn")}
+        for name in sorted(cgroups.machine_names() - claimed):
+            if cgroups.kill(parent / name):
+                removed.append(f"killed the processes left in cgroup {parent / name}")
+            if cgroups.remove(parent / name):
+                removed.append(f"removed cgroup {parent / name}")
     return removed
 
 

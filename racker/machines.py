@@ -237,9 +237,11 @@ def reap(state: State) -> list[str]:
     if kill_and_wait(state.pid, state.pid_start, state.boot_id):
         removed.append(f"killed {state.kind} process of {state.name} (pid {state.pid})")
     cgroup = state.extra.get("cgroup")
-    if cgroup and os.path.isdir(cgroup):
-        cgroups.remove(cgroup)
-        if not os.path.isdir(cgroup):
+    if cgroup:
+        # A container whose nspawn died before its leader was known runs on in its cgroup.
+        if cgroups.kill(cgroup):
+            removed.append(f"killed the processes left in cgroup {cgroup}")
+        if os.path.isdir(cgroup) and cgroups.remove(cgroup):
             removed.append(f"removed cgroup {cgroup}")
     if state.rundir.exists():
         store.remove_tree(state.rundir)

@@ -170,6 +170,7 @@ class Machine(machines.Guest):
                 self._child.wait(5)
         finally:
             shutil.rmtree(state.rundir, ignore_errors=True)
+            cgroups.kill(state.extra.get("cgroup"))  # nothing of the machine outlives it
             cgroups.remove(state.extra.get("cgroup"))
             machines.remove_propagate_dir(state.name)
             machines.release(state)

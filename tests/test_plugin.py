@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CATALOG_IMAGES, ROOT, racker
-from racker import machines
+from racker import machines, proc
 
 pytestmark = pytest.mark.slow
 SAMPLE = Path(__file__).parent / "sample_project"
@@ -159,7 +159,7 @@ def test_killed_worker_leaves_nothing_gc_cannot_clean(tmp_path: Path) -> None:
         # its pid cannot be reused by another process in between.
         pidfd = os.pidfd_open(victim.owner)
         try:
-            assert machines.alive(victim.owner, victim.owner_start), "the worker exited before the kill"
+            assert proc.alive(victim.owner, victim.owner_start, victim.boot_id), "the worker exited before the kill"
             assert descends_from(victim.owner, run.pid), f"pid {victim.owner} is not a worker of this run"
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         finally:
@@ -176,7 +176,7 @@ def test_killed_worker_leaves_nothing_gc_cannot_clean(tmp_path: Path) -> None:
     assert f"removed stale nspawn record {victim.name}" in gc.stdout, gc.stdout
     assert [s.name for s in machines.all_states("nspawn")] == []
     assert victim.name not in Path("/proc/mounts").read_text()
-    assert not machines.alive(victim.pid, victim.pid_start)
+    assert not proc.alive(victim.pid, victim.pid_start, victim.boot_id)
     # The next run is unaffected.
     done, records = run_sample(tmp_path, "-k", "root_user")
     assert done.returncode == 0, done.stdout
