@@ -649,6 +649,57 @@ def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> Non
     assert argv == ["app", *HOSTILE_ARGS, ""]
 
 
+def test_stopsignal_and_healthcheck_are_read_as_docker_writes_them() -> None:
+    config = {
+        "Entrypoint": ["/srv/app"],
+        "StopSignal": "INT",
+        "Healthcheck": {"Test": ["CMD-SHELL", "curl -f http://localhost/"], "Interval": 5_000_000_000, "Retries": 2},
+    }
+    found = app.spec(store.StoredImage("svc", "sha256:0", "", "", 0, manifest={"config": config}))
+    assert found.stop_signal == "SIGINT"
+    assert found.health == app.HealthCheck(("/bin/sh", "-c", "curl -f http://localhost/"), interval=5, timeout=30, retries=2)
+    assert app.kill_signal("9") == "SIGKILL" and app.kill_signal("SIGTERM") == "SIGTERM"
+    with pytest.raises(PromoteError, match="not a signal"):
+        app.kill_signal("SIGNOPE")
+    assert app.health_check({"Test": ["NONE"]}) is None
+    assert "KillSignal=SIGINT" in app.unit_text(found)
+    assert set(app.unit_files(found)) == {f"etc/systemd/system/{u}" for u in (app.UNIT, f"{app.HEALTH}.service", f"{app.HEALTH}.timer")}
+
+
+@pytest.mark.slow
+def test_a_failing_health_check_restarts_the_service_and_a_passing_one_does_not(share_image) -> None:
+    """The health check units promote writes, run by a real systemd (an nspawn machine)."""
+    from racker.nspawn import Machine
+
+    base = share_image("debian-bookworm")
+    for name, test, restarted in (("sick", ["CMD", "false"], True), ("well", ["CMD-SHELL", "test -d /tmp"], False)):
+        config = {
+            "Entrypoint": ["/bin/sleep", "infinity"],
+            "User": "nobody",
+            "StopSignal": "SIGINT",
+            "Healthcheck": {"Test": test, "Interval": 1_000_000_000, "Retries": 2},
+        }
+        spec = app.spec(store.StoredImage(name, "sha256:0", "", "", 0, manifest={"config": config}))
+        with store.workdir("test") as work:
+            rootfs = work / "rootfs"
+            subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+            for rel, text in app.unit_files(spec).items():
+                prepare.write_file(rootfs, rel, text)
+            app.enable(rootfs)
+            image = store.commit(name, rootfs, source="test:", recipe="-", manifest={})
+        with Machine(image) as machine:
+            machine.run(["sleep", "5"])
+            shown = machine.run(["systemctl", "show", "-p", "KillSignal", "-p", "ActiveState", app.UNIT]).stdout
+            runs = machine.run(["journalctl", "-u", f"{app.HEALTH}.service", "--no-pager", "-o", "cat"]).stdout
+            starts = machine.run(["journalctl", "-u", app.UNIT, "--no-pager", "-o", "cat"]).stdout.count("Started racker-app.service")
+            state = machine.run(["systemctl", "is-system-running"]).stdout.strip()
+        facts = dict(line.split("=", 1) for line in shown.split())
+        assert facts["KillSignal"] == "2" and facts["ActiveState"] == "active", shown
+        assert (starts > 1) is restarted, (name, starts, runs)
+        assert ("health check failed (2 of 2)" in runs) is restarted, runs
+        assert state == "running", f"a failing check must not leave a failed unit: {state}"
+
+
 def test_app_needs_an_entrypoint_or_cmd() -> None:
     with pytest.raises(PromoteError, match="no ENTRYPOINT or CMD"):
         app.spec(store.StoredImage("base", "sha256:0", "", "", 0, manifest={}))

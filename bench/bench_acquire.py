@@ -1,0 +1,117 @@
+"""racker pull docker://… from a loopback registry, against the hand pipeline (skopeo copy + umoci unpack).
+
+The registry is Debian's docker-registry, started here on a free 127.0.0.1
+port and seeded with the store's debian-bookworm (pushed by racker). Each
+round pulls into a fresh private store (racker) and a fresh directory
+(by hand), alternating, so both download every blob and verify its digest.
+racker also computes the tree digest, normalises and commits into the store:
+that is what the ratio measures. Then a second pull of the present image,
+in a namespace with no network. Prints JSON.
+
+    python bench/bench_acquire.py [--rounds 5] [--image debian-bookworm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from racker import export, images, store
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_registry(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    config = home / "config.yml"
+    storage = f"storage:\n  filesystem:\n    rootdirectory: {home / 'data'}\n"
+    config.write_text(f"version: 0.1\nlog:\n  level: error\n{storage}http:\n  addr: 127.0.0.1:{port}\n")
+    server = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
+                return server, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise SystemExit("docker-registry did not start")
+
+
+def by_hand(reference: str, work: Path) -> float:
+    """What a person would type: skopeo copy to an OCI layout, umoci unpack it."""
+    started = time.monotonic()
+    layout = work / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{reference}", f"oci:{layout}:x"], check=True)
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:x", str(work / "bundle")], check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def with_racker(reference: str, home: Path, *, offline: bool = False) -> float:
+    env = {**os.environ, "RACKER_HOME": str(home)}
+    argv = [sys.executable, "-m", "racker", "pull", f"docker://{reference}"]
+    if offline:
+        argv = ["unshare", "--net", *argv]
+    started = time.monotonic()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--image", default="debian-bookworm")
+    args = parser.parse_args()
+    image = images.pull(args.image)
+    # A workdir of the store: the store's filesystem for both sides, and gc leaves it alone meanwhile.
+    with store.workdir("bench-acquire") as scratch:
+        run(image, scratch, args.rounds)
+
+
+def run(image: store.StoredImage, scratch: Path, rounds: int) -> None:
+    server, registry = start_registry(scratch)
+    try:
+        reference = f"{registry}/library/debian:bookworm"
+        export.push(image, f"docker://{reference}")
+        hand, ours = [], []
+        for round_ in range(rounds + 1):  # round 0 warms the page cache for both sides
+            work, home = scratch / f"hand-{round_}", scratch / f"store-{round_}"
+            work.mkdir()
+            hand_s, ours_s = by_hand(reference, work), with_racker(reference, home)
+            if round_:
+                hand.append(hand_s)
+                ours.append(ours_s)
+            shutil.rmtree(work)
+        present = [with_racker(reference, scratch / f"store-{rounds}", offline=True) for _ in range(5)]
+        result = {
+            "benchmark": "racker pull docker:// (loopback registry) vs skopeo copy + umoci unpack",
+            "image": image.name,
+            "size_bytes": image.size,
+            "rounds": rounds,
+            "by_hand_median_s": round(statistics.median(hand), 3),
+            "racker_median_s": round(statistics.median(ours), 3),
+            "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+            "present_pull_median_s": round(statistics.median(present), 3),
+            "goal": {"ratio_max": 1.2, "present_pull_max_s": 0.2},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
