@@ -126,12 +126,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """podman's Docker-compatible API on a unix socket, with a storage of its own: yields DOCKER_HOST."""
+    import tempfile
     import time
 
     home = tmp_path_factory.mktemp("podman")
     socket_path = home / "podman.sock"
+    runroot = tempfile.mkdtemp(prefix="podman-", dir="/tmp")  # podman refuses a runroot over 50 characters
     # runc, not crun: crun refuses hosts with the hybrid cgroup layout (this one) to run a build's RUN steps.
-    argv = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"), "--storage-driver", "vfs", "--runtime", "runc"]
+    argv = ["podman", "--root", str(home / "root"), "--runroot", runroot, "--storage-driver", "vfs", "--runtime", "runc"]
     server = subprocess.Popen([*argv, "system", "service", "--time=0", f"unix://{socket_path}"], stderr=subprocess.PIPE)
     url = f"unix://{socket_path}"
     try:
@@ -151,6 +153,7 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         server.terminate()
         server.wait(10)
         subprocess.run([*argv, "system", "reset", "--force"], capture_output=True)
+        subprocess.run(["rm", "-rf", runroot], check=False)
 
 
 @pytest.fixture(scope="session")

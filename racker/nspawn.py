@@ -98,14 +98,16 @@ class Machine(machines.Guest):
             self.state.extra["cgroup"] = str(cgroup)
             machines.save(self.state)  # recorded before it is made
             cgroups.make(cgroup)
-        notify_path = self.rundir / "notify"
+        # An abstract socket (no file, no 108-byte path limit wherever RACKER_HOME is),
+        # named after this claim; sd_notify, which nspawn uses, takes "@name" for one.
+        notify_name = f"racker/{self.state.token}/notify"
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(str(notify_path))
+            notify.bind("\0" + notify_name)
             with open(self.console_log, "wb") as console:
                 self._child = proc.start(
                     nspawn_argv(rootfs, self.name),
-                    env={**nspawn_env(), "NOTIFY_SOCKET": str(notify_path)},
+                    env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
                     stderr=subprocess.STDOUT,
                     new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's

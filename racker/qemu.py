@@ -258,8 +258,10 @@ class VM(machines.Guest):
     # -- paths ---------------------------------------------------------------
 
     @property
-    def qmp_socket(self) -> Path:
-        return self.rundir / "qmp.sock"
+    def qmp_name(self) -> str:
+        """QMP's abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is."""
+        assert self.state is not None
+        return f"racker/{self.state.token}/qmp"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -326,7 +328,7 @@ class VM(machines.Guest):
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,path={self.qmp_name},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
             "-device", "virtio-blk-pci,drive=disk0" + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
@@ -379,11 +381,10 @@ class VM(machines.Guest):
         while time.monotonic() < deadline:
             if self._child.poll() is not None:
                 return False
-            if self.qmp_socket.exists():
-                # Refused or dropped (qemu.qmp's ConnectError) while QEMU starts or dies: look again.
-                with contextlib.suppress(Exception):
-                    self.qmp(["query-status"])
-                    return True
+            # Refused or dropped (qemu.qmp's ConnectError) while QEMU starts or dies: look again.
+            with contextlib.suppress(Exception):
+                self.qmp(["query-status"])
+                return True
             time.sleep(0.05)
         raise VMLaunchFailure(None, self.argv, "QEMU did not open its QMP socket")
 
@@ -394,7 +395,7 @@ class VM(machines.Guest):
         _quiet_library_logs()
 
         name = command if isinstance(command, str) else command[0]
-        monitor = QEMUMonitorProtocol(str(self.qmp_socket))
+        monitor = QEMUMonitorProtocol("\0" + self.qmp_name)
         try:
             monitor.connect(negotiate=True)
             monitor.settimeout(10)

@@ -154,3 +154,12 @@ def test_rmi_refuses_while_in_use(bookworm) -> None:
     assert refused.returncode == 125
     assert "in use" in refused.stderr
     assert images.find("debian-bookworm").rootfs.is_dir()
+
+
+def test_a_store_deep_in_the_filesystem_boots_machines(share_image, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A unix socket path has at most 108 bytes; RACKER_HOME may be far longer."""
+    deep = tmp_path / ("a-long-directory-name-" * 5) / "store"
+    monkeypatch.setenv("RACKER_HOME", str(deep))
+    share_image("debian-bookworm")
+    ran = racker("run", "--name", "a-rather-long-machine-name-too", "debian-bookworm", "--", "systemctl", "is-system-running", "--wait")
+    assert (ran.returncode, ran.stdout.strip()) == (0, "running"), ran.stderr

@@ -90,6 +90,16 @@ def test_a_hung_boot_times_out_with_the_console_tail(hang_disk: Path) -> None:
     _assert_nothing_left(vm.name)
 
 
+def test_qmp_works_however_deep_the_store_is(hang_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QMP's socket is abstract: a RACKER_HOME past the 108-byte limit of a socket path does not matter."""
+    monkeypatch.setenv("RACKER_HOME", str(tmp_path / ("a-long-directory-name-" * 5) / "store"))
+    vm = VM(hang_disk, name="a-rather-long-vm-name-too", boot_timeout=5, accelerator="tcg")
+    with pytest.raises(BootTimeout) as raised:
+        vm.start()
+    assert "racker-hang" in (raised.value.hint or ""), "QEMU ran and was stopped through QMP"
+    _assert_nothing_left(vm.name)
+
+
 def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
     vm = VM(hang_disk, boot_timeout=60, accelerator="tcg")
 
