@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -69,16 +68,10 @@ def share_image(private_store: dict[str, str]):
             image = images.pull(name)
             if prepared:
                 image = prepare.prepare(image)
-            ref = json.loads(store.ref_path(image.name).read_text())
         finally:
             os.environ["RACKER_HOME"] = private
-        target = store.image_dir(image.digest)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "-al", str(image.path), str(target)], check=True)
-        store.write_json(store.ref_path(image.name), ref)
-        found = store.lookup(image.name)
-        assert found is not None and found.digest == image.digest
+        found = store.link_from(SHARED_HOME, image.name)
+        assert found.digest == image.digest
         return found
 
     return share

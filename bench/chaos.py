@@ -124,15 +124,9 @@ def share(name: str, home: Path, *, prepared: bool = False, shared: Path = SHARE
         image = images.pull(name)
         if prepared:
             image = prepare.prepare(image)
-        ref = json.loads(store.ref_path(image.name).read_text())
     with racker_home(home):
-        target = store.image_dir(image.digest)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "-al", str(image.path), str(target)], check=True)
-        store.write_json(store.ref_path(image.name), ref)
-        found = store.lookup(image.name)
-    assert found is not None and found.digest == image.digest
+        found = store.link_from(Path(shared), image.name)
+    assert found.digest == image.digest
     return found
 
 
@@ -646,6 +640,9 @@ def _claim_names(home: str, prefix: str, count: int, barrier, wins) -> None:  # 
         with contextlib.suppress(NameTaken):
             machines.claim(state)
             wins.put(i)
+    # Stay alive until every process has tried the last name: a claimer that has
+    # exited is stale, and taking its name over is then right, not a double claim.
+    barrier.wait()
 
 
 def parallel_claims(lab: Lab, processes: int = 4, names: int = 200) -> dict:

@@ -624,6 +624,17 @@ HOSTILE_ENV = (
 HOSTILE_ARGS = ("$HOME", "${HOME}", "$$", "100%", "%n", ";", "\"q\" 'q'", "back\\slash\\", "new\nline", " spaced ", "")
 
 
+def _with_app_units(base: store.StoredImage, name: str, spec: app.AppSpec) -> store.StoredImage:
+    """`base` with the units promote --app writes for `spec`, enabled, committed as `name`."""
+    with store.workdir("test") as work:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
+        for rel, text in app.unit_files(spec).items():
+            prepare.write_file(rootfs, rel, text)
+        app.enable(rootfs)
+        return store.commit(name, rootfs, source="test:", recipe="-", manifest={})
+
+
 @pytest.mark.slow
 def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> None:
     """The unit promote writes, run by a real systemd (an nspawn machine, in a second)."""
@@ -632,13 +643,7 @@ def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> Non
     base = share_image("debian-bookworm")
     script = 'cat /proc/$$/environ >/run/app.environ.new; printf "%s\\0" "$0" "$@" >/run/app.argv; mv /run/app.environ.new /run/app.environ'
     spec = app.AppSpec(("/bin/sh", "-c", script, "app", *HOSTILE_ARGS), HOSTILE_ENV)
-    with store.workdir("test") as work:
-        rootfs = work / "rootfs"
-        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
-        for rel, text in app.unit_files(spec).items():
-            prepare.write_file(rootfs, rel, text)
-        app.enable(rootfs)
-        image = store.commit("app-env", rootfs, source="test:", recipe="-", manifest={})
+    image = _with_app_units(base, "app-env", spec)
     with Machine(image) as machine:
         wait = machine.run(["sh", "-c", "for i in $(seq 100); do [ -e /run/app.environ ] && exit 0; sleep 0.1; done; exit 1"])
         assert wait.returncode == 0, machine.run(["systemctl", "status", app.UNIT]).stdout
@@ -680,13 +685,7 @@ def test_a_failing_health_check_restarts_the_service_and_a_passing_one_does_not(
             "Healthcheck": {"Test": test, "Interval": 1_000_000_000, "Retries": 2},
         }
         spec = app.spec(store.StoredImage(name, "sha256:0", "", "", 0, manifest={"config": config}))
-        with store.workdir("test") as work:
-            rootfs = work / "rootfs"
-            subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
-            for rel, text in app.unit_files(spec).items():
-                prepare.write_file(rootfs, rel, text)
-            app.enable(rootfs)
-            image = store.commit(name, rootfs, source="test:", recipe="-", manifest={})
+        image = _with_app_units(base, name, spec)
         with Machine(image) as machine:
             machine.run(["sleep", "5"])
             shown = machine.run(["systemctl", "show", "-p", "KillSignal", "-p", "ActiveState", app.UNIT]).stdout

@@ -13,12 +13,9 @@ every file promote writes there replaces a link rather than writing through it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import secrets
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,13 +116,13 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
 
         result = Promoted(output, image, layout, fmt.name)
         if fmt.name == "raw":
-            with _atomic(output, work) as partial:
+            with store.output_file(work, output) as partial:
                 build_disk(partial, layout, tree, work)
                 verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"
             build_disk(raw, layout, tree, work)
-            with progress.step(f"writing {fmt.name}"), _atomic(output, work) as partial:
+            with progress.step(f"writing {fmt.name}"), store.output_file(work, output) as partial:
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
@@ -225,40 +222,13 @@ def build_firecracker(
         "vmlinux": output.with_name(output.name.removesuffix(".ext4") + ".vmlinux"),
         "initrd": output.with_name(output.name.removesuffix(".ext4") + ".initrd"),
     }
-    with progress.step("writing the root filesystem"), _atomic(output, work) as partial:
+    with progress.step("writing the root filesystem"), store.output_file(work, output) as partial:
         with open(partial, "wb") as handle:
             handle.truncate(rootfs_only.size)
         disk.make_root(partial, rootfs_only, tree)
         verify(partial)
-        with _atomic(extra["vmlinux"], work) as vmlinux:
+        with store.output_file(work, extra["vmlinux"]) as vmlinux:
             formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
-        with _atomic(extra["initrd"], work) as initrd:
+        with store.output_file(work, extra["initrd"]) as initrd:
             initrd.write_bytes((tree / kernel.initrd).read_bytes())
     return extra
-
-
-@contextlib.contextmanager
-def _atomic(path: Path, work: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, renamed onto it on success and removed otherwise.
-
-    The name is recorded in the workdir `work` before the file is made, so that
-    gc removes it if this process is killed (a cached disk's is found by its lock).
-    """
-    while True:
-        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-        store.record_output(work, partial)
-        try:
-            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield partial
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        raise
