@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-# The store racker's tests share (catalogue images built once, kept between runs);
-# tests that change a store use a private one (private_store) instead.
-SHARED_HOME = Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
+# The store racker's tests share (catalogue images built once, kept between runs): a
+# store of the tests' own, never a user's /var/lib/racker, so that the suite can run
+# beside a user's racker. Every racker the tests start inherits it. Tests that change
+# a store use a private one (private_store) instead.
+SHARED_HOME = Path(os.environ.get("RACKER_TEST_HOME", "/var/lib/racker-tests"))
+os.environ["RACKER_HOME"] = str(SHARED_HOME)
 
 ROOT = Path(__file__).resolve().parent
 CATALOG_IMAGES = ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
