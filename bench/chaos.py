@@ -777,7 +777,8 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("rounds_given", nargs="?", type=int, metavar="ROUNDS", help="how many rounds (default 12)")
+    parser.add_argument("--rounds", type=int, default=12, help="the same as ROUNDS")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed in the result)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
     parser.add_argument("--verify", choices=["quick", "full"], default="quick", help="full: run the killed operation again to completion")
@@ -813,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             parallel["claims"] = parallel_claims(lab)
             if tty:
                 print(f"parallel: {json.dumps({k: v['failures'] or 'ok' for k, v in parallel.items()})}", file=sys.stderr, flush=True)
-        plan = plan_rounds(args.rounds, ops, rng)
+        plan = plan_rounds(args.rounds_given or args.rounds, ops, rng)
         durations = {name: op.duration for name, op in OPS.items()}
         for number, (op, event, fraction) in enumerate(plan, 1):
             delay = kill_delay(OPS[op], event, fraction, durations[op])
