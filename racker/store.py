@@ -44,17 +44,20 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _lock_path(key: str) -> Path:
-    return _dir("locks") / f"{_safe(key)}.lock"
+def _lock_path(key: str, store_home: Path | None = None) -> Path:
+    directory = (store_home or home()) / "locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{_safe(key)}.lock"
 
 
 @contextlib.contextmanager
-def locked(key: str, *, shared: bool = False) -> Iterator[None]:
+def locked(key: str, *, shared: bool = False, store_home: Path | None = None) -> Iterator[None]:
     """A lock across processes, released when the holder exits, even by kill -9.
 
     Exclusive unless `shared`: any number of shared holders, or one exclusive.
+    `store_home`: another store's lock (default: this store's).
     """
-    with open(_lock_path(key), "a") as handle:
+    with open(_lock_path(key, store_home), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
@@ -422,6 +425,19 @@ def link_from(other_home: Path, name: str) -> StoredImage:
     ref = json.loads((other_home / "refs" / ref_path(name).name).read_text())
     source = other_home / "images" / image_dir(ref["digest"]).name
     target = image_dir(ref["digest"])
+    # As reading() does in this store: the other store's gc leaves the image alone meanwhile.
+    with locked(SWEEP_LOCK, shared=True, store_home=other_home):
+        _link_image(source, target)
+    write_json(ref_path(name), ref)
+    image = lookup(name)
+    if image is None:
+        raise StoreError(f"image {name!r} did not arrive from {other_home}")
+    return image
+
+
+def _link_image(source: Path, target: Path) -> None:
+    if not source.is_dir():
+        raise StoreError(f"{source} is gone from its store")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with workdir("link") as work:
@@ -429,11 +445,6 @@ def link_from(other_home: Path, name: str) -> StoredImage:
             proc.run(["cp", "-al", str(source), str(work / "image")], timeout=600)
             with contextlib.suppress(FileExistsError, OSError):
                 os.rename(work / "image", target)
-    write_json(ref_path(name), ref)
-    image = lookup(name)
-    if image is None:
-        raise StoreError(f"image {name!r} did not arrive from {other_home}")
-    return image
 
 
 def unreferenced(keep: set[str]) -> Iterator[Path]:

@@ -259,3 +259,19 @@ def test_each_name_keeps_its_own_manifest_when_content_is_shared(private_store: 
     assert app.digest == base.digest and app.path == base.path
     assert store.lookup("app").manifest["config"] == {"Cmd": ["x"]}  # type: ignore[union-attr]
     assert "config" not in store.lookup("base").manifest  # type: ignore[union-attr]
+
+
+def test_linking_from_another_store_waits_for_its_gc(private_store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_path / "other"
+    monkeypatch.setenv("RACKER_HOME", str(other))
+    source = commit_name("shared", "r1")
+    monkeypatch.setenv("RACKER_HOME", private_store["RACKER_HOME"])
+    with store.locked(store.SWEEP_LOCK, store_home=other):  # the other store's gc, sweeping
+        linker, linked = _in_thread(lambda: store.link_from(other, "name"))
+        _blocked_on(store._lock_path(store.SWEEP_LOCK, other))
+        assert not linked.is_set()
+    linker.join(10)
+    assert linked.is_set()
+    image = store.lookup("name")
+    assert image is not None and image.digest == source.digest and store.tree_digest(image.rootfs) == image.digest
+    assert os.stat(image.rootfs / "file").st_ino == os.stat(source.rootfs / "file").st_ino, "hard links, not copies"
