@@ -154,6 +154,6 @@ def _kill_processes_inside(path: Path) -> list[int]:
         except OSError:
             continue  # gone already, or a kernel thread
         inside = any(link == prefix or link.startswith(prefix + "/") for link in links) or prefix in cmdline
-        if inside and machines.kill_and_wait(pid, started, boot):
+        if inside and proc.kill_and_wait(pid, started, boot):
             killed.append(pid)
     return killed

@@ -11,9 +11,7 @@ import contextlib
 import json
 import os
 import re
-import signal
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,16 +22,6 @@ from racker.proc import Result
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 KINDS = {"nspawn": "machines", "qemu": "vms"}
-
-
-def kill_and_wait(pid: int, started: int, boot: str, timeout: float = 5) -> bool:
-    """SIGKILL the recorded process and wait for it to go; True if there was one to kill."""
-    if not proc.signal_process(pid, started, boot, signal.SIGKILL):
-        return False
-    deadline = time.monotonic() + timeout
-    while proc.alive(pid, started, boot) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return True
 
 
 # -- records ------------------------------------------------------------------
@@ -232,9 +220,9 @@ def reap(state: State) -> list[str]:
     """
     removed = []
     # The leader first: killing a pid namespace's init takes the whole machine down.
-    if kill_and_wait(state.leader, state.leader_start, state.boot_id):
+    if proc.kill_and_wait(state.leader, state.leader_start, state.boot_id):
         removed.append(f"killed {state.kind} machine {state.name} (pid {state.leader})")
-    if kill_and_wait(state.pid, state.pid_start, state.boot_id):
+    if proc.kill_and_wait(state.pid, state.pid_start, state.boot_id):
         removed.append(f"killed {state.kind} process of {state.name} (pid {state.pid})")
     cgroup = state.extra.get("cgroup")
     if cgroup:
@@ -263,7 +251,7 @@ def remove_propagate_dir(name: str) -> bool:
     try:
         os.rmdir(NSPAWN_PROPAGATE / check_name(name))
         return True
-    except (FileNotFoundError, OSError):
+    except OSError:  # gone already, or not empty: not ours to remove
         return False
 
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -71,20 +72,19 @@ def debug(message: str) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
-_prctl: Callable[..., int] | None = None
 
 
-def _resolve_prctl() -> Callable[..., int]:
+@functools.cache
+def _prctl() -> Callable[..., int]:
     """libc's prctl, loaded in the parent: never between fork and exec, where
     loading a library in a multi-threaded process (an xdist worker) can deadlock."""
-    global _prctl
-    if _prctl is None:
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return _prctl
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
-def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: str | None = None) -> Callable[[], None] | None:
-    """What a child does between fork and exec, with everything resolved here, in the parent.
+@contextlib.contextmanager
+def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: str | None = None) -> Iterator[Callable[[], None] | None]:
+    """What a child does between fork and exec (a preexec_fn, or None for nothing), with
+    everything resolved here, in the parent, for the length of the block that starts it.
 
     die_with_parent: the signal the child gets when racker dies, even by kill -9
     (strictly: when the thread that started it exits; racker starts children
@@ -92,8 +92,9 @@ def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: s
     child moves itself into before it runs, so its own children start there.
     """
     if die_with_parent is None and cgroup_procs is None:
-        return None
-    prctl = _resolve_prctl() if die_with_parent is not None else None
+        yield None
+        return
+    prctl = _prctl() if die_with_parent is not None else None
     parent = os.getpid()
     procs = os.open(cgroup_procs, os.O_WRONLY | os.O_CLOEXEC) if cgroup_procs else None
 
@@ -105,8 +106,11 @@ def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: s
             if os.getppid() != parent:  # racker died before prctl took effect
                 os.kill(os.getpid(), die_with_parent)  # type: ignore[arg-type]
 
-    setup.fd = procs  # type: ignore[attr-defined]  # closed by start() once the child runs
-    return setup
+    try:
+        yield setup
+    finally:
+        if procs is not None:
+            os.close(procs)
 
 
 def which(tool: str) -> str | None:
@@ -187,8 +191,7 @@ def start(
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
     debug(f"run: {shlex.join(argv)}")
-    setup = child_setup(die_with_parent=die_with_parent, cgroup_procs=cgroup_procs)
-    try:
+    with child_setup(die_with_parent=die_with_parent, cgroup_procs=cgroup_procs) as setup:
         return subprocess.Popen(
             argv,
             env=_environment(env),
@@ -200,9 +203,6 @@ def start(
             cwd=cwd,
             preexec_fn=setup,
         )
-    finally:
-        if setup is not None and setup.fd is not None:  # type: ignore[attr-defined]
-            os.close(setup.fd)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -327,10 +327,10 @@ def start_time(pid: int) -> int:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return 0
-    fields_ = stat.rsplit(")", 1)[1].split()
-    if fields_[0] in ("Z", "X"):
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
         return 0
-    return int(fields_[19])
+    return int(fields[19])
 
 
 def alive(pid: int, started: int, boot: str) -> bool:
@@ -359,3 +359,13 @@ def signal_process(pid: int, started: int, boot: str, signum: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def kill_and_wait(pid: int, started: int, boot: str, timeout: float = 5) -> bool:
+    """SIGKILL the recorded process and wait for it to go; True if there was one to kill."""
+    if not signal_process(pid, started, boot, signal.SIGKILL):
+        return False
+    deadline = time.monotonic() + timeout
+    while alive(pid, started, boot) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True

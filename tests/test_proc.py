@@ -18,7 +18,7 @@ from racker import errors, proc
 
 def test_nothing_is_loaded_between_fork_and_exec(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a library in the child of a multi-threaded process can deadlock: prctl is found in the parent."""
-    proc._resolve_prctl()
+    proc._prctl()
 
     def no_loading(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("ctypes.CDLL called in the child")
