@@ -350,12 +350,7 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
             os.rename(rootfs, staging / "rootfs")
             write_json(staging / "manifest.json", named)
             _dir("images")
-            try:
-                os.rename(staging, target)
-            except OSError as error:
-                # Another name committed the same content first: the image is there, ours goes with the workdir.
-                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
-                    raise
+            _into_place(staging, target)
         write_json(ref_path(name), {"digest": digest, "source": source, "recipe": recipe, "created": created, "manifest": named})
     image = lookup(name)
     assert image is not None
@@ -425,10 +420,11 @@ def link_from(other_home: Path, name: str) -> StoredImage:
     ref = json.loads((other_home / "refs" / ref_path(name).name).read_text())
     source = other_home / "images" / image_dir(ref["digest"]).name
     target = image_dir(ref["digest"])
-    # As reading() does in this store: the other store's gc leaves the image alone meanwhile.
-    with locked(SWEEP_LOCK, shared=True, store_home=other_home):
+    # Both stores' gc wait: the other's while its image is read (as reading() does),
+    # this one's until the name links the new image (as commit() does).
+    with locked(SWEEP_LOCK, shared=True, store_home=other_home), locked(SWEEP_LOCK, shared=True):
         _link_image(source, target)
-    write_json(ref_path(name), ref)
+        write_json(ref_path(name), ref)
     image = lookup(name)
     if image is None:
         raise StoreError(f"image {name!r} did not arrive from {other_home}")
@@ -443,8 +439,17 @@ def _link_image(source: Path, target: Path) -> None:
         with workdir("link") as work:
             # cp -al keeps directories' owners and modes (a rootfs has directories of other users).
             proc.run(["cp", "-al", str(source), str(work / "image")], timeout=600)
-            with contextlib.suppress(FileExistsError, OSError):
-                os.rename(work / "image", target)
+            _into_place(work / "image", target)
+
+
+def _into_place(staging: Path, target: Path) -> None:
+    """Rename a finished image directory onto its digest's path; fine if another
+    process put the same content there first (ours then goes with its workdir)."""
+    try:
+        os.rename(staging, target)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
+            raise
 
 
 def unreferenced(keep: set[str]) -> Iterator[Path]:

@@ -275,3 +275,17 @@ def test_linking_from_another_store_waits_for_its_gc(private_store: dict, tmp_pa
     image = store.lookup("name")
     assert image is not None and image.digest == source.digest and store.tree_digest(image.rootfs) == image.digest
     assert os.stat(image.rootfs / "file").st_ino == os.stat(source.rootfs / "file").st_ino, "hard links, not copies"
+
+
+def test_linking_waits_for_this_stores_gc_too(private_store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the name links it, a freshly linked image is unreferenced: this store's gc must not be sweeping."""
+    other = tmp_path / "other"
+    monkeypatch.setenv("RACKER_HOME", str(other))
+    commit_name("shared", "r1")
+    monkeypatch.setenv("RACKER_HOME", private_store["RACKER_HOME"])
+    with store.locked(store.SWEEP_LOCK):  # this store's gc, sweeping
+        linker, linked = _in_thread(lambda: store.link_from(other, "name"))
+        _blocked_on(store._lock_path(store.SWEEP_LOCK))
+        assert not linked.is_set() and store.lookup("name") is None
+    linker.join(10)
+    assert linked.is_set() and store.lookup("name") is not None
