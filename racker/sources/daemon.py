@@ -111,14 +111,9 @@ def export_image(engine, image, name: str, rootfs: Path) -> dict:  # type: ignor
     container = engine.containers.create(image.id, command=["/racker-never-started"], entrypoint=[])
     try:
         with progress.step(f"exporting {name} from the Docker engine"):
-            report = extract.extract(io.BufferedReader(ChunkReader(container.export()), 1 << 20), rootfs, name=f"the export of {name}")
+            extract.extract(io.BufferedReader(ChunkReader(container.export()), 1 << 20), rootfs, name=f"the export of {name}")
     finally:
         container.remove(force=True)
-    if report.skipped_devices or report.cleared_setid:
-        progress.warn(
-            f"{name}: skipped {len(report.skipped_devices)} device node(s), "
-            f"cleared set-uid/set-gid on {len(report.cleared_setid)} file(s) outside the system directories"
-        )
     return kept_config(image.attrs.get("Config") or {})
 
 

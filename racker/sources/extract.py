@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from racker import store
+from racker import progress, store
 from racker.errors import BadArchive
 
 # Where set-uid/set-gid programs live in the distributions racker boots.
@@ -146,6 +146,11 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, name: str
                     raise BadArchive(f"{name}: cannot unpack {member.name!r}: {error.strerror or error}") from None
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
         raise BadArchive(f"{name} is not a readable tar archive: {error}") from None
+    if report.skipped_devices or report.cleared_setid:  # contained, not refused: said once, everywhere
+        progress.warn(
+            f"{name}: skipped {len(report.skipped_devices)} device node(s), "
+            f"cleared set-uid/set-gid on {len(report.cleared_setid)} file(s) outside the system directories"
+        )
     return report
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from racker import proc, progress
+from racker import proc
 from racker.errors import BadArchive
 from racker.sources import extract
 
@@ -55,10 +55,4 @@ def unpack(path: Path, rootfs: Path) -> extract.Report:
     """The root filesystem at `path` (a directory or a tarball) into the empty directory `rootfs`."""
     rootfs.mkdir()
     with tar_stream(path) as stream:
-        report = extract.extract(stream, rootfs, name=str(path))
-    if report.skipped_devices or report.cleared_setid:
-        progress.warn(
-            f"{path}: skipped {len(report.skipped_devices)} device node(s), "
-            f"cleared set-uid/set-gid on {len(report.cleared_setid)} file(s) outside the system directories"
-        )
-    return report
+        return extract.extract(stream, rootfs, name=str(path))
