@@ -90,13 +90,17 @@ def parse(text: str) -> Reference:
 
 def absolute_path(target: str, *, tagged: bool) -> str:
     """A file or directory target made absolute, so that a stored name means one thing wherever it is typed.
-    `tagged`: an OCI layout's `DIR:TAG`, whose tag has no '/'."""
+    `tagged`: an OCI layout's `DIR[:TAG]`."""
     import os
 
-    path, tag = target, ""
-    if tagged and ":" in target and "/" not in target.rsplit(":", 1)[1]:
-        path, tag = target.rsplit(":", 1)
+    path, tag = layout_and_tag(target) if tagged else (target, "")
     return os.path.abspath(os.path.expanduser(path)) + (f":{tag}" if tag else "")
+
+
+def layout_and_tag(target: str) -> tuple[str, str]:
+    """An OCI layout's `DIR[:TAG]` as (DIR, TAG or ""): a tag has no '/'."""
+    path, sep, tag = target.rpartition(":")
+    return (path, tag) if sep and path and "/" not in tag else (target, "")
 
 
 def normalise_docker(target: str, text: str) -> str:

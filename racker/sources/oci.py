@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from racker import proc, progress, store
+from racker import proc, progress, refs, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, ToolFailed
 from racker.refs import Reference
@@ -108,8 +108,7 @@ def local_path(ref: Reference) -> Path | None:
     if ref.scheme in ("oci-archive", "docker-archive"):
         return Path(ref.target)
     if ref.scheme == "oci":
-        directory, _, tag = ref.target.rpartition(":")
-        return Path(directory if directory and "/" not in tag else ref.target)
+        return Path(refs.layout_and_tag(ref.target)[0])
     return None
 
 
