@@ -18,9 +18,15 @@ class Recipe:
     update: tuple[str, ...]
     install: tuple[str, ...]
     query: tuple[str, ...]  # + package: exit 0 when installed
+    available: tuple[str, ...] = ()  # + package: exit 0 when the archive has it
     env: dict[str, str] = field(default_factory=dict)
     base_package: str = ""  # always installed; proves the package database works
     clean: tuple[str, ...] = ()
+    binary: str = ""  # the program that must exist in the image for this recipe to apply
+    # False until racker has prepared an image with it against a real mirror:
+    # the rows are written from the distributions' documentation, not yet run here.
+    verified: bool = False
+    quirks: tuple[str, ...] = ()  # what differs from apt, for whoever verifies the row
 
 
 RECIPES: dict[str, Recipe] = {
@@ -29,46 +35,108 @@ RECIPES: dict[str, Recipe] = {
         update=("apt-get", "update", "-q"),
         install=("apt-get", "install", "-y", "-q", "--no-install-recommends"),
         query=("dpkg", "-s"),
+        available=("apt-cache", "show"),
         env={"DEBIAN_FRONTEND": "noninteractive"},
         base_package="base-files",
         clean=("apt-get", "clean"),
+        binary="usr/bin/apt-get",
+        verified=True,  # Debian bullseye to sid, and Debian's Docker images, in CI
+        quirks=("Docker's Debian images ship /etc/apt/apt.conf.d/docker-clean and no apt lists: update first",),
     ),
     "dnf": Recipe(
         "dnf",
         update=("dnf", "makecache", "-q"),
-        install=("dnf", "install", "-y", "-q"),
+        install=("dnf", "install", "-y", "-q", "--setopt=install_weak_deps=False"),
         query=("rpm", "-q"),
+        available=("dnf", "info", "-q"),
         base_package="setup",
         clean=("dnf", "clean", "all"),
+        binary="usr/bin/dnf",
+        quirks=(
+            "Fedora's container images set tsflags=nodocs in /etc/dnf/dnf.conf",
+            "the sshd unit is sshd.service, not ssh.service",
+        ),
+    ),
+    "microdnf": Recipe(
+        "microdnf",
+        update=("microdnf", "makecache"),
+        install=("microdnf", "install", "-y", "--setopt=install_weak_deps=0", "--nodocs"),
+        query=("rpm", "-q"),
+        base_package="setup",
+        clean=("microdnf", "clean", "all"),
+        binary="usr/bin/microdnf",
+        quirks=("UBI minimal images have microdnf only; UBI repositories lack some packages without a subscription",),
+    ),
+    "yum": Recipe(
+        "yum",
+        update=("yum", "makecache", "-q"),
+        install=("yum", "install", "-y", "-q"),
+        query=("rpm", "-q"),
+        available=("yum", "info", "-q"),
+        base_package="setup",
+        clean=("yum", "clean", "all"),
+        binary="usr/bin/yum",
+        quirks=("CentOS 7 and older: the image's fakesystemd conflicts with systemd and must be swapped out",),
+    ),
+    "zypper": Recipe(
+        "zypper",
+        update=("zypper", "--non-interactive", "refresh"),
+        install=("zypper", "--non-interactive", "install", "--no-recommends"),
+        query=("rpm", "-q"),
+        available=("zypper", "--non-interactive", "info"),
+        base_package="filesystem",
+        clean=("zypper", "clean", "--all"),
+        binary="usr/bin/zypper",
+        quirks=(
+            "`zypper info` exits 0 for a missing package: read its output, not its status",
+            "openSUSE's D-Bus package is dbus-1",
+        ),
     ),
     "apk": Recipe(
         "apk",
         update=("apk", "update", "-q"),
         install=("apk", "add", "-q"),
         query=("apk", "info", "-e"),
+        available=("apk", "search", "-e"),
         base_package="alpine-baselayout",
+        binary="sbin/apk",
+        quirks=(
+            "Alpine's init is OpenRC, not systemd: the machine boots /sbin/init and never sends READY=1",
+            'OpenRC in a container needs rc_sys="lxc" (or "docker") in /etc/rc.conf',
+        ),
     ),
     "pacman": Recipe(
         "pacman",
         update=("pacman", "-Sy", "--noconfirm"),
         install=("pacman", "-S", "--noconfirm", "--needed"),
         query=("pacman", "-Q"),
+        available=("pacman", "-Si"),
         base_package="filesystem",
         clean=("pacman", "-Scc", "--noconfirm"),
+        binary="usr/bin/pacman",
+        quirks=(
+            "Arch's Docker image disables pacman's sandbox and has an empty keyring until pacman-key --init",
+            "the sshd unit is sshd.service",
+        ),
     ),
 }
 
-# os-release ID (or an ID_LIKE word) -> package manager
-FAMILIES = {
-    "debian": "apt",
-    "ubuntu": "apt",
-    "fedora": "dnf",
-    "rhel": "dnf",
-    "centos": "dnf",
-    "rocky": "dnf",
-    "almalinux": "dnf",
-    "alpine": "apk",
-    "arch": "pacman",
+# os-release ID (or an ID_LIKE word) -> package managers to try, in order: the
+# first whose program the image has (UBI minimal has microdnf, CentOS 7 yum).
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "debian": ("apt",),
+    "ubuntu": ("apt",),
+    "fedora": ("dnf", "microdnf", "yum"),
+    "rhel": ("dnf", "microdnf", "yum"),
+    "centos": ("dnf", "yum", "microdnf"),
+    "rocky": ("dnf", "microdnf"),
+    "almalinux": ("dnf", "microdnf"),
+    "amzn": ("dnf", "yum"),
+    "opensuse": ("zypper",),
+    "suse": ("zypper",),
+    "sles": ("zypper",),
+    "alpine": ("apk",),
+    "arch": ("pacman",),
 }
 
 
@@ -119,7 +187,9 @@ def detect(rootfs: Path) -> Distro:
             break
     info = parse_os_release(text)
     words = [info.get("ID", ""), *info.get("ID_LIKE", "").split()]
-    manager = next((FAMILIES[w] for w in words if w in FAMILIES), None)
+    managers = next((FAMILIES[w] for w in words if w in FAMILIES), ())
+    # The family's first manager whose program is there; the first at all if none is (a broken image).
+    manager = next((m for m in managers if _inside(rootfs, RECIPES[m].binary).exists()), managers[0] if managers else None)
     init = _inside(rootfs, "sbin/init")
     has_systemd = (init.exists() and "systemd" in init.name) or any(
         _inside(rootfs, p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
