@@ -58,10 +58,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in results if c.required) else 1
 
 
+def _pull_options(args: argparse.Namespace) -> dict:
+    """images.pull's keywords from --platform and --insecure (add_pull_options)."""
+    from racker import platforms
+
+    return {"platform": platforms.parse(args.platform) if args.platform else None, "insecure": args.insecure}
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from racker import images
 
-    image = images.pull(args.image, force=args.force)
+    image = images.pull(args.image, force=args.force, **_pull_options(args))
     print(f"{image.name} {image.digest}")
     return 0
 
@@ -92,15 +99,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _foreign_platform(image: store.StoredImage) -> str:
+    """The platform a pulled image records, if it is not the host's ("" for the host's or none)."""
+    from racker import platforms
+
+    recorded = (image.manifest.get("oci") or {}).get("platform") or ""
+    return recorded if recorded != str(platforms.host()) else ""
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     listed = store.images()
     if args.json:
-        _print_json([i.as_json() for i in listed])
+        _print_json([dict(i.as_json(), platform=(i.manifest.get("oci") or {}).get("platform", "")) for i in listed])
         return 0
-    _table(
-        [[i.name, i.short_digest, _human_size(i.size), i.created, i.source] for i in listed],
-        ["NAME", "DIGEST", "SIZE", "CREATED", "SOURCE"],
-    )
+    rows = [[i.name, i.short_digest, _human_size(i.size), i.created, i.source] for i in listed]
+    header = ["NAME", "DIGEST", "SIZE", "CREATED", "SOURCE"]
+    foreign = [_foreign_platform(i) for i in listed]
+    if any(foreign):  # a column only when some image is not for this host
+        rows = [[*row, platform] for row, platform in zip(rows, foreign, strict=True)]
+        header.append("PLATFORM")
+    _table(rows, header)
     return 0
 
 
@@ -118,11 +136,11 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bootable(reference: str) -> store.StoredImage:
+def _bootable(reference: str, args: argparse.Namespace) -> store.StoredImage:
     """The image to boot for `reference`: pulled if missing, and given an init first if it has none."""
     from racker import images, prepare
 
-    return prepare.bootable(images.pull(reference))
+    return prepare.bootable(images.pull(reference, **_pull_options(args)))
 
 
 def _login_shell(machine: object) -> list[str]:
@@ -139,8 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_boot:
         from racker import images, nspawn
 
-        return nspawn.run_unbooted(images.pull(args.image), args.command, tty=args.tty)
-    image = _bootable(args.image)
+        return nspawn.run_unbooted(images.pull(args.image, **_pull_options(args)), args.command, tty=args.tty)
+    image = _bootable(args.image, args)
     with Machine(image, args.name, boot_timeout=args.timeout) as machine:
         command = args.command or _login_shell(machine)
         return machine.interact(command, tty=args.tty)
@@ -149,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
-    image = _bootable(args.image)
+    image = _bootable(args.image, args)
     machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True)
     with progress.step(f"booting {machine.name}"):
         machine.start()
@@ -176,7 +194,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if state is not None and not machines.is_stale(state):
         machine = Machine.attach(args.name)
         return machine.interact(_login_shell(machine))
-    image = _bootable(args.name)
+    image = _bootable(args.name, args)
     with Machine(image, boot_timeout=args.timeout) as machine:
         return machine.interact(_login_shell(machine))
 
@@ -212,13 +230,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from racker import images
 
-    for name in args.images:  # build first, with progress, and fail early on a bad name
-        images.pull(name)
+    # Build first, with progress, and fail early on a bad name; the checks take the stored names
+    # (a platform's included), which need no network and no --insecure again.
+    names = [images.pull(name, **_pull_options(args)).name for name in args.images]
     with tempfile.TemporaryDirectory(prefix="racker-check-") as tmp:
         results = os.path.join(tmp, "results.jsonl")
         argv = [
             "--pyargs", "racker.checks",
-            f"--racker-images={','.join(args.images)}",
+            f"--racker-images={','.join(names)}",
             f"--racker-engines={args.engine}",
             f"--racker-results={args.results or results}",
             "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
@@ -260,6 +279,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
 VM_VERBS = ("promote", "vm")
 
 
+def add_pull_options(p: argparse.ArgumentParser) -> None:
+    """--platform and --insecure, for every command that may pull its image."""
+    p.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="the image of a multi-arch index to pull, e.g. linux/arm64 (default: the host's)"
+    )
+    p.add_argument("--insecure", action="store_true", help="let this pull's registry answer plain HTTP or unverified TLS")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; the promote and vm commands only when argv may use them.
 
@@ -284,6 +311,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+    add_pull_options(p)
 
     p = verb("import", cmd_import, "store a root filesystem (a directory or a tarball) made by another tool")
     p.add_argument("name")
@@ -317,12 +345,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="run the command (default: the image's ENTRYPOINT and CMD) directly, as docker run does, without booting an init",
     )
+    add_pull_options(p)
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(command_follows=("image", "the image", "racker run [OPTIONS] IMAGE [-- COMMAND ...]"))
 
     p = verb("start", cmd_start, "boot an image and leave it running")
     p.add_argument("image")
+    add_pull_options(p)
     p.add_argument("--name")
     p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
 
@@ -335,6 +365,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("shell", cmd_shell, "a login shell in a machine (booted from the image of that name if none runs)")
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=boot_timeout)
+    add_pull_options(p)
 
     p = verb("ps", cmd_ps, "list running machines")
     p.add_argument("--json", action="store_true")
@@ -346,6 +377,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("check", cmd_check, "boot images and run the built-in compatibility checks")
     p.add_argument("images", nargs="+")
     p.add_argument("--engine", default="nspawn")
+    add_pull_options(p)
     p.add_argument("-n", "--workers", help="parallel pytest workers (pytest-xdist), e.g. auto")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
     p.add_argument("--results", metavar="FILE", help="also keep the JSON-lines results")

@@ -10,8 +10,9 @@ from pathlib import Path
 from racker import catalog, distros, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, StoreError, UnknownImage
+from racker.platforms import Platform
 from racker.refs import PREPARED, Reference, parse
-from racker.sources import recipe_for, source_for
+from racker.sources import insecure_pull, recipe_for, source_for
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,28 @@ class Resolved:
     entry: CatalogEntry | None = None
 
 
-def resolve(text: str) -> Resolved:
-    """The store name and source of what a user typed.
+def resolve(text: str, platform: Platform | None = None) -> Resolved:
+    """The store name and source of what a user typed, for `platform` if given (--platform).
 
     Every name the store lists resolves to itself: catalogue names, NAME+vm,
-    scheme names (bootstrap:debian/bookworm) and names made here.
+    scheme names (bootstrap:debian/bookworm), docker names with their platform
+    (docker://debian:bookworm@linux-arm64) and names made here. A platform other
+    than the host's is part of the name, so that two platforms of one image are
+    two stored images, never served for each other.
     """
+    resolved = _resolve(text)
+    if platform is None:
+        return resolved
+    ref = resolved.source
+    if ref is None or resolved.entry is not None:
+        raise BadReference(f"a platform can only be chosen for docker:// images, not {resolved.name}")
+    chosen = ref.for_platform(platform)
+    if ref.platform is not None and ref.platform != chosen.platform:
+        raise BadReference(f"{ref} names the platform {ref.platform}, not {platform}")
+    return Resolved(str(chosen), chosen)
+
+
+def _resolve(text: str) -> Resolved:
     try:
         ref = parse(text)
     except BadReference:
@@ -59,17 +76,19 @@ def find(text: str) -> store.StoredImage:
     return image
 
 
-def pull(text: str, *, force: bool = False) -> store.StoredImage:
+def pull(text: str, *, force: bool = False, platform: Platform | None = None, insecure: bool = False) -> store.StoredImage:
     """The stored image for `text`, built first if missing, stale or forced.
 
+    `platform`: which image of a multi-arch index (default: the host's).
+    `insecure`: this pull's registry may answer plain HTTP or unverified TLS.
     Any number of processes may pull the same image at once: the lock makes
     exactly one build it and the others find it done.
     """
-    if not force:
+    if not force and platform is None:
         present = _present_catalog_image(text)
         if present is not None:
             return present
-    resolved = resolve(text)
+    resolved = resolve(text, platform)
     name, ref, entry = resolved.name, resolved.source, resolved.entry
     if ref is None:
         return _made_here(name, force=force)
@@ -82,7 +101,7 @@ def pull(text: str, *, force: bool = False) -> store.StoredImage:
         if image is not None and image.recipe == recipe and not force:
             return image
         acquire = source_for(ref)
-        with progress.step(f"pulling {name}"), store.workdir("pull") as work:
+        with progress.step(f"pulling {name}"), store.workdir("pull") as work, insecure_pull(insecure):
             rootfs = work / "rootfs"
             fields = acquire(ref, entry, rootfs)
             normalise(rootfs)

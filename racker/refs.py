@@ -3,6 +3,7 @@
 debian-bookworm                      a catalogue name
 bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
 docker://debian:bookworm-slim        a registry image (skopeo + umoci)
+docker://debian:bookworm@linux-arm64 the same, for another platform than the host's (pull --platform)
 docker-daemon:myimage:tag            exported from a Docker engine
 oci:DIR[:TAG], oci-archive:FILE      an OCI image layout or archive; docker-archive:FILE (`docker save`)
 containers-storage:NAME              an image podman or buildah built
@@ -18,7 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from racker import platforms
 from racker.errors import BadReference
+from racker.platforms import Platform
 
 # The suffix of an image prepared to boot as a VM: `racker promote X` and `racker vm start X` make X+vm.
 PREPARED = "+vm"
@@ -46,6 +49,7 @@ class Reference:
     scheme: str  # "catalog" for a catalogue name, else one of SCHEMES
     target: str
     prepared: bool = False  # the image prepared from this one (NAME+vm), made here, never pulled
+    platform: Platform | None = None  # docker:// only: chosen from a multi-arch index; None is the host's
 
     def __str__(self) -> str:
         if self.scheme == "catalog":
@@ -54,7 +58,17 @@ class Reference:
             text = f"{self.scheme}://{self.target}"
         else:
             text = f"{self.scheme}:{self.target}"
+        if self.platform is not None:
+            text += f"@{self.platform.tag}"
         return text + PREPARED if self.prepared else text
+
+    def for_platform(self, platform: Platform | None) -> Reference:
+        """This reference for `platform` (None or the host's: the host's), refused where no index can hold one."""
+        if platform is None or platform == platforms.host():
+            return replace(self, platform=None)
+        if self.scheme != "docker":
+            raise BadReference(f"a platform can only be chosen for docker:// images, not {self}")
+        return replace(self, platform=platform)
 
 
 def parse(text: str) -> Reference:
@@ -81,11 +95,22 @@ def parse(text: str) -> Reference:
         raise BadReference(f"{text!r} names nothing after {scheme}:")
     if scheme == "bootstrap" and not _SUITE.match(target):
         raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
+    platform = None
     if scheme == "docker":
+        target, platform = split_platform(target)
         target = normalise_docker(target, text)
     if scheme in ("oci", "oci-archive", "docker-archive"):
         target = absolute_path(target, tagged=scheme == "oci")
-    return Reference(scheme, target)
+    return Reference(scheme, target).for_platform(platform)
+
+
+def split_platform(target: str) -> tuple[str, Platform | None]:
+    """A docker target's trailing @OS-ARCH[-VARIANT] (a store name's platform), apart from the target.
+    An @sha256:… digest is no platform."""
+    rest, sep, tag = target.rpartition("@")
+    if not sep or tag.startswith("sha256:"):
+        return target, None
+    return rest, platforms.from_tag(tag)
 
 
 def absolute_path(target: str, *, tagged: bool) -> str:

@@ -2,12 +2,17 @@
 
 Each module has `acquire(ref, entry, rootfs) -> dict`: it fills the empty
 directory `rootfs` with the image's root filesystem and returns manifest fields.
+
+What holds for one pull only (--insecure) is set around its acquire with
+`insecure_pull()`, never in the environment, so it cannot reach another pull.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from racker.catalog import CatalogEntry
@@ -42,3 +47,23 @@ def recipe_for(ref: Reference) -> str:
         return str(ref)
     recipe = getattr(importlib.import_module(module_name), "recipe", None)
     return recipe(ref) if recipe is not None else str(ref)
+
+
+# --insecure: the registry of the pull in progress (and its configured mirrors) may answer plain
+# HTTP or with a certificate nobody verified. Read by the sources that reach registries.
+_INSECURE: ContextVar[bool] = ContextVar("racker_insecure_pull", default=False)
+
+
+@contextlib.contextmanager
+def insecure_pull(allowed: bool) -> Iterator[None]:
+    """Inside the block, the pull may skip TLS verification if `allowed`; afterwards, as before."""
+    token = _INSECURE.set(allowed)
+    try:
+        yield
+    finally:
+        _INSECURE.reset(token)
+
+
+def insecure() -> bool:
+    """Whether the pull in progress was asked for with --insecure."""
+    return _INSECURE.get()

@@ -22,7 +22,7 @@ from racker import proc, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError
 from racker.refs import Reference
-from racker.sources import daemon, oci
+from racker.sources import daemon, insecure, oci
 
 TAIL_LINES = 15
 
@@ -71,6 +71,8 @@ def buildah_argv(*words: str) -> list[str]:
 def _with_buildah(context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path) -> dict:
     tag = f"localhost/racker-build-{os.urandom(6).hex()}"
     argv = ["build", "--isolation", "chroot", "--format", "docker", "--file", str(dockerfile), "--tag", tag]
+    if insecure():
+        argv.append("--tls-verify=false")  # --insecure: the base images' registries too
     for key, value in build_args.items():
         argv += ["--build-arg", f"{key}={value}"]
     if stage:

@@ -9,7 +9,14 @@ manifest against a pinned @digest. The manifest's digest and the image
 configuration (Entrypoint, Cmd, Env, …) go into the store's manifest.
 
 Registries answer over HTTPS; plain HTTP (or a certificate not verified) only
-for a registry on loopback, or with RACKER_INSECURE_REGISTRIES=host[:port],….
+for a registry on loopback, with RACKER_INSECURE_REGISTRIES=host[:port],…, or
+for the one pull asked for with --insecure (sources.insecure_pull()).
+
+A multi-arch index resolves to the host's platform, or to the reference's
+(`racker pull --platform linux/arm64` pulls docker://…@linux-arm64): skopeo's
+--override-os/--override-arch/--override-variant choose it. The platform the
+image's config declares is recorded as oci.platform; a platform the index lacks
+is one error naming those it has.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import json
 import os
 from pathlib import Path
 
-from racker import proc, progress, refs, store
+from racker import platforms, proc, progress, refs, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, ToolFailed
+from racker.platforms import Platform
 from racker.refs import Reference
-from racker.sources import registries
+from racker.sources import insecure, registries
 
 
 def registry_host(ref: Reference) -> str:
@@ -43,8 +51,9 @@ def is_loopback(host: str) -> bool:
 
 
 def tls_verify(host: str) -> bool:
-    insecure = {h.strip() for h in os.environ.get("RACKER_INSECURE_REGISTRIES", "").split(",") if h.strip()}
-    return not (is_loopback(host) or host in insecure)
+    """Whether `host` must answer HTTPS with a verified certificate (a pull asked with --insecure: no)."""
+    listed = {h.strip() for h in os.environ.get("RACKER_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    return not (insecure() or is_loopback(host) or host in listed)
 
 
 def auth_options() -> list[str]:
@@ -88,10 +97,23 @@ def _blob(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / hexdigest).read_bytes()
 
 
-def copy_argv(source: str, layout: Path, tag: str, *, verify: bool = True) -> list[str]:
+def copy_argv(source: str, layout: Path, tag: str, *, verify: bool = True, platform: Platform | None = None) -> list[str]:
     return [
-        "skopeo", "copy", "--quiet", *auth_options(), f"--src-tls-verify={str(verify).lower()}", source, f"oci:{layout}:{tag}",
+        "skopeo", *(platform.skopeo_options() if platform else []),
+        "copy", "--quiet", *auth_options(), f"--src-tls-verify={str(verify).lower()}", source, f"oci:{layout}:{tag}",
     ]  # fmt: skip
+
+
+def index_platforms(source: str, verify: bool) -> list[Platform]:
+    """The platforms a multi-arch index lists (none for a single image, or if it cannot be read)."""
+    argv = ["skopeo", "inspect", "--raw", *auth_options(), f"--tls-verify={str(verify).lower()}", source]
+    result = proc.run(argv, timeout=300, check=False)
+    try:
+        index = json.loads(result.stdout) if result.succeeded else {}
+    except json.JSONDecodeError:
+        return []
+    found = (platforms.of_config(m.get("platform") or {}) for m in index.get("manifests", []) if isinstance(m, dict))
+    return sorted({p for p in found if p is not None})
 
 
 def sources(ref: Reference) -> list[tuple[str, bool]]:
@@ -137,13 +159,17 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     for source, verify in sources(ref):
         with progress.step(f"copying {source} with skopeo"):
             try:
-                proc.run(copy_argv(source, layout, tag, verify=verify), timeout=3600)
+                proc.run(copy_argv(source, layout, tag, verify=verify, platform=ref.platform), timeout=3600)
                 break
             except ToolFailed as failed:
-                failures.append(f"{source}: {_skopeo_reason(failed.stderr)}")
+                failures.append(f"{source}: {_failure(source, verify, ref.platform, failed.stderr)}")
     else:
         raise BadReference(f"cannot pull {ref}: " + "; ".join(failures))
     digest, config = read_layout(layout, tag)
+    got = platforms.of_config(config)
+    if ref.platform is not None and not _serves(got, ref.platform):
+        # A single image, not an index: skopeo copies it whatever its platform.
+        raise BadReference(f"cannot pull {ref}: {source} is a {got or 'platform-less'} image, not {ref.platform}")
     unpack(layout, tag, rootfs)
     return {
         "oci": {
@@ -151,9 +177,38 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
             "pulled_from": source.removeprefix("docker://"),
             "manifest_digest": digest,
             "architecture": config.get("architecture", ""),
+            "platform": str(got or ""),
         },
         "config": config.get("config") or {},
     }
+
+
+def _serves(got: Platform | None, wanted: Platform) -> bool:
+    """Whether an image of platform `got` is the one asked for; a config without a variant serves any."""
+    return got is not None and (got.os, got.architecture) == (wanted.os, wanted.architecture) and got.variant in ("", wanted.variant)
+
+
+# What skopeo says when a registry needs --insecure, and the line racker says instead.
+_NEEDS_INSECURE = {
+    "server gave HTTP response to HTTPS client": "{host} answers plain HTTP, not HTTPS",
+    "x509: ": "{host}'s TLS certificate is not trusted",
+    "tls: failed to verify certificate": "{host}'s TLS certificate is not trusted",
+}
+_NO_PLATFORM = ("no image found in manifest list", "no image found in image index")
+
+
+def _failure(source: str, verify: bool, platform: Platform | None, stderr: str) -> str:
+    """Why skopeo could not copy `source`, in one line that says what to do."""
+    reason = _skopeo_reason(stderr)
+    if any(marker in reason for marker in _NO_PLATFORM):
+        wanted = platform or platforms.host()
+        listed = ", ".join(str(p) for p in index_platforms(source, verify)) or "other platforms"
+        return f"no {wanted} image in its index, which has {listed} (choose one with --platform)"
+    host = source.removeprefix("docker://").split("/", 1)[0]
+    for marker, said in _NEEDS_INSECURE.items():
+        if verify and marker in reason:
+            return said.format(host=host) + " (if you trust it, pull with --insecure)"
+    return reason
 
 
 def _skopeo_reason(stderr: str) -> str:
