@@ -33,8 +33,16 @@ def leftovers() -> dict:
         "veths": sorted(name for name in links if name.startswith(network.HOST_IF_PREFIX)),
         "bridge": network.BRIDGE in links,
         "table": f"table ip {network.TABLE}" in proc.run(["nft", "list", "tables"]).stdout,
-        "claims": sorted(os.listdir(network.claims_dir())),
+        # A claim is its address and the claim's token: an address reclaimed by another machine is a new claim.
+        "claims": sorted(f"{path.name}={claim_token(path)}" for path in network.claims_dir().iterdir()),
     }
+
+
+def claim_token(path) -> str:  # type: ignore[no-untyped-def]
+    try:
+        return json.loads(path.read_text())["token"]
+    except (OSError, ValueError, KeyError):
+        return "?"
 
 
 def assert_nothing_left(before: dict) -> None:
@@ -98,7 +106,7 @@ def test_sigkill_of_racker_and_nspawn_then_gc_leaves_nothing(share_image, privat
         assert state is not None, owner.stderr.read().decode() if owner.poll() is not None else "no machine came up"
         lease = state.extra["network"]
         running = leftovers()
-        assert lease["host_if"] in running["veths"] and lease["address"] in running["claims"]
+        assert lease["host_if"] in running["veths"] and f"{lease['address']}={state.token}" in running["claims"]
         assert running["bridge"] and running["table"]
         assert listeners(port) == ["127.0.0.1"]
         os.kill(state.pid, signal.SIGKILL)  # nspawn first: killed, it cannot shut the machine down
@@ -172,6 +180,7 @@ def test_nat_gives_eth0_an_address_a_default_route_dns_and_the_archive(nat_machi
     bridge = json.loads(proc.run(["ip", "-j", "-4", "address", "show", "dev", network.BRIDGE]).stdout)[0]["addr_info"][0]["local"]
     routes = machine.run_expect([0], ["ip", "route"]).stdout
     assert f"default via {bridge} dev eth0" in routes
+    assert machine.run_expect([0], ["cat", "/etc/resolv.conf"]).stdout == network.resolv_conf()
     listed = {m["name"]: m for m in json.loads(racker("ps", "--json").stdout)}
     assert listed[machine.name]["address"] == address and listed[machine.name]["network"] == "nat"
     updated = machine.run(["apt-get", "update"], timeout=300)
