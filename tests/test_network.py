@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, racker
+from conftest import ROOT, free_port, racker
 from racker import images, machines, network, prepare, proc
 from racker.nspawn import Machine
 
@@ -206,3 +206,14 @@ def test_publish_reaches_the_guest_on_the_hosts_loopback_only(nat_machine) -> No
     assert listeners(port) == ["127.0.0.1"]
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host_address(), port), timeout=5):
         pass
+
+
+def test_plugin_boots_its_machines_with_racker_network(share_image, private_store, tmp_path) -> None:
+    share_image("debian-bookworm")
+    (tmp_path / "test_eth0.py").write_text(
+        "def test_eth0(host):\n    shown = host.check_output('ip -4 -o address show eth0')\n    assert ' inet 10.213.' in shown, shown\n"
+    )
+    env = {**os.environ, **private_store, "PYTHONPATH": str(ROOT)}  # this tree's racker, not the installed one
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--racker-images=debian-bookworm", "--racker-network=nat"]
+    done = subprocess.run([*argv, "-c", os.devnull, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
