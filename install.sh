@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 
 PACKAGES=(
   # machines and images
-  systemd-container mmdebstrap debian-archive-keyring arch-test uidmap util-linux iproute2
+  systemd-container mmdebstrap debian-archive-keyring arch-test uidmap util-linux iproute2 nftables
   skopeo umoci buildah podman runc docker-registry
   # disks and VMs
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools

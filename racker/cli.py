@@ -151,15 +151,27 @@ def _login_shell(machine: object) -> list[str]:
     return ["/bin/bash", "-l"] if has_bash else ["/bin/sh", "-l"]
 
 
+def _network(args: argparse.Namespace) -> dict:
+    """Machine(...) keywords for --network and --publish (checked before anything is pulled or booted)."""
+    from racker import network
+
+    publish = [network.parse_publish(spec) for spec in args.publish]
+    network.for_mode(args.network, publish)
+    return {"network_mode": args.network, "publish": publish}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
+    options = _network(args)
     if args.no_boot:
         from racker import images, nspawn
 
+        if args.network == "nat":
+            raise errors.MachineError("--network nat needs a booted machine", hint="drop --no-boot")
         return nspawn.run_unbooted(images.pull(args.image, **_pull_options(args)), args.command, tty=args.tty)
     image = _bootable(args.image, args)
-    with Machine(image, args.name, boot_timeout=args.timeout) as machine:
+    with Machine(image, args.name, boot_timeout=args.timeout, **options) as machine:
         command = args.command or _login_shell(machine)
         return machine.interact(command, tty=args.tty)
 
@@ -167,8 +179,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
+    options = _network(args)
     image = _bootable(args.image, args)
-    machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True)
+    machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True, **options)
     with progress.step(f"booting {machine.name}"):
         machine.start()
     machine.detach()
@@ -194,22 +207,38 @@ def cmd_shell(args: argparse.Namespace) -> int:
     if state is not None and not machines.is_stale(state):
         machine = Machine.attach(args.name)
         return machine.interact(_login_shell(machine))
+    options = _network(args)
     image = _bootable(args.name, args)
-    with Machine(image, boot_timeout=args.timeout) as machine:
+    with Machine(image, boot_timeout=args.timeout, **options) as machine:
         return machine.interact(_login_shell(machine))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     running = [s for s in machines.all_states("nspawn") if not machines.is_stale(s)]
+    nets = {s.name: s.extra.get("network") or {} for s in running}
     if args.json:
         _print_json(
             [
-                {"name": s.name, "image": s.image, "digest": s.digest, "pid": s.pid, "leader": s.leader, "started": s.started}
+                {
+                    "name": s.name,
+                    "image": s.image,
+                    "digest": s.digest,
+                    "pid": s.pid,
+                    "leader": s.leader,
+                    "started": s.started,
+                    "network": nets[s.name].get("mode", "private"),
+                    "address": nets[s.name].get("address", ""),
+                    "ports": nets[s.name].get("ports", []),
+                }
                 for s in running
             ]
         )
         return 0
-    _table([[s.name, s.image, str(s.leader), s.started] for s in running], ["NAME", "IMAGE", "LEADER", "STARTED"])
+    rows = [
+        [s.name, s.image, str(s.leader), nets[s.name].get("address", "-"), ",".join(nets[s.name].get("ports", [])), s.started]
+        for s in running
+    ]
+    _table(rows, ["NAME", "IMAGE", "LEADER", "ADDRESS", "PORTS", "STARTED"])
     return 0
 
 
@@ -335,6 +364,23 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove even while machines use it")
 
     boot_timeout = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
+
+    def network_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--network",
+            choices=["none", "private", "nat"],
+            default="private",
+            help="none and private (one mode): only lo; nat: eth0 with an address of racker's range, outbound NAT (default %(default)s)",
+        )
+        p.add_argument(
+            "-p",
+            "--publish",
+            action="append",
+            default=[],
+            metavar="[ADDR:]HOST:GUEST",
+            help="forward the host's port (on 127.0.0.1 unless ADDR is given) to the machine's (--network nat)",
+        )
+
     p = verb("run", cmd_run, "boot an image, run a command in it, tear it down")
     p.add_argument("--rm", action="store_true", help="accepted for docker compatibility: machines are always removed")
     p.add_argument("--name")
@@ -346,6 +392,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="run the command (default: the image's ENTRYPOINT and CMD) directly, as docker run does, without booting an init",
     )
     add_pull_options(p)
+    network_options(p)
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(command_follows=("image", "the image", "racker run [OPTIONS] IMAGE [-- COMMAND ...]"))
@@ -355,6 +402,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_pull_options(p)
     p.add_argument("--name")
     p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+    network_options(p)
 
     p = verb("exec", cmd_exec, "run a command in a running machine")
     p.add_argument("-t", "--tty", action="store_true", default=None)
@@ -366,6 +414,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=boot_timeout)
     add_pull_options(p)
+    network_options(p)
 
     p = verb("ps", cmd_ps, "list running machines")
     p.add_argument("--json", action="store_true")

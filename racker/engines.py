@@ -31,9 +31,9 @@ class Engine:
     factory: str
     provides: frozenset[str]
 
-    def machine_for(self, image: StoredImage):  # type: ignore[no-untyped-def]
+    def machine_for(self, image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
         module, _, name = self.factory.partition(":")
-        return getattr(importlib.import_module(module), name)(image)
+        return getattr(importlib.import_module(module), name)(image, network_mode=network_mode)
 
     def unmet(self, needs: list[str], image: StoredImage | None = None) -> list[str]:
         """The needs this engine (and, once known, the image) cannot meet."""
@@ -45,15 +45,17 @@ class Engine:
         return [need for need in needs if need not in offered]
 
 
-def nspawn_machine(image: StoredImage):  # type: ignore[no-untyped-def]
+def nspawn_machine(image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
     """A machine booting the image under systemd-nspawn (given an init first if it has none)."""
     from racker import nspawn, prepare
 
-    return nspawn.Machine(prepare.bootable(image))
+    return nspawn.Machine(prepare.bootable(image), network_mode=network_mode)
 
 
-def qemu_vm(image: StoredImage):  # type: ignore[no-untyped-def]
-    """A VM booting the image's promoted disk (prepared and promoted once, then cached)."""
+def qemu_vm(image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
+    """A VM booting the image's promoted disk (prepared and promoted once, then cached).
+
+    network_mode is nspawn's: a VM always has its user-mode NIC."""
     from racker import prepare, promote, qemu
 
     prepared = prepare.prepare(image)

@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from racker import cgroups, machines, proc, store
+from racker import cgroups, machines, network, proc, store
 
 
 def collect() -> list[str]:
@@ -14,6 +14,7 @@ def collect() -> list[str]:
     removed: list[str] = []
     for kind in machines.KINDS:
         removed += machines.collect_stale(kind)
+    removed += network.collect()  # after the records: a claim of a reaped machine is stale
     removed += _orphan_rundirs()
     removed += _orphan_cgroups()
     removed += _stale_workdirs()

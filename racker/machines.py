@@ -112,6 +112,14 @@ def load(kind: str, name: str) -> State | None:
     return _parse(kind, name, text)
 
 
+def load_file(path: Path, kind: str, name: str) -> State | None:
+    """The record at `path`, in whichever store it is (host-wide network claims name them), or None."""
+    try:
+        return _parse(kind, name, path.read_text())
+    except (OSError, DamagedRecord):
+        return None
+
+
 def save(state: State) -> None:
     store.write_json(record_path(state.kind, state.name), asdict(state))
 

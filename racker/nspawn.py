@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, machines, proc, store
+from racker import cgroups, machines, network, proc, store
 from racker.errors import BootTimeout, MachineError
 from racker.machines import State
 from racker.proc import Result
@@ -46,9 +46,12 @@ class Machine(machines.Guest):
         *,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         detached: bool = False,
+        network_mode: str = network.DEFAULT_MODE,
+        publish: Sequence[network.Publish] = (),
     ) -> None:
         self.image = image
         self.detached = detached
+        self.network = network.for_mode(network_mode, publish)
         self.name = machines.check_name(name) if name else machines.unique_name(image.name)
         self.boot_timeout = boot_timeout
         self.state: State | None = None
@@ -69,6 +72,7 @@ class Machine(machines.Guest):
         machine.boot_timeout = DEFAULT_BOOT_TIMEOUT
         machine.detached = state.owner == 0
         machine.state = state
+        machine.network = network.for_mode(network.DEFAULT_MODE)  # stop() releases what the record names
         machine._child = None
         machine.boot_seconds = 0.0
         return machine
@@ -83,7 +87,9 @@ class Machine(machines.Guest):
         machines.claim(state)  # recorded before anything is made
         self.state = state
         try:
+            self.network.setup(state)  # a published port in use fails here, before the boot
             self._boot(rootfs)
+            self.network.start_forwarder(state, detached=self.detached)
         except BaseException:
             self.stop()
             raise
@@ -106,7 +112,7 @@ class Machine(machines.Guest):
             notify.bind("\0" + notify_name)
             with open(self.console_log, "wb") as console:
                 self._child = proc.start(
-                    nspawn_argv(rootfs, self.name),
+                    nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir)),
                     env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
                     stderr=subprocess.STDOUT,
@@ -149,6 +155,7 @@ class Machine(machines.Guest):
                     self.state.leader = leader  # type: ignore[union-attr]
                     self.state.leader_start = proc.start_time(leader)  # type: ignore[union-attr]
                     machines.save(self.state)  # type: ignore[arg-type]
+                    self.network.configure(self.state)  # type: ignore[arg-type]  # eth0 is up before the guest's services start
                 elif key == "READY" and value == "1" and leader:
                     return leader
 
@@ -175,6 +182,8 @@ class Machine(machines.Guest):
             cgroups.kill(state.extra.get("cgroup"))  # nothing of the machine outlives it
             cgroups.remove(state.extra.get("cgroup"))
             machines.remove_propagate_dir(state.name)
+            network.release(state)  # the bridge too, with the last machine
+            self.network.close()
             machines.release(state)
             self.state = None
 
@@ -259,7 +268,8 @@ def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool 
         return proc.interact(nspawn, env=nspawn_env())
 
 
-def nspawn_argv(rootfs: Path, name: str) -> list[str]:
+def nspawn_argv(rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",)) -> list[str]:
+    """network_options: from network.py; only lo by default, so machines never fight over the host's ports."""
     argv = [
         "systemd-nspawn",
         "--quiet",
@@ -267,7 +277,7 @@ def nspawn_argv(rootfs: Path, name: str) -> list[str]:
         f"--directory={rootfs}",
         f"--machine={name}",
         "--volatile=overlay",  # writes go to a tmpfs; the store's copy stays pristine
-        "--private-network",  # machines never fight over the host's ports
+        *network_options,
         "--link-journal=no",
         "--notify-ready=yes",
         "--console=read-only",

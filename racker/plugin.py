@@ -26,9 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--racker-engines", metavar="NAMES", help=f"comma-separated engines: {', '.join(engines.ENGINES)} (ini: racker_engines)"
     )
     group.addoption("--racker-results", metavar="FILE", help="write one JSON record per test to FILE (JSON lines)")
+    group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
     parser.addini("racker_machine_scope", "how long a machine lives: module or session", default="module")
+    parser.addini("racker_network", "nspawn machines' network when --racker-network is not given: none, private or nat", default="private")
 
 
 def _split(value: str) -> list[str]:
@@ -51,6 +53,13 @@ def chosen_engines(config: pytest.Config) -> list[str]:
         if name not in engines.ENGINES:
             raise pytest.UsageError(f"--racker-engines: unknown engine {name!r}; known: {', '.join(engines.ENGINES)}")
     return names
+
+
+def chosen_network(config: pytest.Config) -> str:
+    mode = config.getoption("--racker-network") or config.getini("racker_network")
+    if mode not in ("none", "private", "nat"):
+        raise pytest.UsageError(f"--racker-network: unknown network {mode!r}; known: none, private, nat")
+    return mode
 
 
 def machine_scope(fixture_name: str, config: pytest.Config) -> str:

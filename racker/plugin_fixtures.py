@@ -10,7 +10,7 @@ import testinfra.backend
 
 from racker import engines, images
 from racker.errors import RackerError
-from racker.plugin import Target, machine_scope
+from racker.plugin import Target, chosen_network, machine_scope
 from racker.store import StoredImage
 
 testinfra.backend.BACKENDS.setdefault("racker", "racker.testinfra_backend.RackerBackend")
@@ -33,9 +33,10 @@ def racker_image(_racker_target: Target) -> StoredImage:
 
 
 @pytest.fixture(scope=machine_scope)
-def racker_machine(_racker_target: Target, racker_image: StoredImage) -> Iterator:
+def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racker_image: StoredImage) -> Iterator:
     """A booted machine of the image, shared by the tests of a module (or the session)."""
-    with engines.get(_racker_target.engine).machine_for(racker_image) as machine:
+    engine = engines.get(_racker_target.engine)
+    with engine.machine_for(racker_image, network_mode=chosen_network(request.config)) as machine:
         yield machine
 
 

@@ -53,6 +53,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "xorriso": "xorriso",
     "qemu-io": "qemu-utils",
     "docker-registry": "docker-registry",
+    "nft": "nftables",
+    "ip": "iproute2",
 }
 
 # Host tools see a predictable environment, not whatever the caller had.
@@ -177,6 +179,7 @@ def start(
     die_with_parent: int | None = signal.SIGTERM,
     cgroup_procs: str | None = None,
     cwd: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a program; the caller owns it (spawn() owns it for a block).
 
@@ -186,7 +189,8 @@ def start(
     (new_session: a Ctrl-C on our terminal is ours to handle, not nspawn's),
     or stays in ours (foreground: an interactive command reading our
     terminal). It dies with racker unless die_with_parent is None (a
-    machine that `racker start` leaves running).
+    machine that `racker start` leaves running). pass_fds: descriptors it
+    inherits (a nat machine's forwarder takes its listening sockets).
     """
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
@@ -202,6 +206,7 @@ def start(
             process_group=None if new_session or foreground else 0,
             cwd=cwd,
             preexec_fn=setup,
+            pass_fds=tuple(pass_fds),
         )
 
 
