@@ -28,13 +28,13 @@ class BadCatalogEntry(RackerError):
 
 @dataclass(frozen=True)
 class Key:
-    kind: type  # str, or list: a list of strings
+    kind: type  # str; list: a list of strings; dict: a table of strings; bool
     example: str  # what a right value looks like, for the error message
     required: bool = False
     field: bool = True  # a CatalogEntry field; otherwise kept in CatalogEntry.options for the source to read
 
     def describe(self) -> str:
-        return {str: "a string", list: "a list of strings", dict: "a table of strings"}[self.kind]
+        return {str: "a string", list: "a list of strings", dict: "a table of strings", bool: "true or false"}[self.kind]
 
 
 KEYS: dict[str, Key] = {
@@ -46,6 +46,11 @@ KEYS: dict[str, Key] = {
     # Read by sources/dockerfile.py: docker build's --build-arg and --target.
     "build_args": Key(dict, '{ GREETING = "hello" }', field=False),
     "target": Key(str, '"runtime"', field=False),
+    # Also read by sources/dockerfile.py (sources/build_mounts.py checks them): what RUN steps see
+    # and the image never keeps: buildah build's --volume and --secret, and the host's CA bundle.
+    "volumes": Key(list, '["/srv/cache:/cache:ro"]', field=False),
+    "secrets": Key(list, '["id=token,src=/etc/racker/token"]', field=False),
+    "host_ca": Key(bool, "true", field=False),
 }
 
 
@@ -58,6 +63,7 @@ class CatalogEntry:
     apt_options: tuple[str, ...] = ()
     options: dict = field(default_factory=dict, hash=False, compare=False)
     recipe: str = ""  # hash of the file: a changed entry means a rebuild
+    path: Path | None = field(default=None, compare=False)  # the file, for errors and paths relative to it
 
 
 def catalog_dirs() -> list[Path]:
@@ -108,8 +114,8 @@ def validate(path: Path, data: dict) -> None:
                 raise BadCatalogEntry(f"catalogue file {path}: no {key!r}, which every entry needs, e.g. {key} = {spec.example}")
             continue
         value = data[key]
-        if spec.kind is str:
-            wrong = None if isinstance(value, str) else _type_name(value)
+        if spec.kind in (str, bool):
+            wrong = None if type(value) is spec.kind else _type_name(value)
         elif spec.kind is dict:
             items = value.values() if isinstance(value, dict) else ()
             wrong = (
@@ -144,7 +150,7 @@ def _load(path: Path) -> CatalogEntry:
     validate(path, data)
     fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if KEYS[key].field}
     options = {key: value for key, value in data.items() if not KEYS[key].field}
-    return CatalogEntry(name=path.stem, **fields, options=options, recipe=recipe_of(raw))
+    return CatalogEntry(name=path.stem, **fields, options=options, recipe=recipe_of(raw), path=path)
 
 
 def entries() -> dict[str, CatalogEntry]:

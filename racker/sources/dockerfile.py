@@ -8,23 +8,30 @@ finds it), otherwise with buildah, which needs no daemon:
     buildah push ──▶ an OCI layout sharing the store's blobs ──umoci unpack──▶ the rootfs
     buildah inspect ──▶ the image config, HEALTHCHECK and STOPSIGNAL included
 
-The catalogue entry may give `build_args` (a table) and `target` (a stage).
+The catalogue entry may give `build_args` (a table) and `target` (a stage), and
+`volumes`, `secrets` and `host_ca` for the RUN steps (sources/build_mounts.py). The
+Docker SDK's build API has none of those three, so asking for one builds with
+buildah even where an engine answers.
 A failed build is one line, with the build's last lines of output below it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 from racker import proc, progress, store
 from racker.catalog import CatalogEntry
-from racker.errors import BadReference, RackerError
+from racker.errors import BadReference, RackerError, ToolMissing
 from racker.refs import Reference
-from racker.sources import daemon, insecure, oci
+from racker.sources import build_mounts, daemon, insecure, oci
+from racker.sources.build_mounts import Mounts
 
 TAIL_LINES = 15
+PASSED_OVER = "the Docker engine's build API takes no volumes, secrets or CA"
 
 
 class BuildFailed(RackerError):
@@ -51,11 +58,21 @@ def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | Non
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     context, dockerfile = context_and_file(ref.target)
     build_args, stage = build_options(entry)
-    built = {"context": str(context), "dockerfile": str(dockerfile), "build_args": build_args, "target": stage}
+    mounts = build_mounts.from_entry(entry)  # checked before anything builds
+    built = {"context": str(context), "dockerfile": str(dockerfile), "build_args": build_args, "target": stage, **mounts.describe()}
     if daemon.engine_answers():
-        config = _with_engine(context, dockerfile, build_args, stage, rootfs)
-        return {"build": dict(built, builder="docker engine"), "config": config}
-    config = _with_buildah(context, dockerfile, build_args, stage, rootfs)
+        if not mounts:
+            config = _with_engine(context, dockerfile, build_args, stage, rootfs)
+            return {"build": dict(built, builder="docker engine"), "config": config}
+        built["builder_why"] = PASSED_OVER
+        try:
+            proc.require("buildah")
+        except ToolMissing as error:
+            raise BuildFailed(
+                f"{dockerfile}: volumes, secrets and host_ca need buildah, which is not installed",
+                hint=PASSED_OVER + "; " + str(error.hint),
+            ) from None
+    config = _with_buildah(context, dockerfile, build_args, stage, rootfs, mounts, why=built.get("builder_why"))
     return {"build": dict(built, builder="buildah"), "config": config}
 
 
@@ -68,17 +85,20 @@ def buildah_argv(*words: str) -> list[str]:
     return [*argv, *words]
 
 
-def _with_buildah(context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path) -> dict:
+def _with_buildah(
+    context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path, mounts: Mounts, *, why: str | None = None
+) -> dict:
     tag = f"localhost/racker-build-{os.urandom(6).hex()}"
-    argv = ["build", "--isolation", "chroot", "--format", "docker", "--file", str(dockerfile), "--tag", tag]
+    argv = ["build", "--isolation", "chroot", "--format", "docker", "--file", str(dockerfile), "--tag", tag, *mounts.argv()]
     if insecure():
         argv.append("--tls-verify=false")  # --insecure: the base images' registries too
     for key, value in build_args.items():
         argv += ["--build-arg", f"{key}={value}"]
     if stage:
         argv += ["--target", stage]
-    with progress.step(f"building {dockerfile} with buildah"):
-        result = proc.run(buildah_argv(*argv, str(context)), timeout=3600, check=False)
+    started = math.floor(time.time())  # tar keeps whole seconds: mount points made from now on are the build's
+    with progress.step(f"building {dockerfile} with buildah" + (f" ({why})" if why else "")):
+        result = proc.run(buildah_argv(*argv, str(context)), env=mounts.env(), timeout=3600, check=False)
     if result.failed:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-TAIL_LINES:])
         raise BuildFailed(f"the build of {dockerfile} failed (buildah exit status {result.returncode})", hint=tail or None)
@@ -87,6 +107,7 @@ def _with_buildah(context: Path, dockerfile: Path, build_args: dict[str, str], s
         proc.run(buildah_argv("push", "--quiet", tag, f"oci:{layout}:build"), timeout=1800)
         inspected = json.loads(proc.run(buildah_argv("inspect", "--type", "image", tag)).stdout)
         oci.unpack(layout, "build", rootfs)
+        build_mounts.clean(rootfs, mounts.targets(), started)
     finally:
         proc.run(buildah_argv("rmi", tag), check=False, timeout=300)
     return daemon.kept_config(inspected.get("Docker", {}).get("config") or {})
