@@ -1,5 +1,8 @@
 """dockerfile:DIR[#FILE] — an image built from a Dockerfile, then acquired like any other.
 
+The Dockerfile may be remote (sources/remote_context.py makes it local first):
+dockerfile:git+https://host/repo.git:/path/to/Dockerfile[#REF] or dockerfile:https://host/path/Dockerfile.
+
 Built through the docker SDK when a Docker engine answers (sources/daemon.py
 finds it), otherwise with buildah, which needs no daemon:
 
@@ -22,7 +25,7 @@ from racker import proc, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError
 from racker.refs import Reference
-from racker.sources import daemon, oci
+from racker.sources import daemon, oci, remote_context
 
 TAIL_LINES = 15
 
@@ -49,9 +52,15 @@ def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | Non
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
-    context, dockerfile = context_and_file(ref.target)
+    if remote_context.scheme_of(ref.target):
+        # Fetched into the pull's workdir, so removed with it; the manifest says where from, not the temp paths.
+        local = remote_context.fetch(ref.target, rootfs.parent / "remote")
+        context, dockerfile, origin = local.context, local.dockerfile, local.fields
+    else:
+        context, dockerfile = context_and_file(ref.target)
+        origin = {"context": str(context), "dockerfile": str(dockerfile)}
     build_args, stage = build_options(entry)
-    built = {"context": str(context), "dockerfile": str(dockerfile), "build_args": build_args, "target": stage}
+    built = {**origin, "build_args": build_args, "target": stage}
     if daemon.engine_answers():
         config = _with_engine(context, dockerfile, build_args, stage, rootfs)
         return {"build": dict(built, builder="docker engine"), "config": config}
