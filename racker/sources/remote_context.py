@@ -187,7 +187,7 @@ def from_url(url: str, work: Path) -> Local:
             if destination.exists():
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(_get(source_url, f"{directive} {source}", directory=True))
+            destination.write_bytes(_get(source_url, directive, directory=True))
             fetched.append(source)
     return Local(context, dockerfile, {"dockerfile": url, "context": directory_url, "fetched": fetched})
 
