@@ -54,6 +54,7 @@ def test_a_git_target_splits_into_repository_path_and_ref(target: str, expected:
         ("git+https://h/r.git:/Dockerfile#", "names no ref"),
         ("git+https://h/r.git:/Dockerfile#--upload-pack=touch", "not a branch, tag or commit"),
         ("git+https://h/r.git:/Dockerfile#main:refs/heads/x", "not a branch, tag or commit"),
+        ("git+https://h/r.git:/Dockerfile#+main", "not a branch, tag or commit"),
     ],
 )
 def test_a_malformed_git_target_is_one_bad_reference(target: str, says: str) -> None:

@@ -41,8 +41,8 @@ FETCH_TIMEOUT = 900  # a whole repository, when the server cannot send a shallow
 HTTP_TIMEOUT = 60
 DOCKERFILE_LIMIT = 1 << 20
 
-# A ref git takes as one name, never as an option or a refspec ("a:b" would write a local ref).
-_REF = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/+-]+$")
+# A ref git takes as one name, never as an option or a refspec ("a:b" would write a local ref, "+a" force it).
+_REF = re.compile(r"^(?![-+])(?!.*\.\.)[A-Za-z0-9._/+-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{4,40}$")
 # What git may pass on from the caller's environment: where ssh keys and agents are, and proxies.
 _PASSED_ON = ("HOME", "SSH_AUTH_SOCK", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -171,9 +171,9 @@ def _last_line(text: str) -> str:
 
 
 def from_url(url: str, work: Path) -> Local:
-    directory_url = url.rsplit("/", 1)[0] + "/"
     if url.endswith("/") or not urllib.parse.urlsplit(url).path.strip("/"):
         raise BadReference(f"dockerfile:{url}: names no Dockerfile", hint="expected dockerfile:https://HOST/PATH/Dockerfile")
+    directory_url = url.rsplit("/", 1)[0] + "/"
     with progress.step(f"fetching {url}"):
         text = _get(url, f"the Dockerfile {url}", limit=DOCKERFILE_LIMIT).decode("utf-8", "replace")
         dockerfile = work / "Dockerfile"  # beside the context, never in it: a source may be named Dockerfile too
