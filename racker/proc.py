@@ -33,6 +33,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "skopeo": "skopeo",
     "umoci": "umoci",
     "buildah": "buildah",
+    "git": "git",
     "podman": "podman",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",

@@ -7,7 +7,8 @@ docker://debian:bookworm@linux-arm64 the same, for another platform than the hos
 docker-daemon:myimage:tag            exported from a Docker engine
 oci:DIR[:TAG], oci-archive:FILE      an OCI image layout or archive; docker-archive:FILE (`docker save`)
 containers-storage:NAME              an image podman or buildah built
-dockerfile:path/to/dir               built with buildah, then imported
+dockerfile:path/to/dir[#FILE]        built with buildah, then imported; or a remote Dockerfile:
+dockerfile:git+https://host/repo.git:/path/to/Dockerfile[#REF], dockerfile:https://host/path/Dockerfile
 https://host/path/root.tar.xz        a cloud root tarball or disk image
 file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
 vagrant:debian/bullseye64            a Vagrant box
@@ -81,10 +82,11 @@ def parse(text: str) -> Reference:
         return replace(parse(base), prepared=True)
     if not text:
         raise BadReference("empty image reference")
-    if "://" in text:
+    head, colon, rest = text.partition(":")
+    if colon and head in SCHEMES and not rest.startswith("//"):
+        scheme, target = head, rest  # SCHEME:TARGET, where TARGET may be a URL (dockerfile:git+https://…)
+    elif "://" in text:
         scheme, _, target = text.partition("://")
-    elif ":" in text and text.split(":", 1)[0] in SCHEMES:
-        scheme, _, target = text.partition(":")
     elif _NAME.match(text):
         return Reference("catalog", text)
     else:

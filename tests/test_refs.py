@@ -22,6 +22,13 @@ from racker.errors import BadReference, UnknownImage
         ("https://example.org/root.tar.xz", "https://example.org/root.tar.xz"),
         ("file:disk.qcow2", "file:disk.qcow2"),
         ("vagrant:debian/bullseye64", "vagrant:debian/bullseye64"),
+        # a remote Dockerfile: the target is a URL, with ':' and '#' of its own
+        (
+            "dockerfile:git+https://host:8443/org/repo.git:/sub/Dockerfile#v1.0",
+            "dockerfile:git+https://host:8443/org/repo.git:/sub/Dockerfile#v1.0",
+        ),
+        ("dockerfile:git://host/repo.git:/Dockerfile", "dockerfile:git://host/repo.git:/Dockerfile"),
+        ("dockerfile:https://host/path/Dockerfile", "dockerfile:https://host/path/Dockerfile"),
         # prepared to boot as a VM: what prepare names them, and `racker images` lists
         ("debian-bookworm+vm", "debian-bookworm+vm"),
         ("bootstrap:debian/bookworm+vm", "bootstrap:debian/bookworm+vm"),

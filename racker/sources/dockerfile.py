@@ -1,5 +1,8 @@
 """dockerfile:DIR[#FILE] — an image built from a Dockerfile, then acquired like any other.
 
+The Dockerfile may be remote (sources/remote_context.py makes it local first):
+dockerfile:git+https://host/repo.git:/path/to/Dockerfile[#REF] or dockerfile:https://host/path/Dockerfile.
+
 Built through the docker SDK when a Docker engine answers (sources/daemon.py
 finds it), otherwise with buildah, which needs no daemon:
 
@@ -27,7 +30,7 @@ from racker import proc, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError, ToolMissing
 from racker.refs import Reference
-from racker.sources import build_mounts, daemon, insecure, oci
+from racker.sources import build_mounts, daemon, insecure, oci, remote_context
 from racker.sources.build_mounts import Mounts
 
 TAIL_LINES = 15
@@ -56,10 +59,16 @@ def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | Non
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
-    context, dockerfile = context_and_file(ref.target)
+    mounts = build_mounts.from_entry(entry)  # checked before anything is fetched or built
+    if remote_context.scheme_of(ref.target):
+        # Fetched into the pull's workdir, so removed with it; the manifest says where from, not the temp paths.
+        local = remote_context.fetch(ref.target, rootfs.parent / "remote")
+        context, dockerfile, origin = local.context, local.dockerfile, local.fields
+    else:
+        context, dockerfile = context_and_file(ref.target)
+        origin = {"context": str(context), "dockerfile": str(dockerfile)}
     build_args, stage = build_options(entry)
-    mounts = build_mounts.from_entry(entry)  # checked before anything builds
-    built = {"context": str(context), "dockerfile": str(dockerfile), "build_args": build_args, "target": stage, **mounts.describe()}
+    built = {**origin, "build_args": build_args, "target": stage, **mounts.describe()}
     if daemon.engine_answers():
         if not mounts:
             config = _with_engine(context, dockerfile, build_args, stage, rootfs)
