@@ -234,7 +234,7 @@ def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> Non
     }
 
 
-DESTRUCTIVE_PROJECT = '''
+DESTRUCTIVE_PROJECT = """
 import os
 
 import pytest
@@ -275,7 +275,7 @@ def test_f_fails(host, racker_host):
     seen(host, "f_fails")
     racker_host(user="nobody").run("echo in-the-failing-test")
     assert host.run("echo failing-check; false").rc == 0
-'''
+"""
 
 
 def _run_project(project: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[tuple[str, str]]]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import racker
-from conftest import ROOT, SHARED_HOME, racker as racker_cli
+from conftest import ROOT, SHARED_HOME
+from conftest import racker as racker_cli
 from racker import guest_env, images, machines, store
 from racker.nspawn import Machine
 from racker.testinfra_backend import host_for
