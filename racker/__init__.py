@@ -1,3 +1,57 @@
-"""racker: boot OS images under systemd-nspawn and QEMU, and test that they work."""
+"""racker: boot OS images under systemd-nspawn and QEMU, and test that they work.
+
+After `import racker`, testinfra knows racker's backend (`testinfra.get_host("racker://NAME")`,
+`py.test --hosts=racker://NAME`), and `racker.host(IMAGE)` boots a machine for a script:
+
+    with racker.host("debian-bookworm") as host:
+        host.run("true")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
+
+BACKEND = ("racker", "racker.testinfra_backend.RackerBackend")
+
+
+def _register(backends: dict) -> None:
+    backends.setdefault(*BACKEND)
+
+
+class _RegisterWhenImported:
+    """Adds racker to testinfra's table of backends when testinfra loads it, so that
+    `import racker` (which every CLI call does) does not pay for importing testinfra."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "testinfra.backend":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            run_module = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run_module(module)
+                _register(module.BACKENDS)
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if "testinfra.backend" in sys.modules:
+    _register(sys.modules["testinfra.backend"].BACKENDS)
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())
+
+
+def __getattr__(name: str) -> Any:
+    # racker.host(IMAGE): loaded on first use, with testinfra.
+    if name == "host":
+        from racker.testinfra_backend import booted_host
+
+        return booted_host
+    raise AttributeError(f"module 'racker' has no attribute {name!r}")

@@ -13,10 +13,16 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from racker import __version__, errors, machines, proc, progress, store
 
+if TYPE_CHECKING:
+    from racker.logins import Login
+    from racker.nspawn import Machine
+
 EXIT_RACKER_FAILED = 125
+USER_HELP = "run as this guest user: NAME, UID, NAME:GROUP or UID:GID (as docker's --user), with a login environment"
 
 
 def _human_size(size: int) -> str:
@@ -143,10 +149,9 @@ def _bootable(reference: str, args: argparse.Namespace) -> store.StoredImage:
     return prepare.bootable(images.pull(reference, **_pull_options(args)))
 
 
-def _login_shell(machine: object) -> list[str]:
-    from racker.nspawn import Machine
-
-    assert isinstance(machine, Machine)
+def _login_shell(machine: Machine, login: Login | None = None) -> list[str]:
+    if login is not None:
+        return [login.shell, "-l"]  # the user's own, from the guest's passwd
     has_bash = machine.run(["test", "-x", "/bin/bash"]).succeeded
     return ["/bin/bash", "-l"] if has_bash else ["/bin/sh", "-l"]
 
@@ -158,6 +163,11 @@ def _network(args: argparse.Namespace) -> dict:
     publish = [network.parse_publish(spec) for spec in args.publish]
     network.for_mode(args.network, publish)
     return {"network_mode": args.network, "publish": publish}
+
+
+def _login(machine: Machine, user: str | None) -> Login | None:
+    """The guest user a command runs as (--user), or None for root."""
+    return machine.login(user) if user else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,7 +205,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     machine = Machine.attach(args.name)
     if not args.command:
         raise errors.MachineError("no command given", hint=f"racker exec {args.name} -- CMD …")
-    return machine.interact(args.command, tty=args.tty)
+    return machine.interact(args.command, tty=args.tty, login=_login(machine, args.user))
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -206,11 +216,13 @@ def cmd_shell(args: argparse.Namespace) -> int:
     state = machines.load("nspawn", args.name) if machines.valid_name(args.name) else None
     if state is not None and not machines.is_stale(state):
         machine = Machine.attach(args.name)
-        return machine.interact(_login_shell(machine))
+        login = _login(machine, args.user)
+        return machine.interact(_login_shell(machine, login), login=login)
     options = _network(args)
     image = _bootable(args.name, args)
     with Machine(image, boot_timeout=args.timeout, **options) as machine:
-        return machine.interact(_login_shell(machine))
+        login = _login(machine, args.user)
+        return machine.interact(_login_shell(machine, login), login=login)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -406,11 +418,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = verb("exec", cmd_exec, "run a command in a running machine")
     p.add_argument("-t", "--tty", action="store_true", default=None)
+    p.add_argument("-u", "--user", help=USER_HELP)
     p.add_argument("name")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(command_follows=("name", "the machine's name", "racker exec [OPTIONS] NAME -- COMMAND ..."))
 
     p = verb("shell", cmd_shell, "a login shell in a machine (booted from the image of that name if none runs)")
+    p.add_argument("-u", "--user", help=USER_HELP)
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=boot_timeout)
     add_pull_options(p)

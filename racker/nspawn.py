@@ -18,12 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, machines, network, proc, store
+from racker import cgroups, guest_env, logins, machines, network, proc, store
 from racker.errors import BootTimeout, MachineError
+from racker.logins import Login
 from racker.machines import State
 from racker.proc import Result
 
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
 
 
@@ -197,28 +197,46 @@ class Machine(machines.Guest):
 
     # -- commands ----------------------------------------------------------
 
-    def command(self, argv: Sequence[str], *, tty: bool = False, env: Mapping[str, str] | None = None) -> list[str]:
-        """The host argv that runs `argv` inside the machine as root, in a clean environment."""
+    def environment(self) -> dict[str, str]:
+        """What every command starts with: racker's base, the image's Env over it (as docker exec)."""
+        return guest_env.for_image(self.image.manifest)
+
+    def login(self, user: str) -> Login:
+        """`user` (NAME, UID, NAME:GROUP or UID:GID) as the guest knows it; MachineError if it does not."""
+        return logins.resolve(user, self.run, f"machine {self.name!r}")
+
+    def command(
+        self, argv: Sequence[str], *, tty: bool = False, env: Mapping[str, str] | None = None, login: Login | None = None
+    ) -> list[str]:
+        """The host argv that runs `argv` inside the machine, as root or as `login` (in its home,
+        with its login variables and groups), in a clean environment."""
         if self.state is None or not self.state.leader:
             raise MachineError(f"machine {self.name!r} is not running")
         if not argv:
             raise MachineError("no command given")
-        guest_env = {"PATH": GUEST_PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8"}
+        guest = self.environment()
+        if login is not None:
+            guest.update(login.env())
         if tty:
-            guest_env["TERM"] = os.environ.get("TERM", "xterm-256color")
-        guest_env.update(env or {})
+            guest["TERM"] = os.environ.get("TERM", "xterm-256color")
+        guest.update(env or {})
         inner = list(argv)
         if tty:
             # A pty made inside the machine, so that `tty`, job control and
             # curses programs see a terminal of the machine's own.
             inner = ["script", "--quiet", "--return", "--command", proc.quote(*argv), "/dev/null"]
+        chdir = []
+        if login is not None:
+            # env enters the home as root (one of mode 0700 too), then setpriv becomes the user.
+            chdir = [f"--chdir={login.workdir}"]
+            inner = [*login.setpriv(), *inner]
         return [
             proc.require("nsenter"),
             f"--target={self.state.leader}",
             "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
             "--root", "--wd",
             "--",
-            "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in guest_env.items()),
+            "/usr/bin/env", "-i", *chdir, *(f"{k}={v}" for k, v in guest.items()),
             *inner,
         ]  # fmt: skip
 
@@ -229,17 +247,18 @@ class Machine(machines.Guest):
         input: bytes | None = None,
         timeout: float | None = 600,
         env: Mapping[str, str] | None = None,
+        login: Login | None = None,
     ) -> Result:
         """Run a command to completion; exit code, stdout and stderr exactly as the guest gave them."""
-        result = proc.run(self.command(argv, env=env), input=input, timeout=timeout, check=False)
+        result = proc.run(self.command(argv, env=env, login=login), input=input, timeout=timeout, check=False)
         result.argv = list(argv)  # report the guest command, not the nsenter wrapper
         return result
 
-    def interact(self, argv: Sequence[str], *, tty: bool | None = None) -> int:
+    def interact(self, argv: Sequence[str], *, tty: bool | None = None, login: Login | None = None) -> int:
         """Run a command wired to our own stdin, stdout and stderr; return its exit code."""
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
-        return proc.interact(self.command(argv, tty=tty))
+        return proc.interact(self.command(argv, tty=tty, login=login))
 
 
 def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool | None = None) -> int:

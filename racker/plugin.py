@@ -10,6 +10,7 @@ parametrised over the chosen images (and engines): `test_x[debian-bookworm]`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -29,7 +30,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
-    parser.addini("racker_machine_scope", "how long a machine lives: module or session", default="module")
+    parser.addini("racker_machine_scope", "how long a machine lives: function, module or session", default="module")
     parser.addini("racker_network", "nspawn machines' network when --racker-network is not given: none, private or nat", default="private")
 
 
@@ -62,10 +63,13 @@ def chosen_network(config: pytest.Config) -> str:
     return mode
 
 
+MACHINE_SCOPES = ("function", "module", "session")
+
+
 def machine_scope(fixture_name: str, config: pytest.Config) -> str:
     scope = config.getini("racker_machine_scope")
-    if scope not in ("module", "session"):
-        raise pytest.UsageError(f"racker_machine_scope must be module or session, not {scope!r}")
+    if scope not in MACHINE_SCOPES:
+        raise pytest.UsageError(f"racker_machine_scope must be {', '.join(MACHINE_SCOPES)}, not {scope!r}")
     return scope
 
 
@@ -75,14 +79,18 @@ def machine_scope(fixture_name: str, config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "racker(images=[...], engines=[...], needs=[...]): where a test runs and what it needs; "
-        f"unmet needs skip it. Needs: {', '.join(engines.NEEDS)}",
+        "racker(images=[...], engines=[...], needs=[...], fresh=False): where a test runs and what it needs; "
+        f"unmet needs skip it; fresh=True gives it a machine of its own. Needs: {', '.join(engines.NEEDS)}",
     )
+    config.addinivalue_line("markers", "destructive: the test damages its machine; racker gives it a machine of its own")
     from racker import plugin_fixtures
 
     # Registered now, after every entry-point plugin, so that our `host`
     # fixture overrides pytest-testinfra's whatever order the plugins loaded in.
     config.pluginmanager.register(plugin_fixtures, "racker-fixtures")
+    if not config.getoption("hosts", None):
+        # With testinfra's --hosts (racker://NAME among them), testinfra's own `host` serves.
+        config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
         config.pluginmanager.register(results.ResultStream(path), "racker-results")
@@ -93,18 +101,26 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """One (image, engine) a test runs against."""
+    """One (image, engine) a test runs against; `fresh` names the one test a machine is for."""
 
     image: str
     engine: str
+    # Machines are cached by Target: one no other test has gets a machine of its own.
+    fresh: str = ""
 
 
 def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:
     merged: dict = {}
     for mark in node.definition.iter_markers("racker") if isinstance(node, pytest.Metafunc) else node.iter_markers("racker"):
         for key, value in mark.kwargs.items():
-            merged.setdefault(key, list(value))
+            merged.setdefault(key, list(value) if isinstance(value, list | tuple) else value)
     return merged
+
+
+def wants_fresh(node: pytest.Function | pytest.Metafunc) -> bool:
+    """A test marked racker(fresh=True) or destructive: it gets a machine no other test sees."""
+    definition = node.definition if isinstance(node, pytest.Metafunc) else node
+    return bool(_mark_args(node).get("fresh")) or definition.get_closest_marker("destructive") is not None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -117,7 +133,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown racker needs {sorted(unknown)}; known: {', '.join(engines.NEEDS)}")
     image_names = [i for i in chosen_images(config) if "images" not in wanted or i in wanted["images"]]
     engine_names = [e for e in chosen_engines(config) if "engines" not in wanted or e in wanted["engines"]]
-    targets = [Target(i, e) for i in image_names for e in engine_names]
+    fresh = metafunc.definition.nodeid if wants_fresh(metafunc) else ""
+    targets = [Target(i, e, fresh) for i in image_names for e in engine_names]
     # Ids name the image, and the engine only when there is more than one.
     ids = [t.image if len(engine_names) == 1 else f"{t.image}-{t.engine}" for t in targets]
     metafunc.parametrize("_racker_target", targets, ids=ids, indirect=True, scope=machine_scope("", config))
@@ -166,6 +183,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-
 # --- reports --------------------------------------------------------------
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A failure report shows the commands of its own test, not those of the tests before it.
+    backend = sys.modules.get("racker.testinfra_backend")
+    if backend is not None:
+        backend.HISTORY.clear()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
@@ -180,9 +205,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     machine = getattr(item, "funcargs", {}).get("racker_machine")
     if machine is None or report.when != "call":
         return
-    host = item.funcargs.get("host")
-    if host is not None:
-        for result in getattr(host.backend, "history", []):
+    backend = sys.modules.get("racker.testinfra_backend")
+    if backend is not None:
+        for result in backend.HISTORY:
             report.sections.append(
                 (
                     f"racker: command ({result.rc})",

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import testinfra
-import testinfra.backend
 
-from racker import engines, images
+from racker import engines, images, testinfra_backend
 from racker.errors import RackerError
 from racker.plugin import Target, chosen_network, machine_scope
 from racker.store import StoredImage
-
-testinfra.backend.BACKENDS.setdefault("racker", "racker.testinfra_backend.RackerBackend")
 
 
 @pytest.fixture(scope=machine_scope)
@@ -55,12 +52,33 @@ def _racker_needs(request: pytest.FixtureRequest) -> None:
         pytest.skip(f"{target.image} on {target.engine} cannot provide: {', '.join(unmet)}")
 
 
-@pytest.fixture(scope=machine_scope)
-def host(racker_machine) -> testinfra.host.Host:  # type: ignore[no-untyped-def]
-    """A pytest-testinfra Host bound to the machine: every testinfra module works against it."""
-    host = testinfra.get_host(f"racker://{racker_machine.name}")
-    host.backend.bind(racker_machine)
-    return host
+class HostFixture:
+    """The `host` fixture, a plugin of its own: left out when testinfra's --hosts chooses the hosts."""
+
+    @pytest.fixture(scope=machine_scope)
+    def host(self, racker_machine) -> testinfra.host.Host:  # type: ignore[no-untyped-def]
+        """A pytest-testinfra Host bound to the machine: every testinfra module works against it."""
+        return testinfra_backend.host_for(racker_machine)
 
 
-__all__ = ["RackerError", "_racker_needs", "_racker_target", "host", "racker_engine", "racker_image", "racker_machine"]
+@pytest.fixture
+def racker_host(racker_machine) -> Callable[..., testinfra.host.Host]:  # type: ignore[no-untyped-def]
+    """racker_host(user="alice") -> a testinfra Host on this test's machine, running as that user
+    (NAME, UID, NAME:GROUP or UID:GID, as docker exec --user) with a login environment."""
+
+    def make(user: str | None = None) -> testinfra.host.Host:
+        return testinfra_backend.host_for(racker_machine, user)
+
+    return make
+
+
+__all__ = [
+    "HostFixture",
+    "RackerError",
+    "_racker_needs",
+    "_racker_target",
+    "racker_engine",
+    "racker_host",
+    "racker_image",
+    "racker_machine",
+]

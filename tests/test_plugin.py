@@ -232,3 +232,87 @@ def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> Non
         "test_sample.py::test_bootloader_installed[debian-bookworm-nspawn]": ("nspawn", "skip"),
         "test_sample.py::test_bootloader_installed[debian-bookworm-qemu]": ("qemu", "pass"),
     }
+
+
+DESTRUCTIVE_PROJECT = """
+import os
+
+import pytest
+
+
+def seen(host, test):
+    with open(os.environ["SEEN"], "a") as log:
+        log.write(f"{test} {host.backend.name}\\n")
+
+
+def test_a_first(host):
+    seen(host, "a_first")
+    host.run("echo before-the-failure")
+
+
+def test_b_shares(host):
+    seen(host, "b_shares")
+
+
+@pytest.mark.destructive
+def test_c_destroys(host):
+    seen(host, "c_destroys")
+    host.run_expect([0], "rm /etc/debian_version && systemctl stop ssh")
+
+
+def test_d_sees_it_whole(host):
+    seen(host, "d_sees_it_whole")
+    assert host.file("/etc/debian_version").exists
+    assert host.service("ssh").is_running
+
+
+@pytest.mark.racker(fresh=True)
+def test_e_fresh(host):
+    seen(host, "e_fresh")
+
+
+def test_f_fails(host, racker_host):
+    seen(host, "f_fails")
+    racker_host(user="nobody").run("echo in-the-failing-test")
+    assert host.run("echo failing-check; false").rc == 0
+"""
+
+
+def _run_project(project: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[tuple[str, str]]]:
+    seen = project / "seen.txt"
+    seen.unlink(missing_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-v", *args],
+        cwd=project,
+        env=_env({"SEEN": str(seen)}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return done, [tuple(line.split()) for line in seen.read_text().splitlines()]  # type: ignore[misc]
+
+
+def test_destructive_and_fresh_tests_get_machines_of_their_own(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\nracker_images = debian-bookworm\n")
+    (tmp_path / "test_destructive.py").write_text(DESTRUCTIVE_PROJECT)
+    done, seen = _run_project(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    outcomes = dict(re.findall(r"::test_(\w+)\[debian-bookworm\] (PASSED|FAILED)", done.stdout))
+    assert outcomes == {**dict.fromkeys(["a_first", "b_shares", "c_destroys", "d_sees_it_whole", "e_fresh"], "PASSED"), "f_fails": "FAILED"}
+    # The others share the module's machine (pytest may run them first: it groups tests by machine),
+    # which the destructive test never touched.
+    machine = dict(seen)
+    shared = machine["a_first"]
+    assert machine["b_shares"] == machine["d_sees_it_whole"] == machine["f_fails"] == shared
+    assert len({shared, machine["c_destroys"], machine["e_fresh"]}) == 3
+    # The failure report shows the failing test's commands (of every user), not those of the tests before it.
+    report = done.stdout[done.stdout.index("test_f_fails") :]
+    assert "failing-check" in report and "in-the-failing-test" in report
+    assert "before-the-failure" not in done.stdout and "debian_version" not in report
+    assert machines.all_states("nspawn") == []
+
+    # racker_machine_scope = function: a machine per test.
+    done, seen = _run_project(tmp_path, "-o", "racker_machine_scope=function", "-k", "a_first or b_shares or d_sees")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len({name for _test, name in seen}) == 3
+    assert machines.all_states("nspawn") == []
