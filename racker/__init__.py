@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 BACKEND = ("racker", "racker.testinfra_backend.RackerBackend")
 
 
-def _register(backends: dict) -> None:
+def register_backend(backends: dict) -> None:
     backends.setdefault(*BACKEND)
 
 
@@ -36,14 +36,14 @@ class _RegisterWhenImported:
 
             def exec_module(module: Any) -> None:
                 run_module(module)
-                _register(module.BACKENDS)
+                register_backend(module.BACKENDS)
 
             spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
 if "testinfra.backend" in sys.modules:
-    _register(sys.modules["testinfra.backend"].BACKENDS)
+    register_backend(sys.modules["testinfra.backend"].BACKENDS)
 else:
     sys.meta_path.insert(0, _RegisterWhenImported())
 

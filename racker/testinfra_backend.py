@@ -17,10 +17,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import testinfra
+import testinfra.backend
 from testinfra.backend import base
 
+import racker
 from racker import guest_env
 from racker.errors import MachineError, Unreachable
+
+# Here too, not only through racker's import hook: pytest's assertion-rewriting
+# finder sits before it in sys.meta_path and loads testinfra itself.
+racker.register_backend(testinfra.backend.BACKENDS)
 
 # The commands of the current test, on every racker host, for its failure report;
 # the plugin empties it when a test starts.
