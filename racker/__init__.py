@@ -9,6 +9,7 @@ After `import racker`, testinfra knows racker's backend (`testinfra.get_host("ra
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 from typing import Any
@@ -22,9 +23,25 @@ def register_backend(backends: dict) -> None:
     backends.setdefault(*BACKEND)
 
 
+class _RegisteringLoader(importlib.abc.Loader):
+    """testinfra.backend's own loader, then racker added to the module's table."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.inner.exec_module(module)
+        register_backend(module.BACKENDS)
+
+
 class _RegisterWhenImported:
     """Adds racker to testinfra's table of backends when testinfra loads it, so that
-    `import racker` (which every CLI call does) does not pay for importing testinfra."""
+    `import racker` (which every CLI call does) does not pay for importing testinfra.
+    The loader is wrapped, not patched: pytest's assertion rewriter is one loader
+    shared by every module it rewrites."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name != "testinfra.backend":
@@ -32,13 +49,7 @@ class _RegisterWhenImported:
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None:
-            run_module = spec.loader.exec_module
-
-            def exec_module(module: Any) -> None:
-                run_module(module)
-                register_backend(module.BACKENDS)
-
-            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+            spec.loader = _RegisteringLoader(spec.loader)
         return spec
 
 

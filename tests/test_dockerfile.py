@@ -18,6 +18,8 @@ FROM debian:bookworm AS base
 RUN echo built-in-stage-one > /etc/racker-built
 
 FROM base AS runtime
+# COPY --from a stage: nothing of that stage may stay behind in buildah's storage.
+COPY --from=base /etc/racker-built /etc/racker-built-copy
 ARG GREETING=hi
 ENV GREETING=$GREETING
 WORKDIR /srv
@@ -62,6 +64,7 @@ def _expect_service(name: str, *, healthcheck: bool = True) -> store.StoredImage
     if healthcheck:
         assert config["Healthcheck"]["Test"][0] == "CMD-SHELL"
     assert (image.rootfs / "etc/racker-built").read_text() == "built-in-stage-one\n"
+    assert (image.rootfs / "etc/racker-built-copy").read_text() == "built-in-stage-one\n"
     assert (image.rootfs / "srv/index.html").read_text() == "hello from the app\n"
     assert not (image.rootfs / "etc/extra").exists(), "--target stops at the runtime stage"
     return image
@@ -80,6 +83,10 @@ def test_a_multi_stage_dockerfile_builds_with_buildah_and_boots(hub_mirror: dict
     buildah = ["buildah", "--root", str(store.home() / "buildah/root"), "--runroot", str(store.home() / "buildah/run")]
     left = subprocess.run([*buildah, "images", "--format", "{{.Name}}"], capture_output=True, text=True, check=True).stdout
     assert "racker-build" not in left, "the built image is removed from buildah's storage once acquired"
+    containers = subprocess.run([*buildah, "containers", "--quiet"], capture_output=True, text=True, check=True).stdout
+    assert containers.strip() == "", f"the build's containers are removed, also COPY --from's stages: {containers}"
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(store.home() / "buildah") not in mounts, "nothing of the build stays mounted"
 
 
 def test_a_failing_build_shows_its_last_lines_and_stores_nothing(hub_mirror: dict, private_store: dict, service: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
