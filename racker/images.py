@@ -92,7 +92,7 @@ def pull(text: str, *, force: bool = False, platform: Platform | None = None, in
     name, ref, entry = resolved.name, resolved.source, resolved.entry
     if ref is None:
         return _made_here(name, force=force)
-    recipe = entry.recipe if entry else recipe_for(ref)
+    recipe = recipe_for(ref, entry)
     image = store.lookup(name)
     if image is not None and image.recipe == recipe and not force:
         return image  # fast path: no lock, no network

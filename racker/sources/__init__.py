@@ -39,14 +39,16 @@ def source_for(ref: Reference) -> Acquire:
     return module.acquire
 
 
-def recipe_for(ref: Reference) -> str:
-    """What an image acquired from `ref` depends on: the reference, or more where the source says
-    (a local archive: the file as it is now, so a changed file is acquired again)."""
+def recipe_for(ref: Reference, entry: CatalogEntry | None = None) -> str:
+    """What an image acquired from `ref` depends on: the reference (or the catalogue entry's
+    file), and more where the source says: a local archive or a Dockerfile's build context
+    as it is now, so that a changed file is acquired again."""
+    base = entry.recipe if entry is not None else str(ref)
     module_name = SOURCES.get(ref.scheme)
-    if module_name is None:
-        return str(ref)
-    recipe = getattr(importlib.import_module(module_name), "recipe", None)
-    return recipe(ref) if recipe is not None else str(ref)
+    signature = getattr(importlib.import_module(module_name), "recipe", None) if module_name else None
+    if signature is None:
+        return base
+    return signature(ref) if entry is None else f"{base} {signature(ref)}"
 
 
 # --insecure: the registry of the pull in progress (and its configured mirrors) may answer plain

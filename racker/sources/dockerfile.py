@@ -20,6 +20,7 @@ A failed build is one line, with the build's last lines of output below it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,27 @@ def context_and_file(target: str) -> tuple[Path, Path]:
     if not dockerfile.is_file():
         raise BadReference(f"dockerfile:{target}: no Dockerfile at {dockerfile}")
     return context, dockerfile
+
+
+def recipe(ref: Reference) -> str:
+    """A local build depends on its Dockerfile and every file of its context as they are now
+    (path, type, size, mode, mtime), so editing either builds again, as `docker build` would.
+    A remote one on its reference only: `racker pull --force` rebuilds a moving branch."""
+    if remote_context.scheme_of(ref.target):
+        return str(ref)
+    try:
+        context, dockerfile = context_and_file(ref.target)
+    except BadReference:
+        return str(ref)  # acquire() says what is wrong
+    digest = hashlib.sha256(dockerfile.read_bytes())
+    for top, dirs, files in os.walk(context):
+        dirs.sort()
+        for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(top, d))]):
+            path = os.path.join(top, name)
+            info = os.lstat(path)
+            entry = f"{os.path.relpath(path, context)}\0{info.st_mode:o}\0{info.st_size}\0{info.st_mtime_ns}\n"
+            digest.update(entry.encode(errors="surrogateescape"))
+    return f"{ref} context:{digest.hexdigest()[:16]}"
 
 
 def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | None]:
