@@ -112,7 +112,7 @@ class Machine(machines.Guest):
             notify.bind("\0" + notify_name)
             with open(self.console_log, "wb") as console:
                 self._child = proc.start(
-                    nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir)),
+                    nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir), configured_init(self.image.manifest)),
                     env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
                     stderr=subprocess.STDOUT,
@@ -287,12 +287,27 @@ def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool 
         return proc.interact(nspawn, env=nspawn_env())
 
 
-def nspawn_argv(rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",)) -> list[str]:
-    """network_options: from network.py; only lo by default, so machines never fight over the host's ports."""
+# Entrypoints that are an init: an image configured to start one (`CMD ["/sbin/init"]`)
+# boots with exactly that command as PID 1, as Docker runs it.
+INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+
+
+def configured_init(manifest: Mapping) -> list[str] | None:
+    """The image's ENTRYPOINT + CMD when it starts an init, else None (nspawn --boot finds one)."""
+    config = manifest.get("config") or {}
+    argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    return argv if argv and argv[0] in INITS else None
+
+
+def nspawn_argv(
+    rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",), init: Sequence[str] | None = None
+) -> list[str]:
+    """network_options: from network.py; only lo by default, so machines never fight over the host's ports.
+    init: the image's own init command, run as PID 1 in place of --boot's search for one."""
     argv = [
         "systemd-nspawn",
         "--quiet",
-        "--boot",
+        *(() if init else ("--boot",)),
         f"--directory={rootfs}",
         f"--machine={name}",
         "--volatile=overlay",  # writes go to a tmpfs; the store's copy stays pristine
@@ -305,7 +320,7 @@ def nspawn_argv(rootfs: Path, name: str, network_options: Sequence[str] = ("--pr
         argv.append("--register=yes")
     else:
         argv += ["--register=no", "--keep-unit"]
-    return argv
+    return [*argv, "--", *init] if init else argv
 
 
 def machine_cgroup(name: str) -> Path | None:
