@@ -99,6 +99,9 @@ def test_a_failing_build_shows_its_last_lines_and_stores_nothing(hub_mirror: dic
     assert lines[0].startswith(f"racker: error: the build of {service}/Failing.dockerfile failed"), result.stderr
     assert "about-to-fail" in result.stderr and "Traceback" not in result.stderr
     assert store.images() == []
+    buildah = ["buildah", "--root", str(store.home() / "buildah/root"), "--runroot", str(store.home() / "buildah/run")]
+    left = subprocess.run([*buildah, "containers", "--quiet"], capture_output=True, text=True).stdout.strip()
+    assert left == "", "the failed step's working container is removed"
 
 
 @pytest.mark.parametrize("target", ["/nonexistent/dir", "{service}#Nope.dockerfile"])
@@ -128,3 +131,40 @@ def test_with_an_engine_the_engine_builds(catalog_entry: str, docker_engine: str
     assert image.manifest["build"]["builder"] == "docker engine"
     assert not [i for i in engine.images.list() if any("racker-build" in t for t in i.tags)]
     assert engine.containers.list(all=True) == []
+
+
+def test_ctrl_c_during_a_build_leaves_no_container_mount_or_temp_dir(
+    hub_mirror: dict, private_store: dict, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import sys
+    import time
+
+    for key, value in hub_mirror.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    context = tmp_path / "slow"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM debian:bookworm\nRUN touch /started && sleep 120\n")
+    buildah = ["buildah", "--root", str(store.home() / "buildah/root"), "--runroot", str(store.home() / "buildah/run")]
+
+    def containers() -> str:
+        return subprocess.run([*buildah, "containers", "--quiet"], capture_output=True, text=True).stdout.strip()
+
+    # In a session of its own, so that Ctrl-C reaches racker and buildah alike, as a terminal's does.
+    argv = [sys.executable, "-m", "racker", "pull", f"dockerfile:{context}"]
+    pulling = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not containers():  # the RUN step's working container exists: the build is under way
+            assert pulling.poll() is None and time.monotonic() < deadline, "the build never started"
+            time.sleep(0.5)
+        os.killpg(pulling.pid, signal.SIGINT)
+        _, stderr = pulling.communicate(timeout=120)
+    finally:
+        pulling.kill()
+    assert pulling.returncode != 0 and "Traceback" not in stderr, stderr
+    assert containers() == "", "the interrupted build's working container is removed"
+    assert str(store.home() / "buildah") not in Path("/proc/self/mountinfo").read_text()
+    assert [p for p in (store.home() / "tmp").rglob("*") if p.name != ".new"] == [] and store.images() == []

@@ -20,11 +20,13 @@ A failed build is one line, with the build's last lines of output below it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from racker import proc, progress, store
@@ -128,20 +130,40 @@ def _with_buildah(
     if stage:
         argv += ["--target", stage]
     started = math.floor(time.time())  # tar keeps whole seconds: mount points made from now on are the build's
-    with progress.step(f"building {dockerfile} with buildah" + (f" ({why})" if why else "")):
-        result = proc.run(buildah_argv(*argv, str(context)), env=mounts.env(), timeout=3600, check=False)
-    if result.failed:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-TAIL_LINES:])
-        raise BuildFailed(f"the build of {dockerfile} failed (buildah exit status {result.returncode})", hint=tail or None)
-    try:
-        layout = oci.shared_layout(rootfs.parent)
-        proc.run(buildah_argv("push", "--quiet", tag, f"oci:{layout}:build"), timeout=1800)
-        inspected = json.loads(proc.run(buildah_argv("inspect", "--type", "image", tag)).stdout)
-        oci.unpack(layout, "build", rootfs)
-        build_mounts.clean(rootfs, mounts.targets(), started)
-    finally:
-        proc.run(buildah_argv("rmi", tag), check=False, timeout=300)
+    with store.locked("buildah"), _removing_new_containers():
+        with progress.step(f"building {dockerfile} with buildah" + (f" ({why})" if why else "")):
+            result = proc.run(buildah_argv(*argv, str(context)), env=mounts.env(), timeout=3600, check=False)
+        if result.failed:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-TAIL_LINES:])
+            raise BuildFailed(f"the build of {dockerfile} failed (buildah exit status {result.returncode})", hint=tail or None)
+        try:
+            layout = oci.shared_layout(rootfs.parent)
+            proc.run(buildah_argv("push", "--quiet", tag, f"oci:{layout}:build"), timeout=1800)
+            inspected = json.loads(proc.run(buildah_argv("inspect", "--type", "image", tag)).stdout)
+            oci.unpack(layout, "build", rootfs)
+            build_mounts.clean(rootfs, mounts.targets(), started)
+        finally:
+            proc.run(buildah_argv("rmi", tag), check=False, timeout=300)
     return daemon.kept_config(inspected.get("Docker", {}).get("config") or {})
+
+
+def _containers() -> set[str]:
+    listed = proc.run(buildah_argv("containers", "--quiet", "--notruncate"), check=False, timeout=120)
+    return set(listed.stdout.split()) if listed.succeeded else set()
+
+
+@contextlib.contextmanager
+def _removing_new_containers() -> Iterator[None]:
+    """Remove, whatever happens, the working containers (and their mounts) the build leaves:
+    an interrupted or failed build leaves its stage's, and Debian 12's buildah sometimes
+    one after COPY --from. Builds in one store take turns (the "buildah" lock), so every
+    container that appears meanwhile is this build's."""
+    before = _containers()
+    try:
+        yield
+    finally:
+        for container in sorted(_containers() - before):
+            proc.run(buildah_argv("rm", container), check=False, timeout=120)
 
 
 def _with_engine(context: Path, dockerfile: Path, build_args: dict[str, str], stage: str | None, rootfs: Path) -> dict:
