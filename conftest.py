@@ -43,6 +43,22 @@ def racker(
     )
 
 
+def passes_checks(reference: str, env: dict[str, str] | None = None) -> list[dict]:
+    """`racker check REFERENCE`: the image boots under nspawn and passes every one of
+    racker.checks (a skip is not a pass). Returns the result records."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="racker-test-check-") as tmp:
+        results = Path(tmp) / "results.jsonl"
+        done = racker("check", reference, "--results", str(results), env=env)
+        records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    failed = {r["check"]: f"{r['outcome']}: {r['message']}" for r in records if r["outcome"] != "pass"}
+    assert done.returncode == 0 and records and not failed, f"{failed or 'no results'}\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+    assert {r["image"] for r in records} == {reference}
+    return records
+
+
 @pytest.fixture
 def private_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A store of its own and a catalogue holding the `tiny` image, for tests that change the store."""
