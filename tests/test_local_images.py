@@ -45,12 +45,13 @@ def test_export_then_pull_an_archive_keeps_the_digest(bookworm: store.StoredImag
     passes_checks(name)
 
 
-def test_an_oci_layout_directory_with_a_tag(bookworm: store.StoredImage, tmp_path: Path) -> None:
+def test_an_oci_layout_directory_with_a_tag(bookworm: store.StoredImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = tmp_path / "b.tar"
     assert racker("export", "debian-bookworm", "-o", str(archive)).returncode == 0
     layout = tmp_path / "layout"
     subprocess.run(["skopeo", "copy", "--quiet", f"oci-archive:{archive}", f"oci:{layout}:v1"], check=True)
-    os.chdir(tmp_path)  # a relative path names the same image as its absolute form
+    # A relative path names the same image as its absolute form (undone after: later tests run this checkout's racker).
+    monkeypatch.chdir(tmp_path)
     name, digest = _pulled("oci:layout:v1")
     assert (name, digest) == (f"oci:{layout}:v1", bookworm.digest)
     passes_checks(name)
