@@ -31,10 +31,11 @@ packages = []
 def racker(
     *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run the racker command line for real, in a separate process."""
+    """Run the racker command line for real, in a separate process: this checkout's racker,
+    whatever the current directory (the venv's editable install may be another checkout)."""
     return subprocess.run(
         [sys.executable, "-m", "racker", *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         input=input,
         capture_output=True,
         text=True,
