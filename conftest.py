@@ -31,16 +31,33 @@ packages = []
 def racker(
     *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run the racker command line for real, in a separate process."""
+    """Run the racker command line for real, in a separate process: this checkout's racker,
+    whatever the current directory (the venv's editable install may be another checkout)."""
     return subprocess.run(
         [sys.executable, "-m", "racker", *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         input=input,
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=None if input is not None else subprocess.DEVNULL,
     )
+
+
+def passes_checks(reference: str, env: dict[str, str] | None = None) -> list[dict]:
+    """`racker check REFERENCE`: the image boots under nspawn and passes every one of
+    racker.checks (a skip is not a pass). Returns the result records."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="racker-test-check-") as tmp:
+        results = Path(tmp) / "results.jsonl"
+        done = racker("check", reference, "--results", str(results), env=env)
+        records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    failed = {r["check"]: f"{r['outcome']}: {r['message']}" for r in records if r["outcome"] != "pass"}
+    assert done.returncode == 0 and records and not failed, f"{failed or 'no results'}\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+    assert {r["image"] for r in records} == {reference}
+    return records
 
 
 @pytest.fixture

@@ -282,6 +282,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"--racker-engines={args.engine}",
             f"--racker-results={args.results or results}",
             "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
+            # Only racker's checks: a conftest.py above the installed package (a source
+            # checkout's own test conftest, say) must not reconfigure the run.
+            "--noconftest",
             # racker itself is imported already, so pytest cannot rewrite its asserts: expected.
             "-W", "ignore::pytest.PytestAssertRewriteWarning",
             "-q" if not args.verbose else "-v",

@@ -249,6 +249,10 @@ def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, 
         found = store.lookup(name)
         if found is not None and found.recipe == recipe and not force:
             return found
+        twin = None if force else _prepared_twin(recipe, level)
+        if twin is not None:  # the same filesystem, prepared under another name: name it again
+            manifest = _prepared_manifest(image, name, dict(twin.manifest["prepared"], **{"from": image.name}), twin.manifest["distro"])
+            return store.name_image(name, twin, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
         distro = distros.detect(image.rootfs)
         packages = packages_for(distro, table, "VMs" if level == "vm" else "booting under systemd-nspawn")
         with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
@@ -261,11 +265,27 @@ def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, 
             if level == "vm":
                 configure(rootfs)
                 record["kernel"] = find_kernel(rootfs).version
-            manifest = dict(image.manifest, name=name, prepared=record, distro=distros.detect(rootfs).as_json())
-            for key in ("digest", "size", "created", "source"):
-                manifest.pop(key, None)
+            manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
+
+
+def _prepared_twin(recipe: str, level: str) -> store.StoredImage | None:
+    """An image prepared from the same digest by the same code under another name
+    (docker://debian:bookworm and its oci-archive: export, say): the recipe key says so."""
+    for candidate in store.images():
+        prepared = candidate.manifest.get("prepared") or {}
+        if candidate.recipe == recipe and prepared.get("for", "vm") == level and "distro" in candidate.manifest:
+            return candidate
+    return None
+
+
+def _prepared_manifest(image: store.StoredImage, name: str, record: dict, distro: dict) -> dict:
+    """The source image's manifest (its config: Entrypoint, Env… stay its own), as prepared."""
+    manifest = dict(image.manifest, name=name, prepared=record, distro=distro)
+    for key in ("digest", "size", "created", "source"):
+        manifest.pop(key, None)
+    return manifest
 
 
 def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:

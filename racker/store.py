@@ -357,6 +357,20 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
     return image
 
 
+def name_image(name: str, image: StoredImage, *, source: str, recipe: str, manifest: dict) -> StoredImage:
+    """Point `name` at an image already in the store (no copy): what commit() does
+    once the rootfs is in place. The caller holds the lock for `name`."""
+    created = now()
+    named = dict(manifest, digest=image.digest, size=image.size, source=source, created=created)
+    with locked(SWEEP_LOCK, shared=True):
+        if not image.rootfs.is_dir():
+            raise StoreError(f"image {image.name} ({image.digest[:19]}) is gone from the store", hint="pull or prepare it again")
+        write_json(ref_path(name), {"digest": image.digest, "source": source, "recipe": recipe, "created": created, "manifest": named})
+    found = lookup(name)
+    assert found is not None
+    return found
+
+
 def remove(name: str) -> StoredImage:
     """Drop a name; drop its image too when no other name points at it.
 

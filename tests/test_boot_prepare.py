@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import passes_checks, racker
 from racker import export, store
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,10 @@ def slim(private_store: dict) -> store.StoredImage:
     return image
 
 
-def test_a_registry_image_without_an_init_is_given_one_and_boots(slim: store.StoredImage, registry: str) -> None:
+def test_an_image_without_an_init_is_given_one_once_and_passes_the_checks(slim: store.StoredImage, registry: str, tmp_path: Path) -> None:
     export.push(slim, f"docker://{registry}/library/debian:slim")
     reference = f"docker://{registry}/library/debian:slim"
-    ran = racker("run", reference, "--", "systemctl", "is-system-running", "--wait")
-    assert (ran.returncode, ran.stdout.strip()) == (0, "running"), ran.stderr
+    passes_checks(reference)
     pulled = store.lookup(reference)
     booted = store.lookup(reference + "+boot")
     assert pulled is not None and booted is not None
@@ -42,7 +41,15 @@ def test_a_registry_image_without_an_init_is_given_one_and_boots(slim: store.Sto
     assert again.returncode == 0 and "apt-get" not in again.stderr, "prepared once, then reused"
     listed = racker("images").stdout
     assert reference + "+boot" in listed
+    # The same filesystem from another source is prepared already: the prepared image is shared.
+    archive = tmp_path / "slim.tar"
+    export.export(slim, archive, "docker-archive")
+    other = racker("--debug", "run", f"docker-archive:{archive}", "--", "true")
+    assert other.returncode == 0 and "apt-get" not in other.stderr, "the same digest is prepared once, whatever its source"
+    twin = store.lookup(f"docker-archive:{archive}+boot")
+    assert twin is not None and twin.digest == booted.digest and twin.manifest["prepared"]["from"] == f"docker-archive:{archive}"
     assert racker("rmi", reference + "+boot").returncode == 0
+    assert store.lookup(f"docker-archive:{archive}+boot") is not None, "removing one name keeps the image the other names"
 
 
 def test_no_boot_runs_the_command_directly_with_the_image_config(slim: store.StoredImage) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import passes_checks, racker
 from racker import store
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def _expect_service(name: str, *, healthcheck: bool = True) -> store.StoredImage
     return image
 
 
-def test_a_multi_stage_dockerfile_builds_with_buildah_and_boots(hub_mirror: dict, catalog_entry: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_multi_stage_dockerfile_builds_with_buildah_and_passes_the_checks(hub_mirror: dict, catalog_entry: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     for key, value in hub_mirror.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("DOCKER_HOST", raising=False)
@@ -78,8 +78,7 @@ def test_a_multi_stage_dockerfile_builds_with_buildah_and_boots(hub_mirror: dict
     assert pulled.returncode == 0, pulled.stderr
     image = _expect_service(catalog_entry)
     assert image.manifest["build"]["builder"] == "buildah"
-    ran = racker("run", catalog_entry, "--", "systemctl", "is-system-running", "--wait")
-    assert (ran.returncode, ran.stdout.strip()) == (0, "running"), ran.stderr
+    passes_checks(catalog_entry)
     buildah = ["buildah", "--root", str(store.home() / "buildah/root"), "--runroot", str(store.home() / "buildah/run")]
     left = subprocess.run([*buildah, "images", "--format", "{{.Name}}"], capture_output=True, text=True, check=True).stdout
     assert "racker-build" not in left, "the built image is removed from buildah's storage once acquired"
@@ -131,6 +130,70 @@ def test_with_an_engine_the_engine_builds(catalog_entry: str, docker_engine: str
     assert image.manifest["build"]["builder"] == "docker engine"
     assert not [i for i in engine.images.list() if any("racker-build" in t for t in i.tags)]
     assert engine.containers.list(all=True) == []
+
+
+# A service as people write them: a user of its own, settings in ENV, content in WORKDIR,
+# the program in ENTRYPOINT (a bare name, found on PATH as docker finds it) and its port in CMD.
+APP_DOCKERFILE = """\
+FROM debian:bookworm
+RUN useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin web
+ENV GREETING="hello from racker" APP_MODE=production
+WORKDIR /srv/www
+COPY index.html ./
+USER web
+EXPOSE 8080
+ENTRYPOINT ["python3", "-m", "http.server"]
+CMD ["8080"]
+"""
+
+# One SSH round trip for every fact: the service's answer, and its main process's user, cwd and environment.
+APP_FACTS = r"""
+fetch='import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8080/").read().decode(), end="")'
+for i in $(seq 300); do
+    answer=$(python3 -c "$fetch" 2>/dev/null) && break
+    sleep 0.2
+done
+pid=$(systemctl show -p MainPID --value racker-app)
+printf 'answer=%s\n' "$answer"
+echo "active=$(systemctl is-active racker-app)"
+echo "user=$(ps -o user= -p "$pid")"
+echo "cwd=$(readlink "/proc/$pid/cwd")"
+echo "argv=$(tr '\0' ' ' < "/proc/$pid/cmdline")"
+tr '\0' '\n' < "/proc/$pid/environ" | sed 's/^/env:/'
+"""
+
+
+@pytest.mark.qemu
+def test_a_dockerfile_service_promoted_with_app_answers_in_a_vm(hub_mirror: dict, private_store: dict, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from racker.qemu import VM
+
+    for key, value in hub_mirror.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    context = tmp_path / "web"
+    context.mkdir()
+    (context / "Dockerfile").write_text(APP_DOCKERFILE)
+    (context / "index.html").write_text("<h1>served from the image's WORKDIR</h1>\n")
+    disk = tmp_path / "web.qcow2"
+    promoted = racker("promote", f"dockerfile:{context}", "--app", "--format", "qcow2", "-o", str(disk), timeout=1800)
+    assert promoted.returncode == 0, promoted.stderr
+    with VM(disk, image="dockerfile-web") as vm:
+        result = vm.run(["sh", "-c", APP_FACTS], timeout=180)
+        status = vm.run(["systemctl", "status", "--no-pager", "racker-app"]).stdout
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    facts = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("env:"))
+    environ = {line.removeprefix("env:") for line in lines if line.startswith("env:")}
+    facts["env"] = sorted(environ & {"GREETING=hello from racker", "APP_MODE=production"})
+    expected = {
+        "answer": "<h1>served from the image's WORKDIR</h1>",  # index.html, from the WORKDIR http.server serves
+        "active": "active",
+        "user": "web",  # USER: a user the Dockerfile made
+        "cwd": "/srv/www",  # WORKDIR
+        "argv": "python3 -m http.server 8080 ",  # ENTRYPOINT + CMD
+        "env": ["APP_MODE=production", "GREETING=hello from racker"],  # ENV
+    }
+    assert {key: facts.get(key) for key in expected} == expected, status
 
 
 def test_ctrl_c_during_a_build_leaves_no_container_mount_or_temp_dir(
