@@ -831,3 +831,33 @@ def test_gc_removes_what_a_killed_promote_was_writing(bookworm_vm, private_store
 def test_requirements_failed_carries_checks() -> None:
     error = RequirementsFailed("x", [profiles.Result("r", False, "d")])
     assert error.checks[0].requirement == "r"
+
+
+def test_app_finds_a_bare_entrypoint_on_the_image_path_as_docker_does(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "opt/venv/bin").mkdir(parents=True)
+    (tree / "opt/venv/bin/serve").write_text("#!/bin/sh\n")
+    spec = app.AppSpec(("serve", "--port", "80"), (("PATH", "/opt/venv/bin:/usr/bin"),))
+    found = app.resolved(spec, tree)
+    assert found.executable == "/opt/venv/bin/serve"
+    assert 'ExecStart=@"/opt/venv/bin/serve" "serve" "--port" "80"' in app.unit_text(found)
+    assert app.resolved(app.AppSpec(("/usr/bin/env", "x")), tree).executable == ""
+    with pytest.raises(PromoteError, match="not on the image's PATH"):
+        app.resolved(app.AppSpec(("serve",)), tree)  # Docker's default PATH has no /opt/venv/bin
+
+
+@pytest.mark.slow
+def test_app_unit_with_a_bare_entrypoint_runs_it_under_its_own_name(share_image) -> None:
+    """systemd's ExecStart=@PATH NAME: the program found on the image's PATH, argv[0] as the image gave it."""
+    from racker.nspawn import Machine
+
+    base = share_image("debian-bookworm")
+    spec = app.resolved(
+        app.AppSpec(("sh", "-c", "cat /proc/$$/cmdline > /run/app.cmdline.new; mv /run/app.cmdline.new /run/app.cmdline")), base.rootfs
+    )
+    image = _with_app_units(base, "app-bare", spec)
+    with Machine(image) as machine:
+        wait = machine.run(["sh", "-c", "for i in $(seq 100); do [ -e /run/app.cmdline ] && exit 0; sleep 0.1; done; exit 1"])
+        assert wait.returncode == 0, machine.run(["systemctl", "status", app.UNIT]).stdout
+        cmdline = machine.run(["cat", "/run/app.cmdline"]).stdout.split("\0")
+    assert cmdline[:2] == ["sh", "-c"], cmdline

@@ -97,7 +97,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
             files = root_files(layout, kernel, cmdline, options.firmware if fmt.disk else "none")
             files.update(profile.files)
             if options.app:
-                files.update(app_service.unit_files(app_service.spec(image)))
+                files.update(app_service.unit_files(app_service.resolved(app_service.spec(image), tree)))
             for rel, text in files.items():
                 prepare.write_file(tree, rel, text)
             if options.app:

@@ -11,6 +11,7 @@ object of the image configuration, stored by the source that acquired it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class AppSpec:
     group: str = ""
     stop_signal: str = ""
     health: HealthCheck | None = None
+    executable: str = ""  # argv[0] found on the image's PATH, when argv[0] is a bare name
 
 
 def kill_signal(value: object) -> str:
@@ -114,6 +116,27 @@ def spec(image: store.StoredImage) -> AppSpec:
     return AppSpec(tuple(argv), tuple(env), config.get("WorkingDir") or "/", user, group, stop, health_check(config.get("Healthcheck")))
 
 
+# What Docker searches for a bare ENTRYPOINT name when the image sets no PATH.
+DOCKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def resolved(app: AppSpec, tree: Path) -> AppSpec:
+    """The spec with a bare program name (`python3`) found on the image's own PATH, as
+    Docker finds it; systemd would search only its fixed path (no /opt/venv/bin, say).
+    The unit keeps the name as argv[0] (ExecStart=@/path name …), as Docker does."""
+    program = app.argv[0]
+    if "/" in program:
+        return app
+    search = dict(app.env).get("PATH") or DOCKER_PATH
+    for directory in search.split(":"):
+        if not directory.startswith("/"):
+            continue
+        candidate = tree / directory.lstrip("/") / program
+        if candidate.is_symlink() or candidate.is_file():
+            return dataclasses.replace(app, executable=f"{directory.rstrip('/')}/{program}")
+    raise PromoteError(f"the ENTRYPOINT/CMD program {program!r} is not on the image's PATH", hint=f"PATH={search}")
+
+
 def systemd_quote(word: str) -> str:
     """One word of a setting that systemd unquotes (C escapes) and then expands
     % specifiers in, such as Environment=: there `$` is an ordinary character."""
@@ -140,7 +163,7 @@ def unit_text(app: AppSpec) -> str:
         "",
         "[Service]",
         "Type=simple",
-        "ExecStart=" + " ".join(exec_quote(word) for word in app.argv),
+        "ExecStart=" + ("@" + exec_quote(app.executable) + " " if app.executable else "") + " ".join(exec_quote(word) for word in app.argv),
         # Paths and names: not unquoted by systemd, but % specifiers are expanded.
         f"WorkingDirectory=-{app.workdir.replace('%', '%%')}",
     ]
