@@ -6,7 +6,6 @@ the shared store's): they boot machines, gc, and build cached disks there.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import pytest
 
 from conftest import CATALOG_IMAGES, ROOT, racker
 from racker import machines, proc
+from racker.results import read_tests
 
 pytestmark = pytest.mark.slow
 SAMPLE = Path(__file__).parent / "sample_project"
@@ -57,7 +57,7 @@ def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool =
     if not wait:
         return subprocess.Popen(argv, cwd=SAMPLE, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), results
     done = subprocess.run(argv, cwd=SAMPLE, env=_env(env), capture_output=True, text=True, timeout=600)
-    return done, [json.loads(line) for line in results.read_text().splitlines()]
+    return done, read_tests(results)
 
 
 def by_outcome(records: list[dict]) -> dict[str, set[str]]:
@@ -206,7 +206,7 @@ def test_checks_run_from_the_installed_package(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    records = read_tests(results)
     assert len(records) == 6 * len(CATALOG_IMAGES)
     assert {r["outcome"] for r in records} == {"pass"}
 
