@@ -283,6 +283,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"--racker-engines={args.engine}",
             f"--racker-results={args.results or results}",
             "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
+            # Run from a source checkout, racker/checks sits below racker's own test conftest.py,
+            # which would point RACKER_HOME at the test store.
+            "--noconftest",
             # racker itself is imported already, so pytest cannot rewrite its asserts: expected.
             "-W", "ignore::pytest.PytestAssertRewriteWarning",
             "-q" if not args.verbose else "-v",

@@ -91,10 +91,10 @@ def test_a_report_is_a_matrix_of_cells_with_the_images_facts(tmp_path: Path) -> 
 
 def test_a_cell_shows_the_worst_of_its_tests_and_a_test_without_an_image_has_no_cell(tmp_path: Path) -> None:
     records = [
-        check_record("debian-sid", "test_x", "pass"),
         dict(check_record("debian-sid", "test_x", "error", message="machine never booted"), nodeid="other.py::test_x[debian-sid]"),
-        dict(check_record("debian-sid", "test_y", "skip"), nodeid="a.py::test_y[debian-sid]"),
-        dict(check_record("debian-sid", "test_y", "pass"), nodeid="b.py::test_y[debian-sid]"),
+        check_record("debian-sid", "test_x", "pass"),
+        dict(check_record("debian-sid", "test_y", "pass"), nodeid="a.py::test_y[debian-sid]"),
+        dict(check_record("debian-sid", "test_y", "skip"), nodeid="b.py::test_y[debian-sid]"),
         dict(check_record("debian-sid", "test_z"), image=None),
     ]
     made = report.build([write_results(tmp_path / "r.jsonl", records)])
@@ -290,3 +290,48 @@ def test_the_page_renders_the_matrix_and_the_regression_in_chromium(tmp_path: Pa
     failure = next(c for c in made["cells"] if c["outcome"] == "fail")
     assert "log of test_hostname_is_set on debian-sid" in dom.text[failure["id"]]
     assert ("a", {"href": f"#{failure['id']}"}) in dom.elements, "the cell links to its failure"
+
+
+@pytest.mark.slow
+def test_a_real_regression_fails_the_report_and_shows_in_chromium(tmp_path: Path, share_image) -> None:
+    """Two real nights of `racker check` on one image; between them, an update masks its sshd."""
+    intact, broken = tmp_path / "intact", tmp_path / "broken"
+    # Hard-linked copies of the shared image's rootfs: only read (by the import), and the
+    # masking symlink is made in the copy's own /etc/systemd/system.
+    subprocess.run(["cp", "-al", str(share_image("debian-bookworm").rootfs), str(intact)], check=True)
+    subprocess.run(["cp", "-al", str(intact), str(broken)], check=True)
+    (broken / "etc/systemd/system/ssh.service").symlink_to("/dev/null")
+    # The reports are built where no store is: from the results alone.
+    elsewhere = {"RACKER_HOME": str(tmp_path / "no-store")}
+    try:
+        assert racker("import", "lab", str(intact)).returncode == 0
+        first = racker("check", "lab", "--results", str(tmp_path / "night-1.jsonl"))
+        assert first.returncode == 0, first.stdout + first.stderr
+        made = racker("report", str(tmp_path / "night-1.jsonl"), "-o", str(tmp_path / "night-1"), env=elsewhere)
+        assert made.returncode == 0, made.stdout + made.stderr
+
+        assert racker("import", "lab", str(broken)).returncode == 0
+        second = racker("check", "lab", "--results", str(tmp_path / "night-2.jsonl"))
+        assert second.returncode == 1, second.stdout + second.stderr
+        night_2 = ["report", str(tmp_path / "night-2.jsonl"), "-o", str(tmp_path / "night-2"), "--previous", str(tmp_path / "night-1")]
+        made = racker(*night_2, env=elsewhere)
+    finally:
+        shutil.rmtree(intact)
+        shutil.rmtree(broken)
+    assert made.returncode == 1, made.stdout + made.stderr
+    assert "new failure: lab (nspawn) test_sshd_is_installed_and_enabled: AssertionError: expected ssh.service to be" in made.stdout
+    written = json.loads((tmp_path / "night-2" / "report.json").read_text())
+    regression = next(c for c in written["comparison"]["new_failures"] if c["check"] == "test_sshd_is_installed_and_enabled")
+    assert regression["was"] == "pass" and "ssh" in regression["message"]
+    facts = written["images"]["lab"]["nspawn"]
+    assert facts["digest"].startswith("sha256:") and facts["systemd"].startswith("252 ") and facts["boot"]["userspace"] > 0
+    assert facts["digest"] != json.loads((tmp_path / "night-1" / "report.json").read_text())["images"]["lab"]["nspawn"]["digest"]
+    assert written["runs"][0]["host"]["nspawn"].startswith("systemd ") and written["runs"][0]["host"]["accel"] in ("kvm", "tcg", "unknown")
+
+    dom = rendered(tmp_path / "night-2" / "report.html", tmp_path / "report.png")
+    cells = dom.cells()
+    assert cells[("lab", "nspawn", "test_sshd_is_installed_and_enabled")] == ("fail", "cell fail regressed")
+    assert cells[("lab", "nspawn", "test_hostname_is_set")] == ("pass", "cell pass")
+    assert regression["message"].splitlines()[0] in dom.text["new-failures"]
+    # The failure's log holds what the plugin attached: the machine's journal.
+    assert "racker: journal of lab-" in dom.text[regression["id"]]
