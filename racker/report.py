@@ -240,7 +240,8 @@ def markdown(report: dict[str, Any]) -> str:
         for title, key in (("New failures", "new_failures"), ("Fixed", "fixed")):
             lines += [f"### {title} ({len(comparison[key])})", ""]
             lines += [
-                f"- {c['image']} ({c['engine']}) {c['check']}: {c['was']} → **{c['outcome']}** {c['message']}" for c in comparison[key]
+                f"- {c['image']} ({c['engine']}) {c['check']}: {c['was']} → **{c['outcome']}** {_md_escape(fmt.first_line(c['message']))}"
+                for c in comparison[key]
             ]
             lines.append("")
         lines += [f"New images: {', '.join(f'{i} ({e})' for i, e in comparison['new_images']) or 'none'}."]
@@ -268,7 +269,10 @@ def markdown(report: dict[str, Any]) -> str:
     failures = [c for c in report["cells"] if c["outcome"] in BAD]
     if failures:
         lines += ["", "## Failures", ""]
-        lines += [f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {_md_escape(c['message'])[:500]}" for c in failures]
+        lines += [
+            f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {_md_escape(fmt.first_line(c['message']))[:500]}"
+            for c in failures
+        ]
     return "\n".join(lines) + "\n"
 
 

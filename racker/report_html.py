@@ -44,6 +44,8 @@ openTarget();
 
 # --- formatting shared with the Markdown report ---------------------------------
 
+ACCEL = {"kvm": "KVM", "tcg": "TCG", "unknown": "KVM not probed (racker doctor probes it)", "none": "no QEMU"}
+
 
 def human_bytes(size: int | float | None) -> str:
     if not size:
@@ -58,6 +60,11 @@ def human_bytes(size: int | float | None) -> str:
 
 def short_digest(digest: str) -> str:
     return digest.split(":", 1)[-1][:12]
+
+
+def first_line(message: str) -> str:
+    """A failure message's first line (an assertion's own text, before pytest's explanation)."""
+    return message.strip().splitlines()[0] if message.strip() else ""
 
 
 def check_label(check: str) -> str:
@@ -100,7 +107,7 @@ def host_line(run: dict) -> str:
     tools = ", ".join(f"{name}: {host[name]}" for name in ("qemu", "nspawn") if host.get(name))
     return (
         f"{host.get('hostname', '?')} ({host.get('kernel', '')}, {host.get('cpus', '?')} CPUs): racker {host.get('racker', '?')}, "
-        f"{tools}, QEMU accelerator {host.get('accel', '?').upper()}; started {run.get('started', '?')} ({run.get('file', '')})"
+        f"{tools}, QEMU accelerator: {ACCEL.get(host.get('accel', ''), '?')}; started {run.get('started', '?')} ({run.get('file', '')})"
     )
 
 
@@ -125,7 +132,7 @@ def _changes(report: dict[str, Any]) -> list[str]:
                 f'<li data-image="{_e(c["image"])}" data-engine="{_e(c["engine"])}" data-check="{_e(c["check"])}">'
                 f'<a href="#{c["id"]}">{_e(c["image"])} ({_e(c["engine"])}) {_e(check_label(c["check"]))}</a>: '
                 f'{_e(c["was"])} → <span class="{_e(c["outcome"])}">{_e(c["outcome"])}</span> '
-                f'<span class="message">{_e(c["message"])}</span></li>'
+                f'<span class="message">{_e(first_line(c["message"]))}</span></li>'
             )
         html.append("</ul>")
     for title, key in (("New images", "new_images"), ("Dropped images", "dropped_images")):

@@ -86,7 +86,7 @@ def test_a_report_is_a_matrix_of_cells_with_the_images_facts(tmp_path: Path) -> 
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| debian-sid | pass | pass | **fail** |" in markdown
     assert "userspace 0.8s; up after 1.0s" in markdown
-    assert "QEMU accelerator TCG" in markdown
+    assert "QEMU accelerator: TCG" in markdown
 
 
 def test_a_cell_shows_the_worst_of_its_tests_and_a_test_without_an_image_has_no_cell(tmp_path: Path) -> None:
