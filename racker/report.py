@@ -278,19 +278,22 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write(report: dict[str, Any], directory: Path) -> list[Path]:
     """report.json, report.md and report.html in `directory`, each written whole or not at all."""
-    directory.mkdir(parents=True, exist_ok=True)
     outputs = {
         "report.json": json.dumps(report, indent=1, sort_keys=True) + "\n",
         "report.md": markdown(report),
         "report.html": report_html.render(report),
     }
     written = []
-    for name, text in outputs.items():
-        path = directory / name
-        partial = directory / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(path)
-        written.append(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in outputs.items():
+            path = directory / name
+            partial = directory / f".{name}.partial"
+            partial.write_text(text)
+            partial.replace(path)
+            written.append(path)
+    except OSError as error:
+        raise ReportError(f"cannot write the report into {directory}: {error.strerror or error}") from None
     return written
 
 

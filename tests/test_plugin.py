@@ -6,6 +6,7 @@ the shared store's): they boot machines, gc, and build cached disks there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -60,6 +61,11 @@ def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool =
     return done, read_tests(results)
 
 
+def image_records(tmp_path: Path) -> list[dict]:
+    """The "image" records (facts) of run_sample's results."""
+    return [r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines()) if r.get("kind") == "image"]
+
+
 def by_outcome(records: list[dict]) -> dict[str, set[str]]:
     outcomes: dict[str, set[str]] = {}
     for r in records:
@@ -84,6 +90,11 @@ def test_sample_project_passes_on_every_image(tmp_path: Path) -> None:
     assert all(r["outcome"] == "skip" and r["message"] == "nspawn cannot provide: full-boot" for r in full_boot)
     junit = (tmp_path / "junit.xml").read_text()
     assert 'name="racker_image" value="debian-sid"' in junit
+    # What each worker learnt about its image reached the controller's results, for the report.
+    facts = {r["image"]: r for r in image_records(tmp_path)}
+    assert sorted(facts) == sorted(CATALOG_IMAGES)
+    assert all(f["engine"] == "nspawn" and f["digest"].startswith("sha256:") and f["systemd"] for f in facts.values())
+    assert 'name="racker_facts"' in junit
     assert machines.all_states("nspawn") == []
 
 
@@ -232,6 +243,9 @@ def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> Non
         "test_sample.py::test_bootloader_installed[debian-bookworm-nspawn]": ("nspawn", "skip"),
         "test_sample.py::test_bootloader_installed[debian-bookworm-qemu]": ("qemu", "pass"),
     }
+    vm = next(r for r in image_records(tmp_path) if r["engine"] == "qemu")
+    assert vm["accel"] in ("kvm", "tcg") and vm["kernel"] == vm["running_kernel"] and vm["disk_bytes"] > 0, vm
+    assert {"kernel", "userspace"} <= set(vm["boot"]), vm
 
 
 DESTRUCTIVE_PROJECT = """

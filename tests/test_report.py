@@ -184,6 +184,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         ([str(good), "--previous", str(tmp_path / "nowhere")], "no previous report at"),
         ([str(good), "--previous", str(good)], "cannot read the previous report"),
     ]
+    done = racker("report", str(good), "-o", str(good))
+    assert done.returncode == 125 and done.stderr.startswith(f"racker: error: cannot write the report into {good}"), done.stderr
     for args, message in cases:
         done = racker("report", *args, "-o", str(tmp_path / "out"))
         assert done.returncode == 125, done.stderr
