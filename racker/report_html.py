@@ -105,8 +105,9 @@ def disk(facts: dict) -> str:
 def host_line(run: dict) -> str:
     host = run.get("host", {})
     tools = ", ".join(f"{name}: {host[name]}" for name in ("qemu", "nspawn") if host.get(name))
+    machine = ", ".join(filter(None, [host.get("kernel"), f"{host['cpus']} CPUs" if host.get("cpus") else ""]))
     return (
-        f"{host.get('hostname', '?')} ({host.get('kernel', '')}, {host.get('cpus', '?')} CPUs): racker {host.get('racker', '?')}, "
+        f"{host.get('hostname', '?')}{f' ({machine})' if machine else ''}: racker {host.get('racker', '?')}, "
         f"{tools}, QEMU accelerator: {ACCEL.get(host.get('accel', ''), '?')}; started {run.get('started', '?')} ({run.get('file', '')})"
     )
 
