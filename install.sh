@@ -16,6 +16,8 @@ PACKAGES=(
   curl ca-certificates xz-utils zstd lz4 tar
   # python
   python3 python3-venv
+  # the report's HTML is checked in a real headless browser
+  chromium
 )
 
 missing=()

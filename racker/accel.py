@@ -110,19 +110,36 @@ def kvm_works() -> bool:
     if not kvm_device_opens():
         return False
     qemu = proc.require("qemu-system-x86_64")
+    cached = _cached(qemu)
+    if cached is not None:
+        return cached
     cache = store.home() / "cache" / "kvm.json"
     key = _cache_key(qemu)
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return bool(cached["works"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        pass
     kernel = probe_kernel()
     # No kernel to boot: KVM is not proven, and an unproven KVM can hang every VM.
     works = probe_boots("kvm", kernel) if kernel is not None else False
     store.write_json(cache, {"key": key, "works": works, "kernel": str(kernel) if kernel else None, "probed": store.now()})
     return works
+
+
+def _cached(qemu: str) -> bool | None:
+    """The probe's answer for this host and QEMU, if it has run."""
+    try:
+        cached = json.loads((store.home() / "cache" / "kvm.json").read_text())
+        return bool(cached["works"]) if cached.get("key") == _cache_key(qemu) else None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def without_probing() -> str:
+    """What QEMU uses here, as far as is known without booting a probe: kvm, tcg, or unknown."""
+    qemu = proc.which("qemu-system-x86_64")
+    if qemu is None:
+        return "none"
+    if not kvm_device_opens():
+        return "tcg"
+    cached = _cached(qemu)
+    return "unknown" if cached is None else ("kvm" if cached else "tcg")
 
 
 _warned = False

@@ -270,6 +270,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import pytest
 
     from racker import images
+    from racker.results import read_tests
 
     # Build first, with progress, and fail early on a bad name; the checks take the stored names
     # (a platform's included), which need no network and no --insecure again.
@@ -294,8 +295,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.junit:
             argv.append(f"--junitxml={args.junit}")
         status = pytest.main(argv)
-        with open(args.results or results) as handle:
-            records = [json.loads(line) for line in handle]
+        records = read_tests(args.results or results)
     checks = sorted({r["check"] for r in records})
     by_cell = {(r["image"], r["check"]): r["outcome"] for r in records}
     print()
@@ -304,6 +304,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         ["IMAGE", *(c.removeprefix("test_") for c in checks)],
     )
     return 0 if status == 0 else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Merge results into report.json, report.md and report.html; exit 1 if something regressed."""
+    from pathlib import Path
+
+    from racker import report
+
+    made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None)
+    counts = made["counts"]
+    print(f"{Path(args.output) / 'report.html'}: " + ", ".join(f"{counts[o]} {o}" for o in report.OUTCOMES))
+    if made["missing"]:
+        print("no results for: " + ", ".join(f"{image} ({engine})" for image, engine in made["missing"]))
+    comparison = made["comparison"]
+    if comparison:
+        print(f"against {args.previous}: {len(comparison['new_failures'])} new failures, {len(comparison['fixed'])} fixed")
+        for cell in comparison["new_failures"]:
+            first = cell["message"].splitlines()[0] if cell["message"] else cell["outcome"]
+            print(f"  new failure: {cell['image']} ({cell['engine']}) {cell['check']}: {first}")
+    return 1 if report.regressed(made) else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -448,6 +468,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
     p.add_argument("--results", metavar="FILE", help="also keep the JSON-lines results")
     p.add_argument("-v", "--verbose", action="store_true")
+
+    p = verb("report", cmd_report, "merge results (JSON lines or JUnit XML) into report.json, .md and .html; exit 1 on regressions")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results files of one or more runs (shards)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--previous", metavar="DIR|report.json", help="an earlier report to compare against")
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
 

@@ -127,3 +127,7 @@ class RequirementsFailed(PromoteError):
     def __init__(self, message: str, checks: list) -> None:
         self.checks = checks
         super().__init__(message)
+
+
+class ReportError(RackerError):
+    """Results or a previous report that cannot be read."""

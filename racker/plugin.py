@@ -9,6 +9,7 @@ parametrised over the chosen images (and engines): `test_x[debian-bookworm]`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -94,6 +95,17 @@ def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
         config.pluginmanager.register(results.ResultStream(path), "racker-results")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stream = session.config.pluginmanager.get_plugin("racker-results")
+    if stream is None:
+        return
+    from racker import facts, store
+
+    # The matrix asked for: a report tells an image without results (a lost shard) from one never asked for.
+    planned = [[image, engine] for image in chosen_images(session.config) for engine in chosen_engines(session.config)]
+    stream.write({"kind": "run", "started": store.now(), "host": facts.host(), "planned": planned})
 
 
 # --- parametrisation ------------------------------------------------------
@@ -191,10 +203,30 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         backend.HISTORY.clear()
 
 
+# The facts last sent for each (image, engine), so that each is sent once, or again when it grows.
+_SENT_FACTS: dict[tuple[str, str], dict] = {}
+
+
+def _send_facts(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Attach what the worker knows about the test's image to a teardown report: the controller
+    writes it into the results, and junitxml into its properties."""
+    fixtures = sys.modules.get("racker.plugin_fixtures")
+    target = getattr(getattr(item, "callspec", None), "params", {}).get("_racker_target")
+    if fixtures is None or not isinstance(target, Target):
+        return
+    key = (target.image, target.engine)
+    known = fixtures.FACTS.get(key)
+    if known and known != _SENT_FACTS.get(key):
+        _SENT_FACTS[key] = dict(known)
+        report.user_properties.append((results.FACTS_PROPERTY, json.dumps(known, sort_keys=True)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
+    if report.when == "teardown":
+        _send_facts(item, report)
     if not report.failed:
         return
     from racker.errors import RackerError

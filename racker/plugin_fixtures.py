@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import testinfra
 
-from racker import engines, images, testinfra_backend
+from racker import engines, facts, images, testinfra_backend
 from racker.errors import RackerError
 from racker.plugin import Target, chosen_network, machine_scope
 from racker.store import StoredImage
@@ -23,10 +23,16 @@ def racker_engine(_racker_target: Target) -> str:
     return _racker_target.engine
 
 
+# What this worker learnt about each (image, engine), for the results (plugin.py sends it).
+FACTS: dict[tuple[str, str], dict] = {}
+
+
 @pytest.fixture(scope=machine_scope)
 def racker_image(_racker_target: Target) -> StoredImage:
     """The image under test, built once for all workers (the store's lock sees to it)."""
-    return images.pull(_racker_target.image)
+    image = images.pull(_racker_target.image)
+    FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_image(image))
+    return image
 
 
 @pytest.fixture(scope=machine_scope)
@@ -34,6 +40,7 @@ def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racke
     """A booted machine of the image, shared by the tests of a module (or the session)."""
     engine = engines.get(_racker_target.engine)
     with engine.machine_for(racker_image, network_mode=chosen_network(request.config)) as machine:
+        FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_machine(machine))
         yield machine
 
 

@@ -4,8 +4,18 @@ Four outcomes: pass, fail, skip, and error. An error is the harness's fault
 (the machine never booted, a tool crashed), kept apart from a failing check
 so that a report never blames a distribution for it.
 
-    {"image": "debian-bookworm", "engine": "nspawn", "check": "test_hostname",
-     "nodeid": "...", "outcome": "pass", "duration": 0.02, "message": ""}
+    {"kind": "test", "image": "debian-bookworm", "engine": "nspawn", "check": "test_hostname",
+     "nodeid": "...", "outcome": "pass", "duration": 0.02, "message": "", "log": ""}
+
+Beside the tests, so that a report can be built from the results alone on
+another machine: one "run" record (the host, and the matrix the run was asked
+for) and "image" records (what each booted image is: digest, versions, boot
+times), the latest of them for an image and engine saying the most.
+
+    {"kind": "run", "host": {...}, "planned": [["debian-bookworm", "nspawn"]], ...}
+    {"kind": "image", "image": "debian-bookworm", "engine": "nspawn", "digest": "sha256:...", ...}
+
+Older results have no "kind": they hold tests only.
 """
 
 from __future__ import annotations
@@ -15,6 +25,14 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+
+# A failure's log (its traceback, the commands it ran, the machine's journal) is kept up to this size.
+LOG_LIMIT = 64_000
+FACTS_PROPERTY = "racker_facts"
+
+
+def kind(record: dict) -> str:
+    return record.get("kind", "test")
 
 
 def _message(report: pytest.TestReport) -> str:
@@ -26,6 +44,15 @@ def _message(report: pytest.TestReport) -> str:
     return str(report.longrepr or "")[:2000]
 
 
+def _log(report: pytest.TestReport) -> str:
+    """The failure's traceback and the sections attached to it (captured output, commands, journal)."""
+    parts = [report.longreprtext, *(f"--- {title}\n{content}" for title, content in report.sections)]
+    text = "\n".join(part for part in parts if part)
+    if len(text) > LOG_LIMIT:
+        text = text[: LOG_LIMIT // 4] + f"\n[… {len(text) - LOG_LIMIT} characters left out …]\n" + text[-(LOG_LIMIT * 3 // 4) :]
+    return text
+
+
 class ResultStream:
     """A pytest plugin object: collects each test's phases, writes one line when it ends."""
 
@@ -33,12 +60,34 @@ class ResultStream:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.file: IO[str] = open(path, "w")  # noqa: SIM115 - closed at session end
         self.pending: dict[str, dict] = {}
+        self.facts: dict[tuple[str, str], dict] = {}
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def _image_facts(self, props: dict) -> None:
+        """Write what a worker learnt about an image: sent as JSON in a teardown report's properties
+        when first known or changed (so that JUnit XML carries it too)."""
+        try:
+            facts = json.loads(props.get(FACTS_PROPERTY) or "null")
+        except json.JSONDecodeError:
+            return
+        if not isinstance(facts, dict) or not props.get("racker_image"):
+            return
+        key = (props["racker_image"], props.get("racker_engine") or "")
+        merged = {**self.facts.get(key, {}), **facts}
+        if merged != self.facts.get(key):
+            self.facts[key] = merged
+            self.write({"kind": "image", "image": key[0], "engine": key[1], **merged})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
+        self._image_facts(props)
         record = self.pending.setdefault(
             report.nodeid,
             {
+                "kind": "test",
                 "image": props.get("racker_image"),
                 "engine": props.get("racker_engine"),
                 "check": report.nodeid.split("::")[-1].split("[")[0],
@@ -46,6 +95,7 @@ class ResultStream:
                 "outcome": "pass",
                 "duration": 0.0,
                 "message": "",
+                "log": "",
             },
         )
         record["duration"] = round(record["duration"] + report.duration, 3)
@@ -54,15 +104,21 @@ class ResultStream:
             if record["outcome"] == "pass" or not harness:
                 record["outcome"] = "error" if harness else "fail"
                 record["message"] = _message(report)
+                record["log"] = _log(report)
         elif report.skipped and record["outcome"] == "pass":
             record["outcome"] = "skip"
             record["message"] = _message(report)
         if report.when not in ("setup", "call"):  # teardown, or a crashed worker's report
-            self.file.write(json.dumps(self.pending.pop(report.nodeid)) + "\n")
-            self.file.flush()
+            self.write(self.pending.pop(report.nodeid))
 
     def pytest_sessionfinish(self) -> None:
         for record in self.pending.values():
-            self.file.write(json.dumps(record) + "\n")
+            self.write(record)
         self.pending.clear()
         self.file.close()
+
+
+def read_tests(path: str | Path) -> list[dict]:
+    """The test records of a results file (run and image records left out)."""
+    with open(path) as handle:
+        return [r for r in map(json.loads, filter(str.strip, handle)) if kind(r) == "test"]

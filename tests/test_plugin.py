@@ -19,6 +19,7 @@ import pytest
 
 from conftest import CATALOG_IMAGES, ROOT, racker
 from racker import machines, proc
+from racker.results import read_tests
 
 pytestmark = pytest.mark.slow
 SAMPLE = Path(__file__).parent / "sample_project"
@@ -57,7 +58,12 @@ def run_sample(tmp_path: Path, *args: str, env: dict | None = None, wait: bool =
     if not wait:
         return subprocess.Popen(argv, cwd=SAMPLE, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), results
     done = subprocess.run(argv, cwd=SAMPLE, env=_env(env), capture_output=True, text=True, timeout=600)
-    return done, [json.loads(line) for line in results.read_text().splitlines()]
+    return done, read_tests(results)
+
+
+def image_records(tmp_path: Path) -> list[dict]:
+    """The "image" records (facts) of run_sample's results."""
+    return [r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines()) if r.get("kind") == "image"]
 
 
 def by_outcome(records: list[dict]) -> dict[str, set[str]]:
@@ -84,6 +90,11 @@ def test_sample_project_passes_on_every_image(tmp_path: Path) -> None:
     assert all(r["outcome"] == "skip" and r["message"] == "nspawn cannot provide: full-boot" for r in full_boot)
     junit = (tmp_path / "junit.xml").read_text()
     assert 'name="racker_image" value="debian-sid"' in junit
+    # What each worker learnt about its image reached the controller's results, for the report.
+    facts = {r["image"]: r for r in image_records(tmp_path)}
+    assert sorted(facts) == sorted(CATALOG_IMAGES)
+    assert all(f["engine"] == "nspawn" and f["digest"].startswith("sha256:") and f["systemd"] for f in facts.values())
+    assert 'name="racker_facts"' in junit
     assert machines.all_states("nspawn") == []
 
 
@@ -206,7 +217,7 @@ def test_checks_run_from_the_installed_package(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    records = read_tests(results)
     assert len(records) == 6 * len(CATALOG_IMAGES)
     assert {r["outcome"] for r in records} == {"pass"}
 
@@ -232,6 +243,9 @@ def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> Non
         "test_sample.py::test_bootloader_installed[debian-bookworm-nspawn]": ("nspawn", "skip"),
         "test_sample.py::test_bootloader_installed[debian-bookworm-qemu]": ("qemu", "pass"),
     }
+    vm = next(r for r in image_records(tmp_path) if r["engine"] == "qemu")
+    assert vm["accel"] in ("kvm", "tcg") and vm["kernel"] == vm["running_kernel"] and vm["disk_bytes"] > 0, vm
+    assert {"kernel", "userspace"} <= set(vm["boot"]), vm
 
 
 DESTRUCTIVE_PROJECT = """

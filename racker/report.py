@@ -1,0 +1,306 @@
+"""Results -> a compatibility report: report.json, report.md and a static report.html.
+
+    racker report shard-1.jsonl shard-2.jsonl junit.xml -o out/ --previous last-night/
+
+Any number of results files (JSON lines from --racker-results, or JUnit XML)
+merge into one matrix of images × checks per engine. A test seen in two files
+(a shard given twice, or run again) counts once, the last file's. Images the
+runs planned but that have no results (a lost shard) are named, not hidden.
+Against a previous report: new failures, fixed checks, new and dropped images;
+`regressed` says whether CI should go red.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from racker import report_html, results, store
+from racker.errors import ReportError
+
+FORMAT = "racker-report/1"
+# Worst first: a cell run by several tests shows the worst of them.
+SEVERITY = {"error": 3, "fail": 2, "pass": 1, "skip": 0}
+OUTCOMES = ("pass", "fail", "error", "skip")  # in the order a summary names them
+BAD = ("fail", "error")
+JUNIT_OUTCOMES = {"failure": "fail", "error": "error", "skipped": "skip"}
+
+# --- reading ----------------------------------------------------------------
+
+
+def _read_jsonl(path: Path, text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}:{number}: not a JSON results line ({error.msg})") from None
+        if not isinstance(record, dict) or (results.kind(record) == "test" and not {"nodeid", "outcome"} <= set(record)):
+            raise ReportError(f"{path}:{number}: not a racker results record", hint="give files written by --racker-results or --junitxml")
+        records.append(record)
+    return records
+
+
+def _junit_case(case: ET.Element) -> list[dict]:
+    """One <testcase> as a test record (and an image record, if the plugin attached facts to it)."""
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    name = case.get("name", "")
+    outcome, message, log = "pass", "", ""
+    for child in case:
+        if child.tag in JUNIT_OUTCOMES:
+            outcome, message, log = JUNIT_OUTCOMES[child.tag], child.get("message", ""), child.text or ""
+    record = {
+        "kind": "test",
+        "image": props.get("racker_image"),
+        "engine": props.get("racker_engine"),
+        "check": name.split("[")[0],
+        "nodeid": f"{case.get('classname', '')}::{name}",
+        "outcome": outcome,
+        "duration": float(case.get("time") or 0),
+        "message": message,
+        "log": log,
+    }
+    found = [record]
+    if props.get(results.FACTS_PROPERTY) and record["image"]:
+        facts = json.loads(props[results.FACTS_PROPERTY])
+        found.insert(0, {"kind": "image", "image": record["image"], "engine": record["engine"], **facts})
+    return found
+
+
+def _read_junit(path: Path, text: str) -> list[dict]:
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as error:
+        raise ReportError(f"{path}: not JUnit XML ({error})") from None
+    return [record for case in root.iter("testcase") for record in _junit_case(case)]
+
+
+def read(path: Path) -> list[dict]:
+    """The records of one results file: JSON lines, or JUnit XML (told apart by their first character)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ReportError(f"no results file {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from None
+    return _read_junit(path, text) if text.lstrip().startswith("<") else _read_jsonl(path, text)
+
+
+# --- merging ----------------------------------------------------------------
+
+
+def cell_id(image: str, engine: str, check: str) -> str:
+    """A stable HTML anchor for a cell."""
+    return "r-" + hashlib.sha1(f"{image}\0{engine}\0{check}".encode()).hexdigest()[:12]
+
+
+def _cells(tests: dict[tuple, dict]) -> list[dict]:
+    cells: dict[tuple, dict] = {}
+    for test in tests.values():
+        key = (test["image"], test["engine"] or "", test["check"])
+        cell = cells.get(key)
+        if cell is None:
+            cell = cells[key] = {
+                "image": key[0], "engine": key[1], "check": key[2], "id": cell_id(*key),
+                "outcome": test["outcome"], "message": "", "log": "", "duration": 0.0, "nodeids": [],
+            }  # fmt: skip
+        cell["nodeids"].append(test["nodeid"])
+        cell["duration"] = round(cell["duration"] + float(test.get("duration") or 0), 3)
+        if SEVERITY.get(test["outcome"], 3) >= SEVERITY.get(cell["outcome"], 3):
+            cell["outcome"] = test["outcome"]
+            cell["message"] = test.get("message") or cell["message"]
+            cell["log"] = test.get("log") or cell["log"]
+    return [cells[key] for key in sorted(cells)]
+
+
+def build(paths: list[Path]) -> dict[str, Any]:
+    """The report of these results files, without a comparison."""
+    runs: list[dict] = []
+    facts: dict[tuple[str, str], dict] = {}
+    tests: dict[tuple, dict] = {}
+    repeated: set[str] = set()
+    unplaced = 0
+    for path in paths:
+        for record in read(path):
+            kind = results.kind(record)
+            if kind == "run":
+                runs.append({"file": str(path), **{k: v for k, v in record.items() if k != "kind"}})
+            elif kind == "image":
+                key = (record["image"], record.get("engine") or "")
+                facts.setdefault(key, {}).update({k: v for k, v in record.items() if k not in ("kind", "image", "engine")})
+            elif kind == "test" and not record.get("image"):
+                unplaced += 1  # not a racker-parametrised test: no cell for it
+            elif kind == "test":
+                key = (record["image"], record.get("engine") or "", record["nodeid"])
+                if key in tests:
+                    repeated.add(record["nodeid"])
+                tests[key] = record  # the last file's wins
+    cells = _cells(tests)
+    pairs = sorted({(c["image"], c["engine"]) for c in cells})
+    planned = {tuple(pair) for run in runs for pair in run.get("planned", [])}
+    images: dict[str, dict[str, dict]] = {}
+    for image, engine in pairs:
+        images.setdefault(image, {})[engine] = facts.get((image, engine), {})
+    counts = {outcome: sum(c["outcome"] == outcome for c in cells) for outcome in SEVERITY}
+    return {
+        "format": FORMAT,
+        "generated": store.now(),
+        "inputs": [str(p) for p in paths],
+        "runs": runs,
+        "engines": sorted({engine for _image, engine in pairs}),
+        "checks": sorted({c["check"] for c in cells}),
+        "images": images,
+        "cells": cells,
+        "counts": counts,
+        "missing": [list(pair) for pair in sorted(planned - set(pairs))],
+        "repeated": sorted(repeated),
+        "unplaced": unplaced,
+        "comparison": None,
+    }
+
+
+# --- comparing --------------------------------------------------------------
+
+
+def load_previous(path: Path) -> dict[str, Any]:
+    """A previous report: its directory or its report.json."""
+    target = path / "report.json" if path.is_dir() else path
+    try:
+        previous = json.loads(target.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"no previous report at {target}", hint="give the directory of an earlier `racker report -o DIR`") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"cannot read the previous report {target}: {error}") from None
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+        raise ReportError(f"{target} is not a racker report ({FORMAT})")
+    return previous
+
+
+def _brief(cell: dict, was: str) -> dict:
+    return {k: cell[k] for k in ("image", "engine", "check", "id", "outcome", "message")} | {"was": was}
+
+
+def compare(current: dict[str, Any], previous: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """What changed since `previous`: new failures first, then fixed checks, new and dropped images."""
+    before = {(c["image"], c["engine"], c["check"]): c["outcome"] for c in previous["cells"]}
+    before_pairs = {key[:2] for key in before}
+    now_pairs = {(c["image"], c["engine"]) for c in current["cells"]}
+    new_failures, fixed, still = [], [], 0
+    for cell in current["cells"]:
+        key = (cell["image"], cell["engine"], cell["check"])
+        was = before.get(key, "absent")
+        if cell["outcome"] in BAD and key[:2] in before_pairs:
+            if was in BAD:
+                still += 1
+            else:
+                new_failures.append(_brief(cell, was))
+        elif cell["outcome"] == "pass" and was in BAD:
+            fixed.append(_brief(cell, was))
+    missing = {tuple(pair) for pair in current["missing"]}
+    return {
+        "previous": source,
+        "previous_generated": previous.get("generated", ""),
+        "new_failures": new_failures,
+        "fixed": fixed,
+        "still_failing": still,
+        "new_images": [list(p) for p in sorted(now_pairs - before_pairs)],
+        "dropped_images": [[*p, "no results" if p in missing else "not run"] for p in sorted(before_pairs - now_pairs)],
+        "regressed": bool(new_failures),
+    }
+
+
+def regressed(report: dict[str, Any]) -> bool:
+    return bool(report["comparison"] and report["comparison"]["regressed"])
+
+
+# --- writing ----------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    fmt = report_html
+    counts = report["counts"]
+    lines = [
+        "# racker compatibility report",
+        "",
+        f"Generated {report['generated']}: {', '.join(f'{counts[o]} {o}' for o in OUTCOMES)}.",
+        "",
+    ]
+    comparison = report["comparison"]
+    if comparison:
+        lines += [f"## Against {comparison['previous'] or 'the previous report'} ({comparison['previous_generated']})", ""]
+        for title, key in (("New failures", "new_failures"), ("Fixed", "fixed")):
+            lines += [f"### {title} ({len(comparison[key])})", ""]
+            lines += [
+                f"- {c['image']} ({c['engine']}) {c['check']}: {c['was']} → **{c['outcome']}** {_md_escape(fmt.first_line(c['message']))}"
+                for c in comparison[key]
+            ]
+            lines.append("")
+        lines += [f"New images: {', '.join(f'{i} ({e})' for i, e in comparison['new_images']) or 'none'}."]
+        lines += [f"Dropped images: {', '.join(f'{i} ({e}, {why})' for i, e, why in comparison['dropped_images']) or 'none'}.", ""]
+    if report["missing"]:
+        lines += [f"**No results** for: {', '.join(f'{i} ({e})' for i, e in report['missing'])}.", ""]
+    if report["repeated"]:
+        lines += [f"{len(report['repeated'])} tests were reported more than once (a repeated shard?): the last report counts.", ""]
+    by_cell = {(c["image"], c["engine"], c["check"]): c for c in report["cells"]}
+    for engine in report["engines"]:
+        checks = [c for c in report["checks"] if any(key[1:] == (engine, c) for key in by_cell)]
+        lines += [f"## {engine}", "", "| image | " + " | ".join(fmt.check_label(c) for c in checks) + " |"]
+        lines.append("|---" * (len(checks) + 1) + "|")
+        for image in sorted(i for i, engines in report["images"].items() if engine in engines):
+            row = [by_cell[(image, engine, c)]["outcome"] if (image, engine, c) in by_cell else "-" for c in checks]
+            lines.append(f"| {image} | " + " | ".join(f"**{o}**" if o in BAD else o for o in row) + " |")
+        lines.append("")
+    lines += ["## Images", "", "| image | engine | digest | source | kernel | systemd | cloud-init | boot | disk |", "|---" * 9 + "|"]
+    for image, engines in sorted(report["images"].items()):
+        for engine, facts in sorted(engines.items()):
+            row = [image, engine, fmt.short_digest(facts.get("digest", "")), facts.get("source", ""), *fmt.versions(facts)]
+            lines.append("| " + " | ".join(_md_escape(str(v)) for v in [*row, fmt.boot(facts), fmt.disk(facts)]) + " |")
+    lines += ["", "## Hosts", ""]
+    lines += [f"- {fmt.host_line(run)}" for run in report["runs"]] or ["- (the results carry no host record)"]
+    failures = [c for c in report["cells"] if c["outcome"] in BAD]
+    if failures:
+        lines += ["", "## Failures", ""]
+        lines += [
+            f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {_md_escape(fmt.first_line(c['message']))[:500]}"
+            for c in failures
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], directory: Path) -> list[Path]:
+    """report.json, report.md and report.html in `directory`, each written whole or not at all."""
+    outputs = {
+        "report.json": json.dumps(report, indent=1, sort_keys=True) + "\n",
+        "report.md": markdown(report),
+        "report.html": report_html.render(report),
+    }
+    written = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in outputs.items():
+            path = directory / name
+            partial = directory / f".{name}.partial"
+            partial.write_text(text)
+            partial.replace(path)
+            written.append(path)
+    except OSError as error:
+        raise ReportError(f"cannot write the report into {directory}: {error.strerror or error}") from None
+    return written
+
+
+def make(paths: list[Path], directory: Path, previous: Path | None = None) -> dict[str, Any]:
+    """Build, compare (the previous report is read before anything is written: it may be in `directory`) and write."""
+    report = build(paths)
+    if previous is not None:
+        report["comparison"] = compare(report, load_previous(previous), str(previous))
+    write(report, directory)
+    return report
