@@ -127,3 +127,7 @@ class RequirementsFailed(PromoteError):
     def __init__(self, message: str, checks: list) -> None:
         self.checks = checks
         super().__init__(message)
+
+
+class DownloadError(RackerError):
+    """A download failed, was refused (untrusted TLS, plain HTTP) or does not match its checksum or signature."""
