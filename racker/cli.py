@@ -66,9 +66,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _pull_options(args: argparse.Namespace) -> dict:
     """images.pull's keywords from --platform and --insecure (add_pull_options)."""
+    from pathlib import Path
+
     from racker import platforms
 
-    return {"platform": platforms.parse(args.platform) if args.platform else None, "insecure": args.insecure}
+    keyring = Path(args.keyring).absolute() if args.keyring else None
+    if keyring is not None and not keyring.is_file():
+        raise errors.RackerError(f"--keyring {args.keyring}: no such file")
+    return {"platform": platforms.parse(args.platform) if args.platform else None, "insecure": args.insecure, "keyring": keyring}
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -349,6 +354,7 @@ def add_pull_options(p: argparse.ArgumentParser) -> None:
         "--platform", metavar="OS/ARCH[/VARIANT]", help="the image of a multi-arch index to pull, e.g. linux/arm64 (default: the host's)"
     )
     p.add_argument("--insecure", action="store_true", help="let this pull's registry answer plain HTTP or unverified TLS")
+    p.add_argument("--keyring", metavar="FILE", help="an OpenPGP keyring: a download's SHA256SUMS must be signed by a key in it (gpgv)")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
