@@ -64,6 +64,9 @@ class Fact:
 class Facts(dict[str, Fact]):
     """The answers, by name, with the parsing the checks share."""
 
+    def __repr__(self) -> str:  # an assertion's explanation shows the fact it read, not all of them
+        return f"<{len(self)} facts>"
+
     def out(self, name: str) -> str:
         return self[name].out
 
