@@ -118,6 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("hosts", None):
         # With testinfra's --hosts (racker://NAME among them), testinfra's own `host` serves.
         config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
+    attached(config)  # a name that runs nothing ends the run here, as a usage error
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
         config.pluginmanager.register(results.ResultStream(path), "racker-results")

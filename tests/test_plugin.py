@@ -327,3 +327,10 @@ def test_destructive_and_fresh_tests_get_machines_of_their_own(tmp_path: Path) -
     assert done.returncode == 0, done.stdout + done.stderr
     assert len({name for _test, name in seen}) == 3
     assert machines.all_states("nspawn") == []
+
+
+def test_attach_to_a_machine_that_is_not_running_is_a_usage_error(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "racker.checks", "--racker-attach=no-such-vm"]
+    done = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "--racker-attach: no running machine or VM named 'no-such-vm'" in done.stderr
