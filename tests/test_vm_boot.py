@@ -21,6 +21,7 @@ from test_promote import HOSTILE_ENV
 from conftest import CATALOG_IMAGES, ROOT
 from racker import images, machines, prepare, promote, store
 from racker.checks import guest
+from racker.cli import OUTCOME_RANK
 from racker.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
@@ -70,8 +71,9 @@ def run_checks(vm: VM, tmp_path: Path, *args: str) -> tuple[subprocess.Completed
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     by_check: dict[str, dict] = {}
-    for record in records:  # a parametrised check: its failure wins over its skips
-        if record["check"] not in by_check or record["outcome"] == "fail":
+    for record in records:  # a parametrised check: its worst outcome, as `racker check` shows it
+        seen = by_check.get(record["check"])
+        if seen is None or OUTCOME_RANK[record["outcome"]] < OUTCOME_RANK[seen["outcome"]]:
             by_check[record["check"]] = record
     return done, by_check
 
