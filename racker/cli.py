@@ -274,7 +274,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     import pytest
 
-    from racker import images
+    from racker import engines, images
     from racker.results import read_tests
 
     # Build first, with progress, and fail early on a bad name; the checks take the stored names
@@ -285,7 +285,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         argv = [
             "--pyargs", "racker.checks",
             f"--racker-images={','.join(names)}",
-            f"--racker-engines={args.engine}",
+            f"--racker-engines={','.join(engines.ENGINES) if args.engine == 'all' else args.engine}",
             f"--racker-results={args.results or results}",
             "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
             # Only racker's checks: a conftest.py above the installed package (a source
@@ -301,13 +301,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             argv.append(f"--junitxml={args.junit}")
         status = pytest.main(argv)
         records = read_tests(args.results or results)
-    checks = sorted({r["check"] for r in records})
-    by_cell = {(r["image"], r["check"]): r["outcome"] for r in records}
     print()
-    _table(
-        [[image, *(by_cell.get((image, check), "-") for check in checks)] for image in sorted({r["image"] for r in records})],
-        ["IMAGE", *(c.removeprefix("test_") for c in checks)],
-    )
+    _table(*check_table(records))
     return 0 if status == 0 else 1
 
 
@@ -329,6 +324,23 @@ def cmd_report(args: argparse.Namespace) -> int:
             first = cell["message"].splitlines()[0] if cell["message"] else cell["outcome"]
             print(f"  new failure: {cell['image']} ({cell['engine']}) {cell['check']}: {first}")
     return 1 if report.regressed(made) else 0
+
+
+# What a cell shows when a check ran more than once there (parametrised): the worst outcome.
+OUTCOME_RANK = {"error": 0, "fail": 1, "pass": 2, "skip": 3}
+
+
+def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """A row per check, a column per image and engine."""
+    columns = sorted({(r["image"], r["engine"]) for r in records})
+    cells: dict[tuple[str, tuple[str, str]], str] = {}
+    for r in records:
+        key = (r["check"], (r["image"], r["engine"]))
+        if key not in cells or OUTCOME_RANK[r["outcome"]] < OUTCOME_RANK[cells[key]]:
+            cells[key] = r["outcome"]
+    checks = sorted({r["check"] for r in records})
+    rows = [[check.removeprefix("test_"), *(cells.get((check, column), "-") for column in columns)] for check in checks]
+    return rows, ["CHECK", *(f"{image}/{engine}" for image, engine in columns)]
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -466,9 +478,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
 
+    from racker import engines
+
     p = verb("check", cmd_check, "boot images and run the built-in compatibility checks")
     p.add_argument("images", nargs="+")
-    p.add_argument("--engine", default="nspawn")
+    p.add_argument("--engine", default="nspawn", choices=[*engines.ENGINES, "all"], help="where to boot the images (default nspawn)")
     add_pull_options(p)
     p.add_argument("-n", "--workers", help="parallel pytest workers (pytest-xdist), e.g. auto")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
