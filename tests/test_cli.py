@@ -120,7 +120,7 @@ def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_pat
         "bootstrap:debian/bookworm+vm": None,
         "docker://debian:bookworm": None,
         "no-such-image": None,
-        "file:disk.qcow2": Path("disk.qcow2"),
+        "file:disk.qcow2": tmp_path / "disk.qcow2",  # file: paths are made absolute when parsed
         "file:/srv/vm.img": Path("/srv/vm.img"),
         "./nope.qcow2": Path("nope.qcow2"),
         "/srv/vm.img": Path("/srv/vm.img"),
