@@ -26,11 +26,15 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from racker import accel, machines, proc, progress, seed, ssh, store
 from racker.errors import BadDisk, BootTimeout, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
 from racker.machines import State
 from racker.proc import Result
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
@@ -253,17 +257,18 @@ class VM(machines.Guest):
         self.endpoint: ssh.Endpoint | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._master: subprocess.Popen[bytes] | None = None  # the SSH connection master, if this process started it
+        self._monitor: QEMUMonitorProtocol | None = None  # one QMP client for the VM's life
         self.argv: list[str] = []
         self.boot_seconds = 0.0
         self.system_state = ""
 
     # -- paths ---------------------------------------------------------------
 
-    @property
-    def qmp_name(self) -> str:
-        """QMP's abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is."""
+    def qmp_name(self, *, shared: bool = False) -> str:
+        """A QMP abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is.
+        The first is kept by the process that launched QEMU; `shared` is for any other."""
         assert self.state is not None
-        return f"racker/{self.state.token}/qmp"
+        return f"racker/{self.state.token}/{'qmp-shared' if shared else 'qmp'}"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -330,7 +335,9 @@ class VM(machines.Guest):
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp,path={self.qmp_name},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp,path={self.qmp_name()},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-shared,path={self.qmp_name(shared=True)},abstract=on,server=on,wait=off",
+            "-mon", "chardev=qmp-shared,mode=control",
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
             "-device", "virtio-blk-pci,drive=disk0" + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
@@ -391,22 +398,43 @@ class VM(machines.Guest):
         raise VMLaunchFailure(None, self.argv, "QEMU did not open its QMP socket")
 
     def qmp(self, command: Sequence[str] | str, **arguments: object) -> object:
-        """One QMP command over the VM's socket (qemu.qmp's synchronous client)."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        _quiet_library_logs()
-
+        """One QMP command on the VM's QMP connection, opened on first use and kept until stop()."""
         name = command if isinstance(command, str) else command[0]
-        monitor = QEMUMonitorProtocol("\0" + self.qmp_name)
+        monitor = self._monitor or self._connect_qmp()
         try:
-            monitor.connect(negotiate=True)
-            monitor.settimeout(10)
             reply = monitor.cmd_raw(name, dict(arguments) or None)
-        finally:
-            monitor.close()
+        except BaseException:
+            self._close_qmp()  # dropped, or half-read: the next call connects again
+            raise
         if "error" in reply:
             raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        """qemu.qmp's synchronous client on the VM's monitor: the first for the process that
+        launched QEMU, the second for any other (QEMU serves one client per monitor)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        _quiet_library_logs()
+        monitor = QEMUMonitorProtocol("\0" + self.qmp_name(shared=self._child is None))
+        try:
+            monitor.connect(negotiate=True)
+        except BaseException:
+            monitor.close()
+            raise
+        monitor.settimeout(10)
+        self._monitor = monitor
+        return monitor
+
+    def detach(self) -> None:
+        self._close_qmp()  # the monitor is kept by the process that stops the VM, which is no longer us
+        super().detach()
+
+    def _close_qmp(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.close()
 
     def _alive(self) -> bool:
         if self._child is not None:
@@ -480,6 +508,7 @@ class VM(machines.Guest):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._child.wait(5)
         finally:
+            self._close_qmp()
             store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
