@@ -591,6 +591,13 @@ class VM(machines.Guest):
         self.connection()
         return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
 
+    def interact(self, argv: Sequence[str], *, tty: bool | None = None, root: bool = False) -> int:
+        """Run wired to our own terminal, on the VM's connection (an empty command is a login shell)."""
+        if self.endpoint is None or self.state is None:
+            raise VMError(f"VM {self.name!r} is not running")
+        self.connection()
+        return self.endpoint.interact(argv, tty=tty, root=root)
+
     def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
         __tracebackhide__ = True
         return self.run_expect([0], argv, **kwargs).stdout
