@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def test_a_killed_master_is_replaced_on_the_next_command(vm: VM) -> None:
     assert vm.check_output(WHO, root=False) != connection, "a new connection"
     assert check(vm).returncode == 0
     assert ssh_processes(vm.rundir) == [after[0]]
+
+
+def test_qmp_keeps_one_client_and_answers_another_process(vm: VM) -> None:
+    """The owner holds its QMP connection from launch to stop; this process gets the second monitor."""
+    answers: list[object] = []
+    asking = threading.Thread(target=lambda: answers.extend(vm.qmp("query-status") for _ in range(3)), daemon=True)
+    asking.start()
+    asking.join(20)
+    assert not asking.is_alive(), "QMP did not answer while the VM's owner holds its connection"
+    assert [a["status"] for a in answers] == ["running"] * 3  # type: ignore[index]
+    monitor = vm._monitor
+    assert monitor is not None
+    vm.qmp("query-status")
+    assert vm._monitor is monitor, "one client, kept"
 
 
 def test_closing_the_connection_leaves_no_master_and_no_socket(vm: VM) -> None:
