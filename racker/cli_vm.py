@@ -145,14 +145,14 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise VMError("no command given", hint="racker vm run IMAGE -- CMD …")
     with _vm_for(args, detached=False) as vm:
-        return vm.endpoint.interact(args.command, tty=args.tty, root=args.root)
+        return vm.interact(args.command, tty=args.tty, root=args.root)
 
 
 def cmd_vm_ssh(args: argparse.Namespace) -> int:
     from racker import qemu
 
     vm = qemu.VM.attach(args.name)
-    return vm.endpoint.interact(args.command, tty=args.tty, root=args.root)
+    return vm.interact(args.command, tty=args.tty, root=args.root)
 
 
 def cmd_vm_console(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ class State:
     owner_start: int = 0
     token: str = ""  # tells this claim of the name from a later one
     started: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "helpers": {what: [pid, start time]}, killed by reap()
 
     @property
     def rundir(self) -> Path:
@@ -148,6 +148,23 @@ def is_stale(state: State) -> bool:
     return not state.pid and not state.owner
 
 
+def helpers(state: State) -> dict[str, tuple[int, int]]:
+    """The helper processes a record names, {what: (pid, start time)}; malformed entries are left out."""
+    found = state.extra.get("helpers")
+    if not isinstance(found, dict):
+        return {}
+    return {
+        str(what): (pid, started)
+        for what, value in found.items()
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(n) is int for n in value)
+        for pid, started in [value]
+    }
+
+
+def set_helper(state: State, what: str, pid: int, started: int) -> None:
+    state.extra["helpers"] = {**helpers(state), what: [pid, started]}
+
+
 def in_use(digest: str) -> list[State]:
     return [s for kind in KINDS for s in all_states(kind) if s.digest == digest and not is_stale(s)]
 
@@ -227,6 +244,10 @@ def reap(state: State) -> list[str]:
     The caller holds the names lock (claim() and collect_stale() do).
     """
     removed = []
+    # Its helpers first (a VM's SSH connection master), while the machine they talk to still runs.
+    for what, (pid, started) in helpers(state).items():
+        if proc.kill_and_wait(pid, started, state.boot_id):
+            removed.append(f"killed the {what} of {state.name} (pid {pid})")
     # The leader first: killing a pid namespace's init takes the whole machine down.
     if proc.kill_and_wait(state.leader, state.leader_start, state.boot_id):
         removed.append(f"killed {state.kind} machine {state.name} (pid {state.leader})")

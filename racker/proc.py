@@ -223,13 +223,13 @@ def spawn(argv: Sequence[str], **options: Any) -> Iterator[subprocess.Popen[byte
             terminate(child, group=not options.get("foreground", False))
 
 
-def interact(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
+def interact(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> int:
     """Run a command wired to our own terminal (stdin, stdout, stderr); its exit status.
 
     It stays in our process group, so that it may read the terminal. If we are
     interrupted, it is terminated on the way out.
     """
-    with spawn(argv, env=env, stdin=None, foreground=True) as child:
+    with spawn(argv, env=env, stdin=None, foreground=True, cwd=cwd) as child:
         return child.wait()
 
 

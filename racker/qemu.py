@@ -13,6 +13,7 @@ from a port on 127.0.0.1 chosen under a lock shared by all racker processes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -25,11 +26,15 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from racker import accel, machines, proc, progress, seed, ssh, store
 from racker.errors import BadDisk, BootTimeout, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
 from racker.machines import State
 from racker.proc import Result
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
@@ -251,17 +256,19 @@ class VM(machines.Guest):
         self.state: State | None = None
         self.endpoint: ssh.Endpoint | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        self._master: subprocess.Popen[bytes] | None = None  # the SSH connection master, if this process started it
+        self._monitor: QEMUMonitorProtocol | None = None  # one QMP client for the VM's life
         self.argv: list[str] = []
         self.boot_seconds = 0.0
         self.system_state = ""
 
     # -- paths ---------------------------------------------------------------
 
-    @property
-    def qmp_name(self) -> str:
-        """QMP's abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is."""
+    def qmp_name(self, *, shared: bool = False) -> str:
+        """A QMP abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is.
+        The first is kept by the process that launched QEMU; `shared` is for any other."""
         assert self.state is not None
-        return f"racker/{self.state.token}/qmp"
+        return f"racker/{self.state.token}/{'qmp-shared' if shared else 'qmp'}"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -328,7 +335,9 @@ class VM(machines.Guest):
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp,path={self.qmp_name},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp,path={self.qmp_name()},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-shared,path={self.qmp_name(shared=True)},abstract=on,server=on,wait=off",
+            "-mon", "chardev=qmp-shared,mode=control",
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
             "-device", "virtio-blk-pci,drive=disk0" + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
@@ -389,22 +398,43 @@ class VM(machines.Guest):
         raise VMLaunchFailure(None, self.argv, "QEMU did not open its QMP socket")
 
     def qmp(self, command: Sequence[str] | str, **arguments: object) -> object:
-        """One QMP command over the VM's socket (qemu.qmp's synchronous client)."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        _quiet_library_logs()
-
+        """One QMP command on the VM's QMP connection, opened on first use and kept until stop()."""
         name = command if isinstance(command, str) else command[0]
-        monitor = QEMUMonitorProtocol("\0" + self.qmp_name)
+        monitor = self._monitor or self._connect_qmp()
         try:
-            monitor.connect(negotiate=True)
-            monitor.settimeout(10)
             reply = monitor.cmd_raw(name, dict(arguments) or None)
-        finally:
-            monitor.close()
+        except BaseException:
+            self._close_qmp()  # dropped, or half-read: the next call connects again
+            raise
         if "error" in reply:
             raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        """qemu.qmp's synchronous client on the VM's monitor: the first for the process that
+        launched QEMU, the second for any other (QEMU serves one client per monitor)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        _quiet_library_logs()
+        monitor = QEMUMonitorProtocol("\0" + self.qmp_name(shared=self._child is None))
+        try:
+            monitor.connect(negotiate=True)
+        except BaseException:
+            monitor.close()
+            raise
+        monitor.settimeout(10)
+        self._monitor = monitor
+        return monitor
+
+    def detach(self) -> None:
+        self._close_qmp()  # the monitor is kept by the process that stops the VM, which is no longer us
+        super().detach()
+
+    def _close_qmp(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.close()
 
     def _alive(self) -> bool:
         if self._child is not None:
@@ -434,9 +464,10 @@ class VM(machines.Guest):
                 if not greeted:
                     time.sleep(0.25)
                     continue
-            # One connection both proves SSH and waits for the boot to finish: under
-            # emulation each SSH handshake costs the guest a second of CPU.
+            # The connection master both proves SSH and carries every later command:
+            # under emulation each SSH handshake costs the guest a second of CPU.
             try:
+                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
                 result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
                 break
             except Unreachable:
@@ -459,6 +490,7 @@ class VM(machines.Guest):
         if state is None:
             return
         try:
+            self.close_connection()  # first: a master would otherwise wait for the dead guest to time out
             if state.pid and self._alive():
                 if grace > 0:
                     with contextlib.suppress(Exception):
@@ -476,6 +508,7 @@ class VM(machines.Guest):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._child.wait(5)
         finally:
+            self._close_qmp()
             store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
@@ -490,17 +523,102 @@ class VM(machines.Guest):
             time.sleep(0.05)
         return False
 
+    # -- the SSH connection --------------------------------------------------
+
+    def connection(self, *, timeout: float = 60, connect_timeout: float = 5) -> tuple[int, int]:
+        """The VM's SSH connection master, (pid, start time): started on first use and
+        again if it died, recorded for stop() and `racker gc`; Unreachable if it cannot log in.
+
+        Any racker process may start it (`racker vm ssh` on a VM another one runs);
+        the VM's lock file keeps two from starting one each.
+        """
+        assert self.state is not None and self.endpoint is not None
+        running = self._recorded_master(self.state)
+        if running:
+            return running
+        with _flocked(self.rundir / "ssh.lock"):
+            current = machines.load(KIND, self.name)
+            if current is None or current.token != self.state.token:
+                raise VMError(f"VM {self.name!r} is not running")
+            running = self._recorded_master(current)
+            if running:  # another process replaced it meanwhile
+                machines.set_helper(self.state, SSH_MASTER, *running)
+                return running
+
+            def record(master: subprocess.Popen[bytes]) -> None:
+                self._master = master
+                for state in (current, self.state):
+                    machines.set_helper(state, SSH_MASTER, master.pid, proc.start_time(master.pid))
+                machines.save(current)
+
+            # It dies with us only if the VM does: a `racker vm ssh` leaves it to the VM's stop or gc.
+            owned = self._child is not None and not self.detached
+            die = signal.SIGKILL if owned else None
+            self.endpoint.start_master(record, die_with_parent=die, timeout=timeout, connect_timeout=connect_timeout)
+            return machines.helpers(self.state)[SSH_MASTER]
+
+    @staticmethod
+    def _recorded_master(state: State) -> tuple[int, int] | None:
+        master = machines.helpers(state).get(SSH_MASTER)
+        return master if master and proc.alive(*master, state.boot_id) else None
+
+    def close_connection(self) -> None:
+        """Close the SSH connection master (`ssh -O exit`, else SIGKILL) and remove its socket."""
+        state, endpoint = self.state, self.endpoint
+        if state is None or endpoint is None:
+            return
+        current = machines.load(KIND, self.name)
+        if current is not None and current.token == state.token:
+            state.extra["helpers"] = current.extra.get("helpers", {})  # another process may have replaced it
+        master = self._recorded_master(state)
+        if master:
+            with contextlib.suppress(ToolTimeout):
+                endpoint.exit_master()
+            if not proc.wait_exit(master[0], 3):
+                proc.kill_and_wait(*master, state.boot_id)
+        if self._master is not None:
+            proc.terminate(self._master, grace=1)  # reaps ours, whichever master it was
+            self._master = None
+        if endpoint.control_socket is not None:
+            endpoint.control_socket.unlink(missing_ok=True)
+
     # -- commands ------------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, root: bool = True, input: bytes | None = None, timeout: float | None = 600) -> Result:
-        """Run a command in the VM over SSH (as root through sudo unless root=False)."""
-        if self.endpoint is None:
+        """Run a command in the VM over SSH (as root through sudo unless root=False), on its one connection."""
+        if self.endpoint is None or self.state is None:
             raise VMError(f"VM {self.name!r} is not running")
+        self.connection()
         return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
+
+    def interact(self, argv: Sequence[str], *, tty: bool | None = None, root: bool = False) -> int:
+        """Run wired to our own terminal, on the VM's connection (an empty command is a login shell)."""
+        if self.endpoint is None or self.state is None:
+            raise VMError(f"VM {self.name!r} is not running")
+        self.connection()
+        return self.endpoint.interact(argv, tty=tty, root=root)
 
     def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
         __tracebackhide__ = True
         return self.run_expect([0], argv, **kwargs).stdout
+
+
+SSH_MASTER = "ssh master"  # its name among the record's helpers
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file of the VM's run directory (it goes with the directory)."""
+    try:
+        handle = open(path, "a")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        raise VMError(f"VM {path.parent.name!r} is not running") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _quiet_library_logs() -> None:
@@ -519,7 +637,7 @@ def _quiet_library_logs() -> None:
 
 
 def _endpoint(state: State) -> ssh.Endpoint:
-    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519")
+    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519", control=state.rundir)
 
 
 # Returns when the boot has finished (cloud-init's last stage is part of it).

@@ -2,13 +2,20 @@
 
 Transport failure (ssh's own exit status 255) raises Unreachable; a guest
 command's status, stdout and stderr come back as they were.
+
+An endpoint with a `control` directory sends every command through one
+connection master (OpenSSH's ControlMaster) whose socket lives there: under
+emulation a handshake costs the guest a second of CPU, a session on an open
+connection a tenth of that. Its owner (qemu.VM) starts, records and closes it.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +24,10 @@ from racker.errors import Unreachable
 from racker.proc import Result
 
 SSH_TRANSPORT_FAILED = 255
+# The master's socket, relative to the control directory ssh runs in: a unix
+# socket's path has at most 108 bytes, and RACKER_HOME has no length limit.
+CONTROL_SOCKET = "ssh"
+MASTER_LOG = "ssh-master.log"
 
 
 def keygen(path: Path, comment: str) -> Path:
@@ -31,6 +42,7 @@ class Endpoint:
     port: int
     user: str
     key: Path
+    control: Path | None = None  # the directory of the connection master's socket; None: a connection per command
 
     def options(self, connect_timeout: float = 5) -> list[str]:
         options = [
@@ -49,7 +61,19 @@ class Endpoint:
             "-o", "ServerAliveCountMax=3",
             "-F", "/dev/null",
         ]  # fmt: skip
+        if self.control is not None:
+            # Never become a master by accident: a command without one connects on its own.
+            options += ["-o", f"ControlPath={CONTROL_SOCKET}", "-o", "ControlMaster=no"]
         return options
+
+    @property
+    def cwd(self) -> str | None:
+        """Where ssh runs: the control directory, so that the relative ControlPath finds the socket."""
+        return str(self.control) if self.control is not None else None
+
+    @property
+    def control_socket(self) -> Path | None:
+        return self.control / CONTROL_SOCKET if self.control is not None else None
 
     def answers(self, timeout: float = 2) -> bool:
         """True if an SSH server greets on the port: a banner read in-process, no ssh client started.
@@ -77,10 +101,10 @@ class Endpoint:
         timeout: float | None = 600,
         connect_timeout: float = 5,
     ) -> Result:
-        result = proc.run(self.argv(command, root=root, connect_timeout=connect_timeout), input=input, timeout=timeout, check=False)
+        argv = self.argv(command, root=root, connect_timeout=connect_timeout)
+        result = proc.run(argv, input=input, timeout=timeout, check=False, cwd=self.cwd)
         if result.returncode == SSH_TRANSPORT_FAILED:
-            why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no answer"
-            raise Unreachable(f"ssh to {self.user}@{self.host}:{self.port} failed: {why}")
+            raise Unreachable(f"ssh to {self.user}@{self.host}:{self.port} failed: {_last_line(result.stderr)}")
         result.argv = list(command)
         return result
 
@@ -89,4 +113,52 @@ class Endpoint:
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
         argv = self.argv(command, tty=tty, root=root) if command else ["ssh", *self.options(), "-t", f"{self.user}@{self.host}"]
-        return proc.interact(argv)
+        return proc.interact(argv, cwd=self.cwd)
+
+    # -- the connection master ------------------------------------------------
+
+    def start_master(
+        self,
+        started: Callable[[subprocess.Popen[bytes]], None],
+        *,
+        die_with_parent: int | None,
+        timeout: float = 60,
+        connect_timeout: float = 5,
+    ) -> subprocess.Popen[bytes]:
+        """Open the connection every later command shares: `ssh -M -N`, a child of ours
+        (not ControlPersist's daemon), so its pid is known at once and it can die with us.
+
+        `started` gets it before it has logged in (to record it, so that no kill of
+        ours leaves it unrecorded). Returns once it has logged in and listens on its
+        socket; Unreachable if it cannot.
+        """
+        assert self.control is not None and self.control_socket is not None
+        self.control_socket.unlink(missing_ok=True)  # a killed master's: ssh would refuse to replace it
+        options = [o if o != "ControlMaster=no" else "ControlMaster=yes" for o in self.options(connect_timeout)]
+        argv = ["ssh", *options, "-o", "ControlPersist=no", "-N", f"{self.user}@{self.host}"]
+        with open(self.control / MASTER_LOG, "wb") as log:
+            master = proc.start(argv, stdout=log, stderr=log, new_session=True, die_with_parent=die_with_parent, cwd=self.cwd)
+        try:
+            started(master)
+        except BaseException:
+            proc.terminate(master, grace=1)
+            raise
+        deadline = time.monotonic() + timeout
+        while not self.control_socket.exists():  # ssh listens only once logged in
+            if master.poll() is not None or time.monotonic() > deadline:
+                proc.terminate(master, grace=1)
+                why = _last_line((self.control / MASTER_LOG).read_text(errors="replace"))
+                raise Unreachable(f"ssh to {self.user}@{self.host}:{self.port} failed: {why}")
+            time.sleep(0.02)
+        return master
+
+    def exit_master(self, timeout: float = 5) -> None:
+        """Ask the master to close its connection and remove its socket (`ssh -O exit`)."""
+        if self.control_socket is not None and self.control_socket.exists():
+            argv = ["ssh", "-o", f"ControlPath={CONTROL_SOCKET}", "-F", "/dev/null", "-O", "exit", f"{self.user}@{self.host}"]
+            proc.run(argv, timeout=timeout, check=False, cwd=self.cwd)
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no answer"

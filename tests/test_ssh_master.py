@@ -1,0 +1,180 @@
+"""One SSH connection per VM for its whole life: every command rides the VM's connection master.
+
+One real boot (debian-bookworm under QEMU) serves the whole module. It is owned
+by a separate racker process, so that the last test can kill -9 it and let
+`racker gc` clean up; its store sits under a path far past the 108 bytes a
+unix socket's path may have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from racker import gc, images, machines, prepare, proc, promote, ssh
+from racker.errors import Unreachable
+from racker.qemu import SSH_MASTER, VM
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debian-bookworm")]
+
+# The racker process that owns the VM. detached=True without detach(): like a
+# `racker vm start` killed before it handed the VM over, its QEMU and master
+# outlive a kill -9 of it, and only gc removes them.
+HOLDER = r"""
+import sys
+from pathlib import Path
+from racker.qemu import VM
+
+with VM(Path(sys.argv[1]), sys.argv[2], detached=True) as vm:
+    print(vm.connection()[0], flush=True)
+    sys.stdin.read()  # until the test closes it, or kills us
+"""
+
+# Proof that commands share one TCP connection: the client's address and port as sshd saw them.
+WHO = ["sh", "-c", 'echo "$SSH_CONNECTION"']
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    disk = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))  # in the shared store
+    home = tmp_path_factory.mktemp("ssh-master") / ("a-long-store-directory-name-" * 4) / "store"
+    name = f"ssh-master-{os.getpid()}"
+    assert len(str(home / "run" / name / ssh.CONTROL_SOCKET)) > 108
+    env = {**os.environ, "RACKER_HOME": str(home)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(disk), name], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = holder.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip().isdigit(), f"the VM did not boot (exit {holder.wait()})"
+        yield {"name": name, "home": home, "holder": holder, "master": int(line)}
+    finally:
+        if holder.poll() is None:
+            holder.stdin.close()  # type: ignore[union-attr]
+            holder.wait(60)
+
+
+@pytest.fixture
+def vm(booted: dict, monkeypatch: pytest.MonkeyPatch) -> VM:
+    """The module's VM, attached from this process (as `racker vm ssh` attaches)."""
+    monkeypatch.setenv("RACKER_HOME", str(booted["home"]))
+    return VM.attach(booted["name"])
+
+
+def master_of(vm: VM) -> tuple[int, int]:
+    state = machines.load("qemu", vm.name)
+    assert state is not None
+    return machines.helpers(state)[SSH_MASTER]
+
+
+def check(vm: VM) -> subprocess.CompletedProcess[str]:
+    """`ssh -O check`, asked as a user would, in the run directory."""
+    argv = ["ssh", "-o", f"ControlPath={ssh.CONTROL_SOCKET}", "-O", "check", "racker@127.0.0.1"]
+    return subprocess.run(argv, cwd=vm.rundir, capture_output=True, text=True, timeout=10)
+
+
+def ssh_processes(rundir: Path) -> list[int]:
+    """ssh processes working in the VM's run directory (the master and any client running now)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            is_ssh = entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() == "ssh"
+            if is_ssh and os.readlink(f"/proc/{entry}/cwd") == str(rundir):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_commands_share_one_connection_master(booted: dict, vm: VM) -> None:
+    master = master_of(vm)
+    assert master[0] == booted["master"], "the master the VM's owner started is the one every process uses"
+    seen = {vm.check_output(WHO, root=False) for _ in range(10)}
+    assert len(seen) == 1, f"commands came over {len(seen)} connections: {seen}"
+    assert master_of(vm) == master and proc.alive(*master, proc.boot_id())
+    assert ssh_processes(vm.rundir) == [master[0]]
+    checked = check(vm)
+    assert checked.returncode == 0 and f"pid={master[0]}" in checked.stderr, checked.stderr
+
+
+def test_results_are_exact(vm: VM) -> None:
+    result = vm.run(["sh", "-c", "printf 'out\\n'; printf 'err' >&2; exit 3"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err")
+    assert result.argv == ["sh", "-c", "printf 'out\\n'; printf 'err' >&2; exit 3"]
+    binary = bytes(range(256)) * 64
+    echoed = vm.run(["cat"], input=binary, root=False)
+    assert echoed.returncode == 0 and echoed.stdout_bytes == binary and echoed.stderr_bytes == b""
+    assert vm.check_output(["id", "-un"]) == "root\n" and vm.check_output(["id", "-un"], root=False) == "racker\n"
+    assert vm.run(["false"]).returncode == 1  # a guest failure, not a transport failure
+    # A transport failure still raises: a master for a port nothing listens on.
+    control = vm.rundir / "elsewhere"
+    control.mkdir()
+    nowhere = dataclasses.replace(vm.endpoint, port=free_port(), control=control)
+    with pytest.raises(Unreachable, match=r"failed: .*refused"):
+        nowhere.start_master(lambda _master: None, die_with_parent=signal.SIGKILL, connect_timeout=2)
+    assert not ssh_processes(control)
+
+
+def test_a_killed_master_is_replaced_on_the_next_command(vm: VM) -> None:
+    before = master_of(vm)
+    connection = vm.check_output(WHO, root=False)
+    os.kill(before[0], signal.SIGKILL)
+    proc.wait_exit(before[0], 5)
+    assert (vm.rundir / ssh.CONTROL_SOCKET).exists(), "a killed master leaves its socket behind"
+    result = vm.run(["sh", "-c", "echo again; echo quiet >&2"])
+    assert (result.returncode, result.stdout, result.stderr) == (0, "again\n", "quiet\n")
+    after = master_of(vm)
+    assert after != before and proc.alive(*after, proc.boot_id())
+    assert vm.check_output(WHO, root=False) != connection, "a new connection"
+    assert check(vm).returncode == 0
+    assert ssh_processes(vm.rundir) == [after[0]]
+
+
+def test_qmp_keeps_one_client_and_answers_another_process(vm: VM) -> None:
+    """The owner holds its QMP connection from launch to stop; this process gets the second monitor."""
+    answers: list[object] = []
+    asking = threading.Thread(target=lambda: answers.extend(vm.qmp("query-status") for _ in range(3)), daemon=True)
+    asking.start()
+    asking.join(20)
+    assert not asking.is_alive(), "QMP did not answer while the VM's owner holds its connection"
+    assert [a["status"] for a in answers] == ["running"] * 3  # type: ignore[index]
+    monitor = vm._monitor
+    assert monitor is not None
+    vm.qmp("query-status")
+    assert vm._monitor is monitor, "one client, kept"
+
+
+def test_closing_the_connection_leaves_no_master_and_no_socket(vm: VM) -> None:
+    """What stop() does first; the next command opens a connection again."""
+    before = master_of(vm)
+    vm.close_connection()
+    assert not proc.alive(*before, proc.boot_id())
+    assert not (vm.rundir / ssh.CONTROL_SOCKET).exists()
+    assert not ssh_processes(vm.rundir)
+    assert check(vm).returncode != 0
+    assert vm.check_output(["true"]) == ""
+    assert proc.alive(*master_of(vm), proc.boot_id())
+
+
+def test_kill_9_of_the_owner_then_gc_leaves_no_master(booted: dict, vm: VM) -> None:
+    master = master_of(vm)
+    state = machines.load("qemu", vm.name)
+    assert state is not None
+    booted["holder"].kill()
+    booted["holder"].wait(10)
+    assert proc.alive(*master, state.boot_id), "the master outlives its owner until gc"
+    removed = gc.collect()
+    assert f"killed the {SSH_MASTER} of {vm.name} (pid {master[0]})" in removed, removed
+    assert not proc.alive(*master, state.boot_id)
+    assert not proc.alive(state.pid, state.pid_start, state.boot_id), "and the VM's QEMU"
+    assert not vm.rundir.exists() and machines.load("qemu", vm.name) is None
+    assert not ssh_processes(vm.rundir)
