@@ -731,6 +731,72 @@ def test_grub_cfg_for_bios_loads_the_kernel_where_it_runs() -> None:
     assert "linux16" in bootloader.BIOS_MODULES
 
 
+# -- Firecracker's configuration --------------------------------------------
+
+# Firecracker's documented configuration (its API's swagger, FullVmConfiguration):
+# section -> (required properties, every property with its JSON type). Firecracker
+# refuses unknown fields, so an unknown one fails here too.
+FIRECRACKER_SECTIONS: dict[str, tuple[set[str], dict[str, type | tuple[type, ...]]]] = {
+    "boot-source": ({"kernel_image_path"}, {"kernel_image_path": str, "initrd_path": str, "boot_args": str}),
+    "drives": (
+        # path_on_host and is_read_only: required for a virtio-block drive.
+        {"drive_id", "is_root_device", "path_on_host", "is_read_only"},
+        {
+            "drive_id": str,
+            "partuuid": str,
+            "is_root_device": bool,
+            "cache_type": str,
+            "is_read_only": bool,
+            "path_on_host": str,
+            "rate_limiter": dict,
+            "io_engine": str,
+            "socket": str,
+        },
+    ),
+    "machine-config": (
+        {"vcpu_count", "mem_size_mib"},
+        {"vcpu_count": int, "mem_size_mib": int, "smt": bool, "track_dirty_pages": bool, "huge_pages": str, "cpu_template": str},
+    ),
+    "network-interfaces": (
+        {"iface_id", "host_dev_name"},
+        {"iface_id": str, "host_dev_name": str, "guest_mac": str, "mtu": int, "rx_rate_limiter": dict, "tx_rate_limiter": dict},
+    ),
+}
+FIRECRACKER_TOP = {"balloon", "drives", "boot-source", "cpu-config", "logger", "machine-config", "metrics",
+                   "memory-hotplug", "mmds-config", "network-interfaces", "pmem", "vsock", "entropy"}  # fmt: skip
+
+
+def assert_firecracker_config(document: dict) -> None:
+    """`document` has the shape `firecracker --config-file` takes, and names files that exist."""
+    assert set(document) <= FIRECRACKER_TOP, set(document) - FIRECRACKER_TOP
+    assert {"boot-source", "drives", "machine-config"} <= set(document)
+    for section, (required, properties) in FIRECRACKER_SECTIONS.items():
+        entries = document.get(section, [])
+        for entry in entries if isinstance(entries, list) else [entries]:
+            assert required <= set(entry), f"{section} lacks {required - set(entry)}"
+            assert set(entry) <= set(properties), f"{section} has unknown {set(entry) - set(properties)}"
+            for key, value in entry.items():
+                assert isinstance(value, properties[key]) and not (properties[key] is int and isinstance(value, bool)), (section, key)
+    vcpus = document["machine-config"]["vcpu_count"]
+    assert 1 <= vcpus <= 32 and (vcpus == 1 or vcpus % 2 == 0)
+    assert [d["is_root_device"] for d in document["drives"]].count(True) == 1
+    boot = document["boot-source"]
+    for path in (boot["kernel_image_path"], boot.get("initrd_path"), *(d["path_on_host"] for d in document["drives"])):
+        if path is not None:
+            assert Path(path).is_absolute() and Path(path).is_file(), path
+    assert "nomodule" not in boot["boot_args"], "the initramfs loads virtio_mmio and virtio_blk as modules"
+
+
+def test_firecracker_config_has_firecrackers_documented_shape(tmp_path: Path) -> None:
+    files = [tmp_path / name for name in ("x.ext4", "x.vmlinux", "x.initrd")]
+    for path in files:
+        path.write_bytes(b"")
+    document = formats.firecracker_config(*files, "console=ttyS0")
+    assert_firecracker_config(json.loads(json.dumps(document)))
+    assert document["boot-source"]["boot_args"].endswith("console=ttyS0")
+    assert document["network-interfaces"][0]["host_dev_name"] == formats.FIRECRACKER_TAP
+
+
 # -- real disks, built and read back ----------------------------------------
 
 

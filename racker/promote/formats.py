@@ -55,6 +55,29 @@ def pack_gce(raw: Path, output: Path) -> None:
     proc.run(["tar", "--format=oldgnu", "--sparse", "-czf", str(output), "-C", str(staged.parent), "disk.raw"], timeout=1800)
 
 
+# Firecracker's kernel arguments (the console is the profile's): reboot by keyboard
+# controller, no PCI. Firecracker itself adds root=/dev/vda and rw for the root
+# drive, and finds the virtio-mmio devices for the guest (through ACPI, which
+# Debian's cloud kernel needs: it reads no virtio_mmio.device= arguments).
+FIRECRACKER_BOOT_ARGS = "reboot=k panic=1 pci=off"
+FIRECRACKER_TAP = "tap0"  # a placeholder: the tap device the user creates on the host
+
+
+def firecracker_config(rootfs: Path, vmlinux: Path, initrd: Path, cmdline: str, *, vcpus: int = 2, memory_mib: int = 1024) -> dict:
+    """A `firecracker --config-file` document booting these files (absolute paths, as
+    Firecracker resolves relative ones from its own working directory)."""
+    return {
+        "boot-source": {
+            "kernel_image_path": str(vmlinux),
+            "initrd_path": str(initrd),
+            "boot_args": f"{FIRECRACKER_BOOT_ARGS} {cmdline}".strip(),
+        },
+        "drives": [{"drive_id": "rootfs", "path_on_host": str(rootfs), "is_root_device": True, "is_read_only": False}],
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": memory_mib},
+        "network-interfaces": [{"iface_id": "eth0", "guest_mac": "06:00:ac:10:00:02", "host_dev_name": FIRECRACKER_TAP}],
+    }
+
+
 # Compressed payload magics inside a bzImage, as Linux's scripts/extract-vmlinux looks for them.
 _MAGICS = (
     (b"\x1f\x8b\x08", "gzip"),
