@@ -125,6 +125,28 @@ class DiskInfo:
     firmware: str  # what the disk boots with: "bios" or "uefi"
 
 
+VHD_COOKIE = b"conectix"
+VHD_FIXED = 2  # the footer's disk type; 3 is dynamic, 4 differencing
+
+
+def is_fixed_vhd(path: Path) -> bool:
+    """A fixed VHD: the raw disk and a 512-byte footer, with no header that qemu-img probes
+    (it takes one for raw); `-f vpc` reads it as Azure and Hyper-V do."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-SECTOR, os.SEEK_END)
+            footer = handle.read(SECTOR)
+    except OSError:
+        return False
+    return footer[:8] == VHD_COOKIE and struct.unpack_from(">I", footer, 60)[0] == VHD_FIXED
+
+
+def qemu_img_info(path: Path) -> dict:
+    """`qemu-img info` of a disk, a fixed VHD read as one."""
+    forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
+    return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
+
+
 def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInfo:
     """What a user-supplied disk is; BadDisk for anything racker must not boot.
 
@@ -133,7 +155,7 @@ def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInf
     """
     if not path.is_file():
         raise BadDisk(f"{path} is not a file")
-    info = json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", str(path)]).stdout)
+    info = qemu_img_info(path)
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise BadDisk(f"{path} has a backing file ({info.get('backing-filename')}); racker boots self-contained disks only")
     data = info.get("format-specific", {}).get("data", {})

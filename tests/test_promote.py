@@ -797,6 +797,48 @@ def test_firecracker_config_has_firecrackers_documented_shape(tmp_path: Path) ->
     assert document["network-interfaces"][0]["host_dev_name"] == formats.FIRECRACKER_TAP
 
 
+# -- formats as their platforms import them ---------------------------------
+
+
+def qemu_img_info(path: Path, *forced: str) -> dict:
+    argv = ["qemu-img", "info", "--output=json", *forced, str(path)]
+    return json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
+
+
+def test_vmdk_is_stream_optimized_and_its_descriptor_names_the_final_file(small_image, tmp_path: Path) -> None:
+    """What OVA/vSphere import takes: streamOptimized, its one extent named as the file is."""
+    out = tmp_path / "out"
+    result = promote.promote(small_image, out / "my disk.vmdk", promote.Options(fmt="vmdk"))
+    info = qemu_img_info(result.path)
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert all(extent["compressed"] for extent in info["format-specific"]["data"]["extents"])
+    head = result.path.read_bytes()[: 64 * 1024]
+    descriptor = head[head.index(b"# Disk DescriptorFile") :].split(b"\0", 1)[0].decode()
+    assert 'createType="streamOptimized"' in descriptor
+    extents = [line for line in descriptor.splitlines() if line.startswith("RW ")]
+    assert len(extents) == 1 and extents[0].endswith(' SPARSE "my disk.vmdk"'), descriptor
+    assert 'ddb.adapterType = "ide"' in descriptor
+    assert [p.name for p in out.iterdir()] == ["my disk.vmdk"]
+
+
+def test_vhd_is_fixed_and_a_whole_number_of_mib_as_azure_takes_it(small_image, tmp_path: Path) -> None:
+    size = 2 * GiB + 3 * MiB + 12345  # not a whole MiB: the disk is cut to one
+    result = promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", size=size))
+    # qemu-img probes a fixed VHD as raw (its one footer is at the end): read it as Azure does.
+    info = qemu_img_info(result.path, "-f", "vpc")
+    assert info["format"] == "vpc" and qemu.is_fixed_vhd(result.path)
+    virtual = info["virtual-size"]
+    assert virtual % MiB == 0 and virtual == 2 * GiB + 3 * MiB
+    # A fixed VHD is the raw disk and a 512-byte footer: cookie, disk type 2 (fixed), current size.
+    with open(result.path, "rb") as handle:
+        handle.seek(-512, os.SEEK_END)
+        footer = handle.read()
+    assert footer[:8] == b"conectix"
+    assert struct.unpack_from(">I", footer, 60)[0] == 2, "disk type: 2 is fixed, 3 dynamic"
+    assert struct.unpack_from(">Q", footer, 48)[0] == virtual
+    assert result.path.stat().st_size == virtual + 512
+
+
 # -- real disks, built and read back ----------------------------------------
 
 

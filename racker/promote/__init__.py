@@ -127,7 +127,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
-                    formats.convert(raw, fmt, partial)
+                    formats.convert(raw, fmt, partial, output.name)
                 verify(partial)
         else:
             result.extra = build_firecracker(tree, layout, kernel, output, work, verify, profile.cmdline)
