@@ -62,6 +62,7 @@ class Board:
     disk: str  # the -device of drive number {i} (0: the boot disk, 1: the seed), with id {drive}
     nic: str
     rng: str = ""  # a hardware RNG, where the platform offers one
+    seed: str = ""  # the -device of the (read-only) NoCloud seed, if not as a disk
     controllers: tuple[str, ...] = ()  # -devices the disks sit on
     firmware: bool = True  # False: boots only a kernel given directly
     # False: no HPET or PM timer to calibrate the TSC against. Under TCG on a busy
@@ -77,7 +78,10 @@ BOARDS: dict[str, Board] = {
         "microvm,acpi=on", "virtio-blk-device,drive={drive}", "virtio-net-device", "virtio-rng-device", firmware=False, tsc_reference=False
     ),
     # VirtualBox's defaults: an AHCI (SATA) controller and an Intel PRO/1000 (e1000).
-    "sata": Board(MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", controllers=("ahci,id=ahci0",)),
+    # The seed as an optical drive, as VirtualBox attaches cloud-init's ISO.
+    "sata": Board(
+        MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", seed="ide-cd,drive={drive},bus=ahci0.{i}", controllers=("ahci,id=ahci0",)
+    ),
     # Azure/Hyper-V's synthetic SCSI, as close as QEMU gets: a SCSI disk on virtio-scsi.
     "scsi": Board(MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", ("virtio-scsi-pci,id=scsi0",)),
 }
@@ -411,7 +415,7 @@ class VM(machines.Guest):
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
             "-device", self.board.disk.format(i=0, drive="disk0") + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
-            "-device", self.board.disk.format(i=1, drive="seed0"),
+            "-device", (self.board.seed or self.board.disk).format(i=1, drive="seed0"),
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", f"{self.board.nic},netdev=net0",
             *(("-device", self.board.rng) if self.board.rng else ()),
