@@ -50,7 +50,9 @@ INITRAMFS_MODULES: dict[str, tuple[str, ...]] = {
     # (the cloud kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES).
     "virtio-mmio": ("virtio_mmio", "virtio_blk", "virtio_net", "ext4"),
     "gce": ("nvme",),
-    "sata": ("ahci", "ata_piix", "sd_mod", "e1000"),  # VirtualBox, imports that present SATA
+    # VirtualBox, imports that present SATA. sr_mod: the cloud-init seed on an
+    # optical drive must be there before ds-identify looks, early in the boot.
+    "sata": ("ahci", "ata_piix", "sd_mod", "sr_mod", "e1000"),
     "hyperv": ("hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod"),  # Azure, Hyper-V
     "ext4": ("crc32c_generic",),
 }
