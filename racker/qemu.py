@@ -83,7 +83,9 @@ BOARDS: dict[str, Board] = {
         MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", seed="ide-cd,drive={drive},bus=ahci0.{i}", controllers=("ahci,id=ahci0",)
     ),
     # Azure/Hyper-V's synthetic SCSI, as close as QEMU gets: a SCSI disk on virtio-scsi.
-    "scsi": Board(MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", ("virtio-scsi-pci,id=scsi0",)),
+    "scsi": Board(
+        MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", controllers=("virtio-scsi-pci,id=scsi0",)
+    ),
 }
 
 

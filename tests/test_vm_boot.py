@@ -157,8 +157,8 @@ def assert_placed_as_its_platform(vm: VM, fmt: str) -> None:
     if fmt == "firecracker":
         # LNRO0005: a virtio-mmio transport, as ACPI describes it to the guest.
         assert found["pci_devices"] == "0" and "/platform/LNRO0005:" in found["root_device"], found
-    if fmt == "vhd":  # a SCSI disk, as Hyper-V's storvsc presents it
-        assert "/host0/target" in found["root_device"] and found["root_source"].startswith("/dev/sda"), found
+    if fmt == "vhd":  # a SCSI disk (LUN 0; sda or sdb, as the LUNs are probed), as Hyper-V's storvsc presents it
+        assert "/host0/target0:0:0/0:0:0:0/block/sd" in found["root_device"], found
 
 
 @pytest.mark.xdist_group("debian-bookworm")
