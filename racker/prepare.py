@@ -39,16 +39,30 @@ class VmPackages:
     pre_files: dict[str, str] = field(default_factory=dict)
 
 
-# The drivers a VM's root disk may sit behind: virtio (QEMU, DigitalOcean, GCE),
-# NVMe (GCE), SCSI and SATA (imports that present another controller). The hook
-# puts them in the initramfs; udev loads only those whose hardware is there
-# (listing them in /etc/initramfs-tools/modules would load every one at boot).
-INITRAMFS_HOOK = """\
+# The drivers a VM's root disk and first NIC may sit behind, one row per
+# platform. The hook puts them in the initramfs; udev loads only those whose
+# hardware is there (listing them in /etc/initramfs-tools/modules would load
+# every one at boot). A module the kernel lacks is skipped: Debian's cloud
+# kernel has no ahci and no e1000 (VirtualBox's defaults), and builds ext4 in.
+INITRAMFS_MODULES: dict[str, tuple[str, ...]] = {
+    "virtio-pci": ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net"),  # QEMU, DigitalOcean, GCE
+    # Firecracker, QEMU microvm: no PCI; the devices are found through ACPI
+    # (the cloud kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES).
+    "virtio-mmio": ("virtio_mmio", "virtio_blk", "virtio_net", "ext4"),
+    "gce": ("nvme",),
+    # VirtualBox, imports that present SATA. sr_mod: the cloud-init seed on an
+    # optical drive must be there before ds-identify looks, early in the boot.
+    "sata": ("ahci", "ata_piix", "sd_mod", "sr_mod", "e1000"),
+    "hyperv": ("hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod"),  # Azure, Hyper-V
+    "ext4": ("crc32c_generic",),
+}
+
+INITRAMFS_HOOK = f"""\
 #!/bin/sh
-# Written by racker prepare: root-disk drivers in the initramfs, loaded by udev on demand.
+# Written by racker prepare: root-disk and NIC drivers in the initramfs, loaded by udev on demand.
 case "$1" in prereqs) exit 0 ;; esac
 . /usr/share/initramfs-tools/hook-functions
-for module in virtio_pci virtio_blk virtio_scsi nvme sd_mod ahci ata_piix crc32c_generic; do
+for module in {" ".join(dict.fromkeys(m for row in INITRAMFS_MODULES.values() for m in row))}; do
     manual_add_modules "$module"
 done
 """

@@ -54,9 +54,65 @@ KIND = "qemu"
 # - aes, pclmulqdq: udev would load seven crypto modules for them, each running
 #   its self-tests. 0.7 s.
 TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
-# No SATA controller or SMBus: racker's disks are virtio, and every extra
-# device is one more driver for the guest to load while it boots.
+# No built-in SATA controller or SMBus: every extra device is one more driver
+# for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"
+
+
+@dataclass(frozen=True)
+class Board:
+    """A machine QEMU emulates, with the controllers a platform attaches disks and the NIC to."""
+
+    machine: str
+    disk: str  # the -device of drive number {i} (0: the boot disk, 1: the seed), with id {drive}
+    nic: str
+    rng: str = ""  # a hardware RNG, where the platform offers one
+    seed: str = ""  # the -device of the (read-only) NoCloud seed, if not as a disk
+    controllers: tuple[str, ...] = ()  # -devices the disks sit on
+    firmware: bool = True  # False: boots only a kernel given directly
+    # False: no HPET or PM timer to calibrate the TSC against. Under TCG on a busy
+    # host the PIT alone fails, and the kernel hangs with no TSC rate; it is given one.
+    tsc_reference: bool = True
+
+
+# The stand-ins for where each output is booted; "pc" is racker's own.
+BOARDS: dict[str, Board] = {
+    "pc": Board(MACHINE, "virtio-blk-pci,drive={drive}", "virtio-net-pci", "virtio-rng-pci"),
+    # Firecracker's machine: virtio-mmio devices only, no PCI, described to the guest by ACPI.
+    "microvm": Board(
+        "microvm,acpi=on", "virtio-blk-device,drive={drive}", "virtio-net-device", "virtio-rng-device", firmware=False, tsc_reference=False
+    ),
+    # VirtualBox's defaults: an AHCI (SATA) controller and an Intel PRO/1000 (e1000).
+    # The seed as an optical drive, as VirtualBox attaches cloud-init's ISO.
+    "sata": Board(
+        MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", seed="ide-cd,drive={drive},bus=ahci0.{i}", controllers=("ahci,id=ahci0",)
+    ),
+    # Azure/Hyper-V's synthetic SCSI, as close as QEMU gets: a SCSI disk on virtio-scsi.
+    "scsi": Board(
+        MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", controllers=("virtio-scsi-pci,id=scsi0",)
+    ),
+}
+
+
+def host_tsc_khz() -> int | None:
+    """The host CPU's rate in kHz, which a TCG guest's TSC runs at (QEMU reads the host's TSC)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "cpu MHz":
+                    return round(float(value) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def board(name: str) -> Board:
+    try:
+        return BOARDS[name]
+    except KeyError:
+        raise VMError(f"unknown machine type {name!r}", hint="one of: " + ", ".join(BOARDS)) from None
+
 
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
@@ -80,6 +136,28 @@ class DiskInfo:
     firmware: str  # what the disk boots with: "bios" or "uefi"
 
 
+VHD_COOKIE = b"conectix"
+VHD_FIXED = 2  # the footer's disk type; 3 is dynamic, 4 differencing
+
+
+def is_fixed_vhd(path: Path) -> bool:
+    """A fixed VHD: the raw disk and a 512-byte footer, with no header that qemu-img probes
+    (it takes one for raw); `-f vpc` reads it as Azure and Hyper-V do."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-SECTOR, os.SEEK_END)
+            footer = handle.read(SECTOR)
+    except OSError:
+        return False
+    return footer[:8] == VHD_COOKIE and struct.unpack_from(">I", footer, 60)[0] == VHD_FIXED
+
+
+def qemu_img_info(path: Path) -> dict:
+    """`qemu-img info` of a disk, a fixed VHD read as one."""
+    forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
+    return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
+
+
 def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInfo:
     """What a user-supplied disk is; BadDisk for anything racker must not boot.
 
@@ -88,7 +166,7 @@ def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInf
     """
     if not path.is_file():
         raise BadDisk(f"{path} is not a file")
-    info = json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", str(path)]).stdout)
+    info = qemu_img_info(path)
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise BadDisk(f"{path} has a backing file ({info.get('backing-filename')}); racker boots self-contained disks only")
     data = info.get("format-specific", {}).get("data", {})
@@ -236,6 +314,7 @@ class VM(machines.Guest):
         initrd: Path | None = None,
         append: str = "",
         tcg_cpu: str = TCG_CPU,
+        machine: str = "pc",
     ) -> None:
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
@@ -253,6 +332,10 @@ class VM(machines.Guest):
         self.initrd = Path(initrd).absolute() if initrd else None
         self.append = append
         self.tcg_cpu = tcg_cpu
+        self.machine = machine
+        self.board = board(machine)
+        if not self.board.firmware and self.kernel is None:
+            raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
         self.state: State | None = None
         self.endpoint: ssh.Endpoint | None = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -322,6 +405,7 @@ class VM(machines.Guest):
             self.state.extra["ovmf"] = code
         self.state.extra["firmware"] = firmware
         self.state.extra["format"] = info.format
+        self.state.extra["machine"] = self.machine
         machines.save(self.state)
 
     def qemu_argv(self, firmware: str, port: int) -> list[str]:
@@ -330,7 +414,7 @@ class VM(machines.Guest):
         argv = [
             proc.require("qemu-system-x86_64"),
             "-name", f"{self.name},debug-threads=on",
-            "-machine", MACHINE, "-accel", accelerator,
+            "-machine", self.board.machine, "-accel", accelerator,
             "-cpu", "host" if accelerator == "kvm" else self.tcg_cpu,
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
@@ -338,16 +422,20 @@ class VM(machines.Guest):
             "-chardev", f"socket,id=qmp,path={self.qmp_name()},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=qmp-shared,path={self.qmp_name(shared=True)},abstract=on,server=on,wait=off",
             "-mon", "chardev=qmp-shared,mode=control",
+            *(arg for controller in self.board.controllers for arg in ("-device", controller)),
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=disk0" + ("" if self.kernel else ",bootindex=0"),
+            "-device", self.board.disk.format(i=0, drive="disk0") + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=seed0",
+            "-device", (self.board.seed or self.board.disk).format(i=1, drive="seed0"),
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-            "-device", "virtio-net-pci,netdev=net0",
-            "-device", "virtio-rng-pci",
+            "-device", f"{self.board.nic},netdev=net0",
+            *(("-device", self.board.rng) if self.board.rng else ()),
         ]  # fmt: skip
         if self.kernel is not None:
-            argv += ["-kernel", str(self.kernel), "-append", self.append or "root=/dev/vda rw console=ttyS0"]
+            append = self.append or "root=/dev/vda rw console=ttyS0"
+            if not self.board.tsc_reference and accelerator == "tcg" and (khz := host_tsc_khz()):
+                append += f" tsc_early_khz={khz}"
+            argv += ["-kernel", str(self.kernel), "-append", append]
             if self.initrd is not None:
                 argv += ["-initrd", str(self.initrd)]
         if firmware == "uefi":

@@ -731,6 +731,114 @@ def test_grub_cfg_for_bios_loads_the_kernel_where_it_runs() -> None:
     assert "linux16" in bootloader.BIOS_MODULES
 
 
+# -- Firecracker's configuration --------------------------------------------
+
+# Firecracker's documented configuration (its API's swagger, FullVmConfiguration):
+# section -> (required properties, every property with its JSON type). Firecracker
+# refuses unknown fields, so an unknown one fails here too.
+FIRECRACKER_SECTIONS: dict[str, tuple[set[str], dict[str, type | tuple[type, ...]]]] = {
+    "boot-source": ({"kernel_image_path"}, {"kernel_image_path": str, "initrd_path": str, "boot_args": str}),
+    "drives": (
+        # path_on_host and is_read_only: required for a virtio-block drive.
+        {"drive_id", "is_root_device", "path_on_host", "is_read_only"},
+        {
+            "drive_id": str,
+            "partuuid": str,
+            "is_root_device": bool,
+            "cache_type": str,
+            "is_read_only": bool,
+            "path_on_host": str,
+            "rate_limiter": dict,
+            "io_engine": str,
+            "socket": str,
+        },
+    ),
+    "machine-config": (
+        {"vcpu_count", "mem_size_mib"},
+        {"vcpu_count": int, "mem_size_mib": int, "smt": bool, "track_dirty_pages": bool, "huge_pages": str, "cpu_template": str},
+    ),
+    "network-interfaces": (
+        {"iface_id", "host_dev_name"},
+        {"iface_id": str, "host_dev_name": str, "guest_mac": str, "mtu": int, "rx_rate_limiter": dict, "tx_rate_limiter": dict},
+    ),
+}
+FIRECRACKER_TOP = {"balloon", "drives", "boot-source", "cpu-config", "logger", "machine-config", "metrics",
+                   "memory-hotplug", "mmds-config", "network-interfaces", "pmem", "vsock", "entropy"}  # fmt: skip
+
+
+def assert_firecracker_config(document: dict) -> None:
+    """`document` has the shape `firecracker --config-file` takes, and names files that exist."""
+    assert set(document) <= FIRECRACKER_TOP, set(document) - FIRECRACKER_TOP
+    assert {"boot-source", "drives", "machine-config"} <= set(document)
+    for section, (required, properties) in FIRECRACKER_SECTIONS.items():
+        entries = document.get(section, [])
+        for entry in entries if isinstance(entries, list) else [entries]:
+            assert required <= set(entry), f"{section} lacks {required - set(entry)}"
+            assert set(entry) <= set(properties), f"{section} has unknown {set(entry) - set(properties)}"
+            for key, value in entry.items():
+                assert isinstance(value, properties[key]) and not (properties[key] is int and isinstance(value, bool)), (section, key)
+    vcpus = document["machine-config"]["vcpu_count"]
+    assert 1 <= vcpus <= 32 and (vcpus == 1 or vcpus % 2 == 0)
+    assert [d["is_root_device"] for d in document["drives"]].count(True) == 1
+    boot = document["boot-source"]
+    for path in (boot["kernel_image_path"], boot.get("initrd_path"), *(d["path_on_host"] for d in document["drives"])):
+        if path is not None:
+            assert Path(path).is_absolute() and Path(path).is_file(), path
+    assert "nomodule" not in boot["boot_args"], "the initramfs loads virtio_mmio and virtio_blk as modules"
+
+
+def test_firecracker_config_has_firecrackers_documented_shape(tmp_path: Path) -> None:
+    files = [tmp_path / name for name in ("x.ext4", "x.vmlinux", "x.initrd")]
+    for path in files:
+        path.write_bytes(b"")
+    document = formats.firecracker_config(*files, "console=ttyS0")
+    assert_firecracker_config(json.loads(json.dumps(document)))
+    assert document["boot-source"]["boot_args"].endswith("console=ttyS0")
+    assert document["network-interfaces"][0]["host_dev_name"] == formats.FIRECRACKER_TAP
+
+
+# -- formats as their platforms import them ---------------------------------
+
+
+def qemu_img_info(path: Path, *forced: str) -> dict:
+    argv = ["qemu-img", "info", "--output=json", *forced, str(path)]
+    return json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
+
+
+def test_vmdk_is_stream_optimized_and_its_descriptor_names_the_final_file(small_image, tmp_path: Path) -> None:
+    """What OVA/vSphere import takes: streamOptimized, its one extent named as the file is."""
+    out = tmp_path / "out"
+    result = promote.promote(small_image, out / "my disk.vmdk", promote.Options(fmt="vmdk"))
+    info = qemu_img_info(result.path)
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert all(extent["compressed"] for extent in info["format-specific"]["data"]["extents"])
+    head = result.path.read_bytes()[: 64 * 1024]
+    descriptor = head[head.index(b"# Disk DescriptorFile") :].split(b"\0", 1)[0].decode()
+    assert 'createType="streamOptimized"' in descriptor
+    extents = [line for line in descriptor.splitlines() if line.startswith("RW ")]
+    assert len(extents) == 1 and extents[0].endswith(' SPARSE "my disk.vmdk"'), descriptor
+    assert 'ddb.adapterType = "ide"' in descriptor
+    assert [p.name for p in out.iterdir()] == ["my disk.vmdk"]
+
+
+def test_vhd_is_fixed_and_a_whole_number_of_mib_as_azure_takes_it(small_image, tmp_path: Path) -> None:
+    size = 2 * GiB + 3 * MiB + 12345  # not a whole MiB: the disk is cut to one
+    result = promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", size=size))
+    # qemu-img probes a fixed VHD as raw (its one footer is at the end): read it as Azure does.
+    info = qemu_img_info(result.path, "-f", "vpc")
+    assert info["format"] == "vpc" and qemu.is_fixed_vhd(result.path)
+    virtual = info["virtual-size"]
+    assert virtual % MiB == 0 and virtual == 2 * GiB + 3 * MiB
+    # A fixed VHD is the raw disk and a 512-byte footer: cookie, disk type 2 (fixed), current size.
+    with open(result.path, "rb") as handle:
+        handle.seek(-512, os.SEEK_END)
+        footer = handle.read()
+    assert footer[:8] == b"conectix"
+    assert struct.unpack_from(">I", footer, 60)[0] == 2, "disk type: 2 is fixed, 3 dynamic"
+    assert struct.unpack_from(">Q", footer, 48)[0] == virtual
+    assert result.path.stat().st_size == virtual + 512
+
+
 # -- real disks, built and read back ----------------------------------------
 
 

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_promote import HOSTILE_ENV
+from test_promote import HOSTILE_ENV, assert_firecracker_config
 
 from conftest import CATALOG_IMAGES, ROOT
-from racker import images, machines, prepare, promote, store
+from racker import images, machines, prepare, promote, qemu, store
 from racker.checks import guest
 from racker.cli import OUTCOME_RANK
 from racker.qemu import VM
@@ -134,6 +134,31 @@ def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, t
 CONVERTED = ["qcow2", "vmdk", "vhd", "vhdx", "vdi", "gce", "firecracker"]
 # Formats booted with a cloud's profile: the checks then hold the booted VM to that cloud's requirements too.
 PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp"}
+# Each format booted on the stand-in for its platform (qemu.BOARDS); others on racker's own.
+PLATFORM_BOARD = {"firecracker": "microvm", "vhd": "scsi"}
+
+# Where the root disk and the NIC sit: the controller and driver a platform presents.
+PLACEMENT = r"""
+root_disk=$(lsblk -no pkname "$(findmnt -no SOURCE /)" | head -1)
+echo "root_source=$(findmnt -no SOURCE /)"
+echo "root_device=$(readlink -f "/sys/class/block/${root_disk:-$(basename "$(findmnt -no SOURCE /)")}")"
+nic=$(ip -o link show | awk -F': ' '$2 != "lo" {print $2; exit}')
+echo "nic_driver=$(basename "$(readlink -f "/sys/class/net/$nic/device/driver")")"
+echo "addr=$(ip -o -4 addr show dev "$nic" | awk '{print $4}' | head -1)"
+echo "pci_devices=$(ls /sys/bus/pci/devices | wc -l)"
+"""
+
+
+def assert_placed_as_its_platform(vm: VM, fmt: str) -> None:
+    result = vm.run(["sh", "-c", PLACEMENT], timeout=120)
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert found["addr"].startswith("10.0.2.15/"), found  # QEMU user networking's DHCP lease
+    assert "/virtio" in found["root_device"] and found["nic_driver"] == "virtio_net", found
+    if fmt == "firecracker":
+        # LNRO0005: a virtio-mmio transport, as ACPI describes it to the guest.
+        assert found["pci_devices"] == "0" and "/platform/LNRO0005:" in found["root_device"], found
+    if fmt == "vhd":  # a SCSI disk (LUN 0; sda or sdb, as the LUNs are probed), as Hyper-V's storvsc presents it
+        assert "/host0/target0:0:0/0:0:0:0/block/sd" in found["root_device"], found
 
 
 @pytest.mark.xdist_group("debian-bookworm")
@@ -153,15 +178,30 @@ def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
         boot = tmp_path / "disk.raw"
     elif fmt == "firecracker":
         assert info["format"] == "raw"
-        vmlinux, initrd = result.extra["vmlinux"], result.extra["initrd"]
-        assert vmlinux.read_bytes()[:4] == b"\x7fELF", "Firecracker needs an uncompressed ELF kernel"
-        # Firecracker's own boot, imitated: the ELF kernel straight onto the bare ext4.
-        options = {"kernel": vmlinux, "initrd": initrd, "append": "root=/dev/vda rw console=ttyS0"}
+        config = json.loads(result.extra["config"].read_text())
+        assert_firecracker_config(config)
+        source = config["boot-source"]
+        assert [source["kernel_image_path"], source["initrd_path"], config["drives"][0]["path_on_host"]] == [
+            str(result.extra["vmlinux"]), str(result.extra["initrd"]), str(output)
+        ]  # fmt: skip
+        assert result.extra["vmlinux"].read_bytes()[:4] == b"\x7fELF", "Firecracker needs an uncompressed ELF kernel"
+        # Firecracker's boot, on its stand-in: what the configuration says (plus the
+        # root=/dev/vda rw Firecracker adds for the root drive), on virtio-mmio devices only.
+        options = {
+            "kernel": Path(source["kernel_image_path"]),
+            "initrd": Path(source["initrd_path"]),
+            "append": f"{source['boot_args']} root=/dev/vda rw",
+        }
+        boot = output
+    elif fmt == "vhd":
+        assert qemu.is_fixed_vhd(output), "Azure takes fixed VHDs only"
         boot = output
     else:
         assert info["format"] == promote.formats.get(fmt).qemu_format
         boot = output
+    options["machine"] = PLATFORM_BOARD.get(fmt, "pc")
     with VM(boot, image=image.name, disk_size=GROWN if fmt != "firecracker" else None, **options) as vm:
+        assert_placed_as_its_platform(vm, fmt)
         if profile != "generic":
             checks = assert_checks_pass(vm, tmp_path, "-k", "profile or cloud_init_done or no_failed_units or root_writable")
             assert checks["test_profile_requirements_met"]["outcome"] == "pass", checks["test_profile_requirements_met"]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import racker
 from racker import accel, gc, machines, proc, store
-from racker.errors import BadDisk, BootTimeout, VMLaunchFailure
+from racker.errors import BadDisk, BootTimeout, VMError, VMLaunchFailure
 from racker.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
@@ -66,6 +66,16 @@ def test_backing_file_is_refused_before_any_work(tmp_path: Path) -> None:
     assert machines.load("qemu", vm.name) is None and not vm.rundir.exists()
     result = racker("vm", "start", str(evil))
     assert result.returncode == 125 and "backing file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_machine_type_and_a_microvm_without_a_kernel_are_refused(tmp_path: Path) -> None:
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(HANG_SECTOR)
+    with pytest.raises(VMError, match="unknown machine type 'vbox'") as raised:
+        VM(disk, machine="vbox")
+    assert "microvm" in (raised.value.hint or "")
+    with pytest.raises(VMError, match="boots only a kernel given directly"):
+        VM(disk, machine="microvm")
 
 
 def test_a_disk_that_cannot_boot_is_refused(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ every file promote writes there replaces a link rather than writing through it.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -126,10 +127,10 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
-                    formats.convert(raw, fmt, partial)
+                    formats.convert(raw, fmt, partial, output.name)
                 verify(partial)
         else:
-            result.extra = build_firecracker(tree, layout, kernel, output, work, verify)
+            result.extra = build_firecracker(tree, layout, kernel, output, work, verify, profile.cmdline)
         order = {r.text: i for i, r in enumerate(profile.requirements)}
         result.checks = sorted(checks, key=lambda c: order[c.requirement])
     return result
@@ -214,13 +215,16 @@ def build_disk(raw: Path, layout: disk.Layout, tree: Path, work: Path) -> None:
 
 
 def build_firecracker(
-    tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path, verify: Callable[[Path], None]
+    tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path, verify: Callable[[Path], None], cmdline: str
 ) -> dict[str, Path]:
-    """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel."""
+    """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel;
+    beside them, the configuration that boots them (`firecracker --config-file`)."""
     rootfs_only = disk.Layout(firmware="bios", size=layout.root_size, root_offset=0, root_size=layout.root_size, root_uuid=layout.root_uuid)
+    base = output.name.removesuffix(".ext4")
     extra = {
-        "vmlinux": output.with_name(output.name.removesuffix(".ext4") + ".vmlinux"),
-        "initrd": output.with_name(output.name.removesuffix(".ext4") + ".initrd"),
+        "vmlinux": output.with_name(base + ".vmlinux"),
+        "initrd": output.with_name(base + ".initrd"),
+        "config": output.with_name(base + ".firecracker.json"),
     }
     with progress.step("writing the root filesystem"), store.output_file(work, output) as partial:
         with open(partial, "wb") as handle:
@@ -231,4 +235,7 @@ def build_firecracker(
             formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
         with store.output_file(work, extra["initrd"]) as initrd:
             initrd.write_bytes((tree / kernel.initrd).read_bytes())
+        with store.output_file(work, extra["config"]) as config:
+            document = formats.firecracker_config(output, extra["vmlinux"], extra["initrd"], cmdline)
+            config.write_text(json.dumps(document, indent=2) + "\n")
     return extra

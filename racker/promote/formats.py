@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lzma
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,18 @@ class Format:
     qemu_format: str = ""  # qemu-img's name, for disk formats
     options: tuple[str, ...] = ()
     disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
+    names_itself: bool = False  # the file's own header names the file: written under its final name
 
 
 FORMATS: dict[str, Format] = {
     "raw": Format("raw", ".raw", "raw"),
     "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1")),
-    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=monolithicSparse")),
-    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=dynamic,force_size=on")),
+    # What OVA/vSphere import takes. The IDE adapter: Debian's cloud kernel has
+    # ata_piix, and neither mptspi nor mptsas for an LSI Logic one.
+    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=streamOptimized,adapter_type=ide"), names_itself=True),
+    # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
+    # force_size keeps that size exact instead of rounding it to a CHS geometry.
+    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
     "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
     "vdi": Format("vdi", ".vdi", "vdi"),
     "gce": Format("gce", ".tar.gz", "raw"),
@@ -42,9 +48,21 @@ def get(name: str) -> Format:
         raise PromoteError(f"unknown format {name!r}", hint="one of: " + ", ".join(FORMATS)) from None
 
 
-def convert(raw: Path, fmt: Format, output: Path) -> None:
-    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated)."""
-    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, str(raw), str(output)], timeout=1800)
+def convert(raw: Path, fmt: Format, output: Path, final_name: str = "") -> None:
+    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated).
+
+    A format whose header names the file (a VMDK descriptor's extent) is written
+    under `final_name` in a directory beside `raw`, then moved to `output` (a
+    temporary name), so that it names the file the user gets, not the temporary one.
+    """
+    target = output
+    if fmt.names_itself and final_name:
+        named = raw.parent / "named"
+        named.mkdir(exist_ok=True)
+        target = named / final_name
+    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, str(raw), str(target)], timeout=1800)
+    if target != output:
+        shutil.move(target, output)
 
 
 def pack_gce(raw: Path, output: Path) -> None:
@@ -53,6 +71,29 @@ def pack_gce(raw: Path, output: Path) -> None:
     if raw != staged:
         raw.rename(staged)
     proc.run(["tar", "--format=oldgnu", "--sparse", "-czf", str(output), "-C", str(staged.parent), "disk.raw"], timeout=1800)
+
+
+# Firecracker's kernel arguments (the console is the profile's): reboot by keyboard
+# controller, no PCI. Firecracker itself adds root=/dev/vda and rw for the root
+# drive, and finds the virtio-mmio devices for the guest (through ACPI, which
+# Debian's cloud kernel needs: it reads no virtio_mmio.device= arguments).
+FIRECRACKER_BOOT_ARGS = "reboot=k panic=1 pci=off"
+FIRECRACKER_TAP = "tap0"  # a placeholder: the tap device the user creates on the host
+
+
+def firecracker_config(rootfs: Path, vmlinux: Path, initrd: Path, cmdline: str, *, vcpus: int = 2, memory_mib: int = 1024) -> dict:
+    """A `firecracker --config-file` document booting these files (absolute paths, as
+    Firecracker resolves relative ones from its own working directory)."""
+    return {
+        "boot-source": {
+            "kernel_image_path": str(vmlinux),
+            "initrd_path": str(initrd),
+            "boot_args": f"{FIRECRACKER_BOOT_ARGS} {cmdline}".strip(),
+        },
+        "drives": [{"drive_id": "rootfs", "path_on_host": str(rootfs), "is_root_device": True, "is_read_only": False}],
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": memory_mib},
+        "network-interfaces": [{"iface_id": "eth0", "guest_mac": "06:00:ac:10:00:02", "host_dev_name": FIRECRACKER_TAP}],
+    }
 
 
 # Compressed payload magics inside a bzImage, as Linux's scripts/extract-vmlinux looks for them.

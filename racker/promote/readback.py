@@ -7,7 +7,6 @@ profile checks read what was built through here, never what was asked for.
 from __future__ import annotations
 
 import contextlib
-import json
 import struct
 import tarfile
 import uuid
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
+from racker import proc, qemu
 from racker.errors import PromoteError
 from racker.promote import disk, formats
 
@@ -29,7 +28,7 @@ def is_gzip(path: Path) -> bool:
 
 
 def qemu_info(path: Path) -> dict:
-    return json.loads(proc.run(["qemu-img", "info", "--output=json", str(path)], timeout=120).stdout)
+    return qemu.qemu_img_info(path)
 
 
 def probe_format(path: Path) -> str:
