@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,35 +107,42 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A real registry (Debian's docker-registry) on a free 127.0.0.1 port: yields "127.0.0.1:PORT"."""
+@contextlib.contextmanager
+def running_registry(address: str, home: Path, *, deletable: bool = False) -> Iterator[str]:
+    """Debian's docker-registry on ADDRESS and a free port, plain HTTP, storing under HOME: yields "ADDRESS:PORT"."""
     import time
     import urllib.request
 
-    home = tmp_path_factory.mktemp("registry")
     port = free_port()
     config = home / "config.yml"
+    delete = "  delete:\n    enabled: true\n" if deletable else ""
     config.write_text(
         f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {home / 'data'}\n"
-        f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n"
+        f"{delete}http:\n  addr: {address}:{port}\n"
     )
     server = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as answer:
+                with urllib.request.urlopen(f"http://{address}:{port}/v2/", timeout=1) as answer:
                     if answer.status == 200:
                         break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"docker-registry did not start: {server.stderr.read().decode()}") from None
+                    raise RuntimeError(f"docker-registry did not start: {server.stderr.read().decode()}") from None  # type: ignore[union-attr]
                 time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield f"{address}:{port}"
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real registry (Debian's docker-registry) on a free 127.0.0.1 port: yields "127.0.0.1:PORT"."""
+    with running_registry("127.0.0.1", tmp_path_factory.mktemp("registry"), deletable=True) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,11 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, racker
+from conftest import racker, running_registry
 from racker import images, platforms, refs, store
 from racker.errors import BadReference
 from racker.platforms import Platform
@@ -233,39 +230,12 @@ def _host_address() -> str | None:
     return found.group(1) if found else None
 
 
-@contextlib.contextmanager
-def _registry_on(address: str, home: Path) -> Iterator[str]:
-    """docker-registry on ADDRESS:free port, plain HTTP, as conftest's `registry` starts it."""
-    port = free_port()
-    config = home / "config.yml"
-    config.write_text(
-        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {home / 'data'}\n"
-        f"http:\n  addr: {address}:{port}\n"
-    )
-    server = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{address}:{port}/v2/", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"docker-registry did not start: {server.stderr.read().decode()}") from None  # type: ignore[union-attr]
-                time.sleep(0.05)
-        yield f"{address}:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
 @pytest.mark.slow
 def test_a_plain_http_registry_needs_insecure(seeded_registry: dict, private_store: dict, tmp_path: Path) -> None:
     address = _host_address()
     if address is None or oci.is_loopback(address):
         pytest.skip("no non-loopback address on this host")
-    with _registry_on(address, tmp_path) as remote:
+    with running_registry(address, tmp_path) as remote:
         subprocess.run(
             ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
              f"docker://{seeded_registry['host']}/library/debian:bookworm", f"docker://{remote}/library/debian:bookworm"],
