@@ -194,3 +194,12 @@ def test_nightly_whole_and_in_shards_merged_by_racker_report(tmp_path: Path) -> 
     assert made["missing"] == [["debian-sid", "nspawn"]] and sorted(made["images"]) == ["debian-bookworm"]
     assert made["repeated"] and made["counts"]["pass"] == sum(c["outcome"] == "pass" for c in made["cells"])
     assert "No results" in (tmp_path / "lost" / "report.md").read_text()
+
+
+def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> None:
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("# main"))
+    words = line.split("#")[0].split()
+    assert words[:3] == ["./install.sh", "&&", ".venv/bin/racker"], line
+    args = cli.parse(words[3:])
+    assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli.cmd_nightly, [], "all", None, None)
+    assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
