@@ -199,3 +199,127 @@ def hub_mirror(seeded_registry: dict[str, str], tmp_path_factory: pytest.TempPat
         f'[[registry.mirror]]\nlocation = "{seeded_registry["host"]}"\ninsecure = true\n'
     )
     return {"CONTAINERS_REGISTRIES_CONF": str(conf)}
+
+
+class StaticServer:
+    """Files under `root` over HTTP(S) on 127.0.0.1, with Range (and If-Range) as real servers have them.
+
+    `served[name]`: body bytes sent per file; `requests`: (path, Range header) per GET;
+    `drops[name] = [N, …]`: the next answers for `name` send N bytes of their body, then the connection drops.
+    """
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root, self.url = root, url
+        self.served: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.drops: dict[str, list[int]] = {}
+        self.ca: Path = Path()  # the CA that signed its certificate (https only)
+
+    def reset(self) -> None:
+        self.served.clear()
+        self.requests.clear()
+        self.drops.clear()
+
+
+def _range_handler(state: StaticServer):  # type: ignore[no-untyped-def]
+    import socket
+    import urllib.parse
+    from email.utils import formatdate
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def do_GET(self) -> None:
+            name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+            path = state.root / name
+            state.requests.append((name, self.headers.get("Range")))
+            if ".." in name.split("/") or not path.is_file():
+                self.send_error(404)
+                return
+            info = path.stat()
+            size, etag = info.st_size, f'"{info.st_size:x}-{info.st_mtime_ns:x}"'
+            start = 0
+            asked = self.headers.get("Range", "")
+            if asked.startswith("bytes=") and asked.endswith("-") and self.headers.get("If-Range", etag) == etag:
+                start = int(asked.removeprefix("bytes=").rstrip("-"))
+                if start >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.send_header("Content-Length", str(size - start))
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", formatdate(info.st_mtime, usegmt=True))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            drops = state.drops.get(name) or []
+            budget = drops.pop(0) if drops else size
+            position = start
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                while budget > 0 and (chunk := handle.read(min(1 << 16, budget))):
+                    self.wfile.write(chunk)
+                    budget -= len(chunk)
+                    position += len(chunk)
+                    state.served[name] = state.served.get(name, 0) + len(chunk)
+            if position < size:  # a dropped connection: no more bytes, no clean end
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    return Handler
+
+
+def make_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate it signs for 127.0.0.1 and localhost: (ca.pem, server.pem, server.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl = ["openssl", "req", *ec]
+    subprocess.run([*openssl, "-x509", "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=racker test CA",
+                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*openssl, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                    "-days", "2", "-extfile", extensions], check=True, capture_output=True)  # fmt: skip
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """An HTTPS server on 127.0.0.1 with Range support, serving `.root` (empty at first), whose certificate
+    a throw-away CA signed: yields a StaticServer; `.ca` is the CA to trust (SSL_CERT_FILE)."""
+    import ssl
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    base = tmp_path_factory.mktemp("static")
+    ca, cert, key = make_ca(base / "tls")
+    root = base / "www"
+    root.mkdir()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    state = StaticServer(root, "")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _range_handler(state))
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    state.url = f"https://127.0.0.1:{server.server_address[1]}"
+    state.ca = ca
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

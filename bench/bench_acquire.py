@@ -1,4 +1,5 @@
-"""racker pull docker://… from a loopback registry, against the hand pipeline (skopeo copy + umoci unpack).
+"""racker pull docker://… from a loopback registry, against the hand pipeline (skopeo copy + umoci unpack);
+and racker pull http://…/rootfs.tar.xz (a root tarball with a SHA256SUMS) against `curl | tar -xJ`.
 
 The registry is Debian's docker-registry, started here on a free 127.0.0.1
 port and seeded with the store's debian-bookworm (pushed by racker). Each
@@ -8,12 +9,18 @@ racker also computes the tree digest, normalises and commits into the store:
 that is what the ratio measures. Then a second pull of the present image,
 in a namespace with no network. Prints JSON.
 
-    python bench/bench_acquire.py [--rounds 5] [--image debian-bookworm]
+The tarball is the image exported as a rootfs tar and compressed with xz,
+served by Python's http.server on 127.0.0.1; racker downloads it into a fresh
+store each round, checks it against SHA256SUMS, then unpacks it through its
+safe extractor; the hand pipeline only streams it into GNU tar.
+
+    python bench/bench_acquire.py [--rounds 5] [--image debian-bookworm] [--only registry|tarball]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -74,11 +81,84 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--image", default="debian-bookworm")
+    parser.add_argument("--only", choices=("registry", "tarball"))
     args = parser.parse_args()
     image = images.pull(args.image)
     # A workdir of the store: the store's filesystem for both sides, and gc leaves it alone meanwhile.
-    with store.workdir("bench-acquire") as scratch:
-        run(image, scratch, args.rounds)
+    if args.only != "tarball":
+        with store.workdir("bench-acquire") as scratch:
+            run(image, scratch, args.rounds)
+    if args.only != "registry":
+        with store.workdir("bench-acquire") as scratch:
+            run_tarball(image, scratch, args.rounds)
+
+
+def tarball_by_hand(url: str, work: Path) -> float:
+    """curl | tar -xJ: no verification, GNU tar running xz beside it."""
+    started = time.monotonic()
+    curl = subprocess.Popen(["curl", "-sSf", url], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-xJ", "--numeric-owner", "-C", str(work)], stdin=curl.stdout, check=True)
+    assert curl.stdout is not None
+    curl.stdout.close()
+    if curl.wait() != 0:
+        raise SystemExit("curl failed")
+    return time.monotonic() - started
+
+
+def run_tarball(image: store.StoredImage, scratch: Path, rounds: int) -> None:
+    www = scratch / "www"
+    www.mkdir()
+    export.export(image, scratch / "rootfs.tar", "rootfs-tar")
+    subprocess.run(["xz", "-0", "-T0", str(scratch / "rootfs.tar")], check=True)
+    tarball = www / "rootfs.tar.xz"
+    os.rename(scratch / "rootfs.tar.xz", tarball)
+    with open(tarball, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    (www / "SHA256SUMS").write_text(f"{digest}  rootfs.tar.xz\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(www), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/rootfs.tar.xz"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/SHA256SUMS", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("http.server did not start") from None
+                time.sleep(0.05)
+        hand, ours = [], []
+        for round_ in range(rounds + 1):  # round 0 warms the page cache for both sides
+            work, home = scratch / f"hand-{round_}", scratch / f"store-{round_}"
+            work.mkdir()
+            hand_s = tarball_by_hand(url, work)
+            started = time.monotonic()
+            env = {**os.environ, "RACKER_HOME": str(home)}
+            subprocess.run([sys.executable, "-m", "racker", "pull", url], check=True, env=env, stdout=subprocess.DEVNULL)
+            ours_s = time.monotonic() - started
+            if round_:
+                hand.append(hand_s)
+                ours.append(ours_s)
+            shutil.rmtree(work)
+            shutil.rmtree(home)
+        result = {
+            "benchmark": "racker pull http:// root tarball (loopback, SHA256SUMS) vs curl | tar -xJ",
+            "image": image.name,
+            "tarball_bytes": tarball.stat().st_size,
+            "rounds": rounds,
+            "by_hand_median_s": round(statistics.median(hand), 3),
+            "racker_median_s": round(statistics.median(ours), 3),
+            "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+            "goal": {"ratio_max": 1.2},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def run(image: store.StoredImage, scratch: Path, rounds: int) -> None:

@@ -66,9 +66,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _pull_options(args: argparse.Namespace) -> dict:
     """images.pull's keywords from --platform and --insecure (add_pull_options)."""
+    from pathlib import Path
+
     from racker import platforms
 
-    return {"platform": platforms.parse(args.platform) if args.platform else None, "insecure": args.insecure}
+    keyring = Path(args.keyring).absolute() if args.keyring else None
+    if keyring is not None and not keyring.is_file():
+        raise errors.RackerError(f"--keyring {args.keyring}: no such file")
+    return {"platform": platforms.parse(args.platform) if args.platform else None, "insecure": args.insecure, "keyring": keyring}
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -279,13 +284,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         options = {"workers": args.workers, "junit": args.junit, "verbose": args.verbose}
         status = matrix.run(names, matrix.engine_names(args.engine), results, **options)
         records = read_tests(results)
-    checks = sorted({r["check"] for r in records})
-    by_cell = {(r["image"], r["check"]): r["outcome"] for r in records}
     print()
-    _table(
-        [[image, *(by_cell.get((image, check), "-") for check in checks)] for image in sorted({r["image"] for r in records})],
-        ["IMAGE", *(c.removeprefix("test_") for c in checks)],
-    )
+    _table(*check_table(records))
     return 0 if status == 0 else 1
 
 
@@ -315,6 +315,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None)
     _print_report(made, args.output, args.previous)
     return 1 if report.regressed(made) else 0
+
+
+# What a cell shows when a check ran more than once there (parametrised): the worst outcome.
+OUTCOME_RANK = {"error": 0, "fail": 1, "pass": 2, "skip": 3}
+
+
+def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """A row per check, a column per image and engine."""
+    columns = sorted({(r["image"], r["engine"]) for r in records})
+    cells: dict[tuple[str, tuple[str, str]], str] = {}
+    for r in records:
+        key = (r["check"], (r["image"], r["engine"]))
+        if key not in cells or OUTCOME_RANK[r["outcome"]] < OUTCOME_RANK[cells[key]]:
+            cells[key] = r["outcome"]
+    checks = sorted({r["check"] for r in records})
+    rows = [[check.removeprefix("test_"), *(cells.get((check, column), "-") for column in columns)] for check in checks]
+    return rows, ["CHECK", *(f"{image}/{engine}" for image, engine in columns)]
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
@@ -366,6 +383,7 @@ def add_pull_options(p: argparse.ArgumentParser) -> None:
         "--platform", metavar="OS/ARCH[/VARIANT]", help="the image of a multi-arch index to pull, e.g. linux/arm64 (default: the host's)"
     )
     p.add_argument("--insecure", action="store_true", help="let this pull's registry answer plain HTTP or unverified TLS")
+    p.add_argument("--keyring", metavar="FILE", help="an OpenPGP keyring: a download's SHA256SUMS must be signed by a key in it (gpgv)")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -477,9 +495,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
 
+    from racker import engines
+
     p = verb("check", cmd_check, "boot images and run the built-in compatibility checks")
     p.add_argument("images", nargs="+")
-    p.add_argument("--engine", default="nspawn")
+    p.add_argument("--engine", default="nspawn", choices=[*engines.ENGINES, "all"], help="where to boot the images (default nspawn)")
     add_pull_options(p)
     p.add_argument("-n", "--workers", help="parallel pytest workers (pytest-xdist), e.g. auto")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML")

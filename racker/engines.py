@@ -30,10 +30,15 @@ class Engine:
     # (a context manager with .name and .run(argv)); imported when first used.
     factory: str
     provides: frozenset[str]
+    # "module:callable" taking a running machine's name and returning it, attached.
+    attacher: str = ""
 
     def machine_for(self, image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
-        module, _, name = self.factory.partition(":")
-        return getattr(importlib.import_module(module), name)(image, network_mode=network_mode)
+        return _load(self.factory)(image, network_mode=network_mode)
+
+    def attach(self, name: str):  # type: ignore[no-untyped-def]
+        """The running machine `name` (racker start, racker vm start), left running when done with."""
+        return _load(self.attacher)(name)
 
     def unmet(self, needs: list[str], image: StoredImage | None = None) -> list[str]:
         """The needs this engine (and, once known, the image) cannot meet."""
@@ -43,6 +48,34 @@ class Engine:
         elif image is None:
             offered.add("systemd")  # not known before the image is there: decided at setup
         return [need for need in needs if need not in offered]
+
+
+def _load(spec: str):  # type: ignore[no-untyped-def]
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def running(name: str) -> tuple[str, str] | None:
+    """(engine, image) of the running machine or VM called `name`, or None."""
+    from racker import machines
+
+    for engine in ENGINES:
+        state = machines.load(engine, name)
+        if state is not None and not machines.is_stale(state):
+            return engine, state.image
+    return None
+
+
+def nspawn_attach(name: str):  # type: ignore[no-untyped-def]
+    from racker import nspawn
+
+    return nspawn.Machine.attach(name)
+
+
+def qemu_attach(name: str):  # type: ignore[no-untyped-def]
+    from racker import qemu
+
+    return qemu.VM.attach(name)
 
 
 def nspawn_machine(image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
@@ -65,8 +98,8 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private"):  # type: igno
 
 ENGINES: dict[str, Engine] = {
     # Every image boots with systemd under nspawn: one without an init is given one (prepare.bootable).
-    "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback", "systemd"})),
-    "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS)),
+    "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback", "systemd"}), "racker.engines:nspawn_attach"),
+    "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS), "racker.engines:qemu_attach"),
 }
 
 

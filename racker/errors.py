@@ -131,3 +131,7 @@ class RequirementsFailed(PromoteError):
 
 class ReportError(RackerError):
     """Results or a previous report that cannot be read."""
+
+
+class DownloadError(RackerError):
+    """A download failed, was refused (untrusted TLS, plain HTTP) or does not match its checksum or signature."""

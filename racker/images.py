@@ -76,11 +76,14 @@ def find(text: str) -> store.StoredImage:
     return image
 
 
-def pull(text: str, *, force: bool = False, platform: Platform | None = None, insecure: bool = False) -> store.StoredImage:
+def pull(
+    text: str, *, force: bool = False, platform: Platform | None = None, insecure: bool = False, keyring: Path | None = None
+) -> store.StoredImage:
     """The stored image for `text`, built first if missing, stale or forced.
 
     `platform`: which image of a multi-arch index (default: the host's).
     `insecure`: this pull's registry may answer plain HTTP or unverified TLS.
+    `keyring`: a download's SHA256SUMS must carry a signature by a key in this file.
     Any number of processes may pull the same image at once: the lock makes
     exactly one build it and the others find it done.
     """
@@ -101,7 +104,7 @@ def pull(text: str, *, force: bool = False, platform: Platform | None = None, in
         if image is not None and image.recipe == recipe and not force:
             return image
         acquire = source_for(ref)
-        with progress.step(f"pulling {name}"), store.workdir("pull") as work, insecure_pull(insecure):
+        with progress.step(f"pulling {name}"), store.workdir("pull") as work, insecure_pull(insecure, keyring):
             rootfs = work / "rootfs"
             fields = acquire(ref, entry, rootfs)
             normalise(rootfs)

@@ -27,6 +27,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--racker-engines", metavar="NAMES", help=f"comma-separated engines: {', '.join(engines.ENGINES)} (ini: racker_engines)"
     )
+    group.addoption(
+        "--racker-attach",
+        metavar="NAMES",
+        help="comma-separated running machines or VMs (racker start, racker vm start) to test instead of booting new ones; "
+        "they are left running",
+    )
     group.addoption("--racker-results", metavar="FILE", help="write one JSON record per test to FILE (JSON lines)")
     group.addoption(
         "--racker-shard",
@@ -80,6 +86,27 @@ def chosen_engines(config: pytest.Config) -> list[str]:
     return names
 
 
+def attached(config: pytest.Config) -> list[Target]:
+    """The running machines --racker-attach names, as targets; a name nothing runs under is a usage error."""
+    targets = []
+    for name in _split(config.getoption("--racker-attach") or ""):
+        found = engines.running(name)
+        if found is None:
+            raise pytest.UsageError(f"--racker-attach: no running machine or VM named {name!r} (see racker ps, racker vm ps)")
+        engine, image = found
+        targets.append(Target(image, engine, machine=name))
+    return targets
+
+
+def chosen_targets(config: pytest.Config) -> list[Target]:
+    return attached(config) or [Target(i, e) for i in chosen_images(config) for e in chosen_engines(config)]
+
+
+def target_id(target: Target, targets: list[Target]) -> str:
+    """Ids name the image, and the engine only when there is more than one."""
+    return target.image if len({t.engine for t in targets}) == 1 else f"{target.image}-{target.engine}"
+
+
 def chosen_network(config: pytest.Config) -> str:
     mode = config.getoption("--racker-network") or config.getini("racker_network")
     if mode not in ("none", "private", "nat"):
@@ -116,6 +143,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # With testinfra's --hosts (racker://NAME among them), testinfra's own `host` serves.
         config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
     chosen_shard(config)  # a bad K/N ends the run here, as a usage error
+    attached(config)  # a name that runs nothing ends the run here, as a usage error
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
         config.pluginmanager.register(results.ResultStream(path), "racker-results")
@@ -146,6 +174,8 @@ class Target:
     engine: str
     # Machines are cached by Target: one no other test has gets a machine of its own.
     fresh: str = ""
+    # A running machine to attach to (--racker-attach) rather than one to boot.
+    machine: str = ""
 
 
 def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:
@@ -170,12 +200,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     unknown = set(wanted.get("needs", [])) - set(engines.NEEDS)
     if unknown:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown racker needs {sorted(unknown)}; known: {', '.join(engines.NEEDS)}")
-    image_names = [i for i in chosen_images(config) if "images" not in wanted or i in wanted["images"]]
-    engine_names = [e for e in chosen_engines(config) if "engines" not in wanted or e in wanted["engines"]]
-    fresh = metafunc.definition.nodeid if wants_fresh(metafunc) else ""
-    targets = [Target(i, e, fresh) for i in image_names for e in engine_names]
-    # Ids name the image, and the engine only when there is more than one.
-    ids = [t.image if len(engine_names) == 1 else f"{t.image}-{t.engine}" for t in targets]
+    every = chosen_targets(config)
+    fresh = metafunc.definition.nodeid if wants_fresh(metafunc) and not every[0].machine else ""
+    targets = [
+        Target(t.image, t.engine, fresh, t.machine)
+        for t in every
+        if ("images" not in wanted or t.image in wanted["images"]) and ("engines" not in wanted or t.engine in wanted["engines"])
+    ]
+    ids = [target_id(t, every) for t in targets]
     metafunc.parametrize("_racker_target", targets, ids=ids, indirect=True, scope=machine_scope("", config))
 
 
@@ -192,6 +224,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         unmet = engines.get(target.engine).unmet(_mark_args(item).get("needs", []))
         if unmet:
             item.add_marker(pytest.mark.skip(reason=f"{target.engine} cannot provide: {', '.join(unmet)}"))
+        elif target.machine and wants_fresh(item):
+            item.add_marker(pytest.mark.skip(reason=f"needs a machine of its own, and {target.machine} is attached"))
 
 
 def _dist_chosen(config: pytest.Config) -> bool:
@@ -200,8 +234,8 @@ def _dist_chosen(config: pytest.Config) -> bool:
 
 
 def target_ids(config: pytest.Config) -> list[str]:
-    engine_names = chosen_engines(config)
-    return [i if len(engine_names) == 1 else f"{i}-{e}" for i in chosen_images(config) for e in engine_names]
+    targets = chosen_targets(config)
+    return [target_id(t, targets) for t in targets]
 
 
 @pytest.hookimpl(optionalhook=True)

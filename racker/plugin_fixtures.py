@@ -39,6 +39,9 @@ def racker_image(_racker_target: Target) -> StoredImage:
 def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racker_image: StoredImage) -> Iterator:
     """A booted machine of the image, shared by the tests of a module (or the session)."""
     engine = engines.get(_racker_target.engine)
+    if _racker_target.machine:
+        yield engine.attach(_racker_target.machine)  # someone else's: left running
+        return
     with engine.machine_for(racker_image, network_mode=chosen_network(request.config)) as machine:
         FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_machine(machine))
         yield machine

@@ -101,7 +101,7 @@ def parse(text: str) -> Reference:
     if scheme == "docker":
         target, platform = split_platform(target)
         target = normalise_docker(target, text)
-    if scheme in ("oci", "oci-archive", "docker-archive"):
+    if scheme in ("oci", "oci-archive", "docker-archive", "file"):
         target = absolute_path(target, tagged=scheme == "oci")
     return Reference(scheme, target).for_platform(platform)
 

@@ -5,7 +5,11 @@ Four outcomes: pass, fail, skip, and error. An error is the harness's fault
 so that a report never blames a distribution for it.
 
     {"kind": "test", "image": "debian-bookworm", "engine": "nspawn", "check": "test_hostname",
-     "nodeid": "...", "outcome": "pass", "duration": 0.02, "message": "", "log": ""}
+     "nodeid": "...", "outcome": "pass", "duration": 0.02, "message": "", "log": "",
+     "properties": {}}
+
+`properties` holds what the test recorded with pytest's record_property
+(the boot time split, say), JSON values as they were given.
 
 Beside the tests, so that a report can be built from the results alone on
 another machine: one "run" record (the host, and the matrix the run was asked
@@ -96,8 +100,10 @@ class ResultStream:
                 "duration": 0.0,
                 "message": "",
                 "log": "",
+                "properties": {},
             },
         )
+        record["properties"].update((k, v) for k, v in report.user_properties if not k.startswith("racker_"))
         record["duration"] = round(record["duration"] + report.duration, 3)
         if report.failed:
             harness = report.when != "call" or props.get("racker_outcome") == "error"

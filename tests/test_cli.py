@@ -120,7 +120,7 @@ def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_pat
         "bootstrap:debian/bookworm+vm": None,
         "docker://debian:bookworm": None,
         "no-such-image": None,
-        "file:disk.qcow2": Path("disk.qcow2"),
+        "file:disk.qcow2": tmp_path / "disk.qcow2",  # file: paths are made absolute when parsed
         "file:/srv/vm.img": Path("/srv/vm.img"),
         "./nope.qcow2": Path("nope.qcow2"),
         "/srv/vm.img": Path("/srv/vm.img"),
@@ -224,3 +224,22 @@ def test_run_with_options_after_the_image_boots_with_them(private_store: dict[st
     result = racker("run", "debian-bookworm", "--name", name, "--", "hostname", env=private_store, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{name}\n"
+
+
+def test_check_table_has_a_column_per_image_and_engine_and_the_worst_outcome_of_a_parametrised_check() -> None:
+    from racker.cli import check_table
+
+    def record(check: str, engine: str, outcome: str) -> dict:
+        return {"image": "debian-sid", "engine": engine, "check": check, "outcome": outcome}
+
+    rows, header = check_table(
+        [
+            record("test_root_writable", "nspawn", "skip"),
+            record("test_root_writable", "qemu", "pass"),
+            record("test_profile_requirements_met", "qemu", "skip"),
+            record("test_profile_requirements_met", "qemu", "fail"),
+            record("test_profile_requirements_met", "nspawn", "skip"),
+        ]
+    )
+    assert header == ["CHECK", "debian-sid/nspawn", "debian-sid/qemu"]
+    assert rows == [["profile_requirements_met", "skip", "fail"], ["root_writable", "skip", "pass"]]

@@ -20,7 +20,7 @@ from racker.errors import BadReference, UnknownImage
         ("docker://localhost/app", "docker://localhost/app:latest"),
         ("docker://myorg/app:1.0", "docker://docker.io/myorg/app:1.0"),
         ("https://example.org/root.tar.xz", "https://example.org/root.tar.xz"),
-        ("file:disk.qcow2", "file:disk.qcow2"),
+        ("file:/srv/disk.qcow2", "file:/srv/disk.qcow2"),
         ("vagrant:debian/bullseye64", "vagrant:debian/bullseye64"),
         # a remote Dockerfile: the target is a URL, with ':' and '#' of its own
         (
@@ -38,6 +38,11 @@ from racker.errors import BadReference, UnknownImage
 def test_canonical_form(text: str, canonical: str) -> None:
     assert str(refs.parse(text)) == canonical
     assert str(refs.parse(canonical)) == canonical  # canonical is a fixed point
+
+
+def test_a_local_file_is_named_by_its_absolute_path(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    assert str(refs.parse("file:disk.qcow2")) == f"file:{tmp_path}/disk.qcow2"
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@
 Each module has `acquire(ref, entry, rootfs) -> dict`: it fills the empty
 directory `rootfs` with the image's root filesystem and returns manifest fields.
 
-What holds for one pull only (--insecure) is set around its acquire with
-`insecure_pull()`, never in the environment, so it cannot reach another pull.
+What holds for one pull only (--insecure, --keyring) is set around its acquire
+with `insecure_pull()`, never in the environment, so it cannot reach another pull.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ SOURCES: dict[str, str] = {
     "docker-daemon": "racker.sources.daemon",
     "dockerfile": "racker.sources.dockerfile",
     **{scheme: "racker.sources.oci" for scheme in LOCAL_IMAGE_SCHEMES},
+    # Root tarballs; disk images, boxes and OVAs will be told from them by content.
+    "https": "racker.sources.tarball",
+    "http": "racker.sources.tarball",
+    "file": "racker.sources.tarball",
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]
@@ -54,18 +58,27 @@ def recipe_for(ref: Reference, entry: CatalogEntry | None = None) -> str:
 # --insecure: the registry of the pull in progress (and its configured mirrors) may answer plain
 # HTTP or with a certificate nobody verified. Read by the sources that reach registries.
 _INSECURE: ContextVar[bool] = ContextVar("racker_insecure_pull", default=False)
+# --keyring: the OpenPGP keyring a download's SHA256SUMS must be signed with.
+_KEYRING: ContextVar[Path | None] = ContextVar("racker_pull_keyring", default=None)
 
 
 @contextlib.contextmanager
-def insecure_pull(allowed: bool) -> Iterator[None]:
-    """Inside the block, the pull may skip TLS verification if `allowed`; afterwards, as before."""
-    token = _INSECURE.set(allowed)
+def insecure_pull(allowed: bool, keyring: Path | None = None) -> Iterator[None]:
+    """Inside the block, the pull may skip TLS verification if `allowed`, and checks
+    signatures against `keyring`; afterwards, as before."""
+    token, keyring_token = _INSECURE.set(allowed), _KEYRING.set(keyring)
     try:
         yield
     finally:
         _INSECURE.reset(token)
+        _KEYRING.reset(keyring_token)
 
 
 def insecure() -> bool:
     """Whether the pull in progress was asked for with --insecure."""
     return _INSECURE.get()
+
+
+def keyring() -> Path | None:
+    """The keyring the pull in progress was given with --keyring, if any."""
+    return _KEYRING.get()

@@ -15,6 +15,10 @@ root tarball) unpacked into a staging root, as if that root were `/`.
 - OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`), with whiteouts=True, remove from
   the tree what an earlier layer put there, and only inside the root.
 
+- What an archive unpacks to is limited (RACKER_EXTRACT_LIMIT bytes, default
+  64 GiB, counting each member's data and header): a decompression bomb stops
+  at the limit with one error, before the member that would pass it is written.
+
 Anything else is a BadArchive naming the member, raised before it is written.
 """
 
@@ -41,6 +45,20 @@ KEPT_XATTRS = ("security.capability",)
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_LINK_HOPS = 40
+DEFAULT_LIMIT = 64 << 30
+HEADER = 512  # a tar header block: counted too, so that millions of empty members also reach the limit
+
+
+def size_limit() -> int:
+    """RACKER_EXTRACT_LIMIT: the most bytes one archive may unpack to (suffixes K, M, G, T)."""
+    text = os.environ.get("RACKER_EXTRACT_LIMIT", "").strip()
+    if not text:
+        return DEFAULT_LIMIT
+    scale = 1 << (10 * ("KMGT".index(text[-1].upper()) + 1)) if text[-1].upper() in "KMGT" else 1
+    try:
+        return int(text.rstrip("kKmMgGtT")) * scale
+    except ValueError:
+        raise BadArchive(f"RACKER_EXTRACT_LIMIT={text!r} is not a size", hint="e.g. RACKER_EXTRACT_LIMIT=64G") from None
 
 
 @dataclass
@@ -51,6 +69,7 @@ class Report:
     skipped_devices: list[str] = field(default_factory=list)
     cleared_setid: list[str] = field(default_factory=list)
     removed: int = 0  # by whiteouts
+    unpacked: int = 0  # bytes of data and headers, against the size limit
 
 
 def member_parts(name: str) -> list[str]:
@@ -134,12 +153,19 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, name: str
     Reads the stream once, front to back (a pipe from `docker export` will do).
     """
     report = Report()
+    limit = size_limit()
     tree = Root(root)
     written: set[tuple[str, ...]] = set()  # by this stream: an opaque whiteout keeps these
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
                 report.members += 1
+                report.unpacked += HEADER + (member.size if member.isreg() else 0)
+                if report.unpacked > limit:
+                    raise BadArchive(
+                        f"{name} unpacks to more than {_human(limit)}: refused as a decompression bomb",
+                        hint="if the image really is that large, raise RACKER_EXTRACT_LIMIT (e.g. RACKER_EXTRACT_LIMIT=128G)",
+                    )
                 try:
                     _extract_member(archive, member, tree, report, written, whiteouts)
                 except OSError as error:
@@ -229,6 +255,13 @@ def _apply_metadata(member: tarfile.TarInfo, target: Path, rel: str, report: Rep
             if key.startswith("SCHILY.xattr.") and attribute in KEPT_XATTRS:
                 os.setxattr(target, attribute, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
     os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} bytes"
 
 
 def _setid_allowed(rel: str) -> bool:

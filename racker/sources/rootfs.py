@@ -15,10 +15,7 @@ from typing import IO
 
 from racker import proc
 from racker.errors import BadArchive
-from racker.sources import extract
-
-# Compressions tarfile cannot read by itself: (magic, decompressor argv).
-PIPED = ((b"\x28\xb5\x2f\xfd", ("zstd", "-d", "-c", "-q")), (b"\x04\x22\x4d\x18", ("lz4", "-d", "-c", "-q")))
+from racker.sources import compression, extract
 
 
 def signature(path: Path) -> str:
@@ -37,18 +34,8 @@ def tar_stream(path: Path) -> Iterator[IO[bytes]]:
             if child.wait() not in (0, 1):  # 1: a file changed while read, as GNU tar reports it
                 raise BadArchive(f"tar could not read {path} (exit status {child.returncode})")
         return
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-        handle.seek(0)
-        decompressor = next((argv for magic, argv in PIPED if head == magic), None)
-        if decompressor is None:
-            yield handle
-            return
-        with proc.spawn([*decompressor, str(path)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as child:
-            assert child.stdout is not None
-            yield child.stdout
-            if child.wait() != 0:
-                raise BadArchive(f"{path} is not a readable {decompressor[0]} archive")
+    with compression.decompressed(path) as (_kind, stream):
+        yield stream
 
 
 def unpack(path: Path, rootfs: Path) -> extract.Report:

@@ -1,0 +1,70 @@
+"""Root tarballs: `https://host/path/root.tar.xz[#sha256=HEX]`, `http://` (loopback, or with --insecure)
+and `file:PATH`, as tar, gzip, xz, bzip2, zstd or lz4, told by their first bytes.
+
+    URL ──checksums──▶ the sha256 it must have (pin, SHA256SUMS, its signature with --keyring)
+        ──download──▶ the store's download cache (resumed, verified; a digest there is not fetched again)
+        ──compression + extract──▶ the root filesystem, through the one safe extractor
+
+A download whose content turns out unusable (no tar, truncated, a bomb) is
+dropped from the cache, so that nothing of a failed pull stays but the
+partial file a broken connection leaves to resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import urllib.parse
+from pathlib import Path
+
+from racker import checksums, download, progress
+from racker.catalog import CatalogEntry
+from racker.errors import BadArchive, BadReference
+from racker.refs import Reference
+from racker.sources import extract, insecure, keyring
+from racker.sources.compression import decompressed
+from racker.sources.oci import is_loopback
+
+
+def url_of(ref: Reference) -> str:
+    return f"{ref.scheme}://{ref.target}"
+
+
+def recipe(ref: Reference) -> str:
+    """A URL is its own recipe (with its pinned digest, if any); a local file, the file as it is now."""
+    if ref.scheme != "file":
+        return str(ref)
+    path = Path(ref.target)
+    if not path.exists():
+        return str(ref)
+    info = path.stat()
+    return f"{ref} {info.st_size} {info.st_mtime_ns} {info.st_ino}"
+
+
+def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    if ref.scheme == "file":
+        path = Path(ref.target)
+        if not path.is_file():
+            raise BadReference(f"{ref}: no such file")
+        compression = unpack(path, rootfs, name=str(path))
+        return {"tarball": {"path": str(path), "compression": compression}}
+    url, pin = checksums.split_pin(url_of(ref))
+    plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(url).netloc)
+    fetch_small = functools.partial(download.fetch_small, plain_ok=plain_ok)
+    with progress.step("verifying the checksum list" if pin is None or keyring() else "checking the pin"):
+        want = checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=rootfs.parent)
+    name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or url
+    path, digest = download.fetch(url, sha256=want.sha256, plain_ok=plain_ok, title=f"downloading {name}")
+    try:
+        compression = unpack(path, rootfs, name=url)
+    except BadArchive:
+        download.forget(digest)
+        raise
+    return {"tarball": {"url": url, "sha256": digest, "verified_by": want.verified_by, "compression": compression}}
+
+
+def unpack(path: Path, rootfs: Path, *, name: str) -> str:
+    """The (compressed) tarball at `path` into the new directory `rootfs`; the compression it had."""
+    rootfs.mkdir()
+    with progress.step(f"unpacking {name}"), decompressed(path, name=name) as (kind, stream):
+        extract.extract(stream, rootfs, name=name)
+    return kind
