@@ -68,6 +68,7 @@ def test_a_shard_parses_and_prints_as_given() -> None:
 
 def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str], list[dict]]:
     """pytest --collect-only with racker's plugin on a test taking `host`: (run, test ids, run records)."""
+    pytest.importorskip("testinfra")  # the plugin's fixtures import it (tox -e unit has none)
     (tmp_path / "test_x.py").write_text("def test_x(host):\n    pass\n")
     results = tmp_path / "results.jsonl"
     results.unlink(missing_ok=True)
@@ -75,7 +76,7 @@ def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
         [sys.executable, "-m", "pytest", "-p", "racker.plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
          "-W", "ignore::pytest.PytestUnknownMarkWarning", f"--racker-results={results}", *args, "test_x.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        # Only racker's plugin (as tox -e unit has it): testinfra and xdist are not needed to collect.
+        # Only racker's plugin, named once (-p), not again by its entry point; no xdist, no testinfra plugin.
         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )  # fmt: skip
     ids = [line.split("[", 1)[1].rstrip("]") for line in done.stdout.splitlines() if line.startswith("test_x.py::")]
