@@ -54,6 +54,9 @@ def run(
             f"--racker-engines={','.join(engines)}",
             f"--racker-results={results}",
             "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
+            # One boot per image and engine for every check module: module scope would boot
+            # each VM once for test_container and again for test_vm (a minute each under TCG).
+            "-o", "racker_machine_scope=session",
             # Only racker's checks: a conftest.py above the installed package (a source
             # checkout's own test conftest, say) must not reconfigure the run.
             "--noconftest",
