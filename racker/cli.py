@@ -271,39 +271,39 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the built-in compatibility checks (racker.checks) and print a table of results."""
     import tempfile
+    from pathlib import Path
 
-    import pytest
-
-    from racker import engines, images
+    from racker import images, matrix
     from racker.results import read_tests
 
     # Build first, with progress, and fail early on a bad name; the checks take the stored names
     # (a platform's included), which need no network and no --insecure again.
     names = [images.pull(name, **_pull_options(args)).name for name in args.images]
     with tempfile.TemporaryDirectory(prefix="racker-check-") as tmp:
-        results = os.path.join(tmp, "results.jsonl")
-        argv = [
-            "--pyargs", "racker.checks",
-            f"--racker-images={','.join(names)}",
-            f"--racker-engines={','.join(engines.ENGINES) if args.engine == 'all' else args.engine}",
-            f"--racker-results={args.results or results}",
-            "-c", os.devnull, "--rootdir", tmp, "-p", "no:cacheprovider",
-            # Only racker's checks: a conftest.py above the installed package (a source
-            # checkout's own test conftest, say) must not reconfigure the run.
-            "--noconftest",
-            # racker itself is imported already, so pytest cannot rewrite its asserts: expected.
-            "-W", "ignore::pytest.PytestAssertRewriteWarning",
-            "-q" if not args.verbose else "-v",
-        ]  # fmt: skip
-        if args.workers:
-            argv += ["-n", str(args.workers)]
-        if args.junit:
-            argv.append(f"--junitxml={args.junit}")
-        status = pytest.main(argv)
-        records = read_tests(args.results or results)
+        results = Path(args.results or os.path.join(tmp, "results.jsonl"))
+        options = {"workers": args.workers, "junit": args.junit, "verbose": args.verbose}
+        status = matrix.run(names, matrix.engine_names(args.engine), results, **options)
+        records = read_tests(results)
     print()
     _table(*check_table(records))
     return 0 if status == 0 else 1
+
+
+def _print_report(made: dict, output: str, previous: str | None) -> None:
+    from pathlib import Path
+
+    from racker import report
+
+    counts = made["counts"]
+    print(f"{Path(output) / 'report.html'}: " + ", ".join(f"{counts[o]} {o}" for o in report.OUTCOMES))
+    if made["missing"]:
+        print("no results for: " + ", ".join(f"{image} ({engine})" for image, engine in made["missing"]))
+    comparison = made["comparison"]
+    if comparison:
+        print(f"against {previous}: {len(comparison['new_failures'])} new failures, {len(comparison['fixed'])} fixed")
+        for cell in comparison["new_failures"]:
+            first = cell["message"].splitlines()[0] if cell["message"] else cell["outcome"]
+            print(f"  new failure: {cell['image']} ({cell['engine']}) {cell['check']}: {first}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -313,16 +313,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from racker import report
 
     made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None)
-    counts = made["counts"]
-    print(f"{Path(args.output) / 'report.html'}: " + ", ".join(f"{counts[o]} {o}" for o in report.OUTCOMES))
-    if made["missing"]:
-        print("no results for: " + ", ".join(f"{image} ({engine})" for image, engine in made["missing"]))
-    comparison = made["comparison"]
-    if comparison:
-        print(f"against {args.previous}: {len(comparison['new_failures'])} new failures, {len(comparison['fixed'])} fixed")
-        for cell in comparison["new_failures"]:
-            first = cell["message"].splitlines()[0] if cell["message"] else cell["outcome"]
-            print(f"  new failure: {cell['image']} ({cell['engine']}) {cell['check']}: {first}")
+    _print_report(made, args.output, args.previous)
     return 1 if report.regressed(made) else 0
 
 
@@ -341,6 +332,32 @@ def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
     checks = sorted({r["check"] for r in records})
     rows = [[check.removeprefix("test_"), *(cells.get((check, column), "-") for column in columns)] for check in checks]
     return rows, ["CHECK", *(f"{image}/{engine}" for image, engine in columns)]
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """Refresh the images, run the checks on every engine, write the report; exit 1 if the night went red."""
+    from pathlib import Path
+
+    from racker import matrix, nightly, shards
+
+    shard = shards.parse(args.shard) if args.shard else None
+    night = nightly.run(
+        args.images,
+        Path(args.output),
+        matrix.engine_names(args.engine),
+        previous=Path(args.previous) if args.previous else None,
+        workers=args.workers,
+        shard=shard,
+    )
+    if night.report is None:
+        # A shard: its results are half of a report; the job that gathers every shard makes it.
+        for path in night.results:
+            print(path)
+        print(f"shard {shard}: merge every shard's results with: racker report RESULTS… -o DIR")
+        return 0
+    _print_report(night.report, args.output, args.previous)
+    print(f"report: {(Path(args.output) / 'report.html').absolute()}")
+    return 1 if nightly.failed(night.report) else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -493,6 +510,26 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", metavar="RESULTS", help="results files of one or more runs (shards)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--previous", metavar="DIR|report.json", help="an earlier report to compare against")
+
+    p = verb(
+        "nightly",
+        cmd_nightly,
+        "refresh the images, run the checks on every engine and write the report into DIR; exit 1 if the night went red",
+    )
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="default: every catalogue image")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="where the results and report.json, .md and .html go")
+    p.add_argument(
+        "--previous",
+        metavar="DIR|report.json",
+        help="an earlier report: exit 1 only on new failures against it (without one: on any failure)",
+    )
+    from racker import engines
+
+    p.add_argument("--engine", default="all", choices=[*engines.ENGINES, "all"], help="where to boot the images (default %(default)s)")
+    p.add_argument("-n", "--workers", default="auto", help="parallel pytest workers (pytest-xdist; default %(default)s, 0: none)")
+    p.add_argument(
+        "--shard", metavar="K/N", help="run only the K-th of N slices of the images, and write results, not the report (CI: one per runner)"
+    )
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from racker import engines, results
+from racker import engines, results, shards
 
 # --- options --------------------------------------------------------------
 
@@ -34,6 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "they are left running",
     )
     group.addoption("--racker-results", metavar="FILE", help="write one JSON record per test to FILE (JSON lines)")
+    group.addoption(
+        "--racker-shard",
+        metavar="K/N",
+        help="test only the K-th of N slices of the images (a CI runner's share); the results still plan the whole matrix",
+    )
     group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
@@ -45,7 +50,8 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def chosen_images(config: pytest.Config) -> list[str]:
+def planned_images(config: pytest.Config) -> list[str]:
+    """Every image asked for, before --racker-shard takes its slice."""
     value = config.getoption("--racker-images") or config.getini("racker_images")
     names = _split(value)
     if names == ["all"]:
@@ -53,6 +59,23 @@ def chosen_images(config: pytest.Config) -> list[str]:
 
         names = list(catalog.entries())
     return sorted(set(names))
+
+
+def chosen_shard(config: pytest.Config) -> shards.Shard | None:
+    value = config.getoption("--racker-shard", None)
+    if not value:
+        return None
+    try:
+        return shards.parse(value)
+    except shards.BadShard as error:
+        raise pytest.UsageError(f"--racker-shard: {error}") from None
+
+
+def chosen_images(config: pytest.Config) -> list[str]:
+    """The images this run tests: this shard's slice of the planned ones."""
+    names = planned_images(config)
+    shard = chosen_shard(config)
+    return shard.select(names) if shard else names
 
 
 def chosen_engines(config: pytest.Config) -> list[str]:
@@ -119,6 +142,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("hosts", None):
         # With testinfra's --hosts (racker://NAME among them), testinfra's own `host` serves.
         config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
+    chosen_shard(config)  # a bad K/N ends the run here, as a usage error
     attached(config)  # a name that runs nothing ends the run here, as a usage error
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
@@ -131,9 +155,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     from racker import facts, store
 
-    # The matrix asked for: a report tells an image without results (a lost shard) from one never asked for.
-    planned = [[image, engine] for image in chosen_images(session.config) for engine in chosen_engines(session.config)]
-    stream.write({"kind": "run", "started": store.now(), "host": facts.host(), "planned": planned})
+    # The whole matrix asked for, every shard's images included: a report merging shards tells an
+    # image without results (a lost shard) from one never asked for.
+    planned = [[image, engine] for image in planned_images(session.config) for engine in chosen_engines(session.config)]
+    shard = chosen_shard(session.config)
+    run = {"kind": "run", "started": store.now(), "host": facts.host(), "planned": planned}
+    stream.write(run | ({"shard": str(shard), "images": chosen_images(session.config)} if shard else {}))
 
 
 # --- parametrisation ------------------------------------------------------

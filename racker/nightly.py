@@ -1,0 +1,97 @@
+"""The nightly job: refresh the images, run the checks on every engine, write the report.
+
+    racker nightly -o DIR [--previous DIR] [--shard K/N] [IMAGES…]
+
+Stages, each timed (progress.TIMINGS): refresh (pull, which acquires again an
+image whose recipe changed), then one pytest run per engine (nspawn first:
+its answers come in seconds, the VMs' in minutes), then the report. Each
+engine writes its own results file into DIR, named after the shard too, so
+that the files of N shards gathered into one directory never overwrite each
+other. A shard stops before the report: the job that gathers every shard's
+results makes it (`racker report`), and names the images of a shard that
+never came back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from racker import catalog, images, matrix, progress, report
+from racker.errors import RackerError
+from racker.shards import Shard
+
+
+class NightlyError(RackerError):
+    """A stage of the nightly job stopped without results (not a failing check: pytest itself)."""
+
+
+@dataclass
+class Night:
+    results: list[Path]  # the results files this run wrote
+    report: dict[str, Any] | None  # None for a shard
+    timings: dict[str, float]  # seconds per stage
+
+
+def default_images() -> list[str]:
+    """The default image set: the whole catalogue."""
+    return list(catalog.entries())
+
+
+def results_name(engine: str, shard: Shard | None) -> str:
+    return f"results-{engine}" + (f"-{shard.index}of{shard.total}" if shard else "") + ".jsonl"
+
+
+def run(
+    names: list[str],
+    output: Path,
+    engines: list[str],
+    *,
+    previous: Path | None = None,
+    workers: str | None = "auto",
+    shard: Shard | None = None,
+) -> Night:
+    planned = sorted(set(names or default_images()))
+    # Every name is resolved (a typo fails every shard alike); only this shard's are pulled.
+    stored = sorted(images.resolve(name).name for name in planned)
+    if previous is not None:
+        report.load_previous(previous)  # a bad --previous fails now, not after an hour of checks
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NightlyError(f"cannot write into {output}: {error.strerror or error}") from None
+    timings: dict[str, float] = {}
+    mine = shard.select(stored) if shard else stored
+    with progress.step(f"refreshing {len(mine)} images"):
+        for name in mine:
+            images.pull(name)
+    timings["refresh"] = progress.TIMINGS[-1][1]
+    written = []
+    for engine in engines:
+        path = output / results_name(engine, shard)
+        with progress.step(f"{engine} checks"):
+            status = matrix.run(stored, [engine], path, workers=workers, quiet=True, shard=str(shard) if shard else None)
+        timings[engine] = progress.TIMINGS[-1][1]
+        if status == 2:
+            raise KeyboardInterrupt  # pytest caught the Ctrl-C; stop the night as racker stops
+        if status not in matrix.RAN or not path.exists():
+            raise NightlyError(
+                f"the {engine} checks stopped without results (pytest exit status {status})",
+                hint="run them alone to see why: racker check IMAGE --engine " + engine,
+            )
+        written.append(path)
+    if shard is not None:
+        return Night(written, None, timings)
+    with progress.step("report"):
+        made = report.make(written, output, previous)
+    timings["report"] = progress.TIMINGS[-1][1]
+    return Night(written, made, timings)
+
+
+def failed(made: dict[str, Any]) -> bool:
+    """Whether the night should go red: something regressed against the previous report (every
+    failure, with none to compare against), or an image planned got no results."""
+    if made["comparison"] is not None:
+        return report.regressed(made) or bool(made["missing"])
+    return any(cell["outcome"] in report.BAD for cell in made["cells"]) or bool(made["missing"])

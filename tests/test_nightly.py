@@ -1,0 +1,206 @@
+"""racker nightly and sharding: --racker-shard K/N, racker nightly --shard K/N, and merging shards.
+
+The fast tests split names and collect (nothing boots); the slow one runs
+`racker nightly` for real on two images under nspawn, whole and as two shards,
+and merges the shards with `racker report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import ROOT, racker
+from racker import cli, nightly, shards
+
+# --- the split ------------------------------------------------------------------
+
+names = st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True), max_size=20, unique=True)
+
+
+@given(names, st.integers(1, 8), st.randoms())
+def test_every_image_is_in_exactly_one_shard_whatever_the_order(images: list[str], total: int, random) -> None:
+    slices = [shards.Shard(k, total).select(images) for k in range(1, total + 1)]
+    flat = [name for part in slices for name in part]
+    assert sorted(flat) == sorted(images)  # every image once: none lost, none twice
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1  # balanced: no shard left idle while another takes two more
+    shuffled = list(images)
+    random.shuffle(shuffled)
+    assert [shards.Shard(k, total).select(shuffled) for k in range(1, total + 1)] == slices
+
+
+SPLIT = (
+    "from racker import shards\n"
+    "print([shards.Shard(k, 3).select(['debian-sid', 'debian-bookworm', 'alma-9', 'debian-trixie', 'x']) for k in (1, 2, 3)])"
+)
+
+
+def test_the_split_is_the_same_in_every_process() -> None:
+    """Runners of one pipeline compute their slices apart: no hash seed, no process state may change them."""
+    seen = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        seen.add(subprocess.run([sys.executable, "-c", SPLIT], env=env, capture_output=True, text=True).stdout)
+    assert seen == {"[['alma-9', 'debian-trixie'], ['debian-bookworm', 'x'], ['debian-sid']]\n"}
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "2", "a/b", "", "1/2/3", "-1/2"])
+def test_a_bad_shard_is_refused(text: str) -> None:
+    with pytest.raises(shards.BadShard, match="expected K/N"):
+        shards.parse(text)
+
+
+def test_a_shard_parses_and_prints_as_given() -> None:
+    assert str(shards.parse("2/4")) == "2/4"
+    assert nightly.results_name("qemu", shards.parse("2/4")) == "results-qemu-2of4.jsonl"
+    assert nightly.results_name("nspawn", None) == "results-nspawn.jsonl"
+
+
+# --- the plugin's option: collection only, nothing boots -----------------------------
+
+
+def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str], list[dict]]:
+    """pytest --collect-only with racker's plugin on a test taking `host`: (run, test ids, run records)."""
+    pytest.importorskip("testinfra")  # the plugin's fixtures import it (tox -e unit has none)
+    (tmp_path / "test_x.py").write_text("def test_x(host):\n    pass\n")
+    results = tmp_path / "results.jsonl"
+    results.unlink(missing_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "racker.plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "-W", "ignore::pytest.PytestUnknownMarkWarning", f"--racker-results={results}", *args, "test_x.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        # Only racker's plugin, named once (-p), not again by its entry point; no xdist, no testinfra plugin.
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )  # fmt: skip
+    ids = [line.split("[", 1)[1].rstrip("]") for line in done.stdout.splitlines() if line.startswith("test_x.py::")]
+    runs = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    return done, ids, [r for r in runs if r.get("kind") == "run"]
+
+
+IMAGES = ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie", "fedora-40"]
+
+
+def test_racker_shard_slices_the_images_and_every_shard_plans_the_whole_matrix(tmp_path: Path) -> None:
+    everything = [f"{image}-{engine}" for image in IMAGES for engine in ("nspawn", "qemu")]
+    seen: list[str] = []
+    for k in (1, 2, 3):
+        done, ids, runs = collect(tmp_path, f"--racker-images={','.join(reversed(IMAGES))}", "--racker-engines=qemu,nspawn",
+                                  f"--racker-shard={k}/3")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        # An image's tests stay together: both its engines in this shard, or neither.
+        assert {i.rsplit("-", 1)[0] for i in ids} == set(shards.Shard(k, 3).select(IMAGES))
+        assert len(ids) == 2 * len(shards.Shard(k, 3).select(IMAGES))
+        (run,) = runs
+        assert run["planned"] == [[image, engine] for image in IMAGES for engine in ("nspawn", "qemu")]
+        assert (run["shard"], run["images"]) == (f"{k}/3", shards.Shard(k, 3).select(IMAGES))
+        seen += ids
+    assert sorted(seen) == sorted(everything)
+
+
+def test_without_a_shard_everything_is_collected(tmp_path: Path) -> None:
+    done, ids, runs = collect(tmp_path, "--racker-images=debian-sid,debian-bookworm", "--racker-engines=nspawn")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ids == ["debian-bookworm", "debian-sid"]
+    assert runs[0]["planned"] == [["debian-bookworm", "nspawn"], ["debian-sid", "nspawn"]] and "shard" not in runs[0]
+
+
+def test_a_bad_racker_shard_is_a_usage_error(tmp_path: Path) -> None:
+    done, ids, runs = collect(tmp_path, "--racker-images=debian-sid", "--racker-shard=3/2")
+    assert done.returncode == 4 and "--racker-shard: bad shard '3/2'" in done.stderr, done.stdout + done.stderr
+    assert not ids and not runs
+
+
+# --- the command's bad input: one line, nothing made ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["debian-sid", "--shard", "0/2"], "racker: error: bad shard '0/2': expected K/N"),
+        (["debian-sid", "no-such-image"], "racker: error: unknown image 'no-such-image'"),
+        (["debian-sid", "--previous", "/nonexistent/last-night"], "racker: error: no previous report at /nonexistent/last-night"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_makes_nothing(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "night"
+    assert cli.main(["nightly", *argv, "--engine", "nspawn", "-o", str(out)]) == cli.EXIT_RACKER_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert not out.exists()
+
+
+def test_a_night_goes_red_on_new_failures_or_missing_images_and_on_any_failure_without_a_previous_report() -> None:
+    cell = {"image": "debian-sid", "engine": "nspawn", "check": "test_x", "outcome": "pass"}
+    green = {"cells": [cell], "missing": [], "comparison": None}
+    assert not nightly.failed(green)
+    assert nightly.failed(green | {"cells": [cell | {"outcome": "fail"}]})
+    assert nightly.failed(green | {"cells": [cell | {"outcome": "error"}]})
+    assert nightly.failed(green | {"missing": [["debian-bookworm", "nspawn"]]})
+    still_failing = {"cells": [cell | {"outcome": "fail"}], "missing": [], "comparison": {"regressed": False}}
+    assert not nightly.failed(still_failing)  # known since last night: not a regression
+    assert nightly.failed(still_failing | {"comparison": {"regressed": True}})
+
+
+# --- for real --------------------------------------------------------------------------
+
+TWO = ["debian-bookworm", "debian-sid"]
+
+
+def report_of(directory: Path) -> dict:
+    return json.loads((directory / "report.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_nightly_whole_and_in_shards_merged_by_racker_report(tmp_path: Path) -> None:
+    whole = racker("nightly", *TWO, "--engine", "nspawn", "-o", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert f"report: {tmp_path / 'whole' / 'report.html'}" in whole.stdout
+    made = report_of(tmp_path / "whole")
+    assert sorted(made["images"]) == TWO and made["missing"] == [] and made["counts"]["pass"] > 0
+    assert {"report.html", "report.md", "results-nspawn.jsonl"} <= {p.name for p in (tmp_path / "whole").iterdir()}
+
+    files = []
+    for k in (1, 2):
+        shard = racker("nightly", *TWO, "--engine", "nspawn", "--shard", f"{k}/2", "-o", str(tmp_path / f"shard-{k}"))
+        assert shard.returncode == 0, shard.stdout + shard.stderr
+        (path,) = (tmp_path / f"shard-{k}").iterdir()  # results only: the merge job makes the report
+        assert path.name == f"results-nspawn-{k}of2.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert {r["image"] for r in records if r.get("kind") == "test"} == {TWO[k - 1]}
+        assert records[0]["planned"] == [[image, "nspawn"] for image in TWO]
+        files.append(str(path))
+
+    merged = racker("report", *files, "-o", str(tmp_path / "merged"), "--previous", str(tmp_path / "whole"))
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    made = report_of(tmp_path / "merged")
+    assert sorted(made["images"]) == TWO and made["missing"] == []
+    assert not made["comparison"]["new_failures"] and not made["comparison"]["dropped_images"]
+    assert made["counts"] == report_of(tmp_path / "whole")["counts"]
+
+    # A lost shard: its image is named as having no results. A repeated one counts once.
+    lost = racker("report", files[0], files[0], "-o", str(tmp_path / "lost"))
+    assert lost.returncode == 0, lost.stdout + lost.stderr
+    assert "no results for: debian-sid (nspawn)" in lost.stdout
+    made = report_of(tmp_path / "lost")
+    assert made["missing"] == [["debian-sid", "nspawn"]] and sorted(made["images"]) == ["debian-bookworm"]
+    assert made["repeated"] and made["counts"]["pass"] == sum(c["outcome"] == "pass" for c in made["cells"])
+    assert "No results" in (tmp_path / "lost" / "report.md").read_text()
+
+
+def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> None:
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("# main"))
+    words = line.split("#")[0].split()
+    assert words[:3] == ["./install.sh", "&&", ".venv/bin/racker"], line
+    args = cli.parse(words[3:])
+    assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli.cmd_nightly, [], "all", None, None)
+    assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
