@@ -76,6 +76,7 @@ PACKAGES: dict[str, VmPackages] = {
             "udev",
             "dbus",
             "openssh-server",
+            "openssh-client",  # sid's server no longer pulls it in; the full-boot checks ask sshd from inside
             "sudo",
             "cloud-init",
             "cloud-guest-utils",

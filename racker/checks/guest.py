@@ -36,6 +36,8 @@ FACTS: dict[str, str] = {
     "links": "ip -j addr show",
     "default_route": "ip -j -4 route show default",
     "networkd_leases": "for f in /run/systemd/netif/leases/*; do grep -h '^ADDRESS=' $f; done",
+    # Newer networkd keeps no lease files in /run (Debian sid): its JSON names each address's source.
+    "networkd_json": "networkctl --json=short status 2>/dev/null",
     "dhclient_leases": "cat /var/lib/dhcp/dhclient*.leases /var/lib/dhclient/*.lease* 2>/dev/null",
     "resolv_conf": "cat /etc/resolv.conf",
     "root_mount": "findmnt -J -b -o SOURCE,FSTYPE,OPTIONS,SIZE,UUID /",
@@ -53,6 +55,17 @@ FACTS: dict[str, str] = {
 }
 
 START, END = "\x1e", "\x1f"
+
+
+def networkd_dhcp_addresses(status: object) -> set[str]:
+    """IPv4 addresses `networkctl --json=short status` says DHCPv4 gave (Address: a list of bytes)."""
+    found = set()
+    for link in (status or {}).get("Interfaces", []) if isinstance(status, dict) else []:
+        for address in link.get("Addresses", []):
+            value = address.get("Address")
+            if address.get("ConfigSource") == "DHCPv4" and isinstance(value, list) and len(value) == 4:
+                found.add(".".join(str(byte) for byte in value))
+    return found
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,11 @@ class Facts(dict[str, Fact]):
     def dhcp_leases(self) -> set[str]:
         """The addresses a DHCP client (networkd's or dhclient) holds a lease for."""
         networkd = set(re.findall(r"^ADDRESS=(\S+)", self.out("networkd_leases"), re.M))
-        return networkd | set(re.findall(r"fixed-address\s+([\d.]+);", self.out("dhclient_leases")))
+        return (
+            networkd
+            | networkd_dhcp_addresses(self.json("networkd_json"))
+            | set(re.findall(r"fixed-address\s+([\d.]+);", self.out("dhclient_leases")))
+        )
 
     def block_device(self, path: str) -> tuple[dict | None, dict | None]:
         """(the partition at `path`, the disk holding it) from lsblk."""
