@@ -23,6 +23,7 @@ from racker import images, machines, prepare, promote, qemu, store
 from racker.checks import guest
 from racker.cli import OUTCOME_RANK
 from racker.qemu import VM
+from racker.results import read_tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 
@@ -69,7 +70,7 @@ def run_checks(vm: VM, tmp_path: Path, *args: str) -> tuple[subprocess.Completed
     argv += [f"--racker-attach={vm.name}", f"--racker-results={results}", "-q", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    records = read_tests(results) if results.exists() else []
     by_check: dict[str, dict] = {}
     for record in records:  # a parametrised check: its worst outcome, as `racker check` shows it
         seen = by_check.get(record["check"])
