@@ -53,7 +53,8 @@ def passes_checks(reference: str, env: dict[str, str] | None = None) -> list[dic
     with tempfile.TemporaryDirectory(prefix="racker-test-check-") as tmp:
         results = Path(tmp) / "results.jsonl"
         done = racker("check", reference, "--results", str(results), env=env)
-        records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+        lines = results.read_text().splitlines() if results.exists() else []
+        records = [r for r in map(json.loads, lines) if r.get("kind", "test") == "test"]  # not the run and image records
     failed = {r["check"]: f"{r['outcome']}: {r['message']}" for r in records if r["outcome"] != "pass"}
     assert done.returncode == 0 and records and not failed, f"{failed or 'no results'}\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
     assert {r["image"] for r in records} == {reference}

@@ -201,7 +201,7 @@ def _capabilities(fs: str, target: Path, candidates: list[Entry], work: Path) ->
             debugfs(fs, [f"ea_get -f {caps / str(e.inode)} <{e.inode}> {extract.KEPT_XATTRS[0]}" for e in batch], work)
             for entry in batch:
                 found = caps / str(entry.inode)
-                if found.is_file():
+                if found.is_file() and found.stat().st_size:  # ea_get makes an empty file where there is none
                     os.setxattr(target / entry.path, extract.KEPT_XATTRS[0], found.read_bytes(), follow_symlinks=False)
     finally:
         with contextlib.suppress(FileNotFoundError):
