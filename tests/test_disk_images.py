@@ -257,6 +257,7 @@ def test_a_hand_made_disk_over_https_with_a_separate_usr_boots_and_passes_checks
     assert fields["verified_by"] == "SHA256SUMS"
     with store.reading(image) as rootfs:
         pulled = listing(rootfs, skip=("lost+found", "usr/lost+found", "etc/fstab"))
+        assert (rootfs / "etc/fstab").read_text().splitlines()[1].startswith("# racker: merged into the root filesystem: UUID=")
     assert_same(
         listing(disks["bookworm"], skip=("etc/fstab", "etc/hostname", "etc/machine-id")),
         {k: v for k, v in pulled.items() if k != "etc/machine-id"},

@@ -128,7 +128,21 @@ def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Foun
         with _readable(raw, fd, item.volume, work) as fs:
             ext.extract_tree(fs, target, work, f"{name}: {item.volume.name} ({mount_point})", at=f"{rel}/")
         merged.append(mount_point)
+    if merged:
+        _comment_out(fstab_path, merged)
     return merged
+
+
+def _comment_out(fstab: Path, mount_points: list[str]) -> None:
+    """The fstab lines of what is now part of the root become comments: left in, a remount of a
+    /usr that is no mount point fails the boot (systemd-remount-fs)."""
+    lines = []
+    for line in fstab.read_text(errors="replace").splitlines(keepends=True):
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and _unescape(fields[1]) in mount_points:
+            line = f"# racker: merged into the root filesystem: {line}"
+        lines.append(line)
+    fstab.write_text("".join(lines))  # its mode and owner stay
 
 
 def fstab_entries(text: str) -> list[tuple[str, str]]:
