@@ -270,8 +270,11 @@ def test_a_gpt_disk_with_lvm_root_in_two_segments_and_boot_in_an_lv(disks: dict,
     fields = image.manifest["disk"]
     assert (fields["table"], fields["root"], fields["merged"]) == ("gpt", "LV vg-test/root", ["/boot"])
     with store.reading(image) as rootfs:
-        pulled = listing(rootfs, skip=("lost+found", "boot/lost+found"))
-    source = listing(disks["small"], skip=("fifo",))  # a FIFO is skipped, as the extractor skips it
+        pulled = listing(rootfs, skip=("lost+found", "boot/lost+found", "etc/fstab"))
+        assert (rootfs / "etc/fstab").read_text().splitlines()[
+            1
+        ] == "# racker: merged into the root filesystem: /dev/vg-test/boot /boot ext4 defaults 0 2"
+    source = listing(disks["small"], skip=("fifo", "etc/fstab"))  # a FIFO is skipped, as the extractor skips it
     source.update({f"boot/{k}": v for k, v in listing(disks["small_boot"]).items()})
     pulled["etc/machine-id"] = source["etc/machine-id"] = None  # type: ignore[assignment]  # written by normalise
     assert_same(source, pulled)
