@@ -25,10 +25,10 @@ SOURCES: dict[str, str] = {
     "docker-daemon": "racker.sources.daemon",
     "dockerfile": "racker.sources.dockerfile",
     **{scheme: "racker.sources.oci" for scheme in LOCAL_IMAGE_SCHEMES},
-    # Root tarballs; disk images, boxes and OVAs will be told from them by content.
-    "https": "racker.sources.tarball",
-    "http": "racker.sources.tarball",
-    "file": "racker.sources.tarball",
+    # Root tarballs and disk images, told apart by content (boxes and OVAs will be too).
+    "https": "racker.sources.fetched",
+    "http": "racker.sources.fetched",
+    "file": "racker.sources.fetched",
 }
 
 Acquire = Callable[[Reference, "CatalogEntry | None", Path], dict]

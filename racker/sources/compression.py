@@ -73,3 +73,25 @@ def decompressed(path: Path, *, name: str | None = None) -> Iterator[tuple[str, 
             reason = child.stderr.read().decode(errors="replace").strip().splitlines()
             if child.wait() != 0:
                 raise BadArchive(f"{name} is not a readable {kind} file" + (f": {reason[-1]}" if reason else ""))
+
+
+def head(path: Path, size: int) -> bytes:
+    """The first `size` decompressed bytes of a compressed file (its own first bytes if it is not),
+    without decompressing the rest; b"" if it cannot be read."""
+    kind = detect_file(path)
+    if kind in (None, "tar"):
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    _magic, opener, argv = FORMATS[kind]
+    if opener is not None:
+        try:
+            with open(path, "rb") as raw, opener(raw) as stream:
+                return stream.read(size)
+        except (OSError, EOFError, ValueError):
+            return b""
+    with proc.spawn([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as child:
+        assert child.stdout is not None
+        data = b""
+        while len(data) < size and (chunk := child.stdout.read(size - len(data))):
+            data += chunk
+        return data  # leaving the block stops the decompressor

@@ -41,25 +41,32 @@ def recipe(ref: Reference) -> str:
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    path, fields = obtain(ref, rootfs.parent)
+    try:
+        fields["compression"] = unpack(path, rootfs, name=fields.get("url") or str(path))
+    except BadArchive:
+        if "sha256" in fields:
+            download.forget(fields["sha256"])
+        raise
+    return {"tarball": fields}
+
+
+def obtain(ref: Reference, work: Path) -> tuple[Path, dict]:
+    """The local file a reference names: a file as it is, a URL downloaded (or found in the
+    download cache) and verified. Manifest fields say where it came from."""
     if ref.scheme == "file":
         path = Path(ref.target)
         if not path.is_file():
             raise BadReference(f"{ref}: no such file")
-        compression = unpack(path, rootfs, name=str(path))
-        return {"tarball": {"path": str(path), "compression": compression}}
+        return path, {"path": str(path)}
     url, pin = checksums.split_pin(url_of(ref))
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(url).netloc)
     fetch_small = functools.partial(download.fetch_small, plain_ok=plain_ok)
     with progress.step("verifying the checksum list" if pin is None or keyring() else "checking the pin"):
-        want = checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=rootfs.parent)
+        want = checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=work)
     name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or url
     path, digest = download.fetch(url, sha256=want.sha256, plain_ok=plain_ok, title=f"downloading {name}")
-    try:
-        compression = unpack(path, rootfs, name=url)
-    except BadArchive:
-        download.forget(digest)
-        raise
-    return {"tarball": {"url": url, "sha256": digest, "verified_by": want.verified_by, "compression": compression}}
+    return path, {"url": url, "sha256": digest, "verified_by": want.verified_by}
 
 
 def unpack(path: Path, rootfs: Path, *, name: str) -> str:
