@@ -189,7 +189,9 @@ def disks(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory)
         os.environ["RACKER_HOME"] = home
     promoted = work / "promoted"
     promoted.mkdir()
-    os.link(raw, promoted / "disk.raw")
+    # A copy, not a link: a link's ctime moves whenever another test links the cached disk, and tar
+    # then says "file changed as we read it".
+    sh("cp", "--sparse=always", raw, promoted / "disk.raw")
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", promoted / "disk.raw", promoted / "disk.qcow2")
     with open(promoted / "disk.tar.gz", "wb") as out:  # GCE's layout, as promote --format gce packs it
         tar = subprocess.Popen(["tar", "--format=oldgnu", "--sparse", "-cf", "-", "-C", promoted, "disk.raw"], stdout=subprocess.PIPE)

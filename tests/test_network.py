@@ -119,7 +119,8 @@ def test_sigkill_of_racker_and_nspawn_then_gc_leaves_nothing(share_image, privat
             owner.wait(10)
     collected = racker("gc", env=private_store)
     assert collected.returncode == 0, collected.stderr
-    assert f"released address {lease['address']}" in collected.stdout
+    # Released by this gc, or already by another worker's allocation, which collects stale claims too.
+    assert f"{lease['address']}={state.token}" not in leftovers()["claims"], collected.stdout
     assert not proc.alive(state.leader, state.leader_start, state.boot_id)
     assert not listeners(port)
     assert lease["host_if"] not in leftovers()["veths"]
