@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from racker import export, images, store
@@ -141,20 +142,7 @@ def run_tarball(image: store.StoredImage, scratch: Path, rounds: int) -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("http.server did not start") from None
                 time.sleep(0.05)
-        hand, ours = [], []
-        for round_ in range(rounds + 1):  # round 0 warms the page cache for both sides
-            work, home = scratch / f"hand-{round_}", scratch / f"store-{round_}"
-            work.mkdir()
-            hand_s = tarball_by_hand(url, work)
-            started = time.monotonic()
-            env = {**os.environ, "RACKER_HOME": str(home)}
-            subprocess.run([sys.executable, "-m", "racker", "pull", url], check=True, env=env, stdout=subprocess.DEVNULL)
-            ours_s = time.monotonic() - started
-            if round_:
-                hand.append(hand_s)
-                ours.append(ours_s)
-            shutil.rmtree(work)
-            shutil.rmtree(home)
+        hand, ours = against_hand(scratch, rounds, lambda work: tarball_by_hand(url, work), url)
         result = {
             "benchmark": "racker pull http:// root tarball (loopback, SHA256SUMS) vs curl | tar -xJ",
             "image": image.name,
@@ -169,6 +157,26 @@ def run_tarball(image: store.StoredImage, scratch: Path, rounds: int) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def against_hand(scratch: Path, rounds: int, by_hand: Callable[[Path], float], reference: str) -> tuple[list[float], list[float]]:
+    """(hand pipeline's seconds, racker pull's seconds) per round, alternating, each in a fresh
+    directory and store; round 0 warms the page cache for both sides and is not counted."""
+    hand, ours = [], []
+    for round_ in range(rounds + 1):
+        work, home = scratch / f"hand-{round_}", scratch / f"store-{round_}"
+        work.mkdir()
+        hand_s = by_hand(work)
+        started = time.monotonic()
+        env = {**os.environ, "RACKER_HOME": str(home)}
+        subprocess.run([sys.executable, "-m", "racker", "pull", reference], check=True, env=env, stdout=subprocess.DEVNULL)
+        ours_s = time.monotonic() - started
+        if round_:
+            hand.append(hand_s)
+            ours.append(ours_s)
+        shutil.rmtree(work)
+        shutil.rmtree(home)
+    return hand, ours
 
 
 def disk_by_hand(qcow2: Path, work: Path) -> float:
@@ -199,20 +207,7 @@ def run_disk(image: store.StoredImage, scratch: Path, rounds: int) -> None:
     raw = promote.cached_disk(prepare.prepare(image))
     qcow2 = scratch / "cloud.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
-    hand, ours = [], []
-    for round_ in range(rounds + 1):  # round 0 warms the page cache for both sides
-        work, home = scratch / f"hand-{round_}", scratch / f"store-{round_}"
-        work.mkdir()
-        hand_s = disk_by_hand(qcow2, work)
-        started = time.monotonic()
-        env = {**os.environ, "RACKER_HOME": str(home)}
-        subprocess.run([sys.executable, "-m", "racker", "pull", f"file:{qcow2}"], check=True, env=env, stdout=subprocess.DEVNULL)
-        ours_s = time.monotonic() - started
-        if round_:
-            hand.append(hand_s)
-            ours.append(ours_s)
-        shutil.rmtree(work)
-        shutil.rmtree(home)
+    hand, ours = against_hand(scratch, rounds, lambda work: disk_by_hand(qcow2, work), f"file:{qcow2}")
     result = {
         "benchmark": "racker pull file:…qcow2 (a promoted disk) vs qemu-img convert + offset loop device + mount + cp -a",
         "image": image.name,
