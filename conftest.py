@@ -46,6 +46,17 @@ def racker(
     )
 
 
+def pulled(reference: str):  # type: ignore[no-untyped-def]
+    """`racker pull REFERENCE` through the CLI, which must succeed: the stored image."""
+    from racker import store
+
+    result = racker("pull", reference)
+    assert result.returncode == 0, result.stderr
+    image = store.lookup(reference)
+    assert image is not None
+    return image
+
+
 def passes_checks(reference: str, env: dict[str, str] | None = None) -> list[dict]:
     """`racker check REFERENCE`: the image boots under nspawn and passes every one of
     racker.checks (a skip is not a pass, but for the full-boot checks, which need a VM).

@@ -148,9 +148,7 @@ def run_tarball(image: store.StoredImage, scratch: Path, rounds: int) -> None:
             "image": image.name,
             "tarball_bytes": tarball.stat().st_size,
             "rounds": rounds,
-            "by_hand_median_s": round(statistics.median(hand), 3),
-            "racker_median_s": round(statistics.median(ours), 3),
-            "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+            **medians(hand, ours),
             "goal": {"ratio_max": 1.2},
         }
         print(json.dumps(result, indent=2))
@@ -177,6 +175,15 @@ def against_hand(scratch: Path, rounds: int, by_hand: Callable[[Path], float], r
         shutil.rmtree(work)
         shutil.rmtree(home)
     return hand, ours
+
+
+def medians(hand: list[float], ours: list[float]) -> dict:
+    """The hand pipeline's and racker's median seconds, and racker's as a ratio of the hand one."""
+    return {
+        "by_hand_median_s": round(statistics.median(hand), 3),
+        "racker_median_s": round(statistics.median(ours), 3),
+        "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+    }
 
 
 def disk_by_hand(qcow2: Path, work: Path) -> float:
@@ -213,9 +220,7 @@ def run_disk(image: store.StoredImage, scratch: Path, rounds: int) -> None:
         "image": image.name,
         "qcow2_bytes": qcow2.stat().st_size,
         "rounds": rounds,
-        "by_hand_median_s": round(statistics.median(hand), 3),
-        "racker_median_s": round(statistics.median(ours), 3),
-        "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+        **medians(hand, ours),
         "goal": {"ratio_max": 1.0},
     }
     print(json.dumps(result, indent=2))
@@ -241,9 +246,7 @@ def run(image: store.StoredImage, scratch: Path, rounds: int) -> None:
             "image": image.name,
             "size_bytes": image.size,
             "rounds": rounds,
-            "by_hand_median_s": round(statistics.median(hand), 3),
-            "racker_median_s": round(statistics.median(ours), 3),
-            "ratio": round(statistics.median(ours) / statistics.median(hand), 3),
+            **medians(hand, ours),
             "present_pull_median_s": round(statistics.median(present), 3),
             "goal": {"ratio_max": 1.2, "present_pull_max_s": 0.2},
         }

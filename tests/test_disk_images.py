@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_HOME, StaticServer, passes_checks, racker
+from conftest import pulled as _pulled  # tests here name their results `pulled`
 from racker import store
 
 pytestmark = pytest.mark.slow
@@ -223,14 +224,6 @@ def disks(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory)
         "small_boot": boot_tree,
         "work": work,
     }
-
-
-def _pulled(reference: str) -> store.StoredImage:
-    result = racker("pull", reference)
-    assert result.returncode == 0, result.stderr
-    image = store.lookup(reference)
-    assert image is not None
-    return image
 
 
 def test_promoted_disks_in_every_format_pull_back_to_the_same_files(disks: dict, private_store: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, racker
+from conftest import free_port, pulled, racker
 from racker import store
 from racker.errors import BadReference
 from racker.sources import remote_context
@@ -217,14 +217,6 @@ def offline_build(hub_mirror: dict, private_store: dict, monkeypatch: pytest.Mon
     monkeypatch.delenv("DOCKER_HOST", raising=False)  # buildah, not an engine
 
 
-def _pull(reference: str) -> store.StoredImage:
-    pulled = racker("pull", reference)
-    assert pulled.returncode == 0, pulled.stderr
-    image = store.lookup(reference)
-    assert image is not None
-    return image
-
-
 @pytest.mark.parametrize("transport", ["http", "git"])
 @pytest.mark.parametrize(("ref", "content"), [("#v1", "one\n"), ("#feature", "feature\n"), ("#{feature}", "feature\n"), ("", "two\n")])
 def test_each_kind_of_ref_fetches_its_commit(remote: dict, tmp_path: Path, transport: str, ref: str, content: str) -> None:
@@ -251,18 +243,18 @@ def test_each_kind_of_ref_fetches_its_commit(remote: dict, tmp_path: Path, trans
 def test_each_remote_form_builds(remote: dict, offline_build: None) -> None:
     """One build per form (each unpacks a whole Debian, ~30 s), in one store so that buildah pulls the
     base image once: git+http by commit, git:// by tag from a subdirectory, and a Dockerfile URL."""
-    by_commit = _pull(f"dockerfile:git+{remote['http']}/repo.git:/Dockerfile#{remote['feature']}")
+    by_commit = pulled(f"dockerfile:git+{remote['http']}/repo.git:/Dockerfile#{remote['feature']}")
     assert (by_commit.rootfs / "srv/app.txt").read_text() == "feature\n"
     build = by_commit.manifest["build"]
     assert (build["repository"], build["ref"], build["commit"]) == (f"{remote['http']}/repo.git", remote["feature"], remote["feature"])
     assert (build["dockerfile"], build["builder"]) == ("/Dockerfile", "buildah")
 
     if remote["git"]:
-        sub = _pull(f"dockerfile:{remote['git']}/repo.git:/sub/Dockerfile#v1")
+        sub = pulled(f"dockerfile:{remote['git']}/repo.git:/sub/Dockerfile#v1")
         assert (sub.rootfs / "srv/sub.txt").read_text() == "sub one\n"
         assert (sub.manifest["build"]["context"], sub.manifest["build"]["ref"]) == ("/sub", "v1")
 
-    by_url = _pull(f"dockerfile:{remote['http']}/files/Dockerfile")
+    by_url = pulled(f"dockerfile:{remote['http']}/files/Dockerfile")
     srv = by_url.rootfs / "srv"
     assert (srv / "app.txt").read_text() == "fetched by URL\n"
     assert (srv / "nested.txt").read_text() == (srv / "again.txt").read_text() == (srv / "by-url.txt").read_text() == "nested\n"
