@@ -307,14 +307,15 @@ def _print_report(made: dict, output: str, previous: str | None) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Merge results into report.json, report.md and report.html; exit 1 if something regressed."""
+    """Merge results into report.json, report.md and report.html; exit 1 if something regressed
+    or a planned image has no results (a lost shard must turn the merge job red)."""
     from pathlib import Path
 
     from racker import report
 
     made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None)
     _print_report(made, args.output, args.previous)
-    return 1 if report.regressed(made) else 0
+    return 1 if report.regressed(made) or made["missing"] else 0
 
 
 # What a cell shows when a check ran more than once there (parametrised): the worst outcome.
