@@ -1150,3 +1150,80 @@ def test_box_formats_run_on_the_platform_vdi_does() -> None:
     assert sata in prepare.INITRAMFS_MODULES and {"ahci", "e1000"} <= set(prepare.INITRAMFS_MODULES[sata])
     assert formats.get("vagrant-virtualbox").platform == formats.get("ova").platform == sata
     assert formats.QEMU_NAMES["vmdk"] == "vmdk" and formats.QEMU_NAMES["qcow2"] == "qcow2", "a box is not what a bare disk is read back as"
+
+
+def tree_files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Every path under `root` but those under `skip`: type and mode, owner, and content digest or link target."""
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if any(rel == s or rel.startswith(s + "/") for s in skip):
+                continue
+            info = os.lstat(path)
+            content = ""
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            found[rel] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, content)
+    return found
+
+
+def assert_same_files(source: dict, pulled: dict) -> None:
+    missing, extra = sorted(set(source) - set(pulled)), sorted(set(pulled) - set(source))
+    differ = {k: (source[k], pulled[k]) for k in sorted(set(source) & set(pulled)) if source[k] != pulled[k]}
+    assert not missing and not extra and not differ, f"missing {missing[:10]}, extra {extra[:10]}, differ {list(differ.items())[:10]}"
+
+
+# What promote writes into a disk, and what pull's normalise changes (no first boot has run).
+PROMOTED = ("boot/grub", "lost+found", "etc/fstab", "etc/hostname", "etc/machine-id")
+VAGRANT_FILES = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", vagrant.SUDOERS, vagrant.HOME)
+
+
+def test_a_vagrant_libvirt_box_disk_pulls_back_to_the_same_files(accounts_image, tmp_path: Path) -> None:
+    box = promote.promote(accounts_image, tmp_path / "x.box", promote.Options(fmt="vagrant-libvirt")).path
+    with tarfile.open(box) as archive:
+        archive.extract("box.img", tmp_path, filter="data")
+    pulled = _pull(f"file:{tmp_path / 'box.img'}")
+    assert pulled.manifest["disk"]["format"] == "qcow2"
+    with store.reading(pulled) as rootfs:
+        assert_same_files(tree_files(accounts_image.rootfs, PROMOTED), tree_files(rootfs, PROMOTED))
+
+
+def _pull(reference: str) -> store.StoredImage:
+    done = racker("pull", reference)
+    assert done.returncode == 0, done.stderr
+    image = store.lookup(reference)
+    assert image is not None
+    return image
+
+
+@pytest.mark.slow
+def test_an_ova_of_the_prepared_image_with_a_vagrant_user_pulls_back_to_the_same_files(
+    bookworm_vm, private_store: dict, tmp_path: Path
+) -> None:
+    """racker promote --format ova --vagrant-user; the OVA unpacked by hand, its manifest checked, its vmdk
+    pulled: every file of the prepared image, byte for byte, but what promote and pull write, and the
+    vagrant user's files, which are the image's with the user added."""
+    ova = tmp_path / "bookworm.ova"
+    done = racker("promote", "debian-bookworm", "--format", "ova", "--vagrant-user", "-o", str(ova), env=private_store)
+    assert done.returncode == 0, done.stderr
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(ova) as archive:
+        assert archive.getnames()[0] == "bookworm.ovf"
+        archive.extractall(unpacked, filter="data")
+    for line in (unpacked / "bookworm.mf").read_text().splitlines():
+        name, digest = re.fullmatch(r"SHA256\((.+)\)= ([0-9a-f]{64})", line).groups()  # type: ignore[union-attr]
+        with open(unpacked / name, "rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == digest, name
+    pulled = _pull(f"file:{unpacked / 'bookworm-disk001.vmdk'}")
+    assert pulled.manifest["disk"]["format"] == "vmdk"
+    with store.reading(pulled) as rootfs:
+        assert_same_files(tree_files(bookworm_vm.rootfs, (*PROMOTED, *VAGRANT_FILES)), tree_files(rootfs, (*PROMOTED, *VAGRANT_FILES)))
+        for rel in VAGRANT_FILES[:4]:
+            added = (rootfs / rel).read_text().removeprefix((bookworm_vm.rootfs / rel).read_text())
+            assert added.startswith("vagrant:") and added.count("\n") == 1, (rel, added)
+        assert (rootfs / vagrant.HOME / ".ssh/authorized_keys").read_text().splitlines() == list(vagrant.INSECURE_KEYS)
