@@ -1052,11 +1052,9 @@ def assert_ovf(text: bytes, files: dict[str, bytes], capacity: int) -> None:
     assert kinds["10"]["ResourceSubType"] == "E1000" and kinds["10"]["Connection"] in networks
 
 
-def test_boxes_and_ova_hold_what_their_importers_read(accounts_image, tmp_path: Path) -> None:
+def test_boxes_and_ova_hold_what_their_importers_read(small_image, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    built = {
-        fmt: promote.promote(accounts_image, out / f"{fmt}{formats.get(fmt).suffix}", promote.Options(fmt=fmt)) for fmt in boxes.PACKERS
-    }
+    built = {fmt: promote.promote(small_image, out / f"{fmt}{formats.get(fmt).suffix}", promote.Options(fmt=fmt)) for fmt in boxes.PACKERS}
     capacity = built["ova"].layout.size
     assert sorted(p.name for p in out.iterdir()) == ["ova.ova", "vagrant-libvirt.box", "vagrant-virtualbox.box"]
 
@@ -1075,7 +1073,7 @@ def test_boxes_and_ova_hold_what_their_importers_read(accounts_image, tmp_path: 
     files = members(built["vagrant-virtualbox"].path)
     assert list(files) == ["metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk"]
     assert json.loads(files["metadata.json"]) == {"provider": "virtualbox"}
-    mac = boxes.mac_for(accounts_image.digest)
+    mac = boxes.mac_for(small_image.digest)
     assert re.fullmatch(r"080027[0-9A-F]{6}", mac) and f'config.vm.base_mac = "{mac}"' in files["Vagrantfile"].decode()
     assert_ovf(files["box.ovf"], files, capacity)
     (tmp_path / "box-disk001.vmdk").write_bytes(files["box-disk001.vmdk"])
@@ -1099,6 +1097,7 @@ def debugfs_owner_mode(stat_output: str) -> tuple[int, int, str]:
     return int(user), int(group), re.search(r"Mode: +(\d+)", stat_output).group(1)  # type: ignore[union-attr]
 
 
+@pytest.mark.root  # the account files' owners, and the user's own
 def test_vagrant_user_only_when_asked(accounts_image, tmp_path: Path) -> None:
     """--vagrant-user: user vagrant (the first free id, its own group), passwordless sudo, Vagrant's
     insecure keys readable by it alone; the account files keep their modes and owners. Without it:
@@ -1134,6 +1133,7 @@ def test_vagrant_user_only_when_asked(accounts_image, tmp_path: Path) -> None:
         assert owner_mode(asked, rel) == (1002, 1002, mode), rel
 
 
+@pytest.mark.root  # the user's files are chowned to it
 def test_vagrant_user_already_in_the_image_keeps_its_ids(private_store: dict, tmp_path: Path) -> None:
     accounts = {**ACCOUNTS, "etc/passwd": ACCOUNTS["etc/passwd"] + "vagrant:x:900:901::/srv/vagrant:/bin/sh\n"}
     image = commit_image("has-vagrant", {**GOOD_TREE, **accounts}, GOOD_LINKS)
@@ -1183,6 +1183,7 @@ PROMOTED = ("boot/grub", "lost+found", "etc/fstab", "etc/hostname", "etc/machine
 VAGRANT_FILES = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", vagrant.SUDOERS, vagrant.HOME)
 
 
+@pytest.mark.root  # the pulled files keep their owners
 def test_a_vagrant_libvirt_box_disk_pulls_back_to_the_same_files(accounts_image, tmp_path: Path) -> None:
     box = promote.promote(accounts_image, tmp_path / "x.box", promote.Options(fmt="vagrant-libvirt")).path
     with tarfile.open(box) as archive:

@@ -54,10 +54,10 @@ def add(tree: Path) -> None:
         if not directory.resolve().is_relative_to(tree.resolve()):
             raise PromoteError(f"/{rel} points outside the image")
         directory.mkdir(mode=mode, parents=True, exist_ok=True)
-        os.chown(directory, *uid_gid, follow_symlinks=False)
+        _chown(directory, *uid_gid)
     keys = f"{home}/.ssh/authorized_keys"
     prepare.write_file(tree, keys, "".join(f"{key}\n" for key in INSECURE_KEYS), mode=0o600)
-    os.chown(tree / keys, *uid_gid, follow_symlinks=False)
+    _chown(tree / keys, *uid_gid)
 
 
 def _read(tree: Path, rel: str) -> str | None:
@@ -75,7 +75,14 @@ def _append(tree: Path, rel: str, line: str, mode: int) -> None:
         text += "\n"
     prepare.write_file(tree, rel, text + line + "\n", mode=old.st_mode & 0o7777 if old else mode)
     if old:
-        os.chown(path, old.st_uid, old.st_gid, follow_symlinks=False)
+        _chown(path, old.st_uid, old.st_gid)
+
+
+def _chown(path: Path, uid: int, gid: int) -> None:
+    try:
+        os.chown(path, uid, gid, follow_symlinks=False)
+    except PermissionError:
+        raise PromoteError("--vagrant-user needs root: the user's files must belong to it", hint="run racker promote as root") from None
 
 
 def _free_id(passwd: str, groups: str) -> int:
