@@ -1097,6 +1097,16 @@ def debugfs_owner_mode(stat_output: str) -> tuple[int, int, str]:
     return int(user), int(group), re.search(r"Mode: +(\d+)", stat_output).group(1)  # type: ignore[union-attr]
 
 
+def test_an_appliance_is_named_as_tar_and_importers_take_it(small_image, tmp_path: Path) -> None:
+    assert boxes.member_name("bookworm-bios.ova", ".ova") == "bookworm-bios"
+    assert boxes.member_name("my disk (ü).ova", ".ova") == "my-disk"
+    assert boxes.member_name("../..ova", ".ova") == "racker"
+    assert len(boxes.member_name("x" * 300 + ".ova", ".ova")) == 64
+    with pytest.raises(PromoteError, match="boots with BIOS"):
+        promote.promote(small_image, tmp_path / "out/x.ova", promote.Options(fmt="ova", firmware="uefi"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.root  # the account files' owners, and the user's own
 def test_vagrant_user_only_when_asked(accounts_image, tmp_path: Path) -> None:
     """--vagrant-user: user vagrant (the first free id, its own group), passwordless sudo, Vagrant's

@@ -62,6 +62,9 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         raise PromoteError(f"profile {profile.name} does not boot with {options.firmware}")
     if not fmt.disk and options.firmware != "bios":
         raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
+    if fmt.package and options.firmware != "bios":
+        # Their descriptors name no firmware, and every importer then gives the VM a BIOS.
+        raise PromoteError(f"a {fmt.name} machine boots with BIOS: leave --firmware out")
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
@@ -127,7 +130,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
             raw = work / "disk.raw"
             build_disk(raw, layout, tree, work)
             appliance = boxes.Appliance(
-                name=output.name.removesuffix(fmt.suffix),
+                name=boxes.member_name(output.name, fmt.suffix),
                 os_id=distros.detect(tree).id,
                 capacity=layout.size,
                 mac=boxes.mac_for(image.digest),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -59,6 +60,11 @@ def pack(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance) -> 
     work = raw.parent / "pack"
     work.mkdir()
     PACKERS[fmt.package](raw, fmt, output, appliance, work)
+
+
+def member_name(output_name: str, suffix: str) -> str:
+    """The appliance's name, from its file's: what a POSIX tar member and every importer take (ASCII, short)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", output_name.removesuffix(suffix))[:64].strip(".-") or "racker"
 
 
 def _vagrant_libvirt(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
