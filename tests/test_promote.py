@@ -1230,11 +1230,18 @@ def test_an_ova_of_the_prepared_image_with_a_vagrant_user_pulls_back_to_the_same
         name, digest = re.fullmatch(r"SHA256\((.+)\)= ([0-9a-f]{64})", line).groups()  # type: ignore[union-attr]
         with open(unpacked / name, "rb") as handle:
             assert hashlib.file_digest(handle, "sha256").hexdigest() == digest, name
-    pulled = _pull(f"file:{unpacked / 'bookworm-disk001.vmdk'}")
+    reference = f"file:{unpacked / 'bookworm-disk001.vmdk'}"
+    pulled = _pull(reference)
     assert pulled.manifest["disk"]["format"] == "vmdk"
     with store.reading(pulled) as rootfs:
         assert_same_files(tree_files(bookworm_vm.rootfs, (*PROMOTED, *VAGRANT_FILES)), tree_files(rootfs, (*PROMOTED, *VAGRANT_FILES)))
         for rel in VAGRANT_FILES[:4]:
             added = (rootfs / rel).read_text().removeprefix((bookworm_vm.rootfs / rel).read_text())
             assert added.startswith("vagrant:") and added.count("\n") == 1, (rel, added)
-        assert (rootfs / vagrant.HOME / ".ssh/authorized_keys").read_text().splitlines() == list(vagrant.INSECURE_KEYS)
+        keys = rootfs / vagrant.HOME / ".ssh/authorized_keys"
+        assert keys.read_text().splitlines() == list(vagrant.INSECURE_KEYS)
+        fingerprints = subprocess.run(["ssh-keygen", "-l", "-f", str(keys)], capture_output=True, text=True, check=True).stdout
+        assert [line.split()[-1] for line in fingerprints.splitlines()] == ["(ED25519)", "(RSA)"], "both keys parse"
+    # The image's own sudo takes the rule: vagrant becomes root without a password.
+    done = racker("run", "--no-boot", reference, "--", "runuser", "-u", "vagrant", "--", "sudo", "-n", "id", "-u")
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr
