@@ -48,6 +48,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         size=disk.parse_size(args.size) if args.size else None,
         profile=args.profile,
         app=args.app,
+        vagrant_user=args.vagrant_user,
     )
     profiles.get(options.profile)  # a typo fails before an image is built
     image = _prepared(args.image, prepare_it=not args.no_prepare)
@@ -221,6 +222,11 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--size", help="disk size, e.g. 4G (default 2G, or what the image needs)")
     p.add_argument("--profile", choices=list(profiles.PROFILES), default="generic", help="apply and verify a cloud's requirements")
     p.add_argument("--app", action="store_true", help="run the image's ENTRYPOINT/CMD as a systemd service")
+    p.add_argument(
+        "--vagrant-user",
+        action="store_true",
+        help="add user vagrant with passwordless sudo and Vagrant's well-known insecure keys (test boxes only)",
+    )
     p.add_argument("--no-prepare", action="store_true", help="promote the image as it is (it must hold a kernel)")
     p.add_argument("-o", "--output", help="output file (default IMAGE-FIRMWARE.FORMAT here)")
 

@@ -12,21 +12,24 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from conftest import racker
 from racker import distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
-from racker.promote import app, bootloader, disk, formats, profiles, readback
+from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
 
 MiB = 1024**2
 GiB = 1024**3
@@ -969,3 +972,276 @@ def test_app_unit_with_a_bare_entrypoint_runs_it_under_its_own_name(share_image)
         assert wait.returncode == 0, machine.run(["systemctl", "status", app.UNIT]).stdout
         cmdline = machine.run(["cat", "/run/app.cmdline"]).stdout.split("\0")
     assert cmdline[:2] == ["sh", "-c"], cmdline
+
+
+# -- Vagrant boxes and OVAs ---------------------------------------------------
+
+
+ACCOUNTS = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    "etc/group": "root:x:0:\nshadow:x:42:\nuser:x:1000:\nstaff:x:1001:\n",
+    "etc/shadow": "root:*:19000:0:99999:7:::\nuser:*:19000:0:99999:7:::\n",
+    "etc/gshadow": "root:*::\nshadow:*::\nuser:!::\nstaff:*::\n",
+}
+OVF_NS = {"ovf": boxes.OVF, "rasd": boxes.RASD, "vssd": boxes.VSSD}
+
+
+@pytest.fixture
+def accounts_image(private_store: dict[str, str]) -> store.StoredImage:
+    """small_image with account files, shadow ones root:shadow 0640 as on Debian."""
+    image = commit_image("accounts", {**GOOD_TREE, **ACCOUNTS}, GOOD_LINKS)
+    for rel in ("etc/shadow", "etc/gshadow"):
+        os.chown(image.rootfs / rel, 0, 42)
+        os.chmod(image.rootfs / rel, 0o640)
+    return image
+
+
+def members(path: Path) -> dict[str, bytes]:
+    """A tar's regular members, in order: name -> content (every one a plain file owned by root)."""
+    with tarfile.open(path) as archive:
+        infos = archive.getmembers()
+        assert all(i.isfile() and i.uid == 0 and "/" not in i.name for i in infos), [(i.name, i.type, i.uid) for i in infos]
+        return {i.name: archive.extractfile(i).read() for i in infos}  # type: ignore[union-attr]
+
+
+def assert_stream_optimized(vmdk: Path, name: str) -> None:
+    info = qemu_img_info(vmdk)
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    head = vmdk.read_bytes()[: 64 * 1024]
+    descriptor = head[head.index(b"# Disk DescriptorFile") :].split(b"\0", 1)[0].decode()
+    assert next(line for line in descriptor.splitlines() if line.startswith("RW ")).endswith(f' SPARSE "{name}"'), descriptor
+
+
+def assert_ovf(text: bytes, files: dict[str, bytes], capacity: int) -> None:
+    """What OVF importers resolve: one 1.0 Envelope; each Disk's file in References (size, present); every
+    section's Info first; the disk Item on an AHCI controller Item; the NIC an E1000 on a declared network;
+    CIM settings in their schema's (alphabetical) order; an OS type VirtualBox maps."""
+    root = ElementTree.fromstring(text)
+    ovf = f"{{{boxes.OVF}}}"
+    assert root.tag == f"{ovf}Envelope" and root.get(f"{ovf}version") == "1.0"
+    assert [child.tag for child in root] == [f"{ovf}{n}" for n in ("References", "DiskSection", "NetworkSection", "VirtualSystem")]
+    refs_by_id = {f.get(f"{ovf}id"): f for f in root.findall("ovf:References/ovf:File", OVF_NS)}
+    for file in refs_by_id.values():
+        assert int(file.get(f"{ovf}size")) == len(files[file.get(f"{ovf}href")])
+    disks = root.findall("ovf:DiskSection/ovf:Disk", OVF_NS)
+    assert len(disks) == 1 and disks[0].get(f"{ovf}fileRef") in refs_by_id
+    assert int(disks[0].get(f"{ovf}capacity")) == capacity and disks[0].get(f"{ovf}format").endswith("#streamOptimized")
+    for section in root.iter():
+        if section.tag.endswith("Section"):
+            assert section[0].tag == f"{ovf}Info" and section[0].text, section.tag
+    networks = {n.get(f"{ovf}name") for n in root.findall("ovf:NetworkSection/ovf:Network", OVF_NS)}
+    system = root.find("ovf:VirtualSystem", OVF_NS)
+    assert system is not None and system.get(f"{ovf}id")
+    assert int(system.find("ovf:OperatingSystemSection", OVF_NS).get(f"{ovf}id")) in (96, 94, 101)  # type: ignore[union-attr]
+    hardware = system.find("ovf:VirtualHardwareSection", OVF_NS)
+    assert hardware.find("ovf:System/vssd:VirtualSystemType", OVF_NS).text  # type: ignore[union-attr]
+    items = {}
+    for item in hardware.findall("ovf:Item", OVF_NS):  # type: ignore[union-attr]
+        names = [child.tag.split("}")[1] for child in item]
+        assert names == sorted(names), names
+        values = {name: child.text for name, child in zip(names, item, strict=True)}
+        assert values["InstanceID"] not in items
+        items[values["InstanceID"]] = values
+    kinds = {v["ResourceType"]: v for v in items.values()}
+    assert set(kinds) == {"3", "4", "10", "17", "20"}
+    assert kinds["3"]["VirtualQuantity"] == "2" and kinds["4"]["VirtualQuantity"] == "1024"
+    assert kinds["4"]["AllocationUnits"] == "byte * 2^20"
+    disk = kinds["17"]
+    assert disk["HostResource"] == f"ovf:/disk/{disks[0].get(f'{ovf}diskId')}"
+    assert items[disk["Parent"]]["ResourceType"] == "20" and items[disk["Parent"]]["ResourceSubType"] == "AHCI"
+    assert kinds["10"]["ResourceSubType"] == "E1000" and kinds["10"]["Connection"] in networks
+
+
+def test_boxes_and_ova_hold_what_their_importers_read(small_image, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    built = {fmt: promote.promote(small_image, out / f"{fmt}{formats.get(fmt).suffix}", promote.Options(fmt=fmt)) for fmt in boxes.PACKERS}
+    capacity = built["ova"].layout.size
+    assert sorted(p.name for p in out.iterdir()) == ["ova.ova", "vagrant-libvirt.box", "vagrant-virtualbox.box"]
+
+    libvirt = built["vagrant-libvirt"].path
+    assert libvirt.read_bytes()[:2] == b"\x1f\x8b", "a tar.gz"
+    files = members(libvirt)
+    assert list(files) == ["metadata.json", "Vagrantfile", "box.img"]
+    assert json.loads(files["metadata.json"]) == {"provider": "libvirt", "format": "qcow2", "virtual_size": 2}
+    vagrantfile = files["Vagrantfile"].decode()
+    for line in ('libvirt.driver = "kvm"', 'libvirt.disk_bus = "virtio"', "libvirt.memory = 1024"):
+        assert line in vagrantfile
+    (tmp_path / "box.img").write_bytes(files["box.img"])
+    info = qemu_img_info(tmp_path / "box.img")
+    assert info["format"] == "qcow2" and info["virtual-size"] == capacity and "backing-filename" not in info
+
+    files = members(built["vagrant-virtualbox"].path)
+    assert list(files) == ["metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk"]
+    assert json.loads(files["metadata.json"]) == {"provider": "virtualbox"}
+    mac = boxes.mac_for(small_image.digest)
+    assert re.fullmatch(r"080027[0-9A-F]{6}", mac) and f'config.vm.base_mac = "{mac}"' in files["Vagrantfile"].decode()
+    assert_ovf(files["box.ovf"], files, capacity)
+    (tmp_path / "box-disk001.vmdk").write_bytes(files["box-disk001.vmdk"])
+    assert_stream_optimized(tmp_path / "box-disk001.vmdk", "box-disk001.vmdk")
+
+    with tarfile.open(built["ova"].path) as archive:
+        assert all(i.name.isascii() and len(i.name) < 100 for i in archive.getmembers())
+    assert built["ova"].path.read_bytes()[257:263] == b"ustar\0", "POSIX ustar, as the OVF spec requires"
+    files = members(built["ova"].path)
+    assert list(files) == ["ova.ovf", "ova.mf", "ova-disk001.vmdk"], "the descriptor first, then the manifest"
+    manifest = dict(re.fullmatch(r"SHA256\((.+)\)= ([0-9a-f]{64})", line).groups() for line in files["ova.mf"].decode().splitlines())  # type: ignore[union-attr]
+    assert manifest == {name: hashlib.sha256(files[name]).hexdigest() for name in ("ova.ovf", "ova-disk001.vmdk")}
+    assert_ovf(files["ova.ovf"], files, capacity)
+    (tmp_path / "ova-disk001.vmdk").write_bytes(files["ova-disk001.vmdk"])
+    assert_stream_optimized(tmp_path / "ova-disk001.vmdk", "ova-disk001.vmdk")
+
+
+def debugfs_owner_mode(stat_output: str) -> tuple[int, int, str]:
+    """uid, gid and permission bits from debugfs's `stat`."""
+    user, group = re.search(r"User: +(\d+) +Group: +(\d+)", stat_output).groups()  # type: ignore[union-attr]
+    return int(user), int(group), re.search(r"Mode: +(\d+)", stat_output).group(1)  # type: ignore[union-attr]
+
+
+def test_an_appliance_is_named_as_tar_and_importers_take_it(small_image, tmp_path: Path) -> None:
+    assert boxes.member_name("bookworm-bios.ova", ".ova") == "bookworm-bios"
+    assert boxes.member_name("my disk (ü).ova", ".ova") == "my-disk"
+    assert boxes.member_name("../..ova", ".ova") == "racker"
+    assert len(boxes.member_name("x" * 300 + ".ova", ".ova")) == 64
+    with pytest.raises(PromoteError, match="boots with BIOS"):
+        promote.promote(small_image, tmp_path / "out/x.ova", promote.Options(fmt="ova", firmware="uefi"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.root  # the account files' owners, and the user's own
+def test_vagrant_user_only_when_asked(accounts_image, tmp_path: Path) -> None:
+    """--vagrant-user: user vagrant (the first free id, its own group), passwordless sudo, Vagrant's
+    insecure keys readable by it alone; the account files keep their modes and owners. Without it:
+    none of that. The store's image is never written either way."""
+    before = snapshot(accounts_image.rootfs)
+    plain = promote.promote(accounts_image, tmp_path / "plain.raw")
+    asked = promote.promote(accounts_image, tmp_path / "asked.raw", promote.Options(vagrant_user=True))
+    assert snapshot(accounts_image.rootfs) == before
+
+    def read(result: promote.Promoted, path: str) -> str:
+        return debugfs(result.path, result.layout.root_offset, f"cat {path}").decode()
+
+    def stat_of(result: promote.Promoted, path: str) -> str:
+        return debugfs(result.path, result.layout.root_offset, f"stat {path}").decode()
+
+    def owner_mode(result: promote.Promoted, path: str) -> tuple[int, int, str]:
+        return debugfs_owner_mode(stat_of(result, path))
+
+    assert "vagrant" not in read(plain, "/etc/passwd") + read(plain, "/etc/shadow")
+    assert stat_of(plain, "/etc/sudoers.d/vagrant") == stat_of(plain, "/home/vagrant") == "", "debugfs: not found"
+    # 1000 is user's uid and 1001 a group's: 1002 is the first id free in both.
+    assert read(asked, "/etc/passwd") == ACCOUNTS["etc/passwd"] + "vagrant:x:1002:1002:Vagrant:/home/vagrant:/bin/sh\n"
+    assert read(asked, "/etc/group") == ACCOUNTS["etc/group"] + "vagrant:x:1002:\n"
+    assert read(asked, "/etc/shadow") == ACCOUNTS["etc/shadow"] + "vagrant:*::0:99999:7:::\n"
+    assert read(asked, "/etc/gshadow") == ACCOUNTS["etc/gshadow"] + "vagrant:!::\n"
+    for rel in ("/etc/shadow", "/etc/gshadow"):
+        assert owner_mode(asked, rel) == (0, 42, "0640"), rel
+    assert read(asked, "/etc/sudoers.d/vagrant").splitlines()[1] == "vagrant ALL=(ALL) NOPASSWD: ALL"
+    assert owner_mode(asked, "/etc/sudoers.d/vagrant") == (0, 0, "0440")
+    keys = read(asked, "/home/vagrant/.ssh/authorized_keys").splitlines()
+    assert [k.split()[0] for k in keys] == ["ssh-ed25519", "ssh-rsa"] and list(vagrant.INSECURE_KEYS) == keys
+    for rel, mode in (("/home/vagrant", "0755"), ("/home/vagrant/.ssh", "0700"), ("/home/vagrant/.ssh/authorized_keys", "0600")):
+        assert owner_mode(asked, rel) == (1002, 1002, mode), rel
+
+
+@pytest.mark.root  # the user's files are chowned to it
+def test_vagrant_user_already_in_the_image_keeps_its_ids(private_store: dict, tmp_path: Path) -> None:
+    accounts = {**ACCOUNTS, "etc/passwd": ACCOUNTS["etc/passwd"] + "vagrant:x:900:901::/srv/vagrant:/bin/sh\n"}
+    image = commit_image("has-vagrant", {**GOOD_TREE, **accounts}, GOOD_LINKS)
+    result = promote.promote(image, tmp_path / "x.raw", promote.Options(vagrant_user=True))
+    assert debugfs(result.path, result.layout.root_offset, "cat /etc/passwd").decode() == accounts["etc/passwd"]
+    found = debugfs(result.path, result.layout.root_offset, "stat /srv/vagrant/.ssh/authorized_keys").decode()
+    assert debugfs_owner_mode(found) == (900, 901, "0600")
+
+
+def test_box_formats_run_on_the_platform_vdi_does() -> None:
+    """VirtualBox's box and the OVA attach the disk and NIC as a vdi's VM does (SATA, E1000): whatever
+    the image needs for that platform (its drivers, its kernel) is what they need."""
+    sata = formats.get("vdi").platform
+    assert sata in prepare.INITRAMFS_MODULES and {"ahci", "e1000"} <= set(prepare.INITRAMFS_MODULES[sata])
+    assert formats.get("vagrant-virtualbox").platform == formats.get("ova").platform == sata
+    assert formats.QEMU_NAMES["vmdk"] == "vmdk" and formats.QEMU_NAMES["qcow2"] == "qcow2", "a box is not what a bare disk is read back as"
+
+
+def tree_files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Every path under `root` but those under `skip`: type and mode, owner, and content digest or link target."""
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if any(rel == s or rel.startswith(s + "/") for s in skip):
+                continue
+            info = os.lstat(path)
+            content = ""
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            found[rel] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, content)
+    return found
+
+
+def assert_same_files(source: dict, pulled: dict) -> None:
+    missing, extra = sorted(set(source) - set(pulled)), sorted(set(pulled) - set(source))
+    differ = {k: (source[k], pulled[k]) for k in sorted(set(source) & set(pulled)) if source[k] != pulled[k]}
+    assert not missing and not extra and not differ, f"missing {missing[:10]}, extra {extra[:10]}, differ {list(differ.items())[:10]}"
+
+
+# What promote writes into a disk, and what pull's normalise changes (no first boot has run).
+PROMOTED = ("boot/grub", "lost+found", "etc/fstab", "etc/hostname", "etc/machine-id")
+VAGRANT_FILES = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow", vagrant.SUDOERS, vagrant.HOME)
+
+
+@pytest.mark.root  # the pulled files keep their owners
+def test_a_vagrant_libvirt_box_disk_pulls_back_to_the_same_files(accounts_image, tmp_path: Path) -> None:
+    box = promote.promote(accounts_image, tmp_path / "x.box", promote.Options(fmt="vagrant-libvirt")).path
+    with tarfile.open(box) as archive:
+        archive.extract("box.img", tmp_path, filter="data")
+    pulled = _pull(f"file:{tmp_path / 'box.img'}")
+    assert pulled.manifest["disk"]["format"] == "qcow2"
+    with store.reading(pulled) as rootfs:
+        assert_same_files(tree_files(accounts_image.rootfs, PROMOTED), tree_files(rootfs, PROMOTED))
+
+
+def _pull(reference: str) -> store.StoredImage:
+    done = racker("pull", reference)
+    assert done.returncode == 0, done.stderr
+    image = store.lookup(reference)
+    assert image is not None
+    return image
+
+
+@pytest.mark.slow
+def test_an_ova_of_the_prepared_image_with_a_vagrant_user_pulls_back_to_the_same_files(
+    bookworm_vm, private_store: dict, tmp_path: Path
+) -> None:
+    """racker promote --format ova --vagrant-user; the OVA unpacked by hand, its manifest checked, its vmdk
+    pulled: every file of the prepared image, byte for byte, but what promote and pull write, and the
+    vagrant user's files, which are the image's with the user added."""
+    ova = tmp_path / "bookworm.ova"
+    done = racker("promote", "debian-bookworm", "--format", "ova", "--vagrant-user", "-o", str(ova), env=private_store)
+    assert done.returncode == 0, done.stderr
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(ova) as archive:
+        assert archive.getnames()[0] == "bookworm.ovf"
+        archive.extractall(unpacked, filter="data")
+    for line in (unpacked / "bookworm.mf").read_text().splitlines():
+        name, digest = re.fullmatch(r"SHA256\((.+)\)= ([0-9a-f]{64})", line).groups()  # type: ignore[union-attr]
+        with open(unpacked / name, "rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == digest, name
+    reference = f"file:{unpacked / 'bookworm-disk001.vmdk'}"
+    pulled = _pull(reference)
+    assert pulled.manifest["disk"]["format"] == "vmdk"
+    with store.reading(pulled) as rootfs:
+        assert_same_files(tree_files(bookworm_vm.rootfs, (*PROMOTED, *VAGRANT_FILES)), tree_files(rootfs, (*PROMOTED, *VAGRANT_FILES)))
+        for rel in VAGRANT_FILES[:4]:
+            added = (rootfs / rel).read_text().removeprefix((bookworm_vm.rootfs / rel).read_text())
+            assert added.startswith("vagrant:") and added.count("\n") == 1, (rel, added)
+        keys = rootfs / vagrant.HOME / ".ssh/authorized_keys"
+        assert keys.read_text().splitlines() == list(vagrant.INSECURE_KEYS)
+        fingerprints = subprocess.run(["ssh-keygen", "-l", "-f", str(keys)], capture_output=True, text=True, check=True).stdout
+        assert [line.split()[-1] for line in fingerprints.splitlines()] == ["(ED25519)", "(RSA)"], "both keys parse"
+    # The image's own sudo takes the rule: vagrant becomes root without a password.
+    done = racker("run", "--no-boot", reference, "--", "runuser", "-u", "vagrant", "--", "sudo", "-n", "id", "-u")
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr

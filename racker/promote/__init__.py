@@ -4,7 +4,7 @@
                   ──profile's tree checks──▶ (fail before any disk is built)
                   ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
                   ──GRUB images written directly / mtools ESP──▶ bootable raw disk
-                  ──qemu-img / tar / split──▶ the asked-for format, as OUT's .partial
+                  ──qemu-img / tar / split / box──▶ the asked-for format, as OUT's .partial
                   ──profile's disk checks, on what was written──▶ renamed into place
 
 The store image is never modified: the staged tree is hard links to it, and
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import fingerprint, prepare, progress, refs, store
+from racker import distros, fingerprint, prepare, progress, refs, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
-from racker.promote import bootloader, disk, formats, profiles
+from racker.promote import bootloader, boxes, disk, formats, profiles, vagrant
 
 DEFAULT_SIZE = 2 * 1024**3
 
@@ -35,6 +35,7 @@ class Options:
     size: int | None = None  # None: 2 GiB, or what the image needs if more
     profile: str = "generic"
     app: bool = False
+    vagrant_user: bool = False  # user vagrant, passwordless sudo, Vagrant's insecure keys
 
 
 @dataclass
@@ -61,6 +62,9 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         raise PromoteError(f"profile {profile.name} does not boot with {options.firmware}")
     if not fmt.disk and options.firmware != "bios":
         raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
+    if fmt.package and options.firmware != "bios":
+        # Their descriptors name no firmware, and every importer then gives the VM a BIOS.
+        raise PromoteError(f"a {fmt.name} machine boots with BIOS: leave --firmware out")
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
@@ -103,6 +107,8 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 prepare.write_file(tree, rel, text)
             if options.app:
                 app_service.enable(tree)
+            if options.vagrant_user:
+                vagrant.add(tree)
             if fmt.disk:
                 bootloader.install_modules(tree / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
         checks = profiles.verify_tree(profile, tree)
@@ -119,6 +125,18 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
         if fmt.name == "raw":
             with store.output_file(work, output) as partial:
                 build_disk(partial, layout, tree, work)
+                verify(partial)
+        elif fmt.package:
+            raw = work / "disk.raw"
+            build_disk(raw, layout, tree, work)
+            appliance = boxes.Appliance(
+                name=boxes.member_name(output.name, fmt.suffix),
+                os_id=distros.detect(tree).id,
+                capacity=layout.size,
+                mac=boxes.mac_for(image.digest),
+            )
+            with progress.step(f"packing {fmt.name}"), store.output_file(work, output) as partial:
+                boxes.pack(raw, fmt, partial, appliance)
                 verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"

@@ -1,4 +1,5 @@
-"""Output formats: a raw disk converted by qemu-img, packed for GCE, or split for Firecracker."""
+"""Output formats: a raw disk converted by qemu-img, packed for GCE, boxed for Vagrant or an
+OVF importer (boxes.py), or split for Firecracker."""
 
 from __future__ import annotations
 
@@ -20,25 +21,37 @@ class Format:
     options: tuple[str, ...] = ()
     disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
     names_itself: bool = False  # the file's own header names the file: written under its final name
+    package: str = ""  # the disk goes into a box or appliance (boxes.PACKERS), converted to qemu_format
+    # The virtual hardware the disk is attached to where it is imported: a row of
+    # prepare.INITRAMFS_MODULES, whose drivers (and kernel) the image needs there.
+    platform: str = ""
 
+
+STREAM_OPTIMIZED = ("-o", "subformat=streamOptimized,adapter_type=ide")
 
 FORMATS: dict[str, Format] = {
     "raw": Format("raw", ".raw", "raw"),
     "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1")),
     # What OVA/vSphere import takes. The IDE adapter: Debian's cloud kernel has
     # ata_piix, and neither mptspi nor mptsas for an LSI Logic one.
-    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=streamOptimized,adapter_type=ide"), names_itself=True),
+    "vmdk": Format("vmdk", ".vmdk", "vmdk", STREAM_OPTIMIZED, names_itself=True),
     # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
     # force_size keeps that size exact instead of rounding it to a CHS geometry.
     "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
     "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
-    "vdi": Format("vdi", ".vdi", "vdi"),
+    "vdi": Format("vdi", ".vdi", "vdi", platform="sata"),
     "gce": Format("gce", ".tar.gz", "raw"),
+    # vagrant-libvirt's box: a qcow2 on virtio (its Vagrantfile says so).
+    "vagrant-libvirt": Format("vagrant-libvirt", ".box", "qcow2", ("-o", "compat=1.1"), package="vagrant-libvirt"),
+    # VirtualBox's box and an OVA: the vmdk above, behind the SATA (AHCI) controller
+    # and E1000 NIC their OVF describes, as VirtualBox's own exports have them.
+    "vagrant-virtualbox": Format("vagrant-virtualbox", ".box", "vmdk", STREAM_OPTIMIZED, package="vagrant-virtualbox", platform="sata"),
+    "ova": Format("ova", ".ova", "vmdk", STREAM_OPTIMIZED, package="ova", platform="sata"),
     "firecracker": Format("firecracker", ".ext4", disk=False),
 }
 
 # What `qemu-img info` calls each format, to tell them apart on the way back in.
-QEMU_NAMES = {f.qemu_format: f.name for f in FORMATS.values() if f.qemu_format and f.name != "gce"}
+QEMU_NAMES = {f.qemu_format: f.name for f in FORMATS.values() if f.qemu_format and f.name != "gce" and not f.package}
 
 
 def get(name: str) -> Format:
