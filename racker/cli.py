@@ -260,11 +260,26 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop every named machine that runs (all of this store's with --all), at once; then name those not found."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from racker.nspawn import Machine
 
-    for name in args.names:
-        Machine.attach(name).stop(grace=args.timeout)
-        print(name)
+    if args.all == bool(args.names):
+        raise errors.RackerError("name the machines to stop, or give --all", hint="racker stop NAME... | racker stop --all")
+    names = [s.name for s in machines.all_states("nspawn") if not machines.is_stale(s)] if args.all else list(dict.fromkeys(args.names))
+    found, missing = [], []
+    for name in names:
+        try:
+            found.append(Machine.attach(name))
+        except errors.MachineError:
+            missing.append(name)
+    # Each stop waits for its machine's shutdown: in parallel, 100 take as long as one.
+    with ThreadPoolExecutor(max_workers=min(32, len(found) or 1)) as pool:
+        for machine, _ in zip(found, pool.map(lambda m: m.stop(grace=args.timeout), found), strict=True):
+            print(machine.name, flush=True)
+    if missing:
+        raise errors.MachineError(f"no running machine named {', '.join(map(repr, missing))}", hint="see `racker ps`")
     return 0
 
 
@@ -491,8 +506,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("ps", cmd_ps, "list running machines")
     p.add_argument("--json", action="store_true")
 
-    p = verb("stop", cmd_stop, "stop running machines")
-    p.add_argument("names", nargs="+")
+    p = verb("stop", cmd_stop, "stop running machines; exit 125 if any named one was not found (the others are stopped)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every machine of this store")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
 
     from racker import engines
