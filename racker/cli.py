@@ -51,7 +51,13 @@ def _print_json(data: object) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from racker import doctor
 
+    costs = doctor.machine_costs()
+    if args.fix:
+        for line in doctor.fix(costs):
+            print(line, file=sys.stderr if args.json else sys.stdout)
     results = doctor.checks(probe_kvm=not args.no_probe)
+    machines_check, limit_lines = doctor.capacity(costs)
+    results.append(machines_check)
     if args.json:
         _print_json([c.as_json() for c in results])
     else:
@@ -61,6 +67,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             if not check.ok and check.package:
                 line += f"  (apt-get install {check.package})"
             print(line)
+        for line in limit_lines:
+            print(f"{'':29}{line}")
     return 0 if all(c.ok for c in results if c.required) else 1
 
 
@@ -421,6 +429,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("doctor", cmd_doctor, "check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
+    p.add_argument("--fix", action="store_true", help="raise the host limits (sysctl) to hold 200 more machines; says what it changed")
 
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")

@@ -112,3 +112,36 @@ def _in_store(pid: int, store: Path) -> bool:
         return str(store) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def limits_restored() -> Iterator[None]:
+    """Every sysctl racker knows as it was, after the block, however it ends."""
+    from racker import limits
+
+    saved = {limit.path: limit.path.read_text() for limit in limits.LIMITS if limit.sysctl}
+    try:
+        yield
+    finally:
+        for path, value in saved.items():
+            if path.read_text() != value:  # some are read-only in a container
+                path.write_text(value)
+
+
+def test_doctor_names_the_binding_limit_and_fix_raises_it(private_store) -> None:  # type: ignore[no-untyped-def]
+    from racker import limits
+
+    used = limits.inotify_instances()
+    with limits_restored():
+        INSTANCES.write_text(f"{used + 3 * 7}\n")  # room for three machines of typical cost
+        report = racker("doctor", "--json", "--no-probe")
+        fixed = racker("doctor", "--fix", "--no-probe")
+        after = int(INSTANCES.read_text())
+    machines_check = next(c for c in json.loads(report.stdout) if c["name"] == "machines")
+    assert "about 3 more" in machines_check["detail"] and "inotify instances binds first" in machines_check["detail"], machines_check
+    assert fixed.returncode == 0, fixed.stderr
+    assert f"set fs.inotify.max_user_instances: {used + 21} -> {after}" in fixed.stdout, fixed.stdout
+    assert after >= used + limits.TARGET_MACHINES * 7
+    assert "/etc/sysctl.d/" in fixed.stdout
+    row = next(line for line in fixed.stdout.splitlines() if "more  inotify instances:" in line)
+    assert int(row.split()[0]) >= limits.TARGET_MACHINES, row  # the report after the fix counts the new limit
