@@ -130,9 +130,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def recognise(text: str) -> tuple[Limit, str] | None:
     """The limit a failed boot's output shows it ran out of, and the line that shows it; or None."""
     for limit in LIMITS:
-        found = re.search(f".*({limit.signs}).*", text, re.IGNORECASE)
+        found = re.search(limit.signs, text, re.IGNORECASE)
         if found:
-            return limit, _ANSI.sub("", found.group(0)).strip()
+            start, end = text.rfind("\n", 0, found.start()) + 1, text.find("\n", found.end())
+            return limit, _ANSI.sub("", text[start : end if end >= 0 else len(text)]).strip()
     return None
 
 
