@@ -276,18 +276,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.all == bool(args.names):
         raise errors.RackerError("name the machines to stop, or give --all", hint="racker stop NAME... | racker stop --all")
     names = [s.name for s in machines.all_states("nspawn") if not machines.is_stale(s)] if args.all else list(dict.fromkeys(args.names))
-    found, missing = [], []
+    found, missing, failed = [], [], []
     for name in names:
         try:
             found.append(Machine.attach(name))
-        except errors.MachineError:
+        except errors.NoSuchMachine:
             missing.append(name)
+        except errors.MachineError as error:  # a bad name, a damaged record: said after the others are stopped
+            failed.append(error)
     # Each stop waits for its machine's shutdown: in parallel, 100 take as long as one.
     with ThreadPoolExecutor(max_workers=min(32, len(found) or 1)) as pool:
         for machine, _ in zip(found, pool.map(lambda m: m.stop(grace=args.timeout), found), strict=True):
             print(machine.name, flush=True)
+    if failed:
+        raise failed[0]
     if missing:
-        raise errors.MachineError(f"no running machine named {', '.join(map(repr, missing))}", hint="see `racker ps`")
+        raise errors.NoSuchMachine(f"no running machine named {', '.join(map(repr, missing))}", hint="see `racker ps`")
     return 0
 
 

@@ -65,6 +65,10 @@ class MachineError(RackerError):
     """A machine could not be started, found or entered."""
 
 
+class NoSuchMachine(MachineError):
+    """No running machine has that name."""
+
+
 class HostLimit(MachineError):
     """A machine could not boot because the host ran out of something: `limit` names it."""
 

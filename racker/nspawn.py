@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
-from racker.errors import BootTimeout, HostLimit, MachineError
+from racker.errors import BootTimeout, HostLimit, MachineError, NoSuchMachine
 from racker.logins import Login
 from racker.machines import State
 from racker.proc import Result
@@ -66,7 +66,7 @@ class Machine(machines.Guest):
         """A running machine from the registry, started by this or another process."""
         state = machines.load("nspawn", name)
         if state is None or machines.is_stale(state):
-            raise MachineError(f"no running machine named {name!r}", hint="see `racker ps`")
+            raise NoSuchMachine(f"no running machine named {name!r}", hint="see `racker ps`")
         machine = cls.__new__(cls)
         machine.image = store.lookup(state.image) or store.StoredImage(state.image, state.digest, "", "", 0)
         machine.name = name
