@@ -135,6 +135,7 @@ class Machine(machines.Guest):
         """Read nspawn's notifications until READY=1 (recording the container's leader); its pid."""
         assert self._child is not None
         leader = 0
+        searched: dict[Path, int] = {}  # bytes of each log already searched for a host limit's signs
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -148,7 +149,7 @@ class Machine(machines.Guest):
                 if self._child.poll() is not None:
                     status = self._child.returncode
                     raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}") from None
-                if limits.recognise(self._boot_output()):
+                if self._shows_a_limit(searched):
                     raise self._boot_failed(f"machine {self.name!r} cannot boot") from None
                 continue
             for line in message.splitlines():
@@ -173,6 +174,17 @@ class Machine(machines.Guest):
             with contextlib.suppress(FileNotFoundError):
                 text += path.read_text(errors="replace")
         return text
+
+    def _shows_a_limit(self, searched: dict[Path, int]) -> bool:
+        """Whether nspawn or the console printed a host limit's sign since the last look.
+        Only new output is searched (from the start of its line): 100 machines poll at once."""
+        for path in (self.nspawn_log, self.console_log):
+            with contextlib.suppress(FileNotFoundError):
+                text = path.read_text(errors="replace")
+                if limits.recognise(text[text.rfind("\n", 0, searched.get(path, 0)) + 1 :]):
+                    return True
+                searched[path] = len(text)
+        return False
 
     def _boot_failed(self, message: str, timed_out: bool = False) -> MachineError:
         """The error of a failed boot: nspawn's stderr and the console's tail, and the host limit
