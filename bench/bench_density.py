@@ -114,9 +114,11 @@ def bare_cgroups(n: int) -> Iterator[list[Path | None]]:
     try:
         yield paths
     finally:
-        for path in [*paths, parent]:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)  # type: ignore[arg-type]
+        # Deepest first (each container's systemd made its own below), here and in nspawn's v1 mirror.
+        for tree in (parent, *cgroups.mirrors(parent)):
+            for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda entry: -entry[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
 
 
 def bare_side(rootfs: Path, n: int, timeout: float) -> dict:
@@ -193,6 +195,10 @@ def leftovers(image_rootfs: Path) -> list[str]:
     """What outlived the run: machine records, run dirs, cgroups, processes booted from the image."""
     found = [f"record {s.name}" for s in machines.all_states("nspawn") if s.name.startswith("dens-")]
     found += [f"cgroup {name}" for name in cgroups.machine_names() if name.startswith("dens-")]
+    root = cgroups.unified_root()
+    if root is not None:
+        bench = root / f"racker-bench-{os.getpid()}"
+        found += [f"cgroup {tree}" for tree in (bench, *cgroups.mirrors(bench)) if tree.exists()]
     run = store.home() / "run"
     found += [f"run dir {p.name}" for p in run.iterdir() if p.name.startswith("dens-")] if run.is_dir() else []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
