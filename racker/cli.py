@@ -51,7 +51,13 @@ def _print_json(data: object) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from racker import doctor
 
+    costs = doctor.machine_costs()
+    if args.fix:
+        for line in doctor.fix(costs):
+            print(line, file=sys.stderr if args.json else sys.stdout)
     results = doctor.checks(probe_kvm=not args.no_probe)
+    machines_check, limit_lines = doctor.capacity(costs)
+    results.append(machines_check)
     if args.json:
         _print_json([c.as_json() for c in results])
     else:
@@ -61,6 +67,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             if not check.ok and check.package:
                 line += f"  (apt-get install {check.package})"
             print(line)
+        for line in limit_lines:
+            print(f"{'':29}{line}")
     return 0 if all(c.ok for c in results if c.required) else 1
 
 
@@ -260,11 +268,30 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop every named machine that runs (all of this store's with --all), at once; then name those not found."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from racker.nspawn import Machine
 
-    for name in args.names:
-        Machine.attach(name).stop(grace=args.timeout)
-        print(name)
+    if args.all == bool(args.names):
+        raise errors.RackerError("name the machines to stop, or give --all", hint="racker stop NAME... | racker stop --all")
+    names = [s.name for s in machines.all_states("nspawn") if not machines.is_stale(s)] if args.all else list(dict.fromkeys(args.names))
+    found, missing, failed = [], [], []
+    for name in names:
+        try:
+            found.append(Machine.attach(name))
+        except errors.NoSuchMachine:
+            missing.append(name)
+        except errors.MachineError as error:  # a bad name, a damaged record: said after the others are stopped
+            failed.append(error)
+    # Each stop waits for its machine's shutdown: in parallel, 100 take as long as one.
+    with ThreadPoolExecutor(max_workers=min(32, len(found) or 1)) as pool:
+        for machine, _ in zip(found, pool.map(lambda m: m.stop(grace=args.timeout), found), strict=True):
+            print(machine.name, flush=True)
+    if failed:
+        raise failed[0]
+    if missing:
+        raise errors.NoSuchMachine(f"no running machine named {', '.join(map(repr, missing))}", hint="see `racker ps`")
     return 0
 
 
@@ -407,6 +434,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("doctor", cmd_doctor, "check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
+    p.add_argument("--fix", action="store_true", help="raise the host limits (sysctl) to hold 200 more machines; says what it changed")
 
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")
@@ -492,8 +520,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("ps", cmd_ps, "list running machines")
     p.add_argument("--json", action="store_true")
 
-    p = verb("stop", cmd_stop, "stop running machines")
-    p.add_argument("names", nargs="+")
+    p = verb("stop", cmd_stop, "stop running machines; exit 125 if any named one was not found (the others are stopped)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every machine of this store")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean shutdown before killing")
 
     from racker import engines

@@ -75,3 +75,39 @@ def _kvm(probe: bool) -> Check:
     if accel.kvm_works():
         return Check("kvm", True, "a KVM guest boots: QEMU will use KVM", required=False)
     return Check("kvm", False, f"/dev/kvm opens but {accel.why_no_kvm()}: QEMU will use TCG", required=False)
+
+
+def machine_costs() -> dict[str, float]:
+    """Each limit's use per machine, measured on this store's running machines ({} if none runs)."""
+    from racker import limits, machines
+
+    running = [s for s in machines.all_states("nspawn") if s.leader and not machines.is_stale(s)]
+    return limits.machine_costs((s.leader, s.pid, s.extra.get("cgroup")) for s in running)
+
+
+def capacity(costs: dict[str, float]) -> tuple[Check, list[str]]:
+    """How many more machines the host holds at its current limits, and which limit binds first;
+    with one line per limit."""
+    from racker import limits
+
+    rows = limits.headroom(costs)
+    first = rows[0]
+    basis = "measured on running machines" if costs else "typical costs: start a machine to measure"
+    room = first.machines
+    detail = f"about {room} more at the current limits; {first.limit.name} binds first ({basis})"
+    hint = "" if room is None or room >= limits.TARGET_MACHINES else "racker doctor --fix raises them"
+    return Check("machines", room is None or room >= 1, detail + (f"; {hint}" if hint else ""), required=False), [r.line() for r in rows]
+
+
+def fix(costs: dict[str, float]) -> list[str]:
+    """Raise the sysctl limits to hold TARGET_MACHINES more machines; one line per change, and how to keep them."""
+    from racker import limits
+
+    changed = limits.fix(costs)
+    lines = [f"set {limit.sysctl}: {old} -> {new}" for limit, old, new in changed]
+    if changed:
+        lines.append(f"for the running system only; to keep them after a reboot, put these lines in {limits.SYSCTL_D}:")
+        lines += [f"  {limit.sysctl} = {new}" for limit, _old, new in changed]
+    else:
+        lines.append(f"no change: the limits racker knows already hold {limits.TARGET_MACHINES} more machines")
+    return lines

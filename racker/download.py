@@ -54,6 +54,11 @@ def forget(sha256: str) -> None:
         (cache_dir() / "sha256" / sha256).unlink()
 
 
+def lock_key(key: str) -> str:
+    """The lock held while the download of one URL (KEY: sha256 of the URL) is written; gc waits for it."""
+    return f"download-{key[:32]}"
+
+
 def fetch(url: str, *, sha256: str | None, plain_ok: bool = False, title: str = "downloading") -> tuple[Path, str]:
     """(the cached file, its sha256) for `url`; with `sha256` given, a file of other content is refused.
 
@@ -67,7 +72,7 @@ def fetch(url: str, *, sha256: str | None, plain_ok: bool = False, title: str = 
     partial_dir = cache_dir() / "partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
     partial, meta = partial_dir / key, partial_dir / f"{key}.json"
-    with store.locked(f"download-{key[:32]}"):
+    with store.locked(lock_key(key)):
         if sha256 and (found := cached(sha256)):
             return found, sha256  # another process finished it while we waited
         failure = ""

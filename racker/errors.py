@@ -65,6 +65,18 @@ class MachineError(RackerError):
     """A machine could not be started, found or entered."""
 
 
+class NoSuchMachine(MachineError):
+    """No running machine has that name."""
+
+
+class HostLimit(MachineError):
+    """A machine could not boot because the host ran out of something: `limit` names it."""
+
+    def __init__(self, message: str, limit: str, hint: str | None = None) -> None:
+        self.limit = limit
+        super().__init__(message, hint)
+
+
 class NameTaken(MachineError):
     """A machine name already in use."""
 
@@ -72,10 +84,10 @@ class NameTaken(MachineError):
 class BootTimeout(MachineError):
     """A machine did not become ready in time; carries the console tail."""
 
-    def __init__(self, what: str, timeout: float, console_tail: str) -> None:
+    def __init__(self, what: str, timeout: float, console_tail: str, hint: str | None = None) -> None:
         self.console_tail = console_tail
         message = f"{what} did not become ready within {timeout:g}s"
-        super().__init__(message, hint="last console lines:\n" + console_tail if console_tail else None)
+        super().__init__(message, hint=hint or ("last console lines:\n" + console_tail if console_tail else None))
 
 
 class Unreachable(RackerError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def collect() -> list[str]:
     removed += _orphan_cgroups()
     removed += _stale_workdirs()
     removed += _unreferenced_images()
+    removed += _downloads()  # after the images: a download only they referenced goes with them
     removed += _stale_disks()
     return removed
 
@@ -45,6 +47,59 @@ def _stale_disks() -> list[str]:
             path.unlink()
             removed.append(f"removed disk {path.name} of an older racker")
     return removed
+
+
+def _downloads() -> list[str]:
+    """Interrupted downloads nobody is resuming, and finished ones no stored image came from.
+
+    A finished download is unreferenced until the pull that made it stores its
+    image, so none is taken while a pull or build is under way (a live workdir:
+    _stale_workdirs has removed the dead ones).
+    """
+    from racker import download
+
+    removed: list[str] = []
+    cache = download.cache_dir()
+    partial = cache / "partial"
+    if partial.is_dir():
+        for key in sorted({path.name.lstrip(".").split(".")[0] for path in partial.iterdir()}):
+            with store.locked_if_free(download.lock_key(key)) as free:
+                if not free:
+                    continue  # being downloaded now
+                for path in partial.glob(f"*{key}*"):
+                    path.unlink(missing_ok=True)
+                removed.append(f"removed partial download {key[:12]}")
+    finished = cache / "sha256"
+    tmp = store.home() / "tmp"
+    busy = tmp.is_dir() and any(p.name != ".new" or any(p.iterdir()) for p in tmp.iterdir())
+    if finished.is_dir() and not busy:
+        with store.locked(store.SWEEP_LOCK):  # no commit names an image meanwhile
+            used = _downloads_used()
+            for path in sorted(finished.iterdir()):
+                if path.name not in used:
+                    path.unlink()
+                    removed.append(f"removed download {path.name[:12]} no image came from")
+    return removed
+
+
+def _downloads_used() -> set[str]:
+    """Every sha256 a stored image's manifest records (the downloads it came from)."""
+    found: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "sha256" and isinstance(item, str):
+                    found.add(item)
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for manifest in [*store.home().glob("images/*/manifest.json"), *store.home().glob("refs/*.json")]:
+        with contextlib.suppress(OSError, ValueError):
+            walk(json.loads(manifest.read_text()))
+    return found
 
 
 def _unreferenced_images() -> list[str]:

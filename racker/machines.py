@@ -307,7 +307,7 @@ def console_tail(path: Path, lines: int = 25) -> str:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:])
+    return "\n".join([line for line in text.replace("\r", "").splitlines() if line.strip()][-lines:])
 
 
 class Guest:

@@ -8,6 +8,7 @@ relayed by nspawn over a notify socket that we own: no polling, no sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,8 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, guest_env, logins, machines, network, proc, store
-from racker.errors import BootTimeout, MachineError
+from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
+from racker.errors import BootTimeout, HostLimit, MachineError, NoSuchMachine
 from racker.logins import Login
 from racker.machines import State
 from racker.proc import Result
@@ -65,7 +66,7 @@ class Machine(machines.Guest):
         """A running machine from the registry, started by this or another process."""
         state = machines.load("nspawn", name)
         if state is None or machines.is_stale(state):
-            raise MachineError(f"no running machine named {name!r}", hint="see `racker ps`")
+            raise NoSuchMachine(f"no running machine named {name!r}", hint="see `racker ps`")
         machine = cls.__new__(cls)
         machine.image = store.lookup(state.image) or store.StoredImage(state.image, state.digest, "", "", 0)
         machine.name = name
@@ -110,12 +111,13 @@ class Machine(machines.Guest):
         started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind("\0" + notify_name)
-            with open(self.console_log, "wb") as console:
+            # The container's console and nspawn's own complaints apart: a failed boot shows both.
+            with open(self.console_log, "wb") as console, open(self.nspawn_log, "wb") as nspawn_stderr:
                 self._child = proc.start(
                     nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir), configured_init(self.image.manifest)),
                     env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
-                    stderr=subprocess.STDOUT,
+                    stderr=nspawn_stderr,
                     new_session=True,  # a Ctrl-C on our terminal is ours to handle, not nspawn's
                     # An owned machine shuts down if we die; a detached one outlives us.
                     die_with_parent=None if self.detached else signal.SIGTERM,
@@ -133,20 +135,22 @@ class Machine(machines.Guest):
         """Read nspawn's notifications until READY=1 (recording the container's leader); its pid."""
         assert self._child is not None
         leader = 0
+        searched: dict[Path, int] = {}  # bytes of each log already searched for a host limit's signs
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BootTimeout(f"machine {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
-            # Wake up now and then to notice an nspawn that died without a word.
+                raise self._boot_failed(f"machine {self.name!r} did not become ready", timed_out=True)
+            # Wake up now and then to notice an nspawn that died without a word, or a
+            # machine that ran out of a host limit (it would never become ready).
             notify.settimeout(min(remaining, 0.5))
             try:
                 message = notify.recv(4096).decode(errors="replace")
             except TimeoutError:
                 if self._child.poll() is not None:
-                    raise MachineError(
-                        f"systemd-nspawn exited with status {self._child.returncode} while booting {self.name!r}",
-                        hint="last console lines:\n" + machines.console_tail(self.console_log),
-                    ) from None
+                    status = self._child.returncode
+                    raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}") from None
+                if self._shows_a_limit(searched):
+                    raise self._boot_failed(f"machine {self.name!r} cannot boot") from None
                 continue
             for line in message.splitlines():
                 key, _, value = line.partition("=")
@@ -158,6 +162,46 @@ class Machine(machines.Guest):
                     self.network.configure(self.state)  # type: ignore[arg-type]  # eth0 is up before the guest's services start
                 elif key == "READY" and value == "1" and leader:
                     return leader
+
+    @property
+    def nspawn_log(self) -> Path:
+        return self.rundir / "nspawn.log"
+
+    def _boot_output(self) -> str:
+        """What nspawn and the container printed so far."""
+        text = ""
+        for path in (self.nspawn_log, self.console_log):
+            with contextlib.suppress(FileNotFoundError):
+                text += path.read_text(errors="replace")
+        return text
+
+    def _shows_a_limit(self, searched: dict[Path, int]) -> bool:
+        """Whether nspawn or the console printed a host limit's sign since the last look.
+        Only new output is searched (from the start of its line): 100 machines poll at once."""
+        for path in (self.nspawn_log, self.console_log):
+            with contextlib.suppress(FileNotFoundError):
+                text = path.read_text(errors="replace")
+                if limits.recognise(text[text.rfind("\n", 0, searched.get(path, 0)) + 1 :]):
+                    return True
+                searched[path] = len(text)
+        return False
+
+    def _boot_failed(self, message: str, timed_out: bool = False) -> MachineError:
+        """The error of a failed boot: nspawn's stderr and the console's tail, and the host limit
+        it hit where racker recognises one (HostLimit)."""
+        tails = [
+            f"{title}:\n{tail}"
+            for title, path, lines in (("systemd-nspawn said", self.nspawn_log, 10), ("last console lines", self.console_log, 15))
+            if (tail := machines.console_tail(path, lines))
+        ]
+        recognised = limits.recognise(self._boot_output())
+        if recognised is not None:
+            limit, evidence = recognised
+            hint = [limits.raise_hint(limit), f"the machine said: {evidence}", *tails]
+            return HostLimit(f"{message}: the host ran out of {limits.describe(limit)}", limit.name, "\n".join(hint))
+        if timed_out:
+            return BootTimeout(f"machine {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log), "\n".join(tails))
+        return MachineError(message, hint="\n".join(tails) or None)
 
     def stop(self, grace: float = 10.0) -> None:
         """Shut the machine down: SIGTERM to nspawn (a clean poweroff), then SIGKILL.

@@ -180,3 +180,32 @@ def test_a_bad_download_is_one_line_and_leaves_nothing(
     assert result.returncode == 125 and len(errors) == 1 and said in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     _nothing_left()
+
+
+def test_gc_removes_partial_and_unreferenced_downloads(tls: StaticServer) -> None:
+    from racker import download
+
+    (tls.root / "gc").mkdir()
+    pins = {}
+    for name in ("kept", "removed", "cut"):
+        _small_tar(tls.root / "gc" / f"{name}.tar", payload=os.urandom(300_000))
+        pins[name] = hashlib.sha256((tls.root / "gc" / f"{name}.tar").read_bytes()).hexdigest()
+    url = {name: f"{tls.url}/gc/{name}.tar#sha256={pins[name]}" for name in pins}
+    _pulled(url["kept"])
+    _pulled(url["removed"])
+    assert racker("rmi", url["removed"]).returncode == 0  # its download is referenced by no image now
+    tls.drops["gc/cut.tar"] = [100_000] * 3
+    assert racker("pull", url["cut"]).returncode == 125  # interrupted: a partial download stays
+    cache = download.cache_dir()
+    assert len(list((cache / "partial").iterdir())) == 2  # the bytes and their validator
+    # A download under way (its lock held) is left alone.
+    busy = "f" * 64
+    (cache / "partial" / busy).write_bytes(b"so far")
+    with store.locked(download.lock_key(busy)):
+        cleaned = racker("gc")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert sorted(p.name for p in (cache / "sha256").iterdir()) == [pins["kept"]]
+    assert [p.name for p in (cache / "partial").iterdir()] == [busy]
+    assert f"removed download {pins['removed'][:12]}" in cleaned.stdout and "removed partial download" in cleaned.stdout
+    assert store.lookup(url["kept"]) is not None
+    assert racker("gc").stdout.splitlines() == [f"removed partial download {busy[:12]}"]  # once its lock is free
