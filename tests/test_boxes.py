@@ -1,0 +1,234 @@
+"""Vagrant boxes and OVAs pulled into the store: a libvirt box (qcow2) through a Vagrant Cloud
+metadata API the test serves, a VirtualBox box and an OVA (OVF + streamOptimized vmdk + .mf), all
+made from one promoted bookworm disk with a marker file written into it; and every bad box or OVA
+one clear line that leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_HOME, StaticServer, passes_checks, racker
+from conftest import pulled as _pulled
+from racker import store
+
+pytestmark = pytest.mark.slow
+
+MARKER = "etc/racker-box-marker"
+VAGRANTFILE = 'Vagrant.configure("2") do |config|\nend\n'
+OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope ovf:version="1.0" xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:id="file1" ovf:href="{disk}"/></References>
+  <DiskSection><Info>disks</Info>
+    <Disk ovf:capacity="{capacity}" ovf:diskId="vmdisk1" ovf:fileRef="file1"
+          ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="racker-test"><Info>a test VM</Info></VirtualSystem>
+</Envelope>
+"""
+
+
+def sh(*argv: object) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+    return done
+
+
+def sha(path: Path, algorithm: str = "sha256") -> str:
+    return hashlib.new(algorithm, path.read_bytes()).hexdigest()
+
+
+def pack(archive: Path, directory: Path, names: list[str], *, gzip: bool = False) -> None:
+    """A tar of `names` in `directory`, in that order, as GNU tar writes them (gzipped if asked)."""
+    sh("tar", "-czf" if gzip else "-cf", archive, "-C", directory, *names)
+
+
+def ova(directory: Path, disk: Path, out: Path, *, algorithm: str = "SHA256", wrong: bool = False) -> None:
+    """An OVA: vm.ovf first, the disk, then vm.mf with each file's digest (one of them wrong if asked)."""
+    directory.mkdir()
+    os.link(disk, directory / disk.name)
+    (directory / "vm.ovf").write_text(OVF.format(disk=disk.name, capacity=1 << 31))
+    lines = []
+    for name in ("vm.ovf", disk.name):
+        digest = sha(directory / name, algorithm.lower())
+        lines.append(f"{algorithm}({name})= {'0' * len(digest) if wrong and name == disk.name else digest}\n")
+    (directory / "vm.mf").write_text("".join(lines))
+    pack(out, directory, ["vm.ovf", disk.name, "vm.mf"])
+
+
+def box(directory: Path, provider: str, files: dict[str, Path], out: Path, *, gzip: bool = False) -> None:
+    """A Vagrant box: metadata.json, a Vagrantfile, and the provider's files (linked in)."""
+    directory.mkdir()
+    metadata = {"provider": provider, **({"format": "qcow2", "virtual_size": 2} if provider == "libvirt" else {})}
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+    (directory / "Vagrantfile").write_text(VAGRANTFILE)
+    for name, source in files.items():
+        os.link(source, directory / name)
+    pack(out, directory, ["metadata.json", "Vagrantfile", *files], gzip=gzip)
+
+
+def api(static_server: StaticServer, box_name: str, versions: list[dict]) -> None:
+    """What a Vagrant Cloud answers to GET /api/v2/box/racker/NAME."""
+    path = static_server.root / "api/v2/box/racker" / box_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tag": f"racker/{box_name}", "versions": versions}))
+
+
+def provider(name: str, url: str, box_file: Path, checksum_type: str = "sha1", checksum: str | None = None) -> dict:
+    digest = checksum or sha(box_file, checksum_type)
+    return {"name": name, "download_url": url, "checksum_type": checksum_type, "checksum": digest, "architecture": "amd64"}
+
+
+@pytest.fixture(scope="module")
+def boxes(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A libvirt box (gzipped, served, in the metadata API as racker/bookworm 2.0.0), a VirtualBox
+    box and an OVA (served, with a SHA256SUMS), all of one promoted disk carrying MARKER."""
+    from racker import images, prepare, promote
+
+    work = tmp_path_factory.mktemp("boxes")
+    home = os.environ["RACKER_HOME"]
+    os.environ["RACKER_HOME"] = str(SHARED_HOME)
+    try:
+        raw = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))
+    finally:
+        os.environ["RACKER_HOME"] = home
+    marked = work / "marked.raw"
+    sh("cp", "--sparse=always", raw, marked)
+    start = json.loads(sh("sfdisk", "--json", marked).stdout)["partitiontable"]["partitions"][0]["start"]
+    (work / "marker").write_text("put there by test_boxes\n")
+    sh("debugfs", "-w", "-R", f"write {work / 'marker'} /{MARKER}", f"{marked}?offset={start * 512}")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", marked, work / "box.img")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", marked, work / "disk1.vmdk")
+    marked.unlink()
+    served = static_server.root / "boxes"
+    served.mkdir()
+    box(work / "libvirt", "libvirt", {"box.img": work / "box.img"}, served / "libvirt.box", gzip=True)
+    (work / "box.img").unlink()
+    os.link(work / "disk1.vmdk", work / "box-disk001.vmdk")
+    (work / "box.ovf").write_text(OVF.format(disk="box-disk001.vmdk", capacity=1 << 31))
+    box(work / "vbox", "virtualbox", {"box.ovf": work / "box.ovf", "box-disk001.vmdk": work / "box-disk001.vmdk"}, work / "vbox.box")
+    ova(work / "ova", work / "disk1.vmdk", served / "vm.ova")
+    shutil.rmtree(work / "ova")
+    shutil.rmtree(work / "libvirt")
+    lines = [f"{sha(served / n)}  {n}\n" for n in ("vm.ova",)]
+    (served / "SHA256SUMS").write_text("".join(lines))
+    url = f"{static_server.url}/boxes"
+    libvirt = provider("libvirt", f"{url}/libvirt.box", served / "libvirt.box")
+    vbox = provider("virtualbox", f"{url}/vbox.box", work / "vbox.box", "sha256")
+    api(
+        static_server,
+        "bookworm",
+        [
+            {"version": "1.0.0", "status": "active", "providers": [vbox]},
+            {"version": "2.0.0", "status": "active", "providers": [vbox, libvirt]},
+            {"version": "3.0.0", "status": "unreleased", "providers": [vbox, libvirt]},
+        ],
+    )
+    return {"work": work, "vbox": work / "vbox.box", "ova": f"{url}/vm.ova"}
+
+
+@pytest.fixture
+def served_env(static_server: StaticServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"SSL_CERT_FILE": str(static_server.ca), "RACKER_VAGRANT_SERVER": static_server.url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def test_a_vagrant_box_a_virtualbox_box_and_an_ova_of_one_disk_are_one_image(boxes: dict, served_env: dict, private_store: dict) -> None:
+    image = _pulled("vagrant:racker/bookworm")
+    fields = image.manifest["box"]
+    assert (fields["box"], fields["version"], fields["provider"], fields["format"]) == ("racker/bookworm", "2.0.0", "libvirt", "qcow2")
+    assert (fields["verified_by"], fields["compression"]) == ("metadata sha1", "gzip")
+    with store.reading(image) as rootfs:
+        assert (rootfs / MARKER).read_text() == "put there by test_boxes\n"
+        assert "ID=debian" in (rootfs / "usr/lib/os-release").read_text()
+    vbox = _pulled(f"file:{boxes['vbox']}#provider=virtualbox")
+    assert vbox.digest == image.digest
+    assert (vbox.manifest["box"]["provider"], vbox.manifest["box"]["format"]) == ("virtualbox", "vmdk")
+    from_ova = _pulled(boxes["ova"])
+    assert from_ova.digest == image.digest
+    fields = from_ova.manifest["ova"]
+    assert (fields["manifest"], fields["disk_file"], fields["verified_by"]) == ("SHA256", "disk1.vmdk", "SHA256SUMS")
+    passes_checks("vagrant:racker/bookworm", env=served_env)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _tar(out: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(out, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _bad(directory: Path, static_server: StaticServer) -> None:
+    """Small artefacts: each fails before a disk would be read, so none needs a real one."""
+    tiny = directory.parent / "tiny.img"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tiny, "16M")
+    ova(directory.parent / "mismatch", tiny, directory / "mismatch.ova", wrong=True)
+    ovf = OVF.format(disk="disk.vmdk", capacity=1 << 20).encode()
+    _tar(directory / "dotdot.ova", {"vm.ovf": ovf, "../escaped.vmdk": b"x"})
+    _tar(directory / "absolute.ova", {"vm.ovf": ovf, "/tmp/racker-test-absolute.vmdk": b"x"})
+    descriptor = (
+        b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+        b'RW 2048 FLAT "../../etc/shadow" 0\n\nddb.adapterType = "ide"\n'
+    )
+    mf = f"SHA256(vm.ovf)= {hashlib.sha256(ovf).hexdigest()}\nSHA256(disk.vmdk)= {hashlib.sha256(descriptor).hexdigest()}\n"
+    _tar(directory / "extent.ova", {"vm.ovf": ovf, "disk.vmdk": descriptor, "vm.mf": mf.encode()})
+    box(directory.parent / "libvirt", "libvirt", {"box.img": tiny}, directory / "libvirt.box")
+    broken = static_server.root / "broken"
+    broken.mkdir()
+    box(directory.parent / "broken", "libvirt", {"box.img": tiny}, broken / "broken.box", gzip=True)
+    api(static_server, "broken", [{"version": "1.0", "providers": [provider("libvirt", f"{static_server.url}/broken/broken.box", broken / "broken.box", checksum="0" * 40)]}])
+
+
+BAD = [
+    ("file:{dir}/mismatch.ova", "tiny.img does not match the manifest: SHA256"),
+    ("file:{dir}/dotdot.ova", "climbs out of the root with '..'"),
+    ("file:{dir}/absolute.ova", "member '/tmp/racker-test-absolute.vmdk' has an absolute path: refused"),
+    ("file:{dir}/extent.ova", "names an extent outside its own directory (../../etc/shadow): refused"),
+    ("file:{dir}/libvirt.box#provider=virtualbox", "libvirt.box is a libvirt box, not virtualbox"),
+    ("vagrant:racker/bookworm@9.9", "vagrant:racker/bookworm has no version 9.9 (versions: 1.0.0, 2.0.0)"),
+    ("vagrant:racker/bookworm@1.0.0#provider=libvirt", "has no libvirt box (providers: virtualbox)"),
+    ("vagrant:racker/broken", "broken.box does not match its checksum: sha1 "),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_boxes(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bad-boxes") / "inside"
+    directory.mkdir(parents=True)
+    _bad(directory, static_server)
+    return directory
+
+
+def _loops() -> str:
+    return subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize(("reference", "said"), BAD, ids=[r.split("/")[-1] for r, _ in BAD])
+def test_a_bad_box_or_ova_is_one_line_and_leaves_nothing(
+    bad_boxes: Path, served_env: dict, private_store: dict, reference: str, said: str
+) -> None:
+    before, loops = sorted(p.name for p in bad_boxes.iterdir()), _loops()
+    result = racker("pull", reference.format(dir=bad_boxes))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("racker: error:")]
+    assert result.returncode == 125 and len(errors) == 1 and said in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert store.images() == []
+    assert [p.name for p in (store.home() / "tmp").iterdir()] == [".new"]
+    downloads = store.home() / "downloads"
+    assert not [p for p in downloads.rglob("*") if p.is_file()] if downloads.exists() else True
+    assert sorted(p.name for p in bad_boxes.iterdir()) == before and _loops() == loops
+    assert not Path("/tmp/racker-test-absolute.vmdk").exists() and not (bad_boxes.parent / "escaped.vmdk").exists()
