@@ -210,6 +210,16 @@ def _bad(directory: Path, static_server: StaticServer) -> None:
     mf = f"SHA256(vm.ovf)= {hashlib.sha256(ovf).hexdigest()}\nSHA256(disk.vmdk)= {hashlib.sha256(descriptor).hexdigest()}\n"
     _tar(directory / "extent.ova", {"vm.ovf": ovf, "disk.vmdk": descriptor, "vm.mf": mf.encode()})
     box(directory.parent / "libvirt", "libvirt", {"box.img": tiny}, directory / "libvirt.box", gzip=True)
+    nowhere = {"name": "virtualbox", "download_url": f"{static_server.url}/nowhere.box", "checksum_type": "sha256", "checksum": "0" * 64}
+    api(
+        static_server,
+        "versions",
+        [
+            {"version": "1.0.0", "status": "active", "providers": [nowhere]},
+            {"version": "2.0.0", "status": "active", "providers": [nowhere, {**nowhere, "name": "libvirt"}]},
+            {"version": "3.0.0", "status": "unreleased", "providers": [nowhere]},
+        ],
+    )
     broken = static_server.root / "broken"
     broken.mkdir()
     box(directory.parent / "broken", "libvirt", {"box.img": tiny}, broken / "broken.box", gzip=True)
@@ -231,8 +241,10 @@ BAD = [
     ("file:{dir}/absolute.ova", "member '/tmp/racker-test-absolute.vmdk' has an absolute path: refused"),
     ("file:{dir}/extent.ova", "names an extent outside its own directory (../../etc/shadow): refused"),
     ("file:{dir}/libvirt.box#provider=virtualbox", "libvirt.box is a libvirt box, not virtualbox"),
-    ("vagrant:racker/bookworm@9.9", "vagrant:racker/bookworm has no version 9.9 (versions: 1.0.0, 2.0.0)"),
-    ("vagrant:racker/bookworm@1.0.0#provider=libvirt", "has no libvirt box (providers: virtualbox)"),
+    ("vagrant:racker/versions@9.9", "vagrant:racker/versions has no version 9.9 (versions: 1.0.0, 2.0.0)"),
+    ("vagrant:racker/versions@3.0.0", "vagrant:racker/versions has no version 3.0.0 (versions: 1.0.0, 2.0.0)"),
+    ("vagrant:racker/versions@1.0.0#provider=libvirt", "has no libvirt box (providers: virtualbox)"),
+    ("vagrant:racker/versions#provider=hyperv", "racker reads libvirt and virtualbox boxes, not hyperv"),
     ("vagrant:racker/broken", "broken.box does not match its checksum: sha1 "),
 ]
 
