@@ -200,16 +200,14 @@ def _ext_copy(raw: Path, offset: int, size: int, target: Path, work: Path, name:
 
 def _mounted_has(kind: str):  # type: ignore[no-untyped-def]
     def has(raw: Path, offset: int, size: int, work: Path, name: str) -> bool:
-        with mounted.mounted(raw, offset, size, kind, work, name) as root:
-            return any(mounted.exists(root, OS_RELEASE))
+        return any(mounted.exists(raw, offset, size, kind, OS_RELEASE, work, name))
 
     return has
 
 
 def _mounted_copy(kind: str):  # type: ignore[no-untyped-def]
     def copy(raw: Path, offset: int, size: int, target: Path, work: Path, name: str, at: str) -> None:
-        with mounted.mounted(raw, offset, size, kind, work, name) as root:
-            mounted.copy_tree(root, target, name)
+        mounted.copy_tree(raw, offset, size, kind, target, work, name)
 
     return copy
 
