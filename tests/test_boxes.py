@@ -246,6 +246,7 @@ BAD = [
     ("vagrant:racker/versions@1.0.0#provider=libvirt", "has no libvirt box (providers: virtualbox)"),
     ("vagrant:racker/versions#provider=hyperv", "racker reads libvirt and virtualbox boxes, not hyperv"),
     ("vagrant:racker/broken", "broken.box does not match its checksum: sha1 "),
+    ("vagrant:racker/missing", "has no such box"),
 ]
 
 

@@ -70,7 +70,14 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     metadata_url = f"{server()}/api/v2/box/{box}"
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(metadata_url).netloc)
     with progress.step(f"asking {server()} for {box}"):
-        answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
+        try:
+            answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
+        except DownloadError as error:
+            if getattr(error, "status", None) == 404:
+                raise BadReference(
+                    f"vagrant:{box}: {server()} has no such box", hint="RACKER_VAGRANT_SERVER names the server asked"
+                ) from None
+            raise
     try:
         metadata = json.loads(answer or b"")
     except ValueError:
