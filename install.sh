@@ -12,6 +12,7 @@ PACKAGES=(
   # disks and VMs
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
   lvm2  # tests only: the LVM disks they read are made by lvm2 itself (on a loop device, activation off)
+  xfsprogs  # tests only: the XFS roots racker reads (by a read-only mount) are made by mkfs.xfs
   grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client
   # downloads and archives
   curl ca-certificates xz-utils zstd lz4 tar

@@ -10,8 +10,9 @@ containers-storage:NAME              an image podman or buildah built
 dockerfile:path/to/dir[#FILE]        built with buildah, then imported; or a remote Dockerfile:
 dockerfile:git+https://host/repo.git:/path/to/Dockerfile[#REF], dockerfile:https://host/path/Dockerfile
 https://host/path/root.tar.xz        a cloud root tarball or disk image
-file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box
-vagrant:debian/bullseye64            a Vagrant box
+file:disk.qcow2, file:vm.ova         a local disk image, OVA or Vagrant box (file:x.box#provider=libvirt: that one)
+vagrant:debian/bullseye64            a Vagrant box from Vagrant Cloud (RACKER_VAGRANT_SERVER), newest version
+vagrant:ORG/NAME@VERSION#provider=P  that version, that provider (libvirt or virtualbox; else libvirt first)
 debian-bookworm+vm                   any of the above, prepared to boot as a VM (prepare.py)
 """
 
@@ -35,6 +36,7 @@ SCHEMES = (
 LOCAL_IMAGE_SCHEMES = ("oci", "oci-archive", "docker-archive", "containers-storage")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
+_VAGRANT = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(?:@[\w.+-]+)?(?:#provider=[a-z0-9_-]+)?$")
 _PATH = re.compile(r"^[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$")
 # docker reference grammar, simplified: [host[:port]/]path[:tag][@sha256:hex]
 _DOCKER = re.compile(
@@ -97,6 +99,8 @@ def parse(text: str) -> Reference:
         raise BadReference(f"{text!r} names nothing after {scheme}:")
     if scheme == "bootstrap" and not _SUITE.match(target):
         raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
+    if scheme == "vagrant" and not _VAGRANT.match(target):
+        raise BadReference(f"bad Vagrant box reference {text!r}; expected vagrant:ORG/NAME[@VERSION][#provider=NAME]")
     platform = None
     if scheme == "docker":
         target, platform = split_platform(target)

@@ -22,6 +22,8 @@ from racker.errors import BadReference, UnknownImage
         ("https://example.org/root.tar.xz", "https://example.org/root.tar.xz"),
         ("file:/srv/disk.qcow2", "file:/srv/disk.qcow2"),
         ("vagrant:debian/bullseye64", "vagrant:debian/bullseye64"),
+        ("vagrant:generic/debian12@4.3.12#provider=libvirt", "vagrant:generic/debian12@4.3.12#provider=libvirt"),
+        ("file:/srv/vm.box#provider=virtualbox", "file:/srv/vm.box#provider=virtualbox"),
         # a remote Dockerfile: the target is a URL, with ':' and '#' of its own
         (
             "dockerfile:git+https://host:8443/org/repo.git:/sub/Dockerfile#v1.0",
@@ -60,6 +62,10 @@ def test_a_local_file_is_named_by_its_absolute_path(tmp_path, monkeypatch) -> No
         "+vm",
         "debian-bookworm+vm+vm",
         "bootstrap:fedora/40+vm",
+        "vagrant:debian",
+        "vagrant:../etc/passwd",
+        "vagrant:a/b#sha256=00",
+        "vagrant:a/b@",
     ],
 )
 def test_malformed_references_are_refused(text: str) -> None:

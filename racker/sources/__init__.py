@@ -25,7 +25,8 @@ SOURCES: dict[str, str] = {
     "docker-daemon": "racker.sources.daemon",
     "dockerfile": "racker.sources.dockerfile",
     **{scheme: "racker.sources.oci" for scheme in LOCAL_IMAGE_SCHEMES},
-    # Root tarballs and disk images, told apart by content (boxes and OVAs will be too).
+    "vagrant": "racker.sources.vagrant",
+    # Root tarballs, disk images, Vagrant boxes and OVAs, told apart by content.
     "https": "racker.sources.fetched",
     "http": "racker.sources.fetched",
     "file": "racker.sources.fetched",

@@ -6,9 +6,10 @@
          ──the root──▶ the x86-64 root partition of the Discoverable Partitions Specification,
                        else the first ext filesystem holding etc/os-release or usr/lib/os-release
          ──ext──▶ its files (debugfs), then /usr and /boot where the root's fstab puts them
+         ──mounted──▶ XFS, which debugfs cannot read: a read-only mount on an offset loop device, always undone
 
-The image's own kernel and initramfs come along with /boot. Filesystems other than
-ext2/3/4 are not read yet: a root on one is one clear error.
+The image's own kernel and initramfs come along with /boot. Other filesystems are
+not read: a root on one is one clear error.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 
 from racker import progress
 from racker.errors import BadDisk
-from racker.sources import diskfile, ext, lvm, partitions
+from racker.sources import diskfile, ext, lvm, mounted, partitions
 from racker.sources.partitions import Filesystem, Volume
 
 MERGED = ("usr", "boot")  # mount points a root's fstab may put on filesystems of their own
-READABLE = ("ext4",)
+OS_RELEASE = ["/etc/os-release", "/usr/lib/os-release"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,7 @@ def unpack(path: Path, rootfs: Path, *, name: str) -> dict:
         label, found, unreadable = volumes(fd, size)
         root = find_root(raw, found, work, name, unreadable)
         rootfs.mkdir()
-        with _readable(raw, fd, root.volume, work) as fs:
-            ext.extract_tree(fs, rootfs, work, f"{name}: {root.volume.name}")
+        _copy(raw, fd, root, rootfs, work, f"{name}: {root.volume.name}")
         merged = merge_mounts(raw, fd, rootfs, root, found, work, name)
     finally:
         os.close(fd)
@@ -90,9 +90,8 @@ def find_root(raw: Path, found: list[Found], work: Path, name: str, unreadable: 
             if item.fs.kind not in ("", "swap", "vfat"):
                 others.append(f"{item.volume.name} ({item.fs.kind})")
             continue
-        with _readable(raw, -1, item.volume, work) as fs:
-            if any(ext.exists(fs, ["/etc/os-release", "/usr/lib/os-release"], work)):
-                return item
+        if _has_os_release(raw, item, work, name):
+            return item
     said = f" ({'; '.join(unreadable)})" if unreadable else ""
     if others:
         said += f"; not read: {', '.join(others)}: {_readable_kinds()}"
@@ -100,7 +99,7 @@ def find_root(raw: Path, found: list[Found], work: Path, name: str, unreadable: 
 
 
 def _readable_kinds() -> str:
-    return "racker reads ext2/3/4 filesystems only"
+    return "racker reads ext2/3/4 and XFS filesystems only"
 
 
 def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Found], work: Path, name: str) -> list[str]:
@@ -125,8 +124,7 @@ def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Foun
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             raise BadDisk(f"{name}: the root's /{rel} is not a directory, so {mount_point} cannot be put there")
         target.mkdir(mode=0o755, exist_ok=True)
-        with _readable(raw, fd, item.volume, work) as fs:
-            ext.extract_tree(fs, target, work, f"{name}: {item.volume.name} ({mount_point})", at=f"{rel}/")
+        _copy(raw, fd, item, target, work, f"{name}: {item.volume.name} ({mount_point})", at=f"{rel}/")
         merged.append(mount_point)
     if merged:
         _comment_out(fstab_path, merged)
@@ -192,11 +190,51 @@ def resolve(spec: str, found: list[Found]) -> Found | None:
     return None
 
 
+def _ext_has(raw: Path, offset: int, size: int, work: Path, name: str) -> bool:
+    return any(ext.exists(ext.device(raw, offset), OS_RELEASE, work))
+
+
+def _ext_copy(raw: Path, offset: int, size: int, target: Path, work: Path, name: str, at: str) -> None:
+    ext.extract_tree(ext.device(raw, offset), target, work, name, at=at)
+
+
+def _mounted_has(kind: str):  # type: ignore[no-untyped-def]
+    def has(raw: Path, offset: int, size: int, work: Path, name: str) -> bool:
+        return any(mounted.exists(raw, offset, size, kind, OS_RELEASE, work, name))
+
+    return has
+
+
+def _mounted_copy(kind: str):  # type: ignore[no-untyped-def]
+    def copy(raw: Path, offset: int, size: int, target: Path, work: Path, name: str, at: str) -> None:
+        mounted.copy_tree(raw, offset, size, kind, target, work, name)
+
+    return copy
+
+
+# filesystem kind: (whether it holds an os-release, copy its files); ext without a mount, others mounted
+READERS = {
+    "ext4": (_ext_has, _ext_copy),
+    **{kind: (_mounted_has(kind), _mounted_copy(kind)) for kind in mounted.OPTIONS},
+}
+READABLE = tuple(READERS)
+
+
+def _has_os_release(raw: Path, item: Found, work: Path, name: str) -> bool:
+    with _readable(raw, -1, item.volume, work) as (path, offset, size):
+        return READERS[item.fs.kind][0](path, offset, size, work, f"{name}: {item.volume.name}")
+
+
+def _copy(raw: Path, fd: int, item: Found, target: Path, work: Path, name: str, at: str = "") -> None:
+    with _readable(raw, fd, item.volume, work) as (path, offset, size):
+        READERS[item.fs.kind][1](path, offset, size, target, work, name, at)
+
+
 @contextlib.contextmanager
-def _readable(raw: Path, fd: int, volume: Volume, work: Path) -> Iterator[str]:
-    """debugfs's name for a volume: the disk at an offset, or an LV of several pieces put together."""
+def _readable(raw: Path, fd: int, volume: Volume, work: Path) -> Iterator[tuple[Path, int, int]]:
+    """(file, offset, size) of a volume: the disk at an offset, or an LV of several pieces put together."""
     if not volume.ranges:
-        yield ext.device(raw, volume.offset)
+        yield raw, volume.offset, volume.size
         return
     joined = work / "lv.img"
     source = fd if fd >= 0 else os.open(raw, os.O_RDONLY | os.O_CLOEXEC)
@@ -204,7 +242,7 @@ def _readable(raw: Path, fd: int, volume: Volume, work: Path) -> Iterator[str]:
         with open(joined, "xb") as out:
             for offset, length in volume.ranges:
                 _copy_range(source, out.fileno(), offset, length)
-        yield ext.device(joined, 0)
+        yield joined, 0, volume.size
     finally:
         if source != fd:
             os.close(source)
