@@ -32,6 +32,7 @@ def _leftovers(store: Path) -> list[str]:
     return [str(p) for sub in ("machines", "run") if (store / sub).is_dir() for p in (store / sub).iterdir()]
 
 
+@pytest.mark.hostwide
 def test_a_boot_out_of_inotify_instances_names_the_limit(share_image, private_store) -> None:  # type: ignore[no-untyped-def]
     share_image("debian-bookworm")
     before = INSTANCES.read_text()
