@@ -578,7 +578,6 @@ class VM(machines.Guest):
         if state is None:
             return
         try:
-            guest_shell.close(state.token)  # this process's root channel: its guest server ends on EOF
             self.close_connection()  # first: a master would otherwise wait for the dead guest to time out
             if state.pid and self._alive():
                 if grace > 0:
@@ -656,6 +655,7 @@ class VM(machines.Guest):
         state, endpoint = self.state, self.endpoint
         if state is None or endpoint is None:
             return
+        guest_shell.close(state.token)  # this process's root channel rides it: its guest server ends on EOF
         current = machines.load(KIND, self.name)
         if current is not None and current.token == state.token:
             state.extra["helpers"] = current.extra.get("helpers", {})  # another process may have replaced it
