@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -162,21 +161,10 @@ def gone_from_guest(vm: VM, pid: int, timeout: float = 15) -> bool:
 
 def test_root_commands_share_one_channel_per_process(booted: dict, vm: VM) -> None:
     server = server_pid(vm)
-    assert {server_pid(vm) for _ in range(5)} == {server}, "every root command runs under the one server"
+    assert {server_pid(vm) for _ in range(3)} == {server}, "every root command runs under the one server (no sudo each)"
     assert guest_servers(vm) == {server}
     channel = channel_of(vm)
     assert channel.child is not None and channel.child.pid in ssh_processes(vm.rundir), "a session on the master"
-    # Faster than sudo per command (the old path, ~0.9 s under TCG), measured side by side.
-    assert vm.endpoint is not None
-    ours, sudo = [], []
-    for _ in range(5):
-        started = time.monotonic()
-        vm.run(["true"])
-        ours.append(time.monotonic() - started)
-        started = time.monotonic()
-        vm.endpoint.run(["true"])
-        sudo.append(time.monotonic() - started)
-    assert statistics.median(ours) < statistics.median(sudo) / 2, (ours, sudo)
     # Another process gets its own channel, and its server leaves the guest when that process exits.
     env = {**os.environ, "RACKER_HOME": str(booted["home"])}
     other = subprocess.run([sys.executable, "-c", OTHER, vm.name], env=env, capture_output=True, text=True, timeout=120)
@@ -212,7 +200,6 @@ def test_root_channel_timeout_kills_the_command_not_the_channel(vm: VM) -> None:
 
 
 def test_a_killed_root_channel_is_replaced_on_the_next_command(vm: VM) -> None:
-    assert vm.endpoint is not None
     server, channel = server_pid(vm), channel_of(vm)
     assert channel.child is not None
     channel.child.kill()  # its host end: the ssh client
@@ -220,14 +207,10 @@ def test_a_killed_root_channel_is_replaced_on_the_next_command(vm: VM) -> None:
     replaced = server_pid(vm)
     assert replaced != server
     assert gone_from_guest(vm, server), "the old server left the guest"
-    client = channel.child
-    assert client is not None
-    vm.endpoint.run(["kill", "-9", str(replaced)])  # its guest end, by sudo per command
-    assert proc.wait_exit(client.pid, 10), "the ssh client ends with its session"
-    assert vm.check_output(["echo", "again"]) == "again\n"
+    # Its guest end, while a command runs: a transport failure, not the command's status.
     with pytest.raises(Unreachable, match="closed while 'sh' ran"):
         vm.run(["sh", "-c", "kill -9 $PPID; sleep 5"])
-    assert vm.run(["true"]).returncode == 0
+    assert server_pid(vm) not in (server, replaced)
     assert len(guest_servers(vm)) == 1
 
 
