@@ -124,10 +124,12 @@ class Channel:
         try:
             if self._read_frames(1, time.monotonic() + timeout) != [HELLO]:
                 raise _Closed
-        except (_Closed, TimeoutError):
+        except (_Closed, TimeoutError) as error:
             self.close()
             why = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log and self.log.exists() else []
             detail = why[0] if why else "no answer"
+            if isinstance(error, TimeoutError):  # a sick guest or link, not one without python3
+                raise Unreachable(f"the root channel to {self.name} did not answer within {timeout:g}s") from None
             if child.returncode == 255:  # ssh's own failure
                 raise Unreachable(f"the root channel to {self.name} could not start: {detail}") from None
             self.unavailable = True

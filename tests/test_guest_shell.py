@@ -88,6 +88,10 @@ def test_a_guest_that_cannot_run_the_server(tmp_path: Path) -> None:
     with pytest.raises(Unreachable, match="Connection refused"):
         down.run(["true"])
     assert not down.unavailable
+    silent = guest_shell.Channel(["sleep", "30"], name="vm3")
+    with pytest.raises(Unreachable, match="vm3 did not answer within 1s"):
+        silent._start(timeout=1)
+    assert not silent.unavailable and silent.child is None
 
 
 def test_one_channel_per_vm_per_process(tmp_path: Path) -> None:
