@@ -50,7 +50,7 @@ OTHER = r"""
 import sys
 from racker.qemu import VM
 
-print(VM.attach(sys.argv[1]).check_output(["sh", "-c", "echo $PPID"]), end="")
+print(VM.attach(sys.argv[1]).check_output(["sh", "-c", "echo $PPID; tr '\\0' ' ' </proc/$PPID/cmdline"]), end="")
 """
 
 
@@ -168,9 +168,10 @@ def test_root_commands_share_one_channel_per_process(booted: dict, vm: VM) -> No
     # Another process gets its own channel, and its server leaves the guest when that process exits.
     env = {**os.environ, "RACKER_HOME": str(booted["home"])}
     other = subprocess.run([sys.executable, "-c", OTHER, vm.name], env=env, capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0 and other.stdout.strip().isdigit(), other.stderr
-    assert int(other.stdout) != server
-    assert gone_from_guest(vm, int(other.stdout)), "the other process's server outlived it"
+    pid, _, command = other.stdout.partition("\n")
+    assert other.returncode == 0 and pid.isdigit(), other.stderr
+    assert command.startswith("python3 -c # racker-guest-shell") and int(pid) != server, other.stdout
+    assert gone_from_guest(vm, int(pid)), "the other process's server outlived it"
     assert guest_servers(vm) == {server}
 
 
