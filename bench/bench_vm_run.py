@@ -8,6 +8,8 @@ The median of the same command as the login user (no sudo, a session each)
 shows what a session costs under emulation. Prints medians and their ratio as JSON.
 
     python bench/bench_vm_run.py [--rounds 30] [--image debian-bookworm | --vm NAME]
+
+From a worktree, PYTHONPATH=. (the venv's editable racker is /work/main's).
 """
 
 from __future__ import annotations
