@@ -147,3 +147,7 @@ class ReportError(RackerError):
 
 class DownloadError(RackerError):
     """A download failed, was refused (untrusted TLS, plain HTTP) or does not match its checksum or signature."""
+
+
+class ChannelUnavailable(MachineError):
+    """A guest cannot run racker's root command channel (no python3 or sudo); commands take sudo each."""

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, machines, proc, progress, seed, ssh, store
-from racker.errors import BadDisk, BootTimeout, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
+from racker import accel, guest_shell, machines, proc, progress, seed, ssh, store
+from racker.errors import BadDisk, BootTimeout, ChannelUnavailable, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
 from racker.machines import State
 from racker.proc import Result
 
@@ -655,6 +655,7 @@ class VM(machines.Guest):
         state, endpoint = self.state, self.endpoint
         if state is None or endpoint is None:
             return
+        guest_shell.close(state.token)  # this process's root channel rides it: its guest server ends on EOF
         current = machines.load(KIND, self.name)
         if current is not None and current.token == state.token:
             state.extra["helpers"] = current.extra.get("helpers", {})  # another process may have replaced it
@@ -673,10 +674,20 @@ class VM(machines.Guest):
     # -- commands ------------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, root: bool = True, input: bytes | None = None, timeout: float | None = 600) -> Result:
-        """Run a command in the VM over SSH (as root through sudo unless root=False), on its one connection."""
+        """Run a command in the VM over SSH (as root unless root=False), on its one connection.
+
+        As root it goes to this process's root channel (guest_shell): one round trip,
+        not a session and a sudo per command; to sudo per command if the guest cannot run one.
+        """
         if self.endpoint is None or self.state is None:
             raise VMError(f"VM {self.name!r} is not running")
         self.connection()
+        if root:
+            server = self.endpoint.argv(guest_shell.SERVER_ARGV)
+            log = self.rundir / f"guest-shell-{os.getpid()}.log"
+            with contextlib.suppress(ChannelUnavailable):
+                channel = guest_shell.channel(self.state.token, server, cwd=self.endpoint.cwd, log=log, name=f"VM {self.name!r}")
+                return channel.run(argv, input=input, timeout=timeout)
         return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
 
     def interact(self, argv: Sequence[str], *, tty: bool | None = None, root: bool = False) -> int:

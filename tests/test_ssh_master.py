@@ -1,4 +1,5 @@
-"""One SSH connection per VM for its whole life: every command rides the VM's connection master.
+"""One SSH connection per VM for its whole life: every command rides the VM's connection master,
+and root commands one root channel per process on it (guest_shell).
 
 One real boot (debian-bookworm under QEMU) serves the whole module. It is owned
 by a separate racker process, so that the last test can kill -9 it and let
@@ -14,14 +15,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port
-from racker import gc, images, machines, prepare, proc, promote, ssh
-from racker.errors import Unreachable
+from racker import gc, guest_shell, images, machines, prepare, proc, promote, ssh
+from racker.errors import ToolTimeout, Unreachable
 from racker.qemu import SSH_MASTER, VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debian-bookworm")]
@@ -41,6 +43,15 @@ with VM(Path(sys.argv[1]), sys.argv[2], detached=True) as vm:
 
 # Proof that commands share one TCP connection: the client's address and port as sshd saw them.
 WHO = ["sh", "-c", 'echo "$SSH_CONNECTION"']
+# The root channel's server in the guest (the parent of each command it runs): pgrep argv.
+SERVERS = ["pgrep", "-f", "^python3 -c # racker-guest-shell"]
+# Another process (a second pytest worker, say) attaching the same VM: its root channel's server.
+OTHER = r"""
+import sys
+from racker.qemu import VM
+
+print(VM.attach(sys.argv[1]).check_output(["sh", "-c", "echo $PPID; tr '\\0' ' ' </proc/$PPID/cmdline"]), end="")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +135,86 @@ def test_results_are_exact(vm: VM) -> None:
     assert not ssh_processes(control)
 
 
+def channel_of(vm: VM) -> guest_shell.Channel:
+    """This process's root channel to the VM, running (a root command starts it)."""
+    assert vm.state is not None
+    vm.check_output(["true"])
+    return guest_shell.channel(vm.state.token, [])
+
+
+def server_pid(vm: VM) -> int:
+    return int(vm.check_output(["sh", "-c", "echo $PPID"]))
+
+
+def guest_servers(vm: VM) -> set[int]:
+    return {int(pid) for pid in vm.run(SERVERS, root=False).stdout.split()}
+
+
+def gone_from_guest(vm: VM, pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while vm.run(["test", "-e", f"/proc/{pid}"], root=False).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_root_commands_share_one_channel_per_process(booted: dict, vm: VM) -> None:
+    server = server_pid(vm)
+    assert {server_pid(vm) for _ in range(3)} == {server}, "every root command runs under the one server (no sudo each)"
+    assert guest_servers(vm) == {server}
+    channel = channel_of(vm)
+    assert channel.child is not None and channel.child.pid in ssh_processes(vm.rundir), "a session on the master"
+    # Another process gets its own channel, and its server leaves the guest when that process exits.
+    env = {**os.environ, "RACKER_HOME": str(booted["home"])}
+    other = subprocess.run([sys.executable, "-c", OTHER, vm.name], env=env, capture_output=True, text=True, timeout=120)
+    pid, _, command = other.stdout.partition("\n")
+    assert other.returncode == 0 and pid.isdigit(), other.stderr
+    assert command.startswith("python3 -c # racker-guest-shell") and int(pid) != server, other.stdout
+    assert gone_from_guest(vm, int(pid)), "the other process's server outlived it"
+    assert guest_servers(vm) == {server}
+
+
+def test_root_channel_results_are_exact(vm: VM) -> None:
+    assert vm.check_output(["id", "-un"]) == "root\n"
+    result = vm.run(["sh", "-c", "printf 'out\\n'; printf err >&2; exit 3"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err")
+    assert vm.run(["sh", "-c", "kill -9 $$"]).returncode == -signal.SIGKILL, "killed by a signal: its number, negative"
+    assert vm.run(["sh", "-c", "kill -TERM $$"]).returncode == -signal.SIGTERM
+    assert vm.run(["/nonexistent/tool"]).returncode == 127
+    for arg in ['it\'s "quoted" $HOME `id` \\ *', "two\nlines", "", os.fsdecode(b"\xff\xfe latin \xe9")]:
+        assert vm.run(["printf", "%s", arg]).stdout_bytes == os.fsencode(arg), repr(arg)
+    binary = bytes(range(256)) * 1024
+    echoed = vm.run(["cat"], input=binary)
+    assert echoed.stdout_bytes == binary and echoed.stderr_bytes == b""
+    assert len(vm.run(["head", "-c", "2000000", "/dev/urandom"]).stdout_bytes) == 2_000_000
+
+
+def test_root_channel_timeout_kills_the_command_not_the_channel(vm: VM) -> None:
+    server = server_pid(vm)
+    started = time.monotonic()
+    with pytest.raises(ToolTimeout, match=r"sh did not finish within 3s"):
+        vm.run(["sh", "-c", "sleep 61 & sleep 62"], timeout=3)
+    assert time.monotonic() - started < 10
+    assert vm.run(["pgrep", "-f", "sleep 6[12]"], root=False).returncode == 1, "the command and its child are gone"
+    assert server_pid(vm) == server, "the same channel answers"
+
+
+def test_a_killed_root_channel_is_replaced_on_the_next_command(vm: VM) -> None:
+    server, channel = server_pid(vm), channel_of(vm)
+    assert channel.child is not None
+    channel.child.kill()  # its host end: the ssh client
+    channel.child.wait()
+    replaced = server_pid(vm)
+    assert replaced != server
+    assert gone_from_guest(vm, server), "the old server left the guest"
+    # Its guest end, while a command runs: a transport failure, not the command's status.
+    with pytest.raises(Unreachable, match="closed while 'sh' ran"):
+        vm.run(["sh", "-c", "kill -9 $PPID; sleep 5"])
+    assert server_pid(vm) not in (server, replaced)
+    assert len(guest_servers(vm)) == 1
+
+
 def test_a_killed_master_is_replaced_on_the_next_command(vm: VM) -> None:
     before = master_of(vm)
     connection = vm.check_output(WHO, root=False)
@@ -136,7 +227,8 @@ def test_a_killed_master_is_replaced_on_the_next_command(vm: VM) -> None:
     assert after != before and proc.alive(*after, proc.boot_id())
     assert vm.check_output(WHO, root=False) != connection, "a new connection"
     assert check(vm).returncode == 0
-    assert ssh_processes(vm.rundir) == [after[0]]
+    channel = channel_of(vm).child  # the root channel, on the new master too
+    assert channel is not None and sorted(ssh_processes(vm.rundir)) == sorted([after[0], channel.pid])
 
 
 def test_qmp_keeps_one_client_and_answers_another_process(vm: VM) -> None:
@@ -155,8 +247,10 @@ def test_qmp_keeps_one_client_and_answers_another_process(vm: VM) -> None:
 
 def test_closing_the_connection_leaves_no_master_and_no_socket(vm: VM) -> None:
     """What stop() does first; the next command opens a connection again."""
-    before = master_of(vm)
+    before, channel = master_of(vm), channel_of(vm).child
+    assert channel is not None
     vm.close_connection()
+    assert channel.poll() is not None, "the root channel is closed with it"
     assert not proc.alive(*before, proc.boot_id())
     assert not (vm.rundir / ssh.CONTROL_SOCKET).exists()
     assert not ssh_processes(vm.rundir)
@@ -169,12 +263,16 @@ def test_kill_9_of_the_owner_then_gc_leaves_no_master(booted: dict, vm: VM) -> N
     master = master_of(vm)
     state = machines.load("qemu", vm.name)
     assert state is not None
+    vm.check_output(["true"])
+    channel = channel_of(vm).child
+    assert channel is not None
     booted["holder"].kill()
     booted["holder"].wait(10)
     assert proc.alive(*master, state.boot_id), "the master outlives its owner until gc"
     removed = gc.collect()
     assert f"killed the {SSH_MASTER} of {vm.name} (pid {master[0]})" in removed, removed
     assert not proc.alive(*master, state.boot_id)
+    assert proc.wait_exit(channel.pid, 10), "and this process's root channel"
     assert not proc.alive(state.pid, state.pid_start, state.boot_id), "and the VM's QEMU"
     assert not vm.rundir.exists() and machines.load("qemu", vm.name) is None
     assert not ssh_processes(vm.rundir)
