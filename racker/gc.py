@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from racker import cgroups, machines, network, proc, store
+from racker import cgroups, machines, network, proc, snapshots, store
 
 
 def collect() -> list[str]:
@@ -20,6 +20,7 @@ def collect() -> list[str]:
     removed += _stale_workdirs()
     removed += _unreferenced_images()
     removed += _stale_disks()
+    removed += snapshots.collect()  # after the disks: a snapshot of a removed disk is stale
     return removed
 
 
