@@ -426,21 +426,26 @@ class VM(machines.Guest):
             self._incoming = ""
         snapshots.wait_loaded(self, deadline)
         self.qmp("cont")  # the state was saved paused
-        assert self.endpoint is not None
-        while True:  # the guest's sshd runs already; our forward is new
-            try:
-                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
-                break
-            except Unreachable:
-                if not self._alive() or time.monotonic() > deadline:
-                    raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
-                time.sleep(0.1)
+        self.reconnect(deadline)
         # Its clock stood still since the save: step it to ours before anyone reads it.
         self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
         self.system_state = "running"
         self.restored_from = snapshot.id
         self.state.extra["system_state"] = self.system_state
         machines.save(self.state)
+
+    def reconnect(self, deadline: float) -> None:
+        """The connection master of a guest whose sshd runs already (restored, or just
+        snapshotted), retried until the deadline: a busy guest may drop the first handshakes."""
+        assert self.endpoint is not None
+        while True:
+            try:
+                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                return
+            except Unreachable:
+                if not self._alive() or time.monotonic() > deadline:
+                    raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+                time.sleep(0.1)
 
     def _reset(self) -> None:
         """Back to a claimed VM with an empty run directory, after a failed restore."""

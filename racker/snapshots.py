@@ -198,6 +198,7 @@ def warm_boot(vm: VM, info: object, firmware: str, deadline: float) -> None:
             return
         vm._cold_boot(info, firmware, deadline)
         save(vm, key)
+    vm.reconnect(time.monotonic() + 60)  # the save closed it
     for other in all_snapshots():  # older snapshots of this disk, now never restored
         if other.key.disk == key.disk and other.id != key.id and other.stale():
             discard(other.path)
