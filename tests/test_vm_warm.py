@@ -8,6 +8,7 @@ that never boots. The snapshots live in a store of the module's own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -44,13 +45,24 @@ def _assert_gone(vm: VM) -> None:
     assert not _qemu_pids(vm.name), "a QEMU process was left running"
 
 
-def _start_at_once(vms: list[VM]) -> list[float]:
+@contextlib.contextmanager
+def started_at_once(vms: list[VM]) -> Iterator[list[float]]:
+    """Start the VMs together, one thread each; yields their start-to-ready seconds, stops them after.
+
+    The threads live until the VMs are stopped: QEMU and the SSH master die with
+    the thread that started them (PR_SET_PDEATHSIG is per thread)."""
+
     def start(vm: VM) -> float:
         vm.start()
         return vm.boot_seconds
 
-    with ThreadPoolExecutor(len(vms)) as pool:
-        return list(pool.map(start, vms))
+    pool = ThreadPoolExecutor(len(vms))
+    try:
+        yield list(pool.map(start, vms))
+    finally:
+        for vm in vms:
+            vm.stop()
+        pool.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RACKER_HOME", str(home))
         first = [VM(disk, warm=True) for _ in range(2)]
-        try:
-            seconds = _start_at_once(first)
+        with started_at_once(first) as seconds:
             cold = next(vm for vm in first if not vm.restored_from)
             warm = next(vm for vm in first if vm.restored_from)
             found = snapshots.all_snapshots()
@@ -70,9 +81,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             # After the save the cold VM runs on, on a new connection.
             identity = cold.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"])
             assert warm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == identity
-        finally:
-            for vm in first:
-                vm.stop()
         yield {"disk": disk, "home": home, "snapshot": found[0], "identity": identity, "cold_seconds": seconds[first.index(cold)]}
 
 
@@ -86,8 +94,7 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
     snapshot: snapshots.Snapshot = warm_store["snapshot"]
     frozen = (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns
     clones = [VM(warm_store["disk"], warm=True) for _ in range(2)]
-    try:
-        seconds = _start_at_once(clones)
+    with started_at_once(clones) as seconds:
         assert all(vm.restored_from == snapshot.id for vm in clones)
         assert max(seconds) < warm_store["cold_seconds"] / 3, (seconds, warm_store["cold_seconds"])
         ports = {vm.endpoint.port for vm in clones if vm.endpoint}
@@ -100,9 +107,6 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
         clones[0].run_expect([0], ["sh", "-c", "echo one >/var/tmp/clone && sync"])
         assert clones[1].run_expect([1], ["test", "-e", "/var/tmp/clone"])
         assert (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns == frozen
-    finally:
-        for vm in clones:
-            vm.stop()
     for vm in clones:
         _assert_gone(vm)
     listed = subprocess.run([sys.executable, "-m", "racker", "vm", "snapshots"], capture_output=True, text=True, timeout=60)
