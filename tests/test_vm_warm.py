@@ -137,7 +137,7 @@ def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
     the restore fails, and the cold boot it falls back to is the hang (no second real boot)."""
     disk = tmp_path / "hang.raw"
     disk.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
-    vm = VM(disk, warm=True, boot_timeout=15)
+    vm = VM(disk, warm=True, boot_timeout=10)
     key = snapshots.key_for(vm, "bios")
     broken = snapshots.directory() / key.id
     shutil.copytree(warm_store["snapshot"].path, broken)
