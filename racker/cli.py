@@ -142,7 +142,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
-    from racker import images
+    from racker import images, snapshots
 
     for name in args.images:
         image = images.find(name)
@@ -151,6 +151,8 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             names = ", ".join(s.name for s in users)
             raise errors.StoreError(f"image {image.name!r} is in use by {names}", hint="stop them first (racker stop NAME)")
         store.remove(image.name)
+        if store.lookup(image.name) is None and not any(other.digest == image.digest for other in store.images()):
+            snapshots.remove_image(image.digest)  # the image is gone: its VMs' saved states too
         print(f"removed {image.name} {image.digest}")
     return 0
 

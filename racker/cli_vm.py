@@ -81,6 +81,7 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
         boot_timeout=args.timeout,
         disk_size=size,
         detached=detached,
+        warm=args.warm,
     )
     disk = disk_or_image(args.target)
     if disk is not None:
@@ -200,6 +201,42 @@ def cmd_vm_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_snapshots(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from racker import snapshots
+
+    rows = [
+        {
+            "id": s.id,
+            "image": s.image or Path(s.key.disk).name,
+            "size": s.size(),
+            "age_s": round(time.time() - s.created),
+            "stale": s.stale(),
+            **{k: getattr(s.key, k) for k in ("disk", "firmware", "memory", "cpus", "accel")},
+        }
+        for s in snapshots.all_snapshots()
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    table = [
+        [r["id"], r["image"], f"{r['size'] / 2**20:.0f}M", _age(r["age_s"]), f"{r['memory']}M {r['accel']}", "stale" if r["stale"] else ""]
+        for r in rows
+    ]
+    _table(table, ["SNAPSHOT", "IMAGE", "SIZE", "AGE", "VM", ""])
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def cmd_vm_stop(args: argparse.Namespace) -> int:
     from racker import qemu
 
@@ -246,6 +283,7 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
         q.add_argument("--firmware", choices=["bios", "uefi"], help="default: what the disk boots with")
         q.add_argument("--disk-size", help="grow the VM's disk (an overlay) to this size, e.g. 8G")
         q.add_argument("--timeout", type=float, default=VM_BOOT_TIMEOUT, help="seconds to wait for boot (default %(default)s)")
+        q.add_argument("--warm", action="store_true", help="restore the disk's snapshot; without one, boot and save one")
 
     q = vm_verb("start", cmd_vm_start, "boot a disk file or an image and leave it running")
     q.add_argument("target", metavar="DISK|IMAGE")
@@ -273,10 +311,13 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
     q = vm_verb("ps", cmd_vm_ps, "list running VMs")
     q.add_argument("--json", action="store_true")
 
+    q = vm_verb("snapshots", cmd_vm_snapshots, "list the saved states warm VMs restore")
+    q.add_argument("--json", action="store_true")
+
     q = vm_verb("stop", cmd_vm_stop, "power VMs off and remove them")
     q.add_argument("names", nargs="+")
     q.add_argument("--timeout", type=float, default=10.0, help="seconds for an ACPI power-off before quitting")
 
 
 def _missing_vm_command() -> int:
-    raise VMError("no vm command given", hint="racker vm start|run|ssh|console|ps|stop")
+    raise VMError("no vm command given", hint="racker vm start|run|ssh|console|ps|snapshots|stop")

@@ -20,6 +20,9 @@ NEEDS = {
     "kernel": "the image's own kernel",
     "ssh": "sshd reachable from the host",
     "cloud-init": "cloud-init runs with a datasource",
+    # Else a qemu test's VM may be warm: restored from the first boot's snapshot (racker.snapshots),
+    # with that boot's machine-id, host keys and cloud-init done.
+    "first-boot": "a real first boot of its own: cloud-init running, a fresh machine-id and host keys",
 }
 
 
@@ -33,8 +36,8 @@ class Engine:
     # "module:callable" taking a running machine's name and returning it, attached.
     attacher: str = ""
 
-    def machine_for(self, image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
-        return _load(self.factory)(image, network_mode=network_mode)
+    def machine_for(self, image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
+        return _load(self.factory)(image, network_mode=network_mode, warm=warm)
 
     def attach(self, name: str):  # type: ignore[no-untyped-def]
         """The running machine `name` (racker start, racker vm start), left running when done with."""
@@ -78,22 +81,24 @@ def qemu_attach(name: str):  # type: ignore[no-untyped-def]
     return qemu.VM.attach(name)
 
 
-def nspawn_machine(image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
-    """A machine booting the image under systemd-nspawn (given an init first if it has none)."""
+def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
+    """A machine booting the image under systemd-nspawn (given an init first if it has none);
+    it boots in a second or two, so there is nothing to keep warm."""
     from racker import nspawn, prepare
 
     return nspawn.Machine(prepare.bootable(image), network_mode=network_mode)
 
 
-def qemu_vm(image: StoredImage, *, network_mode: str = "private"):  # type: ignore[no-untyped-def]
-    """A VM booting the image's promoted disk (prepared and promoted once, then cached).
+def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
+    """A VM booting the image's promoted disk (prepared and promoted once, then cached);
+    warm: restored from the disk's snapshot (saved by the first such VM).
 
     network_mode is nspawn's: a VM always has its user-mode NIC."""
     from racker import prepare, promote, qemu
 
     prepared = prepare.prepare(image)
     disk = promote.cached_disk(prepared, "bios")
-    return qemu.VM(disk, image=prepared.name, digest=prepared.digest)
+    return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm)
 
 
 ENGINES: dict[str, Engine] = {

@@ -118,6 +118,8 @@ def _engine_extras(machine: Any) -> dict[str, Any]:
     argv = getattr(machine, "argv", None) or []
     if "-accel" in argv:
         extras["accel"] = argv[argv.index("-accel") + 1].split(",")[0]
+    if hasattr(machine, "restored_from"):
+        extras["restored_from"] = machine.restored_from  # a warm VM's snapshot; "" when it booted cold
     disk = getattr(machine, "disk", None)
     if disk is not None:
         with contextlib.suppress(OSError):

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from racker import cgroups, machines, network, proc, store
+from racker import cgroups, machines, network, proc, snapshots, store
 
 
 def collect() -> list[str]:
@@ -22,6 +22,7 @@ def collect() -> list[str]:
     removed += _unreferenced_images()
     removed += _downloads()  # after the images: a download only they referenced goes with them
     removed += _stale_disks()
+    removed += snapshots.collect()  # after the disks: a snapshot of a removed disk is stale
     return removed
 
 

@@ -39,6 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="K/N",
         help="test only the K-th of N slices of the images (a CI runner's share); the results still plan the whole matrix",
     )
+    group.addoption("--racker-cold", action="store_true", help="boot every qemu VM cold (default: warm, from the first boot's snapshot)")
     group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
@@ -176,6 +177,8 @@ class Target:
     fresh: str = ""
     # A running machine to attach to (--racker-attach) rather than one to boot.
     machine: str = ""
+    # A VM booted for real (needs first-boot, or --racker-cold), not restored from a snapshot.
+    cold: bool = False
 
 
 def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:
@@ -202,8 +205,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown racker needs {sorted(unknown)}; known: {', '.join(engines.NEEDS)}")
     every = chosen_targets(config)
     fresh = metafunc.definition.nodeid if wants_fresh(metafunc) and not every[0].machine else ""
+    cold = "first-boot" in wanted.get("needs", []) or bool(config.getoption("--racker-cold"))
     targets = [
-        Target(t.image, t.engine, fresh, t.machine)
+        Target(t.image, t.engine, fresh, t.machine, cold)
         for t in every
         if ("images" not in wanted or t.image in wanted["images"]) and ("engines" not in wanted or t.engine in wanted["engines"])
     ]

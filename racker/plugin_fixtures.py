@@ -42,7 +42,8 @@ def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racke
     if _racker_target.machine:
         yield engine.attach(_racker_target.machine)  # someone else's: left running
         return
-    with engine.machine_for(racker_image, network_mode=chosen_network(request.config)) as machine:
+    warm = not _racker_target.cold  # cold: a test of it needs a first boot, or --racker-cold
+    with engine.machine_for(racker_image, network_mode=chosen_network(request.config), warm=warm) as machine:
         FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_machine(machine))
         yield machine
 

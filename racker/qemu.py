@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_shell, machines, proc, progress, seed, ssh, store
+from racker import accel, guest_shell, machines, proc, progress, seed, snapshots, ssh, store
 from racker.errors import BadDisk, BootTimeout, ChannelUnavailable, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
 from racker.machines import State
 from racker.proc import Result
@@ -315,6 +315,7 @@ class VM(machines.Guest):
         append: str = "",
         tcg_cpu: str = TCG_CPU,
         machine: str = "pc",
+        warm: bool = False,
     ) -> None:
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
@@ -334,6 +335,8 @@ class VM(machines.Guest):
         self.tcg_cpu = tcg_cpu
         self.machine = machine
         self.board = board(machine)
+        self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.snapshots)
+        self.restored_from: str = ""  # the snapshot restored, if it was
         if not self.board.firmware and self.kernel is None:
             raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
         self.state: State | None = None
@@ -342,6 +345,7 @@ class VM(machines.Guest):
         self._master: subprocess.Popen[bytes] | None = None  # the SSH connection master, if this process started it
         self._monitor: QEMUMonitorProtocol | None = None  # one QMP client for the VM's life
         self.argv: list[str] = []
+        self._incoming: str = ""  # QEMU's -incoming while restoring a snapshot
         self.boot_seconds = 0.0
         self.system_state = ""
 
@@ -377,10 +381,12 @@ class VM(machines.Guest):
             self.rundir.mkdir(parents=True)
             info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
-            with progress.step(f"booting {self.name} ({firmware}, {self._accel()})"):
-                self._prepare_files(info, firmware)
-                self._launch(firmware)
-                self._wait_ready(started + self.boot_timeout)
+            deadline = started + self.boot_timeout
+            with progress.step(f"booting {self.name} ({firmware}, {self._accel()}{', warm' if self.warm else ''})"):
+                if self.warm:
+                    snapshots.warm_boot(self, info, firmware, deadline)
+                else:
+                    self._cold_boot(info, firmware, deadline)
         except BaseException:
             self.stop(grace=0)
             raise
@@ -391,6 +397,67 @@ class VM(machines.Guest):
         if not hasattr(self, "_chosen_accel"):
             self._chosen_accel = accel.choose(self.requested_accel)
         return self._chosen_accel
+
+    def _cold_boot(self, info: DiskInfo, firmware: str, deadline: float) -> None:
+        self._prepare_files(info, firmware)
+        self._launch(firmware)
+        self._wait_ready(deadline)
+
+    def _restore(self, snapshot: snapshots.Snapshot, firmware: str, deadline: float) -> None:
+        """Start from a snapshot: its key, seed and UEFI variables, a fresh overlay over its
+        frozen one, QEMU loading its state; ready once the guest's clock is the host's."""
+        assert self.state is not None
+        for name in snapshots.KEPT:
+            if (snapshot.path / name).exists():
+                shutil.copyfile(snapshot.path / name, self.rundir / name)
+        os.chmod(self.rundir / "id_ed25519", 0o600)
+        overlay = snapshot.path / snapshots.OVERLAY
+        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")])
+        if firmware == "uefi":
+            self.state.extra["ovmf"] = ovmf()[0]
+        self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
+        machines.save(self.state)
+        self._incoming = snapshots.incoming(snapshot)
+        try:
+            self._launch(firmware)
+        except VMLaunchFailure as failed:
+            raise snapshots.SnapshotBroken(failed.output.splitlines()[-1] if failed.output else str(failed)) from None
+        finally:
+            self._incoming = ""
+        snapshots.wait_loaded(self, deadline)
+        self.qmp("cont")  # the state was saved paused
+        self.reconnect(deadline)
+        # Its clock stood still since the save: step it to ours before anyone reads it.
+        self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
+        self.system_state = "running"
+        self.restored_from = snapshot.id
+        self.state.extra["system_state"] = self.system_state
+        machines.save(self.state)
+
+    def reconnect(self, deadline: float) -> None:
+        """The connection master of a guest whose sshd runs already (restored, or just
+        snapshotted), retried until the deadline: a busy guest may drop the first handshakes."""
+        assert self.endpoint is not None
+        while True:
+            try:
+                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                return
+            except Unreachable:
+                if not self._alive() or time.monotonic() > deadline:
+                    raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+                time.sleep(0.1)
+
+    def _reset(self) -> None:
+        """Back to a claimed VM with an empty run directory, after a failed restore."""
+        assert self.state is not None
+        self.close_connection()
+        self._power_off(0)
+        self._close_qmp()
+        self._child = None
+        self.endpoint = None
+        self.state.pid = 0
+        store.remove_tree(self.rundir)
+        self.rundir.mkdir(parents=True)
 
     def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
         assert self.state is not None
@@ -438,6 +505,8 @@ class VM(machines.Guest):
             argv += ["-kernel", str(self.kernel), "-append", append]
             if self.initrd is not None:
                 argv += ["-initrd", str(self.initrd)]
+        if self._incoming:
+            argv += ["-incoming", self._incoming]
         if firmware == "uefi":
             assert self.state is not None
             argv += [
@@ -579,27 +648,32 @@ class VM(machines.Guest):
             return
         try:
             self.close_connection()  # first: a master would otherwise wait for the dead guest to time out
-            if state.pid and self._alive():
-                if grace > 0:
-                    with contextlib.suppress(Exception):
-                        self.qmp("system_powerdown")
-                    self._wait_gone(grace)
-                if self._alive():
-                    with contextlib.suppress(Exception):
-                        self.qmp("quit")
-                    if not self._wait_gone(3):
-                        proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
-                        if not self._wait_gone(3):
-                            proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
-                            self._wait_gone(5)
-            elif self._child is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._child.wait(5)
+            self._power_off(grace)
         finally:
             self._close_qmp()
             store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
+
+    def _power_off(self, grace: float) -> None:
+        state = self.state
+        assert state is not None
+        if state.pid and self._alive():
+            if grace > 0:
+                with contextlib.suppress(Exception):
+                    self.qmp("system_powerdown")
+                self._wait_gone(grace)
+            if self._alive():
+                with contextlib.suppress(Exception):
+                    self.qmp("quit")
+                if not self._wait_gone(3):
+                    proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
+                    if not self._wait_gone(3):
+                        proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
+                        self._wait_gone(5)
+        elif self._child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.wait(5)
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

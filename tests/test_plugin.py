@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CATALOG_IMAGES, ROOT, racker
-from racker import machines, proc
+from racker import machines, proc, snapshots
 from racker.results import read_tests
 
 pytestmark = pytest.mark.slow
@@ -257,6 +257,13 @@ def test_qemu_engine_runs_what_nspawn_cannot(tmp_path: Path, share_image) -> Non
     vm = next(r for r in image_records(tmp_path) if r["engine"] == "qemu")
     assert vm["accel"] in ("kvm", "tcg") and vm["kernel"] == vm["running_kernel"] and vm["disk_bytes"] > 0, vm
     assert {"kernel", "userspace"} <= set(vm["boot"]), vm
+    # qemu VMs are warm by default: that first boot saved a snapshot, and the next run's VM restores it.
+    assert vm["restored_from"] == "" and [s.id for s in snapshots.all_snapshots()], vm
+    (again := tmp_path / "again").mkdir()
+    done, records = run_sample(again, "--racker-engines=qemu", "--racker-images=debian-bookworm", "-k", "root_user")
+    assert done.returncode == 0 and [r["outcome"] for r in records] == ["pass"], done.stdout + done.stderr
+    warm = next(r for r in image_records(again) if r["engine"] == "qemu")
+    assert warm["restored_from"] == snapshots.all_snapshots()[0].id and warm["boot_seconds"] < vm["boot_seconds"] / 3, (warm, vm)
 
 
 DESTRUCTIVE_PROJECT = """

@@ -22,7 +22,7 @@ from racker.plugin import machine_scope
 from racker.promote import profiles
 
 # Every check here reads a real boot: skipped where the engine has none (nspawn).
-pytestmark = pytest.mark.racker(needs=["full-boot", "ssh", "cloud-init", "network"])
+pytestmark = pytest.mark.racker(needs=["full-boot", "first-boot", "ssh", "cloud-init", "network"])
 
 # cloud-init's recoverable errors (WARNING, DEPRECATED…) a healthy boot may show: (level, pattern, why).
 RECOVERABLE_ALLOWED: tuple[tuple[str, str, str], ...] = (

@@ -1,0 +1,154 @@
+"""Warm VMs (issue 16): one real first boot of debian-bookworm saves a snapshot; clones restore it.
+
+One cold boot serves the module: two warm VMs of the same disk start at once
+(concurrent first boots), one boots cold and saves, the other waits on the
+key's lock and restores. Every other VM here is a restore, or a hang disk
+that never boots. The snapshots live in a store of the module's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from racker import images, machines, prepare, promote, snapshots, store
+from racker.errors import BootTimeout
+from racker.qemu import VM
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
+
+# 16-bit real mode: print "racker-hang" on COM1, then halt forever (test_vm_faults' hang disk).
+HANG_SECTOR = bytes.fromhex("31c08ed8fcbaf803be1e7cb90c00aceee2fcfaf4ebfd")
+HANG_SECTOR = (HANG_SECTOR + bytes(0x1E - len(HANG_SECTOR)) + b"racker-hang\n").ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
+
+
+def _qemu_pids(name: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
+def _assert_gone(vm: VM) -> None:
+    assert machines.load("qemu", vm.name) is None and not vm.rundir.exists()
+    deadline = time.monotonic() + 10
+    while _qemu_pids(vm.name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _qemu_pids(vm.name), "a QEMU process was left running"
+
+
+@contextlib.contextmanager
+def started_at_once(vms: list[VM]) -> Iterator[list[float]]:
+    """Start the VMs together, one thread each; yields their start-to-ready seconds, stops them after.
+
+    The threads live until the VMs are stopped: QEMU and the SSH master die with
+    the thread that started them (PR_SET_PDEATHSIG is per thread)."""
+
+    def start(vm: VM) -> float:
+        vm.start()
+        return vm.boot_seconds
+
+    pool = ThreadPoolExecutor(len(vms))
+    try:
+        yield list(pool.map(start, vms))
+    finally:
+        for vm in vms:
+            vm.stop()
+        pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Two first boots of one disk at once: one cold boot saves, the other restores; both then stop."""
+    disk = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))  # in the shared store
+    home = tmp_path_factory.mktemp("warm") / "store"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RACKER_HOME", str(home))
+        first = [VM(disk, warm=True) for _ in range(2)]
+        with started_at_once(first) as seconds:
+            cold = next(vm for vm in first if not vm.restored_from)
+            warm = next(vm for vm in first if vm.restored_from)
+            found = snapshots.all_snapshots()
+            assert [s.id for s in found] == [warm.restored_from], "concurrent first boots must save one snapshot"
+            # After the save the cold VM runs on, on a new connection.
+            identity = cold.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"])
+            assert warm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == identity
+        yield {"disk": disk, "home": home, "snapshot": found[0], "identity": identity, "cold_seconds": seconds[first.index(cold)]}
+
+
+@pytest.fixture
+def warm_store(saved: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("RACKER_HOME", str(saved["home"]))
+    return saved
+
+
+def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_clock(warm_store: dict) -> None:
+    snapshot: snapshots.Snapshot = warm_store["snapshot"]
+    frozen = (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns
+    time.sleep(max(0.0, snapshot.created + 8 - time.time()))  # a guest clock left at the save's time would show
+    clones = [VM(warm_store["disk"], warm=True) for _ in range(2)]
+    with started_at_once(clones) as seconds:
+        assert all(vm.restored_from == snapshot.id for vm in clones)
+        assert max(seconds) < warm_store["cold_seconds"] / 3, (seconds, warm_store["cold_seconds"])
+        ports = {vm.endpoint.port for vm in clones if vm.endpoint}
+        assert len(ports) == 2 and len({vm.rundir for vm in clones}) == 2 and len({vm.qmp_name() for vm in clones}) == 2
+        for vm in clones:
+            # The snapshotted VM's identity, and the host's time, not the save's.
+            assert vm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == warm_store["identity"]
+            assert abs(int(vm.check_output(["date", "+%s"])) - time.time()) < 5
+        # Each on its own overlay: a write in one is not in the other, nor in the snapshot.
+        clones[0].run_expect([0], ["sh", "-c", "echo one >/var/tmp/clone && sync"])
+        assert clones[1].run_expect([1], ["test", "-e", "/var/tmp/clone"])
+        assert (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns == frozen
+    for vm in clones:
+        _assert_gone(vm)
+    listed = subprocess.run([sys.executable, "-m", "racker", "vm", "snapshots"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and snapshot.id in listed.stdout and "M " in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(warm_store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = snapshots._wait_migrated
+
+    def interrupted(vm: VM) -> None:
+        real(vm)  # the state is written, in the hidden directory
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(snapshots, "_wait_migrated", interrupted)
+    with VM(warm_store["disk"], warm=True) as vm:
+        other = dataclasses.replace(snapshots.key_for(vm, "bios"), memory=2048)
+        with pytest.raises(KeyboardInterrupt):
+            snapshots.save(vm, other)
+        assert vm.check_output(["echo", "alive"]) == "alive\n", "the VM runs on after an interrupted save"
+    assert sorted(p.name for p in snapshots.directory().iterdir()) == [warm_store["snapshot"].id]
+
+
+def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
+    warm_store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real snapshot's stream, truncated, as the snapshot of a disk that only hangs:
+    the restore fails, and the cold boot it falls back to is the hang (no second real boot)."""
+    disk = tmp_path / "hang.raw"
+    disk.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    vm = VM(disk, warm=True, boot_timeout=10)
+    key = snapshots.key_for(vm, "bios")
+    broken = snapshots.directory() / key.id
+    shutil.copytree(warm_store["snapshot"].path, broken)
+    with open(broken / snapshots.STATE, "r+b") as state:
+        state.truncate(os.path.getsize(broken / snapshots.STATE) // 2)
+    store.write_json(broken / snapshots.KEY, {"key": dataclasses.asdict(key), "image": "hang", "digest": "", "created": time.time()})
+    assert snapshots.find(key) is not None
+    with pytest.raises(BootTimeout) as raised:
+        vm.start()
+    assert "racker-hang" in (raised.value.hint or ""), "after the failed restore the disk itself was booted"
+    assert f"snapshot {key.id} of hang.raw did not restore" in capsys.readouterr().err
+    assert not broken.exists() and snapshots.find(key) is None
+    assert not [p for p in snapshots.directory().iterdir() if p.name.startswith(".")], "nothing half removed"
+    _assert_gone(vm)
