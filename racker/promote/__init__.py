@@ -35,6 +35,13 @@ class Options:
     size: int | None = None  # None: 2 GiB, or what the image needs if more
     profile: str = "generic"
     app: bool = False
+    # Compressed output (qcow2's clusters); None: for a cloud profile's upload, when the
+    # format can be. True for a format that cannot be is an error, not a quiet no-op.
+    compress: bool | None = None
+
+    def compressed(self, fmt: formats.Format) -> bool:
+        wanted = self.profile != "generic" if self.compress is None else self.compress
+        return wanted and fmt.compression != ""
 
 
 @dataclass
@@ -62,6 +69,8 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     if not fmt.disk and options.firmware != "bios":
         raise PromoteError("a firecracker rootfs has no firmware: leave --firmware out")
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
+    if options.compress:
+        formats.check_compress(fmt)
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
@@ -127,7 +136,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
-                    formats.convert(raw, fmt, partial, output.name)
+                    formats.convert(raw, fmt, partial, output.name, compress=options.compressed(fmt))
                 verify(partial)
         else:
             result.extra = build_firecracker(tree, layout, kernel, output, work, verify, profile.cmdline)

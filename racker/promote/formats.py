@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import lzma
 import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +22,23 @@ class Format:
     options: tuple[str, ...] = ()
     disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
     names_itself: bool = False  # the file's own header names the file: written under its final name
+    # --compress: "clusters" (qcow2 compresses its clusters on request), "always" (the
+    # format is compressed by itself), "" (an uncompressed format: nothing to ask for).
+    compression: str = ""
 
 
 FORMATS: dict[str, Format] = {
     "raw": Format("raw", ".raw", "raw"),
-    "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1")),
+    "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1"), compression="clusters"),
     # What OVA/vSphere import takes. The IDE adapter: Debian's cloud kernel has
     # ata_piix, and neither mptspi nor mptsas for an LSI Logic one.
-    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=streamOptimized,adapter_type=ide"), names_itself=True),
+    "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=streamOptimized,adapter_type=ide"), names_itself=True, compression="always"),
     # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
     # force_size keeps that size exact instead of rounding it to a CHS geometry.
     "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
     "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
     "vdi": Format("vdi", ".vdi", "vdi"),
-    "gce": Format("gce", ".tar.gz", "raw"),
+    "gce": Format("gce", ".tar.gz", "raw", compression="always"),
     "firecracker": Format("firecracker", ".ext4", disk=False),
 }
 
@@ -48,8 +53,30 @@ def get(name: str) -> Format:
         raise PromoteError(f"unknown format {name!r}", hint="one of: " + ", ".join(FORMATS)) from None
 
 
-def convert(raw: Path, fmt: Format, output: Path, final_name: str = "") -> None:
-    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated).
+def check_compress(fmt: Format) -> None:
+    """--compress asked for explicitly: a format that cannot be compressed says so."""
+    if not fmt.compression:
+        raise PromoteError(
+            f"{fmt.name} is an uncompressed format (clouds import it as it is): --compress cannot apply",
+            hint="use --format qcow2 (compressed clusters) or vmdk (streamOptimized), or leave --compress out",
+        )
+
+
+@functools.cache
+def qcow2_compression() -> tuple[str, ...]:
+    """qemu-img convert arguments for compressed qcow2 clusters: zstd where this
+    qemu-img makes it (5.1 and later, built with zstd; any QEMU since reads it),
+    zlib otherwise. -W lets the coroutines (-m, 8 by default) write clusters out
+    of order, so they compress in parallel rather than one after another."""
+    zstd = ("-o", "compression_type=zstd")
+    with tempfile.TemporaryDirectory(prefix="racker-qcow2-") as tmp:
+        probe = proc.run(["qemu-img", "create", "-q", "-f", "qcow2", *zstd, f"{tmp}/probe.qcow2", "1M"], check=False, timeout=60)
+    return ("-c", "-W", *(zstd if probe.succeeded else ()))
+
+
+def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False) -> None:
+    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated);
+    `compress`: compressed qcow2 clusters (other formats are compressed always or never).
 
     A format whose header names the file (a VMDK descriptor's extent) is written
     under `final_name` in a directory beside `raw`, then moved to `output` (a
@@ -60,7 +87,8 @@ def convert(raw: Path, fmt: Format, output: Path, final_name: str = "") -> None:
         named = raw.parent / "named"
         named.mkdir(exist_ok=True)
         target = named / final_name
-    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, str(raw), str(target)], timeout=1800)
+    extra = qcow2_compression() if compress and fmt.compression == "clusters" else ()
+    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, *extra, str(raw), str(target)], timeout=1800)
     if target != output:
         shutil.move(target, output)
 
