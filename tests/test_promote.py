@@ -211,6 +211,40 @@ def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_pa
     assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
 
 
+def test_a_disk_without_tree_checks_is_built_from_the_store_tree_with_promotes_files_over_it(
+    private_store: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """The floor: no staged copy of the tree when no profile check reads one. mkfs
+    reads the store's tree, debugfs replaces the image's own files (one of them
+    hard-linked, one under a symlinked directory) and the filesystem stays clean."""
+    shipped = {"etc/fstab": "the image's own fstab\n", "boot/grub/grub.cfg": "the image's own grub.cfg\n", "usr/lib/x": "x\n"}
+    image = commit_image("ships-fstab", {**GOOD_TREE, **shipped}, {**GOOD_LINKS, "libexec": "usr/lib"})
+    os.link(image.rootfs / "etc/fstab", image.rootfs / "etc/fstab.linked")
+    profile = profiles.Profile("overlay", "a file under a symlinked directory", files={"libexec/racker-profile.conf": "mine\n"})
+    monkeypatch.setitem(profiles.PROFILES, "overlay", profile)
+    monkeypatch.setattr(promote, "stage", lambda *args: pytest.fail("staged a tree that no check reads"))
+    result = promote.promote(image, tmp_path / "x.raw", promote.Options(size=GiB, profile="overlay"))
+    offset = result.layout.root_offset
+    assert debugfs(result.path, offset, "cat /etc/fstab").decode().startswith("# Written by racker promote.\nUUID=")
+    assert debugfs(result.path, offset, "cat /etc/fstab.linked") == b"the image's own fstab\n"
+    assert b"menuentry 'racker'" in debugfs(result.path, offset, "cat /boot/grub/grub.cfg")
+    assert debugfs(result.path, offset, "cat /usr/lib/racker-profile.conf") == b"mine\n"
+    assert "Mode:  0644" in debugfs(result.path, offset, "stat /etc/fstab").decode()
+    listed = debugfs(result.path, offset, "ls -l /boot/grub/i386-pc").decode()
+    assert all(f" {m}" in listed for m in ("normal.mod", "boot.img", "moddep.lst")), listed
+    fsck = subprocess.run(["e2fsck", "-fn", f"{result.path}?offset={offset}"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_file_promote_cannot_write_into_the_disk_is_one_line_and_leaves_nothing(private_store: dict, tmp_path: Path) -> None:
+    image = commit_image("fstab-dir", {**GOOD_TREE, "etc/fstab/oops": "a directory where fstab goes\n"}, GOOD_LINKS)
+    out = tmp_path / "out"
+    with pytest.raises(PromoteError, match="debugfs could not write promote's files into the disk") as raised:
+        promote.promote(image, out / "x.raw", promote.Options(size=GiB))
+    assert "\n" not in str(raised.value)
+    assert list(out.iterdir()) == []
+
+
 # -- keys: prepared images and cached disks ---------------------------------
 
 

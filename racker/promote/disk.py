@@ -194,7 +194,7 @@ def debugfs_script(overlay: Path) -> str:
                 raise PromoteError(f"cannot write {name!r} into the disk: a quote or newline in its name")
         if rel != "/":
             lines.append(f'mkdir "{rel}"')
-        lines.append(f'cd "{rel}"')
+        lines.append(f'cd "{rel.rstrip("/")}/."')  # "/.": a symlink to a directory is followed, as the kernel would
         for name in sorted(files):
             source = Path(directory, name)
             info = source.lstat()
