@@ -21,6 +21,9 @@ PACKAGES=(
   # the report's HTML is checked in a real headless browser
   chromium
 )
+# bench only: bench_promote times systemd-repart on the same tree (part of systemd
+# in Debian 12, a package of its own since Debian 13).
+if apt-cache show systemd-repart >/dev/null 2>&1; then PACKAGES+=(systemd-repart); else PACKAGES+=(systemd); fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

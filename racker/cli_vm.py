@@ -49,6 +49,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         profile=args.profile,
         app=args.app,
         vagrant_user=args.vagrant_user,
+        compress=args.compress,
     )
     profiles.get(options.profile)  # a typo fails before an image is built
     image = _prepared(args.image, prepare_it=not args.no_prepare)
@@ -265,6 +266,12 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
         help="add user vagrant with passwordless sudo and Vagrant's well-known insecure keys (test boxes only)",
     )
     p.add_argument("--no-prepare", action="store_true", help="promote the image as it is (it must hold a kernel)")
+    p.add_argument(
+        "--compress",
+        action=argparse.BooleanOptionalAction,
+        help="qcow2 with compressed (zstd) clusters; vmdk and gce are compressed always, raw/vhd/vhdx/vdi never"
+        " (default: on for a --profile's upload)",
+    )
     p.add_argument("-o", "--output", help="output file (default IMAGE-FIRMWARE.FORMAT here)")
 
     vm = verb("vm", lambda _args: _missing_vm_command(), "boot disks and images in QEMU")

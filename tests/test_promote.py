@@ -214,6 +214,40 @@ def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_pa
     assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
 
 
+def test_a_disk_without_tree_checks_is_built_from_the_store_tree_with_promotes_files_over_it(
+    private_store: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """The floor: no staged copy of the tree when no profile check reads one. mkfs
+    reads the store's tree, debugfs replaces the image's own files (one of them
+    hard-linked, one under a symlinked directory) and the filesystem stays clean."""
+    shipped = {"etc/fstab": "the image's own fstab\n", "boot/grub/grub.cfg": "the image's own grub.cfg\n", "usr/lib/x": "x\n"}
+    image = commit_image("ships-fstab", {**GOOD_TREE, **shipped}, {**GOOD_LINKS, "libexec": "usr/lib"})
+    os.link(image.rootfs / "etc/fstab", image.rootfs / "etc/fstab.linked")
+    profile = profiles.Profile("overlay", "a file under a symlinked directory", files={"libexec/racker-profile.conf": "mine\n"})
+    monkeypatch.setitem(profiles.PROFILES, "overlay", profile)
+    monkeypatch.setattr(promote, "stage", lambda *args: pytest.fail("staged a tree that no check reads"))
+    result = promote.promote(image, tmp_path / "x.raw", promote.Options(size=GiB, profile="overlay"))
+    offset = result.layout.root_offset
+    assert debugfs(result.path, offset, "cat /etc/fstab").decode().startswith("# Written by racker promote.\nUUID=")
+    assert debugfs(result.path, offset, "cat /etc/fstab.linked") == b"the image's own fstab\n"
+    assert b"menuentry 'racker'" in debugfs(result.path, offset, "cat /boot/grub/grub.cfg")
+    assert debugfs(result.path, offset, "cat /usr/lib/racker-profile.conf") == b"mine\n"
+    assert "Mode:  0644" in debugfs(result.path, offset, "stat /etc/fstab").decode()
+    listed = debugfs(result.path, offset, "ls -l /boot/grub/i386-pc").decode()
+    assert all(f" {m}" in listed for m in ("normal.mod", "boot.img", "moddep.lst")), listed
+    fsck = subprocess.run(["e2fsck", "-fn", f"{result.path}?offset={offset}"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_file_promote_cannot_write_into_the_disk_is_one_line_and_leaves_nothing(private_store: dict, tmp_path: Path) -> None:
+    image = commit_image("fstab-dir", {**GOOD_TREE, "etc/fstab/oops": "a directory where fstab goes\n"}, GOOD_LINKS)
+    out = tmp_path / "out"
+    with pytest.raises(PromoteError, match="debugfs could not write promote's files into the disk") as raised:
+        promote.promote(image, out / "x.raw", promote.Options(size=GiB))
+    assert "\n" not in str(raised.value)
+    assert list(out.iterdir()) == []
+
+
 # -- keys: prepared images and cached disks ---------------------------------
 
 
@@ -840,6 +874,50 @@ def test_vhd_is_fixed_and_a_whole_number_of_mib_as_azure_takes_it(small_image, t
     assert struct.unpack_from(">I", footer, 60)[0] == 2, "disk type: 2 is fixed, 3 dynamic"
     assert struct.unpack_from(">Q", footer, 48)[0] == virtual
     assert result.path.stat().st_size == virtual + 512
+
+
+def qemu_img_check(path: Path) -> dict:
+    argv = ["qemu-img", "check", "--output=json", str(path)]
+    return json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
+
+
+def test_compressed_qcow2_has_compressed_clusters_and_the_same_content(small_image, tmp_path: Path) -> None:
+    """--compress: zstd-compressed clusters (this QEMU has zstd), read back byte for byte as the uncompressed disk."""
+    raw = promote.promote(small_image, tmp_path / "x.raw", promote.Options(size=GiB)).path
+    qcow2 = formats.get("qcow2")
+    plain, packed = tmp_path / "plain.qcow2", tmp_path / "packed.qcow2"
+    formats.convert(raw, qcow2, plain)
+    formats.convert(raw, qcow2, packed, compress=True)
+    assert qemu_img_check(plain).get("compressed-clusters", 0) == 0
+    check = qemu_img_check(packed)
+    assert check["check-errors"] == 0 and check.get("corruptions", 0) == 0
+    # The few clusters that do not shrink (none in this small tree) are stored as they are.
+    assert check["compressed-clusters"] >= 0.9 * check["allocated-clusters"] > 0, check
+    assert qemu_img_info(packed)["format-specific"]["data"]["compression-type"] == "zstd"
+    assert packed.stat().st_size < plain.stat().st_size
+    for other in (raw, plain):
+        compared = subprocess.run(["qemu-img", "compare", str(other), str(packed)], capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_compress_is_the_default_for_a_profiles_upload_only(small_image, tmp_path: Path) -> None:
+    for profile, expected in (("generic", False), ("digitalocean", True)):
+        result = promote.promote(small_image, tmp_path / f"{profile}.qcow2", promote.Options("qcow2", profile=profile))
+        assert (qemu_img_check(result.path).get("compressed-clusters", 0) > 0) == expected, profile
+    qcow2, raw = formats.get("qcow2"), formats.get("raw")
+    assert promote.Options(profile="digitalocean", compress=False).compressed(qcow2) is False
+    assert promote.Options(compress=True).compressed(qcow2) is True
+    # A format compressed always or never is no error by default: a profile's raw upload stays raw.
+    assert promote.Options(profile="digitalocean").compressed(raw) is False
+
+
+@pytest.mark.parametrize("fmt", [f.name for f in formats.FORMATS.values() if not f.compression])
+def test_compress_on_an_uncompressed_format_is_a_one_line_error_before_any_work(small_image, tmp_path: Path, fmt: str, monkeypatch) -> None:
+    monkeypatch.setattr(promote, "stage", lambda *args: pytest.fail("staged a tree for a request that cannot succeed"))
+    with pytest.raises(PromoteError, match=f"{fmt} is an uncompressed format") as raised:
+        promote.promote(small_image, tmp_path / "out/x", promote.Options(fmt, compress=True))
+    assert "\n" not in str(raised.value) and "qcow2" in raised.value.hint
+    assert not (tmp_path / "out").exists()
 
 
 # -- real disks, built and read back ----------------------------------------

@@ -1,20 +1,27 @@
 """Promote: a prepared image becomes a bootable disk file, without loop devices or mounts.
 
-    image (store) ──hard-link copy──▶ staged tree (+ fstab, grub.cfg, profile files, app unit)
-                  ──profile's tree checks──▶ (fail before any disk is built)
-                  ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
+    promote's files (fstab, grub.cfg, GRUB modules, profile files, app unit) ──▶ overlay dir
+    image (store) + overlay ──hard-link copy, overlay put over it──▶ staged tree (a profile's
+                  tree checks only: fail before any disk is built)
+    image (store) ──mkfs.ext4 -d──▶ root partition of a sparse raw disk (sfdisk on the file)
+                  ──debugfs writes the overlay over it──▶ the tree the disk holds
                   ──GRUB images written directly / mtools ESP──▶ bootable raw disk
                   ──qemu-img / tar / split / box──▶ the asked-for format, as OUT's .partial
                   ──profile's disk checks, on what was written──▶ renamed into place
 
-The store image is never modified: the staged tree is hard links to it, and
-every file promote writes there replaces a link rather than writing through it.
+The store image is never modified: mkfs and cp only read it; the staged tree is
+hard links to it, and every file promote writes there replaces a link rather
+than writing through it. Without tree checks (the generic profile, the cached
+disks VMs boot) no tree is staged at all: copying and removing its ~18,000
+links cost more than the filesystem itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +43,13 @@ class Options:
     profile: str = "generic"
     app: bool = False
     vagrant_user: bool = False  # user vagrant, passwordless sudo, Vagrant's insecure keys
+    # Compressed output (qcow2's clusters); None: for a cloud profile's upload, when the
+    # format can be. True for a format that cannot be is an error, not a quiet no-op.
+    compress: bool | None = None
+
+    def compressed(self, fmt: formats.Format) -> bool:
+        wanted = self.profile != "generic" if self.compress is None else self.compress
+        return wanted and fmt.compression != ""
 
 
 @dataclass
@@ -66,6 +80,8 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         # Their descriptors name no firmware, and every importer then gives the VM a BIOS.
         raise PromoteError(f"a {fmt.name} machine boots with BIOS: leave --firmware out")
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
+    if options.compress:
+        formats.check_compress(fmt)
     kernel = prepare.find_kernel(image.rootfs)
     tree_bytes = image.size or store.tree_size(image.rootfs)
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
@@ -95,22 +111,19 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
     output = (output or default_output(image, options)).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     cmdline = f"rw {profile.cmdline}"
-    with progress.step(f"promoting {image.name} to {output.name}"), store.workdir("promote") as work:
-        tree = work / "tree"
-        with progress.step("staging the root tree"):
-            stage(image, tree)
-            files = root_files(layout, kernel, cmdline, options.firmware if fmt.disk else "none")
-            files.update(profile.files)
-            if options.app:
-                files.update(app_service.unit_files(app_service.resolved(app_service.spec(image), tree)))
-            for rel, text in files.items():
-                prepare.write_file(tree, rel, text)
-            if options.app:
-                app_service.enable(tree)
-            if options.vagrant_user:
-                vagrant.add(tree)
-            if fmt.disk:
-                bootloader.install_modules(tree / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
+    with (
+        progress.step(f"promoting {image.name} to {output.name}"),
+        store.workdir("promote") as work,
+        store.reading(image) as rootfs,
+    ):
+        overlay = work / "overlay"
+        with progress.step("writing promote's files"):
+            write_overlay(image, rootfs, overlay, layout, kernel, profile, options, fmt, cmdline)
+        tree = rootfs
+        if any(r.reads == "tree" for r in profile.requirements):
+            with progress.step("staging the root tree"):  # for the checks only: the disk is built from rootfs
+                tree = work / "tree"
+                stage(rootfs, tree, overlay)
         checks = profiles.verify_tree(profile, tree)
         _raise_if_failed(profile, checks)  # before the disk is built
 
@@ -124,11 +137,11 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
         result = Promoted(output, image, layout, fmt.name)
         if fmt.name == "raw":
             with store.output_file(work, output) as partial:
-                build_disk(partial, layout, tree, work)
+                build_disk(partial, layout, rootfs, overlay, work)
                 verify(partial)
         elif fmt.package:
             raw = work / "disk.raw"
-            build_disk(raw, layout, tree, work)
+            build_disk(raw, layout, rootfs, overlay, work)
             appliance = boxes.Appliance(
                 name=boxes.member_name(output.name, fmt.suffix),
                 os_id=distros.detect(tree).id,
@@ -140,15 +153,15 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"
-            build_disk(raw, layout, tree, work)
+            build_disk(raw, layout, rootfs, overlay, work)
             with progress.step(f"writing {fmt.name}"), store.output_file(work, output) as partial:
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
                 else:
-                    formats.convert(raw, fmt, partial, output.name)
+                    formats.convert(raw, fmt, partial, output.name, compress=options.compressed(fmt))
                 verify(partial)
         else:
-            result.extra = build_firecracker(tree, layout, kernel, output, work, verify, profile.cmdline)
+            result.extra = build_firecracker(rootfs, overlay, layout, kernel, output, work, verify, profile.cmdline)
         order = {r.text: i for i, r in enumerate(profile.requirements)}
         result.checks = sorted(checks, key=lambda c: order[c.requirement])
     return result
@@ -198,12 +211,67 @@ def cached_disk(image: store.StoredImage, firmware: str = "bios") -> Path:
     return path
 
 
-def stage(image: store.StoredImage, tree: Path) -> None:
-    """A hard-link copy of the image's root: cheap, and the store's files are never opened for writing."""
+def write_overlay(
+    image: store.StoredImage,
+    rootfs: Path,
+    overlay: Path,
+    layout: disk.Layout,
+    kernel: prepare.Kernel,
+    profile: profiles.Profile,
+    options: Options,
+    fmt: formats.Format,
+    cmdline: str,
+) -> None:
+    """Every file promote adds to the image or replaces in it, in a directory of their own
+    (written over the image's tree in the disk: the tree itself is never copied)."""
+    overlay.mkdir()
+    files = root_files(layout, kernel, cmdline, options.firmware if fmt.disk else "none")
+    files.update(profile.files)
+    if options.app:
+        files.update(app_service.unit_files(app_service.resolved(app_service.spec(image), rootfs)))
+    for rel, text in files.items():
+        prepare.write_file(overlay, rel, text)
+    if options.app:
+        app_service.enable(overlay)
+    if options.vagrant_user:
+        vagrant.add(rootfs, overlay)
+    if fmt.disk:
+        bootloader.install_modules(overlay / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
+    if fmt.disk and options.firmware == "uefi":
+        (overlay / "boot/efi").mkdir(parents=True, exist_ok=True)  # the ESP's mount point
+
+
+def stage(rootfs: Path, tree: Path, overlay: Path) -> None:
+    """The tree the disk will hold, for the profile's checks to read: a hard-link copy of
+    the image's root (cheap, and the store's files are never opened for writing), with
+    the overlay's files put in place of the links they replace."""
     from racker import proc
 
-    with store.reading(image) as rootfs:
-        proc.run(["cp", "-al", str(rootfs), str(tree)], timeout=600)
+    proc.run(["cp", "-al", str(rootfs), str(tree)], timeout=600)
+    for path in sorted(overlay.rglob("*")):
+        rel = path.relative_to(overlay).as_posix()
+        if path.is_symlink():
+            target = tree / rel
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            target.symlink_to(os.readlink(path))
+        elif path.is_dir():
+            if not (tree / rel).exists():  # new: as the overlay has it (a user's home); else the image's
+                (tree / rel).mkdir(parents=True)
+                _same_owner_and_mode(path, tree / rel)
+        else:
+            target = tree / rel
+            if not target.parent.resolve().is_relative_to(tree.resolve()):
+                raise PromoteError(f"{rel} points outside the image")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            prepare.replace_file(target, path.read_bytes(), path.stat().st_mode & 0o7777)
+            _same_owner_and_mode(path, target)
+
+
+def _same_owner_and_mode(source: Path, target: Path) -> None:
+    info = source.lstat()
+    os.chown(target, info.st_uid, info.st_gid)
+    os.chmod(target, stat.S_IMODE(info.st_mode))
 
 
 def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmware: str) -> dict[str, str]:
@@ -217,23 +285,29 @@ def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmwa
     return files
 
 
-def build_disk(raw: Path, layout: disk.Layout, tree: Path, work: Path) -> None:
+def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work: Path) -> None:
     with progress.step("partitioning"):
         disk.create(raw, layout)
     if layout.firmware == "uefi":
         with progress.step("writing the ESP"):
             disk.make_esp(raw, layout)
             bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, work))
-        (tree / "boot/efi").mkdir(exist_ok=True)
     with progress.step("writing the root filesystem"):
-        disk.make_root(raw, layout, tree)
+        disk.make_root(raw, layout, rootfs, overlay)
     if layout.firmware == "bios":
         with progress.step("installing GRUB"):
             bootloader.install_bios(raw, layout.root_uuid, layout.root_offset // disk.SECTOR, work)
 
 
 def build_firecracker(
-    tree: Path, layout: disk.Layout, kernel: prepare.Kernel, output: Path, work: Path, verify: Callable[[Path], None], cmdline: str
+    rootfs: Path,
+    overlay: Path,
+    layout: disk.Layout,
+    kernel: prepare.Kernel,
+    output: Path,
+    work: Path,
+    verify: Callable[[Path], None],
+    cmdline: str,
 ) -> dict[str, Path]:
     """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel;
     beside them, the configuration that boots them (`firecracker --config-file`)."""
@@ -247,12 +321,12 @@ def build_firecracker(
     with progress.step("writing the root filesystem"), store.output_file(work, output) as partial:
         with open(partial, "wb") as handle:
             handle.truncate(rootfs_only.size)
-        disk.make_root(partial, rootfs_only, tree)
+        disk.make_root(partial, rootfs_only, rootfs, overlay)
         verify(partial)
         with store.output_file(work, extra["vmlinux"]) as vmlinux:
-            formats.extract_vmlinux(tree / kernel.vmlinuz, vmlinux, work)
+            formats.extract_vmlinux(rootfs / kernel.vmlinuz, vmlinux, work)
         with store.output_file(work, extra["initrd"]) as initrd:
-            initrd.write_bytes((tree / kernel.initrd).read_bytes())
+            initrd.write_bytes((rootfs / kernel.initrd).read_bytes())
         with store.output_file(work, extra["config"]) as config:
             document = formats.firecracker_config(output, extra["vmlinux"], extra["initrd"], cmdline)
             config.write_text(json.dumps(document, indent=2) + "\n")

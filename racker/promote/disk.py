@@ -2,7 +2,8 @@
 
 The partition table is written by sfdisk on the file, the ESP by mkfs.vfat at
 its offset, the root filesystem by `mkfs.ext4 -d` at its offset, populated
-straight from a directory.
+straight from the image's tree in the store; the few files promote adds or
+replaces (an overlay directory) are then written into it by debugfs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +131,20 @@ def partitions(path: Path) -> list[dict]:
     return table.get("partitions", [])
 
 
-def make_root(path: Path, layout: Layout, tree: Path) -> None:
-    """An ext4 filesystem at the root partition's offset, populated from `tree`."""
+def _fake_time() -> dict[str, str] | None:
+    """Reproducible timestamps (mkfs and debugfs both read E2FSPROGS_FAKE_TIME)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return {"E2FSPROGS_FAKE_TIME": epoch} if epoch else None
+
+
+def make_root(path: Path, layout: Layout, tree: Path, overlay: Path | None = None) -> None:
+    """An ext4 filesystem at the root partition's offset, populated from `tree`, then `overlay` over it.
+
+    The file is new and sparse, so its blocks read as zeros already:
+    assume_storage_prezeroed skips writing zeros into the inode tables and
+    the journal (and still marks the tables initialised, so the guest's
+    kernel has no lazy zeroing to do at first mount).
+    """
     blocks = layout.root_size // 4096
     proc.run(
         [
@@ -146,15 +160,69 @@ def make_root(path: Path, layout: Layout, tree: Path) -> None:
             "-O",
             EXT4_FEATURES,
             "-E",
-            f"offset={layout.root_offset},lazy_itable_init=0,nodiscard",
+            f"offset={layout.root_offset},lazy_itable_init=0,nodiscard,assume_storage_prezeroed=1",
             "-d",
             str(tree),
             str(path),
             str(blocks),
         ],
-        env={"E2FSPROGS_FAKE_TIME": os.environ.get("SOURCE_DATE_EPOCH", "")} if os.environ.get("SOURCE_DATE_EPOCH") else None,
+        env=_fake_time(),
         timeout=1200,
     )
+    if overlay is not None:
+        write_overlay(path, layout.root_offset, overlay, tree)
+
+
+# debugfs goes on after a failed command and exits 0: its stderr is read instead.
+# These two are expected: `rm` of a file the image does not have, `mkdir` of a
+# directory it has (or a symlink to one, which `cd` then follows, inside the image).
+_DEBUGFS_EXPECTED = ("File not found by ext2_lookup", "directory already exists", "Allocated inode", "debugfs 1.")
+
+
+def debugfs_script(overlay: Path, tree: Path) -> str:
+    """debugfs commands that put each file, symlink and directory of `overlay` into the
+    filesystem at the same path, replacing what is there (a new inode: never written through),
+    with the overlay's owners and modes; a directory `tree` (the image) has already keeps its own."""
+    lines = []
+    for directory, dirs, files in os.walk(overlay):
+        for name in [d for d in dirs if Path(directory, d).is_symlink()]:
+            dirs.remove(name)  # a link, whatever it points to on this host
+            files.append(name)
+        dirs.sort()
+        rel = "/" + Path(directory).relative_to(overlay).as_posix().strip(".")
+        for name in (rel, *dirs, *files):
+            if '"' in name or "\n" in name:
+                raise PromoteError(f"cannot write {name!r} into the disk: a quote or newline in its name")
+        if rel != "/":
+            # In its parent: debugfs looks a top-level "/NAME"'s empty parent up from the current directory.
+            parent, name = rel.rsplit("/", 1)
+            lines += [f'cd "{parent}/."', f'mkdir "{name}"']
+            if not (tree / rel.lstrip("/")).exists():
+                lines += _owner_and_mode(f'"{rel}"', Path(directory).lstat(), stat.S_IFDIR)
+        lines.append(f'cd "{rel.rstrip("/")}/."')  # "/.": a symlink to a directory is followed, as the kernel would
+        for name in sorted(files):
+            source = Path(directory, name)
+            info = source.lstat()
+            lines.append(f'rm "{name}"')
+            if stat.S_ISLNK(info.st_mode):
+                lines.append(f'symlink "{name}" "{os.readlink(source)}"')
+            else:
+                lines.append(f'write "{source}" "{name}"')
+                lines += _owner_and_mode(f'"{name}"', info, stat.S_IFREG)
+    return "\n".join(lines) + "\n"
+
+
+def _owner_and_mode(name: str, info: os.stat_result, kind: int) -> list[str]:
+    return [f"sif {name} mode 0{kind | stat.S_IMODE(info.st_mode):o}", f"sif {name} uid {info.st_uid}", f"sif {name} gid {info.st_gid}"]
+
+
+def write_overlay(path: Path, offset: int, overlay: Path, tree: Path) -> None:
+    script = overlay.parent / f"{overlay.name}.debugfs"
+    script.write_text(debugfs_script(overlay, tree))
+    result = proc.run(["debugfs", "-w", "-f", str(script), f"{path}?offset={offset}"], env=_fake_time(), timeout=600)
+    failed = [line for line in result.stderr.splitlines() if line.strip() and not any(e in line for e in _DEBUGFS_EXPECTED)]
+    if failed:
+        raise PromoteError(f"debugfs could not write promote's files into the disk: {failed[0]}")
 
 
 def make_esp(path: Path, layout: Layout) -> None:

@@ -3,8 +3,10 @@ OVF importer (boxes.py), or split for Firecracker."""
 
 from __future__ import annotations
 
+import functools
 import lzma
 import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +27,33 @@ class Format:
     # The virtual hardware the disk is attached to where it is imported: a row of
     # prepare.INITRAMFS_MODULES, whose drivers (and kernel) the image needs there.
     platform: str = ""
+    # --compress: "clusters" (qcow2 compresses its clusters on request), "always" (the
+    # format is compressed by itself), "" (an uncompressed format: nothing to ask for).
+    compression: str = ""
 
 
 STREAM_OPTIMIZED = ("-o", "subformat=streamOptimized,adapter_type=ide")
 
 FORMATS: dict[str, Format] = {
     "raw": Format("raw", ".raw", "raw"),
-    "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1")),
+    "qcow2": Format("qcow2", ".qcow2", "qcow2", ("-o", "compat=1.1"), compression="clusters"),
     # What OVA/vSphere import takes. The IDE adapter: Debian's cloud kernel has
     # ata_piix, and neither mptspi nor mptsas for an LSI Logic one.
-    "vmdk": Format("vmdk", ".vmdk", "vmdk", STREAM_OPTIMIZED, names_itself=True),
+    "vmdk": Format("vmdk", ".vmdk", "vmdk", STREAM_OPTIMIZED, names_itself=True, compression="always"),
     # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
     # force_size keeps that size exact instead of rounding it to a CHS geometry.
     "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
     "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
     "vdi": Format("vdi", ".vdi", "vdi", platform="sata"),
-    "gce": Format("gce", ".tar.gz", "raw"),
+    "gce": Format("gce", ".tar.gz", "raw", compression="always"),
     # vagrant-libvirt's box: a qcow2 on virtio (its Vagrantfile says so).
     "vagrant-libvirt": Format("vagrant-libvirt", ".box", "qcow2", ("-o", "compat=1.1"), package="vagrant-libvirt"),
     # VirtualBox's box and an OVA: the vmdk above, behind the SATA (AHCI) controller
     # and E1000 NIC their OVF describes, as VirtualBox's own exports have them.
-    "vagrant-virtualbox": Format("vagrant-virtualbox", ".box", "vmdk", STREAM_OPTIMIZED, package="vagrant-virtualbox", platform="sata"),
-    "ova": Format("ova", ".ova", "vmdk", STREAM_OPTIMIZED, package="ova", platform="sata"),
+    "vagrant-virtualbox": Format(
+        "vagrant-virtualbox", ".box", "vmdk", STREAM_OPTIMIZED, package="vagrant-virtualbox", platform="sata", compression="always"
+    ),
+    "ova": Format("ova", ".ova", "vmdk", STREAM_OPTIMIZED, package="ova", platform="sata", compression="always"),
     "firecracker": Format("firecracker", ".ext4", disk=False),
 }
 
@@ -61,8 +68,30 @@ def get(name: str) -> Format:
         raise PromoteError(f"unknown format {name!r}", hint="one of: " + ", ".join(FORMATS)) from None
 
 
-def convert(raw: Path, fmt: Format, output: Path, final_name: str = "") -> None:
-    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated).
+def check_compress(fmt: Format) -> None:
+    """--compress asked for explicitly: a format that cannot be compressed says so."""
+    if not fmt.compression:
+        raise PromoteError(
+            f"{fmt.name} is an uncompressed format (clouds import it as it is): --compress cannot apply",
+            hint="use --format qcow2 (compressed clusters) or vmdk (streamOptimized), or leave --compress out",
+        )
+
+
+@functools.cache
+def qcow2_compression() -> tuple[str, ...]:
+    """qemu-img convert arguments for compressed qcow2 clusters: zstd where this
+    qemu-img makes it (5.1 and later, built with zstd; any QEMU since reads it),
+    zlib otherwise. -W lets the coroutines (-m, 8 by default) write clusters out
+    of order, so they compress in parallel rather than one after another."""
+    zstd = ("-o", "compression_type=zstd")
+    with tempfile.TemporaryDirectory(prefix="racker-qcow2-") as tmp:
+        probe = proc.run(["qemu-img", "create", "-q", "-f", "qcow2", *zstd, f"{tmp}/probe.qcow2", "1M"], check=False, timeout=60)
+    return ("-c", "-W", *(zstd if probe.succeeded else ()))
+
+
+def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False) -> None:
+    """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated);
+    `compress`: compressed qcow2 clusters (other formats are compressed always or never).
 
     A format whose header names the file (a VMDK descriptor's extent) is written
     under `final_name` in a directory beside `raw`, then moved to `output` (a
@@ -73,7 +102,8 @@ def convert(raw: Path, fmt: Format, output: Path, final_name: str = "") -> None:
         named = raw.parent / "named"
         named.mkdir(exist_ok=True)
         target = named / final_name
-    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, str(raw), str(target)], timeout=1800)
+    extra = qcow2_compression() if compress and fmt.compression == "clusters" else ()
+    proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, *extra, str(raw), str(target)], timeout=1800)
     if target != output:
         shutil.move(target, output)
 

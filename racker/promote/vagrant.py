@@ -1,4 +1,4 @@
-"""The user Vagrant logs in as, added to a staged tree only when asked (`--vagrant-user`).
+"""The user Vagrant logs in as, added to a promoted disk only when asked (`--vagrant-user`).
 
 `vagrant`, with passwordless sudo and Vagrant's insecure public keys in its
 authorized_keys: anyone holding their private halves (published with Vagrant)
@@ -29,53 +29,57 @@ FIRST_UID = 1000
 SUDO_RULE = f"# Written by racker promote --vagrant-user.\n{USER} ALL=(ALL) NOPASSWD: ALL\nDefaults:{USER} !requiretty\n"
 
 
-def add(tree: Path) -> None:
-    """Add the user to the tree's account files (unless the image has one), its sudo rule and keys."""
-    passwd = _read(tree, "etc/passwd")
+def add(rootfs: Path, overlay: Path) -> None:
+    """Add the user to the image's account files (unless it has one), its sudo rule and keys: the
+    changed and new files go into promote's overlay, read from it first, else from the image."""
+    passwd = _read(rootfs, overlay, "etc/passwd")
     if passwd is None:
         raise PromoteError("the image has no /etc/passwd to add the vagrant user to")
     entry = next((line.split(":") for line in passwd.splitlines() if line.startswith(f"{USER}:")), None)
     if entry is None:
-        groups = _read(tree, "etc/group") or ""
+        groups = _read(rootfs, overlay, "etc/group") or ""
         uid = _free_id(passwd, groups)
-        shell = "/bin/bash" if (tree / "bin/bash").exists() or (tree / "usr/bin/bash").exists() else "/bin/sh"
-        _append(tree, "etc/passwd", f"{USER}:x:{uid}:{uid}:Vagrant:/{HOME}:{shell}", 0o644)
-        _append(tree, "etc/group", f"{USER}:x:{uid}:", 0o644)
+        shell = "/bin/bash" if (rootfs / "bin/bash").exists() or (rootfs / "usr/bin/bash").exists() else "/bin/sh"
+        _append(rootfs, overlay, "etc/passwd", f"{USER}:x:{uid}:{uid}:Vagrant:/{HOME}:{shell}", 0o644)
+        _append(rootfs, overlay, "etc/group", f"{USER}:x:{uid}:", 0o644)
         # '*': no password, yet not locked ('!'), which sshd would refuse a key login for; empty aging fields: none.
-        _append(tree, "etc/shadow", f"{USER}:*::0:99999:7:::", 0o640)
-        if (tree / "etc/gshadow").exists():
-            _append(tree, "etc/gshadow", f"{USER}:!::", 0o640)
+        _append(rootfs, overlay, "etc/shadow", f"{USER}:*::0:99999:7:::", 0o640)
+        if (rootfs / "etc/gshadow").exists():
+            _append(rootfs, overlay, "etc/gshadow", f"{USER}:!::", 0o640)
         uid_gid, home = (uid, uid), HOME
     else:
         uid_gid, home = (int(entry[2]), int(entry[3])), entry[5].lstrip("/")
-    prepare.write_file(tree, SUDOERS, SUDO_RULE, mode=0o440)
+    prepare.write_file(overlay, SUDOERS, SUDO_RULE, mode=0o440)
     for rel, mode in ((home, 0o755), (f"{home}/.ssh", 0o700)):
-        directory = tree / rel
-        if not directory.resolve().is_relative_to(tree.resolve()):
+        if not (rootfs / rel).resolve().is_relative_to(rootfs.resolve()):
             raise PromoteError(f"/{rel} points outside the image")
+        directory = overlay / rel
         directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        directory.chmod(mode)
         _chown(directory, *uid_gid)
     keys = f"{home}/.ssh/authorized_keys"
-    prepare.write_file(tree, keys, "".join(f"{key}\n" for key in INSECURE_KEYS), mode=0o600)
-    _chown(tree / keys, *uid_gid)
+    prepare.write_file(overlay, keys, "".join(f"{key}\n" for key in INSECURE_KEYS), mode=0o600)
+    _chown(overlay / keys, *uid_gid)
 
 
-def _read(tree: Path, rel: str) -> str | None:
-    path = tree / rel
-    return path.read_text() if path.is_file() and not path.is_symlink() else None
+def _read(rootfs: Path, overlay: Path, rel: str) -> str | None:
+    for path in (overlay / rel, rootfs / rel):
+        if path.is_file() and not path.is_symlink():
+            return path.read_text()
+    return None
 
 
-def _append(tree: Path, rel: str, line: str, mode: int) -> None:
-    """A new copy of the file with the line added, with the old one's mode and owner (root:shadow
-    0640 for Debian's shadow files): the tree's file is a hard link into the store, never written."""
-    path = tree / rel
-    old = os.lstat(path) if path.is_file() and not path.is_symlink() else None
-    text = _read(tree, rel) or ""
+def _append(rootfs: Path, overlay: Path, rel: str, line: str, mode: int) -> None:
+    """The file with the line added, in the overlay, with the image's file's mode and owner
+    (root:shadow 0640 for Debian's shadow files); the image's own is never written."""
+    original = rootfs / rel
+    old = os.lstat(original) if original.is_file() and not original.is_symlink() else None
+    text = _read(rootfs, overlay, rel) or ""
     if text and not text.endswith("\n"):
         text += "\n"
-    prepare.write_file(tree, rel, text + line + "\n", mode=old.st_mode & 0o7777 if old else mode)
+    prepare.write_file(overlay, rel, text + line + "\n", mode=old.st_mode & 0o7777 if old else mode)
     if old:
-        _chown(path, old.st_uid, old.st_gid)
+        _chown(overlay / rel, old.st_uid, old.st_gid)
 
 
 def _chown(path: Path, uid: int, gid: int) -> None:
