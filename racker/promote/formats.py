@@ -20,6 +20,10 @@ class Format:
     options: tuple[str, ...] = ()
     disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
     names_itself: bool = False  # the file's own header names the file: written under its final name
+    # The platform the format is for: the drivers row (prepare.INITRAMFS_MODULES) its kernel
+    # and initramfs must have, and the cloud-init datasources it implies, listed first.
+    drivers: str = "virtio-pci"
+    datasources: tuple[str, ...] = ()
 
 
 FORMATS: dict[str, Format] = {
@@ -30,11 +34,11 @@ FORMATS: dict[str, Format] = {
     "vmdk": Format("vmdk", ".vmdk", "vmdk", ("-o", "subformat=streamOptimized,adapter_type=ide"), names_itself=True),
     # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
     # force_size keeps that size exact instead of rounding it to a CHS geometry.
-    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
-    "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
-    "vdi": Format("vdi", ".vdi", "vdi"),
-    "gce": Format("gce", ".tar.gz", "raw"),
-    "firecracker": Format("firecracker", ".ext4", disk=False),
+    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on"), drivers="hyperv", datasources=("Azure",)),
+    "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic"), drivers="hyperv"),  # Hyper-V: no datasource of its own
+    "vdi": Format("vdi", ".vdi", "vdi", drivers="sata"),  # VirtualBox
+    "gce": Format("gce", ".tar.gz", "raw", datasources=("GCE",)),
+    "firecracker": Format("firecracker", ".ext4", disk=False, drivers="virtio-mmio"),
 }
 
 # What `qemu-img info` calls each format, to tell them apart on the way back in.
