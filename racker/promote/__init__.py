@@ -49,7 +49,7 @@ class Promoted:
 
 
 def default_output(image: store.StoredImage, options: Options) -> Path:
-    base = image.name.removesuffix(refs.PREPARED).replace("/", "_").replace(":", "_")
+    base = image.name.partition(refs.PREPARED)[0].replace("/", "_").replace(":", "_")  # NAME+vm, NAME+vm-generic
     return Path.cwd() / f"{base}-{options.firmware}{formats.get(options.fmt).suffix}"
 
 
