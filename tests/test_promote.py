@@ -403,9 +403,9 @@ TREE_BREAKERS: dict[str, Callable[[Path], None]] = {
     "Azure datasource first in cloud-init's datasource_list": _rewrite(
         "etc/cloud/cloud.cfg.d/99-user.cfg", "datasource_list: [NoCloud, Azure]\n"
     ),
-    "kernel command line: console=ttyS0 earlyprintk=ttyS0 rootdelay=300": _rewrite(
+    "kernel command line: console=ttyS0 earlyprintk=ttyS0": _rewrite(
         "boot/grub/grub.cfg",
-        bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0 earlyprintk=ttyS0"),
+        bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0"),
     ),
     "no swap on the OS disk": _rewrite("etc/fstab", "UUID=x / ext4 rw 0 1\n/swapfile none swap sw 0 0\n"),
     "sshd ClientAliveInterval 180": _unlink("etc/ssh/sshd_config.d/40-racker-azure.conf"),
