@@ -24,24 +24,25 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 def _print_checks(profile: str, checks: list) -> None:
     print(f"requirements of profile {profile}:")
-    _table([["ok" if c.ok else "FAIL", c.requirement, c.detail] for c in checks], ["", "REQUIREMENT", "DETAIL"])
+    verdict = {(True, True): "ok", (True, False): "ok", (False, True): "FAIL", (False, False): "WARN"}
+    _table([[verdict[c.ok, c.blocking], c.requirement, c.detail] for c in checks], ["", "REQUIREMENT", "DETAIL"])
 
 
-def _prepared(reference: str, *, prepare_it: bool = True) -> store.StoredImage:
+def _prepared(reference: str, *, prepare_it: bool = True, kernel: str = "") -> store.StoredImage:
     from racker import prepare
 
     image = images.pull(reference)
-    return prepare.prepare(image) if prepare_it else image
+    return prepare.prepare(image, kernel=kernel or prepare.CLOUD_KERNEL) if prepare_it else image
 
 
 # -- promote ----------------------------------------------------------------
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from racker import promote
-    from racker.promote import disk, profiles
+    from racker import prepare, promote
+    from racker.promote import disk, formats, profiles
 
-    fmt = args.format or {"gcp": "gce", "digitalocean": "qcow2"}.get(args.profile, "raw")
+    fmt = args.format or {"gcp": "gce", "digitalocean": "qcow2", "azure": "vhd"}.get(args.profile, "raw")
     options = promote.Options(
         fmt=fmt,
         firmware=args.firmware,
@@ -52,7 +53,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         compress=args.compress,
     )
     profiles.get(options.profile)  # a typo fails before an image is built
-    image = _prepared(args.image, prepare_it=not args.no_prepare)
+    # The kernel the format's platform needs drivers from (a vdi: the generic one).
+    image = _prepared(args.image, prepare_it=not args.no_prepare, kernel=prepare.kernel_for(formats.get(fmt).drivers))
     try:
         result = promote.promote(image, Path(args.output) if args.output else None, options)
     except RequirementsFailed as failed:

@@ -15,6 +15,7 @@ once: one builds it under a lock, the others find it done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sys
@@ -34,27 +35,42 @@ class VmPackages:
 
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()  # installed where the archive has them
+    kernels: dict[str, str] = field(default_factory=dict)  # flavour (Drivers.kernel) -> its package
     initramfs_conf: dict[str, str] = field(default_factory=dict)
     # Files written before the kernel is installed, so the initramfs is built once.
     pre_files: dict[str, str] = field(default_factory=dict)
+
+
+# Kernels a VM may get, by flavour: each package row names its own (VmPackages.kernels).
+# "cloud" is small and boots fastest; "generic" has every driver, for platforms the cloud one lacks.
+CLOUD_KERNEL = "cloud"
+
+
+@dataclass(frozen=True)
+class Drivers:
+    """What one platform's root disk and first NIC sit behind, and the kernel flavour that has them."""
+
+    modules: tuple[str, ...]
+    kernel: str = CLOUD_KERNEL
 
 
 # The drivers a VM's root disk and first NIC may sit behind, one row per
 # platform. The hook puts them in the initramfs; udev loads only those whose
 # hardware is there (listing them in /etc/initramfs-tools/modules would load
 # every one at boot). A module the kernel lacks is skipped: Debian's cloud
-# kernel has no ahci and no e1000 (VirtualBox's defaults), and builds ext4 in.
-INITRAMFS_MODULES: dict[str, tuple[str, ...]] = {
-    "virtio-pci": ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net"),  # QEMU, DigitalOcean, GCE
+# kernel has no ahci and no e1000 (VirtualBox's defaults), so that row takes
+# the generic kernel; it builds ext4 in.
+INITRAMFS_MODULES: dict[str, Drivers] = {
+    "virtio-pci": Drivers(("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net")),  # QEMU, DigitalOcean, GCE
     # Firecracker, QEMU microvm: no PCI; the devices are found through ACPI
     # (the cloud kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES).
-    "virtio-mmio": ("virtio_mmio", "virtio_blk", "virtio_net", "ext4"),
-    "gce": ("nvme",),
+    "virtio-mmio": Drivers(("virtio_mmio", "virtio_blk", "virtio_net", "ext4")),
+    "gce": Drivers(("nvme",)),
     # VirtualBox, imports that present SATA. sr_mod: the cloud-init seed on an
     # optical drive must be there before ds-identify looks, early in the boot.
-    "sata": ("ahci", "ata_piix", "sd_mod", "sr_mod", "e1000"),
-    "hyperv": ("hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod"),  # Azure, Hyper-V
-    "ext4": ("crc32c_generic",),
+    "sata": Drivers(("ahci", "ata_piix", "sd_mod", "sr_mod", "e1000"), kernel="generic"),
+    "hyperv": Drivers(("hv_vmbus", "hv_storvsc", "hv_netvsc", "sd_mod")),  # Azure, Hyper-V
+    "ext4": Drivers(("crc32c_generic",)),
 }
 
 INITRAMFS_HOOK = f"""\
@@ -62,7 +78,7 @@ INITRAMFS_HOOK = f"""\
 # Written by racker prepare: root-disk and NIC drivers in the initramfs, loaded by udev on demand.
 case "$1" in prereqs) exit 0 ;; esac
 . /usr/share/initramfs-tools/hook-functions
-for module in {" ".join(dict.fromkeys(m for row in INITRAMFS_MODULES.values() for m in row))}; do
+for module in {" ".join(dict.fromkeys(m for row in INITRAMFS_MODULES.values() for m in row.modules))}; do
     manual_add_modules "$module"
 done
 """
@@ -70,7 +86,6 @@ done
 PACKAGES: dict[str, VmPackages] = {
     "apt": VmPackages(
         required=(
-            "linux-image-cloud-amd64",
             "initramfs-tools",
             "systemd-sysv",
             "udev",
@@ -86,6 +101,7 @@ PACKAGES: dict[str, VmPackages] = {
             "procps",
         ),
         optional=("gdisk",),
+        kernels={CLOUD_KERNEL: "linux-image-cloud-amd64", "generic": "linux-image-amd64"},
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
             "etc/initramfs-tools/conf.d/racker.conf": "MODULES=list\nCOMPRESS=gzip\n",
@@ -212,8 +228,15 @@ MASK_UNITS = (
 MASK_GENERATORS = ("systemd-ssh-generator",)
 
 
-def prepared_name(name: str) -> str:
-    return name if name.endswith(PREPARED) else name + PREPARED
+def prepared_name(name: str, kernel: str = CLOUD_KERNEL) -> str:
+    """NAME+vm, or NAME+vm-FLAVOUR for another kernel than the cloud one: a separate image."""
+    base = name.removesuffix(PREPARED)
+    return base + PREPARED + ("" if kernel == CLOUD_KERNEL else f"-{kernel}")
+
+
+def kernel_for(drivers: str) -> str:
+    """The kernel flavour a platform's drivers row needs."""
+    return INITRAMFS_MODULES[drivers].kernel
 
 
 def packages_for(distro: distros.Distro, table: dict[str, VmPackages] | None = None, what: str = "VMs") -> VmPackages:
@@ -226,25 +249,35 @@ def packages_for(distro: distros.Distro, table: dict[str, VmPackages] | None = N
     return table[distro.recipe.manager]
 
 
-def recipe_key(image: store.StoredImage, level: str = "vm") -> str:
-    """What a prepared image depends on: its source digest, and the code and tables
-    of prepare and distros (packages, files, units enabled and masked, generators,
-    package-manager recipes). Any change there makes a new key, so a new image."""
-    text = f"{image.digest}\0{level}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
+def recipe_key(image: store.StoredImage, level: str = "vm", kernel: str = CLOUD_KERNEL) -> str:
+    """What a prepared image depends on: its source digest, the kernel flavour, and the
+    code and tables of prepare and distros (packages, files, units enabled and masked,
+    generators, package-manager recipes). Any change there makes a new key, so a new image."""
+    flavour = "" if kernel == CLOUD_KERNEL else f"\0{kernel}"
+    text = f"{image.digest}\0{level}{flavour}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def is_prepared(image: store.StoredImage) -> bool:
+def is_prepared(image: store.StoredImage, kernel: str | None = None) -> bool:
+    """Prepared as a VM (with the `kernel` flavour, when one is asked for; older images had the cloud one)."""
     prepared = image.manifest.get("prepared")
-    return bool(prepared) and prepared.get("for", "vm") == "vm"
+    if not prepared or prepared.get("for", "vm") != "vm":
+        return False
+    return kernel is None or prepared.get("kernel_flavour", CLOUD_KERNEL) == kernel
 
 
-def prepare(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
-    """The image prepared to boot as a VM (NAME+vm): kernel, initramfs, cloud-init, sshd,
-    DHCP; built first if missing or stale."""
-    if is_prepared(image):
+def prepare(image: store.StoredImage, *, kernel: str = CLOUD_KERNEL, force: bool = False) -> store.StoredImage:
+    """The image prepared to boot as a VM (NAME+vm, NAME+vm-generic for the generic kernel):
+    kernel, initramfs, cloud-init, sshd, DHCP; built first if missing or stale."""
+    if is_prepared(image, kernel):
         return image
-    return _prepared(image, "vm", prepared_name(image.name), PACKAGES, force=force)
+    if is_prepared(image):  # prepared with another kernel: prepare its source again
+        origin = image.manifest["prepared"]["from"]
+        source = store.lookup(origin)
+        if source is None:
+            raise PrepareError(f"{image.name} has another kernel and its source {origin} is gone", hint=f"racker pull {origin}")
+        image = source
+    return _prepared(image, "vm", prepared_name(image.name, kernel), PACKAGES, force=force, kernel=kernel)
 
 
 def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
@@ -255,8 +288,10 @@ def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredIm
     return _prepared(image, "boot", image.name + BOOTABLE, BOOT_PACKAGES, force=force)
 
 
-def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, VmPackages], *, force: bool) -> store.StoredImage:
-    recipe = recipe_key(image, level)
+def _prepared(
+    image: store.StoredImage, level: str, name: str, table: dict[str, VmPackages], *, force: bool, kernel: str = CLOUD_KERNEL
+) -> store.StoredImage:
+    recipe = recipe_key(image, level, kernel)
     found = store.lookup(name)
     if found is not None and found.recipe == recipe and not force:
         return found
@@ -270,6 +305,8 @@ def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, 
             return store.name_image(name, twin, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
         distro = distros.detect(image.rootfs)
         packages = packages_for(distro, table, "VMs" if level == "vm" else "booting under systemd-nspawn")
+        if level == "vm":
+            packages = _with_kernel(packages, kernel, distro)
         with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
             rootfs = work / "rootfs"
             with progress.step("copying"), store.reading(image) as source:
@@ -280,9 +317,17 @@ def _prepared(image: store.StoredImage, level: str, name: str, table: dict[str, 
             if level == "vm":
                 configure(rootfs)
                 record["kernel"] = find_kernel(rootfs).version
+                record["kernel_flavour"] = kernel
             manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
+
+
+def _with_kernel(packages: VmPackages, kernel: str, distro: distros.Distro) -> VmPackages:
+    """The package row with the kernel of flavour `kernel` installed first."""
+    if kernel not in packages.kernels:
+        raise PrepareError(f"no {kernel} kernel for {distro.pretty_name}", hint="kernels: " + ", ".join(packages.kernels))
+    return dataclasses.replace(packages, required=(packages.kernels[kernel], *packages.required))
 
 
 def _prepared_twin(recipe: str, level: str) -> store.StoredImage | None:
@@ -460,6 +505,21 @@ def find_kernel(rootfs: Path) -> Kernel:
     if not found:
         raise PrepareError(f"no kernel with an initramfs in {boot}", hint="prepare the image first: racker promote does it for you")
     return max(found, key=lambda k: _version_key(k.version))
+
+
+def kernel_modules(rootfs: Path, kernel: Kernel) -> set[str]:
+    """The modules `kernel` has, built in or as files (names with _, as modprobe takes them)."""
+    directory = rootfs / "lib/modules" / kernel.version
+    builtin = directory / "modules.builtin"
+    names = [Path(line).name for line in builtin.read_text().splitlines()] if builtin.is_file() else []
+    names += [path.name for path in directory.rglob("*.ko*")]
+    return {name.split(".ko")[0].replace("-", "_") for name in names}
+
+
+def missing_drivers(rootfs: Path, kernel: Kernel, drivers: str) -> list[str]:
+    """The modules of a platform's drivers row that `kernel` lacks."""
+    present = kernel_modules(rootfs, kernel)
+    return [m for m in INITRAMFS_MODULES[drivers].modules if m not in present]
 
 
 def _version_key(version: str) -> list[tuple[int, str]]:

@@ -103,8 +103,27 @@ def test_boot_firmware_reads_mbr_and_gpt() -> None:
 KERNEL = "6.1.0-9-cloud-amd64"
 ROOT_UUID = "0f0e0d0c-0b0a-4908-8706-050403020100"
 
-# A small root tree that meets every tree requirement of every profile, with a
-# kernel and an initramfs that promote finds (not bootable: no test boots it).
+
+def cpio(names: list[str]) -> bytes:
+    """A gzip'd newc cpio archive of empty files, as an initramfs is."""
+    import gzip
+
+    out = b""
+    for i, name in enumerate([*names, "TRAILER!!!"]):
+        encoded = name.encode() + b"\0"
+        fields = [i + 1, 0o100644, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(encoded), 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + encoded
+        out += b"\0" * (-len(out) % 4)
+    return gzip.compress(out + b"\0" * (-len(out) % 512))
+
+
+# Every platform's drivers are in the kernel: built in, but for the two a check reads as files.
+BUILTIN = sorted({m for row in prepare.INITRAMFS_MODULES.values() for m in row.modules} - {"virtio_scsi", "virtio_net"})
+INITRAMFS = [f"usr/lib/modules/{KERNEL}/kernel/drivers/{m}.ko" for m in ("hv/hv_vmbus", "scsi/hv_storvsc", "net/hyperv/hv_netvsc")]
+
+# A small root tree that meets every tree requirement of every profile (with the
+# profile's own files written, as promote writes them), with a kernel and an
+# initramfs that promote finds (not bootable: no test boots it).
 GOOD_TREE = {
     "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n',
     "usr/lib/python3/dist-packages/cloudinit/version.py": '__VERSION__ = "22.4.2"\n',
@@ -113,11 +132,17 @@ GOOD_TREE = {
     "etc/ssh/sshd_config.d/50-racker.conf": "PasswordAuthentication no\nPermitRootLogin no\n",
     "etc/systemd/network/99-racker-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
     "etc/cloud/cloud.cfg.d/90-racker.cfg": "datasource_list: [ConfigDrive, NoCloud]\n",
-    f"lib/modules/{KERNEL}/modules.builtin": "kernel/drivers/virtio/virtio_pci.ko\n",
+    f"lib/modules/{KERNEL}/modules.builtin": "".join(f"kernel/drivers/{m}.ko\n" for m in BUILTIN),
     f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko": "",
     f"lib/modules/{KERNEL}/kernel/drivers/net/virtio_net.ko": "",
     f"boot/vmlinuz-{KERNEL}": "not a kernel",
-    f"boot/initrd.img-{KERNEL}": "not an initramfs",
+    f"boot/initrd.img-{KERNEL}": cpio(["usr", *INITRAMFS]),
+    "usr/lib/udev/rules.d/66-azure-ephemeral.rules": "# cloud-init's\n",
+    "etc/passwd": "root:x:0:0:root:/root:/bin/bash\ndebian:x:1000:1000::/home/debian:/bin/bash\n",
+    "etc/shadow": "root:*:20000:0:99999:7:::\ndebian:!:20000:0:99999:7:::\n",
+    "etc/apt/sources.list.d/debian.sources": "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+    "Components: main\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\n",
+    "var/log/dpkg.log": "",
     # What promote writes; the staged tree has it before the disk is built.
     "boot/grub/grub.cfg": bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0,38400n8"),
 }
@@ -388,7 +413,10 @@ TREE_BREAKERS: dict[str, Callable[[Path], None]] = {
     "cloud-init 0.7.7 or newer installed": _rewrite("usr/lib/python3/dist-packages/cloudinit/version.py", '__VERSION__ = "0.7.5"\n'),
     "sshd installed and started at boot": _unlink("etc/systemd/system/multi-user.target.wants/ssh.service"),
     "SSH password authentication disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication yes\n"),
-    "DHCP on the first NIC": _rewrite("etc/systemd/network/99-racker-dhcp.network", "[Match]\nName=en*\n\n[Network]\nDHCP=no\n"),
+    "DHCP on the first NIC": lambda tree: [  # a profile may bring its own .network: every one says no
+        write_tree(tree, {str(p.relative_to(tree)): "[Match]\nName=en*\n\n[Network]\nDHCP=no\n"})
+        for p in (tree / "etc/systemd/network").glob("*.network")
+    ],
     "NoCloud not listed before ConfigDrive": _rewrite("etc/cloud/cloud.cfg.d/99-user.cfg", "datasource_list: [NoCloud, ConfigDrive]\n"),
     "IPv4 only (no IPv6 support)": _rewrite("etc/systemd/network/50-v6.network", "[Match]\nName=en*\n\n[Network]\nDHCP=ipv6\n"),
     "serial console on ttyS0": _rewrite(
@@ -396,6 +424,29 @@ TREE_BREAKERS: dict[str, Callable[[Path], None]] = {
     ),
     "virtio-scsi and virtio-net drivers": _unlink(f"lib/modules/{KERNEL}/kernel/drivers/scsi/virtio_scsi.ko"),
     "root login over SSH disabled": _rewrite("etc/ssh/sshd_config.d/50-racker.conf", "PasswordAuthentication no\nPermitRootLogin yes\n"),
+    # DigitalOcean's image check
+    "no password set for root or users": _rewrite("etc/shadow", "root:$6$salt$hash:20000:0:99999:7:::\ndebian:!:20000::::::\n"),
+    "no SSH authorized_keys or private keys left": _rewrite(
+        "home/debian/.ssh/authorized_keys", "ssh-ed25519 " + "A" * 68 + " left@behind\n"
+    ),
+    "bash history cleared": _rewrite("root/.bash_history", "echo secret\n" * 20),
+    "log files cleared": _rewrite("var/log/dpkg.log", "2026-11-30 10:58:00 install linux-image-cloud-amd64 <none> 6.1\n"),
+    "security updates visible: the security suite in apt's sources": _rewrite(
+        "etc/apt/sources.list.d/debian.sources", "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\n"
+    ),
+    "no DigitalOcean monitoring agent": _rewrite("var/opt/digitalocean/do-agent/config", "\n"),
+    # Azure
+    "hv_vmbus, hv_storvsc and hv_netvsc in the initramfs": _rewrite(f"boot/initrd.img-{KERNEL}", cpio(INITRAMFS[:2])),
+    "Azure datasource first in cloud-init's datasource_list": _rewrite(
+        "etc/cloud/cloud.cfg.d/99-user.cfg", "datasource_list: [NoCloud, Azure]\n"
+    ),
+    "kernel command line: console=ttyS0 earlyprintk=ttyS0": _rewrite(
+        "boot/grub/grub.cfg",
+        bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", "rw console=ttyS0"),
+    ),
+    "no swap on the OS disk": _rewrite("etc/fstab", "UUID=x / ext4 rw 0 1\n/swapfile none swap sw 0 0\n"),
+    "sshd ClientAliveInterval 180": _unlink("etc/ssh/sshd_config.d/40-racker-azure.conf"),
+    "provisioned by cloud-init 21.2 or newer, with its Azure udev rules": _unlink("usr/lib/udev/rules.d/66-azure-ephemeral.rules"),
 }
 
 
@@ -449,7 +500,19 @@ class Products:
 
     def good(self, profile: str) -> Path:
         """What promote makes for the profile: a qcow2 for DigitalOcean, GCE's tar.gz for gcp."""
-        return {"digitalocean": lambda: self.convert(self.disk(), "qcow2"), "gcp": lambda: self.tar(self.disk())}[profile]()
+        return {
+            "digitalocean": lambda: self.convert(self.disk(), "qcow2"),
+            "gcp": lambda: self.tar(self.disk()),
+            "azure": lambda: self.convert(self.disk(), "vhd"),
+        }[profile]()
+
+    def misaligned(self) -> Path:
+        """A fixed VHD whose one partition starts a sector past 1 MiB."""
+        raw = self.path(".raw")
+        with open(raw, "wb") as handle:
+            handle.truncate(64 * MiB)
+        subprocess.run(["sfdisk", "--quiet", str(raw)], input=b"label: dos\nstart=2049, type=83\n", check=True)
+        return self.convert(raw, "vhd")
 
 
 # Requirement -> ways to break it in the product, each named.
@@ -471,9 +534,19 @@ DISK_BREAKERS: dict[str, Callable[[Products], dict[str, Path]]] = {
         "uefi, empty ESP": p.tar(p.disk("uefi", grub=False)),
     },
     "disk size a whole number of GB": lambda p: {"1 GiB and 1 MiB": p.tar(p.disk(size=GiB + MiB))},
+    "fixed VHD": lambda p: {"vhdx": p.convert(p.disk(), "vhdx"), "qcow2": p.convert(p.disk(), "qcow2")},
+    "virtual size a whole number of MiB": lambda p: {"1 GiB and a sector": p.qcow2_of_size(GiB + 512)},
+    "partitions aligned to 1 MiB": lambda p: {"a sector past 1 MiB": p.misaligned(), "no partitions": p.qcow2_of_size(GiB)},
 }
 
 REQUIREMENTS = [(p.name, r) for p in profiles.PROFILES.values() for r in p.requirements]
+
+
+def good_tree(profile: str) -> dict[str, str | bytes]:
+    """GOOD_TREE as promote stages it for `profile`: the profile's files and its kernel command line."""
+    wanted = profiles.get(profile)
+    grub = bootloader.grub_cfg(ROOT_UUID, f"boot/vmlinuz-{KERNEL}", f"boot/initrd.img-{KERNEL}", f"rw {wanted.cmdline}")
+    return {**GOOD_TREE, **wanted.files, "boot/grub/grub.cfg": grub}
 
 
 def test_every_requirement_of_every_profile_has_a_breaking_case() -> None:
@@ -491,10 +564,10 @@ def test_requirement_passes_on_a_good_product_and_fails_on_a_broken_one(
 ) -> None:
     if requirement.reads == "tree":
         assert requirement.text in TREE_BREAKERS, f"no test breaks {requirement.text!r}"
-        good = write_tree(tmp_path / "good", GOOD_TREE, GOOD_LINKS)
+        good = write_tree(tmp_path / "good", good_tree(profile), GOOD_LINKS)
         ok, detail = requirement.check(good)
         assert ok, detail
-        broken = write_tree(tmp_path / "broken", GOOD_TREE, GOOD_LINKS)
+        broken = write_tree(tmp_path / "broken", good_tree(profile), GOOD_LINKS)
         TREE_BREAKERS[requirement.text](broken)
         ok, detail = requirement.check(broken)
         assert not ok, f"broken, yet passes: {detail}"
@@ -601,7 +674,14 @@ def test_every_format_is_checked_before_it_is_in_place(small_image, tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("profile", "fmt", "firmware"),
-    [("gcp", "gce", "bios"), ("gcp", "gce", "uefi"), ("digitalocean", "qcow2", "bios"), ("digitalocean", "raw", "uefi")],
+    [
+        ("gcp", "gce", "bios"),
+        ("gcp", "gce", "uefi"),
+        ("digitalocean", "qcow2", "bios"),
+        ("digitalocean", "raw", "uefi"),
+        ("azure", "vhd", "bios"),
+        ("azure", "vhd", "uefi"),
+    ],
 )
 def test_what_promote_builds_meets_its_profile(small_image, tmp_path: Path, profile: str, fmt: str, firmware: str) -> None:
     out = tmp_path / "out"
@@ -920,6 +1000,56 @@ def test_compress_on_an_uncompressed_format_is_a_one_line_error_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_format_implies_its_platforms_datasource_first_whatever_the_profile(small_image, tmp_path: Path) -> None:
+    """GCE hands SSH keys to its own datasource only; Azure provisions through its own."""
+    wanted = {"gce": "GCE, ConfigDrive, NoCloud", "vhd": "Azure, ConfigDrive, NoCloud", "qcow2": None}
+    for fmt, sources in wanted.items():
+        result = promote.promote(small_image, tmp_path / f"x{formats.get(fmt).suffix}", promote.Options(fmt=fmt))
+        raw = result.path
+        if fmt == "gce":
+            subprocess.run(["tar", "-xSzf", str(result.path), "-C", str(tmp_path)], check=True)
+            raw = tmp_path / "disk.raw"
+        elif fmt == "qcow2":
+            raw = tmp_path / "qcow2.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(result.path), str(raw)], check=True)
+        listing = debugfs(raw, result.layout.root_offset, "ls -l /etc/cloud/cloud.cfg.d").decode()
+        written = debugfs(raw, result.layout.root_offset, f"cat /etc/cloud/cloud.cfg.d/94-racker-{fmt}.cfg").decode()
+        if sources is None:
+            assert "94-racker" not in listing, listing
+        else:
+            assert f"datasource_list: [{sources}]" in written, (fmt, written)
+    # A profile still has the last word: gcp lists GCE first itself.
+    tree = write_tree(tmp_path / "tree", GOOD_TREE)
+    assert promote.format_files(formats.get("gce"), tree)
+    assert promote.format_files(formats.get("gce"), tmp_path / "empty") == {}, "no list: cloud-init's default has them all"
+
+
+def test_a_kernel_without_the_platforms_drivers_fails_before_any_work(private_store: dict, tmp_path: Path) -> None:
+    """Debian's cloud kernel has no ahci or e1000: a vdi of it would stop at "UUID=... does not exist" in VirtualBox."""
+    cloud_only = "".join(f"kernel/drivers/{m}.ko\n" for m in BUILTIN if m not in ("ahci", "e1000"))
+    image = commit_image("cloud-kernel", {**GOOD_TREE, f"lib/modules/{KERNEL}/modules.builtin": cloud_only}, GOOD_LINKS)
+    with pytest.raises(PromoteError, match=r"lacks ahci, e1000, which a vdi boots on") as raised:
+        promote.promote(image, tmp_path / "out/x.vdi", promote.Options(fmt="vdi"))
+    assert "generic kernel" in (raised.value.hint or "")
+    assert not (tmp_path / "out").exists()
+    assert promote.promote(image, tmp_path / "out/x.qcow2", promote.Options(fmt="qcow2")).path.is_file()
+
+
+def test_the_generic_kernel_is_its_own_prepared_image() -> None:
+    """A vdi's image (the generic kernel) is named and keyed apart: preparing it never replaces the cloud one."""
+    sata = {n for n, f in formats.FORMATS.items() if f.drivers == "sata"}
+    assert sata == {"vdi", "vagrant-virtualbox", "ova"}, "VirtualBox's formats"
+    assert {prepare.kernel_for(formats.get(n).drivers) for n in sata} == {"generic"}
+    assert {prepare.kernel_for(f.drivers) for n, f in formats.FORMATS.items() if n not in sata} == {prepare.CLOUD_KERNEL}
+    assert prepare.prepared_name("debian-bookworm") == "debian-bookworm+vm"
+    assert prepare.prepared_name("debian-bookworm", "generic") == "debian-bookworm+vm-generic"
+    image = store.StoredImage("x", "sha256:" + "1" * 64, "", "", 0)
+    assert prepare.recipe_key(image, kernel="generic") != prepare.recipe_key(image)
+    cloud = dataclasses.replace(image, manifest={"prepared": {"for": "vm"}})  # older images: no flavour, the cloud kernel
+    assert prepare.is_prepared(cloud, prepare.CLOUD_KERNEL) and not prepare.is_prepared(cloud, "generic")
+    assert all(row.kernel in prepare.PACKAGES["apt"].kernels for row in prepare.INITRAMFS_MODULES.values())
+
+
 # -- real disks, built and read back ----------------------------------------
 
 
@@ -1234,9 +1364,9 @@ def test_vagrant_user_already_in_the_image_keeps_its_ids(private_store: dict, tm
 def test_box_formats_run_on_the_platform_vdi_does() -> None:
     """VirtualBox's box and the OVA attach the disk and NIC as a vdi's VM does (SATA, E1000): whatever
     the image needs for that platform (its drivers, its kernel) is what they need."""
-    sata = formats.get("vdi").platform
-    assert sata in prepare.INITRAMFS_MODULES and {"ahci", "e1000"} <= set(prepare.INITRAMFS_MODULES[sata])
-    assert formats.get("vagrant-virtualbox").platform == formats.get("ova").platform == sata
+    sata = formats.get("vdi").drivers
+    assert sata in prepare.INITRAMFS_MODULES and {"ahci", "e1000"} <= set(prepare.INITRAMFS_MODULES[sata].modules)
+    assert formats.get("vagrant-virtualbox").drivers == formats.get("ova").drivers == sata
     assert formats.QEMU_NAMES["vmdk"] == "vmdk" and formats.QEMU_NAMES["qcow2"] == "qcow2", "a box is not what a bare disk is read back as"
 
 

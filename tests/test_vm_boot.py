@@ -102,12 +102,12 @@ def assert_broken_checks_fail(vm: VM, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def prepared():
-    cache: dict[str, store.StoredImage] = {}
+    cache: dict[tuple[str, str], store.StoredImage] = {}
 
-    def get(name: str) -> store.StoredImage:
-        if name not in cache:
-            cache[name] = prepare.prepare(images.pull(name))
-        return cache[name]
+    def get(name: str, kernel: str = prepare.CLOUD_KERNEL) -> store.StoredImage:
+        if (name, kernel) not in cache:
+            cache[name, kernel] = prepare.prepare(images.pull(name), kernel=kernel)
+        return cache[name, kernel]
 
     return get
 
@@ -137,9 +137,16 @@ def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, t
 
 CONVERTED = ["qcow2", "vmdk", "vhd", "vhdx", "vdi", "gce", "firecracker"]
 # Formats booted with a cloud's profile: the checks then hold the booted VM to that cloud's requirements too.
-PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp"}
+PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp", "vhd": "azure"}
 # Each format booted on the stand-in for its platform (qemu.BOARDS); others on racker's own.
-PLATFORM_BOARD = {"firecracker": "microvm", "vhd": "scsi"}
+PLATFORM_BOARD = {"firecracker": "microvm", "vhd": "scsi", "vdi": "sata"}
+# Where the booted guest finds its root disk and which driver runs its NIC, on each stand-in.
+PLACED_ON = {
+    "pc": ("/virtio", "virtio_net"),
+    "microvm": ("/platform/LNRO0005:", "virtio_net"),  # a virtio-mmio transport, as ACPI describes it
+    "scsi": ("/host0/target0:0:0/0:0:0:0/block/sd", "virtio_net"),  # LUN 0 (sda or sdb), as Hyper-V's storvsc presents it
+    "sata": ("/ata1/host0/target0:0:0/0:0:0:0/block/sd", "e1000"),  # AHCI port 0 (ata1), VirtualBox's SATA and PRO/1000
+}
 
 # Where the root disk and the NIC sit: the controller and driver a platform presents.
 PLACEMENT = r"""
@@ -153,22 +160,21 @@ echo "pci_devices=$(ls /sys/bus/pci/devices | wc -l)"
 """
 
 
-def assert_placed_as_its_platform(vm: VM, fmt: str) -> None:
+def assert_placed_as_its_platform(vm: VM, board: str) -> None:
     result = vm.run(["sh", "-c", PLACEMENT], timeout=120)
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     assert found["addr"].startswith("10.0.2.15/"), found  # QEMU user networking's DHCP lease
-    assert "/virtio" in found["root_device"] and found["nic_driver"] == "virtio_net", found
-    if fmt == "firecracker":
-        # LNRO0005: a virtio-mmio transport, as ACPI describes it to the guest.
-        assert found["pci_devices"] == "0" and "/platform/LNRO0005:" in found["root_device"], found
-    if fmt == "vhd":  # a SCSI disk (LUN 0; sda or sdb, as the LUNs are probed), as Hyper-V's storvsc presents it
-        assert "/host0/target0:0:0/0:0:0:0/block/sd" in found["root_device"], found
+    disk, nic = PLACED_ON[board]
+    assert disk in found["root_device"] and found["nic_driver"] == nic, found
+    if board == "microvm":
+        assert found["pci_devices"] == "0", found
 
 
 @pytest.mark.xdist_group("debian-bookworm")
 @pytest.mark.parametrize("fmt", CONVERTED)
 def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
-    image = prepared("debian-bookworm")
+    # The kernel the format's platform needs drivers from: a vdi gets the generic one (ahci, e1000).
+    image = prepared("debian-bookworm", prepare.kernel_for(promote.formats.get(fmt).drivers))
     output = tmp_path / f"bookworm{promote.formats.get(fmt).suffix}"
     profile = PROFILE_OF.get(fmt, "generic")
     result = promote.promote(image, output, promote.Options(fmt=fmt, size=DISK, profile=profile))
@@ -205,7 +211,7 @@ def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
         boot = output
     options["machine"] = PLATFORM_BOARD.get(fmt, "pc")
     with VM(boot, image=image.name, disk_size=GROWN if fmt != "firecracker" else None, **options) as vm:
-        assert_placed_as_its_platform(vm, fmt)
+        assert_placed_as_its_platform(vm, options["machine"])
         if profile != "generic":
             checks = assert_checks_pass(vm, tmp_path, "-k", "profile or cloud_init_done or no_failed_units or root_writable")
             assert checks["test_profile_requirements_met"]["outcome"] == "pass", checks["test_profile_requirements_met"]

@@ -64,7 +64,7 @@ class Promoted:
 
 
 def default_output(image: store.StoredImage, options: Options) -> Path:
-    base = image.name.removesuffix(refs.PREPARED).replace("/", "_").replace(":", "_")
+    base = image.name.partition(refs.PREPARED)[0].replace("/", "_").replace(":", "_")  # NAME+vm, NAME+vm-generic
     return Path.cwd() / f"{base}-{options.firmware}{formats.get(options.fmt).suffix}"
 
 
@@ -83,6 +83,13 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     if options.compress:
         formats.check_compress(fmt)
     kernel = prepare.find_kernel(image.rootfs)
+    missing = prepare.missing_drivers(image.rootfs, kernel, fmt.drivers)
+    if missing:
+        flavour = prepare.kernel_for(fmt.drivers)
+        raise PromoteError(
+            f"{image.name}'s kernel {kernel.version} lacks {', '.join(missing)}, which a {fmt.name} boots on",
+            hint=f"prepare it with the {flavour} kernel: racker promote does so for --format {fmt.name}",
+        )
     tree_bytes = image.size or store.tree_size(image.rootfs)
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
     if options.fmt == "gce" and size % 1024**3:
@@ -94,7 +101,7 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
 
 
 def _raise_if_failed(profile: profiles.Profile, checks: list[profiles.Result]) -> None:
-    failed = [c for c in checks if not c.ok]
+    failed = [c for c in checks if not c.ok and c.blocking]  # a warning is shown, the output kept
     if failed:
         order = {r.text: i for i, r in enumerate(profile.requirements)}
         raise RequirementsFailed(
@@ -226,6 +233,7 @@ def write_overlay(
     (written over the image's tree in the disk: the tree itself is never copied)."""
     overlay.mkdir()
     files = root_files(layout, kernel, cmdline, options.firmware if fmt.disk else "none")
+    files.update(format_files(fmt, rootfs))
     files.update(profile.files)
     if options.app:
         files.update(app_service.unit_files(app_service.resolved(app_service.spec(image), rootfs)))
@@ -283,6 +291,16 @@ def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmwa
     if firmware != "none":
         files["boot/grub/grub.cfg"] = bootloader.grub_cfg(layout.root_uuid, kernel.vmlinuz, kernel.initrd, cmdline, firmware)
     return files
+
+
+def format_files(fmt: formats.Format, tree: Path) -> dict[str, str]:
+    """What a format's platform needs whatever the profile: its datasources first in cloud-init's list."""
+    listed = profiles.datasource_list(tree)
+    if not fmt.datasources or not listed:  # cloud-init's own default list has every datasource
+        return {}
+    sources = [*fmt.datasources, *(s for s in listed if s not in fmt.datasources)]
+    text = f"# Written by racker promote: a {fmt.name} boots where these datasources are.\ndatasource_list: [{', '.join(sources)}]\n"
+    return {f"etc/cloud/cloud.cfg.d/94-racker-{fmt.name}.cfg": text}
 
 
 def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work: Path) -> None:

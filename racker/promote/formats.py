@@ -24,9 +24,10 @@ class Format:
     disk: bool = True  # a whole partitioned disk (False: Firecracker's bare rootfs)
     names_itself: bool = False  # the file's own header names the file: written under its final name
     package: str = ""  # the disk goes into a box or appliance (boxes.PACKERS), converted to qemu_format
-    # The virtual hardware the disk is attached to where it is imported: a row of
-    # prepare.INITRAMFS_MODULES, whose drivers (and kernel) the image needs there.
-    platform: str = ""
+    # The platform the format is for: the drivers row (prepare.INITRAMFS_MODULES) its kernel
+    # and initramfs must have, and the cloud-init datasources it implies, listed first.
+    drivers: str = "virtio-pci"
+    datasources: tuple[str, ...] = ()
     # --compress: "clusters" (qcow2 compresses its clusters on request), "always" (the
     # format is compressed by itself), "" (an uncompressed format: nothing to ask for).
     compression: str = ""
@@ -42,19 +43,19 @@ FORMATS: dict[str, Format] = {
     "vmdk": Format("vmdk", ".vmdk", "vmdk", STREAM_OPTIMIZED, names_itself=True, compression="always"),
     # Azure takes fixed VHDs only, of a whole number of MiB (disk.plan's sizes are):
     # force_size keeps that size exact instead of rounding it to a CHS geometry.
-    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on")),
-    "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic")),
-    "vdi": Format("vdi", ".vdi", "vdi", platform="sata"),
-    "gce": Format("gce", ".tar.gz", "raw", compression="always"),
+    "vhd": Format("vhd", ".vhd", "vpc", ("-o", "subformat=fixed,force_size=on"), drivers="hyperv", datasources=("Azure",)),
+    "vhdx": Format("vhdx", ".vhdx", "vhdx", ("-o", "subformat=dynamic"), drivers="hyperv"),  # Hyper-V: no datasource of its own
+    "vdi": Format("vdi", ".vdi", "vdi", drivers="sata"),  # VirtualBox
+    "gce": Format("gce", ".tar.gz", "raw", datasources=("GCE",), compression="always"),
     # vagrant-libvirt's box: a qcow2 on virtio (its Vagrantfile says so).
     "vagrant-libvirt": Format("vagrant-libvirt", ".box", "qcow2", ("-o", "compat=1.1"), package="vagrant-libvirt"),
     # VirtualBox's box and an OVA: the vmdk above, behind the SATA (AHCI) controller
     # and E1000 NIC their OVF describes, as VirtualBox's own exports have them.
     "vagrant-virtualbox": Format(
-        "vagrant-virtualbox", ".box", "vmdk", STREAM_OPTIMIZED, package="vagrant-virtualbox", platform="sata", compression="always"
+        "vagrant-virtualbox", ".box", "vmdk", STREAM_OPTIMIZED, package="vagrant-virtualbox", drivers="sata", compression="always"
     ),
-    "ova": Format("ova", ".ova", "vmdk", STREAM_OPTIMIZED, package="ova", platform="sata", compression="always"),
-    "firecracker": Format("firecracker", ".ext4", disk=False),
+    "ova": Format("ova", ".ova", "vmdk", STREAM_OPTIMIZED, package="ova", drivers="sata", compression="always"),
+    "firecracker": Format("firecracker", ".ext4", disk=False, drivers="virtio-mmio"),
 }
 
 # What `qemu-img info` calls each format, to tell them apart on the way back in.

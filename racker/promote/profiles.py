@@ -6,7 +6,10 @@ never the request: the staged tree (before the disk is built) or the built
 output itself (before it is renamed into place).
 
 Sources: DigitalOcean's custom image requirements (docs.digitalocean.com,
-products/images/custom-images/details/features and limits), and GCE's
+products/images/custom-images/details/features and limits) and its image check
+script (github.com/digitalocean/marketplace-partners, scripts/99-img-check.sh);
+Azure's "Prepare a Debian VHD for Azure" and generic Linux guidance
+(learn.microsoft.com, azure/virtual-machines/linux); and GCE's
 requirements for importing a boot disk (cloud.google.com, compute/docs/import/
 importing-virtual-disks and configuring-imported-images).
 """
@@ -40,6 +43,7 @@ class Result:
     requirement: str
     ok: bool
     detail: str
+    blocking: bool = True  # False: a warning (shown, the output kept), as the cloud's own check warns
 
 
 TreeCheck = Callable[[Path], tuple[bool, str]]
@@ -54,12 +58,15 @@ class Requirement:
     the disk is built, to fail fast), or "disk", the built output (checked
     before it is renamed into place). `formats`, when set, are the output
     formats the requirement accepts: a request for another fails before any work.
+    `blocking` False: the cloud's own check only warns; unmet, it is shown and
+    the output kept.
     """
 
     text: str
     check: TreeCheck | DiskCheck
     reads: str = "tree"
     formats: tuple[str, ...] = ()
+    blocking: bool = True
 
 
 @dataclass(frozen=True)
@@ -306,6 +313,166 @@ def check_grub(built: Built) -> tuple[bool, str]:
     return False, "no partition table"
 
 
+# -- Azure: learn.microsoft.com, "Prepare a Debian VHD for Azure" and "Information
+# for non-endorsed distributions" (azure/virtual-machines/linux/create-upload-generic).
+
+MiB = 1024**2
+AZURE_DRIVERS = ("hv_vmbus", "hv_storvsc", "hv_netvsc")
+# Microsoft's list also has rootdelay=300: Debian's initramfs-tools sleeps that
+# long on every boot (its init runs `sleep "$ROOTDELAY"`; measured: 300 s before
+# root is mounted), and waits for the root disk without it. Left out on purpose.
+AZURE_CMDLINE = ("console=ttyS0", "earlyprintk=ttyS0")
+
+
+def check_fixed_vhd(built: Built) -> tuple[bool, str]:
+    fixed = readback.is_fixed_vhd(built.path)
+    return fixed, "fixed VHD" if fixed else f"{readback.probe_format(built.path)}, not a fixed VHD"
+
+
+def check_whole_mib(built: Built) -> tuple[bool, str]:
+    size = readback.virtual_size(built.path)
+    return size % MiB == 0, f"{size} bytes" + ("" if size % MiB == 0 else " is not a whole number of MiB")
+
+
+def check_mib_aligned(built: Built) -> tuple[bool, str]:
+    starts = readback.partition_starts(built.path, built.work)
+    if not starts:
+        return False, "no partitions"
+    odd = [start for start in starts if start % MiB]
+    return not odd, f"partitions at {', '.join(str(s) for s in starts)} bytes" + (" (not 1 MiB aligned)" if odd else "")
+
+
+def check_hyperv_initramfs(tree: Path) -> tuple[bool, str]:
+    """Hyper-V's bus, disk and NIC drivers in the initramfs GRUB boots."""
+    match = re.search(r"^\s*initrd\S*\s+/?(\S+)", _read(tree, "boot/grub/grub.cfg"), re.MULTILINE)
+    if not match:
+        return False, "no initrd line in /boot/grub/grub.cfg"
+    try:
+        names = {Path(n).name.split(".ko")[0] for n in readback.initramfs_files((tree / match.group(1)).read_bytes())}
+    except (PromoteError, OSError) as error:
+        return False, f"{match.group(1)}: {error}"
+    missing = [m for m in AZURE_DRIVERS if m not in names]
+    return not missing, f"missing from {match.group(1)}: {', '.join(missing)}" if missing else ", ".join(AZURE_DRIVERS)
+
+
+def check_azure_datasource_first(tree: Path) -> tuple[bool, str]:
+    sources = datasource_list(tree)
+    return bool(sources) and sources[0] == "Azure", ", ".join(sources) or "no datasource_list"
+
+
+def check_azure_cmdline(tree: Path) -> tuple[bool, str]:
+    lines = [line.strip() for line in _read(tree, "boot/grub/grub.cfg").splitlines() if re.match(r"\s*linux(16|efi)?\s", line)]
+    if not lines:
+        return False, "no linux line in /boot/grub/grub.cfg"
+    for line in lines:
+        words = {w.split(",")[0] for w in line.split()}
+        missing = [option for option in AZURE_CMDLINE if option not in words]
+        if missing:
+            return False, f"missing {' '.join(missing)}: {line}"
+    return True, " ".join(AZURE_CMDLINE)
+
+
+def check_no_swap(tree: Path) -> tuple[bool, str]:
+    entries = [line.split() for line in _read(tree, "etc/fstab").splitlines() if not line.lstrip().startswith("#")]
+    found = [" ".join(words) for words in entries if len(words) > 2 and words[2] == "swap"]
+    found += [p.name for p in (tree / "etc/systemd/system").glob("*.wants/*.swap")]
+    return not found, f"swap: {found[0]}" if found else "no swap in fstab or systemd"
+
+
+def check_client_alive(tree: Path) -> tuple[bool, str]:
+    value = sshd_option(tree, "ClientAliveInterval")
+    return value == "180", f"ClientAliveInterval {value or '0 (default)'}"
+
+
+def check_azure_provisioning(tree: Path) -> tuple[bool, str]:
+    """cloud-init 21.2 or newer provisions on Azure without the Linux Agent; its udev rules name the disks."""
+    version = cloud_init_version(tree)
+    if version is None or version < (21, 2):
+        return False, f"cloud-init {'.'.join(map(str, version)) if version else 'not installed'} (21.2 or newer provisions)"
+    rules = _exists(tree, "lib/udev/rules.d/66-azure-ephemeral.rules", "usr/lib/udev/rules.d/66-azure-ephemeral.rules")
+    if not rules:
+        return False, "cloud-init has no Azure udev rules (66-azure-ephemeral.rules)"
+    return True, f"cloud-init {'.'.join(map(str, version))}, {Path(rules).name}"
+
+
+# -- DigitalOcean's image check (marketplace-partners, scripts/99-img-check.sh),
+# what of it applies to a disk racker builds, read from the staged tree.
+
+UNSET_PASSWORDS = ("!", "!!", "*")  # what the script takes for "no password"
+
+
+def _people(tree: Path) -> list[tuple[str, Path]]:
+    """root and every user account (uid >= 1000, not nobody), with its home."""
+    people = [("root", tree / "root")]
+    for line in _read(tree, "etc/passwd").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[2].isdigit() and int(fields[2]) >= 1000 and fields[0] not in ("nobody", "nfsnobody"):
+            people.append((fields[0], tree / fields[5].lstrip("/")))
+    return people
+
+
+def check_no_passwords(tree: Path) -> tuple[bool, str]:
+    shadow = {f[0]: f[1] for f in (line.split(":") for line in _read(tree, "etc/shadow").splitlines()) if len(f) > 1}
+    if "root" not in shadow:
+        return False, "no root entry in /etc/shadow"
+    set_ = [name for name, _home in _people(tree) if name in shadow and shadow[name] not in UNSET_PASSWORDS]
+    return not set_, f"a password is set for {', '.join(set_)}" if set_ else "root and users have no password"
+
+
+def check_no_ssh_keys(tree: Path) -> tuple[bool, str]:
+    found = []
+    for _name, home in _people(tree):
+        keys, private = home / ".ssh/authorized_keys", home / ".ssh/id_rsa"
+        if keys.is_file() and keys.stat().st_size > 50:
+            found.append(str(keys.relative_to(tree)))
+        if private.is_file() and private.stat().st_size > 0:
+            found.append(str(private.relative_to(tree)))
+    return not found, f"left in the image: {', '.join(found)}" if found else "no authorized_keys or private keys"
+
+
+def check_no_bash_history(tree: Path) -> tuple[bool, str]:
+    found = [str(p.relative_to(tree)) for _n, home in _people(tree) if (p := home / ".bash_history").is_file() and p.stat().st_size >= 200]
+    return not found, f"left in the image: {', '.join(found)}" if found else "no bash history"
+
+
+def check_logs_cleaned(tree: Path) -> tuple[bool, str]:
+    logs = tree / "var/log"
+    found = [p.name for p in sorted(logs.glob("*.log")) if p.is_file() and p.stat().st_size > 50]
+    found += [p.name for p in sorted(logs.glob("*.[0-9]")) + sorted(logs.glob("*-" + "[0-9]" * 8))]  # rotated archives
+    return not found, f"in /var/log: {', '.join(found)}" if found else "/var/log holds no logs or archives"
+
+
+def apt_suites(tree: Path) -> list[str]:
+    """The suites apt fetches: sources.list and sources.list.d (one-line .list and deb822 .sources)."""
+    suites: list[str] = []
+    for path in [tree / "etc/apt/sources.list", *sorted((tree / "etc/apt/sources.list.d").glob("*"))]:
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                if re.search(r"^Enabled:\s*no", stanza, re.MULTILINE | re.IGNORECASE):
+                    continue
+                match = re.search(r"^Suites:\s*(.+)$", stanza, re.MULTILINE)
+                suites += match.group(1).split() if match else []
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^\]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    suites.append(words[2])
+    return suites
+
+
+def check_security_suite(tree: Path) -> tuple[bool, str]:
+    """The script fails on pending security updates; apt sees them only from the security suite."""
+    suites = apt_suites(tree)
+    security = [s for s in suites if s.endswith(("-security", "/updates"))]
+    return bool(security), ", ".join(security) if security else f"no security suite in apt's sources ({', '.join(suites) or 'none'})"
+
+
+def check_no_do_agent(tree: Path) -> tuple[bool, str]:
+    found = _exists(tree, "var/opt/digitalocean/do-agent")
+    return not found, "the DigitalOcean monitoring agent is in the image" if found else "no do-agent"
+
+
 COMMON: tuple[Requirement, ...] = (
     Requirement("Unix-like operating system", check_unix),
     Requirement("cloud-init 0.7.7 or newer installed", check_cloud_init),
@@ -316,6 +483,7 @@ COMMON: tuple[Requirement, ...] = (
 
 DO_FORMATS = ("raw", "qcow2", "vhdx", "vdi", "vmdk")
 GCE_FORMATS = ("gce",)
+AZURE_FORMATS = ("vhd",)
 
 PROFILES: dict[str, Profile] = {
     "generic": Profile("generic", "any cloud or hypervisor: ConfigDrive, then NoCloud"),
@@ -332,6 +500,36 @@ PROFILES: dict[str, Profile] = {
             Requirement("100 GB or less uncompressed", _size_at_most(100 * 10**9), "disk"),
             Requirement("NoCloud not listed before ConfigDrive", check_datasource_order),
             Requirement("IPv4 only (no IPv6 support)", check_no_ipv6_needed),
+            # DigitalOcean's image check, as far as it reads what racker builds (not a firewall, which it only warns of).
+            Requirement("no password set for root or users", check_no_passwords),
+            Requirement("no SSH authorized_keys or private keys left", check_no_ssh_keys),
+            Requirement("bash history cleared", check_no_bash_history),
+            Requirement("log files cleared", check_logs_cleaned, blocking=False),  # the script warns
+            Requirement("security updates visible: the security suite in apt's sources", check_security_suite),
+            Requirement("no DigitalOcean monitoring agent", check_no_do_agent),
+        ),
+    ),
+    "azure": Profile(
+        "azure",
+        "Microsoft Azure image (a fixed VHD)",
+        files={
+            "etc/cloud/cloud.cfg.d/95-racker-azure.cfg": "# racker profile azure: Azure's datasource first (NoCloud: racker's own seed)\n"
+            "datasource_list: [Azure, NoCloud]\n",
+            "etc/ssh/sshd_config.d/40-racker-azure.conf": "# racker profile azure: keep idle sessions through Azure's load balancer\n"
+            "ClientAliveInterval 180\n",
+        },
+        cmdline="console=tty0 console=ttyS0,115200n8 earlyprintk=ttyS0,115200",
+        requirements=(
+            *COMMON,
+            Requirement("fixed VHD", check_fixed_vhd, "disk", AZURE_FORMATS),
+            Requirement("virtual size a whole number of MiB", check_whole_mib, "disk"),
+            Requirement("partitions aligned to 1 MiB", check_mib_aligned, "disk"),
+            Requirement("hv_vmbus, hv_storvsc and hv_netvsc in the initramfs", check_hyperv_initramfs),
+            Requirement("Azure datasource first in cloud-init's datasource_list", check_azure_datasource_first),
+            Requirement("kernel command line: console=ttyS0 earlyprintk=ttyS0", check_azure_cmdline),
+            Requirement("no swap on the OS disk", check_no_swap),
+            Requirement("sshd ClientAliveInterval 180", check_client_alive),
+            Requirement("provisioned by cloud-init 21.2 or newer, with its Azure udev rules", check_azure_provisioning),
         ),
     ),
     "gcp": Profile(
@@ -378,8 +576,8 @@ def check_request(profile: Profile, fmt: str) -> list[Result]:
 
 
 def verify_tree(profile: Profile, tree: Path) -> list[Result]:
-    return [Result(r.text, *r.check(tree)) for r in profile.requirements if r.reads == "tree"]
+    return [Result(r.text, *r.check(tree), blocking=r.blocking) for r in profile.requirements if r.reads == "tree"]
 
 
 def verify_disk(profile: Profile, built: Built) -> list[Result]:
-    return [Result(r.text, *r.check(built)) for r in profile.requirements if r.reads == "disk"]
+    return [Result(r.text, *r.check(built), blocking=r.blocking) for r in profile.requirements if r.reads == "disk"]

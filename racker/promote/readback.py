@@ -7,10 +7,12 @@ profile checks read what was built through here, never what was asked for.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import struct
 import tarfile
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +146,71 @@ def esp_file(path: Path, rel: str, work: Path) -> bytes | None:
     finally:
         out.unlink(missing_ok=True)
         (work / "esp-readback.img").unlink(missing_ok=True)
+
+
+def partition_starts(path: Path, work: Path) -> list[int]:
+    """The byte offset of every partition in the disk's MBR or GPT."""
+    head = read_disk(path, 0, 34 * SECTOR, work)
+    table = partition_table(head)
+    if table == "dos":
+        entries = [struct.unpack_from("<BBBBBBBBII", head, 446 + 16 * i) for i in range(4)]
+        return [entry[8] * SECTOR for entry in entries if entry[4] and entry[9]]
+    if table != "gpt" or head[SECTOR : SECTOR + 8] != b"EFI PART":
+        return []
+    entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+    entries = read_disk(path, entries_lba * SECTOR, (count * size + SECTOR - 1) // SECTOR * SECTOR, work)
+    rows = (entries[i * size : (i + 1) * size] for i in range(count))
+    return [struct.unpack_from("<Q", row, 32)[0] * SECTOR for row in rows if len(row) >= 48 and any(row[:16])]
+
+
+def is_fixed_vhd(path: Path) -> bool:
+    return qemu.is_fixed_vhd(path)
+
+
+# An initramfs is one or more cpio archives (newc), each plain or compressed, one after another.
+CPIO_MAGIC = b"070701"
+CPIO_TRAILER = "TRAILER!!!"
+_DECOMPRESSORS: dict[bytes, Callable[[], object]] = {
+    b"\x1f\x8b": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    b"\xfd7zXZ": lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ),
+}
+
+
+def initramfs_files(data: bytes) -> list[str]:
+    """The paths in an initramfs (gzip or xz archives; the early uncompressed ones too).
+
+    PromoteError for a compression read here without a tool (zstd, lz4): say so, never guess."""
+    names: list[str] = []
+    while data:
+        data = data.lstrip(b"\0")
+        if data.startswith(CPIO_MAGIC):
+            data = _cpio_names(data, names)
+            continue
+        if not data:
+            break
+        make = next((make for magic, make in _DECOMPRESSORS.items() if data.startswith(magic)), None)
+        if make is None:
+            raise PromoteError(f"an initramfs part racker cannot read (starts {data[:6].hex()})", hint="build it with COMPRESS=gzip or xz")
+        decompressor = make()
+        try:
+            inner = decompressor.decompress(data)  # type: ignore[attr-defined]
+        except (zlib.error, lzma.LZMAError) as error:
+            raise PromoteError(f"a damaged initramfs: {error}") from None
+        _cpio_names(inner, names)
+        data = decompressor.unused_data  # type: ignore[attr-defined]
+    return names
+
+
+def _cpio_names(data: bytes, names: list[str]) -> bytes:
+    """Append the names of one newc cpio archive at the start of `data`; what follows it."""
+    offset = 0
+    while data[offset : offset + 6] == CPIO_MAGIC:
+        header = data[offset : offset + 110]
+        size, name_size = int(header[54:62], 16), int(header[94:102], 16)
+        name = data[offset + 110 : offset + 110 + name_size - 1].decode(errors="replace")
+        offset = (offset + 110 + name_size + 3) // 4 * 4
+        offset = (offset + size + 3) // 4 * 4
+        if name == CPIO_TRAILER:
+            return data[offset:]
+        names.append(name)
+    raise PromoteError("a truncated cpio archive in the initramfs")
