@@ -1,7 +1,8 @@
 """A NoCloud seed: an ISO 9660 volume labelled `cidata` with meta-data and user-data.
 
 cloud-init finds it by its label on any block device. It carries the VM's
-hostname and a per-VM SSH key for a sudo-capable user; nothing else.
+hostname and a per-VM SSH key for a sudo-capable user, and whatever other
+cloud-config the caller adds (packages, chpasswd, ntp, apt...).
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from racker import proc
 USER = "racker"
 
 
-def user_data(hostname: str, public_key: str, user: str = USER) -> str:
-    """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules."""
+def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | None = None) -> str:
+    """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules.
+
+    `extra` is more cloud-config; racker's hostname and user win over it, and its
+    `users` are created beside racker's."""
+    extra = dict(extra or {})
     config = {
+        **extra,
         "hostname": hostname,
         "manage_etc_hosts": "localhost",
         "users": [
@@ -28,7 +34,8 @@ def user_data(hostname: str, public_key: str, user: str = USER) -> str:
                 "sudo": "ALL=(ALL) NOPASSWD:ALL",
                 "lock_passwd": True,
                 "ssh_authorized_keys": [public_key.strip()],
-            }
+            },
+            *extra.get("users", ()),
         ],
     }
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
@@ -39,11 +46,11 @@ def meta_data(hostname: str) -> str:
     return json.dumps({"instance-id": f"racker-{hostname}-{secrets.token_hex(4)}", "local-hostname": hostname, "dsmode": "local"}) + "\n"
 
 
-def build(path: Path, hostname: str, public_key: str) -> Path:
-    """Write the seed ISO at `path`."""
+def build(path: Path, hostname: str, public_key: str, extra: dict | None = None) -> Path:
+    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data."""
     files = path.parent / f"{path.stem}.d"
     files.mkdir(parents=True, exist_ok=True)
     (files / "meta-data").write_text(meta_data(hostname))
-    (files / "user-data").write_text(user_data(hostname, public_key))
+    (files / "user-data").write_text(user_data(hostname, public_key, extra=extra))
     proc.run(["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)])
     return path
