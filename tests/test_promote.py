@@ -715,6 +715,14 @@ def test_seed_user_data_is_cloud_config_with_the_key() -> None:
     assert data["hostname"] == "vm1"
 
 
+def test_seed_user_data_adds_the_callers_cloud_config_beside_racker_s_own() -> None:
+    extra = {"packages": ["curl"], "hostname": "theirs", "users": [{"name": "alice"}]}
+    data = json.loads(seed.user_data("vm1", "ssh-ed25519 AAAA test\n", extra=extra).split("\n", 1)[1])
+    assert data["packages"] == ["curl"]
+    assert data["hostname"] == "vm1", "racker's hostname wins: it names the VM"
+    assert [u["name"] for u in data["users"]] == [seed.USER, "alice"]
+
+
 def test_grub_cfg_boots_at_once_with_a_serial_console() -> None:
     cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw console=ttyS0", "uefi")
     assert "set timeout=0" in cfg
