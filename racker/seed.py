@@ -8,12 +8,26 @@ cloud-config the caller adds (packages, chpasswd, ntp, apt...).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
 from racker import proc
 
 USER = "racker"
+
+
+# RACKER_SEED_MODULES=minimal (racker's own test suite sets it): cloud-init runs only the
+# modules the seed itself needs. Every module costs boot time under emulation; the image
+# keeps cloud-init's full default lists, for user-data that needs them (never trimmed
+# when the caller adds cloud-config of its own).
+MINIMAL_MODULES = {
+    "cloud_init_modules": ["seed_random", "bootcmd", "write_files", "growpart", "resizefs", "disk_setup", "mounts",
+                           "set_hostname", "update_hostname", "update_etc_hosts", "users_groups", "ssh"],
+    "cloud_config_modules": ["timezone", "runcmd"],
+    "cloud_final_modules": ["scripts_vendor", "scripts_per_once", "scripts_per_boot", "scripts_per_instance",
+                            "scripts_user", "final_message", "power_state_change"],
+}  # fmt: skip
 
 
 def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | None = None) -> str:
@@ -38,6 +52,8 @@ def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | No
             *extra.get("users", ()),
         ],
     }
+    if not extra and os.environ.get("RACKER_SEED_MODULES") == "minimal":
+        config |= MINIMAL_MODULES
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
 
 
