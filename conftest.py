@@ -17,6 +17,9 @@ import pytest
 # a store use a private one (private_store) instead.
 SHARED_HOME = Path(os.environ.get("RACKER_TEST_HOME", "/var/lib/racker-tests"))
 os.environ["RACKER_HOME"] = str(SHARED_HOME)
+# racker's own boots run only the cloud-init modules its seed needs (seed.MINIMAL_MODULES):
+# the images keep cloud-init's full module set; the boot speed comes from the test seed.
+os.environ["RACKER_SEED_MODULES"] = "minimal"
 
 ROOT = Path(__file__).resolve().parent
 CATALOG_IMAGES = ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]

@@ -6,11 +6,13 @@ part of the boot, so it has finished). The split comes from the guest's own
 `systemd-analyze` (kernel, initrd, userspace) and the cloud-init units' times.
 
     .venv/bin/python bench/bench_boot.py [--image debian-bookworm] [--firmware bios] [--runs 3] [--accel tcg]
-        [--cpus 2] [--tcg-cpu MODEL] [--baseline-cpu MODEL]
+        [--cpus 2] [--tcg-cpu MODEL] [--baseline-cpu MODEL] [--baseline-disk DISK]
 
 With --baseline-cpu, every run is followed by one with that CPU model, and the
 report gives the ratio of the medians: how a CPU model choice pays off, measured
-in one process on the same noisy host.
+in one process on the same noisy host. --baseline-disk does the same with
+another disk (one promoted by another racker, say main's cached disk): what an
+image change costs at boot.
 
 Goal (issue 4): <= 12 s under TCG on the 2-core CI machine.
 """
@@ -86,15 +88,17 @@ def main() -> int:
         "--baseline-cpu",
         help="also boot with this CPU model, each run right after one with --tcg-cpu, and report the ratio (e.g. max,cx16=off)",
     )
+    parser.add_argument("--baseline-disk", type=Path, help="also boot this disk, each run right after one of the image's")
     args = parser.parse_args()
     image = prepare.prepare(images.pull(args.image))
     disk = promote.cached_disk(image, args.firmware)
     runs, baseline = [], []
     for _ in range(args.runs):
         runs.append(boot_once(disk, image.name, args, args.tcg_cpu))
-        if args.baseline_cpu:
+        if args.baseline_cpu or args.baseline_disk:
             # Interleaved, so that a noisy neighbour slows both sides alike.
-            baseline.append(boot_once(disk, image.name, args, args.baseline_cpu))
+            other = args.baseline_disk or disk
+            baseline.append(boot_once(other, other.name, args, args.baseline_cpu or args.tcg_cpu))
     ready = [r["ready_s"] for r in runs]
     report = {
         "image": image.name,
@@ -109,6 +113,7 @@ def main() -> int:
         base = [r["ready_s"] for r in baseline]
         report |= {
             "baseline_cpu": args.baseline_cpu,
+            "baseline_disk": str(args.baseline_disk or ""),
             "baseline_ready_median_s": statistics.median(base),
             "ratio_to_baseline": round(statistics.median(ready) / statistics.median(base), 3),
             "baseline_runs_s": base,

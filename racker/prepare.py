@@ -100,7 +100,9 @@ PACKAGES: dict[str, VmPackages] = {
             "iproute2",
             "procps",
         ),
-        optional=("gdisk",),
+        # systemd-timesyncd: a package of its own since bullseye; a time-sync service, as
+        # the distributions' cloud images have (and the gcp profile's NTP drop-in configures).
+        optional=("gdisk", "systemd-timesyncd"),
         kernels={CLOUD_KERNEL: "linux-image-cloud-amd64", "generic": "linux-image-amd64"},
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
@@ -153,12 +155,8 @@ ssh_genkeytypes: [ed25519, ecdsa]
 manage_etc_hosts: localhost
 growpart: {mode: auto, devices: ['/']}
 resize_rootfs: true
-# Only the modules a cloud VM needs: every module costs boot time.
-cloud_init_modules: [seed_random, bootcmd, write_files, growpart, resizefs, disk_setup, mounts,
-  set_hostname, update_hostname, update_etc_hosts, users_groups, ssh]
-cloud_config_modules: [timezone, runcmd]
-cloud_final_modules: [scripts_vendor, scripts_per_once, scripts_per_boot, scripts_per_instance,
-  scripts_user, final_message, power_state_change]
+# cloud-init's own module lists stay whole: users' user-data (packages, chpasswd,
+# ntp, apt, ca_certs...) must take effect. Boot speed is the test seed's business.
 """
 
 NETWORK = """\
@@ -212,7 +210,7 @@ CONFIG_FILES: dict[str, str] = {
 }
 
 ENABLE_UNITS = ("systemd-networkd.service", "ssh.service")
-OPTIONAL_ENABLE_UNITS = ("systemd-resolved.service",)
+OPTIONAL_ENABLE_UNITS = ("systemd-resolved.service", "systemd-timesyncd.service")
 # Units a VM does not need at boot; each costs seconds under emulation.
 MASK_UNITS = (
     "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer",
@@ -221,6 +219,15 @@ MASK_UNITS = (
     "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "systemd-pstore.service",
     "modprobe@drm.service", "modprobe@fuse.service", "modprobe@loop.service", "modprobe@dm_mod.service",
     "modprobe@efi_pstore.service", "cloud-init-hotplugd.socket",
+)  # fmt: skip
+
+# What building the image leaves behind and a cloud image does not ship (globs,
+# relative to the root): install logs, apt's lists and caches (`apt update` makes
+# them again), debconf's backups.
+LEFTOVERS = (
+    "var/log/dpkg.log", "var/log/alternatives.log", "var/log/apt/history.log", "var/log/apt/term.log",
+    "var/log/apt/eipp.log.xz", "var/lib/apt/lists/*_*", "var/lib/apt/lists/partial/*", "var/cache/apt/*.bin",
+    "var/cache/debconf/*-old",
 )  # fmt: skip
 
 # Generators a cloud VM does not need: systemd >= 256's ssh generator probes
@@ -403,8 +410,15 @@ def configure(rootfs: Path) -> None:
         dbus_id.symlink_to("/etc/machine-id")
     for stale in ("var/lib/cloud", "etc/hostname"):
         store.remove_tree(rootfs / stale)
-    for lists in (rootfs / "var/lib/apt/lists").glob("*_*"):
-        lists.unlink()
+    remove_leftovers(rootfs)
+
+
+def remove_leftovers(rootfs: Path) -> None:
+    """Unlink the build's LEFTOVERS (in a hard-linked tree, the link only: the store keeps its copy)."""
+    for pattern in LEFTOVERS:
+        for path in rootfs.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
 
 
 def mark_updated(rootfs: Path) -> None:

@@ -316,6 +316,7 @@ class VM(machines.Guest):
         tcg_cpu: str = TCG_CPU,
         machine: str = "pc",
         warm: bool = False,
+        user_data: dict | None = None,
     ) -> None:
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
@@ -334,9 +335,13 @@ class VM(machines.Guest):
         self.append = append
         self.tcg_cpu = tcg_cpu
         self.machine = machine
+        self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = board(machine)
         self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.snapshots)
         self.restored_from: str = ""  # the snapshot restored, if it was
+        if warm and user_data:
+            # A snapshot's guest ran cloud-init long ago, on the seed of the VM that made it.
+            raise VMError("a warm VM restores a snapshot, whose cloud-init ran already: user-data needs a cold boot")
         if not self.board.firmware and self.kernel is None:
             raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
         self.state: State | None = None
@@ -462,7 +467,7 @@ class VM(machines.Guest):
     def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
         assert self.state is not None
         key = ssh.keygen(self.rundir / "id_ed25519", f"racker@{self.name}")
-        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text())
+        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data)
         overlay = self.rundir / "overlay.qcow2"
         size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
         proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size])

@@ -1,12 +1,14 @@
 """A NoCloud seed: an ISO 9660 volume labelled `cidata` with meta-data and user-data.
 
 cloud-init finds it by its label on any block device. It carries the VM's
-hostname and a per-VM SSH key for a sudo-capable user; nothing else.
+hostname and a per-VM SSH key for a sudo-capable user, and whatever other
+cloud-config the caller adds (packages, chpasswd, ntp, apt...).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -15,9 +17,27 @@ from racker import proc
 USER = "racker"
 
 
-def user_data(hostname: str, public_key: str, user: str = USER) -> str:
-    """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules."""
+# RACKER_SEED_MODULES=minimal (racker's own test suite sets it): cloud-init runs only the
+# modules the seed itself needs. Every module costs boot time under emulation; the image
+# keeps cloud-init's full default lists, for user-data that needs them (never trimmed
+# when the caller adds cloud-config of its own).
+MINIMAL_MODULES = {
+    "cloud_init_modules": ["seed_random", "bootcmd", "write_files", "growpart", "resizefs", "disk_setup", "mounts",
+                           "set_hostname", "update_hostname", "update_etc_hosts", "users_groups", "ssh"],
+    "cloud_config_modules": ["timezone", "runcmd"],
+    "cloud_final_modules": ["scripts_vendor", "scripts_per_once", "scripts_per_boot", "scripts_per_instance",
+                            "scripts_user", "final_message", "power_state_change"],
+}  # fmt: skip
+
+
+def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | None = None) -> str:
+    """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules.
+
+    `extra` is more cloud-config; racker's hostname and user win over it, and its
+    `users` are created beside racker's."""
+    extra = dict(extra or {})
     config = {
+        **extra,
         "hostname": hostname,
         "manage_etc_hosts": "localhost",
         "users": [
@@ -28,9 +48,12 @@ def user_data(hostname: str, public_key: str, user: str = USER) -> str:
                 "sudo": "ALL=(ALL) NOPASSWD:ALL",
                 "lock_passwd": True,
                 "ssh_authorized_keys": [public_key.strip()],
-            }
+            },
+            *extra.get("users", ()),
         ],
     }
+    if not extra and os.environ.get("RACKER_SEED_MODULES") == "minimal":
+        config |= MINIMAL_MODULES
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
 
 
@@ -39,11 +62,11 @@ def meta_data(hostname: str) -> str:
     return json.dumps({"instance-id": f"racker-{hostname}-{secrets.token_hex(4)}", "local-hostname": hostname, "dsmode": "local"}) + "\n"
 
 
-def build(path: Path, hostname: str, public_key: str) -> Path:
-    """Write the seed ISO at `path`."""
+def build(path: Path, hostname: str, public_key: str, extra: dict | None = None) -> Path:
+    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data."""
     files = path.parent / f"{path.stem}.d"
     files.mkdir(parents=True, exist_ok=True)
     (files / "meta-data").write_text(meta_data(hostname))
-    (files / "user-data").write_text(user_data(hostname, public_key))
+    (files / "user-data").write_text(user_data(hostname, public_key, extra=extra))
     proc.run(["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)])
     return path

@@ -74,3 +74,15 @@ def test_every_key_is_read_as_declared(private_store: dict[str, str]) -> None:
 def test_the_shipped_catalogue_is_valid() -> None:
     for entry in catalog.entries().values():
         assert refs.parse(entry.source).scheme != "catalog"
+
+
+def test_bootstrapped_releases_keep_their_security_suite_on_the_mirror_s_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from racker.sources import bootstrap
+
+    monkeypatch.setitem(bootstrap.MIRRORS, "debian", "http://127.0.0.1:3142/deb.debian.org/debian/")
+    for entry in catalog.entries().values():
+        distro, _, suite = refs.parse(entry.source).target.partition("/")
+        lines = bootstrap.sources(distro, suite)
+        assert lines[0] == f"deb http://127.0.0.1:3142/deb.debian.org/debian/ {suite} main"
+        security = [f"deb http://127.0.0.1:3142/deb.debian.org/debian-security {suite}-security main"]
+        assert lines[1:] == ([] if suite == "sid" else security), entry.name

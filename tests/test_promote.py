@@ -832,6 +832,25 @@ def test_seed_user_data_is_cloud_config_with_the_key() -> None:
     assert data["hostname"] == "vm1"
 
 
+def test_seed_user_data_adds_the_callers_cloud_config_beside_racker_s_own() -> None:
+    extra = {"packages": ["curl"], "hostname": "theirs", "users": [{"name": "alice"}]}
+    data = json.loads(seed.user_data("vm1", "ssh-ed25519 AAAA test\n", extra=extra).split("\n", 1)[1])
+    assert data["packages"] == ["curl"]
+    assert data["hostname"] == "vm1", "racker's hostname wins: it names the VM"
+    assert [u["name"] for u in data["users"]] == [seed.USER, "alice"]
+
+
+def test_the_test_seed_trims_cloud_init_modules_unless_user_data_needs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    def config(**kwargs: dict) -> dict:
+        return json.loads(seed.user_data("vm1", "ssh-ed25519 AAAA test\n", **kwargs).split("\n", 1)[1])
+
+    monkeypatch.setenv("RACKER_SEED_MODULES", "minimal")  # as conftest sets it for racker's own boots
+    assert config()["cloud_config_modules"] == seed.MINIMAL_MODULES["cloud_config_modules"]
+    assert "cloud_config_modules" not in config(extra={"packages": ["curl"]}), "user-data needs cloud-init's full module set"
+    monkeypatch.delenv("RACKER_SEED_MODULES")
+    assert not {"cloud_init_modules", "cloud_config_modules", "cloud_final_modules"} & set(config()), "users' seeds trim nothing"
+
+
 def test_grub_cfg_boots_at_once_with_a_serial_console() -> None:
     cfg = bootloader.grub_cfg("1234", "boot/vmlinuz-6", "boot/initrd.img-6", "rw console=ttyS0", "uefi")
     assert "set timeout=0" in cfg

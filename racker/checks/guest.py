@@ -49,6 +49,8 @@ FACTS: dict[str, str] = {
     "host_keys": "stat -c '%Y %n' /etc/ssh/ssh_host_*_key",
     "cmdline": "cat /proc/cmdline",
     "boot_time": "systemd-analyze time",
+    # The time-sync service, then the NTP servers it was configured with (a profile's drop-in, user-data's ntp:).
+    "time_sync": "systemctl is-active systemd-timesyncd.service; timedatectl show-timesync -p SystemNTPServers --value",
     "os_release": "cat /etc/os-release /usr/lib/os-release 2>/dev/null | head -20",
     "virtio_modules": "for m in virtio_scsi virtio_net virtio_pci; do echo $m $(modinfo -F filename $m 2>&1); done",
     "profile_files": "sha256sum " + " ".join(sorted({f"/{rel}" for p in profiles.PROFILES.values() for rel in p.files})) + " 2>/dev/null",

@@ -186,6 +186,11 @@ def test_no_failed_units(facts: guest.Facts) -> None:
     assert facts.out("system_state") == "running", f"expected the system 'running', saw {facts.out('system_state')!r}"
 
 
+def test_time_sync_active(facts: guest.Facts) -> None:
+    state = facts.out("time_sync").partition("\n")[0]
+    assert state == "active", f"expected systemd-timesyncd active (a cloud VM keeps its clock in sync), saw:\n{facts.shown('time_sync')}"
+
+
 def test_login_prompt_on_serial_console(racker_machine, facts: guest.Facts) -> None:  # type: ignore[no-untyped-def]
     assert re.search(r"(^|\s)console=ttyS0\b", facts.out("cmdline")), (
         f"expected console=ttyS0 on the kernel command line, saw {facts.out('cmdline')!r}"

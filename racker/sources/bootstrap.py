@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from racker import proc, progress
 from racker.catalog import CatalogEntry
@@ -14,8 +15,35 @@ MIRRORS = {
     "ubuntu": os.environ.get("RACKER_UBUNTU_MIRROR", "http://archive.ubuntu.com/ubuntu"),
 }
 
+# The security suite of each release that has one (sid and experimental have none),
+# as the distribution's own cloud images list it. Its archive sits beside the
+# main one on the same host (deb.debian.org/debian-security).
+SECURITY_SUITES = {
+    ("debian", "bullseye"): ("debian-security", "bullseye-security"),
+    ("debian", "bookworm"): ("debian-security", "bookworm-security"),
+    ("debian", "trixie"): ("debian-security", "trixie-security"),
+}
+
 # What a booted system needs to reach `running` with sshd answering.
 DEFAULT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "procps")
+
+
+def sources(distro: str, suite: str) -> list[str]:
+    """The one-line apt sources the image is built from and keeps: the release, then its security suite."""
+    mirror = MIRRORS[distro]
+    lines = [f"deb {mirror} {suite} main"]
+    if (distro, suite) in SECURITY_SUITES:
+        archive, security = SECURITY_SUITES[distro, suite]
+        parts = urlsplit(mirror)
+        sibling = parts.path.rstrip("/").rpartition("/")[0] + "/" + archive
+        lines.append(f"deb {urlunsplit(parts._replace(path=sibling))} {security} main")
+    return lines
+
+
+def recipe(ref: Reference) -> str:
+    """A bootstrap depends on the sources it is built from (a new security suite builds again)."""
+    distro, _, suite = ref.target.partition("/")
+    return " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
@@ -32,7 +60,8 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         argv.append("--include=" + ",".join(packages))
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
-    argv += [suite, str(rootfs), MIRRORS[distro]]
+    # mmdebstrap installs from these and writes them as the image's sources.list.
+    argv += [suite, str(rootfs), *sources(distro, suite)]
     with progress.step(f"bootstrapping {distro} {suite} with mmdebstrap"):
         proc.run(argv, timeout=1800)
-    return {"bootstrap": {"distro": distro, "suite": suite, "packages": list(packages)}}
+    return {"bootstrap": {"distro": distro, "suite": suite, "packages": list(packages), "sources": sources(distro, suite)}}
