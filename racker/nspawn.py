@@ -336,6 +336,15 @@ def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool 
 INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 
 
+# Units that act on a host disk, which a container has none of. systemd's fstab generator skips
+# fstab's device lines in a container, but systemd-remount-fs (252) still remounts / as fstab says,
+# and fails on a disk image's `UUID=… /` line. Masked with systemd.mask= on PID 1's command line
+# (systemd in a container reads its arguments as the kernel command line), so that any image from
+# a disk boots with no failed unit while its files, fstab included, stay as they are.
+HOST_DISK_UNITS = ("systemd-remount-fs.service",)
+MASKS = tuple(f"systemd.mask={unit}" for unit in HOST_DISK_UNITS)
+
+
 def configured_init(manifest: Mapping) -> list[str] | None:
     """The image's ENTRYPOINT + CMD when it starts an init, else None (nspawn --boot finds one)."""
     config = manifest.get("config") or {}
@@ -347,7 +356,8 @@ def nspawn_argv(
     rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",), init: Sequence[str] | None = None
 ) -> list[str]:
     """network_options: from network.py; only lo by default, so machines never fight over the host's ports.
-    init: the image's own init command, run as PID 1 in place of --boot's search for one."""
+    init: the image's own init command, run as PID 1 in place of --boot's search for one; either
+    init gets MASKS as its arguments."""
     argv = [
         "systemd-nspawn",
         "--quiet",
@@ -364,7 +374,7 @@ def nspawn_argv(
         argv.append("--register=yes")
     else:
         argv += ["--register=no", "--keep-unit"]
-    return [*argv, "--", *init] if init else argv
+    return [*argv, "--", *(init or ()), *MASKS]
 
 
 def machine_cgroup(name: str) -> Path | None:

@@ -183,13 +183,17 @@ PermitRootLogin no
 UseDNS no
 """
 
-# sshd waits for cloud-init's host keys; without them it makes its own.
+# sshd waits for cloud-init's host keys; without them (no cloud-init run, as under nspawn, or a
+# promoted disk, which holds none) it makes its own, before the unit's own `sshd -t`, which fails
+# without keys: the list is reset so that the key step comes first.
 SSH_DROPIN = """\
 [Unit]
 After=cloud-init.service
 
 [Service]
+ExecStartPre=
 ExecStartPre=-/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A'
+ExecStartPre=/usr/sbin/sshd -t
 """
 
 # One configured NIC is enough to call the network online.

@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 MARKER = "etc/racker-box-marker"
 VAGRANTFILE = 'Vagrant.configure("2") do |config|\nend\n'
+INCLUDING = (  # the Vagrantfile `vagrant package --vagrantfile` writes
+    'include_vagrantfile = File.expand_path("../include/_Vagrantfile", __FILE__)\n'
+    "load include_vagrantfile if File.exist?(include_vagrantfile)\n"
+)
 OVF = """<?xml version="1.0" encoding="UTF-8"?>
 <Envelope ovf:version="1.0" xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
   <References><File ovf:id="file1" ovf:href="{disk}"/></References>
@@ -64,15 +68,20 @@ def ova(directory: Path, disk: Path, out: Path, *, algorithm: str = "SHA256", wr
     pack(out, directory, ["vm.ovf", disk.name, "vm.mf"])
 
 
-def box(directory: Path, provider: str, files: dict[str, Path], out: Path, *, gzip: bool = False) -> None:
-    """A Vagrant box: metadata.json, a Vagrantfile, and the provider's files (linked in)."""
+def box(directory: Path, provider: str, files: dict[str, Path], out: Path, *, gzip: bool = False, include: bool = False) -> None:
+    """A Vagrant box: metadata.json, a Vagrantfile, and the provider's files (linked in); with `include`,
+    as `vagrant package --vagrantfile` makes one: the Vagrantfile loads include/_Vagrantfile."""
     directory.mkdir()
     metadata = {"provider": provider, **({"format": "qcow2", "virtual_size": 2} if provider == "libvirt" else {})}
     (directory / "metadata.json").write_text(json.dumps(metadata))
-    (directory / "Vagrantfile").write_text(VAGRANTFILE)
+    (directory / "Vagrantfile").write_text(INCLUDING if include else VAGRANTFILE)
+    if include:
+        (directory / "include/scripts").mkdir(parents=True)
+        (directory / "include/_Vagrantfile").write_text(VAGRANTFILE)
+        (directory / "include/scripts/setup.sh").write_text("#!/bin/sh\n")
     for name, source in files.items():
         os.link(source, directory / name)
-    pack(out, directory, ["metadata.json", "Vagrantfile", *files], gzip=gzip)
+    pack(out, directory, ["metadata.json", "Vagrantfile", *(["include"] if include else []), *files], gzip=gzip)
 
 
 def api(static_server: StaticServer, box_name: str, versions: list[dict]) -> None:
@@ -132,7 +141,8 @@ def boxes(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory)
     (work / "box.img").unlink()
     os.link(work / "disk1.vmdk", work / "box-disk001.vmdk")
     (work / "box.ovf").write_text(OVF.format(disk="box-disk001.vmdk", capacity=32 << 20))
-    box(work / "vbox", "virtualbox", {"box.ovf": work / "box.ovf", "box-disk001.vmdk": work / "box-disk001.vmdk"}, work / "vbox.box")
+    vbox_files = {"box.ovf": work / "box.ovf", "box-disk001.vmdk": work / "box-disk001.vmdk"}
+    box(work / "vbox", "virtualbox", vbox_files, work / "vbox.box", include=True)  # as `vagrant package` makes them
     ova(work / "ova", work / "disk1.vmdk", served / "vm.ova")
     shutil.rmtree(work / "ova")
     shutil.rmtree(work / "libvirt")
@@ -203,6 +213,7 @@ def _bad(directory: Path, static_server: StaticServer) -> None:
     ovf = OVF.format(disk="disk.vmdk", capacity=1 << 20).encode()
     _tar(directory / "dotdot.ova", {"vm.ovf": ovf, "../escaped.vmdk": b"x"})
     _tar(directory / "absolute.ova", {"vm.ovf": ovf, "/tmp/racker-test-absolute.vmdk": b"x"})
+    _tar(directory / "nested.ova", {"vm.ovf": ovf, "disks/disk.vmdk": b"x"})
     descriptor = (
         b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
         b'RW 2048 FLAT "../../etc/shadow" 0\n\nddb.adapterType = "ide"\n'
@@ -239,6 +250,7 @@ BAD = [
     ("file:{dir}/mismatch.ova", "tiny.img does not match the manifest: SHA256"),
     ("file:{dir}/dotdot.ova", "climbs out of the root with '..'"),
     ("file:{dir}/absolute.ova", "member '/tmp/racker-test-absolute.vmdk' has an absolute path: refused"),
+    ("file:{dir}/nested.ova", "nested.ova: disks/ is a directory: an OVA holds files at its top only"),
     ("file:{dir}/extent.ova", "names an extent outside its own directory (../../etc/shadow): refused"),
     ("file:{dir}/libvirt.box#provider=virtualbox", "libvirt.box is a libvirt box, not virtualbox"),
     ("vagrant:racker/versions@9.9", "vagrant:racker/versions has no version 9.9 (versions: 1.0.0, 2.0.0)"),

@@ -191,6 +191,53 @@ def test_a_corrupt_archive_is_one_error(world) -> None:  # type: ignore[no-untyp
         extract.extract(io.BytesIO(b"\x1f\x8b" + os.urandom(200)), root, name="layer.tar.gz")
 
 
+# -- VM packages (boxes, OVAs): plain files and directories, nothing else -----------
+
+
+def test_a_package_may_hold_directories_as_vagrant_package_writes_them(world) -> None:  # type: ignore[no-untyped-def]
+    _outer, root = world
+    members = [
+        file("./Vagrantfile", b"load File.expand_path('include/_Vagrantfile', __dir__)\n"),
+        entry("./include", tarfile.DIRTYPE),
+        file("./include/_Vagrantfile", b"Vagrant.configure('2') do |c| end\n"),
+        file("./include/scripts/setup.sh", b"#!/bin/sh\n", 0o755),
+        file("./metadata.json", b"{}"),
+    ]
+    unpack(root, members, plain=True)
+    assert (root / "include/scripts/setup.sh").read_bytes() == b"#!/bin/sh\n"
+    assert sorted(p.name for p in root.iterdir()) == ["Vagrantfile", "include", "metadata.json"]
+
+
+PACKAGE_TRICKS = [
+    ([file("/tmp/racker-test-plain-absolute")], "has an absolute path"),
+    ([file("include/../../secret", b"pwned")], "climbs out of the root with '..'"),
+    ([entry("include", tarfile.DIRTYPE), entry("include/link", tarfile.SYMTYPE, "../../victim")], "not a plain file or directory"),
+    ([file("box.img"), entry("include/again", tarfile.LNKTYPE, "box.img")], "not a plain file or directory"),
+    ([entry("include/tty", tarfile.CHRTYPE)], "not a plain file or directory"),
+    ([entry("include/fifo", tarfile.FIFOTYPE)], "not a plain file or directory"),
+]
+
+
+@pytest.mark.parametrize(("members", "said"), PACKAGE_TRICKS, ids=["absolute", "dotdot", "symlink", "hardlink", "device", "fifo"])
+def test_a_package_member_that_is_no_file_or_directory_is_refused(world, members, said: str) -> None:  # type: ignore[no-untyped-def]
+    outer, root = world
+    before = snapshot(outer, root)
+    with pytest.raises(BadArchive, match=said):
+        unpack(root, members, plain=True, name="x.box")
+    assert snapshot(outer, root) == before
+    assert not Path("/tmp/racker-test-plain-absolute").exists()
+    assert not [p for p in root.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())]
+
+
+def test_a_box_starting_with_its_include_directory_is_a_package(tmp_path: Path) -> None:
+    from racker.sources import packaged
+
+    for first, expected in (("include/_Vagrantfile", True), ("./Vagrantfile", True), ("etc/os-release", False)):
+        path = tmp_path / "x.tar"
+        path.write_bytes(_tar([file(first), file("metadata.json")]).getvalue())
+        assert packaged.is_package(path) is expected, first
+
+
 # -- whatever an archive holds: nothing outside the root changes ----------------
 
 PARTS = ["a", "b", "..", ".", "", "victim", "etc", ".wh.a", ".wh..wh..opq", ".wh..."]

@@ -19,8 +19,9 @@ root tarball) unpacked into a staging root, as if that root were `/`.
   64 GiB, counting each member's data and header): a decompression bomb stops
   at the limit with one error, before the member that would pass it is written.
 
-- With flat=True (OVAs, Vagrant boxes): only regular files with plain names at
-  the top (a leading `./` allowed), no absolute path, no directory, no link.
+- With plain=True (OVAs, Vagrant boxes): only regular files and directories (a
+  box from `vagrant package` may hold an include/ directory), no absolute path,
+  no link of either kind, no device node or FIFO: nothing that could lead out.
 
 Anything else is a BadArchive naming the member, raised before it is written.
 """
@@ -150,7 +151,7 @@ class Root:
                 os.unlink(path)
 
 
-def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, flat: bool = False, name: str = "archive") -> Report:
+def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, plain: bool = False, name: str = "archive") -> Report:
     """Unpack the tar stream into `root` (an existing directory); BadArchive on hostile or broken input.
 
     Reads the stream once, front to back (a pipe from `docker export` will do).
@@ -169,8 +170,8 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, flat: boo
                         f"{name} unpacks to more than {_human(limit)}: refused as a decompression bomb",
                         hint="if the image really is that large, raise RACKER_EXTRACT_LIMIT (e.g. RACKER_EXTRACT_LIMIT=128G)",
                     )
-                if flat:
-                    _check_flat(member, name)
+                if plain:
+                    _check_plain(member, name)
                 try:
                     _extract_member(archive, member, tree, report, written, whiteouts)
                 except OSError as error:
@@ -185,15 +186,13 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, flat: boo
     return report
 
 
-def _check_flat(member: tarfile.TarInfo, name: str) -> None:
-    """BadArchive for a member of a flat archive (an OVA, a box) that is not a plain file at the top."""
+def _check_plain(member: tarfile.TarInfo, name: str) -> None:
+    """BadArchive for a member of a VM package (an OVA, a box) that is neither a regular file nor a directory."""
     if member.name.startswith("/"):
         raise BadArchive(f"{name}: member {member.name!r} has an absolute path: refused")
-    parts = member_parts(member.name)
-    if member.isdir() and not parts:
-        return  # `./` itself
-    if len(parts) != 1 or not member.isreg():
-        raise BadArchive(f"{name}: member {member.name!r} is not a plain file at the top of the archive: refused")
+    member_parts(member.name)  # no `..`
+    if not (member.isreg() or member.isdir()):
+        raise BadArchive(f"{name}: member {member.name!r} is not a plain file or directory: refused")
 
 
 def _extract_member(

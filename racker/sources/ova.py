@@ -1,7 +1,8 @@
 """OVA files (`file:vm.ova`, `https://…/vm.ova`), and the OVF descriptor a VirtualBox box holds too.
 
 .ova (a tar: the .ovf first, the disks, a .mf manifest)
-    ──extract (flat: plain files at the top, nothing else)──▶ a work directory holding only the OVA's members
+    ──extract (plain files and directories, nothing else)──▶ a work directory holding only the OVA's members
+    ──flat──▶ an OVA's members are files at its top (a box may carry an include/ directory besides)
     ──manifest──▶ every member's SHA1/SHA256 checked against the .mf, before any disk is read
     ──descriptor──▶ the first disk the .ovf names (References/File of DiskSection/Disk)
     ──disk──▶ the root filesystem, as from any disk image (a vmdk's extents must be OVA members)
@@ -25,9 +26,11 @@ CHUNK = 1 << 20
 
 
 def unpack_dir(directory: Path, rootfs: Path, *, name: str, besides: tuple[str, ...] = ()) -> dict:
-    """The root filesystem of the OVA unpacked (flat) in `directory` into the new `rootfs`; manifest fields.
-    `besides`: files that are not the OVF's (a box's metadata.json), which no manifest lists; a box
-    needs no manifest either (its own checksum vouches for it)."""
+    """The root filesystem of the OVA unpacked in `directory` into the new `rootfs`; manifest fields.
+    `besides`: files that are not the OVF's (a box's metadata.json, its include/), which no manifest
+    lists; a box needs no manifest either (its own checksum vouches for it)."""
+    if nested := sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in besides):
+        raise BadArchive(f"{name}: {nested[0]}/ is a directory: an OVA holds files at its top only")
     descriptors = sorted(p for p in directory.iterdir() if p.suffix == ".ovf")
     if len(descriptors) != 1:
         raise BadArchive(f"{name} holds {len(descriptors)} OVF descriptors (.ovf); an OVA has one")

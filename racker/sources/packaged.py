@@ -1,7 +1,8 @@
-"""Packaged VMs: Vagrant boxes and OVAs, tars of a few plain files (descriptor, metadata, disks),
-told from root tarballs by their first file and unpacked flat into a directory of their own.
+"""Packaged VMs: Vagrant boxes and OVAs, tars of a few plain files (descriptor, metadata, disks;
+a box from `vagrant package` also an include/ directory its Vagrantfile loads), told from root
+tarballs by their first file and unpacked (plain files and directories only) into a directory of their own.
 
-    first file metadata.json, Vagrantfile, info.json, *.img, *.vmdk, *.ovf, *.mf ──▶ a VM package
+    first file metadata.json, Vagrantfile, info.json, *.img, *.vmdk, *.ovf, *.mf, include/… ──▶ a VM package
     unpacked: metadata.json there ──▶ a Vagrant box (vagrant.py); else ──▶ an OVA (ova.py)
 
 A root tarball never starts with those at its top: its first file is under a directory.
@@ -18,6 +19,8 @@ from racker.sources import compression, extract
 
 NAMES = ("metadata.json", "Vagrantfile", "info.json")
 SUFFIXES = (".img", ".vmdk", ".ovf", ".mf", ".qcow2")
+INCLUDE = "include/"  # `vagrant package --include`/`--vagrantfile` files: no root tarball has such a top directory
+BOX_EXTRAS = (*NAMES, INCLUDE.rstrip("/"))  # what a box holds besides its provider's files
 HEAD = 64 << 10  # enough for the headers before the first file (a `./` entry, pax headers)
 
 
@@ -39,14 +42,14 @@ def is_package(path: Path) -> bool:
     if name is None:
         return False
     name = name.removeprefix("./")
-    return "/" not in name and (name in NAMES or name.endswith(SUFFIXES))
+    return name.startswith(INCLUDE) or ("/" not in name and (name in NAMES or name.endswith(SUFFIXES)))
 
 
 def unpack(path: Path, directory: Path, *, name: str) -> str:
-    """The package's files into the new `directory`, refused unless each is a plain file at the top; its compression."""
+    """The package's files into the new `directory`, refused unless each is a plain file or directory; its compression."""
     directory.mkdir()
     with progress.step(f"unpacking {name}"), compression.decompressed(path, name=name) as (kind, stream):
-        extract.extract(stream, directory, flat=True, name=name)
+        extract.extract(stream, directory, plain=True, name=name)
     return kind
 
 

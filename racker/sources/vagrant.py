@@ -184,7 +184,7 @@ def unpack_dir(directory: Path, rootfs: Path, *, name: str, provider: str | None
             raise BadArchive(f"{name}: the libvirt box holds no {disk_file.name}")
         found = disk.unpack(disk_file, rootfs, name=f"{name}: {disk_file.name}")["disk"]
     elif has == "virtualbox":
-        found = ova.unpack_dir(directory, rootfs, name=name, besides=packaged.NAMES)["ova"]
+        found = ova.unpack_dir(directory, rootfs, name=name, besides=packaged.BOX_EXTRAS)["ova"]
     else:
         raise BadArchive(f"{name} is a box for {has or 'no named provider'}: racker reads {' and '.join(PROVIDERS)} boxes")
     return {"box": {"provider": has, **found}}
