@@ -105,20 +105,21 @@ def private_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
 
 @pytest.fixture
 def share_image(private_store: dict[str, str]):
-    """share_image(name, prepared=False) -> StoredImage: a catalogue image, built in the
-    shared store if missing, put into the private store by hard links (no rebuild).
+    """share_image(name, prepared=False, kernel=...) -> StoredImage: a catalogue image (prepared:
+    with the cloud kernel, or `kernel`), built in the shared store if missing, put into the
+    private store by hard links (no rebuild).
 
     Safe because nothing ever writes a store image in place: both stores only read it.
     """
     from racker import images, prepare, store
 
-    def share(name: str, *, prepared: bool = False) -> store.StoredImage:
+    def share(name: str, *, prepared: bool = False, kernel: str = prepare.CLOUD_KERNEL) -> store.StoredImage:
         private = os.environ["RACKER_HOME"]
         os.environ["RACKER_HOME"] = str(SHARED_HOME)
         try:
             image = images.pull(name)
             if prepared:
-                image = prepare.prepare(image)
+                image = prepare.prepare(image, kernel=kernel)
         finally:
             os.environ["RACKER_HOME"] = private
         found = store.link_from(SHARED_HOME, image.name)
