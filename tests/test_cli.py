@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, racker
-from racker import images, store
+from racker import images, refs, store
 from racker.errors import RackerError
+from racker.sources import bootstrap
 
 LOCAL_NAMES = {
-    # name: recipe (a scheme name's recipe is its source: pull finds it built and builds nothing)
-    "bootstrap:debian/bookworm": "bootstrap:debian/bookworm",
+    # name: recipe (a scheme name's recipe is what its source says: pull finds it built and builds nothing)
+    "bootstrap:debian/bookworm": bootstrap.recipe(refs.parse("bootstrap:debian/bookworm")),
     "bootstrap:debian/bookworm+vm": "made here",
     "docker://docker.io/library/debian:latest": "docker://docker.io/library/debian:latest",
     "my-image": "made here",
