@@ -244,3 +244,18 @@ def test_check_table_has_a_column_per_image_and_engine_and_the_worst_outcome_of_
     )
     assert header == ["CHECK", "debian-sid/nspawn", "debian-sid/qemu"]
     assert rows == [["profile_requirements_met", "skip", "fail"], ["root_writable", "skip", "pass"]]
+
+
+def test_a_catalogue_image_built_from_other_apt_sources_is_not_served_as_current(private_store: dict[str, str]) -> None:
+    """A bootstrap's recipe holds its apt sources (a security suite added builds the image again):
+    an image stored under the catalogue file's recipe alone, as before, is stale, not present."""
+    from racker import catalog
+    from racker.sources import recipe_for
+
+    entry = catalog.get("tiny")
+    current = recipe_for(refs.parse(entry.source), entry)
+    assert "-security" in current, "bookworm's security suite is part of what the image is built from"
+    stale = _commit("tiny", catalog.recipe_of(catalog.find_file("tiny").read_bytes()), text="before")  # type: ignore[union-attr]
+    assert images._present_catalog_image("tiny") is None, f"served {stale.recipe!r}"
+    fresh = _commit("tiny", current, text="after")
+    assert images._present_catalog_image("tiny") == fresh
