@@ -224,7 +224,7 @@ def test_checks_run_from_the_installed_package(tmp_path: Path) -> None:
     # The full-boot checks need the qemu engine: under nspawn each is skipped, saying why.
     full_boot = [r for r in records if "test_vm.py" in r["nodeid"]]
     assert full_boot and {r["outcome"] for r in full_boot} == {"skip"}
-    assert {r["message"] for r in full_boot} == {"nspawn cannot provide: full-boot, ssh, cloud-init, network"}
+    assert {r["message"] for r in full_boot} == {"nspawn cannot provide: full-boot, first-boot, ssh, cloud-init, network"}
 
 
 def test_racker_check_prints_a_result_table() -> None:
