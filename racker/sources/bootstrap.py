@@ -17,9 +17,10 @@ MIRRORS = {
 
 # The security suite of each release that has one (sid and experimental have none),
 # as the distribution's own cloud images list it. Its archive sits beside the
-# main one on the same host (deb.debian.org/debian-security).
+# main one on the same host (deb.debian.org/debian-security). Bullseye's ended with
+# its LTS on 2026-08-31 (what follows is Freexian's ELTS, not debian-security), and
+# mirrors drop its pool: the kernel listed there 404s on this host's mirror.
 SECURITY_SUITES = {
-    ("debian", "bullseye"): ("debian-security", "bullseye-security"),
     ("debian", "bookworm"): ("debian-security", "bookworm-security"),
     ("debian", "trixie"): ("debian-security", "trixie-security"),
 }
