@@ -432,7 +432,10 @@ class VM(machines.Guest):
         snapshots.wait_loaded(self, deadline)
         self.qmp("cont")  # the state was saved paused
         self.reconnect(deadline)
-        # Its clock stood still since the save: step it to ours before anyone reads it.
+        # Its clock stood still since the save: step it to ours before anyone reads it. The
+        # first root command opens the root channel (a sudo, seconds under load); the step is
+        # sent on the open channel, so it lands one round trip after the time it carries.
+        self.run_expect([0], ["true"], timeout=30)
         self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
         self.system_state = "running"
         self.restored_from = snapshot.id
