@@ -70,7 +70,7 @@ KILLS = [
     pytest.param("run", "nspawn", 0.0, id="run-while-booting"),
     pytest.param("run", "booted", 0.5, id="run-while-the-command-runs"),
     pytest.param("promote", "staging", 0.3, id="promote-while-staging"),
-    pytest.param("promote", "writing", 0.5, id="promote-while-writing-the-output"),
+    pytest.param("promote", "writing", 0.0, id="promote-while-writing-the-output"),  # promote writes its output in well under a second
     # One VM round: QEMU boots are the cost. Its first start also builds the cached disk.
     pytest.param("vm", "qemu", 3.0, id="vm-start-while-qemu-boots", marks=pytest.mark.qemu),
 ]
