@@ -26,6 +26,9 @@ MiB = 1 << 20
 LVM_CONFIG = "global { activation = 0 } devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 } backup { backup = 0 archive = 0 }"
 PROMOTE_ADDS = ("boot/grub", "lost+found")  # and etc/fstab, which promote rewrites
 
+# A volume group's name is the host's: two workers building the LVM disk at once must not share one.
+VG = f"vg-test{os.getpid()}"
+
 
 def listing(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Every path under `root`: mode, owner, size, link target, file capability (not times)."""
@@ -137,12 +140,12 @@ def lvm_gpt(tree: Path, boot_tree: Path, disk: Path, work: Path) -> None:
     lvm = ["--config", LVM_CONFIG]
     try:
         sh("pvcreate", *lvm, "-ff", "-y", loop)
-        sh("vgcreate", *lvm, "-s", "1M", "vg-test", loop)
+        sh("vgcreate", *lvm, "-s", "1M", VG, loop)
         for name, size in (("data", "8M"), ("root", "40M"), ("boot", "8M")):
-            sh("lvcreate", *lvm, "-an", "-Zn", "-L", size, "-n", name, "vg-test")
-        sh("lvextend", *lvm, "-L", "+24M", "vg-test/root")  # a second segment, after boot's
+            sh("lvcreate", *lvm, "-an", "-Zn", "-L", size, "-n", name, VG)
+        sh("lvextend", *lvm, "-L", "+24M", f"{VG}/root")  # a second segment, after boot's
         pe_start = int(sh("pvs", *lvm, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", loop).stdout)
-        segments = sh("lvs", *lvm, "--noheadings", "-o", "lv_name,seg_pe_ranges", "vg-test").stdout.split("\n")
+        segments = sh("lvs", *lvm, "--noheadings", "-o", "lv_name,seg_pe_ranges", VG).stdout.split("\n")
     finally:
         sh("losetup", "-d", loop)
     ranges: dict[str, list[tuple[int, int]]] = {}
@@ -154,7 +157,8 @@ def lvm_gpt(tree: Path, boot_tree: Path, disk: Path, work: Path) -> None:
     assert len(ranges["root"]) == 2, segments
     mkfs(disk, ranges["data"][0][0], ranges["data"][0][1], empty)
     mkfs(disk, ranges["boot"][0][0], ranges["boot"][0][1], boot_tree)
-    (tree / "etc/fstab").write_text("/dev/mapper/vg--test-root / ext4 defaults 0 1\n/dev/vg-test/boot /boot ext4 defaults 0 2\n")
+    mapper = VG.replace("-", "--")
+    (tree / "etc/fstab").write_text(f"/dev/mapper/{mapper}-root / ext4 defaults 0 1\n/dev/{VG}/boot /boot ext4 defaults 0 2\n")
     root_fs = work / "root.ext4"
     root_fs.write_bytes(b"")
     os.truncate(root_fs, sum(length for _o, length in ranges["root"]))
@@ -263,12 +267,12 @@ def test_a_hand_made_disk_over_https_with_a_separate_usr_boots_and_passes_checks
 def test_a_gpt_disk_with_lvm_root_in_two_segments_and_boot_in_an_lv(disks: dict, private_store: dict, tmp_path: Path) -> None:
     image = _pulled(f"file:{disks['lvm']}")
     fields = image.manifest["disk"]
-    assert (fields["table"], fields["root"], fields["merged"]) == ("gpt", "LV vg-test/root", ["/boot"])
+    assert (fields["table"], fields["root"], fields["merged"]) == ("gpt", f"LV {VG}/root", ["/boot"])
     with store.reading(image) as rootfs:
         pulled = listing(rootfs, skip=("lost+found", "boot/lost+found", "etc/fstab"))
         assert (rootfs / "etc/fstab").read_text().splitlines()[
             1
-        ] == "# racker: merged into the root filesystem: /dev/vg-test/boot /boot ext4 defaults 0 2"
+        ] == f"# racker: merged into the root filesystem: /dev/{VG}/boot /boot ext4 defaults 0 2"
     source = listing(disks["small"], skip=("fifo", "etc/fstab"))  # a FIFO is skipped, as the extractor skips it
     source.update({f"boot/{k}": v for k, v in listing(disks["small_boot"]).items()})
     pulled["etc/machine-id"] = source["etc/machine-id"] = None  # type: ignore[assignment]  # written by normalise
