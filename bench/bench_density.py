@@ -67,6 +67,18 @@ def errors_of(failed: list[str]) -> dict[str, int]:
     return counts
 
 
+def figures(running: int, all_running: float, ran: list[int], exec_s: float, stop_s: float, memory: list[int]) -> dict:
+    """What both sides report, in the same keys."""
+    return {
+        "running": running,
+        "all_running_s": round(all_running, 2),
+        "exec_ok": sum(1 for rc in ran if rc == 0),
+        "exec_all_s": round(exec_s, 2),
+        "stop_all_s": round(stop_s, 2),
+        "memory_per_machine_mb": round(sum(memory) / len(memory) / 2**20, 1) if memory else None,
+    }
+
+
 def racker_side(image: str, n: int, timeout: float) -> dict:
     names = [f"dens-{i}-{os.getpid()}" for i in range(n)]
     started = time.monotonic()
@@ -87,13 +99,8 @@ def racker_side(image: str, n: int, timeout: float) -> dict:
     stopped.communicate()
     stop_s = time.monotonic() - stop_started
     return {
-        "running": len(running),
-        "all_running_s": round(all_running, 2),
-        "exec_ok": sum(1 for rc in ran if rc == 0),
-        "exec_all_s": round(exec_s, 2),
-        "stop_all_s": round(stop_s, 2),
+        **figures(len(running), all_running, ran, exec_s, stop_s, memory),
         "stop_rc": stopped.returncode,
-        "memory_per_machine_mb": round(sum(memory) / len(memory) / 2**20, 1) if memory else None,
         "per_machine": {k: round(v, 1) for k, v in costs.items() if k != "memory"},
         "failed": len(failed),
         "errors": errors_of(failed),
@@ -181,14 +188,7 @@ def bare_side(rootfs: Path, n: int, timeout: float) -> dict:
         stop_s = time.monotonic() - stop_started
     for i in range(n):
         shutil.rmtree(machines.NSPAWN_PROPAGATE / f"bare-{i}-{os.getpid()}", ignore_errors=True)
-    return {
-        "running": len(ready),
-        "all_running_s": round(all_running, 2),
-        "exec_ok": sum(1 for rc in ran if rc == 0),
-        "exec_all_s": round(exec_s, 2),
-        "stop_all_s": round(stop_s, 2),
-        "memory_per_machine_mb": round(sum(memory) / len(memory) / 2**20, 1) if memory else None,
-    }
+    return figures(len(ready), all_running, ran, exec_s, stop_s, memory)
 
 
 def leftovers(image_rootfs: Path) -> list[str]:
