@@ -27,7 +27,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from racker import proc
@@ -40,9 +40,43 @@ HELLO = b"racker-guest-shell 1"
 SLACK = 15.0
 START_TIMEOUT = 60.0
 
-# Runs in the guest (any python3 >= 3.5), as root. Its first line names it for pgrep.
-SERVER = r"""# racker-guest-shell
+# Runs a request in the guest, as root: shared by SERVER (on a pipe) and racker.guest_agent's AGENT.
+EXECUTE = r"""
 import errno, json, os, signal, struct, subprocess, sys
+def execute(request, data):
+    reply, out, err = {}, b"", b""
+    argv = [a.encode("latin-1") for a in request["argv"]]
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE if request["input"] else subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as error:
+        reply["rc"] = 127 if error.errno == errno.ENOENT else 126
+        return json.dumps(reply).encode(), b"", ("racker-guest-shell: %s\n" % error).encode()
+    try:
+        out, err = child.communicate(data if request["input"] else None, timeout=request["timeout"])
+    except subprocess.TimeoutExpired:
+        reply["timed_out"] = True
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # what it started too
+        except OSError:
+            pass
+        try:
+            out, err = child.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # a descendant that left the group holds the pipes
+            child.stdout.close()
+            child.stderr.close()
+            child.wait()
+    reply["rc"] = child.returncode
+    return json.dumps(reply).encode(), out, err
+def frames(*parts):
+    return b"".join(struct.pack(">Q", len(p)) + p for p in parts)
+"""
+
+# Runs in the guest (any python3 >= 3.5), as root. Its first line names it for pgrep.
+SERVER = (
+    "# racker-guest-shell"
+    + EXECUTE
+    + r"""
 def read(n):
     data = b""
     while len(data) < n:
@@ -53,40 +87,15 @@ def read(n):
     return data
 def frame():
     return read(struct.unpack(">Q", read(8))[0])
-def send(*parts):
-    out = b"".join(struct.pack(">Q", len(p)) + p for p in parts)
+def send(out):
     while out:
         out = out[os.write(1, out):]
-send(b"racker-guest-shell 1")
+send(frames(b"racker-guest-shell 1"))
 while True:
     request = json.loads(frame().decode())
-    data = frame()
-    argv = [a.encode("latin-1") for a in request["argv"]]
-    reply, out, err = {}, b"", b""
-    try:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE if request["input"] else subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as error:
-        reply["rc"] = 127 if error.errno == errno.ENOENT else 126
-        err = ("racker-guest-shell: %s\n" % error).encode()
-    else:
-        try:
-            out, err = child.communicate(data if request["input"] else None, timeout=request["timeout"])
-        except subprocess.TimeoutExpired:
-            reply["timed_out"] = True
-            try:
-                os.killpg(child.pid, signal.SIGKILL)  # what it started too
-            except OSError:
-                pass
-            try:
-                out, err = child.communicate(timeout=5)
-            except subprocess.TimeoutExpired:  # a descendant that left the group holds the pipes
-                child.stdout.close()
-                child.stderr.close()
-                child.wait()
-        reply["rc"] = child.returncode
-    send(json.dumps(reply).encode(), out, err)
+    send(frames(*execute(request, frame())))
 """
+)
 
 
 def _frame(data: bytes) -> bytes:
@@ -113,7 +122,7 @@ class Channel:
 
     # -- the server ------------------------------------------------------------
 
-    def _start(self, timeout: float) -> subprocess.Popen[bytes]:
+    def _start(self, timeout: float) -> None:
         self._buffer.clear()
         with open(self.log, "wb") if self.log else open(os.devnull, "wb") as log:
             # Dies with this process (kill -9 too), and then the guest's server reads EOF and exits.
@@ -134,17 +143,22 @@ class Channel:
                 raise Unreachable(f"the root channel to {self.name} could not start: {detail}") from None
             self.unavailable = True
             raise ChannelUnavailable(f"{self.name} cannot run the root channel: {detail}") from None
-        return child
 
-    def _usable(self) -> subprocess.Popen[bytes] | None:
-        """The running server, or None if it died (an idle channel has nothing to read but EOF)."""
+    def _usable(self) -> bool:
+        """The server runs (an idle channel has nothing to read: else it is EOF, the server gone)."""
         child = self.child
         if child is None or child.poll() is not None:
-            return None
-        assert child.stdout is not None
-        if self._buffer or select.select([child.stdout], [], [], 0)[0]:
-            return None
-        return child
+            return False
+        return not self._buffer and not select.select([self._fd()], [], [], 0)[0]
+
+    def _send(self, data: bytes) -> None:
+        assert self.child is not None and self.child.stdin is not None
+        self.child.stdin.write(data)
+        self.child.stdin.flush()
+
+    def _fd(self) -> int:
+        assert self.child is not None and self.child.stdout is not None
+        return self.child.stdout.fileno()
 
     def close(self) -> None:
         """End the server: EOF on its stdin, then the ssh client (reaped)."""
@@ -173,15 +187,12 @@ class Channel:
         header = {"argv": [os.fsencode(a).decode("latin-1") for a in argv], "input": input is not None, "timeout": timeout}
         request = _frame(json.dumps(header).encode()) + _frame(input or b"")
         with self.lock:
-            child = self._usable()
-            if child is None:
+            if not self._usable():
                 self.close()  # reaps a dead one
-                child = self._start(START_TIMEOUT if timeout is None else max(timeout, START_TIMEOUT))
-            assert child.stdin is not None
+                self._start(START_TIMEOUT if timeout is None else max(timeout, START_TIMEOUT))
             deadline = None if timeout is None else time.monotonic() + timeout + SLACK
             try:
-                child.stdin.write(request)
-                child.stdin.flush()
+                self._send(request)
                 reply, out, err = self._read_frames(3, deadline)
             except TimeoutError:
                 self.close()  # the guest did not answer: it may be stuck mid-frame
@@ -202,8 +213,7 @@ class Channel:
         return frames
 
     def _take(self, size: int, deadline: float | None) -> bytes:
-        assert self.child is not None and self.child.stdout is not None
-        fd = self.child.stdout.fileno()
+        fd = self._fd()
         while len(self._buffer) < size:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and (wait <= 0 or not select.select([fd], [], [], wait)[0]):
@@ -227,10 +237,15 @@ _REGISTRY_LOCK = threading.Lock()
 def channel(key: str, argv: Sequence[str], *, cwd: str | None = None, log: Path | None = None, name: str = "the VM") -> Channel:
     """This process's channel to the VM `key`, made on first use (its server starts with its
     first command); ChannelUnavailable if the guest has shown it cannot run one."""
+    return registered(key, lambda: Channel(argv, cwd=cwd, log=log, name=name), name)
+
+
+def registered(key: str, make: Callable[[], Channel], name: str) -> Channel:
+    """This process's channel under `key`, made by `make` on first use."""
     with _REGISTRY_LOCK:
         found = _CHANNELS.get(key)
         if found is None or found.pid != os.getpid():
-            found = _CHANNELS[key] = Channel(argv, cwd=cwd, log=log, name=name)
+            found = _CHANNELS[key] = make()
     if found.unavailable:
         raise ChannelUnavailable(f"{name} cannot run the root channel")
     return found

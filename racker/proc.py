@@ -75,6 +75,7 @@ def debug(message: str) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_THP_DISABLE = 41
 
 
 @functools.cache
@@ -85,7 +86,9 @@ def _prctl() -> Callable[..., int]:
 
 
 @contextlib.contextmanager
-def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: str | None = None) -> Iterator[Callable[[], None] | None]:
+def child_setup(
+    *, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: str | None = None, huge_pages: bool = True
+) -> Iterator[Callable[[], None] | None]:
     """What a child does between fork and exec (a preexec_fn, or None for nothing), with
     everything resolved here, in the parent, for the length of the block that starts it.
 
@@ -93,18 +96,21 @@ def child_setup(*, die_with_parent: int | None = signal.SIGTERM, cgroup_procs: s
     (strictly: when the thread that started it exits; racker starts children
     from the thread that waits for them). cgroup_procs: a cgroup.procs file the
     child moves itself into before it runs, so its own children start there.
+    huge_pages=False: no transparent huge pages for it, whatever it asks (madvise).
     """
-    if die_with_parent is None and cgroup_procs is None:
+    if die_with_parent is None and cgroup_procs is None and huge_pages:
         yield None
         return
-    prctl = _prctl() if die_with_parent is not None else None
+    prctl = _prctl() if die_with_parent is not None or not huge_pages else None
     parent = os.getpid()
     procs = os.open(cgroup_procs, os.O_WRONLY | os.O_CLOEXEC) if cgroup_procs else None
 
     def setup() -> None:
         if procs is not None:
             os.write(procs, b"0")  # 0: the writing process itself
-        if prctl is not None:
+        if prctl is not None and not huge_pages:
+            prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if prctl is not None and die_with_parent is not None:
             prctl(_PR_SET_PDEATHSIG, die_with_parent, 0, 0, 0)
             if os.getppid() != parent:  # racker died before prctl took effect
                 os.kill(os.getpid(), die_with_parent)  # type: ignore[arg-type]
@@ -181,6 +187,7 @@ def start(
     cgroup_procs: str | None = None,
     cwd: str | None = None,
     pass_fds: Sequence[int] = (),
+    huge_pages: bool = True,
 ) -> subprocess.Popen[bytes]:
     """Start a program; the caller owns it (spawn() owns it for a block).
 
@@ -192,11 +199,12 @@ def start(
     terminal). It dies with racker unless die_with_parent is None (a
     machine that `racker start` leaves running). pass_fds: descriptors it
     inherits (a nat machine's forwarder takes its listening sockets).
+    huge_pages=False turns transparent huge pages off for it (see child_setup).
     """
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
     debug(f"run: {shlex.join(argv)}")
-    with child_setup(die_with_parent=die_with_parent, cgroup_procs=cgroup_procs) as setup:
+    with child_setup(die_with_parent=die_with_parent, cgroup_procs=cgroup_procs, huge_pages=huge_pages) as setup:
         return subprocess.Popen(
             argv,
             env=_environment(env),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_shell, machines, proc, progress, seed, snapshots, ssh, store
+from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, ssh, store
 from racker.errors import BadDisk, BootTimeout, ChannelUnavailable, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
 from racker.machines import State
 from racker.proc import Result
@@ -73,6 +73,7 @@ class Board:
     # False: no HPET or PM timer to calibrate the TSC against. Under TCG on a busy
     # host the PIT alone fails, and the kernel hangs with no TSC rate; it is given one.
     tsc_reference: bool = True
+    serial_bus: str = "virtio-serial-pci"  # for a warm VM's agent port (racker.guest_agent)
 
 
 # The stand-ins for where each output is booted; "pc" is racker's own.
@@ -80,7 +81,13 @@ BOARDS: dict[str, Board] = {
     "pc": Board(MACHINE, "virtio-blk-pci,drive={drive}", "virtio-net-pci", "virtio-rng-pci"),
     # Firecracker's machine: virtio-mmio devices only, no PCI, described to the guest by ACPI.
     "microvm": Board(
-        "microvm,acpi=on", "virtio-blk-device,drive={drive}", "virtio-net-device", "virtio-rng-device", firmware=False, tsc_reference=False
+        "microvm,acpi=on",
+        "virtio-blk-device,drive={drive}",
+        "virtio-net-device",
+        "virtio-rng-device",
+        firmware=False,
+        tsc_reference=False,
+        serial_bus="virtio-serial-device",
     ),
     # VirtualBox's defaults: an AHCI (SATA) controller and an Intel PRO/1000 (e1000).
     # The seed as an optical drive, as VirtualBox attaches cloud-init's ISO.
@@ -430,11 +437,16 @@ class VM(machines.Guest):
         finally:
             self._incoming = ""
         snapshots.wait_loaded(self, deadline)
+        self.state.extra["agent"] = snapshot.agent
         self.qmp("cont")  # the state was saved paused
-        self.reconnect(deadline)
         # Its clock stood still since the save: step it to ours before anyone reads it. The
-        # first root command opens the root channel (a sudo, seconds under load); the step is
-        # sent on the open channel, so it lands one round trip after the time it carries.
+        # first root command opens a root channel (the agent's at once; without one an SSH
+        # handshake and a sudo, seconds); the step is sent on the open channel, so it lands
+        # one round trip after the time it carries.
+        try:
+            guest_agent.channel(self).run(["true"], timeout=30)
+        except ChannelUnavailable:
+            self.reconnect(deadline)
         self.run_expect([0], ["true"], timeout=30)
         self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
         self.system_state = "running"
@@ -506,6 +518,8 @@ class VM(machines.Guest):
             "-device", f"{self.board.nic},netdev=net0",
             *(("-device", self.board.rng) if self.board.rng else ()),
         ]  # fmt: skip
+        if self.warm:
+            argv += guest_agent.qemu_args(self.board.serial_bus, self.state.token)
         if self.kernel is not None:
             append = self.append or "root=/dev/vda rw console=ttyS0"
             if not self.board.tsc_reference and accelerator == "tcg" and (khz := host_tsc_khz()):
@@ -536,6 +550,10 @@ class VM(machines.Guest):
                         stderr=subprocess.STDOUT,
                         new_session=True,  # a Ctrl-C on our terminal is ours to handle
                         die_with_parent=None if self.detached else signal.SIGKILL,
+                        # Restoring, QEMU writes the state's pages all over the guest's RAM: with
+                        # huge pages each first write costs the host a 2 MiB clear, most of
+                        # a second per restore in all (bench/bench_warm.py).
+                        huge_pages=not self._incoming,
                     )
                 self.state.pid = self._child.pid
                 self.state.pid_start = proc.start_time(self._child.pid)
@@ -738,6 +756,7 @@ class VM(machines.Guest):
         if state is None or endpoint is None:
             return
         guest_shell.close(state.token)  # this process's root channel rides it: its guest server ends on EOF
+        guest_agent.close(state.token)  # not on SSH, but closed with it: a save must not find it open
         current = machines.load(KIND, self.name)
         if current is not None and current.token == state.token:
             state.extra["helpers"] = current.extra.get("helpers", {})  # another process may have replaced it
@@ -763,6 +782,9 @@ class VM(machines.Guest):
         """
         if self.endpoint is None or self.state is None:
             raise VMError(f"VM {self.name!r} is not running")
+        if root and self.state.extra.get("agent"):
+            with contextlib.suppress(ChannelUnavailable):  # another process holds it: SSH then
+                return guest_agent.channel(self).run(argv, input=input, timeout=timeout)
         self.connection()
         if root:
             server = self.endpoint.argv(guest_shell.SERVER_ARGV)

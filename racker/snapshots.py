@@ -18,8 +18,10 @@ the size (73 against 229 MiB for debian-bookworm).
 
 What a restored VM keeps of the snapshotted one: its machine-id, SSH host
 keys, hostname, guest address (10.0.2.15 behind QEMU's user network), the
-login key, and whatever the first boot wrote. It is told it was restored by
-having its clock stepped to the host's at once (`date -s` as root over SSH).
+login key, whatever the first boot wrote, and the agent racker starts just
+before the save (racker.guest_agent: root commands on a virtio-serial port,
+no SSH handshake). It is told it was restored by having its clock stepped to
+the host's at once (`date -s` over that port).
 A test that needs a real first boot (cloud-init running, a fresh machine-id)
 boots cold.
 
@@ -43,13 +45,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import proc, progress, store
+from racker import guest_agent, proc, progress, store
 from racker.errors import VMError
 
 if TYPE_CHECKING:
     from racker.qemu import VM
 
-FORMAT = 1  # bumped when what a snapshot holds or how it is restored changes
+FORMAT = 2  # bumped when what a snapshot holds or how it is restored changes
 STATE = "state.zst"  # QEMU's migration stream, zstd-compressed
 OVERLAY = "overlay.qcow2"  # the disk state the memory matches, backed by the disk
 KEY = "key.json"
@@ -92,6 +94,7 @@ class Snapshot:
     image: str
     digest: str
     created: float
+    agent: bool = False  # saved with racker.guest_agent running: restored clones answer on its port
 
     @property
     def id(self) -> str:
@@ -149,7 +152,9 @@ def key_for(vm: VM, firmware: str) -> Key:
 def _read(path: Path) -> Snapshot | None:
     try:
         data = json.loads((path / KEY).read_text())
-        return Snapshot(path, Key(**data["key"]), data.get("image", ""), data.get("digest", ""), float(data["created"]))
+        return Snapshot(
+            path, Key(**data["key"]), data.get("image", ""), data.get("digest", ""), float(data["created"]), bool(data.get("agent"))
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -198,7 +203,8 @@ def warm_boot(vm: VM, info: object, firmware: str, deadline: float) -> None:
             return
         vm._cold_boot(info, firmware, deadline)
         save(vm, key)
-    vm.reconnect(time.monotonic() + 60)  # the save closed it
+    if not vm.state.extra.get("agent"):  # type: ignore[union-attr]
+        vm.reconnect(time.monotonic() + 60)  # the save closed it: commands go on SSH
     for other in all_snapshots():  # older snapshots of this disk, now never restored
         if other.key.disk == key.disk and other.id != key.id and other.stale():
             discard(other.path)
@@ -230,6 +236,7 @@ def save(vm: VM, key: Key) -> Snapshot:
     partial.mkdir()
     try:
         with progress.step(f"saving a snapshot of {vm.name}"):
+            agent = guest_agent.start_in_guest(vm)
             vm.close_connection()  # no TCP connection of ours inside the saved state
             vm.qmp("stop")
             try:
@@ -244,7 +251,13 @@ def save(vm: VM, key: Key) -> Snapshot:
             finally:
                 vm.qmp("cont")
             os.chmod(partial / "id_ed25519", 0o600)
-            record = {"key": asdict(key), "image": vm.image, "digest": vm.digest or store.digest_of(vm.disk) or "", "created": time.time()}
+            record = {
+                "key": asdict(key),
+                "image": vm.image,
+                "digest": vm.digest or store.digest_of(vm.disk) or "",
+                "created": time.time(),
+                "agent": agent,
+            }
             store.write_json(partial / KEY, record)
             try:
                 os.rename(partial, final)
