@@ -36,10 +36,12 @@ def where_the_time_goes(results: list[Path]) -> dict:
     out: dict = {}
     for path in results:
         for record in map(json.loads, path.read_text().splitlines()):
-            engine = out.setdefault(record.get("engine") or "", {"tests_s": 0.0, "slowest": [], "boot": {}})
+            engine = out.setdefault(record.get("engine") or "", {"tests_s": 0.0, "slowest": [], "boot": {}, "failed": []})
             if record.get("kind") == "test":
                 engine["tests_s"] = round(engine["tests_s"] + record["duration"], 1)
                 engine["slowest"].append((record["duration"], record["nodeid"]))
+                if record["outcome"] in ("fail", "error"):
+                    engine["failed"].append(f"{record['nodeid']}: {record['message'][:300]}")
             elif record.get("kind") == "image" and record.get("boot"):
                 engine["boot"][record["image"]] = record["boot"]
     for engine in out.values():

@@ -36,8 +36,10 @@ class Engine:
     # "module:callable" taking a running machine's name and returning it, attached.
     attacher: str = ""
 
-    def machine_for(self, image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
-        return _load(self.factory)(image, network_mode=network_mode, warm=warm)
+    def machine_for(self, image: StoredImage, *, network_mode: str = "private", warm: bool = False, seed: bool = False):  # type: ignore[no-untyped-def]
+        """warm: restored from a snapshot where the engine keeps them; seed: a real first boot
+        that saves the snapshot later warm machines restore, if there is none yet."""
+        return _load(self.factory)(image, network_mode=network_mode, warm=warm, seed=seed)
 
     def attach(self, name: str):  # type: ignore[no-untyped-def]
         """The running machine `name` (racker start, racker vm start), left running when done with."""
@@ -81,7 +83,7 @@ def qemu_attach(name: str):  # type: ignore[no-untyped-def]
     return qemu.VM.attach(name)
 
 
-def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
+def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: bool = False, seed: bool = False):  # type: ignore[no-untyped-def]
     """A machine booting the image under systemd-nspawn (given an init first if it has none);
     it boots in a second or two, so there is nothing to keep warm."""
     from racker import nspawn, prepare
@@ -89,16 +91,17 @@ def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: b
     return nspawn.Machine(prepare.bootable(image), network_mode=network_mode)
 
 
-def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = False):  # type: ignore[no-untyped-def]
+def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = False, seed: bool = False):  # type: ignore[no-untyped-def]
     """A VM booting the image's promoted disk (prepared and promoted once, then cached);
-    warm: restored from the disk's snapshot (saved by the first such VM).
+    warm: restored from the disk's snapshot (saved by the first such VM, or by a seed);
+    seed: booted cold, and saving that snapshot once ready if the disk has none.
 
     network_mode is nspawn's: a VM always has its user-mode NIC."""
     from racker import prepare, promote, qemu
 
     prepared = prepare.prepare(image)
     disk = promote.cached_disk(prepared, "bios")
-    return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm)
+    return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm, seed_snapshot=seed)
 
 
 ENGINES: dict[str, Engine] = {

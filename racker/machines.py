@@ -328,6 +328,11 @@ class Guest:
     def console_log(self) -> Path:
         return self.rundir / "console.log"
 
+    @property
+    def hostname(self) -> str:
+        """The hostname the guest was given when it booted: its name (a restored VM's differs)."""
+        return self.name
+
     def start(self) -> Guest:
         raise NotImplementedError
 

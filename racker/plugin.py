@@ -218,9 +218,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks we add
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        target = callspec.params.get("_racker_target") if callspec else None
-        if not isinstance(target, Target):
+        target = _target_of(item)
+        if target is None:
             continue
         item.user_properties += [("racker_image", target.image), ("racker_engine", target.engine)]
         # For --dist loadgroup (where pytest and xdist agree on it): one image, one worker.
@@ -230,6 +229,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"{target.engine} cannot provide: {', '.join(unmet)}"))
         elif target.machine and wants_fresh(item):
             item.add_marker(pytest.mark.skip(reason=f"needs a machine of its own, and {target.machine} is attached"))
+    # A first boot saves the snapshot its image's warm VMs restore (plugin_fixtures): the
+    # modules that boot one run first, so that the warm VMs find it and do not boot as well.
+    seeding = {item.module for item in items if getattr(_target_of(item), "cold", False)}
+    items.sort(key=lambda item: getattr(item, "module", None) not in seeding)
+
+
+def _target_of(item: pytest.Item) -> Target | None:
+    callspec = getattr(item, "callspec", None)
+    target = callspec.params.get("_racker_target") if callspec else None
+    return target if isinstance(target, Target) else None
 
 
 def _dist_chosen(config: pytest.Config) -> bool:

@@ -43,7 +43,9 @@ def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racke
         yield engine.attach(_racker_target.machine)  # someone else's: left running
         return
     warm = not _racker_target.cold  # cold: a test of it needs a first boot, or --racker-cold
-    with engine.machine_for(racker_image, network_mode=chosen_network(request.config), warm=warm) as machine:
+    # A first boot saves the snapshot the image's warm machines restore (plugin.py runs it first).
+    seed = _racker_target.cold and not request.config.getoption("--racker-cold")
+    with engine.machine_for(racker_image, network_mode=chosen_network(request.config), warm=warm, seed=seed) as machine:
         FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_machine(machine))
         yield machine
 

@@ -323,6 +323,7 @@ class VM(machines.Guest):
         tcg_cpu: str = TCG_CPU,
         machine: str = "pc",
         warm: bool = False,
+        seed_snapshot: bool = False,
         user_data: dict | None = None,
     ) -> None:
         self.disk = Path(disk).absolute()
@@ -345,7 +346,11 @@ class VM(machines.Guest):
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = board(machine)
         self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.snapshots)
+        # Boot cold, and save the disk's snapshot once ready if there is none: a real first
+        # boot that spares later warm VMs one of their own.
+        self.seed_snapshot = seed_snapshot and not user_data
         self.restored_from: str = ""  # the snapshot restored, if it was
+        self.restored_hostname = ""  # what the snapshotted VM was named, and so its guest
         if warm and user_data:
             # A snapshot's guest ran cloud-init long ago, on the seed of the VM that made it.
             raise VMError("a warm VM restores a snapshot, whose cloud-init ran already: user-data needs a cold boot")
@@ -397,6 +402,8 @@ class VM(machines.Guest):
             with progress.step(f"booting {self.name} ({firmware}, {self._accel()}{', warm' if self.warm else ''})"):
                 if self.warm:
                     snapshots.warm_boot(self, info, firmware, deadline)
+                elif self.seed_snapshot:
+                    snapshots.seed(self, info, firmware, deadline)
                 else:
                     self._cold_boot(info, firmware, deadline)
         except BaseException:
@@ -438,6 +445,7 @@ class VM(machines.Guest):
             self._incoming = ""
         snapshots.wait_loaded(self, deadline)
         self.state.extra["agent"] = snapshot.agent
+        self.restored_hostname = snapshot.hostname
         self.qmp("cont")  # the state was saved paused
         # Its clock stood still since the save: step it to ours before anyone reads it. The
         # first root command opens a root channel (the agent's at once; without one an SSH
@@ -447,12 +455,22 @@ class VM(machines.Guest):
             guest_agent.channel(self).run(["true"], timeout=30)
         except ChannelUnavailable:
             self.reconnect(deadline)
-        self.run_expect([0], ["true"], timeout=30)
-        self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
+        self.step_clock()
         self.system_state = "running"
         self.restored_from = snapshot.id
         self.state.extra["system_state"] = self.system_state
         machines.save(self.state)
+
+    @property
+    def hostname(self) -> str:
+        return self.restored_hostname or self.name
+
+    def step_clock(self) -> None:
+        """Set the guest's clock to ours: it stood still while the VM was paused (saved, or
+        restored). Sent on a root channel already open, so it lands one round trip after the
+        time it carries."""
+        self.run_expect([0], ["true"], timeout=30)
+        self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
 
     def reconnect(self, deadline: float) -> None:
         """The connection master of a guest whose sshd runs already (restored, or just
@@ -518,7 +536,7 @@ class VM(machines.Guest):
             "-device", f"{self.board.nic},netdev=net0",
             *(("-device", self.board.rng) if self.board.rng else ()),
         ]  # fmt: skip
-        if self.warm:
+        if self.warm or self.seed_snapshot:
             argv += guest_agent.qemu_args(self.board.serial_bus, self.state.token)
         if self.kernel is not None:
             append = self.append or "root=/dev/vda rw console=ttyS0"

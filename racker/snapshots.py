@@ -95,6 +95,7 @@ class Snapshot:
     digest: str
     created: float
     agent: bool = False  # saved with racker.guest_agent running: restored clones answer on its port
+    hostname: str = ""  # the snapshotted VM's, which its clones keep
 
     @property
     def id(self) -> str:
@@ -153,7 +154,13 @@ def _read(path: Path) -> Snapshot | None:
     try:
         data = json.loads((path / KEY).read_text())
         return Snapshot(
-            path, Key(**data["key"]), data.get("image", ""), data.get("digest", ""), float(data["created"]), bool(data.get("agent"))
+            path,
+            Key(**data["key"]),
+            data.get("image", ""),
+            data.get("digest", ""),
+            float(data["created"]),
+            bool(data.get("agent")),
+            data.get("hostname", ""),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -203,11 +210,30 @@ def warm_boot(vm: VM, info: object, firmware: str, deadline: float) -> None:
             return
         vm._cold_boot(info, firmware, deadline)
         save(vm, key)
-    if not vm.state.extra.get("agent"):  # type: ignore[union-attr]
-        vm.reconnect(time.monotonic() + 60)  # the save closed it: commands go on SSH
+    _run_on(vm)
     for other in all_snapshots():  # older snapshots of this disk, now never restored
         if other.key.disk == key.disk and other.id != key.id and other.stale():
             discard(other.path)
+
+
+def seed(vm: VM, info: object, firmware: str, deadline: float) -> None:
+    """Boot cold; once ready, save the disk's snapshot unless there is one or another VM
+    saves it now. The VM is a real first boot all the same, paused for the save."""
+    vm._cold_boot(info, firmware, deadline)
+    key = key_for(vm, firmware)
+    with store.locked_if_free(lock_name(key.id)) as free:
+        if not free or find(key) is not None:
+            return
+        save(vm, key)
+    _run_on(vm)
+
+
+def _run_on(vm: VM) -> None:
+    """After its save: the VM's clock lost the pause; without an agent, SSH again."""
+    assert vm.state is not None
+    if not vm.state.extra.get("agent"):
+        vm.reconnect(time.monotonic() + 60)  # the save closed it: commands go on SSH
+    vm.step_clock()
 
 
 def _try_restore(vm: VM, key: Key, firmware: str, deadline: float) -> bool:
@@ -257,6 +283,7 @@ def save(vm: VM, key: Key) -> Snapshot:
                 "digest": vm.digest or store.digest_of(vm.disk) or "",
                 "created": time.time(),
                 "agent": agent,
+                "hostname": vm.hostname,
             }
             store.write_json(partial / KEY, record)
             try:

@@ -81,7 +81,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             # After the save the cold VM runs on, on a new connection.
             identity = cold.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"])
             assert warm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == identity
-        yield {"disk": disk, "home": home, "snapshot": found[0], "identity": identity, "cold_seconds": seconds[first.index(cold)]}
+        saved = {"disk": disk, "home": home, "snapshot": found[0], "identity": identity, "hostname": cold.name}
+        yield saved | {"cold_seconds": seconds[first.index(cold)]}
 
 
 @pytest.fixture
@@ -115,6 +116,7 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
             # The snapshotted VM's identity, and the host's time, not the save's.
             assert vm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == warm_store["identity"]
             assert abs(int(vm.check_output(["date", "+%s"])) - time.time()) < 5
+            assert vm.check_output(["hostname"]).strip() == vm.hostname == warm_store["hostname"] != vm.name
         # Each on its own overlay: a write in one is not in the other, nor in the snapshot.
         clones[0].run_expect([0], ["sh", "-c", "echo one >/var/tmp/clone && sync"])
         assert clones[1].run_expect([1], ["test", "-e", "/var/tmp/clone"])
