@@ -451,9 +451,18 @@ def _link_image(source: Path, target: Path) -> None:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with workdir("link") as work:
-            # cp -al keeps directories' owners and modes (a rootfs has directories of other users).
-            proc.run(["cp", "-al", str(source), str(work / "image")], timeout=600)
-            _into_place(work / "image", target)
+            # Not systemd-nspawn's lock files beside a rootfs: they come and go while a
+            # machine of the image boots, and cp fails on one gone between listing and linking.
+            members = [str(p) for p in source.iterdir() if not (p.name.startswith(".#") and p.name.endswith(".lck"))]
+            staging = work / "image"
+            staging.mkdir()
+            st = source.stat()
+            os.chown(staging, st.st_uid, st.st_gid)
+            os.chmod(staging, st.st_mode & 0o7777)
+            if members:
+                # cp -al keeps directories' owners and modes (a rootfs has directories of other users).
+                proc.run(["cp", "-al", *members, str(staging)], timeout=600)
+            _into_place(staging, target)
 
 
 def _into_place(staging: Path, target: Path) -> None:
