@@ -308,6 +308,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     if call.excinfo is not None and isinstance(call.excinfo.value, RackerError):
         # The harness failed, not the check: never blame the distribution for it.
         report.user_properties.append(("racker_outcome", "error"))
+        if call.excinfo.value.hint:  # a boot timeout's console tail, say: in the results' log too
+            report.sections.append(("racker: hint", call.excinfo.value.hint))
     machine = getattr(item, "funcargs", {}).get("racker_machine")
     if machine is None or report.when != "call":
         return

@@ -362,3 +362,19 @@ def test_attach_to_a_machine_that_is_not_running_is_a_usage_error(tmp_path: Path
     done = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 4, done.stdout + done.stderr
     assert "--racker-attach: no running machine or VM named 'no-such-vm'" in done.stderr
+
+
+def test_a_harness_errors_hint_reaches_the_results_log(tmp_path: Path) -> None:
+    """A racker error's hint (a boot timeout's console tail, say) is in the report and the results."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_hint.py").write_text(
+        "from racker.errors import VMError\n\n\ndef test_boot():\n"
+        "    raise VMError('VM x did not become ready', hint='last console lines:\\nracker-console-tail')\n"
+    )
+    results = tmp_path / "results.jsonl"
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--racker-results={results}", str(tmp_path)]
+    done = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (record,) = read_tests(results)
+    assert record["outcome"] == "error" and "did not become ready" in record["message"], record
+    assert "racker: hint" in record["log"] and "racker-console-tail" in record["log"], record["log"]
