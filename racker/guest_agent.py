@@ -21,15 +21,15 @@ carries its nonce (such as the reply to a gone host's last command).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
-import os
 import secrets
 import select
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from racker import guest_shell, machines
 from racker.errors import ChannelUnavailable
@@ -129,7 +129,7 @@ class AgentChannel(guest_shell.Channel):
         self.token = token
         self.lock_path = lock
         self.sock: socket.socket | None = None
-        self._lock: object = None
+        self._lock: IO[str] | None = None
 
     def _start(self, timeout: float) -> None:
         self._buffer.clear()
@@ -147,7 +147,7 @@ class AgentChannel(guest_shell.Channel):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect("\0" + socket_name(self.token))
             self._greet(time.monotonic() + min(timeout, HELLO_TIMEOUT))
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, guest_shell._Closed):
             self.close()
             self.unavailable = True  # no agent in this guest: not worth a wait per command
             raise ChannelUnavailable(f"the agent of {self.name} did not answer") from None
@@ -157,7 +157,6 @@ class AgentChannel(guest_shell.Channel):
 
         Again each second: a gone host's half frame may have swallowed the first. The
         agent answers in order, so once the last is answered no earlier answer can follow."""
-        answer = b""
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError
@@ -165,15 +164,9 @@ class AgentChannel(guest_shell.Channel):
             self._send(guest_shell._frame(json.dumps({"hello": nonce}).encode()))
             answer = HELLO + nonce.encode()
             retry = min(deadline, time.monotonic() + 1.0)
-            while (at := self._buffer.find(answer)) < 0:
-                wait = retry - time.monotonic()
-                if wait <= 0 or not select.select([self._fd()], [], [], wait)[0]:
-                    break
-                chunk = os.read(self._fd(), 1 << 20)
-                if not chunk:
-                    raise OSError("the agent's socket closed")
-                self._buffer += chunk
-            else:
+            with contextlib.suppress(TimeoutError):  # not answered within the second: say it again
+                while (at := self._buffer.find(answer)) < 0:
+                    self._fill(retry)
                 del self._buffer[: at + len(answer)]
                 return
 
@@ -194,7 +187,7 @@ class AgentChannel(guest_shell.Channel):
             sock.close()
         lock, self._lock = self._lock, None
         if lock is not None:
-            lock.close()  # type: ignore[attr-defined]
+            lock.close()
 
 
 def channel(vm: VM) -> guest_shell.Channel:

@@ -213,18 +213,23 @@ class Channel:
         return frames
 
     def _take(self, size: int, deadline: float | None) -> bytes:
-        fd = self._fd()
         while len(self._buffer) < size:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and (wait <= 0 or not select.select([fd], [], [], wait)[0]):
-                raise TimeoutError
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise _Closed
-            self._buffer += chunk
+            self._fill(deadline)
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
+
+    def _fill(self, deadline: float | None) -> None:
+        """What the server has sent next, into the buffer: TimeoutError past the deadline,
+        _Closed at the end of the stream."""
+        fd = self._fd()
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and (wait <= 0 or not select.select([fd], [], [], wait)[0]):
+            raise TimeoutError
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            raise _Closed
+        self._buffer += chunk
 
 
 # -- one channel per VM per process ----------------------------------------------
