@@ -338,11 +338,13 @@ INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/syste
 
 # Units that act on a host disk, which a container has none of. systemd's fstab generator skips
 # fstab's device lines in a container, but systemd-remount-fs (252) still remounts / as fstab says,
-# and fails on a disk image's `UUID=… /` line. Masked with systemd.mask= on PID 1's command line
-# (systemd in a container reads its arguments as the kernel command line), so that any image from
-# a disk boots with no failed unit while its files, fstab included, stay as they are.
+# and fails on a disk image's `UUID=… /` line. Masked at run time: /dev/null bound over the unit in
+# /run/systemd/system (a runtime mask, as `systemctl mask --runtime` makes), so that any image from
+# a disk boots with no failed unit while its files, fstab included, stay as they are, and PID 1's
+# command line is exactly the image's (as Docker runs the CMD as given). Not systemd.mask= on that
+# command line: a test of PID 1 (testinfra's test_process) would see it.
 HOST_DISK_UNITS = ("systemd-remount-fs.service",)
-MASKS = tuple(f"systemd.mask={unit}" for unit in HOST_DISK_UNITS)
+MASKS = tuple(f"--bind-ro=/dev/null:/run/systemd/system/{unit}" for unit in HOST_DISK_UNITS)
 
 
 def configured_init(manifest: Mapping) -> list[str] | None:
@@ -356,8 +358,8 @@ def nspawn_argv(
     rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",), init: Sequence[str] | None = None
 ) -> list[str]:
     """network_options: from network.py; only lo by default, so machines never fight over the host's ports.
-    init: the image's own init command, run as PID 1 in place of --boot's search for one; either
-    init gets MASKS as its arguments."""
+    init: the image's own init command, run as PID 1 in place of --boot's search for one, with
+    exactly its arguments."""
     argv = [
         "systemd-nspawn",
         "--quiet",
@@ -369,12 +371,13 @@ def nspawn_argv(
         "--link-journal=no",
         "--notify-ready=yes",
         "--console=read-only",
+        *MASKS,
     ]
     if has_machined():
         argv.append("--register=yes")
     else:
         argv += ["--register=no", "--keep-unit"]
-    return [*argv, "--", *(init or ()), *MASKS]
+    return [*argv, "--", *(init or ())]
 
 
 def machine_cgroup(name: str) -> Path | None:
