@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from racker import __version__, errors, machines, proc, progress, store
+from racker import __version__, errors, machines, proc, progress, redact, store
 
 if TYPE_CHECKING:
     from racker.logins import Login
@@ -625,9 +625,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _print_error(error: errors.RackerError) -> int:
-    print(f"racker: error: {error}", file=sys.stderr)
+    # Every message names its URLs redacted already; this is the last guard before the terminal.
+    print(f"racker: error: {redact.text(str(error))}", file=sys.stderr)
     if error.hint:
-        print(error.hint, file=sys.stderr)
+        print(redact.text(error.hint), file=sys.stderr)
     return EXIT_RACKER_FAILED
 
 

@@ -16,7 +16,7 @@ import functools
 import urllib.parse
 from pathlib import Path
 
-from racker import checksums, download, progress
+from racker import checksums, download, progress, redact
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference
 from racker.refs import Reference
@@ -26,7 +26,8 @@ from racker.sources.oci import is_loopback
 
 
 def url_of(ref: Reference) -> str:
-    return f"{ref.scheme}://{ref.target}"
+    """The URL to fetch, with its credentials (download.py sends them as basic auth): never shown or stored."""
+    return f"{ref.scheme}://{ref.fetch_target}"
 
 
 def recipe(ref: Reference) -> str:
@@ -66,7 +67,7 @@ def obtain(ref: Reference, work: Path) -> tuple[Path, dict]:
         want = checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=work)
     name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or url
     path, digest = download.fetch(url, sha256=want.sha256, plain_ok=plain_ok, title=f"downloading {name}")
-    return path, {"url": url, "sha256": digest, "verified_by": want.verified_by}
+    return path, {"url": redact.url(url), "sha256": digest, "verified_by": want.verified_by}
 
 
 def unpack(path: Path, rootfs: Path, *, name: str) -> str:

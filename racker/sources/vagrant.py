@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
-from racker import download, progress
+from racker import download, progress, redact
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, DownloadError, RackerError
 from racker.refs import Reference
@@ -69,19 +69,20 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     box, at = ref.target.partition("@")[::2]
     metadata_url = f"{server()}/api/v2/box/{box}"
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(metadata_url).netloc)
-    with progress.step(f"asking {server()} for {box}"):
+    shown_server = redact.url(server())  # RACKER_VAGRANT_SERVER may hold credentials: sent, never shown
+    with progress.step(f"asking {shown_server} for {box}"):
         try:
             answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
         except DownloadError as error:
             if getattr(error, "status", None) == 404:
                 raise BadReference(
-                    f"vagrant:{box}: {server()} has no such box", hint="RACKER_VAGRANT_SERVER names the server asked"
+                    f"vagrant:{box}: {shown_server} has no such box", hint="RACKER_VAGRANT_SERVER names the server asked"
                 ) from None
             raise
     try:
         metadata = json.loads(answer or b"")
     except ValueError:
-        raise DownloadError(f"{metadata_url} did not answer with Vagrant box metadata (JSON)") from None
+        raise DownloadError(f"{redact.url(metadata_url)} did not answer with Vagrant box metadata (JSON)") from None
     version = choose_version(metadata, at or None, f"vagrant:{box}")
     provider = choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
     url = provider.get("download_url") or provider.get("url")
@@ -96,13 +97,13 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         title=f"downloading {box} {version['version']} ({provider['name']})",
     )
     try:
-        verified = verify(path, checksum_type, checksum, url)
+        verified = verify(path, checksum_type, checksum, redact.url(url))
         fields = unpack(path, rootfs, name=f"vagrant:{box}", provider=provider["name"])
     except RackerError:  # a box racker cannot use is not kept
         download.forget(sha256)
         raise
     box_fields = fields["box"]
-    box_fields.update(box=box, version=version["version"], url=url, sha256=sha256, verified_by=verified)
+    box_fields.update(box=box, version=version["version"], url=redact.url(url), sha256=sha256, verified_by=verified)
     return fields
 
 
