@@ -176,8 +176,13 @@ def _network(args: argparse.Namespace) -> dict:
     from racker import network
 
     publish = [network.parse_publish(spec) for spec in args.publish]
-    network.for_mode(args.network, publish)
-    return {"network_mode": args.network, "publish": publish}
+    mode = args.network
+    if args.allow_link_local:
+        if mode != "nat":
+            raise errors.MachineError("--allow-link-local opens link-local addresses to a nat machine", hint="add --network nat")
+        mode = "nat+link-local"
+    network.for_mode(mode, publish)
+    return {"network_mode": mode, "publish": publish}
 
 
 def _login(machine: Machine, user: str | None) -> Login | None:
@@ -480,6 +485,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             default=[],
             metavar="[ADDR:]HOST:GUEST",
             help="forward the host's port (on 127.0.0.1 unless ADDR is given) to the machine's (--network nat)",
+        )
+        p.add_argument(
+            "--allow-link-local",
+            action="store_true",
+            help="let a nat machine reach 169.254.0.0/16, the cloud metadata service (and its credentials) among them",
         )
 
     p = verb("run", cmd_run, "boot an image, run a command in it, tear it down")
