@@ -16,14 +16,13 @@ The provider is chosen with a `#provider=NAME` fragment, so that the reference a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
-from racker import download, progress, redact
+from racker import download, progress, redact, untrusted
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, DownloadError, RackerError
 from racker.refs import Reference
@@ -36,6 +35,7 @@ CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256,
 ARCHITECTURES = ("amd64", "x86_64", "unknown", "")  # what this host boots; "" where the metadata says none
 _FRAGMENT = re.compile(r"^provider=(?P<provider>[a-z0-9_-]+)$")
 CHUNK = 1 << 20
+METADATA_LIMIT = 1 << 20  # a box's metadata.json is a few lines
 
 
 def server() -> str:
@@ -80,9 +80,9 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
                 ) from None
             raise
     try:
-        metadata = json.loads(answer or b"")
-    except ValueError:
-        raise DownloadError(f"{redact.url(metadata_url)} did not answer with Vagrant box metadata (JSON)") from None
+        metadata = untrusted.load_json(answer or b"", name=f"{redact.url(metadata_url)}'s box metadata")
+    except BadArchive as error:
+        raise DownloadError(f"{error} (Vagrant box metadata is JSON)") from None
     version = choose_version(metadata, at or None, f"vagrant:{box}")
     provider = choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
     url = provider.get("download_url") or provider.get("url")
@@ -172,10 +172,7 @@ def unpack(path: Path, rootfs: Path, *, name: str, provider: str | None) -> dict
 
 def unpack_dir(directory: Path, rootfs: Path, *, name: str, provider: str | None) -> dict:
     """The box unpacked in `directory` into the new `rootfs`; manifest fields."""
-    try:
-        metadata = json.loads((directory / "metadata.json").read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise BadArchive(f"{name}: metadata.json is not JSON") from None
+    metadata = untrusted.load_json(directory / "metadata.json", name=f"{name}: metadata.json", limit=METADATA_LIMIT)
     has = metadata.get("provider") if isinstance(metadata, dict) else None
     if provider is not None and has != provider:
         raise BadReference(f"{name} is a {has} box, not {provider} (providers: {has})")
