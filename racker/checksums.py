@@ -27,10 +27,28 @@ _BSD = re.compile(r"^SHA256 \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]{64})$")
 Fetch = Callable[..., "bytes | None"]
 
 
+# What each way of knowing a digest proves, as the manifest's `verified` says it: a SHA256SUMS
+# from the server the file comes from catches a broken download, not a changed one.
+WHAT_IT_PROVES = {
+    "pin": "pinned sha256",
+    "SHA256SUMS": f"integrity ({SUMS} from the same server)",
+    "SHA256SUMS+gpg": "signed (keyring)",
+}
+
+
 @dataclass(frozen=True)
 class Expected:
     sha256: str
     verified_by: str  # "pin", "SHA256SUMS", "SHA256SUMS+gpg"
+
+    @property
+    def verified(self) -> str:
+        return WHAT_IT_PROVES[self.verified_by]
+
+    @property
+    def authentic(self) -> bool:
+        """Whether the digest comes from elsewhere than the file's own server: a pin, or a signature."""
+        return self.verified_by != "SHA256SUMS"
 
 
 def split_pin(url: str) -> tuple[str, str | None]:

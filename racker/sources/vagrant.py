@@ -90,6 +90,11 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         raise DownloadError(f"vagrant:{box}@{version['version']}: the {provider['name']} box has no download URL")
     checksum_type = (provider.get("checksum_type") or "").lower()
     checksum = (provider.get("checksum") or "").lower()
+    if insecure():  # the checksum came from a server --insecure let anyone change
+        raise DownloadError(
+            f"vagrant:{box}: with --insecure, the box metadata's checksum proves nothing",
+            hint=f"pull the box's URL with its digest pinned (#sha256=…): {redact.url(url)}",
+        )
     path, sha256 = download.fetch(
         url,
         sha256=checksum if checksum_type == "sha256" and checksum else None,
@@ -103,7 +108,8 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         download.forget(sha256)
         raise
     box_fields = fields["box"]
-    box_fields.update(box=box, version=version["version"], url=redact.url(url), sha256=sha256, verified_by=verified)
+    what = "none" if verified == "none" else f"integrity ({verified} from {shown_server})"
+    box_fields.update(box=box, version=version["version"], url=redact.url(url), sha256=sha256, verified_by=verified, verified=what)
     return fields
 
 
