@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
+from racker import proc, redact
 from racker.errors import BadReference, DownloadError, ToolFailed
 
 SUMS = "SHA256SUMS"
@@ -27,10 +27,28 @@ _BSD = re.compile(r"^SHA256 \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]{64})$")
 Fetch = Callable[..., "bytes | None"]
 
 
+# What each way of knowing a digest proves, as the manifest's `verified` says it: a SHA256SUMS
+# from the server the file comes from catches a broken download, not a changed one.
+WHAT_IT_PROVES = {
+    "pin": "pinned sha256",
+    "SHA256SUMS": f"integrity ({SUMS} from the same server)",
+    "SHA256SUMS+gpg": "signed (keyring)",
+}
+
+
 @dataclass(frozen=True)
 class Expected:
     sha256: str
     verified_by: str  # "pin", "SHA256SUMS", "SHA256SUMS+gpg"
+
+    @property
+    def verified(self) -> str:
+        return WHAT_IT_PROVES[self.verified_by]
+
+    @property
+    def authentic(self) -> bool:
+        """Whether the digest comes from elsewhere than the file's own server: a pin, or a signature."""
+        return self.verified_by != "SHA256SUMS"
 
 
 def split_pin(url: str) -> tuple[str, str | None]:
@@ -40,7 +58,7 @@ def split_pin(url: str) -> tuple[str, str | None]:
         return url, None
     algorithm, _, value = fragment.partition("=")
     if algorithm != "sha256" or not _HEX.match(value.lower()):
-        raise BadReference(f"{url!r}: the fragment must pin a digest as #sha256=<64 hex digits>")
+        raise BadReference(f"{redact.url(url)!r}: the fragment must pin a digest as #sha256=<64 hex digits>")
     return base, value.lower()
 
 
@@ -48,13 +66,14 @@ def expected(url: str, pin: str | None, *, fetch: Fetch, keyring: Path | None, w
     """The digest `url`'s content must have; DownloadError if nothing vouches for it."""
     if keyring is None and pin is not None:
         return Expected(pin, "pin")
-    sums_url = urllib.parse.urljoin(url, SUMS)
+    sums_url = urllib.parse.urljoin(url, SUMS)  # with the URL's credentials: the same server's list
+    shown, shown_sums = redact.url(url), redact.url(sums_url)
     sums = fetch(sums_url, missing_ok=True)
     if sums is None:
         if keyring is not None:
-            raise DownloadError(f"--keyring was given, but there is no {SUMS} beside {url} to check")
+            raise DownloadError(f"--keyring was given, but there is no {SUMS} beside {shown} to check")
         raise DownloadError(
-            f"nothing vouches for {url}: no {SUMS} beside it and no digest pinned",
+            f"nothing vouches for {shown}: no {SUMS} beside it and no digest pinned",
             hint="pin it: append #sha256=<its digest> to the URL",
         )
     how = SUMS
@@ -64,9 +83,9 @@ def expected(url: str, pin: str | None, *, fetch: Fetch, keyring: Path | None, w
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
     listed = listed_digest(sums.decode(errors="replace"), name)
     if listed is None:
-        raise DownloadError(f"{sums_url} does not list {name}")
+        raise DownloadError(f"{shown_sums} does not list {name}")
     if pin is not None and pin != listed:
-        raise DownloadError(f"{url}: the pinned sha256 {pin} differs from {listed} in {sums_url}")
+        raise DownloadError(f"{shown}: the pinned sha256 {pin} differs from {listed} in {shown_sums}")
     return Expected(listed, how)
 
 
@@ -85,7 +104,7 @@ def _check_signature(sums_url: str, sums: bytes, keyring: Path, fetch: Fetch, wo
         if signature is not None:
             break
     else:
-        raise DownloadError(f"--keyring was given, but {sums_url} has no detached signature ({' or '.join(SIGNATURES)})")
+        raise DownloadError(f"--keyring was given, but {redact.url(sums_url)} has no detached signature ({' or '.join(SIGNATURES)})")
     directory = work / "gpgv"
     directory.mkdir(mode=0o700)
     (directory / SUMS).write_bytes(sums)
@@ -97,4 +116,4 @@ def _check_signature(sums_url: str, sums: bytes, keyring: Path, fetch: Fetch, wo
     except ToolFailed as failed:
         said = [line for line in failed.stderr.splitlines() if "BAD signature" in line or "No public key" in line or "Can't check" in line]
         reason = said[-1].removeprefix("gpgv: ") if said else "gpgv refused it"
-        raise DownloadError(f"{sums_url}: its signature does not verify against {keyring} ({reason})") from None
+        raise DownloadError(f"{redact.url(sums_url)}: its signature does not verify against {keyring} ({reason})") from None

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from racker import __version__, errors, machines, proc, progress, store
+from racker import __version__, errors, machines, proc, progress, redact, store
 
 if TYPE_CHECKING:
     from racker.logins import Login
@@ -176,8 +176,13 @@ def _network(args: argparse.Namespace) -> dict:
     from racker import network
 
     publish = [network.parse_publish(spec) for spec in args.publish]
-    network.for_mode(args.network, publish)
-    return {"network_mode": args.network, "publish": publish}
+    mode = args.network
+    if args.allow_link_local:
+        if mode != "nat":
+            raise errors.MachineError("--allow-link-local opens link-local addresses to a nat machine", hint="add --network nat")
+        mode = "nat+link-local"
+    network.for_mode(mode, publish)
+    return {"network_mode": mode, "publish": publish}
 
 
 def _login(machine: Machine, user: str | None) -> Login | None:
@@ -481,6 +486,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             metavar="[ADDR:]HOST:GUEST",
             help="forward the host's port (on 127.0.0.1 unless ADDR is given) to the machine's (--network nat)",
         )
+        p.add_argument(
+            "--allow-link-local",
+            action="store_true",
+            help="let a nat machine reach 169.254.0.0/16, the cloud metadata service (and its credentials) among them",
+        )
 
     p = verb("run", cmd_run, "boot an image, run a command in it, tear it down")
     p.add_argument("--rm", action="store_true", help="accepted for docker compatibility: machines are always removed")
@@ -625,9 +635,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _print_error(error: errors.RackerError) -> int:
-    print(f"racker: error: {error}", file=sys.stderr)
+    # Every message names its URLs redacted already; this is the last guard before the terminal.
+    print(f"racker: error: {redact.text(str(error))}", file=sys.stderr)
     if error.hint:
-        print(error.hint, file=sys.stderr)
+        print(redact.text(error.hint), file=sys.stderr)
     return EXIT_RACKER_FAILED
 
 

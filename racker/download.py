@@ -12,6 +12,7 @@ Disk images, Vagrant boxes and OVAs come through here too: this module knows URL
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -25,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from racker import progress, store
+from racker import progress, redact, store
 from racker.errors import DownloadError
 
 CHUNK = 1 << 20
@@ -68,7 +69,8 @@ def fetch(url: str, *, sha256: str | None, plain_ok: bool = False, title: str = 
     check_scheme(url, plain_ok)
     if sha256 and (found := cached(sha256)):
         return found, sha256
-    key = hashlib.sha256(url.encode()).hexdigest()
+    shown = redact.url(url)
+    key = hashlib.sha256(shown.encode()).hexdigest()  # what is kept on disk names no secret
     partial_dir = cache_dir() / "partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
     partial, meta = partial_dir / key, partial_dir / f"{key}.json"
@@ -86,13 +88,13 @@ def fetch(url: str, *, sha256: str | None, plain_ok: bool = False, title: str = 
                 failure = str(error)
         else:
             raise DownloadError(
-                f"downloading {url} was interrupted {ATTEMPTS} times ({failure})",
+                f"downloading {shown} was interrupted {ATTEMPTS} times ({failure})",
                 hint="what arrived is kept: pull again to resume",
             )
         if sha256 and digest != sha256:
             partial.unlink()
             meta.unlink(missing_ok=True)
-            raise DownloadError(f"{url} does not match its checksum: sha256 {digest}, expected {sha256}")
+            raise DownloadError(f"{shown} does not match its checksum: sha256 {digest}, expected {sha256}")
         target = cache_dir() / "sha256" / digest
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, target)
@@ -111,9 +113,9 @@ def fetch_small(url: str, *, plain_ok: bool = False, missing_ok: bool = False) -
             return None
         raise
     except (OSError, http.client.HTTPException) as error:
-        raise DownloadError(f"downloading {url} failed: {error}") from None
+        raise DownloadError(f"downloading {redact.url(url)} failed: {redact.text(str(error))}") from None
     if len(data) > SMALL_LIMIT:
-        raise DownloadError(f"{url} is larger than {SMALL_LIMIT} bytes, too large for what it should be")
+        raise DownloadError(f"{redact.url(url)} is larger than {SMALL_LIMIT} bytes, too large for what it should be")
     return data
 
 
@@ -123,8 +125,8 @@ def check_scheme(url: str, plain_ok: bool) -> None:
         return
     if scheme == "http":
         hint = "use https://, or pull with --insecure if you trust the network"
-        raise DownloadError(f"{url} is plain HTTP, which anyone on the way can change", hint=hint)
-    raise DownloadError(f"racker downloads https:// URLs, not {url}")
+        raise DownloadError(f"{redact.url(url)} is plain HTTP, which anyone on the way can change", hint=hint)
+    raise DownloadError(f"racker downloads https:// URLs, not {redact.url(url)}")
 
 
 def _transfer(url: str, partial: Path, meta: Path, plain_ok: bool, title: str) -> str:
@@ -172,13 +174,21 @@ def _transfer(url: str, partial: Path, meta: Path, plain_ok: bool, title: str) -
 
 
 def _open(url: str, headers: dict[str, str], plain_ok: bool) -> http.client.HTTPResponse:
-    """The server's answer to a GET; DownloadError (with .status for an HTTP error) in one line otherwise."""
+    """The server's answer to a GET; DownloadError (with .status for an HTTP error) in one line otherwise.
+
+    A URL's `user:password@` is sent as HTTP basic auth (as curl and pip do), never as part of the host."""
+    url, credentials = redact.split_userinfo(url)
+    headers = dict(headers)
+    if credentials is not None:
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    shown = redact.url(url)
     host = urllib.parse.urlsplit(url).netloc
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ssl.create_default_context()), _RedirectHandler(plain_ok))
     try:
         return opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
     except urllib.error.HTTPError as error:
-        failed = DownloadError(f"{url}: the server answered {error.code} {error.reason}")
+        failed = DownloadError(f"{shown}: the server answered {error.code} {error.reason}")
         failed.status = error.code  # type: ignore[attr-defined]
         raise failed from None
     except urllib.error.URLError as error:
@@ -190,21 +200,27 @@ def _open(url: str, headers: dict[str, str], plain_ok: bool) -> http.client.HTTP
             ) from None
         if isinstance(reason, DownloadError):
             raise reason from None
-        raise DownloadError(f"cannot download {url}: {reason}") from None
+        raise DownloadError(f"cannot download {shown}: {redact.text(str(reason))}") from None
     except (OSError, http.client.HTTPException) as error:
-        raise DownloadError(f"cannot download {url}: {error}") from None
+        raise DownloadError(f"cannot download {shown}: {redact.text(str(error))}") from None
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Redirects are followed, but never from https:// down to plain http:// unless allowed."""
+    """Redirects are followed, but never from https:// down to plain http:// unless allowed, and
+    credentials go to the host they were given for only (as curl does)."""
 
     def __init__(self, plain_ok: bool) -> None:
         self.plain_ok = plain_ok
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
         if urllib.parse.urlsplit(newurl).scheme != "https" and not self.plain_ok:
-            raise urllib.error.URLError(DownloadError(f"{req.full_url} redirects to {newurl}, which is not https://"))
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+            raise urllib.error.URLError(
+                DownloadError(f"{redact.url(req.full_url)} redirects to {redact.url(newurl)}, which is not https://")
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
 
 
 def _range_start(answer: http.client.HTTPResponse) -> int | None:
@@ -220,10 +236,10 @@ def _validator(meta: Path, url: str) -> str | None:
         record = json.loads(meta.read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return record.get("validator") if record.get("url") == url else None
+    return record.get("validator") if record.get("url") == redact.url(url) else None
 
 
 def _write_validator(meta: Path, url: str, answer: IO[bytes] | http.client.HTTPResponse) -> None:
     headers = answer.headers  # type: ignore[union-attr]
     validator = headers.get("ETag") if not (headers.get("ETag") or "").startswith("W/") else None
-    store.write_json(meta, {"url": url, "validator": validator or headers.get("Last-Modified")})
+    store.write_json(meta, {"url": redact.url(url), "validator": validator or headers.get("Last-Modified")})

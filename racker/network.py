@@ -13,6 +13,15 @@ new connections into it. `--publish` ports are forwarded by a userspace
 process of the machine's (racker/forward.py) on 127.0.0.1 unless an address
 is given.
 
+A machine reaches what a Docker container reaches, no more. Forwarding is
+accepted from racker0 out and, established or related, back; where racker
+turned the host's ip_forward on, nothing else is forwarded (the host did not
+route before), and ip_forward goes off again with the bridge. Link-local
+destinations (169.254.0.0/16: the cloud metadata service at 169.254.169.254,
+which hands a CI runner's credentials to whoever asks) are dropped from
+machines, forwarded or to the host, unless the machine was started with
+`--allow-link-local` (mode `nat+link-local`). IPv6 is not routed to machines.
+
 The bridge and the table are the host's, shared by every store; so are the
 address claims, one file per address in RACKER_NETWORK_DIR
 (/run/racker/network), each naming the machine record that holds it. A claim
@@ -41,13 +50,16 @@ from racker import machines, proc, store
 from racker.errors import MachineError
 from racker.machines import State
 
-MODES = ("none", "private", "nat")
+MODES = ("none", "private", "nat", "nat+link-local")
 DEFAULT_MODE = "private"
 BRIDGE = "racker0"
 TABLE = "racker"
 HOST_IF_PREFIX = "rk-"
 GUEST_IF = "eth0"
 SUBNET_PREFIX = 24
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+LINK_LOCAL_OK = "link_local_ok"  # the nft set of machine addresses allowed to reach LINK_LOCAL
+FORWARDING_MARK = "forwarding-turned-on"  # in state_dir(): racker turned ip_forward on, and turns it off
 
 
 def network_range() -> ipaddress.IPv4Network:
@@ -162,6 +174,7 @@ class Nat(Loopback):
     """`nat`: eth0 on racker's bridge, an address of racker's range, outbound NAT, published ports."""
 
     mode = "nat"
+    link_local = False  # may the machine reach 169.254.0.0/16 (the cloud metadata service among them)?
 
     def __init__(self, publish: Sequence[Publish] = ()) -> None:
         self.publish = list(publish)
@@ -177,9 +190,12 @@ class Nat(Loopback):
         with _locked():
             _reap_stale_claims()
             subnet, mtu = _ensure_bridge()
-            address = _claim_address(subnet, state, host_if)
+            address = _claim_address(subnet, state, host_if, link_local=self.link_local)
+            if self.link_local:
+                _apply_rules(subnet)  # the rules name the addresses allowed link-local: this one now too
         self.lease = {
             "mode": "nat",
+            "link_local": self.link_local,
             "address": str(address),
             "gateway": str(next(subnet.hosts())),
             "prefix": subnet.prefixlen,
@@ -247,7 +263,13 @@ class Nat(Loopback):
                 self.forwarder.wait(5)  # release() killed it: reap our child
 
 
-NETWORKS: dict[str, type[Loopback]] = {"none": Loopback, "private": Loopback, "nat": Nat}
+class NatLinkLocal(Nat):
+    """`nat` that may reach link-local addresses (`--allow-link-local`): a cloud's metadata service too."""
+
+    link_local = True
+
+
+NETWORKS: dict[str, type[Loopback]] = {"none": Loopback, "private": Loopback, "nat": Nat, "nat+link-local": NatLinkLocal}
 
 
 def for_mode(mode: str, publish: Sequence[Publish] = ()) -> Loopback:
@@ -300,22 +322,61 @@ def _bridge_subnet() -> ipaddress.IPv4Network | None:
     return None
 
 
-def _nft_rules(subnet: ipaddress.IPv4Network) -> str:
+def _nft_rules(subnet: ipaddress.IPv4Network, link_local_ok: Sequence[str], forwarding_is_ours: bool) -> str:
+    """racker's table: NAT for the range; forwarding for racker0 only (and nothing else where racker
+    turned ip_forward on); link-local refused from machines but for the addresses in `link_local_ok`."""
+    elements = f"elements = {{ {', '.join(link_local_ok)} }}" if link_local_ok else ""
+    others = "drop" if forwarding_is_ours else "accept"  # the host's own routing, if it had any, is left alone
     return f"""\
 table ip {TABLE} {{}}
-flush table ip {TABLE}
+delete table ip {TABLE}
 table ip {TABLE} {{
+  set {LINK_LOCAL_OK} {{
+    type ipv4_addr; {elements}
+  }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr {subnet} ip daddr != {subnet} masquerade
   }}
   chain forward {{
-    type filter hook forward priority filter; policy accept;
+    type filter hook forward priority filter; policy {others};
+    iifname "{BRIDGE}" ip daddr {LINK_LOCAL} ip saddr != @{LINK_LOCAL_OK} drop
+    iifname "{BRIDGE}" ip saddr {subnet} accept
     oifname "{BRIDGE}" ct state established,related accept
-    oifname "{BRIDGE}" iifname != "{BRIDGE}" drop
+    oifname "{BRIDGE}" drop
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{BRIDGE}" ip daddr {LINK_LOCAL} ip saddr != @{LINK_LOCAL_OK} drop
   }}
 }}
 """
+
+
+def _apply_rules(subnet: ipaddress.IPv4Network) -> None:
+    """(Re)write racker's table from the live claims: one nft transaction, idempotent. Under _locked()."""
+    allowed = sorted(p.name for p in claims_dir().iterdir() if (_read_claim(p) or {}).get("link_local"))
+    rules = _nft_rules(subnet, allowed, (state_dir() / FORWARDING_MARK).exists())
+    proc.run(["nft", "-f", "-"], input=rules.encode(), timeout=30)
+
+
+def _forwarding_on() -> None:
+    """ip_forward on; if racker is the one turning it on, say so in FORWARDING_MARK (the rules then forward
+    nothing but racker0's, and teardown turns it off again). Someone else's forwarding stays theirs."""
+    forward = Path("/proc/sys/net/ipv4/ip_forward")
+    if forward.read_text().strip() != "1":
+        (state_dir() / FORWARDING_MARK).write_text("racker turned net.ipv4.ip_forward on\n")
+        forward.write_text("1\n")
+
+
+def _forwarding_off() -> list[str]:
+    """ip_forward back off where racker turned it on (the last bridge is gone)."""
+    mark = state_dir() / FORWARDING_MARK
+    if not mark.exists():
+        return []
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    mark.unlink()
+    return ["turned net.ipv4.ip_forward off (racker had turned it on)"]
 
 
 def _ensure_bridge() -> tuple[ipaddress.IPv4Network, int]:
@@ -328,15 +389,15 @@ def _ensure_bridge() -> tuple[ipaddress.IPv4Network, int]:
         subnet = _pick_subnet()
         proc.run(["ip", "address", "add", f"{next(subnet.hosts())}/{subnet.prefixlen}", "dev", BRIDGE], timeout=30)
     proc.run(["ip", "link", "set", BRIDGE, "mtu", str(mtu), "up"], timeout=30)
-    proc.run(["nft", "-f", "-"], input=_nft_rules(subnet).encode(), timeout=30)  # one transaction, idempotent
-    # Forwarding is host-wide and stays on (as Docker leaves it): others may rely on it by now.
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    _forwarding_on()  # first, so that the rules know whose forwarding it is
+    _apply_rules(subnet)  # before any machine is plugged in
     return subnet, mtu
 
 
-def _claim_address(subnet: ipaddress.IPv4Network, state: State, host_if: str) -> ipaddress.IPv4Address:
+def _claim_address(subnet: ipaddress.IPv4Network, state: State, host_if: str, *, link_local: bool) -> ipaddress.IPv4Address:
     """The lowest free address of the subnet, claimed by a file created with O_EXCL."""
     claim = {
+        "link_local": link_local,
         "record": str(machines.record_path(state.kind, state.name)),
         "kind": state.kind,
         "name": state.name,
@@ -424,7 +485,7 @@ def _teardown_if_unused() -> list[str]:
     if proc.which("nft") and proc.run(["nft", "list", "table", "ip", TABLE], timeout=30, check=False).succeeded:
         proc.run(["nft", "delete", "table", "ip", TABLE], timeout=30)
         removed.append(f"removed nftables table {TABLE}")
-    return removed
+    return removed + _forwarding_off()
 
 
 def release(state: State) -> list[str]:
@@ -436,6 +497,8 @@ def release(state: State) -> list[str]:
         path = claims_dir() / str(lease["address"])
         data = _read_claim(path)
         removed = _drop_claim(path, data) if data is not None and data.get("token") == state.token else []
+        if lease.get("link_local") and (subnet := _bridge_subnet()) is not None and any(claims_dir().iterdir()):
+            _apply_rules(subnet)  # its address may reach link-local no more
         # A forwarder started after the claim was read still dies here.
         pid, started = (lease.get("forwarder") or [0, 0])[:2]
         proc.kill_and_wait(pid, started, state.boot_id)

@@ -110,8 +110,8 @@ def target_id(target: Target, targets: list[Target]) -> str:
 
 def chosen_network(config: pytest.Config) -> str:
     mode = config.getoption("--racker-network") or config.getini("racker_network")
-    if mode not in ("none", "private", "nat"):
-        raise pytest.UsageError(f"--racker-network: unknown network {mode!r}; known: none, private, nat")
+    if mode not in ("none", "private", "nat", "nat+link-local"):
+        raise pytest.UsageError(f"--racker-network: unknown network {mode!r}; known: none, private, nat, nat+link-local")
     return mode
 
 

@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
+from racker import redact
 from racker.errors import ToolFailed, ToolMissing, ToolTimeout
 
 # Where each host program comes from on Debian/Ubuntu, for ToolMissing hints.
@@ -71,7 +72,7 @@ DEBUG = os.environ.get("RACKER_DEBUG") == "1"
 def debug(message: str) -> None:
     """With --debug (or RACKER_DEBUG=1): every command racker runs, on stderr."""
     if DEBUG:
-        print(f"racker: {message}", file=sys.stderr, flush=True)
+        print(f"racker: {redact.text(message)}", file=sys.stderr, flush=True)  # a git URL's token stays out
 
 
 _PR_SET_PDEATHSIG = 1

@@ -19,9 +19,9 @@ debian-bookworm+vm                   any of the above, prepared to boot as a VM 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from racker import platforms
+from racker import platforms, redact
 from racker.errors import BadReference
 from racker.platforms import Platform
 
@@ -53,6 +53,15 @@ class Reference:
     target: str
     prepared: bool = False  # the image prepared from this one (NAME+vm), made here, never pulled
     platform: Platform | None = None  # docker:// only: chosen from a multi-arch index; None is the host's
+    # The target as typed where it holds a URL's secrets (`user:password@`, a token in the query),
+    # kept apart so that no name, recipe or manifest made from the reference holds them: `target`
+    # is the redacted form; only `fetch_target` (what a source fetches from) gives the secrets back.
+    secret_target: str = field(default="", compare=False, repr=False)
+
+    @property
+    def fetch_target(self) -> str:
+        """The target with its URL's credentials: for the source that fetches it, never to show or store."""
+        return self.secret_target or self.target
 
     def __str__(self) -> str:
         if self.scheme == "catalog":
@@ -101,13 +110,19 @@ def parse(text: str) -> Reference:
         raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
     if scheme == "vagrant" and not _VAGRANT.match(target):
         raise BadReference(f"bad Vagrant box reference {text!r}; expected vagrant:ORG/NAME[@VERSION][#provider=NAME]")
+    typed = target
+    if scheme in ("http", "https"):
+        target = redact.url(f"{scheme}://{target}").partition("://")[2]
+    elif scheme == "dockerfile" and "://" in target:
+        target = redact.url(target)
+    secret = typed if typed != target else ""
     platform = None
     if scheme == "docker":
         target, platform = split_platform(target)
         target = normalise_docker(target, text)
     if scheme in ("oci", "oci-archive", "docker-archive", "file"):
         target = absolute_path(target, tagged=scheme == "oci")
-    return Reference(scheme, target).for_platform(platform)
+    return replace(Reference(scheme, target).for_platform(platform), secret_target=secret)
 
 
 def split_platform(target: str) -> tuple[str, Platform | None]:

@@ -86,7 +86,7 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     mounts = build_mounts.from_entry(entry)  # checked before anything is fetched or built
     if remote_context.scheme_of(ref.target):
         # Fetched into the pull's workdir, so removed with it; the manifest says where from, not the temp paths.
-        local = remote_context.fetch(ref.target, rootfs.parent / "remote")
+        local = remote_context.fetch(ref.fetch_target, rootfs.parent / "remote")
         context, dockerfile, origin = local.context, local.dockerfile, local.fields
     else:
         context, dockerfile = context_and_file(ref.target)

@@ -22,13 +22,12 @@ is one error naming those it has.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from pathlib import Path
 
-from racker import platforms, proc, progress, refs, store
+from racker import platforms, proc, progress, refs, store, untrusted
 from racker.catalog import CatalogEntry
-from racker.errors import BadReference, ToolFailed
+from racker.errors import BadArchive, BadReference, ToolFailed
 from racker.platforms import Platform
 from racker.refs import Reference
 from racker.sources import insecure, registries
@@ -81,20 +80,20 @@ def shared_layout(work: Path) -> Path:
 
 def read_layout(layout: Path, tag: str) -> tuple[str, dict]:
     """(manifest digest, OCI image configuration) of `tag` in a layout."""
-    index = json.loads((layout / "index.json").read_text())
+    index = untrusted.load_json(layout / "index.json", name=f"{layout}/index.json")
     for descriptor in index.get("manifests", []):
         if descriptor.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-            manifest = json.loads(_blob(layout, descriptor["digest"]))
-            config = json.loads(_blob(layout, manifest["config"]["digest"]))
+            manifest = untrusted.load_json(_blob(layout, descriptor["digest"]), name=f"the manifest {descriptor['digest']}")
+            config = untrusted.load_json(_blob(layout, manifest["config"]["digest"]), name="the image configuration")
             return descriptor["digest"], config
     raise BadReference(f"{tag!r} is not in the OCI layout {layout}")
 
 
-def _blob(layout: Path, digest: str) -> bytes:
+def _blob(layout: Path, digest: str) -> Path:
     algorithm, _, hexdigest = digest.partition(":")
     if algorithm != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
         raise BadReference(f"unexpected digest {digest!r} in an OCI layout")
-    return (layout / "blobs" / "sha256" / hexdigest).read_bytes()
+    return layout / "blobs" / "sha256" / hexdigest
 
 
 def copy_argv(source: str, layout: Path, tag: str, *, verify: bool = True, platform: Platform | None = None) -> list[str]:
@@ -109,8 +108,8 @@ def index_platforms(source: str, verify: bool) -> list[Platform]:
     argv = ["skopeo", "inspect", "--raw", *auth_options(), f"--tls-verify={str(verify).lower()}", source]
     result = proc.run(argv, timeout=300, check=False)
     try:
-        index = json.loads(result.stdout) if result.succeeded else {}
-    except json.JSONDecodeError:
+        index = untrusted.load_json(result.stdout, name=f"{source}'s index") if result.succeeded else {}
+    except BadArchive:
         return []
     found = (platforms.of_config(m.get("platform") or {}) for m in index.get("manifests", []) if isinstance(m, dict))
     return sorted({p for p in found if p is not None})

@@ -15,7 +15,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from racker import progress
+from racker import progress, untrusted
 from racker.errors import BadArchive
 from racker.sources import disk
 
@@ -82,10 +82,7 @@ def _digest(path: Path, algorithm: str) -> str:
 
 def first_disk(descriptor: Path, name: str) -> tuple[Path, int]:
     """(the file of the first disk an OVF descriptor names, how many disks it names); it must sit beside the descriptor."""
-    try:
-        envelope = ElementTree.parse(descriptor).getroot()
-    except ElementTree.ParseError as error:
-        raise BadArchive(f"{name}: {descriptor.name} is not a readable OVF descriptor: {error}") from None
+    envelope = untrusted.load_xml(descriptor, name=f"{name}: the OVF descriptor {descriptor.name}")
     files = {_attribute(e, "id"): _attribute(e, "href") for e in envelope.iter() if _local(e.tag) == "File"}
     disks = [_attribute(e, "fileRef") for e in envelope.iter() if _local(e.tag) == "Disk"]
     if not disks:

@@ -18,6 +18,7 @@ again only with `racker pull --force`. The manifest records the commit actually 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import posixpath
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from racker import proc, progress
+from racker import proc, progress, redact
 from racker.errors import BadReference, RackerError
 
 # dockerfile: URL scheme -> the scheme git is given
@@ -102,7 +103,7 @@ def split_git(target: str) -> GitTarget:
         None
     )  # fmt: skip
     if bad:
-        raise BadReference(f"dockerfile:{target}: {bad}", hint=f"expected dockerfile:{GIT_FORM}")
+        raise BadReference(f"dockerfile:{redact.text(target)}: {bad}", hint=f"expected dockerfile:{GIT_FORM}")
     return GitTarget(f"{GIT_SCHEMES[scheme]}://{authority}/{repository}", "/".join(parts), ref or None)
 
 
@@ -117,7 +118,7 @@ def from_git(spec: GitTarget, work: Path) -> Local:
     checkout = work / "checkout"
     checkout.mkdir()
     wanted = spec.ref or "HEAD"
-    with progress.step(f"fetching {wanted} from {spec.repository}"):
+    with progress.step(f"fetching {wanted} from {redact.url(spec.repository)}"):
         for setup in (["init", "--quiet"], ["remote", "add", "origin", spec.repository]):
             done = _git(*setup, cwd=checkout)
             if done.failed:
@@ -129,8 +130,9 @@ def from_git(spec: GitTarget, work: Path) -> Local:
     dockerfile = checkout / spec.path
     inside = all(p.resolve().is_relative_to(checkout.resolve()) for p in (dockerfile, dockerfile.parent))  # symlinks
     if not inside or not dockerfile.is_file():
-        raise BadReference(f"no Dockerfile at /{spec.path} in {spec.repository} at {spec.ref or 'its default branch'} ({commit[:12]})")
-    fields = {"repository": spec.repository, "ref": spec.ref, "commit": commit, "dockerfile": f"/{spec.path}"}
+        at = f"{spec.ref or 'its default branch'} ({commit[:12]})"
+        raise BadReference(f"no Dockerfile at /{spec.path} in {redact.url(spec.repository)} at {at}")
+    fields = {"repository": redact.url(spec.repository), "ref": spec.ref, "commit": commit, "dockerfile": f"/{spec.path}"}
     return Local(dockerfile.parent, dockerfile, dict(fields, context=f"/{posixpath.dirname(spec.path)}"))
 
 
@@ -157,7 +159,7 @@ def _fetch_commit(spec: GitTarget, wanted: str, checkout: Path) -> str:
 def _raise_git(spec: GitTarget, error: str) -> NoReturn:
     what = f"{spec.ref!r}" if spec.ref else "the default branch"
     raise FetchFailed(
-        f"cannot fetch {what} from {spec.repository}: {error}",
+        f"cannot fetch {what} from {redact.url(spec.repository)}: {redact.text(error)}",
         hint="check the repository URL and the branch, tag or commit; a private repository needs credentials git can use without asking",
     )
 
@@ -171,11 +173,12 @@ def _last_line(text: str) -> str:
 
 
 def from_url(url: str, work: Path) -> Local:
+    shown = redact.url(url)
     if url.endswith("/") or not urllib.parse.urlsplit(url).path.strip("/"):
-        raise BadReference(f"dockerfile:{url}: names no Dockerfile", hint="expected dockerfile:https://HOST/PATH/Dockerfile")
+        raise BadReference(f"dockerfile:{shown}: names no Dockerfile", hint="expected dockerfile:https://HOST/PATH/Dockerfile")
     directory_url = url.rsplit("/", 1)[0] + "/"
-    with progress.step(f"fetching {url}"):
-        text = _get(url, f"the Dockerfile {url}", limit=DOCKERFILE_LIMIT).decode("utf-8", "replace")
+    with progress.step(f"fetching {shown}"):
+        text = _get(url, f"the Dockerfile {shown}", limit=DOCKERFILE_LIMIT).decode("utf-8", "replace")
         dockerfile = work / "Dockerfile"  # beside the context, never in it: a source may be named Dockerfile too
         dockerfile.write_text(text)
         context = work / "context"
@@ -189,12 +192,18 @@ def from_url(url: str, work: Path) -> Local:
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_bytes(_get(source_url, directive, directory=True))
             fetched.append(source)
-    return Local(context, dockerfile, {"dockerfile": url, "context": directory_url, "fetched": fetched})
+    return Local(context, dockerfile, {"dockerfile": shown, "context": redact.url(directory_url), "fetched": fetched})
 
 
 def _get(url: str, what: str, *, limit: int | None = None, directory: bool = False) -> bytes:
-    """GET `url` (HTTPS verified); FetchFailed naming `what` if it cannot be had, or is a directory."""
-    request = urllib.request.Request(url, headers={"User-Agent": "racker"})
+    """GET `url` (HTTPS verified); FetchFailed naming `what` if it cannot be had, or is a directory.
+    A URL's `user:password@` is sent as basic auth, never shown."""
+    url, credentials = redact.split_userinfo(url)
+    headers = {"User-Agent": "racker"}
+    if credentials is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    request = urllib.request.Request(url, headers=headers)
+    url = redact.url(url)
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as answer:
             if directory and answer.geturl().endswith("/") and not url.endswith("/"):
@@ -204,7 +213,7 @@ def _get(url: str, what: str, *, limit: int | None = None, directory: bool = Fal
         raise FetchFailed(f"{what}: cannot fetch {url}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise FetchFailed(f"{what}: cannot fetch {url}: {reason}") from None
+        raise FetchFailed(f"{what}: cannot fetch {url}: {redact.text(str(reason))}") from None
     if limit and len(body) > limit:
         raise FetchFailed(f"{what}: {url} is larger than {limit} bytes; is it a Dockerfile?")
     return body

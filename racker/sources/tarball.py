@@ -16,9 +16,9 @@ import functools
 import urllib.parse
 from pathlib import Path
 
-from racker import checksums, download, progress
+from racker import checksums, download, progress, redact
 from racker.catalog import CatalogEntry
-from racker.errors import BadArchive, BadReference
+from racker.errors import BadArchive, BadReference, DownloadError
 from racker.refs import Reference
 from racker.sources import extract, insecure, keyring
 from racker.sources.compression import decompressed
@@ -26,7 +26,8 @@ from racker.sources.oci import is_loopback
 
 
 def url_of(ref: Reference) -> str:
-    return f"{ref.scheme}://{ref.target}"
+    """The URL to fetch, with its credentials (download.py sends them as basic auth): never shown or stored."""
+    return f"{ref.scheme}://{ref.fetch_target}"
 
 
 def recipe(ref: Reference) -> str:
@@ -64,9 +65,16 @@ def obtain(ref: Reference, work: Path) -> tuple[Path, dict]:
     fetch_small = functools.partial(download.fetch_small, plain_ok=plain_ok)
     with progress.step("verifying the checksum list" if pin is None or keyring() else "checking the pin"):
         want = checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=work)
+    if not want.authentic:
+        if insecure():  # the list came over a connection --insecure let anyone change, with the file
+            raise DownloadError(
+                f"{redact.url(url)}: with --insecure, a {checksums.SUMS} from the same server proves nothing",
+                hint="pin the file (append #sha256=<its digest>) or check a signature with --keyring FILE",
+            )
+        progress.warn(f"{redact.url(url)} is checked for integrity only ({checksums.SUMS} from the same server, not signed)")
     name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or url
     path, digest = download.fetch(url, sha256=want.sha256, plain_ok=plain_ok, title=f"downloading {name}")
-    return path, {"url": url, "sha256": digest, "verified_by": want.verified_by}
+    return path, {"url": redact.url(url), "sha256": digest, "verified_by": want.verified_by, "verified": want.verified}
 
 
 def unpack(path: Path, rootfs: Path, *, name: str) -> str:

@@ -16,14 +16,13 @@ The provider is chosen with a `#provider=NAME` fragment, so that the reference a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
-from racker import download, progress
+from racker import download, progress, redact, untrusted
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, DownloadError, RackerError
 from racker.refs import Reference
@@ -36,6 +35,7 @@ CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256,
 ARCHITECTURES = ("amd64", "x86_64", "unknown", "")  # what this host boots; "" where the metadata says none
 _FRAGMENT = re.compile(r"^provider=(?P<provider>[a-z0-9_-]+)$")
 CHUNK = 1 << 20
+METADATA_LIMIT = 1 << 20  # a box's metadata.json is a few lines
 
 
 def server() -> str:
@@ -69,19 +69,20 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     box, at = ref.target.partition("@")[::2]
     metadata_url = f"{server()}/api/v2/box/{box}"
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(metadata_url).netloc)
-    with progress.step(f"asking {server()} for {box}"):
+    shown_server = redact.url(server())  # RACKER_VAGRANT_SERVER may hold credentials: sent, never shown
+    with progress.step(f"asking {shown_server} for {box}"):
         try:
             answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
         except DownloadError as error:
             if getattr(error, "status", None) == 404:
                 raise BadReference(
-                    f"vagrant:{box}: {server()} has no such box", hint="RACKER_VAGRANT_SERVER names the server asked"
+                    f"vagrant:{box}: {shown_server} has no such box", hint="RACKER_VAGRANT_SERVER names the server asked"
                 ) from None
             raise
     try:
-        metadata = json.loads(answer or b"")
-    except ValueError:
-        raise DownloadError(f"{metadata_url} did not answer with Vagrant box metadata (JSON)") from None
+        metadata = untrusted.load_json(answer or b"", name=f"{redact.url(metadata_url)}'s box metadata")
+    except BadArchive as error:
+        raise DownloadError(f"{error} (Vagrant box metadata is JSON)") from None
     version = choose_version(metadata, at or None, f"vagrant:{box}")
     provider = choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
     url = provider.get("download_url") or provider.get("url")
@@ -89,6 +90,11 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         raise DownloadError(f"vagrant:{box}@{version['version']}: the {provider['name']} box has no download URL")
     checksum_type = (provider.get("checksum_type") or "").lower()
     checksum = (provider.get("checksum") or "").lower()
+    if insecure():  # the checksum came from a server --insecure let anyone change
+        raise DownloadError(
+            f"vagrant:{box}: with --insecure, the box metadata's checksum proves nothing",
+            hint=f"pull the box's URL with its digest pinned (#sha256=…): {redact.url(url)}",
+        )
     path, sha256 = download.fetch(
         url,
         sha256=checksum if checksum_type == "sha256" and checksum else None,
@@ -96,13 +102,14 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         title=f"downloading {box} {version['version']} ({provider['name']})",
     )
     try:
-        verified = verify(path, checksum_type, checksum, url)
+        verified = verify(path, checksum_type, checksum, redact.url(url))
         fields = unpack(path, rootfs, name=f"vagrant:{box}", provider=provider["name"])
     except RackerError:  # a box racker cannot use is not kept
         download.forget(sha256)
         raise
     box_fields = fields["box"]
-    box_fields.update(box=box, version=version["version"], url=url, sha256=sha256, verified_by=verified)
+    what = "none" if verified == "none" else f"integrity ({verified} from {shown_server})"
+    box_fields.update(box=box, version=version["version"], url=redact.url(url), sha256=sha256, verified_by=verified, verified=what)
     return fields
 
 
@@ -171,10 +178,7 @@ def unpack(path: Path, rootfs: Path, *, name: str, provider: str | None) -> dict
 
 def unpack_dir(directory: Path, rootfs: Path, *, name: str, provider: str | None) -> dict:
     """The box unpacked in `directory` into the new `rootfs`; manifest fields."""
-    try:
-        metadata = json.loads((directory / "metadata.json").read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise BadArchive(f"{name}: metadata.json is not JSON") from None
+    metadata = untrusted.load_json(directory / "metadata.json", name=f"{name}: metadata.json", limit=METADATA_LIMIT)
     has = metadata.get("provider") if isinstance(metadata, dict) else None
     if provider is not None and has != provider:
         raise BadReference(f"{name} is a {has} box, not {provider} (providers: {has})")
