@@ -111,6 +111,7 @@ def host_not_forwarding() -> Iterator[None]:
             IP_FORWARD.write_text(found)
 
 
+@pytest.mark.hostwide  # sets the host's ip_forward: run alone, after the parallel run
 def test_forwarding_is_opened_for_racker0_only(bookworm, host_not_forwarding) -> None:
     with (
         namespace("rkt-fa", "rkt-fa0", "198.18.1.1", "198.18.1.2") as left,
