@@ -77,14 +77,17 @@ def test_a_report_is_a_matrix_of_cells_with_the_images_facts(tmp_path: Path) -> 
     failed = cells[("debian-sid", "nspawn", "test_system_reaches_running")]
     assert (failed["outcome"], failed["message"]) == ("fail", "expected test_system_reaches_running to pass on debian-sid")
     assert failed["log"] == "log of test_system_reaches_running on debian-sid"
-    assert made["counts"] == {"pass": 5, "fail": 1, "error": 0, "skip": 0}
+    assert made["counts"] == {"pass": 5, "flaky": 0, "fail": 1, "error": 0, "skip": 0}
     assert made["images"]["debian-sid"]["nspawn"]["systemd"] == "252 (252.39-1)"
     assert made["runs"][0]["host"]["qemu"] == "QEMU emulator version 7.2.22"
     assert made["comparison"] is None and not report.regressed(made)
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["cells"] == made["cells"]
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| debian-sid | pass | pass | **fail** |" in markdown
+    # A row per check, a column per image; the checks that passed everywhere on one line.
+    assert "| check | debian-bookworm | debian-sid |" in markdown
+    assert "| system reaches running | ✅ pass | ❌ **fail** · FAILING since " in markdown
+    assert "✅ 2 checks pass on every image: hostname is set, sshd is installed and enabled." in markdown
     assert "userspace 0.8s; up after 1.0s" in markdown
     assert "QEMU accelerator: TCG" in markdown
 
@@ -118,7 +121,7 @@ def test_shards_merge_and_a_missing_or_repeated_shard_is_named(tmp_path: Path) -
     assert made["repeated"] == sorted(f"test_container.py::{c}[debian-bookworm]" for c in CHECKS)
     assert "**No results** for: debian-sid (nspawn)." in (tmp_path / "out" / "report.md").read_text()
     page = (tmp_path / "out" / "report.html").read_text()
-    assert '<tr class="missing" data-image="debian-sid">' in page
+    assert '<th class="image missing" data-image="debian-sid">' in page
 
 
 def test_junit_xml_is_read_with_the_facts_the_plugin_attached(tmp_path: Path) -> None:
