@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import cli, facts, report
+from racker import cli, facts, history, report, report_html, store
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -196,6 +196,142 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         assert first.startswith("racker: error: ") and message in first, done.stderr
         assert "Traceback" not in done.stderr
         assert not (tmp_path / "out").exists(), "nothing is written for bad input"
+
+
+# --- history across nights ------------------------------------------------------
+
+
+def test_three_nights_tell_flaky_from_failing_with_last_good_and_first_bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Night 1 all pass; night 2 two cells fail; night 3 one of them passes again (a flip: FLAKY),
+    the other still fails (pass → fail → fail: FAILING, last good night 1, first bad night 2)."""
+    images = ["debian-bookworm", "debian-sid"]
+    flip, broke = ("debian-sid", "test_hostname_is_set"), ("debian-bookworm", "test_system_reaches_running")
+    nights = [{}, {flip: "fail", broke: "fail"}, {broke: "fail"}]
+    previous: list[str] = []
+    for number, outcomes in enumerate(nights, 1):
+        monkeypatch.setattr(store, "now", lambda number=number: f"2026-01-0{number}T03:00:00+00:00")
+        results = night(tmp_path, f"night-{number}", outcomes, images)
+        argv = ["report", str(results), "-o", str(tmp_path / f"report-{number}"), *previous]
+        assert cli.main(argv) in (0, 1)
+        previous = ["--previous", str(tmp_path / f"report-{number}")]
+    made = json.loads((tmp_path / "report-3" / "report.json").read_text())
+    assert made["history"]["nights"] == [f"2026-01-0{n}T03:00:00+00:00" for n in (1, 2, 3)]
+    cells = {(c["image"], c["check"]): c for c in made["cells"]}
+    assert (cells[flip]["strip"], cells[flip]["label"]) == (["pass", "fail", "pass"], "FLAKY")
+    assert cells[flip]["last_good"] == "2026-01-03T03:00:00+00:00" and cells[flip]["first_bad"] == "2026-01-02T03:00:00+00:00"
+    assert (cells[broke]["strip"], cells[broke]["label"]) == (["pass", "fail", "fail"], "FAILING")
+    assert (cells[broke]["last_good"], cells[broke]["first_bad"]) == ("2026-01-01T03:00:00+00:00", "2026-01-02T03:00:00+00:00")
+    steady = cells[("debian-sid", "test_system_reaches_running")]
+    assert (steady["label"], steady["first_bad"]) == ("PASSING", None)
+
+    page = (tmp_path / "report-3" / "report.html").read_text()
+    failing = next(a for tag, a in Dom(page).elements if tag == "td" and a.get("data-check") == broke[1] and a["data-image"] == broke[0])
+    assert failing["data-label"] == "FAILING"
+    assert "last good 2026-01-01 · first bad 2026-01-02" in page
+    markdown = (tmp_path / "report-3" / "report.md").read_text()
+    assert "❌ **fail** · FAILING since 2026-01-02" in markdown
+    assert markdown.index("system reaches running") < markdown.index("hostname is set"), "failing rows come first"
+
+    # A window of 2 nights forgets night 1: the failing cell has no good night left in it.
+    monkeypatch.setattr(store, "now", lambda: "2026-01-04T03:00:00+00:00")
+    results = night(tmp_path, "night-4", {broke: "fail"}, images)
+    assert (
+        cli.main(["report", str(results), "-o", str(tmp_path / "report-4"), "--previous", str(tmp_path / "report-3"), "--history", "2"])
+        == 0
+    )
+    made = json.loads((tmp_path / "report-4" / "report.json").read_text())
+    assert len(made["history"]["nights"]) == 2
+    cells = {(c["image"], c["check"]): c for c in made["cells"]}
+    assert (cells[broke]["strip"], cells[broke]["label"], cells[broke]["last_good"]) == (["fail", "fail"], "FAILING", None)
+    assert cells[flip]["label"] == "PASSING", "its failure left the window"
+
+
+@pytest.mark.parametrize(
+    ("strip", "label"),
+    [
+        (["pass", "pass", "pass"], "PASSING"),
+        (["fail", "fail", "fail"], "FAILING"),
+        (["pass", None, "skip", "error"], "FAILING"),
+        (["fail", "pass", "fail"], "FLAKY"),
+        (["pass", "pass", "flaky"], "FLAKY"),
+        (["skip", None, "skip"], ""),
+    ],
+)
+def test_a_cells_verdict(strip: list[str | None], label: str) -> None:
+    assert history.verdict(strip, [f"n{i}" for i in range(len(strip))])["label"] == label
+
+
+def test_an_image_not_refreshed_is_marked_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "now", lambda: "2026-01-10T03:00:00+00:00")
+    records = [
+        run_record(),
+        image_record("debian-sid", stale=True, last_checked="2026-01-03T03:00:00+00:00"),
+        image_record("debian-trixie", last_checked="2026-01-05T03:00:00+00:00"),  # old: the refresh never asked upstream since
+        image_record("debian-bookworm", last_checked="2026-01-10T02:00:00+00:00"),
+        *(check_record(image, "test_hostname_is_set") for image in ("debian-sid", "debian-trixie", "debian-bookworm")),
+    ]
+    made = report.make([write_results(tmp_path / "r.jsonl", records)], tmp_path / "out")
+    assert made["stale"] == [
+        ["debian-sid", "nspawn", "not refreshed (last checked 2026-01-03T03:00:00+00:00)"],
+        ["debian-trixie", "nspawn", "not refreshed (last checked 2026-01-05T03:00:00+00:00)"],
+    ]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<th class="image" data-image="debian-sid">debian-sid <span class="stale"' in page
+    assert '<th class="image" data-image="debian-bookworm">debian-bookworm</th>' in page
+    assert "| check | debian-bookworm | debian-sid (stale) | debian-trixie (stale) |" not in (tmp_path / "out" / "report.md").read_text()
+    assert "debian-sid (stale), debian-trixie (stale)" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --- tonight's truth -----------------------------------------------------------------
+
+
+def test_the_nights_cold_boot_is_shown_not_a_warm_clones_restore(tmp_path: Path) -> None:
+    """The first-boot VM reports first, the warm clones restored from an earlier night's snapshot
+    after it: their facts fill in, never overwrite, the cold boot's."""
+    host = run_record(("debian-sid", "qemu"))
+    host["host"]["accel"] = "unknown"  # written before any VM booted: the host record cannot know
+    cold = image_record("debian-sid", "qemu", accel="tcg", restored_from="", boot={"kernel": 2.1, "userspace": 30.0, "total": 32.1},
+                        boot_seconds=48.0)  # fmt: skip
+    warm = cold | {"restored_from": "snap-0104", "boot": {"kernel": 1.9, "userspace": 20.0, "total": 21.9}, "boot_seconds": 4.0}
+    checks = [check_record("debian-sid", c, engine="qemu") for c in CHECKS]
+    made = report.make([write_results(tmp_path / "r.jsonl", [host, cold, *checks[:1], warm, *checks[1:]])], tmp_path / "out")
+    facts_shown = made["images"]["debian-sid"]["qemu"]
+    assert (facts_shown["restored_from"], facts_shown["boot_seconds"], facts_shown["boot"]["total"]) == ("", 48.0, 32.1)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "cold boot: kernel 2.1s + userspace 30.0s = 32.1s; up after 48.0s" in markdown
+    # The host line says what the VMs used, not what the host record could not know.
+    assert "QEMU accelerator: TCG" in markdown and "not probed" not in markdown
+
+    # A night whose VMs were all restored says so, rather than passing an old boot off as tonight's.
+    made = report.make([write_results(tmp_path / "w.jsonl", [host, warm, *checks])], tmp_path / "warm")
+    assert "restored from snapshot snap-0104, no cold boot tonight (the snapshot's boot: kernel 1.9s" in report_html.boot(
+        made["images"]["debian-sid"]["qemu"]
+    )
+    nspawn_only = run_record(("debian-sid", "nspawn"))
+    nspawn_only["host"]["accel"] = "unknown"
+    assert "no VM booted" in report_html.host_line(nspawn_only)
+
+
+# --- the page is text, never markup ------------------------------------------------------
+
+
+def test_names_messages_outcomes_and_evidence_paths_are_escaped(tmp_path: Path) -> None:
+    hostile = "test_<script>alert(1)</script>"
+    records = [
+        run_record(("debian-sid", "nspawn")),
+        image_record("debian-sid", source="<script>alert(2)</script>"),
+        check_record("debian-sid", hostile, "fail", message="<script>alert(3)</script>", log="</pre><script>alert(4)</script>"),
+        dict(check_record("debian-sid", "test_y", "<img src=x onerror=alert(5)>")),
+        dict(check_record("debian-sid", "test_z", "flaky"), evidence={"console": "javascript:alert(6)", "journal": "ev/a b.journal"}),
+    ]
+    report.make([write_results(tmp_path / "r.jsonl", records)], tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>alert" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in page and "&lt;/pre&gt;&lt;script&gt;alert(4)" in page
+    # Evidence paths are relative to the results file; the page links them from its own directory.
+    assert 'href="../javascript%3Aalert%286%29"' in page and 'href="../ev/a%20b.journal"' in page
+    assert report_html.evidence_links({"console": "javascript:alert(6)"}) == [("console", "./javascript%3Aalert%286%29")]
+    assert page.count("<script>") == 1, "only the page's own script"
 
 
 # --- facts -------------------------------------------------------------------
