@@ -265,14 +265,14 @@ def test_an_image_not_refreshed_is_marked_stale(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(store, "now", lambda: "2026-01-10T03:00:00+00:00")
     records = [
         run_record(),
-        image_record("debian-sid", stale=True, last_checked="2026-01-03T03:00:00+00:00"),
+        image_record("debian-sid", stale=True, last_checked="2026-01-10T01:00:00+00:00"),  # the refresh says so
         image_record("debian-trixie", last_checked="2026-01-05T03:00:00+00:00"),  # old: the refresh never asked upstream since
         image_record("debian-bookworm", last_checked="2026-01-10T02:00:00+00:00"),
         *(check_record(image, "test_hostname_is_set") for image in ("debian-sid", "debian-trixie", "debian-bookworm")),
     ]
     made = report.make([write_results(tmp_path / "r.jsonl", records)], tmp_path / "out")
     assert made["stale"] == [
-        ["debian-sid", "nspawn", "not refreshed (last checked 2026-01-03T03:00:00+00:00)"],
+        ["debian-sid", "nspawn", "not refreshed (last checked 2026-01-10T01:00:00+00:00)"],
         ["debian-trixie", "nspawn", "not refreshed (last checked 2026-01-05T03:00:00+00:00)"],
     ]
     page = (tmp_path / "out" / "report.html").read_text()
