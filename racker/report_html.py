@@ -36,7 +36,7 @@ th.check { width: 22%; font-weight: normal; } th.image { font-size: .9em; }
 .missing { background: #fff8c5; font-style: italic; }
 .verdict { font-size: .75em; font-weight: 600; padding: 0 .3em; border-radius: .3em; color: #fff; }
 .verdict.PASSING { background: #1a7f37; } .verdict.FLAKY { background: #bf8700; } .verdict.FAILING { background: #cf222e; }
-.strip { display: inline-block; white-space: nowrap; vertical-align: middle; }
+.strip { display: inline-block; white-space: nowrap; vertical-align: middle; margin-left: .3em; }
 .strip i { display: inline-block; width: 6px; height: 10px; margin-right: 1px; background: #d0d7de; }
 .strip i.pass { background: #2da44e; } .strip i.fail, .strip i.error { background: #cf222e; } .strip i.flaky { background: #d4a72c; }
 .strip i.skip { background: #afb8c1; } .strip i.none { background: #eaeef2; }

@@ -7,6 +7,7 @@ headless Chromium.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import struct
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
-from racker import cli, facts, history, report, report_html, store
+from conftest import ROOT, racker
+from racker import catalog, cli, engines, facts, history, report, report_html, store
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -476,3 +477,108 @@ def test_a_real_regression_fails_the_report_and_shows_in_chromium(tmp_path: Path
     assert regression["message"].splitlines()[0] in dom.text["new-failures"]
     # The failure's log holds what the plugin attached: the machine's journal.
     assert "racker: journal of lab-" in dom.text[regression["id"]]
+
+
+# --- the page fits a laptop's screen ---------------------------------------------------
+
+
+def _needs(decorators: list[ast.expr]) -> list[str]:
+    """The needs named by racker(needs=[...]) marks among these decorators (or a pytestmark's value)."""
+    found = []
+    for node in decorators:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "racker":
+            found += [need for k in node.keywords if k.arg == "needs" for need in ast.literal_eval(k.value)]
+    return found
+
+
+def builtin_checks() -> list[tuple[str, list[str]]]:
+    """racker's own checks (racker/checks/test_*.py), each with the needs its marks name."""
+    checks = []
+    for module in sorted((ROOT / "racker" / "checks").glob("test_*.py")):
+        tree = ast.parse(module.read_text())
+        marked = [n.value for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)]
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                checks.append((node.name, _needs(marked) + _needs(node.decorator_list)))
+    return checks
+
+
+BOOT_SPLIT = {"firmware": 1.2, "loader": 0.5, "kernel": 2.5, "userspace": 30.25, "total": 34.45, "cloud-init": 7.5}
+
+
+def catalogue_night(tmp_path: Path, name: str, failing: dict[tuple[str, str, str], str]) -> Path:
+    """A night of the 4 catalogue images on both engines: every built-in check, skipped where the
+    engine cannot provide what it needs (as the plugin skips it), passing unless `failing` says."""
+    images = sorted(catalog.entries())
+    records: list[dict] = [run_record(*((i, e) for i in images for e in ("nspawn", "qemu")))]
+    for image in images:
+        for engine in ("nspawn", "qemu"):
+            records.append(image_record(
+                image, engine, source=f"https://cloud.debian.org/images/cloud/{image}/latest/{image}-generic-amd64.tar.xz",
+                os="Debian GNU/Linux 12 (bookworm)", kernel="6.1.0-18-cloud-amd64", systemd="252 (252.22-1~deb12u1)",
+                cloud_init="22.4.2", boot=BOOT_SPLIT,
+                boot_seconds=48.2, restored_from="", accel="tcg", disk_bytes=2_000_000_000, root_bytes=2_040_373_248,
+                root_used_bytes=800_000_000, image_bytes=600_000_000,
+            ))  # fmt: skip
+            for check, needs in builtin_checks():
+                unmet = engines.get(engine).unmet(needs)
+                outcome = "skip" if unmet else failing.get((image, engine, check), "pass")
+                message = f"{engine} cannot provide: {', '.join(unmet)}" if unmet else ""
+                if outcome in ("fail", "error", "flaky"):
+                    message = f"AssertionError: expected {check} to hold on {image}, and it did not, for a long reason " * 3
+                records.append(check_record(image, check, outcome, engine=engine, message=message))
+    return write_results(tmp_path / f"{name}.jsonl", records)
+
+
+def measured(page: Path) -> tuple[int, int]:
+    """(document.scrollWidth, window.innerWidth) of the page in Chromium at 1366×768."""
+    probe = page.with_name("measured.html")
+    script = (
+        "<script>document.body.setAttribute('data-measured', "
+        "document.documentElement.scrollWidth + ' ' + window.innerWidth);</script></body>"
+    )
+    probe.write_text(page.read_text().replace("</body>", script))
+    dumped = chromium(probe, "--dump-dom", *LAPTOP)
+    assert dumped.returncode == 0 and "data-measured" in dumped.stdout, dumped.stderr[-2000:]
+    body = next(a for tag, a in Dom(dumped.stdout).elements if tag == "body")
+    scroll, inner = map(int, body["data-measured"].split())
+    return scroll, inner
+
+
+LAPTOP = ("--window-size=1366,768", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def test_the_catalogue_matrix_fits_a_laptop_screen_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 catalogue images × 2 engines × every built-in check, over 10 nights of history with
+    failures and flakes: no horizontal scrolling at 1366×768, the checks nspawn cannot run on one line."""
+    images = sorted(catalog.entries())
+    assert len(images) == 4
+    check_names = [c for c, _needs in builtin_checks()]
+    assert len(check_names) > 20
+    previous: Path | None = None
+    for number in range(1, 11):
+        monkeypatch.setattr(store, "now", lambda number=number: f"2026-01-{number:02}T03:00:00+00:00")
+        failing = {(images[0], "qemu", check_names[-1]): "fail", (images[1], "nspawn", check_names[2]): "error"}
+        if number % 2:
+            failing[(images[3], "qemu", "test_root_writable")] = "fail"
+        if number == 10:
+            failing[(images[2], "qemu", "test_time_sync_active")] = "flaky"
+        results = catalogue_night(tmp_path, f"night-{number}", failing)
+        report.make([results], tmp_path / f"report-{number}", previous)
+        previous = tmp_path / f"report-{number}"
+    page = tmp_path / "report-10" / "report.html"
+    scroll, inner = measured(page)
+    assert inner == 1366 and scroll <= inner, f"the page is {scroll} px wide in a {inner} px window"
+    shot = chromium(page, f"--screenshot={tmp_path / 'laptop.png'}", *LAPTOP)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    png = (tmp_path / "laptop.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1366, 768)
+
+    dom = Dom(page.read_text())
+    nspawn_rows = [a["data-check"] for tag, a in dom.elements if tag == "tr" and "data-check" in a]
+    assert nspawn_rows[0] == check_names[2], "a failing row comes first"
+    assert len([a for tag, a in dom.elements if tag == "td" and a.get("data-outcome") == "skip"]) == 0, "no skip cells"
+    assert "cannot apply under nspawn:" in page.read_text()
+    markdown = (tmp_path / "report-10" / "report.md").read_text()
+    assert "| check | debian-bookworm | debian-bullseye | debian-sid | debian-trixie |" in markdown
+    assert len(markdown.splitlines()) < 60, "short enough for a CI job summary"
