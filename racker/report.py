@@ -300,10 +300,10 @@ def _md_cell(cell: dict | None) -> str:
     text = f"{MD_MARK.get(cell['outcome'], '')} {cell['outcome']}"
     if cell["outcome"] in BAD:
         text = f"{MD_MARK[cell['outcome']]} **{cell['outcome']}**"
-    if cell.get("label") and cell["label"] != history.PASSING:
-        text += f" · {cell['label']}"
-        if cell.get("first_bad"):
-            text += f" since {report_html.night(cell['first_bad'])}"
+    if cell.get("label") == history.FAILING:
+        text += f" · FAILING since {report_html.night(cell['first_bad'])}"
+    elif cell.get("label") == history.FLAKY:
+        text += f" · FLAKY, first bad {report_html.night(cell['first_bad'])}" if cell.get("first_bad") else " · FLAKY"
     return text
 
 
