@@ -188,6 +188,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         ([str(good), "--previous", str(tmp_path / "nowhere")], "no previous report at"),
         ([str(good), "--previous", str(good)], "cannot read the previous report"),
     ]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": report.FORMAT, "cells": [], "history": {"nights": "x"}}))
+    cases.append(([str(good), "--previous", str(broken)], "the previous report's history is not a racker history"))
     done = racker("report", str(good), "-o", str(good))
     assert done.returncode == 125 and done.stderr.startswith(f"racker: error: cannot write the report into {good}"), done.stderr
     for args, message in cases:
