@@ -20,6 +20,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from racker.errors import ReportError
+
 WINDOW = 10
 GOOD = ("pass",)
 BAD = ("fail", "error")
@@ -36,7 +38,11 @@ def _past(previous: dict[str, Any] | None) -> dict[str, Any]:
     if previous is None:
         return {"nights": [], "cells": {}}
     if previous.get("history"):
-        return previous["history"]
+        past = previous["history"]
+        nights, cells = past.get("nights") if isinstance(past, dict) else None, past.get("cells") if isinstance(past, dict) else None
+        if not (isinstance(nights, list) and isinstance(cells, dict) and all(isinstance(s, list) for s in cells.values())):
+            raise ReportError("the previous report's history is not a racker history (nights and cells)")
+        return past
     # A report made before histories: it is one night.
     cells = {key(c["image"], c["engine"], c["check"]): [c["outcome"]] for c in previous["cells"]}
     return {"nights": [previous.get("generated", "")], "cells": cells}
