@@ -324,7 +324,8 @@ def markdown(report: dict[str, Any]) -> str:
         for title, key in (("New failures", "new_failures"), ("Fixed", "fixed")):
             lines += [f"### {title} ({len(comparison[key])})", ""]
             lines += [
-                f"- {c['image']} ({c['engine']}) {c['check']}: {c['was']} → **{c['outcome']}** {_md_escape(fmt.first_line(c['message']))}"
+                f"- {_md_escape(c['image'])} ({c['engine']}) {_md_escape(c['check'])}: {c['was']} → **{c['outcome']}** "
+                + _md_escape(fmt.first_line(c["message"]))
                 for c in comparison[key]
             ]
             lines.append("")
@@ -342,14 +343,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {engine}", ""]
         if shown:
             lines += ["| check | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-            lines += [f"| {fmt.check_label(row['check'])} | " + " | ".join(_md_cell(c) for c in row["cells"]) + " |" for row in shown]
+            for row in shown:
+                lines.append(f"| {_md_escape(fmt.check_label(row['check']))} | " + " | ".join(_md_cell(c) for c in row["cells"]) + " |")
             lines.append("")
         if passing:
             where = "every image" if shown else ", ".join(names)
-            lines += [f"✅ {len(passing)} checks pass on {where}: {', '.join(map(fmt.check_label, passing))}.", ""]
+            lines += [_md_escape(f"✅ {len(passing)} checks pass on {where}: {', '.join(map(fmt.check_label, passing))}."), ""]
         for title, checks in matrix["collapsed"]:
             if checks:
-                lines += [f"➖ {len(checks)} {title}: {', '.join(map(fmt.check_label, checks))}.", ""]
+                lines += [_md_escape(f"➖ {len(checks)} {title}: {', '.join(map(fmt.check_label, checks))}."), ""]
     lines += ["## Images", "", "| image | engine | digest | kernel | systemd | cloud-init | boot |", "|---" * 7 + "|"]
     for image, engines in sorted(report["images"].items()):
         for engine, facts in sorted(engines.items()):
@@ -361,7 +363,7 @@ def markdown(report: dict[str, Any]) -> str:
     if failures:
         lines += ["", f"## Failures ({len(failures)})", ""]
         lines += [
-            f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {_md_escape(fmt.first_line(c['message']))[:300]}"
+            _md_escape(f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {fmt.first_line(c['message'])[:300]}")
             for c in failures[:MD_FAILURES]
         ]
         if len(failures) > MD_FAILURES:

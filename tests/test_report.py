@@ -336,6 +336,7 @@ def test_names_messages_outcomes_and_evidence_paths_are_escaped(tmp_path: Path) 
     assert 'href="../javascript%3Aalert%286%29"' in page and 'href="../ev/a%20b.journal"' in page
     assert report_html.evidence_links({"console": "javascript:alert(6)"}) == [("console", "./javascript%3Aalert%286%29")]
     assert page.count("<script>") == 1, "only the page's own script"
+    assert "<script>" not in (tmp_path / "out" / "report.md").read_text()
 
 
 # --- facts -------------------------------------------------------------------
