@@ -332,6 +332,10 @@ def _print_report(made: dict, output: str, previous: str | None) -> None:
     print(f"{Path(output) / 'report.html'}: " + ", ".join(f"{counts[o]} {o}" for o in report.OUTCOMES))
     if made["missing"]:
         print("no results for: " + ", ".join(f"{image} ({engine})" for image, engine in made["missing"]))
+    nights = len(made["history"]["nights"])
+    labels = [cell.get("label") for cell in made["cells"]]
+    if nights > 1:
+        print(f"over the last {nights} nights: {labels.count('FAILING')} cells FAILING, {labels.count('FLAKY')} FLAKY")
     comparison = made["comparison"]
     if comparison:
         print(f"against {previous}: {len(comparison['new_failures'])} new failures, {len(comparison['fixed'])} fixed")
@@ -347,13 +351,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from racker import report
 
-    made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None)
+    made = report.make([Path(p) for p in args.results], Path(args.output), Path(args.previous) if args.previous else None, args.history)
     _print_report(made, args.output, args.previous)
     return 1 if report.regressed(made) or made["missing"] else 0
 
 
 # What a cell shows when a check ran more than once there (parametrised): the worst outcome.
-OUTCOME_RANK = {"error": 0, "fail": 1, "pass": 2, "skip": 3}
+OUTCOME_RANK = {"error": 0, "fail": 1, "flaky": 2, "pass": 3, "skip": 4}
 
 
 def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
@@ -367,6 +371,24 @@ def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
     checks = sorted({r["check"] for r in records})
     rows = [[check.removeprefix("test_"), *(cells.get((check, column), "-") for column in columns)] for check in checks]
     return rows, ["CHECK", *(f"{image}/{engine}" for image, engine in columns)]
+
+
+def _nights(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of nights >= 1, not {text!r}")
+    return int(text)
+
+
+def add_history_option(p: argparse.ArgumentParser) -> None:
+    from racker import history
+
+    p.add_argument(
+        "--history",
+        type=_nights,
+        default=history.WINDOW,
+        metavar="N",
+        help="nights of history the report keeps, carried from --previous's (default %(default)s)",
+    )
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
@@ -383,6 +405,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         previous=Path(args.previous) if args.previous else None,
         workers=args.workers,
         shard=shard,
+        window=args.history,
     )
     if night.report is None:
         # A shard: its results are half of a report; the job that gathers every shard makes it.
@@ -552,6 +575,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", metavar="RESULTS", help="results files of one or more runs (shards)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--previous", metavar="DIR|report.json", help="an earlier report to compare against")
+    add_history_option(p)
 
     p = verb(
         "nightly",
@@ -572,6 +596,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", metavar="K/N", help="run only the K-th of N slices of the images, and write results, not the report (CI: one per runner)"
     )
+    add_history_option(p)
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
 

@@ -4,7 +4,8 @@
 
 Stages, each timed (progress.TIMINGS): refresh (pull, which acquires again an
 image whose recipe changed), then one pytest run per engine (nspawn first:
-its answers come in seconds, the VMs' in minutes), then the report. Each
+its answers come in seconds, the VMs' in minutes), then the report, which
+carries the history of the last nights forward from --previous's. Each
 engine writes its own results file into DIR, named after the shard too, so
 that the files of N shards gathered into one directory never overwrite each
 other. A shard stops before the report: the job that gathers every shard's
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from racker import catalog, images, matrix, progress, report
+from racker import catalog, history, images, matrix, progress, report
 from racker.errors import RackerError
 from racker.shards import Shard
 
@@ -51,6 +52,7 @@ def run(
     previous: Path | None = None,
     workers: str | None = "auto",
     shard: Shard | None = None,
+    window: int = history.WINDOW,
 ) -> Night:
     planned = sorted(set(names or default_images()))
     # Every name is resolved (a typo fails every shard alike); only this shard's are pulled.
@@ -84,7 +86,7 @@ def run(
     if shard is not None:
         return Night(written, None, timings)
     with progress.step("report"):
-        made = report.make(written, output, previous)
+        made = report.make(written, output, previous, window)
     timings["report"] = progress.TIMINGS[-1][1]
     return Night(written, made, timings)
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import testinfra
 
-from racker import engines, facts, images, testinfra_backend
+from racker import engines, facts, images, results, testinfra_backend
 from racker.errors import RackerError
 from racker.plugin import Target, chosen_network, machine_scope
 from racker.store import StoredImage
@@ -46,7 +46,9 @@ def racker_machine(request: pytest.FixtureRequest, _racker_target: Target, racke
     # A first boot saves the snapshot the image's warm machines restore (plugin.py runs it first).
     seed = _racker_target.cold and not request.config.getoption("--racker-cold")
     with engine.machine_for(racker_image, network_mode=chosen_network(request.config), warm=warm, seed=seed) as machine:
-        FACTS.setdefault((_racker_target.image, _racker_target.engine), {}).update(facts.of_machine(machine))
+        key = (_racker_target.image, _racker_target.engine)
+        # Tonight's first boot tells the boot times: a warm VM restored later does not overwrite them.
+        FACTS[key] = results.merge_facts(FACTS.get(key, {}), facts.of_machine(machine))
         yield machine
 
 

@@ -7,24 +7,27 @@ merge into one matrix of images × checks per engine. A test seen in two files
 (a shard given twice, or run again) counts once, the last file's. Images the
 runs planned but that have no results (a lost shard) are named, not hidden.
 Against a previous report: new failures, fixed checks, new and dropped images;
-`regressed` says whether CI should go red.
+`regressed` says whether CI should go red; and the history of every cell over the
+last nights (racker.history), carried forward from that report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from racker import report_html, results, store
+from racker import history, report_html, results, store
 from racker.errors import ReportError
 
 FORMAT = "racker-report/1"
 # Worst first: a cell run by several tests shows the worst of them.
-SEVERITY = {"error": 3, "fail": 2, "pass": 1, "skip": 0}
-OUTCOMES = ("pass", "fail", "error", "skip")  # in the order a summary names them
+# flaky: passed only when retried (the plugin's --racker-retries), worse than a pass, not a failure.
+SEVERITY = {"error": 4, "fail": 3, "flaky": 2, "pass": 1, "skip": 0}
+OUTCOMES = ("pass", "flaky", "fail", "error", "skip")  # in the order a summary names them
 BAD = ("fail", "error")
 JUNIT_OUTCOMES = {"failure": "fail", "error": "error", "skipped": "skip"}
 
@@ -99,6 +102,14 @@ def cell_id(image: str, engine: str, check: str) -> str:
     return "r-" + hashlib.sha1(f"{image}\0{engine}\0{check}".encode()).hexdigest()[:12]
 
 
+def _evidence(record: dict, results_file: Path) -> dict[str, str]:
+    """A test's evidence files ({kind: path}), their paths relative to its results file made whole."""
+    found = record.get("evidence")
+    if not isinstance(found, dict):
+        return {}
+    return {str(kind): str(results_file.parent / path) for kind, path in found.items() if isinstance(path, str) and path}
+
+
 def _cells(tests: dict[tuple, dict]) -> list[dict]:
     cells: dict[tuple, dict] = {}
     for test in tests.values():
@@ -107,7 +118,7 @@ def _cells(tests: dict[tuple, dict]) -> list[dict]:
         if cell is None:
             cell = cells[key] = {
                 "image": key[0], "engine": key[1], "check": key[2], "id": cell_id(*key),
-                "outcome": test["outcome"], "message": "", "log": "", "duration": 0.0, "nodeids": [],
+                "outcome": test["outcome"], "message": "", "log": "", "duration": 0.0, "nodeids": [], "evidence": {},
             }  # fmt: skip
         cell["nodeids"].append(test["nodeid"])
         cell["duration"] = round(cell["duration"] + float(test.get("duration") or 0), 3)
@@ -115,41 +126,53 @@ def _cells(tests: dict[tuple, dict]) -> list[dict]:
             cell["outcome"] = test["outcome"]
             cell["message"] = test.get("message") or cell["message"]
             cell["log"] = test.get("log") or cell["log"]
+            cell["evidence"] = {**cell["evidence"], **test["evidence"]}  # the worst test's, where two name one kind
+        else:
+            cell["evidence"] = {**test["evidence"], **cell["evidence"]}
     return [cells[key] for key in sorted(cells)]
 
 
+def _accelerators(records: list[dict]) -> list[str]:
+    """The accelerators the VMs of one results file really ran with (their image records say)."""
+    return sorted({r["accel"] for r in records if results.kind(r) == "image" and r.get("accel")})
+
+
 def build(paths: list[Path]) -> dict[str, Any]:
-    """The report of these results files, without a comparison."""
+    """The report of these results files, without a comparison (its history: tonight alone)."""
     runs: list[dict] = []
     facts: dict[tuple[str, str], dict] = {}
     tests: dict[tuple, dict] = {}
     repeated: set[str] = set()
     unplaced = 0
     for path in paths:
-        for record in read(path):
+        records = read(path)
+        for record in records:
             kind = results.kind(record)
             if kind == "run":
-                runs.append({"file": str(path), **{k: v for k, v in record.items() if k != "kind"}})
+                # The host record is written before any VM boots; what they used, their records say.
+                runs.append({"file": str(path), **{k: v for k, v in record.items() if k != "kind"}, "accels": _accelerators(records)})
             elif kind == "image":
                 key = (record["image"], record.get("engine") or "")
-                facts.setdefault(key, {}).update({k: v for k, v in record.items() if k not in ("kind", "image", "engine")})
+                said = {k: v for k, v in record.items() if k not in ("kind", "image", "engine")}
+                facts[key] = results.merge_facts(facts.get(key, {}), said)
             elif kind == "test" and not record.get("image"):
                 unplaced += 1  # not a racker-parametrised test: no cell for it
             elif kind == "test":
                 key = (record["image"], record.get("engine") or "", record["nodeid"])
                 if key in tests:
                     repeated.add(record["nodeid"])
-                tests[key] = record  # the last file's wins
+                tests[key] = record | {"evidence": _evidence(record, path)}  # the last file's wins
     cells = _cells(tests)
     pairs = sorted({(c["image"], c["engine"]) for c in cells})
     planned = {tuple(pair) for run in runs for pair in run.get("planned", [])}
     images: dict[str, dict[str, dict]] = {}
     for image, engine in pairs:
         images.setdefault(image, {})[engine] = facts.get((image, engine), {})
-    counts = {outcome: sum(c["outcome"] == outcome for c in cells) for outcome in SEVERITY}
-    return {
+    counts = {outcome: sum(c["outcome"] == outcome for c in cells) for outcome in OUTCOMES}
+    generated = store.now()
+    made = {
         "format": FORMAT,
-        "generated": store.now(),
+        "generated": generated,
         "inputs": [str(p) for p in paths],
         "runs": runs,
         "engines": sorted({engine for _image, engine in pairs}),
@@ -160,7 +183,50 @@ def build(paths: list[Path]) -> dict[str, Any]:
         "missing": [list(pair) for pair in sorted(planned - set(pairs))],
         "repeated": sorted(repeated),
         "unplaced": unplaced,
+        "stale": [[image, engine, why] for (image, engine) in pairs if (why := history.stale(facts.get((image, engine), {}), generated))],
         "comparison": None,
+    }
+    history.carry(made, None)
+    return made
+
+
+# --- laying out -------------------------------------------------------------
+
+
+def _row_rank(row: dict) -> tuple[int, str]:
+    """Failures first, then flaky checks, then the rest by name."""
+    present = [c for c in row["cells"] if c is not None]
+    if any(c["outcome"] in BAD for c in present):
+        return (0, row["check"])
+    if any(c["outcome"] == "flaky" or c.get("label") in (history.FLAKY, history.FAILING) for c in present):
+        return (1, row["check"])
+    return (2, row["check"])
+
+
+def layout(report: dict[str, Any], engine: str) -> dict[str, Any]:
+    """One engine's matrix as the pages show it: a row per check, a column per image, failing
+    rows first; the checks skipped on every image leave the matrix for one line naming them."""
+    by_cell = {(c["image"], c["check"]): c for c in report["cells"] if c["engine"] == engine}
+    images = sorted(i for i, engines in report["images"].items() if engine in engines)
+    rows, not_applicable, skipped = [], [], []
+    for check in report["checks"]:
+        cells = [by_cell.get((image, check)) for image in images]
+        present = [c for c in cells if c is not None]
+        if not present:
+            continue
+        if all(c["outcome"] == "skip" for c in present):
+            cannot = all(f"{engine} cannot provide" in c["message"] for c in present)
+            (not_applicable if cannot else skipped).append(check)
+            continue
+        rows.append({"check": check, "cells": cells})
+    rows.sort(key=_row_rank)
+    stale = {image: why for image, stale_engine, why in report.get("stale", []) if stale_engine == engine}
+    return {
+        "engine": engine,
+        "images": [{"name": image, "stale": stale.get(image, ""), "facts": report["images"][image][engine]} for image in images],
+        "rows": rows,
+        "collapsed": [(f"cannot apply under {engine}", not_applicable), ("skipped on every image", skipped)],
+        "missing": [image for image, missing_engine in report["missing"] if missing_engine == engine],
     }
 
 
@@ -222,10 +288,28 @@ def regressed(report: dict[str, Any]) -> bool:
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+
+MD_MARK = {"pass": "✅", "flaky": "🟡", "fail": "❌", "error": "⚠️", "skip": "➖"}
+
+
+def _md_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    text = f"{MD_MARK.get(cell['outcome'], '')} {cell['outcome']}"
+    if cell["outcome"] in BAD:
+        text = f"{MD_MARK[cell['outcome']]} **{cell['outcome']}**"
+    if cell.get("label") == history.FAILING:
+        text += f" · FAILING since {report_html.night(cell['first_bad'])}"
+    elif cell.get("label") == history.FLAKY:
+        text += f" · FLAKY, first bad {report_html.night(cell['first_bad'])}" if cell.get("first_bad") else " · FLAKY"
+    return text
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """Short enough for a CI job summary: the checks that did not pass everywhere as table rows,
+    the others named on one line."""
     fmt = report_html
     counts = report["counts"]
     lines = [
@@ -240,7 +324,8 @@ def markdown(report: dict[str, Any]) -> str:
         for title, key in (("New failures", "new_failures"), ("Fixed", "fixed")):
             lines += [f"### {title} ({len(comparison[key])})", ""]
             lines += [
-                f"- {c['image']} ({c['engine']}) {c['check']}: {c['was']} → **{c['outcome']}** {_md_escape(fmt.first_line(c['message']))}"
+                f"- {_md_escape(c['image'])} ({c['engine']}) {_md_escape(c['check'])}: {c['was']} → **{c['outcome']}** "
+                + _md_escape(fmt.first_line(c["message"]))
                 for c in comparison[key]
             ]
             lines.append("")
@@ -250,38 +335,62 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"**No results** for: {', '.join(f'{i} ({e})' for i, e in report['missing'])}.", ""]
     if report["repeated"]:
         lines += [f"{len(report['repeated'])} tests were reported more than once (a repeated shard?): the last report counts.", ""]
-    by_cell = {(c["image"], c["engine"], c["check"]): c for c in report["cells"]}
     for engine in report["engines"]:
-        checks = [c for c in report["checks"] if any(key[1:] == (engine, c) for key in by_cell)]
-        lines += [f"## {engine}", "", "| image | " + " | ".join(fmt.check_label(c) for c in checks) + " |"]
-        lines.append("|---" * (len(checks) + 1) + "|")
-        for image in sorted(i for i, engines in report["images"].items() if engine in engines):
-            row = [by_cell[(image, engine, c)]["outcome"] if (image, engine, c) in by_cell else "-" for c in checks]
-            lines.append(f"| {image} | " + " | ".join(f"**{o}**" if o in BAD else o for o in row) + " |")
-        lines.append("")
-    lines += ["## Images", "", "| image | engine | digest | source | kernel | systemd | cloud-init | boot | disk |", "|---" * 9 + "|"]
+        matrix = layout(report, engine)
+        shown = [row for row in matrix["rows"] if _row_rank(row)[0] < 2]
+        passing = [row["check"] for row in matrix["rows"] if _row_rank(row)[0] == 2]
+        names = [image["name"] + (" (stale)" if image["stale"] else "") for image in matrix["images"]]
+        lines += [f"## {engine}", ""]
+        if shown:
+            lines += ["| check | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for row in shown:
+                lines.append(f"| {_md_escape(fmt.check_label(row['check']))} | " + " | ".join(_md_cell(c) for c in row["cells"]) + " |")
+            lines.append("")
+        if passing:
+            where = "every image" if shown else ", ".join(names)
+            lines += [_md_escape(f"✅ {len(passing)} checks pass on {where}: {', '.join(map(fmt.check_label, passing))}."), ""]
+        for title, checks in matrix["collapsed"]:
+            if checks:
+                lines += [_md_escape(f"➖ {len(checks)} {title}: {', '.join(map(fmt.check_label, checks))}."), ""]
+    lines += ["## Images", "", "| image | engine | digest | kernel | systemd | cloud-init | boot |", "|---" * 7 + "|"]
     for image, engines in sorted(report["images"].items()):
         for engine, facts in sorted(engines.items()):
-            row = [image, engine, fmt.short_digest(facts.get("digest", "")), facts.get("source", ""), *fmt.versions(facts)]
-            lines.append("| " + " | ".join(_md_escape(str(v)) for v in [*row, fmt.boot(facts), fmt.disk(facts)]) + " |")
+            row = [image, engine, fmt.short_digest(facts.get("digest", "")), *fmt.versions(facts), fmt.boot(facts)]
+            lines.append("| " + " | ".join(_md_escape(str(v)) for v in row) + " |")
     lines += ["", "## Hosts", ""]
-    lines += [f"- {fmt.host_line(run)}" for run in report["runs"]] or ["- (the results carry no host record)"]
-    failures = [c for c in report["cells"] if c["outcome"] in BAD]
+    lines += [f"- {_md_escape(fmt.host_line(run))}" for run in report["runs"]] or ["- (the results carry no host record)"]
+    failures = [c for c in report["cells"] if c["outcome"] in (*BAD, "flaky")]
     if failures:
-        lines += ["", "## Failures", ""]
+        lines += ["", f"## Failures ({len(failures)})", ""]
         lines += [
-            f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {_md_escape(fmt.first_line(c['message']))[:500]}"
-            for c in failures
+            _md_escape(f"- {c['image']} ({c['engine']}) {c['check']}: {c['outcome']}: {fmt.first_line(c['message'])[:300]}")
+            for c in failures[:MD_FAILURES]
         ]
+        if len(failures) > MD_FAILURES:
+            lines.append(f"- … and {len(failures) - MD_FAILURES} more: see report.html")
     return "\n".join(lines) + "\n"
+
+
+MD_FAILURES = 30  # a job summary names this many failures; the page has them all
+
+
+def _relink(report: dict[str, Any], directory: Path) -> None:
+    """Evidence paths relative to the report's directory, where its page links them from."""
+    for cell in report["cells"]:
+        cell["evidence"] = {kind: os.path.relpath(path, directory) for kind, path in cell["evidence"].items()}
 
 
 def write(report: dict[str, Any], directory: Path) -> list[Path]:
     """report.json, report.md and report.html in `directory`, each written whole or not at all."""
+    engines = sorted(set(report["engines"]) | {e for _i, e in report["missing"]})
+    failures = sorted(
+        (c for c in report["cells"] if c["outcome"] in (*BAD, "flaky")),
+        key=lambda c: (-SEVERITY.get(c["outcome"], 3), c["image"], c["engine"], c["check"]),
+    )
     outputs = {
         "report.json": json.dumps(report, indent=1, sort_keys=True) + "\n",
         "report.md": markdown(report),
-        "report.html": report_html.render(report),
+        "report.html": report_html.render(report, [layout(report, e) for e in engines], failures),
     }
     written = []
     try:
@@ -297,10 +406,14 @@ def write(report: dict[str, Any], directory: Path) -> list[Path]:
     return written
 
 
-def make(paths: list[Path], directory: Path, previous: Path | None = None) -> dict[str, Any]:
-    """Build, compare (the previous report is read before anything is written: it may be in `directory`) and write."""
+def make(paths: list[Path], directory: Path, previous: Path | None = None, window: int = history.WINDOW) -> dict[str, Any]:
+    """Build, compare and carry the history forward (the previous report is read before anything
+    is written: it may be in `directory`), and write."""
     report = build(paths)
-    if previous is not None:
-        report["comparison"] = compare(report, load_previous(previous), str(previous))
+    before = load_previous(previous) if previous is not None else None
+    if before is not None:
+        report["comparison"] = compare(report, before, str(previous))
+    history.carry(report, before, window)
+    _relink(report, directory)
     write(report, directory)
     return report

@@ -19,6 +19,10 @@ times), the latest of them for an image and engine saying the most.
     {"kind": "run", "host": {...}, "planned": [["debian-bookworm", "nspawn"]], ...}
     {"kind": "image", "image": "debian-bookworm", "engine": "nspawn", "digest": "sha256:...", ...}
 
+Records of one image and engine merge (merge_facts), except that a VM restored
+from a snapshot (`restored_from` set) never overwrites what a cold boot of the
+night recorded: its boot times are those of the snapshot's boot, maybe nights ago.
+
 Older results have no "kind": they hold tests only.
 """
 
@@ -37,6 +41,19 @@ FACTS_PROPERTY = "racker_facts"
 
 def kind(record: dict) -> str:
     return record.get("kind", "test")
+
+
+def booted_cold(facts: dict) -> bool:
+    """Whether these facts are a VM's real boot (a first boot, or --racker-cold), not a restore."""
+    return "restored_from" in facts and not facts["restored_from"]
+
+
+def merge_facts(known: dict, new: dict) -> dict:
+    """What the records of one image and engine say together: the later record wins, but a
+    restored VM's facts only fill in what a cold boot's left out."""
+    if booted_cold(known) and new.get("restored_from"):
+        return {**new, **known}
+    return {**known, **new}
 
 
 def _message(report: pytest.TestReport) -> str:
@@ -80,7 +97,7 @@ class ResultStream:
         if not isinstance(facts, dict) or not props.get("racker_image"):
             return
         key = (props["racker_image"], props.get("racker_engine") or "")
-        merged = {**self.facts.get(key, {}), **facts}
+        merged = merge_facts(self.facts.get(key, {}), facts)
         if merged != self.facts.get(key):
             self.facts[key] = merged
             self.write({"kind": "image", "image": key[0], "engine": key[1], **merged})

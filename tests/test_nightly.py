@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -148,6 +149,41 @@ def test_a_night_goes_red_on_new_failures_or_missing_images_and_on_any_failure_w
     still_failing = {"cells": [cell | {"outcome": "fail"}], "missing": [], "comparison": {"regressed": False}}
     assert not nightly.failed(still_failing)  # known since last night: not a regression
     assert nightly.failed(still_failing | {"comparison": {"regressed": True}})
+
+
+# --- history: each night carries the last ones forward ------------------------------
+
+
+def test_each_night_carries_the_history_of_the_last_ones_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three nights into one directory, each given the last as --previous (a CI cache's way): the
+    pulls and pytest runs are stand-ins writing synthetic results; the report is the real one."""
+    outcomes = iter([{"test_a": "pass", "test_b": "pass"}, {"test_a": "fail", "test_b": "fail"}, {"test_a": "pass", "test_b": "fail"}])
+
+    def checks(names: list[str], engines: list[str], path: Path, **_options: object) -> int:
+        tonight = next(outcomes)
+        records = [{"kind": "run", "host": {}, "planned": [[names[0], engines[0]]]}]
+        records += [{"kind": "test", "image": names[0], "engine": engines[0], "check": check, "nodeid": f"t.py::{check}[{names[0]}]",
+                     "outcome": outcome, "message": ""} for check, outcome in tonight.items()]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return 1 if "fail" in tonight.values() else 0
+
+    monkeypatch.setattr(nightly.images, "resolve", lambda name: SimpleNamespace(name=name))
+    monkeypatch.setattr(nightly.images, "pull", lambda name: None)
+    monkeypatch.setattr(nightly.matrix, "run", checks)
+    out = tmp_path / "night"
+    for number in (1, 2, 3):
+        monkeypatch.setattr(nightly.report.store, "now", lambda number=number: f"2026-02-0{number}T03:00:00+00:00")
+        previous = ["--previous", str(out)] if number > 1 else []
+        cli.main(["nightly", "debian-sid", "--engine", "nspawn", "-o", str(out), *previous, "--history", "10"])
+    made = report_of(out)
+    assert made["history"]["nights"] == [f"2026-02-0{n}T03:00:00+00:00" for n in (1, 2, 3)]
+    cells = {c["check"]: c for c in made["cells"]}
+    assert (cells["test_a"]["strip"], cells["test_a"]["label"]) == (["pass", "fail", "pass"], "FLAKY")
+    assert (cells["test_b"]["label"], cells["test_b"]["last_good"], cells["test_b"]["first_bad"]) == (
+        "FAILING",
+        "2026-02-01T03:00:00+00:00",
+        "2026-02-02T03:00:00+00:00",
+    )
 
 
 # --- for real --------------------------------------------------------------------------

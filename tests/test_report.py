@@ -7,6 +7,7 @@ headless Chromium.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import struct
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
-from racker import cli, facts, report
+from conftest import ROOT, racker
+from racker import catalog, cli, engines, facts, history, report, report_html, store
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -77,14 +78,17 @@ def test_a_report_is_a_matrix_of_cells_with_the_images_facts(tmp_path: Path) -> 
     failed = cells[("debian-sid", "nspawn", "test_system_reaches_running")]
     assert (failed["outcome"], failed["message"]) == ("fail", "expected test_system_reaches_running to pass on debian-sid")
     assert failed["log"] == "log of test_system_reaches_running on debian-sid"
-    assert made["counts"] == {"pass": 5, "fail": 1, "error": 0, "skip": 0}
+    assert made["counts"] == {"pass": 5, "flaky": 0, "fail": 1, "error": 0, "skip": 0}
     assert made["images"]["debian-sid"]["nspawn"]["systemd"] == "252 (252.39-1)"
     assert made["runs"][0]["host"]["qemu"] == "QEMU emulator version 7.2.22"
     assert made["comparison"] is None and not report.regressed(made)
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["cells"] == made["cells"]
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| debian-sid | pass | pass | **fail** |" in markdown
+    # A row per check, a column per image; the checks that passed everywhere on one line.
+    assert "| check | debian-bookworm | debian-sid |" in markdown
+    assert "| system reaches running | ✅ pass | ❌ **fail** · FAILING since " in markdown
+    assert "✅ 2 checks pass on every image: hostname is set, sshd is installed and enabled." in markdown
     assert "userspace 0.8s; up after 1.0s" in markdown
     assert "QEMU accelerator: TCG" in markdown
 
@@ -118,7 +122,7 @@ def test_shards_merge_and_a_missing_or_repeated_shard_is_named(tmp_path: Path) -
     assert made["repeated"] == sorted(f"test_container.py::{c}[debian-bookworm]" for c in CHECKS)
     assert "**No results** for: debian-sid (nspawn)." in (tmp_path / "out" / "report.md").read_text()
     page = (tmp_path / "out" / "report.html").read_text()
-    assert '<tr class="missing" data-image="debian-sid">' in page
+    assert '<th class="image missing" data-image="debian-sid">' in page
 
 
 def test_junit_xml_is_read_with_the_facts_the_plugin_attached(tmp_path: Path) -> None:
@@ -184,6 +188,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         ([str(good), "--previous", str(tmp_path / "nowhere")], "no previous report at"),
         ([str(good), "--previous", str(good)], "cannot read the previous report"),
     ]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": report.FORMAT, "cells": [], "history": {"nights": "x"}}))
+    cases.append(([str(good), "--previous", str(broken)], "the previous report's history is not a racker history"))
     done = racker("report", str(good), "-o", str(good))
     assert done.returncode == 125 and done.stderr.startswith(f"racker: error: cannot write the report into {good}"), done.stderr
     for args, message in cases:
@@ -193,6 +200,143 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         assert first.startswith("racker: error: ") and message in first, done.stderr
         assert "Traceback" not in done.stderr
         assert not (tmp_path / "out").exists(), "nothing is written for bad input"
+
+
+# --- history across nights ------------------------------------------------------
+
+
+def test_three_nights_tell_flaky_from_failing_with_last_good_and_first_bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Night 1 all pass; night 2 two cells fail; night 3 one of them passes again (a flip: FLAKY),
+    the other still fails (pass → fail → fail: FAILING, last good night 1, first bad night 2)."""
+    images = ["debian-bookworm", "debian-sid"]
+    flip, broke = ("debian-sid", "test_hostname_is_set"), ("debian-bookworm", "test_system_reaches_running")
+    nights = [{}, {flip: "fail", broke: "fail"}, {broke: "fail"}]
+    previous: list[str] = []
+    for number, outcomes in enumerate(nights, 1):
+        monkeypatch.setattr(store, "now", lambda number=number: f"2026-01-0{number}T03:00:00+00:00")
+        results = night(tmp_path, f"night-{number}", outcomes, images)
+        argv = ["report", str(results), "-o", str(tmp_path / f"report-{number}"), *previous]
+        assert cli.main(argv) in (0, 1)
+        previous = ["--previous", str(tmp_path / f"report-{number}")]
+    made = json.loads((tmp_path / "report-3" / "report.json").read_text())
+    assert made["history"]["nights"] == [f"2026-01-0{n}T03:00:00+00:00" for n in (1, 2, 3)]
+    cells = {(c["image"], c["check"]): c for c in made["cells"]}
+    assert (cells[flip]["strip"], cells[flip]["label"]) == (["pass", "fail", "pass"], "FLAKY")
+    assert cells[flip]["last_good"] == "2026-01-03T03:00:00+00:00" and cells[flip]["first_bad"] == "2026-01-02T03:00:00+00:00"
+    assert (cells[broke]["strip"], cells[broke]["label"]) == (["pass", "fail", "fail"], "FAILING")
+    assert (cells[broke]["last_good"], cells[broke]["first_bad"]) == ("2026-01-01T03:00:00+00:00", "2026-01-02T03:00:00+00:00")
+    steady = cells[("debian-sid", "test_system_reaches_running")]
+    assert (steady["label"], steady["first_bad"]) == ("PASSING", None)
+
+    page = (tmp_path / "report-3" / "report.html").read_text()
+    failing = next(a for tag, a in Dom(page).elements if tag == "td" and a.get("data-check") == broke[1] and a["data-image"] == broke[0])
+    assert failing["data-label"] == "FAILING"
+    assert "last good 2026-01-01 · first bad 2026-01-02" in page
+    markdown = (tmp_path / "report-3" / "report.md").read_text()
+    assert "❌ **fail** · FAILING since 2026-01-02" in markdown
+    assert markdown.index("system reaches running") < markdown.index("hostname is set"), "failing rows come first"
+
+    # A window of 2 nights forgets night 1: the failing cell has no good night left in it.
+    monkeypatch.setattr(store, "now", lambda: "2026-01-04T03:00:00+00:00")
+    results = night(tmp_path, "night-4", {broke: "fail"}, images)
+    assert (
+        cli.main(["report", str(results), "-o", str(tmp_path / "report-4"), "--previous", str(tmp_path / "report-3"), "--history", "2"])
+        == 0
+    )
+    made = json.loads((tmp_path / "report-4" / "report.json").read_text())
+    assert len(made["history"]["nights"]) == 2
+    cells = {(c["image"], c["check"]): c for c in made["cells"]}
+    assert (cells[broke]["strip"], cells[broke]["label"], cells[broke]["last_good"]) == (["fail", "fail"], "FAILING", None)
+    assert cells[flip]["label"] == "PASSING", "its failure left the window"
+
+
+@pytest.mark.parametrize(
+    ("strip", "label"),
+    [
+        (["pass", "pass", "pass"], "PASSING"),
+        (["fail", "fail", "fail"], "FAILING"),
+        (["pass", None, "skip", "error"], "FAILING"),
+        (["fail", "pass", "fail"], "FLAKY"),
+        (["pass", "pass", "flaky"], "FLAKY"),
+        (["skip", None, "skip"], ""),
+    ],
+)
+def test_a_cells_verdict(strip: list[str | None], label: str) -> None:
+    assert history.verdict(strip, [f"n{i}" for i in range(len(strip))])["label"] == label
+
+
+def test_an_image_not_refreshed_is_marked_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "now", lambda: "2026-01-10T03:00:00+00:00")
+    records = [
+        run_record(),
+        image_record("debian-sid", stale=True, last_checked="2026-01-10T01:00:00+00:00"),  # the refresh says so
+        image_record("debian-trixie", last_checked="2026-01-05T03:00:00+00:00"),  # old: the refresh never asked upstream since
+        image_record("debian-bookworm", last_checked="2026-01-10T02:00:00+00:00"),
+        *(check_record(image, "test_hostname_is_set") for image in ("debian-sid", "debian-trixie", "debian-bookworm")),
+    ]
+    made = report.make([write_results(tmp_path / "r.jsonl", records)], tmp_path / "out")
+    assert made["stale"] == [
+        ["debian-sid", "nspawn", "not refreshed (last checked 2026-01-10T01:00:00+00:00)"],
+        ["debian-trixie", "nspawn", "not refreshed (last checked 2026-01-05T03:00:00+00:00)"],
+    ]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<th class="image" data-image="debian-sid">debian-sid <span class="stale"' in page
+    assert '<th class="image" data-image="debian-bookworm">debian-bookworm</th>' in page
+    assert "| check | debian-bookworm | debian-sid (stale) | debian-trixie (stale) |" not in (tmp_path / "out" / "report.md").read_text()
+    assert "debian-sid (stale), debian-trixie (stale)" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --- tonight's truth -----------------------------------------------------------------
+
+
+def test_the_nights_cold_boot_is_shown_not_a_warm_clones_restore(tmp_path: Path) -> None:
+    """The first-boot VM reports first, the warm clones restored from an earlier night's snapshot
+    after it: their facts fill in, never overwrite, the cold boot's."""
+    host = run_record(("debian-sid", "qemu"))
+    host["host"]["accel"] = "unknown"  # written before any VM booted: the host record cannot know
+    cold = image_record("debian-sid", "qemu", accel="tcg", restored_from="", boot={"kernel": 2.1, "userspace": 30.0, "total": 32.1},
+                        boot_seconds=48.0)  # fmt: skip
+    warm = cold | {"restored_from": "snap-0104", "boot": {"kernel": 1.9, "userspace": 20.0, "total": 21.9}, "boot_seconds": 4.0}
+    checks = [check_record("debian-sid", c, engine="qemu") for c in CHECKS]
+    made = report.make([write_results(tmp_path / "r.jsonl", [host, cold, *checks[:1], warm, *checks[1:]])], tmp_path / "out")
+    facts_shown = made["images"]["debian-sid"]["qemu"]
+    assert (facts_shown["restored_from"], facts_shown["boot_seconds"], facts_shown["boot"]["total"]) == ("", 48.0, 32.1)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "cold boot: kernel 2.1s + userspace 30.0s = 32.1s; up after 48.0s" in markdown
+    # The host line says what the VMs used, not what the host record could not know.
+    assert "QEMU accelerator: TCG" in markdown and "not probed" not in markdown
+
+    # A night whose VMs were all restored says so, rather than passing an old boot off as tonight's.
+    made = report.make([write_results(tmp_path / "w.jsonl", [host, warm, *checks])], tmp_path / "warm")
+    assert "restored from snapshot snap-0104, no cold boot tonight (the snapshot's boot: kernel 1.9s" in report_html.boot(
+        made["images"]["debian-sid"]["qemu"]
+    )
+    nspawn_only = run_record(("debian-sid", "nspawn"))
+    nspawn_only["host"]["accel"] = "unknown"
+    assert "no VM booted" in report_html.host_line(nspawn_only)
+
+
+# --- the page is text, never markup ------------------------------------------------------
+
+
+def test_names_messages_outcomes_and_evidence_paths_are_escaped(tmp_path: Path) -> None:
+    hostile = "test_<script>alert(1)</script>"
+    records = [
+        run_record(("debian-sid", "nspawn")),
+        image_record("debian-sid", source="<script>alert(2)</script>"),
+        check_record("debian-sid", hostile, "fail", message="<script>alert(3)</script>", log="</pre><script>alert(4)</script>"),
+        dict(check_record("debian-sid", "test_y", "<img src=x onerror=alert(5)>")),
+        dict(check_record("debian-sid", "test_z", "flaky"), evidence={"console": "javascript:alert(6)", "journal": "ev/a b.journal"}),
+    ]
+    report.make([write_results(tmp_path / "r.jsonl", records)], tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>alert" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in page and "&lt;/pre&gt;&lt;script&gt;alert(4)" in page
+    # Evidence paths are relative to the results file; the page links them from its own directory.
+    assert 'href="../javascript%3Aalert%286%29"' in page and 'href="../ev/a%20b.journal"' in page
+    assert report_html.evidence_links({"console": "javascript:alert(6)"}) == [("console", "./javascript%3Aalert%286%29")]
+    assert page.count("<script>") == 1, "only the page's own script"
+    assert "<script>" not in (tmp_path / "out" / "report.md").read_text()
 
 
 # --- facts -------------------------------------------------------------------
@@ -337,3 +481,111 @@ def test_a_real_regression_fails_the_report_and_shows_in_chromium(tmp_path: Path
     assert regression["message"].splitlines()[0] in dom.text["new-failures"]
     # The failure's log holds what the plugin attached: the machine's journal.
     assert "racker: journal of lab-" in dom.text[regression["id"]]
+
+
+# --- the page fits a laptop's screen ---------------------------------------------------
+
+
+def _needs(decorators: list[ast.expr]) -> list[str]:
+    """The needs named by racker(needs=[...]) marks among these decorators (or a pytestmark's value)."""
+    found = []
+    for node in decorators:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "racker":
+            found += [need for k in node.keywords if k.arg == "needs" for need in ast.literal_eval(k.value)]
+    return found
+
+
+def builtin_checks() -> list[tuple[str, list[str]]]:
+    """racker's own checks (racker/checks/test_*.py), each with the needs its marks name."""
+    checks = []
+    for module in sorted((ROOT / "racker" / "checks").glob("test_*.py")):
+        tree = ast.parse(module.read_text())
+        marked = [n.value for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)]
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                checks.append((node.name, _needs(marked) + _needs(node.decorator_list)))
+    return checks
+
+
+BOOT_SPLIT = {"firmware": 1.2, "loader": 0.5, "kernel": 2.5, "userspace": 30.25, "total": 34.45, "cloud-init": 7.5}
+
+
+def catalogue_night(tmp_path: Path, name: str, failing: dict[tuple[str, str, str], str]) -> Path:
+    """A night of the 4 catalogue images on both engines: every built-in check, skipped where the
+    engine cannot provide what it needs (as the plugin skips it), passing unless `failing` says."""
+    images = sorted(catalog.entries())
+    records: list[dict] = [run_record(*((i, e) for i in images for e in ("nspawn", "qemu")))]
+    for image in images:
+        for engine in ("nspawn", "qemu"):
+            vm = {"restored_from": "", "accel": "tcg", "disk_bytes": 2_000_000_000} if engine == "qemu" else {}
+            records.append(image_record(
+                image, engine, source=f"https://cloud.debian.org/images/cloud/{image}/latest/{image}-generic-amd64.tar.xz",
+                os="Debian GNU/Linux 12 (bookworm)", kernel="6.1.0-18-cloud-amd64", systemd="252 (252.22-1~deb12u1)",
+                cloud_init="22.4.2", boot=BOOT_SPLIT, boot_seconds=48.2, root_bytes=2_040_373_248,
+                root_used_bytes=800_000_000, image_bytes=600_000_000, **vm,
+            ))  # fmt: skip
+            for check, needs in builtin_checks():
+                unmet = engines.get(engine).unmet(needs)
+                outcome = "skip" if unmet else failing.get((image, engine, check), "pass")
+                message = f"{engine} cannot provide: {', '.join(unmet)}" if unmet else ""
+                if outcome in ("fail", "error", "flaky"):
+                    message = f"AssertionError: expected {check} to hold on {image}, and it did not, for a long reason " * 3
+                records.append(check_record(image, check, outcome, engine=engine, message=message))
+    return write_results(tmp_path / f"{name}.jsonl", records)
+
+
+def measured(page: Path) -> tuple[int, int]:
+    """(document.scrollWidth, window.innerWidth) of the page in Chromium at 1366×768."""
+    probe = page.with_name("measured.html")
+    script = (
+        "<script>document.body.setAttribute('data-measured', "
+        "document.documentElement.scrollWidth + ' ' + window.innerWidth);</script></body>"
+    )
+    probe.write_text(page.read_text().replace("</body>", script))
+    dumped = chromium(probe, "--dump-dom", *LAPTOP)
+    assert dumped.returncode == 0 and "data-measured" in dumped.stdout, dumped.stderr[-2000:]
+    body = next(a for tag, a in Dom(dumped.stdout).elements if tag == "body")
+    scroll, inner = map(int, body["data-measured"].split())
+    return scroll, inner
+
+
+LAPTOP = ("--window-size=1366,768", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def test_the_catalogue_matrix_fits_a_laptop_screen_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 catalogue images × 2 engines × every built-in check, over 10 nights of history with
+    failures and flakes: no horizontal scrolling at 1366×768, the checks nspawn cannot run on one line."""
+    images = sorted(catalog.entries())
+    assert len(images) == 4
+    check_names = [c for c, _needs in builtin_checks()]
+    assert len(check_names) > 20
+    previous: Path | None = None
+    for number in range(1, 11):
+        monkeypatch.setattr(store, "now", lambda number=number: f"2026-01-{number:02}T03:00:00+00:00")
+        failing = {(images[0], "qemu", check_names[-1]): "fail", (images[1], "nspawn", check_names[2]): "error"}
+        if number % 2:
+            failing[(images[3], "qemu", "test_root_writable")] = "fail"
+        if number == 10:
+            failing[(images[2], "qemu", "test_time_sync_active")] = "flaky"
+        results = catalogue_night(tmp_path, f"night-{number}", failing)
+        report.make([results], tmp_path / f"report-{number}", previous)
+        previous = tmp_path / f"report-{number}"
+    page = tmp_path / "report-10" / "report.html"
+    scroll, inner = measured(page)
+    assert inner == 1366 and scroll <= inner, f"the page is {scroll} px wide in a {inner} px window"
+    shot = chromium(page, f"--screenshot={tmp_path / 'laptop.png'}", *LAPTOP)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    png = (tmp_path / "laptop.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1366, 768)
+
+    dom = Dom(page.read_text())
+    tables = [i for i, (tag, a) in enumerate(dom.elements) if tag == "table" and "data-engine" in a]
+    qemu_rows = [a["data-check"] for tag, a in dom.elements[tables[1] :] if tag == "tr" and "data-check" in a]
+    # Failures first (a fail), then the flaky rows (flaky tonight; flipping within the window), then the rest by name.
+    assert qemu_rows[:3] == [check_names[-1], "test_root_writable", "test_time_sync_active"]
+    assert qemu_rows[3:] == sorted(qemu_rows[3:])
+    assert len([a for tag, a in dom.elements if tag == "td" and a.get("data-outcome") == "skip"]) == 0, "no skip cells"
+    assert "cannot apply under nspawn:" in page.read_text()
+    markdown = (tmp_path / "report-10" / "report.md").read_text()
+    assert "| check | debian-bookworm | debian-bullseye | debian-sid | debian-trixie |" in markdown
+    assert len(markdown.splitlines()) < 60, "short enough for a CI job summary"
