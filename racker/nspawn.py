@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
-from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, Unreachable
+from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
 from racker.proc import Result
@@ -134,6 +134,7 @@ class Machine(machines.Guest):
             self._wait_ready(notify, started + self.boot_timeout)
         self.state.extra["machined"] = has_machined()
         machines.save(self.state)
+        self._wait_booted(started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
 
     def _wait_ready(self, notify: socket.socket, deadline: float) -> int:
@@ -167,6 +168,17 @@ class Machine(machines.Guest):
                     self.network.configure(self.state)  # type: ignore[arg-type]  # eth0 is up before the guest's services start
                 elif key == "READY" and value == "1" and leader:
                     return leader
+
+    def _wait_booted(self, deadline: float) -> None:
+        """Hand the machine over only once its boot is done: every job of the default target
+        ended, its services started (as Docker hands over a container whose CMD runs). READY=1
+        alone is not that on every systemd; `systemctl is-system-running --wait` is. "degraded"
+        (a unit failed) is booted too: the checks say which unit. An init without systemctl
+        (127, no such command) is taken as it is."""
+        try:
+            self.run(["systemctl", "is-system-running", "--wait"], timeout=max(1.0, deadline - time.monotonic()))
+        except ToolTimeout:
+            raise self._boot_failed(f"machine {self.name!r} did not finish booting", timed_out=True) from None
 
     @property
     def nspawn_log(self) -> Path:

@@ -272,7 +272,41 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-
         return None
     from racker.xdist_scheduling import ImageScheduling
 
-    return ImageScheduling(config, log, target_ids(config))
+    return ImageScheduling(config, log, target_ids(config), _groups_directory(config))
+
+
+# Where the xdist workers write which xdist_group each test is in, for ImageScheduling to read:
+# the controller never collects, and pytest >= 9.2 lets no one put the group into the node id.
+_GROUPS = pytest.StashKey[str]()
+
+
+def _groups_directory(config: pytest.Config) -> str:
+    if _GROUPS not in config.stash:
+        import tempfile
+
+        config.stash[_GROUPS] = tempfile.mkdtemp(prefix="racker-xdist-groups-")
+    return config.stash[_GROUPS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]
+    node.workerinput["racker_groups"] = _groups_directory(node.config)
+
+
+@pytest.hookimpl(trylast=True)  # after every plugin has added its marks
+def pytest_collection_finish(session: pytest.Session) -> None:
+    directory = getattr(session.config, "workerinput", {}).get("racker_groups")
+    if directory:
+        from racker.xdist_scheduling import publish_groups
+
+        publish_groups(session.items, directory, session.config.workerinput["workerid"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _GROUPS in config.stash:
+        import shutil
+
+        shutil.rmtree(config.stash[_GROUPS], ignore_errors=True)
 
 
 # --- reports --------------------------------------------------------------

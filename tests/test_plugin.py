@@ -111,6 +111,13 @@ def test_failing_check_and_harness_error_are_told_apart(tmp_path: Path) -> None:
     broken = result[("test_root_user", "no-such-image")]
     assert broken["outcome"] == "error", "an image that cannot be had is the harness's error, not a failing check"
     assert "unknown image 'no-such-image'" in broken["message"]
+    # Neither is retried: a check's failure never, and a missing image is no error a new machine mends.
+    assert "attempts" not in failed and "attempts" not in broken
+    # The failure's evidence, beside the results: the console, the journal, the commands with their output.
+    evidence = failed["evidence"]
+    assert {"console.log", "commands.txt"} <= set(evidence) and {"journal.export", "journal.txt"} & set(evidence), evidence
+    assert "dpkg-query" in (tmp_path / evidence["commands.txt"]).read_text()
+    assert "evidence" not in result[("test_root_user", "debian-bookworm")]
     # The failure report carries the command the check ran and the machine's journal.
     assert "racker: command (1)" in done.stdout and "dpkg-query" in done.stdout
     assert "racker: journal of debian-bookworm-" in done.stdout
