@@ -348,7 +348,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # What a cell shows when a check ran more than once there (parametrised): the worst outcome.
-OUTCOME_RANK = {"error": 0, "fail": 1, "pass": 2, "skip": 3}
+OUTCOME_RANK = {"error": 0, "fail": 1, "flaky": 2, "pass": 3, "skip": 4}
 
 
 def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
