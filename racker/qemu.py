@@ -425,6 +425,9 @@ class VM(machines.Guest):
         self.boot_seconds = time.monotonic() - started
         return self
 
+    def boot_evidence(self) -> dict[str, str]:
+        return {**super().boot_evidence(), "qemu.log": machines.read_capped(self.rundir / "qemu.log")}
+
     def _accel(self) -> str:
         if not hasattr(self, "_chosen_accel"):
             self._chosen_accel = accel.choose(self.requested_accel)

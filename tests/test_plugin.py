@@ -371,6 +371,13 @@ def test_attach_to_a_machine_that_is_not_running_is_a_usage_error(tmp_path: Path
     assert "--racker-attach: no running machine or VM named 'no-such-vm'" in done.stderr
 
 
+def test_a_bad_retry_count_is_a_usage_error(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "racker.checks", "--racker-retries=-1"]
+    done = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "--racker-retries must be a whole number, 0 or more, not '-1'" in done.stderr
+
+
 def test_a_harness_errors_hint_reaches_the_results_log(tmp_path: Path) -> None:
     """A racker error's hint (a boot timeout's console tail, say) is in the report and the results."""
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
