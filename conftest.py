@@ -129,6 +129,16 @@ def share_image(private_store: dict[str, str]):
     return share
 
 
+def loop_devices(*roots: Path | str) -> list[str]:
+    """The host's loop devices whose backing files lie under `roots`, as "DEVICE FILE" lines.
+
+    A leak check compares these before and after, never all of `losetup -a`: another
+    worker's loop devices come and go meanwhile (a race that turned tests red at -n 4)."""
+    listed = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    prefixes = [str(Path(root).resolve()) + "/" for root in roots]
+    return sorted(line for line in listed.splitlines() if any(p in line for p in prefixes))
+
+
 def free_port() -> int:
     import socket
 

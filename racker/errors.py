@@ -7,11 +7,16 @@ class RackerError(Exception):
     """Base of every error racker expects. str(err) is the one line a user sees."""
 
     hint: str | None = None
+    # A harness failure that a new machine may well not repeat (a boot that timed out, a guest
+    # that died while booting, a lost channel): the pytest plugin retries the test on a new one.
+    retryable: bool = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         if hint is not None:
             self.hint = hint
+        # What shows how it came about (a failed boot's console), file name -> text: the plugin keeps it.
+        self.evidence: dict[str, str] = {}
 
 
 class ToolMissing(RackerError):
@@ -84,6 +89,8 @@ class NameTaken(MachineError):
 class BootTimeout(MachineError):
     """A machine did not become ready in time; carries the console tail."""
 
+    retryable = True
+
     def __init__(self, what: str, timeout: float, console_tail: str, hint: str | None = None) -> None:
         self.console_tail = console_tail
         message = f"{what} did not become ready within {timeout:g}s"
@@ -92,6 +99,14 @@ class BootTimeout(MachineError):
 
 class Unreachable(RackerError):
     """The transport to a guest (ssh, nsenter) failed; not the guest command."""
+
+    retryable = True
+
+
+class GuestDied(MachineError):
+    """The guest died while booting (nspawn exited, the kernel panicked): the harness's failure."""
+
+    retryable = True
 
 
 class Interrupted(BaseException):
@@ -124,6 +139,8 @@ class VMError(MachineError):
 
 class VMLaunchFailure(VMError):
     """QEMU exited while starting or booting; carries its exit status and the console tail."""
+
+    retryable = True
 
     def __init__(self, exitcode: int | None, command: list[str], output: str) -> None:
         self.exitcode = exitcode

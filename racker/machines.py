@@ -310,6 +310,23 @@ def console_tail(path: Path, lines: int = 25) -> str:
     return "\n".join([line for line in text.replace("\r", "").splitlines() if line.strip()][-lines:])
 
 
+# What a failed test keeps of a file (a console log, a journal): its last this many bytes.
+EVIDENCE_FILE_LIMIT = 1_000_000
+
+
+def read_capped(path: Path, limit: int = EVIDENCE_FILE_LIMIT) -> str:
+    """A log file's text, or its last `limit` bytes with a line saying so; "" if there is none."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - limit))
+            data = handle.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode(errors="replace")
+    return f"[… the first {size - limit} bytes left out …]\n{text}" if size > limit else text
+
+
 class Guest:
     """What an nspawn machine and a QEMU VM share: a context manager that stops
     what it started, hand-over to `racker start`'s caller, and run_expect."""
@@ -327,6 +344,10 @@ class Guest:
     @property
     def console_log(self) -> Path:
         return self.rundir / "console.log"
+
+    def boot_evidence(self) -> dict[str, str]:
+        """The logs that show how its boot went, file name -> text, for a failed boot's error."""
+        return {"console.log": read_capped(self.console_log)}
 
     @property
     def hostname(self) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
-from racker.errors import BootTimeout, HostLimit, MachineError, NoSuchMachine
+from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
 from racker.proc import Result
@@ -91,10 +91,15 @@ class Machine(machines.Guest):
             self.network.setup(state)  # a published port in use fails here, before the boot
             self._boot(rootfs)
             self.network.start_forwarder(state, detached=self.detached)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, RackerError):
+                error.evidence.update(self.boot_evidence())  # before stop() removes the logs
             self.stop()
             raise
         return self
+
+    def boot_evidence(self) -> dict[str, str]:
+        return {**super().boot_evidence(), "nspawn.log": machines.read_capped(self.nspawn_log)}
 
     def _boot(self, rootfs: Path) -> None:
         assert self.state is not None
@@ -129,6 +134,7 @@ class Machine(machines.Guest):
             self._wait_ready(notify, started + self.boot_timeout)
         self.state.extra["machined"] = has_machined()
         machines.save(self.state)
+        self._wait_booted(started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
 
     def _wait_ready(self, notify: socket.socket, deadline: float) -> int:
@@ -148,7 +154,7 @@ class Machine(machines.Guest):
             except TimeoutError:
                 if self._child.poll() is not None:
                     status = self._child.returncode
-                    raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}") from None
+                    raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}", died=True) from None
                 if self._shows_a_limit(searched):
                     raise self._boot_failed(f"machine {self.name!r} cannot boot") from None
                 continue
@@ -162,6 +168,17 @@ class Machine(machines.Guest):
                     self.network.configure(self.state)  # type: ignore[arg-type]  # eth0 is up before the guest's services start
                 elif key == "READY" and value == "1" and leader:
                     return leader
+
+    def _wait_booted(self, deadline: float) -> None:
+        """Hand the machine over only once its boot is done: every job of the default target
+        ended, its services started (as Docker hands over a container whose CMD runs). READY=1
+        alone is not that on every systemd; `systemctl is-system-running --wait` is. "degraded"
+        (a unit failed) is booted too: the checks say which unit. An init without systemctl
+        (127, no such command) is taken as it is."""
+        try:
+            self.run(["systemctl", "is-system-running", "--wait"], timeout=max(1.0, deadline - time.monotonic()))
+        except ToolTimeout:
+            raise self._boot_failed(f"machine {self.name!r} did not finish booting", timed_out=True) from None
 
     @property
     def nspawn_log(self) -> Path:
@@ -186,7 +203,7 @@ class Machine(machines.Guest):
                 searched[path] = len(text)
         return False
 
-    def _boot_failed(self, message: str, timed_out: bool = False) -> MachineError:
+    def _boot_failed(self, message: str, timed_out: bool = False, died: bool = False) -> MachineError:
         """The error of a failed boot: nspawn's stderr and the console's tail, and the host limit
         it hit where racker recognises one (HostLimit)."""
         tails = [
@@ -201,7 +218,7 @@ class Machine(machines.Guest):
             return HostLimit(f"{message}: the host ran out of {limits.describe(limit)}", limit.name, "\n".join(hint))
         if timed_out:
             return BootTimeout(f"machine {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log), "\n".join(tails))
-        return MachineError(message, hint="\n".join(tails) or None)
+        return (GuestDied if died else MachineError)(message, hint="\n".join(tails) or None)
 
     def stop(self, grace: float = 10.0) -> None:
         """Shut the machine down: SIGTERM to nspawn (a clean poweroff), then SIGKILL.
@@ -295,6 +312,9 @@ class Machine(machines.Guest):
     ) -> Result:
         """Run a command to completion; exit code, stdout and stderr exactly as the guest gave them."""
         result = proc.run(self.command(argv, env=env, login=login), input=input, timeout=timeout, check=False)
+        if result.failed and self.state is not None and not proc.alive(self.state.leader, self.state.leader_start, self.state.boot_id):
+            # nsenter found no machine to enter: the channel is lost, the command never ran.
+            raise Unreachable(f"machine {self.name!r} is gone (its init exited)", hint=machines.console_tail(self.console_log) or None)
         result.argv = list(argv)  # report the guest command, not the nsenter wrapper
         return result
 

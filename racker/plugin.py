@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,9 +42,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--racker-cold", action="store_true", help="boot every qemu VM cold (default: warm, from the first boot's snapshot)")
     group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
+    group.addoption(
+        "--racker-retries",
+        metavar="N",
+        help="retry a test the harness failed (a boot timeout, a guest that died booting, a lost channel) up to N times "
+        "on a new machine; a pass on a retry is flaky; 0: no retries (default 1; ini: racker_retries)",
+    )
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
     parser.addini("racker_machine_scope", "how long a machine lives: function, module or session", default="module")
+    parser.addini("racker_retries", "retries of a test the harness failed, when --racker-retries is not given", default="1")
     parser.addini("racker_network", "nspawn machines' network when --racker-network is not given: none, private or nat", default="private")
 
 
@@ -144,6 +152,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # With testinfra's --hosts (racker://NAME among them), testinfra's own `host` serves.
         config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
     chosen_shard(config)  # a bad K/N ends the run here, as a usage error
+    chosen_retries(config)  # so does a bad --racker-retries
     attached(config)  # a name that runs nothing ends the run here, as a usage error
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
@@ -263,7 +272,41 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # type: ignore[no-
         return None
     from racker.xdist_scheduling import ImageScheduling
 
-    return ImageScheduling(config, log, target_ids(config))
+    return ImageScheduling(config, log, target_ids(config), _groups_directory(config))
+
+
+# Where the xdist workers write which xdist_group each test is in, for ImageScheduling to read:
+# the controller never collects, and pytest >= 9.2 lets no one put the group into the node id.
+_GROUPS = pytest.StashKey[str]()
+
+
+def _groups_directory(config: pytest.Config) -> str:
+    if _GROUPS not in config.stash:
+        import tempfile
+
+        config.stash[_GROUPS] = tempfile.mkdtemp(prefix="racker-xdist-groups-")
+    return config.stash[_GROUPS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]
+    node.workerinput["racker_groups"] = _groups_directory(node.config)
+
+
+@pytest.hookimpl(trylast=True)  # after every plugin has added its marks
+def pytest_collection_finish(session: pytest.Session) -> None:
+    directory = getattr(session.config, "workerinput", {}).get("racker_groups")
+    if directory:
+        from racker.xdist_scheduling import publish_groups
+
+        publish_groups(session.items, directory, session.config.workerinput["workerid"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _GROUPS in config.stash:
+        import shutil
+
+        shutil.rmtree(config.stash[_GROUPS], ignore_errors=True)
 
 
 # --- reports --------------------------------------------------------------
@@ -301,29 +344,129 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     report = outcome.get_result()
     if report.when == "teardown":
         _send_facts(item, report)
-    if not report.failed:
+    # A retry's evidence is kept even when it passes: a flaky cell shows both attempts.
+    retried = item.stash.get(ATTEMPT, 1) > 1 and report.when == "call"
+    if not report.failed and not retried:
         return
+    from racker import evidence
     from racker.errors import RackerError
 
-    if call.excinfo is not None and isinstance(call.excinfo.value, RackerError):
+    error = call.excinfo.value if call.excinfo is not None else None
+    if report.failed and isinstance(error, RackerError):
         # The harness failed, not the check: never blame the distribution for it.
         report.user_properties.append(("racker_outcome", "error"))
-        if call.excinfo.value.hint:  # a boot timeout's console tail, say: in the results' log too
-            report.sections.append(("racker: hint", call.excinfo.value.hint))
+        report.racker_retryable = error.retryable  # type: ignore[attr-defined]
+        if error.hint:  # a boot timeout's console tail, say: in the results' log too
+            report.sections.append(("racker: hint", error.hint))
+        if error.evidence:  # a failed boot's console
+            report.racker_evidence = {name: evidence.cap(text) for name, text in error.evidence.items()}  # type: ignore[attr-defined]
     machine = getattr(item, "funcargs", {}).get("racker_machine")
     if machine is None or report.when != "call":
         return
     backend = sys.modules.get("racker.testinfra_backend")
-    if backend is not None:
-        for result in backend.HISTORY:
+    commands = list(backend.HISTORY) if backend is not None else []
+    if report.failed:
+        for result in commands:
             report.sections.append(
                 (
                     f"racker: command ({result.rc})",
                     f"$ {result.command.decode(errors='replace')}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}",
                 )
             )
+        try:
+            journal = machine.run(["journalctl", "--boot", "--no-pager", "--lines=200"], timeout=30)
+            report.sections.append((f"racker: journal of {machine.name}", journal.stdout or journal.stderr))
+        except RackerError as failed:
+            report.sections.append(("racker: journal", f"could not read the journal: {failed}"))
+    # Into the results' evidence directory (results.py), where the report links it.
+    report.racker_evidence = {**evidence.from_guest(machine, commands), **getattr(report, "racker_evidence", {})}  # type: ignore[attr-defined]
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):  # type: ignore[no-untyped-def]
+    """A test that passed only on a retry is flaky, not passed (its results record says so too)."""
+    if report.when == "call" and report.passed and getattr(report, "racker_attempt", 1) > 1:
+        return "flaky", "f", ("FLAKY", {"yellow": True})
+    return None
+
+
+# --- retries --------------------------------------------------------------
+
+# Which attempt at the test is running (1, then 2 on a retry): its reports say so.
+ATTEMPT = pytest.StashKey[int]()
+
+
+def chosen_retries(config: pytest.Config) -> int:
+    value = config.getoption("--racker-retries", None)
+    value = config.getini("racker_retries") if value is None else value
     try:
-        journal = machine.run(["journalctl", "--boot", "--no-pager", "--lines=200"], timeout=30)
-        report.sections.append((f"racker: journal of {machine.name}", journal.stdout or journal.stderr))
-    except RackerError as error:
-        report.sections.append(("racker: journal", f"could not read the journal: {error}"))
+        retries = int(value)
+    except ValueError:
+        retries = -1
+    if retries < 0:
+        raise pytest.UsageError(f"--racker-retries must be a whole number, 0 or more, not {value!r}")
+    return retries
+
+
+def discard_machine(item: pytest.Item) -> None:
+    """Stop the machine the test's fixtures hold (and the fixtures built on it, `host` among
+    them), so that the next test to ask for one boots a new one."""
+    fixturedefs = item._fixtureinfo.name2fixturedefs.get("racker_machine")  # type: ignore[attr-defined]
+    if fixturedefs:
+        # finish() reads only the request's node; the test's own request is gone after its teardown.
+        fixturedefs[-1].finish(SimpleNamespace(node=item))  # type: ignore[arg-type]
+
+
+def _retryable(reports: list[pytest.TestReport]) -> bool:
+    """Whether the harness failed the test (setting it up or running it) in a way a new machine
+    may not repeat: a boot timeout, a guest that died booting, a lost channel; never a check."""
+    return any(r.failed and r.when in ("setup", "call") and getattr(r, "racker_retryable", False) for r in reports)
+
+
+def _attempt(reports: list[pytest.TestReport]) -> dict:
+    """What a failed attempt leaves for the results: how it failed, and its evidence."""
+    failed = next(r for r in reports if r.failed)
+    files: dict[str, str] = {}
+    for report in reports:
+        files.update(getattr(report, "racker_evidence", {}))
+    return {"outcome": "error", "when": failed.when, "message": results.message_of(failed), "evidence": files}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Run a racker test; when the harness failed it (results.py: an error, not a failure), once
+    more (--racker-retries) on a new machine. Only the last attempt's reports are logged; they
+    carry the earlier attempts, and a pass after a retry is `flaky`."""
+    target = _target_of(item)
+    retries = chosen_retries(item.config)
+    if target is None or target.machine or retries == 0:  # an attached machine cannot be replaced
+        return None
+    from _pytest.runner import runtestprotocol
+
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    earlier: list[dict] = []
+    attempt = 1
+    while True:
+        item.stash[ATTEMPT] = attempt
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        if attempt > retries or not _retryable(reports):
+            break
+        earlier.append(_attempt(reports))
+        discard_machine(item)
+        attempt += 1
+    for report in reports:
+        report.racker_attempt = attempt  # type: ignore[attr-defined]
+    if earlier:
+        reports[-1].racker_attempts = earlier  # type: ignore[attr-defined]
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """A test marked fresh (or destructive) leaves no machine behind for another: with other
+    parameters of its own, its tests share one Target, and so would share one machine."""
+    target = _target_of(item)
+    if target is not None and target.fresh:
+        discard_machine(item)

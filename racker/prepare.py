@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, proc, progress, store
-from racker.errors import PrepareError
+from racker import distros, fingerprint, machines, proc, progress, store
+from racker.errors import PrepareError, ToolFailed
 from racker.refs import PREPARED
 
 
@@ -494,14 +494,33 @@ def in_container(
     check: bool = True,
     timeout: float = 900,
 ) -> proc.Result:
-    """Run one command inside the image with systemd-nspawn, sharing the host's network."""
+    """Run one command inside the image with systemd-nspawn, sharing the host's network.
+
+    The machine gets a name of its own: left to itself nspawn names it after the directory,
+    `rootfs` for every image in the store, and two prepares at once would share (and remove
+    under each other) /run/systemd/nspawn/propagate/rootfs."""
+    name = machines.unique_name("racker-prepare")
     nspawn = [
-        "systemd-nspawn", "--quiet", f"--directory={rootfs}", "--register=no", "--keep-unit",
+        "systemd-nspawn", "--quiet", f"--directory={rootfs}", f"--machine={name}", "--register=no", "--keep-unit",
         "--console=pipe", "--resolv-conf=replace-host", "--link-journal=no", "--timezone=off",
         *(f"--setenv={k}={v}" for k, v in (env or {}).items()),
         "--", *argv,
     ]  # fmt: skip
-    return proc.run(nspawn, timeout=timeout, check=check)
+    try:
+        result = proc.run(nspawn, timeout=timeout, check=False)
+    finally:
+        machines.remove_propagate_dir(name)  # nspawn cannot where /run is no tmpfs, nor when killed
+    # Where /run is no tmpfs, nspawn ends every run with this line: it would hide the real
+    # error, the last line of stderr, that ToolFailed's message shows.
+    lines = result.stderr_bytes.splitlines(keepends=True)
+    result.stderr_bytes = b"".join(line for line in lines if not line.startswith(NSPAWN_PROPAGATE_NOISE))
+    result.__dict__.pop("stderr", None)  # decoded anew
+    if check and result.failed:
+        raise ToolFailed(nspawn, result.returncode, result.stderr)
+    return result
+
+
+NSPAWN_PROPAGATE_NOISE = b"Attempted to remove disk file system under"
 
 
 @dataclass(frozen=True)

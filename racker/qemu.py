@@ -29,7 +29,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, ssh, store
-from racker.errors import BadDisk, BootTimeout, ChannelUnavailable, ToolMissing, ToolTimeout, Unreachable, VMError, VMLaunchFailure
+from racker.errors import (
+    BadDisk,
+    BootTimeout,
+    ChannelUnavailable,
+    GuestDied,
+    RackerError,
+    ToolMissing,
+    ToolTimeout,
+    Unreachable,
+    VMError,
+    VMLaunchFailure,
+)
 from racker.machines import State
 from racker.proc import Result
 
@@ -406,11 +417,16 @@ class VM(machines.Guest):
                     snapshots.seed(self, info, firmware, deadline)
                 else:
                     self._cold_boot(info, firmware, deadline)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, RackerError):
+                error.evidence.update(self.boot_evidence())  # before stop() removes the console log
             self.stop(grace=0)
             raise
         self.boot_seconds = time.monotonic() - started
         return self
+
+    def boot_evidence(self) -> dict[str, str]:
+        return {**super().boot_evidence(), "qemu.log": machines.read_capped(self.rundir / "qemu.log")}
 
     def _accel(self) -> str:
         if not hasattr(self, "_chosen_accel"):
@@ -656,7 +672,7 @@ class VM(machines.Guest):
                 raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
             if _console_has(self.console_log, GUEST_DEATH):
                 tail = machines.console_tail(self.console_log, lines=60)
-                raise VMError(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
+                raise GuestDied(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
             # Wait for sshd's banner in-process: an ssh client started twice a second
             # for the half minute sshd takes would take host CPU from the guest. Once
             # only: sshd >= 9.8 counts connections that never log in against us.

@@ -1,8 +1,18 @@
 """Test results as JSON lines, one record per test, for reports and scripts.
 
-Four outcomes: pass, fail, skip, and error. An error is the harness's fault
+Five outcomes: pass, fail, skip, error and flaky. An error is the harness's fault
 (the machine never booted, a tool crashed), kept apart from a failing check
-so that a report never blames a distribution for it.
+so that a report never blames a distribution for it. The plugin retries a test
+the harness failed on a new machine (--racker-retries); one that passed only
+then is flaky, and its record lists the failed attempts before it:
+
+    "attempts": [{"outcome": "error", "when": "setup", "message": "...", "evidence": {...}}]
+
+A failed, errored or flaky test keeps its evidence (console, journal, cloud-init's
+logs, the commands it ran) in files beside the results (racker.evidence), named
+relative to the results file, per attempt:
+
+    "evidence": {"console.log": "evidence/<cell>/attempt-2/console.log", ...}
 
     {"kind": "test", "image": "debian-bookworm", "engine": "nspawn", "check": "test_hostname",
      "nodeid": "...", "outcome": "pass", "duration": 0.02, "message": "", "log": "",
@@ -34,6 +44,8 @@ from typing import IO
 
 import pytest
 
+from racker import evidence
+
 # A failure's log (its traceback, the commands it ran, the machine's journal) is kept up to this size.
 LOG_LIMIT = 64_000
 FACTS_PROPERTY = "racker_facts"
@@ -56,7 +68,7 @@ def merge_facts(known: dict, new: dict) -> dict:
     return {**known, **new}
 
 
-def _message(report: pytest.TestReport) -> str:
+def message_of(report: pytest.TestReport) -> str:
     if report.skipped and isinstance(report.longrepr, tuple):
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(report.longrepr, "reprcrash", None)
@@ -79,6 +91,7 @@ class ResultStream:
 
     def __init__(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.evidence = evidence.Writer(Path(path))
         self.file: IO[str] = open(path, "w")  # noqa: SIM115 - closed at session end
         self.pending: dict[str, dict] = {}
         self.facts: dict[tuple[str, str], dict] = {}
@@ -126,13 +139,24 @@ class ResultStream:
             harness = report.when != "call" or props.get("racker_outcome") == "error"
             if record["outcome"] == "pass" or not harness:
                 record["outcome"] = "error" if harness else "fail"
-                record["message"] = _message(report)
+                record["message"] = message_of(report)
                 record["log"] = _log(report)
         elif report.skipped and record["outcome"] == "pass":
             record["outcome"] = "skip"
-            record["message"] = _message(report)
+            record["message"] = message_of(report)
+        attempt = getattr(report, "racker_attempt", 1)
+        files = getattr(report, "racker_evidence", None)
+        if files:
+            record.setdefault("evidence", {}).update(self.evidence.write(report.nodeid, attempt, files))
+        for number, failed in enumerate(getattr(report, "racker_attempts", None) or [], start=1):
+            kept = {**failed, "evidence": self.evidence.write(report.nodeid, number, failed.get("evidence") or {})}
+            record.setdefault("attempts", []).append(kept)
         if report.when not in ("setup", "call"):  # teardown, or a crashed worker's report
-            self.write(self.pending.pop(report.nodeid))
+            record = self.pending.pop(report.nodeid)
+            if record["outcome"] == "pass" and record.get("attempts"):
+                record["outcome"] = "flaky"
+                record["message"] = f"passed on attempt {len(record['attempts']) + 1}, after: {record['attempts'][0]['message']}"
+            self.write(record)
 
     def pytest_sessionfinish(self) -> None:
         for record in self.pending.values():

@@ -1,23 +1,54 @@
-"""An xdist scheduler that keeps the tests of one image (and engine) on one worker."""
+"""An xdist scheduler that keeps the tests of one image (and engine) on one worker, and the
+tests of one xdist_group mark on one worker too."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
 
 
+def publish_groups(items: list[pytest.Item], directory: str, worker: str) -> None:
+    """Write, for the controller's scheduler, which xdist_group each collected test is in: the
+    controller sees node ids only. Every worker collects the same tests; each writes its own file."""
+    groups = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None:
+            groups[item.nodeid] = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    path = Path(directory) / f"{worker}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(groups))
+    os.replace(temporary, path)  # whole, or not there yet
+
+
 class ImageScheduling(LoadScopeScheduling):
-    """LoadScope scheduling where a racker test's scope is its target id.
+    """LoadScope scheduling where a racker test's scope is its target id, and another test's
+    its xdist_group mark's name.
 
     A racker test's id names its target: `test_x[debian-bookworm]`, or
-    `test_x[debian-bookworm-nspawn]` with several engines. Every other test
-    is a scope of its own, as under plain `--dist load`.
+    `test_x[debian-bookworm-nspawn]` with several engines. A test marked
+    xdist_group goes with the others of its group (as under --dist loadgroup:
+    a module fixture that boots a VM boots it once). Every other test is a scope
+    of its own, as under plain `--dist load`.
     """
 
-    def __init__(self, config: pytest.Config, log, targets: list[str]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: pytest.Config, log, targets: list[str], groups_directory: str | None = None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, log)
         # Longest first, so that "debian-sid-qemu" wins over "debian-sid".
         self.targets = sorted(targets, key=len, reverse=True)
+        self.groups_directory = groups_directory
+        self._groups: dict[str, str] | None = None
+
+    def groups(self) -> dict[str, str]:
+        """Node id -> xdist_group, as the workers wrote it once they had collected."""
+        if self._groups is None:
+            found = sorted(Path(self.groups_directory).glob("*.json")) if self.groups_directory else []
+            self._groups = json.loads(found[0].read_text()) if found else {}
+        return self._groups
 
     def _split_scope(self, nodeid: str) -> str:
         if nodeid.endswith("]") and "[" in nodeid:
@@ -25,4 +56,5 @@ class ImageScheduling(LoadScopeScheduling):
             for target in self.targets:
                 if params == target or params.startswith(f"{target}-") or params.endswith(f"-{target}") or f"-{target}-" in params:
                     return f"racker:{target}"
-        return nodeid
+        group = self.groups().get(nodeid)
+        return f"group:{group}" if group is not None else nodeid

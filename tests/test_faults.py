@@ -100,17 +100,19 @@ def _make_hanging_image(bookworm) -> None:
 
 def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_store: dict) -> None:
     _make_hanging_image(bookworm)
+    # A name of this run's own: nspawn's propagate directory and the mounts are host-wide.
+    name = f"hang-test-{os.getpid()}"
     started = time.monotonic()
-    result = racker("run", "--timeout", "4", "--name", "hang-test", "hang", "--", "true", env=private_store)
+    result = racker("run", "--timeout", "4", "--name", name, "hang", "--", "true", env=private_store)
     assert time.monotonic() - started < 30
     assert result.returncode == 125
     lines = result.stderr.splitlines()
-    assert lines[0] == "racker: error: machine 'hang-test' did not become ready within 4s"
+    assert lines[0] == f"racker: error: machine '{name}' did not become ready within 4s"
     assert "last console lines:" in result.stderr
     assert any("hang.service" in line or "systemd" in line for line in lines[2:]), result.stderr
     assert racker("gc", env=private_store).stdout.strip() == "nothing to clean up"
-    assert "hang-test" not in Path("/proc/mounts").read_text()
-    assert not (store.home() / "run" / "hang-test").exists()
+    assert name not in Path("/proc/mounts").read_text()
+    assert not (store.home() / "run" / name).exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

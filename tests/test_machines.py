@@ -161,5 +161,6 @@ def test_a_store_deep_in_the_filesystem_boots_machines(share_image, tmp_path, mo
     deep = tmp_path / ("a-long-directory-name-" * 5) / "store"
     monkeypatch.setenv("RACKER_HOME", str(deep))
     share_image("debian-bookworm")
-    ran = racker("run", "--name", "a-rather-long-machine-name-too", "debian-bookworm", "--", "systemctl", "is-system-running", "--wait")
+    name = f"a-rather-long-machine-name-too-{os.getpid()}"  # host-wide unique: nspawn's propagate directory
+    ran = racker("run", "--name", name, "debian-bookworm", "--", "systemctl", "is-system-running", "--wait")
     assert (ran.returncode, ran.stdout.strip()) == (0, "running"), ran.stderr

@@ -111,6 +111,13 @@ def test_failing_check_and_harness_error_are_told_apart(tmp_path: Path) -> None:
     broken = result[("test_root_user", "no-such-image")]
     assert broken["outcome"] == "error", "an image that cannot be had is the harness's error, not a failing check"
     assert "unknown image 'no-such-image'" in broken["message"]
+    # Neither is retried: a check's failure never, and a missing image is no error a new machine mends.
+    assert "attempts" not in failed and "attempts" not in broken
+    # The failure's evidence, beside the results: the console, the journal, the commands with their output.
+    evidence = failed["evidence"]
+    assert {"console.log", "commands.txt"} <= set(evidence) and {"journal.export", "journal.txt"} & set(evidence), evidence
+    assert "dpkg-query" in (tmp_path / evidence["commands.txt"]).read_text()
+    assert "evidence" not in result[("test_root_user", "debian-bookworm")]
     # The failure report carries the command the check ran and the machine's journal.
     assert "racker: command (1)" in done.stdout and "dpkg-query" in done.stdout
     assert "racker: journal of debian-bookworm-" in done.stdout
@@ -368,6 +375,13 @@ def test_attach_to_a_machine_that_is_not_running_is_a_usage_error(tmp_path: Path
     assert "--racker-attach: no running machine or VM named 'no-such-vm'" in done.stderr
 
 
+def test_a_bad_retry_count_is_a_usage_error(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "racker.checks", "--racker-retries=-1"]
+    done = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "--racker-retries must be a whole number, 0 or more, not '-1'" in done.stderr
+
+
 def test_a_harness_errors_hint_reaches_the_results_log(tmp_path: Path) -> None:
     """A racker error's hint (a boot timeout's console tail, say) is in the report and the results."""
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
@@ -382,3 +396,58 @@ def test_a_harness_errors_hint_reaches_the_results_log(tmp_path: Path) -> None:
     (record,) = read_tests(results)
     assert record["outcome"] == "error" and "did not become ready" in record["message"], record
     assert "racker: hint" in record["log"] and "racker-console-tail" in record["log"], record["log"]
+
+
+def test_harness_errors_are_retried_on_a_new_machine_and_a_pass_then_is_flaky(tmp_path: Path) -> None:
+    boot, lose = tmp_path / "boot-timeouts", tmp_path / "lost-machines"
+    boot.mkdir(), lose.mkdir()
+    faults = {"SAMPLE_RETRIES": str(tmp_path), "SAMPLE_BOOT_TIMEOUT_ONCE": str(boot), "SAMPLE_LOSE_MACHINE_ONCE": str(lose)}
+    done, records = run_sample(tmp_path, "--racker-images=debian-bookworm", "-k", "test_retries", env=faults)
+    assert done.returncode == 0, done.stdout[-5000:]
+    result = {r["check"]: r for r in records}
+    assert {r["outcome"] for r in records} == {"flaky"}, records
+    assert "2 flaky" in done.stdout, done.stdout[-2000:]
+
+    # A machine's boot timed out: the test ran on a new machine, whose name it wrote down.
+    booted = result["test_boots"]
+    [first] = booted["attempts"]
+    assert first["when"] == "setup" and "did not become ready within 0.3s" in first["message"], first
+    timed_out = re.search(r"machine '([\w.-]+)'", first["message"]).group(1)  # type: ignore[union-attr]
+    assert timed_out not in (tmp_path / "machines").read_text().split(), "the retry reused the machine that timed out"
+    # Both attempts' evidence, beside the results: the timed-out boot's console, and the pass's logs.
+    assert set(first["evidence"]) >= {"console.log", "nspawn.log"}
+    assert set(booted["evidence"]) >= {"console.log", "commands.txt"} and {"journal.export", "journal.txt"} & set(booted["evidence"])
+    for path in [*first["evidence"].values(), *booted["evidence"].values()]:
+        assert path.startswith("evidence/") and (tmp_path / path).is_file(), path
+    assert "attempt-1" in first["evidence"]["console.log"] and "attempt-2" in booted["evidence"]["console.log"]
+    assert "systemd" in (tmp_path / booted["evidence"]["console.log"]).read_text()
+
+    # The machine died under a test: the lost channel is the harness's, retried on a new machine.
+    lost = result["test_loses_its_machine_once"]
+    [first] = lost["attempts"]
+    assert first["when"] == "call" and "is gone" in first["message"], first
+    assert "console.log" in first["evidence"] and (tmp_path / first["evidence"]["console.log"]).is_file()
+    assert machines.all_states("nspawn") == []
+
+    # --racker-retries=0: no retry, and the harness's errors stand.
+    again = tmp_path / "again"
+    for directory in (again, again / "boot", again / "lose"):
+        directory.mkdir()
+    faults = {
+        "SAMPLE_RETRIES": str(again),
+        "SAMPLE_BOOT_TIMEOUT_ONCE": str(again / "boot"),
+        "SAMPLE_LOSE_MACHINE_ONCE": str(again / "lose"),
+    }
+    done, records = run_sample(again, "--racker-images=debian-bookworm", "-k", "test_retries", "--racker-retries=0", env=faults)
+    assert done.returncode == 1
+    assert {r["check"]: r["outcome"] for r in records} == {"test_boots": "error", "test_loses_its_machine_once": "error"}
+    assert not any("attempts" in r for r in records)
+    assert all("console.log" in r["evidence"] for r in records), records
+
+
+def test_destructive_tests_have_a_machine_each_whatever_their_parameters(tmp_path: Path) -> None:
+    # pytest-testinfra's own test_supervisor[…] are two such tests: the second found the
+    # supervisor the first had stopped, on the machine the two shared.
+    done, records = run_sample(tmp_path, "--racker-images=debian-bookworm", "-k", "test_damages", env={"SAMPLE_DESTRUCTIVE": "1"})
+    assert done.returncode == 0, done.stdout[-5000:]
+    assert [r["outcome"] for r in records] == ["pass", "pass"]

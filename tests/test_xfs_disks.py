@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pulled, racker
+from conftest import loop_devices, pulled, racker
 from racker import store
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,19 @@ def sh(*argv: object, input: str | None = None) -> str:
     return done.stdout
 
 
-def loops_and_mounts() -> tuple[str, list[str]]:
-    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if " xfs " in line]
-    return sh("losetup", "-a"), mounts
+def loops_and_mounts(xfs: dict) -> tuple[list[str], list[str]]:
+    """This test's loop devices and XFS mounts: another worker's come and go meanwhile
+    (this module's fixture on another worker mounts an XFS of its own)."""
+    roots = (xfs["good"].parent, os.environ["RACKER_HOME"])
+    loops = loop_devices(*roots)
+    devices = {line.split()[0] for line in loops}
+    places = [str(Path(root).resolve()) + "/" for root in roots]
+    mounts = [
+        line
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if line.split()[2] == "xfs" and (line.split()[0] in devices or any(line.split()[1].startswith(p) for p in places))
+    ]
+    return loops, mounts
 
 
 def xfs_disk(tree: Path, disk: Path, work: Path) -> None:
@@ -74,7 +84,7 @@ def xfs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_an_xfs_root_is_read_through_a_read_only_mount_that_is_undone(xfs: dict, private_store: dict) -> None:
-    before = loops_and_mounts()
+    before = loops_and_mounts(xfs)
     image = pulled(f"file:{xfs['good']}")
     assert (image.manifest["disk"]["root"], image.manifest["disk"]["table"]) == ("partition 1", "dos")
     with store.reading(image) as rootfs:
@@ -83,13 +93,13 @@ def test_an_xfs_root_is_read_through_a_read_only_mount_that_is_undone(xfs: dict,
         assert os.stat(rootfs / "usr/bin/su").st_mode & 0o7777 == 0o4755
         info = os.stat(rootfs / "home/user")
         assert (info.st_uid, info.st_gid) == (1000, 1001)
-    assert loops_and_mounts() == before
+    assert loops_and_mounts(xfs) == before
 
 
 def test_an_xfs_that_does_not_mount_is_one_line_and_leaves_nothing(xfs: dict, private_store: dict) -> None:
-    before = loops_and_mounts()
+    before = loops_and_mounts(xfs)
     result = racker("pull", f"file:{xfs['bad']}")
     errors = [line for line in result.stderr.splitlines() if line.startswith("racker: error:")]
     assert result.returncode == 125 and len(errors) == 1 and "the xfs filesystem cannot be mounted read-only" in errors[0], result.stderr
     assert store.images() == [] and [p.name for p in (store.home() / "tmp").iterdir()] == [".new"]
-    assert loops_and_mounts() == before
+    assert loops_and_mounts(xfs) == before
