@@ -371,6 +371,21 @@ def name_image(name: str, image: StoredImage, *, source: str, recipe: str, manif
     return found
 
 
+def mark_checked(name: str, upstream: dict) -> StoredImage:
+    """Record that `name`'s upstream was asked again and had not moved (`upstream`: state, checked,
+    reached): only its ref changes, never the image. The caller holds the lock for `name`."""
+    with locked(SWEEP_LOCK, shared=True):
+        path = ref_path(name)
+        ref = json.loads(path.read_text())
+        named = ref.get("manifest") or json.loads((image_dir(ref["digest"]) / "manifest.json").read_text())
+        ref["manifest"] = dict(named, upstream=upstream)
+        write_json(path, ref)
+    image = lookup(name)
+    if image is None:
+        raise StoreError(f"image {name!r} is gone from the store", hint=f"run: racker pull {name}")
+    return image
+
+
 def remove(name: str) -> StoredImage:
     """Drop a name; drop its image too when no other name points at it.
 

@@ -21,6 +21,7 @@ is one error naming those it has.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -31,7 +32,7 @@ from racker.catalog import CatalogEntry
 from racker.errors import BadReference, ToolFailed
 from racker.platforms import Platform
 from racker.refs import Reference
-from racker.sources import insecure, registries
+from racker.sources import insecure, registries, seen_upstream
 
 
 def registry_host(ref: Reference) -> str:
@@ -152,11 +153,66 @@ def unpack(layout: Path, tag: str, rootfs: Path) -> None:
     store.remove_tree(bundle)
 
 
+# What skopeo says when a registry did not answer at all (not: answered wrong).
+_UNREACHABLE = ("connection refused", "i/o timeout", "no such host", "timeout", "deadline exceeded", "connection reset", "eof")
+
+
+def without_tag(target: str) -> str:
+    """host/path of host/path:tag (a port's colon stays)."""
+    head, _, last = target.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def pinned(source: str, digest: str) -> str:
+    """A docker:// source by `digest` instead of its tag: skopeo then refuses a manifest of other content."""
+    if "@" in source:
+        return source
+    return "docker://" + without_tag(source.removeprefix("docker://")) + "@" + digest
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+    """The digest of the manifest (or index) the tag names now: one request, `skopeo inspect --raw`,
+    through registries.conf's mirrors and the credentials a pull uses, in the order a pull tries them."""
+    if ref.scheme != "docker":
+        return None  # a local layout or archive: its recipe (the file as it is now) decides
+    if "@sha256:" in ref.target:
+        return "sha256:" + ref.target.rsplit("@sha256:", 1)[1]  # pinned: never moves
+    from racker.errors import ToolTimeout, UpstreamError, UpstreamUnreachable
+    from racker.sources import upstream_timeout
+
+    wait = upstream_timeout()
+    failures, bad = [], []
+    for source, verify in sources(ref):
+        argv = ["skopeo", "--command-timeout", f"{int(wait)}s", "inspect", "--raw", *auth_options()]
+        argv += [f"--tls-verify={str(verify).lower()}", source]
+        try:
+            raw = proc.run(argv, timeout=wait + 10).stdout_bytes
+        except ToolTimeout:
+            failures.append(f"{source}: no answer in {int(wait)} s")
+            continue
+        except ToolFailed as failed:
+            reason = _skopeo_reason(failed.stderr)
+            (failures if any(m in reason.lower() for m in _UNREACHABLE) else bad).append(f"{source}: {reason}")
+            continue
+        try:
+            json.loads(raw)
+        except ValueError:
+            bad.append(f"{source}: its manifest is not JSON")
+            continue
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    if bad:
+        raise UpstreamError("; ".join(bad + failures))
+    raise UpstreamUnreachable("; ".join(failures))
+
+
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     layout = shared_layout(rootfs.parent)
     tag = "pull"
     failures = []
+    seen = seen_upstream()
     for source, verify in sources(ref):
+        if ref.scheme == "docker" and seen and seen.startswith("sha256:"):
+            source = pinned(source, seen)  # exactly what the refresh saw, or skopeo's refusal
         with progress.step(f"copying {source} with skopeo"):
             try:
                 proc.run(copy_argv(source, layout, tag, verify=verify, platform=ref.platform), timeout=3600)

@@ -64,14 +64,13 @@ def recipe(ref: Reference) -> str:
     return str(ref)
 
 
-def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
-    ref, wanted = split_provider(ref)
-    box, at = ref.target.partition("@")[::2]
+def _metadata(box: str, timeout: float = download.TIMEOUT) -> dict:
+    """The box's metadata from the server: its versions and their providers."""
     metadata_url = f"{server()}/api/v2/box/{box}"
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(metadata_url).netloc)
     with progress.step(f"asking {server()} for {box}"):
         try:
-            answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
+            answer = download.fetch_small(metadata_url, plain_ok=plain_ok, timeout=timeout)
         except DownloadError as error:
             if getattr(error, "status", None) == 404:
                 raise BadReference(
@@ -79,11 +78,36 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
                 ) from None
             raise
     try:
-        metadata = json.loads(answer or b"")
+        return json.loads(answer or b"")
     except ValueError:
         raise DownloadError(f"{metadata_url} did not answer with Vagrant box metadata (JSON)") from None
-    version = choose_version(metadata, at or None, f"vagrant:{box}")
-    provider = choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
+
+
+def _chosen(ref: Reference, timeout: float = download.TIMEOUT) -> tuple[str, dict, dict]:
+    """(box, version, provider) a vagrant: reference names now: the newest released version if none is pinned."""
+    ref, wanted = split_provider(ref)
+    box, at = ref.target.partition("@")[::2]
+    version = choose_version(_metadata(box, timeout), at or None, f"vagrant:{box}")
+    return box, version, choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+    """The version a pull would take now (the newest released one unless pinned) and its box's checksum."""
+    from racker.errors import UpstreamError, UpstreamUnreachable
+    from racker.sources import upstream_timeout
+
+    try:
+        _box, version, provider = _chosen(ref, upstream_timeout())
+    except DownloadError as error:
+        raise (UpstreamUnreachable if download.unreachable(error) else UpstreamError)(str(error)) from None
+    except BadReference as error:
+        raise UpstreamError(str(error)) from None
+    checksum = f"{provider.get('checksum_type') or 'none'}:{provider.get('checksum') or ''}"
+    return f"{version['version']} {provider.get('name')} {checksum}"
+
+
+def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    box, version, provider = _chosen(ref)
     url = provider.get("download_url") or provider.get("url")
     if not url:
         raise DownloadError(f"vagrant:{box}@{version['version']}: the {provider['name']} box has no download URL")
