@@ -154,7 +154,10 @@ def unpack(layout: Path, tag: str, rootfs: Path) -> None:
 
 
 # What skopeo says when a registry did not answer at all (not: answered wrong).
-_UNREACHABLE = ("connection refused", "i/o timeout", "no such host", "timeout", "deadline exceeded", "connection reset", "eof")
+_UNREACHABLE = (
+    "connection refused", "i/o timeout", "no such host", "timeout", "deadline exceeded", "connection reset", "eof",
+    "service unavailable", "bad gateway", "gateway timeout", "internal server error", "too many requests",
+)  # fmt: skip
 
 
 def without_tag(target: str) -> str:
@@ -182,22 +185,24 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | N
 
     wait = upstream_timeout()
     failures, bad = [], []
-    for source, verify in sources(ref):
+    tried = sources(ref)
+    for source, verify in tried:
+        said = f"{source}: " if len(tried) > 1 else ""  # which of a registry's mirrors said it
         argv = ["skopeo", "--command-timeout", f"{int(wait)}s", "inspect", "--raw", *auth_options()]
         argv += [f"--tls-verify={str(verify).lower()}", source]
         try:
             raw = proc.run(argv, timeout=wait + 10).stdout_bytes
         except ToolTimeout:
-            failures.append(f"{source}: no answer in {int(wait)} s")
+            failures.append(f"{said}no answer in {int(wait)} s")
             continue
         except ToolFailed as failed:
             reason = _skopeo_reason(failed.stderr)
-            (failures if any(m in reason.lower() for m in _UNREACHABLE) else bad).append(f"{source}: {reason}")
+            (failures if any(m in reason.lower() for m in _UNREACHABLE) else bad).append(f"{said}{reason}")
             continue
         try:
             json.loads(raw)
         except ValueError:
-            bad.append(f"{source}: its manifest is not JSON")
+            bad.append(f"{said}its manifest is not JSON")
             continue
         return "sha256:" + hashlib.sha256(raw).hexdigest()
     if bad:
