@@ -132,7 +132,7 @@ def _ask_upstream(ref: Reference, entry: CatalogEntry | None) -> dict:
     Not asked or not answered: nothing recorded (the acquire itself says what is wrong)."""
     try:
         state = upstream_state(ref, entry)
-    except (UpstreamError, BadReference):
+    except RackerError:  # not answered, or a tool missing: the acquire says what is wrong, if anything
         return {}
     now = store.now()
     return {"state": state, "checked": now, "reached": now} if state is not None else {}

@@ -85,6 +85,7 @@ def archive_state(lines: list[str], keys: Path, arch: str) -> str:
     from racker.errors import DownloadError, UpstreamError, UpstreamUnreachable
     from racker.sources import upstream_timeout
 
+    proc.require("gpgv")  # before anything is asked of the archive
     found = []
     with store.workdir("inrelease") as work:
         for number, line in enumerate(lines):
