@@ -120,6 +120,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from racker import images, sbom
+
+    text = json.dumps(sbom.write(images.find(args.image), args.format), indent=2) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    from pathlib import Path
+
+    try:
+        Path(args.output).write_text(text)
+    except OSError as error:
+        raise errors.RackerError(f"cannot write {args.output}: {error.strerror or error}") from None
+    print(args.output)
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from racker import export, images
 
@@ -471,6 +488,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--format", choices=["oci-archive", "docker-archive", "rootfs-tar"], default="oci-archive")
+
+    p = verb("sbom", cmd_sbom, "write an image's software bill of materials (its packages) as SPDX or CycloneDX JSON")
+    p.add_argument("image")
+    p.add_argument("--format", choices=["spdx-json", "cyclonedx-json"], default="spdx-json")
+    p.add_argument("-o", "--output", help="the file to write (default: standard output)")
 
     p = verb("push", cmd_push, "push an image to a registry: racker push IMAGE docker://HOST/NAME[:TAG]")
     p.add_argument("image")
