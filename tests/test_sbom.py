@@ -1,7 +1,7 @@
 """Every image carries its package manifest, read from its own package databases (dpkg, apk,
 pacman; rpm where the host has rpm), and `racker sbom` writes it as SPDX 2.3 or CycloneDX 1.6
-JSON that the formats' own Python packages accept: CycloneDX's published JSON schema (shipped by
-cyclonedx-python-lib), and SPDX's parser and validator (spdx-tools, which ships no JSON schema)."""
+JSON that the formats' published JSON schemas accept: CycloneDX's as cyclonedx-python-lib ships it,
+SPDX's from the SPDX spec (tests/schemas: spdx-tools ships none), plus spdx-tools' parser and validator."""
 
 from __future__ import annotations
 
@@ -120,10 +120,18 @@ def _valid_cyclonedx(text: str) -> None:
     assert error is None, error
 
 
+SPDX_SCHEMA = Path(__file__).parent / "schemas" / "spdx-2.3.schema.json"  # the published one: schemas/README.md
+
+
 def _valid_spdx(path: Path) -> object:
+    """Valid by SPDX 2.3's published JSON schema, and by spdx-tools' parser and validator."""
+    import jsonschema
     from spdx_tools.spdx.parser.parse_anything import parse_file
     from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
+    schema = json.loads(SPDX_SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(json.loads(path.read_text())), key=str)
+    assert errors == [], [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
     document = parse_file(str(path))
     problems = validate_full_spdx_document(document)
     assert problems == [], [p.validation_message for p in problems]
