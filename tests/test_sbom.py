@@ -170,7 +170,7 @@ def test_a_catalogue_image_lists_what_dpkg_query_reports_inside_it(share_image, 
     inside = racker("run", "--no-boot", "debian-bookworm", "dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${Architecture}\\n")
     assert inside.returncode == 0, inside.stderr
     reported = {tuple(line.split("\t")) for line in inside.stdout.splitlines() if line}
-    assert ("bash",) == tuple(p for p, *_ in reported if p == "bash")
+    assert "bash" in {name for name, *_ in reported}
 
     # Stored with the image at commit: a copy of the catalogue image committed as another name.
     copy = racker("import", "bookworm-copy", str(image.rootfs))
