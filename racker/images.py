@@ -12,7 +12,7 @@ from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError, StoreError, UnknownImage, UpstreamError
 from racker.platforms import Platform
 from racker.refs import PREPARED, Reference, parse
-from racker.sources import acquiring_seen, insecure_pull, recipe_for, source_for, upstream_state
+from racker.sources import acquiring_seen, insecure_pull, recipe_for, same_upstream, source_for, upstream_state
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def refresh(text: str, *, platform: Platform | None = None, insecure: bool = Fal
         image = store.lookup(name)
         try:
             with insecure_pull(insecure, keyring), progress.step(f"asking {ref} for {name}"):
-                state = upstream_state(ref, entry)
+                state = upstream_state(ref, entry, image.manifest if image is not None else None)
         except UpstreamError as error:
             failed = type(error)(f"{name}: upstream {ref}: {error}", hint=error.hint)
             if image is None:
@@ -197,7 +197,11 @@ def refresh(text: str, *, platform: Platform | None = None, insecure: bool = Fal
             return Refreshed(name, image, error=failed)
         now = store.now()
         stored = (image.manifest.get("upstream") or {}) if image is not None else {}
-        if image is not None and image.recipe == recipe and (state is None or state in _recorded_states(image)):
+        if (
+            image is not None
+            and image.recipe == recipe
+            and (state is None or any(same_upstream(ref, old, state) for old in _recorded_states(image)))
+        ):
             if state is not None:
                 image = store.mark_checked(name, dict(stored, state=state, checked=now, reached=now))
             return Refreshed(name, image)

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import io
 import json
+import lzma
 import subprocess
 import tarfile
 import threading
@@ -267,19 +268,20 @@ def test_a_tarball_is_downloaded_again_only_when_its_sha256sums_moved(
 
 
 class AptRepository:
-    """dists/stable/{Release,InRelease} and pool/*.deb under `root`, signed by a throw-away key."""
+    """dists/stable/{Release,InRelease} and pool/*.deb under `root`, signed by a throw-away key.
+    `requests`: the paths asked for, as its server saw them."""
 
     def __init__(self, root: Path, gnupg: Path) -> None:
         self.root, self.gnupg = root, gnupg
         self.keyring = gnupg / "archive.gpg"
+        self.requests: list[str] = []
 
     def gpg(self, *args: str) -> None:
-        subprocess.run(
-            ["gpg", "--homedir", str(self.gnupg), "--batch", "--quiet", "--passphrase", "", *args], check=True, capture_output=True
-        )
+        gpg = ["gpg", "--homedir", str(self.gnupg), "--batch", "--quiet", "--passphrase", ""]
+        subprocess.run([*gpg, *args], check=True, capture_output=True)
 
     def publish(self, packages: dict[str, str]) -> None:
-        """Build a .deb per NAME: VERSION with dpkg-deb, then Packages, Release and InRelease."""
+        """Build a .deb per NAME: VERSION with dpkg-deb, then Packages(.xz), Release and InRelease."""
         pool = self.root / "pool"
         pool.mkdir(parents=True, exist_ok=True)
         stanzas = []
@@ -296,14 +298,18 @@ class AptRepository:
         index = dists / "main/binary-amd64/Packages"
         index.parent.mkdir(parents=True, exist_ok=True)
         index.write_text("\n".join(stanzas))
-        body = index.read_bytes()
-        release = (
-            "Suite: stable\nCodename: stable\nDate: Sun, 06 Dec 2026 09:00:00 UTC\nArchitectures: amd64\nComponents: main\nSHA256:\n"
-            f" {hashlib.sha256(body).hexdigest()} {len(body)} main/binary-amd64/Packages\n"
+        compressed = index.with_name("Packages.xz")
+        compressed.write_bytes(lzma.compress(index.read_bytes()))
+        listed = "".join(
+            f" {hashlib.sha256(f.read_bytes()).hexdigest()} {f.stat().st_size} main/binary-amd64/{f.name}\n" for f in (index, compressed)
         )
-        (dists / "Release").write_text(release)
+        release = "Suite: stable\nCodename: stable\nDate: Sun, 06 Dec 2026 09:00:00 UTC\nArchitectures: amd64\nComponents: main\n"
+        (dists / "Release").write_text(f"{release}SHA256:\n{listed}")
         (dists / "InRelease").unlink(missing_ok=True)
         self.gpg("--clearsign", "-o", str(dists / "InRelease"), str(dists / "Release"))
+
+    def index_reads(self) -> list[str]:
+        return [path for path in self.requests if "/Packages" in path]
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +326,10 @@ def apt_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[A
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             super().__init__(*args, directory=str(repo.root), **kwargs)
 
+        def do_GET(self) -> None:
+            repo.requests.append(self.path)
+            super().do_GET()
+
         def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
             pass
 
@@ -334,45 +344,76 @@ def apt_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[A
         thread.join(10)
 
 
-def test_the_archive_state_follows_the_signed_inrelease(private_store: dict, apt_repository: tuple[AptRepository, str]) -> None:
-    from racker.sources import bootstrap
+PROBE = [{"name": "racker-probe", "version": "1.0", "arch": "amd64", "source": "racker-probe", "manager": "dpkg"}]
+
+
+def test_the_archive_state_follows_the_versions_of_the_image_packages(
+    private_store: dict, apt_repository: tuple[AptRepository, str]
+) -> None:
+    from racker.sources import archive
 
     repo, url = apt_repository
     lines = [f"deb {url} stable main"]
     repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
-    night_one = bootstrap.archive_state(lines, repo.keyring, "amd64")
-    assert night_one.startswith("stable/main=") and len(night_one.split("=")[1]) == 64
-    assert bootstrap.archive_state(lines, repo.keyring, "amd64") == night_one  # nothing moved
+    repo.requests.clear()
+    night_one = archive.state(lines, repo.keyring, "amd64")  # no package set known: the indexes only
+    assert night_one.startswith("stable/main=") and archive.PACKAGES_MARK not in night_one
+    assert repo.requests == ["/dists/stable/InRelease"]
 
-    repo.publish({"racker-probe": "1.1", "racker-other": "2.0"})  # a new version appears
-    night_two = bootstrap.archive_state(lines, repo.keyring, "amd64")
-    assert night_two != night_one
+    # Nothing moved: the stored state again, from the InRelease alone.
+    stored = {"packages": PROBE, "upstream": {"state": night_one}}
+    repo.requests.clear()
+    assert archive.state(lines, repo.keyring, "amd64", stored) == night_one and repo.index_reads() == []
 
+    # A package the image does not hold gets a new version: the index moved (its signed hash checked
+    # as it arrives), the image's versions did not.
+    repo.publish({"racker-probe": "1.0", "racker-other": "2.1"})
+    repo.requests.clear()
+    night_two = archive.state(lines, repo.keyring, "amd64", stored)
+    assert repo.index_reads() == ["/dists/stable/main/binary-amd64/Packages.xz"]
+    assert archive.PACKAGES_MARK in night_two and not archive.same_state(night_one, night_two)  # night one knew no versions
+    repo.publish({"racker-probe": "1.0", "racker-other": "2.2"})
+    night_three = archive.state(lines, repo.keyring, "amd64", {"packages": PROBE, "upstream": {"state": night_two}})
+    assert night_three != night_two and archive.same_state(night_two, night_three)
+
+    # A package the image holds gets a new version: moved.
+    repo.publish({"racker-probe": "1.1", "racker-other": "2.2"})
+    night_four = archive.state(lines, repo.keyring, "amd64", {"packages": PROBE, "upstream": {"state": night_three}})
+    assert not archive.same_state(night_three, night_four)
+
+
+def test_an_archive_that_does_not_hold_is_one_error(private_store: dict, apt_repository: tuple[AptRepository, str]) -> None:
+    from racker.sources import archive
+
+    repo, url = apt_repository
+    lines = [f"deb {url} stable main"]
+    repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
     # A changed line inside the signed text: the signature no longer holds.
     inrelease = repo.root / "dists/stable/InRelease"
     signed = inrelease.read_text()
-    inrelease.write_text(
-        signed.replace("racker-probe", "racker-probx").replace(" main/binary-amd64/Packages", " main/binary-amd64/Packagez")
-    )
+    inrelease.write_text(signed.replace(" main/binary-amd64/Packages\n", " main/binary-amd64/Packagez\n"))
     with pytest.raises(errors.UpstreamError, match="signature does not verify"):
-        bootstrap.archive_state(lines, repo.keyring, "amd64")
+        archive.state(lines, repo.keyring, "amd64")
     inrelease.write_text(signed)
-
     # A key the archive is not signed with (the distribution's own keyring).
     with pytest.raises(errors.UpstreamError, match="signature does not verify"):
-        bootstrap.archive_state(lines, Path("/usr/share/keyrings/debian-archive-keyring.gpg"), "amd64")
+        archive.state(lines, Path("/usr/share/keyrings/debian-archive-keyring.gpg"), "amd64")
     # Another architecture's index is not in it.
     with pytest.raises(errors.UpstreamError, match="lists no main/binary-arm64/Packages"):
-        bootstrap.archive_state(lines, repo.keyring, "arm64")
+        archive.state(lines, repo.keyring, "arm64")
+    # An index whose content is not what the InRelease signed.
+    (repo.root / "dists/stable/main/binary-amd64/Packages.xz").write_bytes(lzma.compress(b"Package: racker-probe\nVersion: 9\n"))
+    with pytest.raises(errors.UpstreamError, match="does not match its checksum"):
+        archive.state(lines, repo.keyring, "amd64", {"packages": PROBE, "upstream": {"state": "stable/main=old"}})
 
 
 def test_a_bootstrap_image_is_kept_when_its_archive_did_not_move_or_does_not_verify(
-    private_store: dict, apt_repository: tuple[AptRepository, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    private_store: dict, apt_repository: tuple[AptRepository, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """images.refresh on a bootstrap image whose archive is the local repository (stored by hand:
-    no mmdebstrap): unmoved, nothing acquired; a bad signature, one error naming image and archive."""
+    """images.refresh on a bootstrap image whose archive is the local repository (stored by hand from a
+    tree whose dpkg database holds racker-probe: no mmdebstrap)."""
     from racker import refs
-    from racker.sources import bootstrap, recipe_for
+    from racker.sources import archive, bootstrap, recipe_for
 
     repo, url = apt_repository
     repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
@@ -380,20 +421,29 @@ def test_a_bootstrap_image_is_kept_when_its_archive_did_not_move_or_does_not_ver
     monkeypatch.setenv("RACKER_ARCHIVE_KEYRING", str(repo.keyring))
     name = "bootstrap:debian/stable"
     ref = refs.parse(name)
-    state = bootstrap.upstream_state(ref)
+    state = bootstrap.upstream_state(ref, None, {"packages": PROBE, "upstream": {"state": "stable/main=before"}})
+    assert archive.PACKAGES_MARK in state
     with store.locked(f"image-{name}"), store.workdir("test") as work:
         (work / "rootfs/etc").mkdir(parents=True)
         (work / "rootfs/etc/os-release").write_text("ID=debian\n")
+        (work / "rootfs/var/lib/dpkg").mkdir(parents=True)
+        (work / "rootfs/var/lib/dpkg/status").write_text(
+            "Package: racker-probe\nStatus: install ok installed\nVersion: 1.0\nArchitecture: amd64\n"
+        )
         upstream = {"state": state, "checked": "2026-12-01T00:00:00+00:00", "reached": "2026-12-01T00:00:00+00:00"}
         stored = store.commit(name, work / "rootfs", source=name, recipe=recipe_for(ref), manifest={"upstream": upstream})
+    assert [p["name"] for p in stored.manifest["packages"]] == ["racker-probe"]
 
-    done = images.refresh(name)
+    done = images.refresh(name)  # nothing moved
     assert not done.moved and done.error is None and done.image is not None and done.image.digest == stored.digest
     assert done.image.manifest["upstream"]["checked"] > upstream["checked"]
+    repo.publish({"racker-probe": "1.0", "racker-other": "2.1"})  # moved, but not what the image holds
+    done = images.refresh(name)
+    assert not done.moved and done.error is None and done.image is not None and done.image.digest == stored.digest
     kept = _ref(name)
 
     inrelease = repo.root / "dists/stable/InRelease"
-    inrelease.write_text(inrelease.read_text().replace("Packages", "Packagez"))
+    inrelease.write_text(inrelease.read_text().replace("Packages\n", "Packagez\n"))
     done = images.refresh(name)
     assert done.stale and not done.moved and isinstance(done.error, errors.UpstreamError)
     assert str(done.error).startswith(f"{name}: upstream {name}: {url}/dists/stable/InRelease: its signature does not verify")

@@ -3,7 +3,7 @@
 Each module has `acquire(ref, entry, rootfs) -> dict`: it fills the empty
 directory `rootfs` with the image's root filesystem and returns manifest fields.
 A module whose images come from somewhere that moves (an archive, a registry's tag,
-a download) also has `upstream_state(ref, entry) -> str | None`: what that upstream
+a download) also has `upstream_state(ref, entry, stored) -> str | None`: what that upstream
 holds now, asked cheaply and building nothing (a manifest digest, a signed index's
 hashes, a checksum list's line); None where the recipe alone decides (local files).
 
@@ -49,8 +49,9 @@ def source_for(ref: Reference) -> Acquire:
     return module.acquire
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
     """What `ref`'s upstream holds now (sources' `upstream_state`), or None if it has none to ask.
+    `stored`: the stored image's manifest, if there is one (its packages, its last state).
 
     Raises errors.UpstreamUnreachable when it does not answer, errors.UpstreamError when
     its answer does not hold (a bad signature, a checksum list without the file).
@@ -59,7 +60,14 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | N
     if module_name is None:
         return None
     ask = getattr(importlib.import_module(module_name), "upstream_state", None)
-    return ask(ref, entry) if ask is not None else None
+    return ask(ref, entry, stored) if ask is not None else None
+
+
+def same_upstream(ref: Reference, old: str, new: str) -> bool:
+    """Whether the upstream states `old` and `new` build the same image (a source's `same_state`, else equality)."""
+    module_name = SOURCES.get(ref.scheme)
+    same = getattr(importlib.import_module(module_name), "same_state", None) if module_name else None
+    return same(old, new) if same is not None else old == new
 
 
 def upstream_timeout() -> float:

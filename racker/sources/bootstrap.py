@@ -1,11 +1,7 @@
 """bootstrap:debian/SUITE — a root filesystem made by mmdebstrap from the archive.
 
-Its upstream state (upstream_state) is what the archive's suites list now, read from
-their signed InRelease files alone (a few hundred KiB, no package downloaded): each
-InRelease is verified with the archive keyring (gpgv), and from the signed text only,
-the sha256 of every component's Packages index for this architecture is taken.
-A new version of any package of the suite moves it; a first cut: a new version of a
-package the image does not hold moves it too (the image is then built again for nothing).
+Its upstream state is what the archive's signed InRelease files say of the image's
+packages (sources/archive.py).
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from racker import proc, progress
 from racker.catalog import CatalogEntry
 from racker.refs import Reference
+from racker.sources import archive
 
 MIRRORS = {
     "debian": os.environ.get("RACKER_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
@@ -69,71 +66,17 @@ def architecture() -> str:
     return {"386": "i386", "arm": "armhf"}.get(arch, arch)
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """What the archive's suites hold now for the image (sources/archive.py): the stored image's
+    package set and its manifest's last state (`stored`) let an unmoved archive cost one InRelease a suite."""
     distro, _, suite = ref.target.partition("/")
     if distro not in MIRRORS:
         return None
-    return archive_state(sources(distro, suite), keyring(distro), architecture())
+    return archive.state(sources(distro, suite), keyring(distro), architecture(), stored)
 
 
-def archive_state(lines: list[str], keys: Path, arch: str) -> str:
-    """`SUITE/COMPONENT=SHA256` of each Packages index the one-line apt sources `lines` name, read
-    from their InRelease files, verified with `keys`. UpstreamError for an InRelease whose
-    signature does not verify or that lists no such index, UpstreamUnreachable for a mirror
-    that does not answer."""
-    from racker import download, store
-    from racker.errors import DownloadError, UpstreamError, UpstreamUnreachable
-    from racker.sources import upstream_timeout
-
-    proc.require("gpgv")  # before anything is asked of the archive
-    found = []
-    with store.workdir("inrelease") as work:
-        for number, line in enumerate(lines):
-            _deb, url, suite, *components = line.split()
-            inrelease = f"{url.rstrip('/')}/dists/{suite}/InRelease"
-            try:
-                # Plain HTTP is fine here: only what the archive key signed is read.
-                signed = download.fetch_small(inrelease, plain_ok=True, timeout=upstream_timeout()) or b""
-            except DownloadError as error:
-                raise (UpstreamUnreachable if download.unreachable(error) else UpstreamError)(str(error)) from None
-            text = _verified(inrelease, signed, keys, work / str(number))
-            indexes = _sha256_section(text)
-            for component in components:
-                path = f"{component}/binary-{arch}/Packages"
-                if path not in indexes:
-                    raise UpstreamError(f"{inrelease} lists no {path}")
-                found.append(f"{suite}/{component}={indexes[path]}")
-    return " ".join(found)
-
-
-def _verified(url: str, signed: bytes, keys: Path, directory: Path) -> str:
-    """The text of a clearsigned file that a key in `keys` signed (gpgv's output, never the file's own
-    text around the signature); UpstreamError naming why otherwise."""
-    from racker.errors import ToolFailed, UpstreamError
-
-    directory.mkdir(mode=0o700)
-    (directory / "InRelease").write_bytes(signed)
-    argv = ["gpgv", "--homedir", str(directory), "--keyring", str(keys.absolute()), "--output", "-", str(directory / "InRelease")]
-    try:
-        return proc.run(argv, timeout=60).stdout
-    except ToolFailed as failed:
-        said = [line for line in failed.stderr.splitlines() if "BAD signature" in line or "No public key" in line or "Can't check" in line]
-        reason = said[-1].removeprefix("gpgv: ") if said else (failed.stderr.strip().splitlines() or ["gpgv refused it"])[-1]
-        raise UpstreamError(f"{url}: its signature does not verify against {keys} ({reason})") from None
-
-
-def _sha256_section(text: str) -> dict[str, str]:
-    """path → sha256 from a Release file's SHA256: field."""
-    found: dict[str, str] = {}
-    inside = False
-    for line in text.splitlines():
-        if not line.startswith(" "):
-            inside = line.rstrip() == "SHA256:"
-            continue
-        words = line.split()
-        if inside and len(words) == 3:
-            found[words[2]] = words[0]
-    return found
+def same_state(old: str, new: str) -> bool:
+    return archive.same_state(old, new)
 
 
 def recipe(ref: Reference) -> str:

@@ -97,7 +97,7 @@ def base_images(dockerfile: Path) -> list[str]:
     return sorted(set(found))
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
     """The digests its base images' tags name now (the context itself is in the recipe, as before)."""
     if remote_context.scheme_of(ref.target):
         return None  # fetched at build time: `racker pull --force` rebuilds a moving branch

@@ -173,7 +173,7 @@ def pinned(source: str, digest: str) -> str:
     return "docker://" + without_tag(source.removeprefix("docker://")) + "@" + digest
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
     """The digest of the manifest (or index) the tag names now: one request, `skopeo inspect --raw`,
     through registries.conf's mirrors and the credentials a pull uses, in the order a pull tries them."""
     if ref.scheme != "docker":

@@ -40,7 +40,7 @@ def recipe(ref: Reference) -> str:
     return f"{ref} {info.st_size} {info.st_mtime_ns} {info.st_ino}"
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
     """The sha256 the file has now: its pin, else its line in the SHA256SUMS beside it (signed, with
     --keyring). One small request; what a pull would trust, so a file the list lacks is refused here too."""
     if ref.scheme == "file":

@@ -91,7 +91,7 @@ def _chosen(ref: Reference, timeout: float = download.TIMEOUT) -> tuple[str, dic
     return box, version, choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
 
 
-def upstream_state(ref: Reference, entry: CatalogEntry | None = None) -> str | None:
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
     """The version a pull would take now (the newest released one unless pinned) and its box's checksum."""
     from racker.errors import UpstreamError, UpstreamUnreachable
     from racker.sources import upstream_timeout
