@@ -284,6 +284,7 @@ class AptRepository:
         """Build a .deb per NAME: VERSION with dpkg-deb, then Packages(.xz), Release and InRelease."""
         pool = self.root / "pool"
         pool.mkdir(parents=True, exist_ok=True)
+        packages = {**packages, "zz-last": "1.0"}  # the image's packages are never the index's last stanza
         stanzas = []
         for name, version in sorted(packages.items()):
             tree = self.root / "build" / f"{name}-{version}"
