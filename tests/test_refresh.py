@@ -449,3 +449,31 @@ def test_a_bootstrap_image_is_kept_when_its_archive_did_not_move_or_does_not_ver
     assert done.stale and not done.moved and isinstance(done.error, errors.UpstreamError)
     assert str(done.error).startswith(f"{name}: upstream {name}: {url}/dists/stable/InRelease: its signature does not verify")
     assert _ref(name) == kept and done.last_reached == kept["manifest"]["upstream"]["reached"]
+
+
+def test_the_nightly_goes_on_with_a_stale_image_and_says_so(
+    private_store: dict, proxied_registry: RegistryProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nightly's refresh stage (a shard of one, no engines: no checks run) against the registry."""
+    from racker import nightly, shards
+
+    name = f"docker://{proxied_registry.address}/refresh/nightly:latest"
+    _push(_tiny_image("nightly", tmp_path, b"nightly\n"), f"docker://{proxied_registry.upstream}/refresh/nightly:latest")
+    assert racker("pull", name).returncode == 0
+    built = store.lookup(name)
+    assert built is not None
+    monkeypatch.setenv("RACKER_UPSTREAM_TIMEOUT", "2")
+    proxied_registry.mode = "down"
+    try:
+        night = nightly.run([name], tmp_path / "night", [], shard=shards.parse("1/1"))
+    finally:
+        proxied_registry.mode = "forward"
+    record = night.upstream[name]
+    assert record["stale"] and not record["moved"] and record["digest"] == built.digest
+    assert record["last_reached"] == built.manifest["upstream"]["reached"] and name in record["error"]
+    assert json.loads((tmp_path / "night" / "upstream-1of1.json").read_text()) == night.upstream
+    assert store.lookup(name) == built
+
+    night = nightly.run([name], tmp_path / "night2", [], shard=shards.parse("1/1"))
+    record = night.upstream[name]
+    assert not record["stale"] and not record["moved"] and "last_reached" not in record and record["checked"] >= built.created

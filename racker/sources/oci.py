@@ -197,6 +197,8 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: di
             continue
         except ToolFailed as failed:
             reason = _skopeo_reason(failed.stderr)
+            if reason.startswith("Error parsing image name") and '": ' in reason:
+                reason = reason.split('": ', 1)[1]  # skopeo's wrapping of any failure to reach the registry
             (failures if any(m in reason.lower() for m in _UNREACHABLE) else bad).append(f"{said}{reason}")
             continue
         try:
