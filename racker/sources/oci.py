@@ -218,14 +218,14 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     failures = []
     seen = seen_upstream()
     for source, verify in sources(ref):
-        if ref.scheme == "docker" and seen and seen.startswith("sha256:"):
-            source = pinned(source, seen)  # exactly what the refresh saw, or skopeo's refusal
-        with progress.step(f"copying {source} with skopeo"):
+        # By the digest the upstream named when asked (refresh, or a first pull): exactly that, or skopeo's refusal.
+        copied = pinned(source, seen) if ref.scheme == "docker" and seen and seen.startswith("sha256:") else source
+        with progress.step(f"copying {copied} with skopeo"):
             try:
-                proc.run(copy_argv(source, layout, tag, verify=verify, platform=ref.platform), timeout=3600)
+                proc.run(copy_argv(copied, layout, tag, verify=verify, platform=ref.platform), timeout=3600)
                 break
             except ToolFailed as failed:
-                failures.append(f"{source}: {_failure(source, verify, ref.platform, failed.stderr)}")
+                failures.append(f"{copied}: {_failure(copied, verify, ref.platform, failed.stderr)}")
     else:
         raise BadReference(f"cannot pull {ref}: " + "; ".join(failures))
     digest, config = read_layout(layout, tag)
