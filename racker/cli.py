@@ -137,6 +137,17 @@ def cmd_sbom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from racker import diff, images
+
+    found = diff.images(images.find(args.a), images.find(args.b))
+    if args.json:
+        _print_json(found.as_json())
+    else:
+        print("\n".join(diff.lines(args.a, args.b, found)))
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from racker import export, images
 
@@ -493,6 +504,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--format", choices=["spdx-json", "cyclonedx-json"], default="spdx-json")
     p.add_argument("-o", "--output", help="the file to write (default: standard output)")
+
+    p = verb("diff", cmd_diff, "list the packages and files where two stored images differ")
+    p.add_argument("a", metavar="IMAGE_A")
+    p.add_argument("b", metavar="IMAGE_B")
+    p.add_argument("--json", action="store_true")
 
     p = verb("push", cmd_push, "push an image to a registry: racker push IMAGE docker://HOST/NAME[:TAG]")
     p.add_argument("image")
