@@ -33,7 +33,7 @@ from racker import proc, progress, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError, ToolMissing
 from racker.refs import Reference
-from racker.sources import build_mounts, daemon, insecure, oci, remote_context, seen_upstream
+from racker.sources import build_mounts, daemon, insecure, oci, remote_context
 from racker.sources.build_mounts import Mounts
 
 TAIL_LINES = 15
@@ -213,7 +213,6 @@ def _with_engine(context: Path, dockerfile: Path, build_args: dict[str, str], st
                 buildargs=build_args,
                 target=stage,
                 tag=tag,
-                pull=bool(seen_upstream()),  # a refresh saw a base image move: fetch it (buildah does unasked)
                 rm=True,
                 forcerm=True,
             )
