@@ -476,3 +476,60 @@ def test_the_nightly_goes_on_with_a_stale_image_and_says_so(
     night = nightly.run([name], tmp_path / "night2", [], shard=shards.parse("1/1"))
     record = night.upstream[name]
     assert not record["stale"] and not record["moved"] and "last_reached" not in record and record["checked"] >= built.created
+
+
+# --- a Vagrant Cloud metadata API whose newest version moves -----------------------------------------
+
+
+def _vbox(work: Path, payload: bytes, out: Path) -> None:
+    """A VirtualBox box (OVF + vmdk) of a small disk holding `payload` (test_boxes' helpers)."""
+    from test_boxes import OVF, box, disk, sh
+
+    tree = work / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=debian\nVERSION_ID=12\n")
+    (tree / "payload").write_bytes(payload)
+    disk(tree, work / "small.raw", 16 << 20)
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", work / "small.raw", work / "box-disk001.vmdk")
+    (work / "box.ovf").write_text(OVF.format(disk="box-disk001.vmdk", capacity=16 << 20))
+    box(work / "box", "virtualbox", {"box.ovf": work / "box.ovf", "box-disk001.vmdk": work / "box-disk001.vmdk"}, out)
+
+
+def test_a_vagrant_box_is_fetched_again_only_when_a_newer_version_is_released(
+    private_store: dict, static_server: StaticServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_boxes import api, provider
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(static_server.ca))
+    monkeypatch.setenv("RACKER_VAGRANT_SERVER", static_server.url)
+    served = static_server.root / "refresh-boxes"
+    served.mkdir()
+    _vbox(tmp_path / "one", b"version one\n", served / "one.box")
+    one = provider("virtualbox", f"{static_server.url}/refresh-boxes/one.box", served / "one.box", "sha256")
+    api(static_server, "refresh", [{"version": "1.0.0", "status": "active", "providers": [one]}])
+    name = "vagrant:racker/refresh"
+    assert racker("pull", name).returncode == 0
+    first = store.lookup(name)
+    assert first is not None and first.manifest["upstream"]["state"].startswith("1.0.0 virtualbox sha256:")
+
+    static_server.reset()
+    unmoved = racker("pull", "--refresh", name)
+    assert unmoved.returncode == 0, unmoved.stderr
+    assert static_server.requests == [("api/v2/box/racker/refresh", None)]
+    assert _ref(name)["digest"] == first.digest
+
+    # An unreleased version does not count; a released one does.
+    _vbox(tmp_path / "two", b"version two\n", served / "two.box")
+    two = provider("virtualbox", f"{static_server.url}/refresh-boxes/two.box", served / "two.box", "sha256")
+    versions = [{"version": "1.0.0", "status": "active", "providers": [one]}]
+    api(static_server, "refresh", [*versions, {"version": "1.1.0", "status": "unreleased", "providers": [two]}])
+    static_server.reset()
+    assert racker("pull", "--refresh", name).returncode == 0 and static_server.requests == [("api/v2/box/racker/refresh", None)]
+    api(static_server, "refresh", [*versions, {"version": "1.1.0", "status": "active", "providers": [two]}])
+    static_server.reset()
+    moved = racker("pull", "--refresh", name)
+    assert moved.returncode == 0, moved.stderr
+    second = store.lookup(name)
+    assert second is not None and second.digest != first.digest and second.manifest["box"]["version"] == "1.1.0"
+    assert ("refresh-boxes/two.box", None) in static_server.requests
+    static_server.reset()
