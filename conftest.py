@@ -254,20 +254,25 @@ class StaticServer:
     """Files under `root` over HTTP(S) on 127.0.0.1, with Range (and If-Range) as real servers have them.
 
     `served[name]`: body bytes sent per file; `requests`: (path, Range header) per GET;
-    `drops[name] = [N, …]`: the next answers for `name` send N bytes of their body, then the connection drops.
+    `drops[name] = [N, …]`: the next answers for `name` send N bytes of their body, then the connection drops;
+    `hang`: names whose requests get no answer for HANG seconds (a server that times out).
     """
+
+    HANG = 10.0
 
     def __init__(self, root: Path, url: str) -> None:
         self.root, self.url = root, url
         self.served: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.drops: dict[str, list[int]] = {}
+        self.hang: set[str] = set()
         self.ca: Path = Path()  # the CA that signed its certificate (https only)
 
     def reset(self) -> None:
         self.served.clear()
         self.requests.clear()
         self.drops.clear()
+        self.hang.clear()
 
 
 def _range_handler(state: StaticServer):  # type: ignore[no-untyped-def]
@@ -286,6 +291,12 @@ def _range_handler(state: StaticServer):  # type: ignore[no-untyped-def]
             name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
             path = state.root / name
             state.requests.append((name, self.headers.get("Range")))
+            if name in state.hang:
+                import time
+
+                time.sleep(state.HANG)
+                self.close_connection = True
+                return
             if ".." in name.split("/") or not path.is_file():
                 self.send_error(404)
                 return

@@ -87,6 +87,15 @@ def _pull_options(args: argparse.Namespace) -> dict:
 def cmd_pull(args: argparse.Namespace) -> int:
     from racker import images
 
+    if args.refresh:
+        done = images.refresh(args.image, **_pull_options(args))
+        if isinstance(done.error, errors.UpstreamUnreachable):
+            progress.warn(f"{done.error}; kept the stored image, last reached {done.last_reached}")
+        elif done.error is not None:
+            raise done.error
+        assert done.image is not None
+        print(f"{done.image.name} {done.image.digest}")
+        return 0
     image = images.pull(args.image, force=args.force, **_pull_options(args))
     print(f"{image.name} {image.digest}")
     return 0
@@ -111,6 +120,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from racker import images, sbom
+
+    text = json.dumps(sbom.write(images.find(args.image), args.format), indent=2) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    from pathlib import Path
+
+    try:
+        Path(args.output).write_text(text)
+    except OSError as error:
+        raise errors.RackerError(f"cannot write {args.output}: {error.strerror or error}") from None
+    print(args.output)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from racker import diff, images
+
+    found = diff.images(images.find(args.a), images.find(args.b))
+    if args.json:
+        _print_json(found.as_json())
+    else:
+        print("\n".join(diff.lines(args.a, args.b, found)))
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from racker import export, images
 
@@ -126,13 +163,23 @@ def _foreign_platform(image: store.StoredImage) -> str:
     return recorded if recorded != str(platforms.host()) else ""
 
 
+def _last_checked(image: store.StoredImage) -> str:
+    """When the image's upstream was last asked ("-": never, e.g. a local file's or a prepared image)."""
+    return (image.manifest.get("upstream") or {}).get("checked") or "-"
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     listed = store.images()
     if args.json:
-        _print_json([dict(i.as_json(), platform=(i.manifest.get("oci") or {}).get("platform", "")) for i in listed])
+        _print_json(
+            [
+                dict(i.as_json(), platform=(i.manifest.get("oci") or {}).get("platform", ""), built=i.created, checked=_last_checked(i))
+                for i in listed
+            ]
+        )
         return 0
-    rows = [[i.name, i.short_digest, _human_size(i.size), i.created, i.source] for i in listed]
-    header = ["NAME", "DIGEST", "SIZE", "CREATED", "SOURCE"]
+    rows = [[i.name, i.short_digest, _human_size(i.size), i.created, _last_checked(i), i.source] for i in listed]
+    header = ["NAME", "DIGEST", "SIZE", "BUILT", "CHECKED", "SOURCE"]
     foreign = [_foreign_platform(i) for i in listed]
     if any(foreign):  # a column only when some image is not for this host
         rows = [[*row, platform] for row, platform in zip(rows, foreign, strict=True)]
@@ -469,6 +516,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.add_argument("--refresh", action="store_true", help="ask the image's upstream what it holds now; acquire again only if it moved")
     add_pull_options(p)
 
     p = verb("import", cmd_import, "store a root filesystem (a directory or a tarball) made by another tool")
@@ -479,6 +527,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--format", choices=["oci-archive", "docker-archive", "rootfs-tar"], default="oci-archive")
+
+    p = verb("sbom", cmd_sbom, "write an image's software bill of materials (its packages) as SPDX or CycloneDX JSON")
+    p.add_argument("image")
+    p.add_argument("--format", choices=["spdx-json", "cyclonedx-json"], default="spdx-json")
+    p.add_argument("-o", "--output", help="the file to write (default: standard output)")
+
+    p = verb("diff", cmd_diff, "list the packages and files where two stored images differ")
+    p.add_argument("a", metavar="IMAGE_A")
+    p.add_argument("b", metavar="IMAGE_B")
+    p.add_argument("--json", action="store_true")
 
     p = verb("push", cmd_push, "push an image to a registry: racker push IMAGE docker://HOST/NAME[:TAG]")
     p.add_argument("image")

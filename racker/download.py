@@ -102,18 +102,18 @@ def fetch(url: str, *, sha256: str | None, plain_ok: bool = False, title: str = 
         return target, digest
 
 
-def fetch_small(url: str, *, plain_ok: bool = False, missing_ok: bool = False) -> bytes | None:
+def fetch_small(url: str, *, plain_ok: bool = False, missing_ok: bool = False, timeout: float = TIMEOUT) -> bytes | None:
     """A small file (a checksum list, a signature) into memory; None where the server has none and `missing_ok`."""
     check_scheme(url, plain_ok)
     try:
-        with _open(url, {}, plain_ok) as answer:
+        with _open(url, {}, plain_ok, timeout) as answer:
             data = answer.read(SMALL_LIMIT + 1)
     except DownloadError as error:
         if missing_ok and getattr(error, "status", None) in (403, 404, 410):
             return None
         raise
     except (OSError, http.client.HTTPException) as error:
-        raise DownloadError(f"downloading {redact.url(url)} failed: {redact.text(str(error))}") from None
+        raise _unreachable(f"downloading {redact.url(url)} failed: {redact.text(str(error))}") from None
     if len(data) > SMALL_LIMIT:
         raise DownloadError(f"{redact.url(url)} is larger than {SMALL_LIMIT} bytes, too large for what it should be")
     return data
@@ -173,7 +173,21 @@ def _transfer(url: str, partial: Path, meta: Path, plain_ok: bool, title: str) -
         return hasher.hexdigest()
 
 
-def _open(url: str, headers: dict[str, str], plain_ok: bool) -> http.client.HTTPResponse:
+def unreachable(error: BaseException) -> bool:
+    """Whether a DownloadError says the server did not answer (refused, timed out, a 5xx),
+    not that its answer was wrong: a refresh keeps the stored image then."""
+    return bool(getattr(error, "unreachable", False))
+
+
+def _unreachable(message: str, status: int | None = None) -> DownloadError:
+    failed = DownloadError(message)
+    failed.unreachable = True  # type: ignore[attr-defined]
+    if status is not None:
+        failed.status = status  # type: ignore[attr-defined]
+    return failed
+
+
+def _open(url: str, headers: dict[str, str], plain_ok: bool, timeout: float = TIMEOUT) -> http.client.HTTPResponse:
     """The server's answer to a GET; DownloadError (with .status for an HTTP error) in one line otherwise.
 
     A URL's `user:password@` is sent as HTTP basic auth (as curl and pip do), never as part of the host."""
@@ -186,8 +200,10 @@ def _open(url: str, headers: dict[str, str], plain_ok: bool) -> http.client.HTTP
     host = urllib.parse.urlsplit(url).netloc
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ssl.create_default_context()), _RedirectHandler(plain_ok))
     try:
-        return opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise _unreachable(f"{shown}: the server answered {error.code} {error.reason}", error.code) from None
         failed = DownloadError(f"{shown}: the server answered {error.code} {error.reason}")
         failed.status = error.code  # type: ignore[attr-defined]
         raise failed from None
@@ -200,9 +216,9 @@ def _open(url: str, headers: dict[str, str], plain_ok: bool) -> http.client.HTTP
             ) from None
         if isinstance(reason, DownloadError):
             raise reason from None
-        raise DownloadError(f"cannot download {shown}: {redact.text(str(reason))}") from None
+        raise _unreachable(f"cannot download {shown}: {redact.text(str(reason))}") from None
     except (OSError, http.client.HTTPException) as error:
-        raise DownloadError(f"cannot download {shown}: {redact.text(str(error))}") from None
+        raise _unreachable(f"cannot download {shown}: {redact.text(str(error))}") from None
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):

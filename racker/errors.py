@@ -168,3 +168,12 @@ class DownloadError(RackerError):
 
 class ChannelUnavailable(MachineError):
     """A guest cannot run racker's root command channel (no python3 or sudo); commands take sudo each."""
+
+
+class UpstreamError(RackerError):
+    """An upstream's answer does not hold (a bad signature, a digest that does not match, a checksum
+    list without the file): the stored image stays as it was."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """An upstream did not answer (refused, timed out, a server error): the stored image is kept, marked stale."""

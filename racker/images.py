@@ -9,10 +9,10 @@ from pathlib import Path
 
 from racker import catalog, distros, progress, store
 from racker.catalog import CatalogEntry
-from racker.errors import BadReference, StoreError, UnknownImage
+from racker.errors import BadReference, RackerError, StoreError, UnknownImage, UpstreamError
 from racker.platforms import Platform
 from racker.refs import PREPARED, Reference, parse
-from racker.sources import insecure_pull, recipe_for, source_for
+from racker.sources import acquiring_seen, insecure_pull, recipe_for, same_upstream, source_for, upstream_state
 
 
 @dataclass(frozen=True)
@@ -103,15 +103,116 @@ def pull(
         image = store.lookup(name)
         if image is not None and image.recipe == recipe and not force:
             return image
-        acquire = source_for(ref)
-        with progress.step(f"pulling {name}"), store.workdir("pull") as work, insecure_pull(insecure, keyring):
+        return _acquire(name, ref, entry, recipe, insecure=insecure, keyring=keyring)
+
+
+def _acquire(
+    name: str, ref: Reference, entry: CatalogEntry | None, recipe: str, *, insecure: bool, keyring: Path | None, seen: dict | None = None
+) -> store.StoredImage:
+    """Acquire `ref` into the store as `name`, recording its upstream state (`seen`, else asked now).
+    The caller holds the lock for `name`."""
+    acquire = source_for(ref)
+    with progress.step(f"pulling {name}"), store.workdir("pull") as work, insecure_pull(insecure, keyring):
+        if seen is None:
+            seen = _ask_upstream(ref, entry)
+        with acquiring_seen(seen.get("state") if seen else None):
             rootfs = work / "rootfs"
             fields = acquire(ref, entry, rootfs)
-            normalise(rootfs)
-            distro = distros.detect(rootfs)
-            manifest = dict(fields, name=name, distro=distro.as_json())
-            with progress.step("storing"):
-                return store.commit(name, rootfs, source=str(ref), recipe=recipe, manifest=manifest)
+        normalise(rootfs)
+        distro = distros.detect(rootfs)
+        manifest = dict(fields, name=name, distro=distro.as_json())
+        if seen:
+            manifest["upstream"] = seen
+        with progress.step("storing"):
+            return store.commit(name, rootfs, source=str(ref), recipe=recipe, manifest=manifest)
+
+
+def _ask_upstream(ref: Reference, entry: CatalogEntry | None) -> dict:
+    """The upstream state at a first pull, so that a later refresh acquires only if it moved.
+    Not asked or not answered: nothing recorded (the acquire itself says what is wrong)."""
+    try:
+        state = upstream_state(ref, entry)
+    except RackerError:  # not answered, or a tool missing: the acquire says what is wrong, if anything
+        return {}
+    now = store.now()
+    return {"state": state, "checked": now, "reached": now} if state is not None else {}
+
+
+@dataclass
+class Refreshed:
+    """What a refresh did: `moved` if the upstream moved (or was never recorded) and the image was
+    acquired again; `error`: the upstream was not reached or did not hold, and the stored image stays."""
+
+    name: str
+    image: store.StoredImage | None
+    moved: bool = False
+    error: RackerError | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self.error is not None
+
+    @property
+    def last_reached(self) -> str:
+        """When the upstream last answered (or the image was built, if that was never recorded)."""
+        if self.image is None:
+            return ""
+        return (self.image.manifest.get("upstream") or {}).get("reached") or self.image.created
+
+
+def _recorded_states(image: store.StoredImage) -> set[str]:
+    """The upstream states the stored image was made from: the one recorded, or for an image stored
+    before racker recorded them, what its manifest says it was (a single manifest's digest, a file's
+    sha256), so that such an image is not acquired again for nothing. A bootstrap has none: built again once."""
+    manifest = image.manifest
+    recorded = (manifest.get("upstream") or {}).get("state")
+    if recorded:
+        return {recorded}
+    found = {(manifest.get("oci") or {}).get("manifest_digest") or ""}
+    found |= {"sha256:" + ((manifest.get(kind) or {}).get("sha256") or "") for kind in ("tarball", "disk", "box", "ova")}
+    return {state for state in found if state and state != "sha256:"}
+
+
+def refresh(text: str, *, platform: Platform | None = None, insecure: bool = False, keyring: Path | None = None) -> Refreshed:
+    """Ask `text`'s upstream what it holds now and acquire it again only if that moved.
+
+    An upstream that does not answer or whose answer does not hold leaves the stored
+    image as it was: Refreshed.error says why, in one line naming the image and the upstream
+    (raised instead when there is no stored image to keep).
+    """
+    resolved = resolve(text, platform)
+    name, ref, entry = resolved.name, resolved.source, resolved.entry
+    if ref is None:
+        return Refreshed(name, _made_here(name, force=False))
+    recipe = recipe_for(ref, entry)
+    with store.locked(f"image-{name}"):
+        image = store.lookup(name)
+        try:
+            with insecure_pull(insecure, keyring), progress.step(f"asking {ref} for {name}"):
+                state = upstream_state(ref, entry, image.manifest if image is not None else None)
+        except UpstreamError as error:
+            failed = type(error)(f"{name}: upstream {ref}: {error}", hint=error.hint)
+            if image is None:
+                raise failed from None
+            return Refreshed(name, image, error=failed)
+        now = store.now()
+        stored = (image.manifest.get("upstream") or {}) if image is not None else {}
+        if (
+            image is not None
+            and image.recipe == recipe
+            and (state is None or any(same_upstream(ref, old, state) for old in _recorded_states(image)))
+        ):
+            if state is not None:
+                image = store.mark_checked(name, dict(stored, state=state, checked=now, reached=now))
+            return Refreshed(name, image)
+        seen = {"state": state, "checked": now, "reached": now} if state is not None else {}
+        try:
+            fresh = _acquire(name, ref, entry, recipe, insecure=insecure, keyring=keyring, seen=seen)
+        except RackerError as error:
+            if image is None:
+                raise
+            return Refreshed(name, image, moved=True, error=UpstreamError(f"{name}: acquiring again from {ref} failed: {error}"))
+        return Refreshed(name, fresh, moved=True)
 
 
 def _made_here(name: str, *, force: bool) -> store.StoredImage:

@@ -2,10 +2,12 @@
 
     racker nightly -o DIR [--previous DIR] [--shard K/N] [IMAGES…]
 
-Stages, each timed (progress.TIMINGS): refresh (pull, which acquires again an
-image whose recipe changed), then one pytest run per engine (nspawn first:
-its answers come in seconds, the VMs' in minutes), then the report, which
-carries the history of the last nights forward from --previous's. Each
+Stages, each timed (progress.TIMINGS): refresh (images.refresh: ask each image's
+upstream, acquire again only what moved; an upstream not reached keeps the stored
+image, recorded stale in upstream.json with when it was last reached), then one
+pytest run per engine (nspawn first: its answers come in seconds, the VMs' in
+minutes), then the report, which carries the history of the last nights forward
+from --previous's. Each
 engine writes its own results file into DIR, named after the shard too, so
 that the files of N shards gathered into one directory never overwrite each
 other. A shard stops before the report: the job that gathers every shard's
@@ -15,11 +17,11 @@ never came back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from racker import catalog, history, images, matrix, progress, report
+from racker import catalog, history, images, matrix, progress, report, store
 from racker.errors import RackerError
 from racker.shards import Shard
 
@@ -33,6 +35,29 @@ class Night:
     results: list[Path]  # the results files this run wrote
     report: dict[str, Any] | None  # None for a shard
     timings: dict[str, float]  # seconds per stage
+    upstream: dict[str, dict[str, Any]] = field(default_factory=dict)  # per image: what its refresh found (refreshed())
+
+
+# Beside the results: what each image's refresh found, for the report (per shard, like the results).
+UPSTREAM_FILE = "upstream{shard}.json"
+
+
+def refreshed(done: images.Refreshed) -> dict[str, Any]:
+    """An image's refresh as the report reads it: whether its upstream moved, and if it could not be
+    reached (or did not hold), `stale` with the error line and when it was last reached."""
+    image = done.image
+    record: dict[str, Any] = {
+        "image": done.name,
+        "moved": done.moved,
+        "digest": image.digest if image else "",
+        "built": image.created if image else "",
+        "checked": ((image.manifest.get("upstream") or {}).get("checked") or "") if image else "",
+        "stale": done.stale,
+    }
+    if done.stale:
+        progress.warn(f"{done.error}; the night goes on with the stored image, last reached {done.last_reached}")
+        record.update(last_reached=done.last_reached, error=str(done.error))
+    return record
 
 
 def default_images() -> list[str]:
@@ -65,10 +90,12 @@ def run(
         raise NightlyError(f"cannot write into {output}: {error.strerror or error}") from None
     timings: dict[str, float] = {}
     mine = shard.select(stored) if shard else stored
+    upstream: dict[str, dict[str, Any]] = {}
     with progress.step(f"refreshing {len(mine)} images"):
         for name in mine:
-            images.pull(name)
+            upstream[name] = refreshed(images.refresh(name))
     timings["refresh"] = progress.TIMINGS[-1][1]
+    store.write_json(output / UPSTREAM_FILE.format(shard=f"-{shard.index}of{shard.total}" if shard else ""), upstream)
     written = []
     for engine in engines:
         path = output / results_name(engine, shard)
@@ -84,11 +111,11 @@ def run(
             )
         written.append(path)
     if shard is not None:
-        return Night(written, None, timings)
+        return Night(written, None, timings, upstream)
     with progress.step("report"):
         made = report.make(written, output, previous, window)
     timings["report"] = progress.TIMINGS[-1][1]
-    return Night(written, made, timings)
+    return Night(written, made, timings, upstream)
 
 
 def failed(made: dict[str, Any]) -> bool:

@@ -2,7 +2,7 @@
 
 Layout under RACKER_HOME (default /var/lib/racker):
   images/<digest>/rootfs/        the root filesystem, never modified after import
-  images/<digest>/manifest.json  what it is and where it came from
+  images/<digest>/manifest.json  what it is and where it came from, and the packages it holds
   refs/<name>.json               a name pointing at a digest, with its recipe key
   locks/<key>.lock               one flock per thing being built
   tmp/                           work in progress, renamed into place when complete
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import proc
+from racker import packages, proc
 from racker.errors import StoreError
 
 
@@ -342,7 +342,8 @@ def commit(name: str, rootfs: Path, *, source: str, recipe: str, manifest: dict)
     size = tree_size(rootfs)
     target = image_dir(digest)
     created = now()
-    named = dict(manifest, digest=digest, size=size, source=source, created=created)
+    # What its own package databases list, read now (a manifest handed down, e.g. by prepare, lists the image it came from).
+    named = dict(manifest, digest=digest, size=size, source=source, created=created, packages=packages.read(rootfs))
     with locked(SWEEP_LOCK, shared=True):
         if not target.exists():
             staging = rootfs.parent / "image"
@@ -362,6 +363,8 @@ def name_image(name: str, image: StoredImage, *, source: str, recipe: str, manif
     once the rootfs is in place. The caller holds the lock for `name`."""
     created = now()
     named = dict(manifest, digest=image.digest, size=image.size, source=source, created=created)
+    # The content's packages, never those of a manifest handed down.
+    named["packages"] = image.manifest["packages"] if "packages" in image.manifest else packages.read(image.rootfs)
     with locked(SWEEP_LOCK, shared=True):
         if not image.rootfs.is_dir():
             raise StoreError(f"image {image.name} ({image.digest[:19]}) is gone from the store", hint="pull or prepare it again")
@@ -369,6 +372,21 @@ def name_image(name: str, image: StoredImage, *, source: str, recipe: str, manif
     found = lookup(name)
     assert found is not None
     return found
+
+
+def mark_checked(name: str, upstream: dict) -> StoredImage:
+    """Record that `name`'s upstream was asked again and had not moved (`upstream`: state, checked,
+    reached): only its ref changes, never the image. The caller holds the lock for `name`."""
+    with locked(SWEEP_LOCK, shared=True):
+        path = ref_path(name)
+        ref = json.loads(path.read_text())
+        named = ref.get("manifest") or json.loads((image_dir(ref["digest"]) / "manifest.json").read_text())
+        ref["manifest"] = dict(named, upstream=upstream)
+        write_json(path, ref)
+    image = lookup(name)
+    if image is None:
+        raise StoreError(f"image {name!r} is gone from the store", hint=f"run: racker pull {name}")
+    return image
 
 
 def remove(name: str) -> StoredImage:

@@ -231,3 +231,16 @@ def test_ctrl_c_during_a_build_leaves_no_container_mount_or_temp_dir(
     assert containers() == "", "the interrupted build's working container is removed"
     assert str(store.home() / "buildah") not in Path("/proc/self/mountinfo").read_text()
     assert [p for p in (store.home() / "tmp").rglob("*") if p.name != ".new"] == [] and store.images() == []
+
+
+def test_the_base_images_a_refresh_asks_about(tmp_path: Path) -> None:
+    """Registry images only: not the file's own stages, scratch, or an image named by an ARG."""
+    from racker.sources.dockerfile import base_images
+
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(
+        "ARG BASE=debian:bookworm\nFROM --platform=linux/amd64 golang:1.22 AS build\nRUN true\n"
+        "from build as test\nFROM $BASE\nFROM scratch\nFROM 127.0.0.1:5000/team/app@sha256:" + "0" * 64 + "\n"
+        "COPY --from=build /x /x\nFROM debian:bookworm-slim\n"
+    )
+    assert base_images(dockerfile) == ["127.0.0.1:5000/team/app@sha256:" + "0" * 64, "debian:bookworm-slim", "golang:1.22"]

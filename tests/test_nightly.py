@@ -209,8 +209,10 @@ def test_nightly_whole_and_in_shards_merged_by_racker_report(tmp_path: Path) -> 
     for k in (1, 2):
         shard = racker("nightly", *TWO, "--engine", "nspawn", "--shard", f"{k}/2", "-o", str(tmp_path / f"shard-{k}"))
         assert shard.returncode == 0, shard.stdout + shard.stderr
-        (path,) = (tmp_path / f"shard-{k}").iterdir()  # results only: the merge job makes the report
-        assert path.name == f"results-nspawn-{k}of2.jsonl"
+        # Results and what the refresh found, no report: the merge job makes it.
+        (path, upstream) = sorted((tmp_path / f"shard-{k}").iterdir())
+        assert path.name == f"results-nspawn-{k}of2.jsonl" and upstream.name == f"upstream-{k}of2.json"
+        assert list(json.loads(upstream.read_text())) == [TWO[k - 1]]
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert {r["image"] for r in records if r.get("kind") == "test"} == {TWO[k - 1]}
         assert records[0]["planned"] == [[image, "nspawn"] for image in TWO]

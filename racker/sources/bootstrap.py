@@ -1,4 +1,8 @@
-"""bootstrap:debian/SUITE — a root filesystem made by mmdebstrap from the archive."""
+"""bootstrap:debian/SUITE — a root filesystem made by mmdebstrap from the archive.
+
+Its upstream state is what the archive's signed InRelease files say of the image's
+packages (sources/archive.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from racker import proc, progress
 from racker.catalog import CatalogEntry
 from racker.refs import Reference
+from racker.sources import archive
 
 MIRRORS = {
     "debian": os.environ.get("RACKER_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
@@ -41,6 +46,39 @@ def sources(distro: str, suite: str) -> list[str]:
     return lines
 
 
+KEYRINGS = {
+    "debian": "/usr/share/keyrings/debian-archive-keyring.gpg",
+    "ubuntu": "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+}
+
+
+def keyring(distro: str) -> Path:
+    """The keys the archive's InRelease must be signed with: RACKER_ARCHIVE_KEYRING (a mirror of one's
+    own, signed with one's own key; mmdebstrap is given it too), else the distribution's keyring."""
+    return Path(os.environ.get("RACKER_ARCHIVE_KEYRING") or KEYRINGS[distro])
+
+
+def architecture() -> str:
+    """The host's architecture in Debian's words (the image is built for it)."""
+    from racker import platforms
+
+    arch = platforms.host().architecture
+    return {"386": "i386", "arm": "armhf"}.get(arch, arch)
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """What the archive's suites hold now for the image (sources/archive.py): the stored image's
+    package set and its manifest's last state (`stored`) let an unmoved archive cost one InRelease a suite."""
+    distro, _, suite = ref.target.partition("/")
+    if distro not in MIRRORS:
+        return None
+    return archive.state(sources(distro, suite), keyring(distro), architecture(), stored)
+
+
+def same_state(old: str, new: str) -> bool:
+    return archive.same_state(old, new)
+
+
 def recipe(ref: Reference) -> str:
     """A bootstrap depends on the sources it is built from (a new security suite builds again)."""
     distro, _, suite = ref.target.partition("/")
@@ -62,6 +100,8 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
     # mmdebstrap installs from these and writes them as the image's sources.list.
+    if os.environ.get("RACKER_ARCHIVE_KEYRING"):
+        argv.append(f"--keyring={keyring(distro)}")
     argv += [suite, str(rootfs), *sources(distro, suite)]
     with progress.step(f"bootstrapping {distro} {suite} with mmdebstrap"):
         proc.run(argv, timeout=1800)

@@ -77,6 +77,40 @@ def recipe(ref: Reference) -> str:
     return f"{ref} context:{digest.hexdigest()[:16]}"
 
 
+def base_images(dockerfile: Path) -> list[str]:
+    """The registry images a Dockerfile's FROM lines name (not its own stages, scratch, or a $ARG)."""
+    stages: set[str] = set()
+    found: list[str] = []
+    for line in dockerfile.read_text(errors="replace").splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0].upper() != "FROM":
+            continue
+        words = [w for w in words[1:] if not w.startswith("--")]
+        if not words:
+            continue
+        image = words[0]
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2].lower())
+        if image.lower() in stages or image == "scratch" or "$" in image:
+            continue
+        found.append(image)
+    return sorted(set(found))
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """The digests its base images' tags name now (the context itself is in the recipe, as before)."""
+    if remote_context.scheme_of(ref.target):
+        return None  # fetched at build time: `racker pull --force` rebuilds a moving branch
+    try:
+        _context, dockerfile = context_and_file(ref.target)
+    except BadReference:
+        return None
+    from racker import refs
+
+    states = [f"{base}={oci.upstream_state(refs.parse('docker://' + base))}" for base in base_images(dockerfile)]
+    return " ".join(states) or None
+
+
 def build_options(entry: CatalogEntry | None) -> tuple[dict[str, str], str | None]:
     options = entry.options if entry else {}
     return dict(options.get("build_args", {})), options.get("target")

@@ -27,6 +27,11 @@ def recipe(ref: Reference) -> str:
     return tarball.recipe(base) + (f" provider={provider}" if provider else "")
 
 
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """A download's: its SHA256SUMS line or pin (tarball.upstream_state), whatever the file turns out to hold."""
+    return tarball.upstream_state(vagrant.split_provider(ref)[0], entry, stored)
+
+
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     ref, provider = vagrant.split_provider(ref)
     path, fields = tarball.obtain(ref, rootfs.parent)

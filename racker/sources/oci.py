@@ -21,6 +21,7 @@ is one error naming those it has.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, ToolFailed
 from racker.platforms import Platform
 from racker.refs import Reference
-from racker.sources import insecure, registries
+from racker.sources import insecure, registries, seen_upstream
 
 
 def registry_host(ref: Reference) -> str:
@@ -151,17 +152,79 @@ def unpack(layout: Path, tag: str, rootfs: Path) -> None:
     store.remove_tree(bundle)
 
 
+# What skopeo says when a registry did not answer at all (not: answered wrong).
+_UNREACHABLE = (
+    "connection refused", "i/o timeout", "no such host", "timeout", "deadline exceeded", "connection reset", "eof",
+    "service unavailable", "bad gateway", "gateway timeout", "internal server error", "too many requests",
+)  # fmt: skip
+
+
+def without_tag(target: str) -> str:
+    """host/path of host/path:tag (a port's colon stays)."""
+    head, _, last = target.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def pinned(source: str, digest: str) -> str:
+    """A docker:// source by `digest` instead of its tag: skopeo then refuses a manifest of other content."""
+    if "@" in source:
+        return source
+    return "docker://" + without_tag(source.removeprefix("docker://")) + "@" + digest
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """The digest of the manifest (or index) the tag names now: one request, `skopeo inspect --raw`,
+    through registries.conf's mirrors and the credentials a pull uses, in the order a pull tries them."""
+    if ref.scheme != "docker":
+        return None  # a local layout or archive: its recipe (the file as it is now) decides
+    if "@sha256:" in ref.target:
+        return "sha256:" + ref.target.rsplit("@sha256:", 1)[1]  # pinned: never moves
+    from racker.errors import ToolTimeout, UpstreamError, UpstreamUnreachable
+    from racker.sources import upstream_timeout
+
+    wait = upstream_timeout()
+    failures, bad = [], []
+    tried = sources(ref)
+    for source, verify in tried:
+        said = f"{source}: " if len(tried) > 1 else ""  # which of a registry's mirrors said it
+        argv = ["skopeo", "--command-timeout", f"{int(wait)}s", "inspect", "--raw", *auth_options()]
+        argv += [f"--tls-verify={str(verify).lower()}", source]
+        try:
+            raw = proc.run(argv, timeout=wait + 10).stdout_bytes
+        except ToolTimeout:
+            failures.append(f"{said}no answer in {int(wait)} s")
+            continue
+        except ToolFailed as failed:
+            reason = _skopeo_reason(failed.stderr)
+            if reason.startswith("Error parsing image name") and '": ' in reason:
+                reason = reason.split('": ', 1)[1]  # skopeo's wrapping of any failure to reach the registry
+            (failures if any(m in reason.lower() for m in _UNREACHABLE) else bad).append(f"{said}{reason}")
+            continue
+        try:
+            untrusted.load_json(raw, name=f"{said}its manifest")
+        except BadArchive:
+            bad.append(f"{said}its manifest is not JSON")
+            continue
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    if bad:
+        raise UpstreamError("; ".join(bad + failures))
+    raise UpstreamUnreachable("; ".join(failures))
+
+
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     layout = shared_layout(rootfs.parent)
     tag = "pull"
     failures = []
+    seen = seen_upstream()
     for source, verify in sources(ref):
-        with progress.step(f"copying {source} with skopeo"):
+        # By the digest the upstream named when asked (refresh, or a first pull): exactly that, or skopeo's refusal.
+        copied = pinned(source, seen) if ref.scheme == "docker" and seen and seen.startswith("sha256:") else source
+        with progress.step(f"copying {copied} with skopeo"):
             try:
-                proc.run(copy_argv(source, layout, tag, verify=verify, platform=ref.platform), timeout=3600)
+                proc.run(copy_argv(copied, layout, tag, verify=verify, platform=ref.platform), timeout=3600)
                 break
             except ToolFailed as failed:
-                failures.append(f"{source}: {_failure(source, verify, ref.platform, failed.stderr)}")
+                failures.append(f"{copied}: {_failure(copied, verify, ref.platform, failed.stderr)}")
     else:
         raise BadReference(f"cannot pull {ref}: " + "; ".join(failures))
     digest, config = read_layout(layout, tag)

@@ -16,7 +16,7 @@ import functools
 import urllib.parse
 from pathlib import Path
 
-from racker import checksums, download, progress, redact
+from racker import checksums, download, progress, redact, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, DownloadError
 from racker.refs import Reference
@@ -39,6 +39,26 @@ def recipe(ref: Reference) -> str:
         return str(ref)
     info = path.stat()
     return f"{ref} {info.st_size} {info.st_mtime_ns} {info.st_ino}"
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """The sha256 the file has now: its pin, else its line in the SHA256SUMS beside it (signed, with
+    --keyring). One small request; what a pull would trust, so a file the list lacks is refused here too."""
+    if ref.scheme == "file":
+        return None  # a local file: its recipe (the file as it is now) decides
+    from racker.errors import DownloadError, UpstreamError, UpstreamUnreachable
+    from racker.sources import upstream_timeout
+
+    url, pin = checksums.split_pin(url_of(ref))
+    if pin is not None and keyring() is None:
+        return f"sha256:{pin}"
+    plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(url).netloc)
+    fetch_small = functools.partial(download.fetch_small, plain_ok=plain_ok, timeout=upstream_timeout())
+    try:
+        with store.workdir("upstream") as work:
+            return "sha256:" + checksums.expected(url, pin, fetch=fetch_small, keyring=keyring(), work=work).sha256
+    except DownloadError as error:
+        raise (UpstreamUnreachable if download.unreachable(error) else UpstreamError)(str(error)) from None
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:

@@ -64,15 +64,14 @@ def recipe(ref: Reference) -> str:
     return str(ref)
 
 
-def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
-    ref, wanted = split_provider(ref)
-    box, at = ref.target.partition("@")[::2]
+def _metadata(box: str, timeout: float = download.TIMEOUT) -> dict:
+    """The box's metadata from the server: its versions and their providers."""
     metadata_url = f"{server()}/api/v2/box/{box}"
     plain_ok = insecure() or is_loopback(urllib.parse.urlsplit(metadata_url).netloc)
     shown_server = redact.url(server())  # RACKER_VAGRANT_SERVER may hold credentials: sent, never shown
     with progress.step(f"asking {shown_server} for {box}"):
         try:
-            answer = download.fetch_small(metadata_url, plain_ok=plain_ok)
+            answer = download.fetch_small(metadata_url, plain_ok=plain_ok, timeout=timeout)
         except DownloadError as error:
             if getattr(error, "status", None) == 404:
                 raise BadReference(
@@ -80,11 +79,36 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
                 ) from None
             raise
     try:
-        metadata = untrusted.load_json(answer or b"", name=f"{redact.url(metadata_url)}'s box metadata")
+        return untrusted.load_json(answer or b"", name=f"{redact.url(metadata_url)}'s box metadata")
     except BadArchive as error:
         raise DownloadError(f"{error} (Vagrant box metadata is JSON)") from None
-    version = choose_version(metadata, at or None, f"vagrant:{box}")
-    provider = choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
+
+
+def _chosen(ref: Reference, timeout: float = download.TIMEOUT) -> tuple[str, dict, dict]:
+    """(box, version, provider) a vagrant: reference names now: the newest released version if none is pinned."""
+    ref, wanted = split_provider(ref)
+    box, at = ref.target.partition("@")[::2]
+    version = choose_version(_metadata(box, timeout), at or None, f"vagrant:{box}")
+    return box, version, choose_provider(version, wanted, f"vagrant:{box}@{version['version']}")
+
+
+def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: dict | None = None) -> str | None:
+    """The version a pull would take now (the newest released one unless pinned) and its box's checksum."""
+    from racker.errors import UpstreamError, UpstreamUnreachable
+    from racker.sources import upstream_timeout
+
+    try:
+        _box, version, provider = _chosen(ref, upstream_timeout())
+    except DownloadError as error:
+        raise (UpstreamUnreachable if download.unreachable(error) else UpstreamError)(str(error)) from None
+    except BadReference as error:
+        raise UpstreamError(str(error)) from None
+    checksum = f"{provider.get('checksum_type') or 'none'}:{provider.get('checksum') or ''}"
+    return f"{version['version']} {provider.get('name')} {checksum}"
+
+
+def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    box, version, provider = _chosen(ref)
     url = provider.get("download_url") or provider.get("url")
     if not url:
         raise DownloadError(f"vagrant:{box}@{version['version']}: the {provider['name']} box has no download URL")
@@ -108,7 +132,7 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         download.forget(sha256)
         raise
     box_fields = fields["box"]
-    what = "none" if verified == "none" else f"integrity ({verified} from {shown_server})"
+    what = "none" if verified == "none" else f"integrity ({verified} from {redact.url(server())})"
     box_fields.update(box=box, version=version["version"], url=redact.url(url), sha256=sha256, verified_by=verified, verified=what)
     return fields
 
