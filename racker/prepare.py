@@ -445,6 +445,8 @@ def cloud_dns(rootfs: Path) -> None:
     """/etc/resolv.conf as the distribution's cloud images have it: resolved's list of the DHCP
     lease's servers; without resolved, an empty file (never the build host's resolvers)."""
     path = rootfs / RESOLV_CONF
+    if not path.parent.resolve().is_relative_to(rootfs.resolve()):
+        raise PrepareError(f"{RESOLV_CONF} points outside the image")
     if path.is_dir() and not path.is_symlink():
         raise PrepareError(f"/{RESOLV_CONF} is a directory in the image")
     with contextlib.suppress(FileNotFoundError):

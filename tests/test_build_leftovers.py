@@ -132,3 +132,12 @@ def test_a_promoted_disk_holds_nothing_of_the_build_or_the_build_host(share_imag
     assert (rootfs / "etc/systemd/system/sysinit.target.wants" / prepare.RESOLVED_UNIT).is_symlink()
     for rel in build_leftovers.KEPT:
         assert (rootfs / rel).is_file(), f"{rel} is needed at run time: {build_leftovers.KEPT[rel]}"
+
+
+def test_resolv_conf_links_to_resolveds_list_or_is_empty_without_resolved(tmp_path: Path) -> None:
+    root = tree(tmp_path / "with", {"etc/resolv.conf": "nameserver 10.255.255.53\n", f"lib/systemd/system/{prepare.RESOLVED_UNIT}": ""})
+    prepare.cloud_dns(root)
+    assert os.readlink(root / "etc/resolv.conf") == prepare.CLOUD_DNS
+    bare = tree(tmp_path / "without", {"etc/resolv.conf": "nameserver 10.255.255.53\n"})
+    prepare.cloud_dns(bare)
+    assert not (bare / "etc/resolv.conf").is_symlink() and (bare / "etc/resolv.conf").read_text() == ""
