@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, machines, proc, progress, store
+from racker import build_leftovers, distros, fingerprint, machines, proc, progress, store
 from racker.errors import PrepareError, ToolFailed
 from racker.refs import PREPARED
 
@@ -102,7 +102,9 @@ PACKAGES: dict[str, VmPackages] = {
         ),
         # systemd-timesyncd: a package of its own since bullseye; a time-sync service, as
         # the distributions' cloud images have (and the gcp profile's NTP drop-in configures).
-        optional=("gdisk", "systemd-timesyncd"),
+        # systemd-resolved: a package of its own since bookworm (part of systemd before); DNS from
+        # the DHCP lease, as Debian's cloud images have it (see CLOUD_DNS below).
+        optional=("gdisk", "systemd-timesyncd", "systemd-resolved"),
         kernels={CLOUD_KERNEL: "linux-image-cloud-amd64", "generic": "linux-image-amd64"},
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
@@ -265,7 +267,7 @@ def recipe_key(image: store.StoredImage, level: str = "vm", kernel: str = CLOUD_
     code and tables of prepare and distros (packages, files, units enabled and masked,
     generators, package-manager recipes). Any change there makes a new key, so a new image."""
     flavour = "" if kernel == CLOUD_KERNEL else f"\0{kernel}"
-    text = f"{image.digest}\0{level}{flavour}\0{fingerprint.fingerprint(sys.modules[__name__], distros)}"
+    text = f"{image.digest}\0{level}{flavour}\0{fingerprint.fingerprint(sys.modules[__name__], distros, build_leftovers)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -322,11 +324,12 @@ def _prepared(
             rootfs = work / "rootfs"
             with progress.step("copying"), store.reading(image) as source:
                 proc.run(["cp", "-a", "--reflink=auto", str(source), str(rootfs)], timeout=600)
+            own_links = build_leftovers.kernel_links(rootfs)  # the image's own stay; the kernel package's go
             installed = _install(rootfs, distro, packages)
             verified = bool(distro.recipe and distro.recipe.verified)
             record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed, "recipe_verified": verified}
             if level == "vm":
-                configure(rootfs)
+                configure(rootfs, own_links)
                 record["kernel"] = find_kernel(rootfs).version
                 record["kernel_flavour"] = kernel
             manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
@@ -386,8 +389,9 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
     return wanted
 
 
-def configure(rootfs: Path) -> None:
-    """Write the configuration every cloud VM needs and enable its services."""
+def configure(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
+    """Write the configuration every cloud VM needs and enable its services; then DNS from the
+    platform and nothing of the build (the last step: in_container puts the host's resolv.conf in)."""
     for rel, text in CONFIG_FILES.items():
         write_file(rootfs, rel, text)
     units = [u for u in ENABLE_UNITS if _unit_exists(rootfs, u)]
@@ -415,6 +419,8 @@ def configure(rootfs: Path) -> None:
     for stale in ("var/lib/cloud", "etc/hostname"):
         store.remove_tree(rootfs / stale)
     remove_leftovers(rootfs)
+    cloud_dns(rootfs)
+    remove_build_leftovers(rootfs, own_links)
 
 
 def remove_leftovers(rootfs: Path) -> None:
@@ -423,6 +429,43 @@ def remove_leftovers(rootfs: Path) -> None:
         for path in rootfs.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink()
+
+
+# -- DNS from the platform, nothing of the build host or the build (issue 28) ------------
+# Debian's cloud images (debian-cloud-images, bookworm's SYSTEM_BOOT class: 20-enable-systemd-resolved)
+# install systemd-resolved, enable it and link /etc/resolv.conf to the file it writes of the servers
+# the network gave (not its 127.0.0.53 stub); networkd hands resolved its DHCP lease's DNS. They
+# leave out libnss-resolve (debian-cloud, 2024-03), and so does this.
+RESOLV_CONF = "etc/resolv.conf"
+CLOUD_DNS = "/run/systemd/resolve/resolv.conf"
+RESOLVED_UNIT = "systemd-resolved.service"
+
+
+def cloud_dns(rootfs: Path) -> None:
+    """/etc/resolv.conf as the distribution's cloud images have it: resolved's list of the DHCP
+    lease's servers; without resolved, an empty file (never the build host's resolvers)."""
+    path = rootfs / RESOLV_CONF
+    if not path.parent.resolve().is_relative_to(rootfs.resolve()):
+        raise PrepareError(f"{RESOLV_CONF} points outside the image")
+    if path.is_dir() and not path.is_symlink():
+        raise PrepareError(f"/{RESOLV_CONF} is a directory in the image")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    if _unit_exists(rootfs, RESOLVED_UNIT):
+        path.symlink_to(CLOUD_DNS)
+    else:
+        progress.warn(f"no {RESOLVED_UNIT} in the image: /{RESOLV_CONF} is left empty, DHCP's DNS servers will not reach it")
+        path.write_text("")
+
+
+def remove_build_leftovers(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
+    """What the build left (build_leftovers.RULES: /run, /tmp, apt's lists and caches, the kernel
+    package's links at / but the image's own) and apt proxy settings of the build host."""
+    build_leftovers.remove(rootfs, keep=own_links)
+    for rel in build_leftovers.host_traces_apt_proxy(rootfs):
+        path = rootfs / rel
+        text = path.read_text()
+        replace_file(path, build_leftovers.APT_PROXY.sub("", text).encode(), path.stat().st_mode & 0o7777)
 
 
 def mark_updated(rootfs: Path) -> None:

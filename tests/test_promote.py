@@ -28,7 +28,7 @@ from xml.etree import ElementTree
 import pytest
 
 from conftest import passes_checks, racker
-from racker import distros, fingerprint, prepare, promote, qemu, seed, store
+from racker import build_leftovers, distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
 
@@ -307,6 +307,7 @@ PREPARE_TABLES = [
     (prepare, "DISTRO_PACKAGES", lambda table: {"ubuntu": prepare.PACKAGES["apt"]}),
     (distros, "RECIPES", _replace_first(install=("apt-get", "install", "-y"))),
     (distros, "FAMILIES", _add),
+    (build_leftovers, "RULES", _add),
 ]
 
 

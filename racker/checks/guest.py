@@ -12,8 +12,32 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from racker import seed
+from racker import proc, seed
 from racker.promote import profiles
+
+# One DNS query, as small as it gets, to the first nameserver of /etc/resolv.conf: "answer rcode=N
+# from ADDRESS" or "timeout ADDRESS". A name under .invalid, which a resolver answers (NXDOMAIN)
+# without asking anyone (RFC 6761): an answer proves the server serves this guest, with no internet.
+DNS_QUERY = """\
+import os, re, socket, struct
+conf = open("/etc/resolv.conf").read()
+server = (re.findall(r"^\\s*nameserver\\s+(\\S+)", conf, re.M) or ["none"])[0]
+qid = int.from_bytes(os.urandom(2), "big")
+name = b"".join(bytes([len(p)]) + p for p in (b"racker-check", b"invalid")) + b"\\0"
+packet = struct.pack(">6H", qid, 0x0100, 1, 0, 0, 0) + name + struct.pack(">2H", 1, 1)
+family = socket.AF_INET6 if ":" in server else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_DGRAM)
+sock.settimeout(5)
+try:
+    sock.sendto(packet, (server, 53))
+    while True:
+        data, peer = sock.recvfrom(4096)
+        if len(data) >= 12 and struct.unpack(">H", data[:2])[0] == qid and data[2] & 0x80:
+            print(f"answer rcode={data[3] & 15} from {peer[0]}")
+            break
+except (OSError, socket.timeout) as error:
+    print(f"timeout {server} ({error})")
+"""
 
 # Each command's stderr is part of its output: a failure message shows both.
 FACTS: dict[str, str] = {
@@ -37,11 +61,14 @@ FACTS: dict[str, str] = {
     "cloud_init_tracebacks": "grep -n -A6 Traceback /var/log/cloud-init.log | head -80",
     "links": "ip -j addr show",
     "default_route": "ip -j -4 route show default",
-    "networkd_leases": "for f in /run/systemd/netif/leases/*; do grep -h '^ADDRESS=' $f; done",
+    "networkd_leases": "for f in /run/systemd/netif/leases/*; do grep -h -e '^ADDRESS=' -e '^DNS=' $f; done",
     # Newer networkd keeps no lease files in /run (Debian sid): its JSON names each address's source.
     "networkd_json": "networkctl --json=short status 2>/dev/null",
     "dhclient_leases": "cat /var/lib/dhcp/dhclient*.leases /var/lib/dhclient/*.lease* 2>/dev/null",
-    "resolv_conf": "cat /etc/resolv.conf",
+    "resolv_conf": "ls -l /etc/resolv.conf; cat /etc/resolv.conf",
+    # What systemd-resolved's stub (127.0.0.53) forwards to: the servers the network gave it.
+    "resolved_servers": "cat /run/systemd/resolve/resolv.conf",
+    "dns_answer": proc.quote("python3", "-c", DNS_QUERY),
     "root_mount": "findmnt -J -b -o SOURCE,FSTYPE,OPTIONS,SIZE,UUID /",
     "block_devices": "lsblk -J -b -o NAME,PATH,SIZE,TYPE,PKNAME",
     "root_write": "f=/.racker-write-check-$$; echo racker-write-check >$f && sync $f && cat $f; rm -f $f",
@@ -59,6 +86,25 @@ FACTS: dict[str, str] = {
 }
 
 START, END = "\x1e", "\x1f"
+
+
+# systemd-resolved's local stubs: a nameserver line naming one of them means resolved's own servers.
+RESOLVED_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})
+
+
+def nameservers(resolv_conf: str) -> list[str]:
+    return re.findall(r"^\s*nameserver\s+(\S+)", resolv_conf, re.M)
+
+
+def networkd_dhcp_dns(status: object) -> set[str]:
+    """IPv4 DNS servers `networkctl --json=short status` says DHCPv4 gave."""
+    found = set()
+    for link in (status or {}).get("Interfaces", []) if isinstance(status, dict) else []:
+        for server in link.get("DNS", []):
+            value = server.get("Address")
+            if server.get("ConfigSource") == "DHCPv4" and isinstance(value, list) and len(value) == 4:
+                found.add(".".join(str(byte) for byte in value))
+    return found
 
 
 def networkd_dhcp_addresses(status: object) -> set[str]:
@@ -120,6 +166,21 @@ class Facts(dict[str, Fact]):
             | networkd_dhcp_addresses(self.json("networkd_json"))
             | set(re.findall(r"fixed-address\s+([\d.]+);", self.out("dhclient_leases")))
         )
+
+    def dhcp_dns(self) -> set[str]:
+        """The DNS servers a DHCP lease (networkd's or dhclient's) gave."""
+        networkd = {a for line in re.findall(r"^DNS=(.*)$", self.out("networkd_leases"), re.M) for a in line.split()}
+        dhclient = {
+            a.strip() for line in re.findall(r"domain-name-servers\s+([^;]+);", self.out("dhclient_leases")) for a in line.split(",")
+        }
+        return networkd | networkd_dhcp_dns(self.json("networkd_json")) | dhclient
+
+    def nameservers_in_use(self) -> list[str]:
+        """The servers the guest's lookups go to: /etc/resolv.conf's, through resolved's stub to its own."""
+        listed = nameservers(self.out("resolv_conf"))
+        if listed and set(listed) <= RESOLVED_STUBS:
+            return nameservers(self.out("resolved_servers"))
+        return listed
 
     def block_device(self, path: str) -> tuple[dict | None, dict | None]:
         """(the partition at `path`, the disk holding it) from lsblk."""

@@ -130,9 +130,19 @@ def test_first_nic_configured_by_dhcp(facts: guest.Facts) -> None:
     assert local & set(leased), f"expected a DHCP lease (networkd or dhclient) for {sorted(local)}, saw leases for {sorted(leased)}"
     routes = [r for r in facts.json("default_route") or [] if r.get("dev") == name]
     assert routes, f"expected a default route through {name}, saw {facts.out('default_route')}"
-    assert re.search(r"^nameserver\s+\S+", facts.out("resolv_conf"), re.M), (
-        f"expected a nameserver in /etc/resolv.conf, saw:\n{facts.out('resolv_conf')}"
+
+
+def test_nameserver_from_dhcp_answers(facts: guest.Facts) -> None:
+    """The nameserver in use is the one the platform's DHCP gave (not one baked into the image), and it answers."""
+    given = facts.dhcp_dns()
+    assert given, f"expected the DHCP lease to give a nameserver, saw none\n{facts.shown('networkd_leases')}"
+    in_use = facts.nameservers_in_use()
+    assert in_use and set(in_use) <= given, (
+        f"expected the nameservers in use to be those DHCP gave ({', '.join(sorted(given))}), saw {in_use or 'none'}:\n"
+        f"{facts.shown('resolv_conf')}"
     )
+    answer = facts.out("dns_answer")
+    assert re.match(r"answer rcode=[03]\b", answer), f"expected the nameserver to answer a DNS query (NOERROR or NXDOMAIN), saw {answer!r}"
 
 
 # -- the root filesystem --------------------------------------------------------
