@@ -453,6 +453,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         workers=args.workers,
         shard=shard,
         window=args.history,
+        offline=args.offline,
     )
     if night.report is None:
         # A shard: its results are half of a report; the job that gathers every shard makes it.
@@ -654,6 +655,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--shard", metavar="K/N", help="run only the K-th of N slices of the images, and write results, not the report (CI: one per runner)"
     )
+    p.add_argument("--offline", action="store_true", help="test the stored images as they are: ask no upstream (pull's offline fast path)")
     add_history_option(p)
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
