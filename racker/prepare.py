@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, machines, proc, progress, store
+from racker import distros, fingerprint, inits, machines, proc, progress, store
 from racker.errors import PrepareError, ToolFailed
 from racker.refs import PREPARED
 
@@ -292,9 +292,11 @@ def prepare(image: store.StoredImage, *, kernel: str = CLOUD_KERNEL, force: bool
 
 
 def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
-    """An image systemd-nspawn can boot: `image` itself if systemd is its init, else
-    NAME+boot, with its distribution's systemd, D-Bus and sshd installed (the original untouched)."""
-    if distros.detect(image.rootfs).has_systemd:
+    """An image systemd-nspawn can boot: `image` itself if its init is one racker knows
+    (systemd, sysvinit, OpenRC: racker.inits), else NAME+boot, with its distribution's systemd,
+    D-Bus and sshd installed (the original untouched). An init racker does not know is
+    UnknownInit: installing systemd over it would boot another system than the image's."""
+    if inits.detect(image.rootfs) is not None:
         return image
     return _prepared(image, "boot", image.name + BOOTABLE, BOOT_PACKAGES, force=force)
 
