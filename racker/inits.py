@@ -93,13 +93,17 @@ class SysVinit(Init):
         return f"runlevel {self.runlevel} (its inittab's initdefault) with its rc scripts finished"
 
     def is_ready(self, run: Run, leader: int) -> bool:
-        # utmp's runlevel first, the processes after: init records the runlevel just before it
-        # forks that runlevel's `wait` entries, so a look at the processes that follows a
-        # matching record sees them running or done.
+        # Looked at twice in a row: init records the runlevel in utmp, then forks that runlevel's
+        # `wait` entries, whose child is a copy of init until it execs the entry. Each look reads
+        # utmp first and the processes after, so a record seen just before the fork shows the
+        # copy (or the entry) in the look that follows it.
+        return self._reached(run, leader) and self._reached(run, leader)
+
+    def _reached(self, run: Run, leader: int) -> bool:
         level = run(["runlevel"], timeout=10)
         if level.returncode != 0 or level.stdout.split()[-1:] != [self.runlevel]:
             return False
-        return not any(self.busy(argv) for argv in machine_commands(leader))
+        return not any(process.forked_init or self.busy(process.argv) for process in machine_processes(leader))
 
     def busy(self, argv: list[str]) -> bool:
         """Whether this process is still bringing the runlevel up."""
@@ -184,11 +188,22 @@ def parse_inittab(text: str) -> tuple[str, tuple[str, ...]]:
     return runlevel, waits
 
 
-def machine_commands(leader: int) -> list[list[str]]:
-    """The argv of every process in the machine (the pid namespace of its PID 1, `leader`),
-    read from the host's /proc: no tool of the image's is needed."""
+@dataclass(frozen=True)
+class Process:
+    argv: list[str]
+    forked_init: bool  # a child of PID 1 that has not exec'ed yet: PID 1's program, not PID 1
+
+
+def machine_processes(leader: int) -> list[Process]:
+    """Every process in the machine (the pid namespace of its PID 1, `leader`), read from the
+    host's /proc: no tool of the image's is needed, and nothing of the image's is read."""
+
+    def identity(path: str) -> tuple[int, int]:
+        info = os.stat(path)
+        return info.st_dev, info.st_ino
+
     try:
-        ns = os.stat(f"/proc/{leader}/ns/pid")
+        ns, init = identity(f"/proc/{leader}/ns/pid"), identity(f"/proc/{leader}/exe")
     except OSError:
         return []
     found = []
@@ -196,14 +211,14 @@ def machine_commands(leader: int) -> list[list[str]]:
         if not entry.name.isdigit():
             continue
         try:
-            theirs = os.stat(f"/proc/{entry.name}/ns/pid")
-            if (theirs.st_dev, theirs.st_ino) != (ns.st_dev, ns.st_ino):
+            if identity(f"/proc/{entry.name}/ns/pid") != ns:
                 continue
             with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
                 raw = cmdline.read()
+            forked = int(entry.name) != leader and identity(f"/proc/{entry.name}/exe") == init
         except OSError:
-            continue  # gone meanwhile
-        found.append([arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]])
+            continue  # gone meanwhile (or a kernel thread, which has no exe)
+        found.append(Process([arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]], forked))
     return found
 
 
