@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, racker
+from conftest import ROOT, pulled, racker
 from racker import distros, images, inits, machines, store
 from racker.errors import UnknownInit
 from racker.nspawn import Machine
@@ -236,20 +236,24 @@ def _commands(leader: int) -> str:
 def test_an_unknown_init_is_one_line_at_once(private_store: dict[str, str]) -> None:
     """An image whose /sbin/init is a script that sleeps: refused before anything boots, not a hang
     until the boot timeout (nor given systemd by prepare: that would boot another system)."""
+    tiny = pulled("tiny")  # Essential packages: a shell and sleep, for the script to run
     with store.workdir("unknown-init") as work:
-        rootfs = _tree(work / "rootfs", {"sbin/init": "#!/bin/sh\nexec sleep 600\n", "etc/os-release": "ID=debian\n"})
-        os.chmod(rootfs / "sbin/init", 0o755)
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-a", "--reflink=auto", str(tiny.rootfs), str(rootfs)], check=True)
+        init = distros.inside(rootfs, "sbin/init")
+        init.write_text("#!/bin/sh\nexec sleep 600\n")
+        init.chmod(0o755)
         with store.locked("image-sleeper"):
             store.commit("sleeper", rootfs, source="test", recipe="", manifest={"name": "sleeper"})
     began = time.monotonic()
-    result = racker("run", "sleeper", "--", "true", timeout=60)
+    result = racker("run", "--timeout", "30", "sleeper", "--", "true", timeout=60)
     took = time.monotonic() - began
     assert result.returncode != 0 and took < 10, (took, result.stderr)
     assert "/sbin/init is a script (#!/bin/sh), not an init racker can boot" in result.stderr.splitlines()[0], result.stderr
     assert "Traceback" not in result.stderr
     assert machines.all_states("nspawn") == []
     assert not any(store.home().joinpath("run").glob("*")), "a run directory was made"
-    assert [image.name for image in store.images()] == ["sleeper"]  # no sleeper+boot was prepared
+    assert sorted(image.name for image in store.images()) == ["sleeper", "tiny"]  # no sleeper+boot was prepared
     # The library says the same, before it claims a name.
     sleeper = store.lookup("sleeper")
     assert sleeper is not None
