@@ -294,3 +294,13 @@ def test_a_vm_of_a_sysvinit_image_is_refused_in_one_line_not_given_systemd(priva
     with pytest.raises(PrepareError, match="its init is sysvinit, and racker's VMs boot systemd"):
         prepare.prepare(image)
     assert prepare.bootable(image) == image  # nspawn boots it as it is
+
+
+def test_the_new_images_are_named_not_in_the_default_set() -> None:
+    """Each costs a bootstrap (~1.5 min): the nightly and `--racker-images all` take them once the lead adds them."""
+    from racker import catalog, nightly
+
+    for name in IMAGES:
+        assert catalog.get(name).options["default_set"] is False
+        assert name not in catalog.default_set() and name not in nightly.default_images()
+    assert "debian-bookworm" in catalog.default_set()
