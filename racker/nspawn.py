@@ -211,7 +211,8 @@ class Machine(machines.Guest):
         searched: dict[Path, int] = {}
         while not self.init.is_ready(self.run, self.state.leader):
             if self._child.poll() is not None:
-                raise self._boot_failed(f"systemd-nspawn exited with status {self._child.returncode} while booting {self.name!r}", died=True)
+                status = self._child.returncode
+                raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}", died=True)
             if self._shows_a_limit(searched):
                 raise self._boot_failed(f"machine {self.name!r} cannot boot")
             if time.monotonic() >= deadline:
@@ -296,10 +297,9 @@ class Machine(machines.Guest):
             return False
         if not proc.alive(state.leader, state.leader_start, state.boot_id):
             return False
-        try:
+        # nsenter may lose the machine as it halts (Unreachable), or time out: the wait decides.
+        with contextlib.suppress(RackerError):
             self.run(self.init.halt, timeout=grace)
-        except RackerError:  # nsenter timed out, or the machine went away meanwhile
-            return False
         return self._wait_gone(grace)
 
     def _wait_gone(self, timeout: float) -> bool:
