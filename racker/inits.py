@@ -10,6 +10,7 @@ init, subclasses override what differs:
   (Debian: `/etc/init.d/rc 2`) have finished; stopped by `telinit 0`, its own halt.
 - OpenRC on sysvinit's init: as SysVinit, and OpenRC's own state says its `default`
   runlevel is reached with no service still starting.
+- Runit: ready once its stage 2 runs runsvdir; stopped by `runit-init 0`.
 
 An init racker does not know is refused before the boot, in one line: waiting for a
 signal it never sends would only end at the boot timeout.
@@ -47,8 +48,6 @@ class Init:
     # What nspawn sends PID 1 when nspawn itself is told to stop (SIGTERM: racker's stop
     # fallback, or racker's death); None: nspawn's own choice.
     kill_signal: ClassVar[str | None] = None
-    # Run inside to shut the machine down by the init's own path; empty: SIGTERM to nspawn does.
-    halt: ClassVar[tuple[str, ...]] = ()
     # Whether racker's runtime masks (nspawn.MASKS: binds into /run/systemd/system) apply. Only
     # systemd's: that directory is how every program (sd_booted, Debian's init-functions,
     # testinfra) tells that systemd is PID 1, so no other init's machine may have it.
@@ -57,6 +56,11 @@ class Init:
     @property
     def ready_means(self) -> str:
         return "READY=1"
+
+    @property
+    def halt(self) -> tuple[str, ...]:
+        """Run inside to shut the machine down by the init's own path; empty: SIGTERM to nspawn does."""
+        return ()
 
     def nspawn_options(self) -> list[str]:
         options = [f"--notify-ready={'yes' if self.sends_ready else 'no'}"]
@@ -86,7 +90,10 @@ class SysVinit(Init):
     # sysvinit has no signal that halts it (SIGINT runs inittab's ctrlaltdel: a reboot on
     # Debian), so a stop that telinit did not finish, or racker's death, ends it at once.
     kill_signal = "SIGKILL"
-    halt = ("telinit", "0")
+
+    @property
+    def halt(self) -> tuple[str, ...]:
+        return ("telinit", "0")
 
     @property
     def ready_means(self) -> str:
@@ -131,7 +138,32 @@ class OpenRC(SysVinit):
         return super().busy(argv) or (bool(argv) and os.path.basename(argv[0]) == "openrc")
 
 
-KNOWN = {cls.name: cls for cls in (Systemd(), SysVinit(), OpenRC())}
+@dataclass(frozen=True)
+class Runit(Init):
+    """runit: stage 1 (/etc/runit/1, Debian's runs rcS), stage 2 (/etc/runit/2, which execs
+    runsvdir to supervise /etc/service), stage 3 on `runit-init 0`. Ready once stage 2 has
+    exec'ed runsvdir: its own boot work (Debian's: rc2's scripts) is done, the services supervised."""
+
+    name: str = "runit"
+
+    sends_ready = False
+    kill_signal = "SIGKILL"  # runit halts on runit-init's stopit file and SIGCONT, no signal alone
+
+    @property
+    def ready_means(self) -> str:
+        return "stage 2 (runsvdir supervising the services)"
+
+    @property
+    def halt(self) -> tuple[str, ...]:
+        return (self.path or "/sbin/init", "0")  # runit-init 0, as /sbin/init names it
+
+    def is_ready(self, run: Run, leader: int) -> bool:
+        return any(p.argv[:1] and os.path.basename(p.argv[0]) == "runsvdir" for p in machine_processes(leader))
+
+
+RUNIT_NAMES = ("runit-init", "runit")  # what /sbin/init resolves to in a runit image
+
+KNOWN = {cls.name: cls for cls in (Systemd(), SysVinit(), OpenRC(), Runit())}
 
 
 def named(name: str) -> Init:
@@ -151,6 +183,8 @@ def detect(rootfs: Path, command: Sequence[str] | None = None) -> Init | None:
     found = inside(rootfs, path)
     if found.name == "systemd":
         return Systemd(path="/" + path.lstrip("/"))
+    if found.name in RUNIT_NAMES:
+        return Runit(path="/" + path.lstrip("/"))
     content = _read(found)
     if SYSVINIT_MARK in content:
         return _sysvinit(rootfs, "/" + path.lstrip("/"))

@@ -21,7 +21,14 @@ from racker import distros, images, inits, machines, store
 from racker.errors import UnknownInit
 from racker.nspawn import Machine
 
-IMAGES = ["debian-bookworm-sysvinit", "debian-bookworm-openrc"]
+IMAGES = ["debian-bookworm-sysvinit", "debian-bookworm-openrc", "debian-bookworm-runit"]
+# What each image's console shows when its init shuts it down by its own path (not nspawn's SIGKILL).
+SYSV_HALT = ("INIT: Sending processes configured via /etc/inittab the TERM signal", "Will now halt")
+HALTED = {
+    "debian-bookworm-sysvinit": SYSV_HALT,
+    "debian-bookworm-openrc": SYSV_HALT,
+    "debian-bookworm-runit": ("runit: leave stage: /etc/runit/3", "runit: power off"),
+}
 SYSVINIT_INITTAB = "id:2:initdefault:\nsi::sysinit:/etc/init.d/rcS\nl0:0:wait:/etc/init.d/rc 0\nl2:2:wait:/etc/init.d/rc 2\n"
 
 
@@ -126,16 +133,22 @@ def test_ready_by_its_own_init_then_exec_then_stopped_by_it(image: store.StoredI
     try:
         expected = inits.detect(image.rootfs)
         assert machine.init == expected and not isinstance(expected, inits.Systemd)
-        # At handover the default runlevel is reached and its rc scripts have run: sshd (started by
-        # them) answers at once, with no wait of ours.
-        assert machine.run(["runlevel"]).stdout.split() == ["N", "2"]
-        assert machine.run(["/etc/init.d/ssh", "status"]).returncode == 0, machine.run(["ps", "ax"]).stdout
+        processes = machine.run(["ps", "ax"]).stdout
+        if isinstance(expected, inits.SysVinit):
+            # At handover the default runlevel is reached and its rc scripts have run: sshd (started
+            # by them) answers at once, with no wait of ours.
+            assert machine.run(["runlevel"]).stdout.split() == ["N", "2"]
+            assert machine.run(["/etc/init.d/ssh", "status"]).returncode == 0, processes
+            # PID 1 is the image's own /sbin/init (sysvinit shows its runlevel in its argv).
+            assert machine.run(["readlink", "/proc/1/exe"]).stdout == machine.run(["readlink", "-f", "/sbin/init"]).stdout
+            assert machine.run(["cat", "/proc/1/cmdline"]).stdout_bytes.startswith(b"init [2]")
         if isinstance(expected, inits.OpenRC):
             assert machine.run(["cat", "/run/openrc/softlevel"]).stdout.strip() == "default"
             assert machine.run(["ls", "-A", "/run/openrc/starting"]).stdout == ""
-        # PID 1 is the image's own /sbin/init (sysvinit shows its runlevel in its argv).
-        assert machine.run(["readlink", "/proc/1/exe"]).stdout == machine.run(["readlink", "-f", "/sbin/init"]).stdout
-        assert machine.run(["cat", "/proc/1/cmdline"]).stdout_bytes.startswith(b"init [2]")
+        if isinstance(expected, inits.Runit):
+            # Stage 2 has exec'ed runsvdir: stage 1 and rc2's scripts are done, the services supervised.
+            assert machine.run(["cat", "/proc/1/cmdline"]).stdout_bytes == b"runit\0"
+            assert " runsvdir -P /etc/service" in processes and "/etc/runit/" not in processes, processes
         # No runtime mask: /run/systemd/system would tell every program that systemd is PID 1.
         assert machine.run(["test", "-e", "/run/systemd/system"]).returncode == 1
         result = machine.run(["sh", "-c", "cat; echo to-err >&2; exit 7"], input=b"in\n")
@@ -150,10 +163,10 @@ def test_ready_by_its_own_init_then_exec_then_stopped_by_it(image: store.StoredI
     took = time.monotonic() - began
     said = console.read().decode(errors="replace")
     console.close()
-    # The init's own shutdown: init left its runlevel (ending inittab's processes), and runlevel 0's
-    # scripts halted (not nspawn's SIGKILL).
-    assert "INIT: Sending processes configured via /etc/inittab the TERM signal" in said, said[-1500:]
-    assert "Will now halt" in said, said[-1500:]
+    # The init's own shutdown (sysvinit: init left its runlevel, ending inittab's processes, and
+    # runlevel 0's scripts halted; runit: stage 3 ran, then runit powered off), not nspawn's SIGKILL.
+    for line in HALTED[image.name]:
+        assert line in said, said[-1500:]
     assert took < 8, f"stop took {took:.1f}s: the init's shutdown, or the kill after the 10 s grace?"
     assert machines.load("nspawn", machine.name) is None
 
@@ -167,8 +180,8 @@ def test_start_exec_shell_stop_through_the_cli(image: store.StoredImage) -> None
     try:
         assert name in [m["name"] for m in json.loads(racker("ps", "--json").stdout)]
         assert racker("exec", name, "--", "sh", "-c", "exit 5").returncode == 5
-        shell = racker("shell", name, input="runlevel; exit 3\n")
-        assert (shell.returncode, shell.stdout.strip()) == (3, "N 2"), shell.stderr
+        shell = racker("shell", name, input="echo MARK-$((6*7)); exit 3\n")
+        assert (shell.returncode, shell.stdout.strip()) == (3, "MARK-42"), shell.stderr
     finally:
         began = time.monotonic()
         stopped = racker("stop", name)  # another process: the init comes from the machine's record
@@ -304,3 +317,10 @@ def test_the_new_images_are_named_not_in_the_default_set() -> None:
         assert catalog.get(name).options["default_set"] is False
         assert name not in catalog.default_set() and name not in nightly.default_images()
     assert "debian-bookworm" in catalog.default_set()
+
+
+def test_runit_is_told_by_what_init_resolves_to(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"lib/runit/runit-init": b"\x7fELF", "sbin/runit": b"\x7fELF"}, {"sbin/init": "/lib/runit/runit-init"})
+    found = inits.detect(root)
+    assert type(found) is inits.Runit and found.halt == ("/sbin/init", "0")
+    assert found.nspawn_options() == ["--notify-ready=no", "--kill-signal=SIGKILL"]
