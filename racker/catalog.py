@@ -43,6 +43,9 @@ KEYS: dict[str, Key] = {
     "packages": Key(list, '["systemd", "dbus"]'),
     "apt_options": Key(list, """['Acquire::Check-Valid-Until "false"']"""),
     "variant": Key(str, '"minbase"', field=False),  # mmdebstrap --variant, read by sources/bootstrap.py
+    # false: named only when asked for, not in the default image set (`racker nightly` without
+    # names, `--racker-images all`), e.g. while an image is new and its cost in the nightly unknown.
+    "default_set": Key(bool, "false", field=False),
     # Read by sources/dockerfile.py: docker build's --build-arg and --target.
     "build_args": Key(dict, '{ GREETING = "hello" }', field=False),
     "target": Key(str, '"runtime"', field=False),
@@ -161,6 +164,11 @@ def entries() -> dict[str, CatalogEntry]:
             for path in sorted(directory.glob("*.toml")):
                 found[path.stem] = path
     return {name: _load(path) for name, path in sorted(found.items())}
+
+
+def default_set() -> list[str]:
+    """The images a run takes when none are named: every entry but those with default_set = false."""
+    return [name for name, entry in entries().items() if entry.options.get("default_set", True)]
 
 
 def get(name: str) -> CatalogEntry:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from racker import errors
 from racker.store import StoredImage
 
 # Everything a test may ask for.
@@ -48,11 +49,20 @@ class Engine:
     def unmet(self, needs: list[str], image: StoredImage | None = None) -> list[str]:
         """The needs this engine (and, once known, the image) cannot meet."""
         offered = set(self.provides)
-        if image is not None and image.manifest.get("distro", {}).get("systemd"):
-            offered.add("systemd")
-        elif image is None:
+        if image is None or boots_systemd(image):
             offered.add("systemd")  # not known before the image is there: decided at setup
         return [need for need in needs if need not in offered]
+
+
+def boots_systemd(image: StoredImage) -> bool:
+    """Whether systemd is PID 1 once the image boots: it is its init, or it has none and
+    is given systemd (prepare.bootable). sysvinit and OpenRC images boot their own."""
+    from racker import inits
+
+    try:
+        return isinstance(inits.detect(image.rootfs) or inits.Systemd(), inits.Systemd)
+    except errors.UnknownInit:
+        return False
 
 
 def _load(spec: str):  # type: ignore[no-untyped-def]
@@ -105,8 +115,9 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = F
 
 
 ENGINES: dict[str, Engine] = {
-    # Every image boots with systemd under nspawn: one without an init is given one (prepare.bootable).
-    "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback", "systemd"}), "racker.engines:nspawn_attach"),
+    # systemd only where the image boots it (boots_systemd): one without an init is given it
+    # (prepare.bootable), one with sysvinit or OpenRC boots that.
+    "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback"}), "racker.engines:nspawn_attach"),
     "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS), "racker.engines:qemu_attach"),
 }
 

@@ -70,6 +70,10 @@ class MachineError(RackerError):
     """A machine could not be started, found or entered."""
 
 
+class UnknownInit(MachineError):
+    """The image's init is not one racker knows how to wait for and stop (racker.inits)."""
+
+
 class NoSuchMachine(MachineError):
     """No running machine has that name."""
 

@@ -61,8 +61,8 @@ def refreshed(done: images.Refreshed) -> dict[str, Any]:
 
 
 def default_images() -> list[str]:
-    """The default image set: the whole catalogue."""
-    return list(catalog.entries())
+    """The default image set: the catalogue, but for entries with default_set = false."""
+    return catalog.default_set()
 
 
 def results_name(engine: str, shard: Shard | None) -> str:

@@ -4,6 +4,8 @@ The image in the store is never written: the machine's root is an overlay
 whose upper layer is a tmpfs (`--volatile=overlay`), gone when nspawn exits.
 Readiness is the container's own systemd saying READY=1 (boot finished),
 relayed by nspawn over a notify socket that we own: no polling, no sleeps.
+An init that says no READY=1 (sysvinit, OpenRC) is asked for its own sign of
+a finished boot instead, and is stopped by its own shutdown (racker.inits).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
+from racker import cgroups, guest_env, inits, limits, logins, machines, network, proc, store
 from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
@@ -58,6 +60,7 @@ class Machine(machines.Guest):
         self.state: State | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self.boot_seconds = 0.0
+        self.init: inits.Init = inits.named("systemd")  # chosen from the image by start()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -76,6 +79,7 @@ class Machine(machines.Guest):
         machine.network = network.for_mode(network.DEFAULT_MODE)  # stop() releases what the record names
         machine._child = None
         machine.boot_seconds = 0.0
+        machine.init = inits.named(state.extra.get("init", "systemd"))
         return machine
 
     def start(self) -> Machine:
@@ -84,7 +88,8 @@ class Machine(machines.Guest):
             raise MachineError(
                 f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
             )
-        state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest)
+        self.init = self._find_init(rootfs)  # an init racker cannot wait for fails here, before anything is made
+        state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest, extra={"init": self.init.name})
         machines.claim(state)  # recorded before anything is made
         self.state = state
         try:
@@ -100,6 +105,15 @@ class Machine(machines.Guest):
 
     def boot_evidence(self) -> dict[str, str]:
         return {**super().boot_evidence(), "nspawn.log": machines.read_capped(self.nspawn_log)}
+
+    def _find_init(self, rootfs: Path) -> inits.Init:
+        found = inits.detect(rootfs, configured_init(self.image.manifest))
+        if found is None:
+            raise MachineError(
+                f"image {self.image.name!r} has no init for --boot to run (no systemd, no /sbin/init)",
+                hint=f"racker run {self.image.name} installs one first; racker run --no-boot runs a command without one",
+            )
+        return found
 
     def _boot(self, rootfs: Path) -> None:
         assert self.state is not None
@@ -119,7 +133,14 @@ class Machine(machines.Guest):
             # The container's console and nspawn's own complaints apart: a failed boot shows both.
             with open(self.console_log, "wb") as console, open(self.nspawn_log, "wb") as nspawn_stderr:
                 self._child = proc.start(
-                    nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir), configured_init(self.image.manifest)),
+                    nspawn_argv(
+                        rootfs,
+                        self.name,
+                        self.network.nspawn_options(self.rundir),
+                        configured_init(self.image.manifest),
+                        init_options=self.init.nspawn_options(),
+                        masks=MASKS if self.init.runtime_masks else (),
+                    ),
                     env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
                     stderr=nspawn_stderr,
@@ -134,7 +155,10 @@ class Machine(machines.Guest):
             self._wait_ready(notify, started + self.boot_timeout)
         self.state.extra["machined"] = has_machined()
         machines.save(self.state)
-        self._wait_booted(started + self.boot_timeout)
+        if self.init.sends_ready:
+            self._wait_booted(started + self.boot_timeout)
+        else:
+            self._wait_init_ready(started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
 
     def _wait_ready(self, notify: socket.socket, deadline: float) -> int:
@@ -179,6 +203,21 @@ class Machine(machines.Guest):
             self.run(["systemctl", "is-system-running", "--wait"], timeout=max(1.0, deadline - time.monotonic()))
         except ToolTimeout:
             raise self._boot_failed(f"machine {self.name!r} did not finish booting", timed_out=True) from None
+
+    def _wait_init_ready(self, deadline: float) -> None:
+        """Ask an init that says no READY=1 (nspawn said READY=1 for it at its start, with
+        --notify-ready=no) for its own sign of a finished boot, until it gives it."""
+        assert self._child is not None and self.state is not None
+        searched: dict[Path, int] = {}
+        while not self.init.is_ready(self.run, self.state.leader):
+            if self._child.poll() is not None:
+                status = self._child.returncode
+                raise self._boot_failed(f"systemd-nspawn exited with status {status} while booting {self.name!r}", died=True)
+            if self._shows_a_limit(searched):
+                raise self._boot_failed(f"machine {self.name!r} cannot boot")
+            if time.monotonic() >= deadline:
+                raise self._boot_failed(f"machine {self.name!r} did not reach {self.init.ready_means}", timed_out=True)
+            time.sleep(0.05)  # between two looks at the init's state
 
     @property
     def nspawn_log(self) -> Path:
@@ -230,7 +269,9 @@ class Machine(machines.Guest):
         if state is None:
             return
         try:
-            if proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM):
+            if self._halt_through_init(grace):
+                pass
+            elif proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM):
                 if not self._wait_gone(grace):
                     # The leader first: it takes the whole pid namespace down.
                     proc.signal_process(state.leader, state.leader_start, state.boot_id, signal.SIGKILL)
@@ -247,6 +288,19 @@ class Machine(machines.Guest):
             self.network.close()
             machines.release(state)
             self.state = None
+
+    def _halt_through_init(self, grace: float) -> bool:
+        """Shut down by the init's own command (sysvinit ignores nspawn's SIGRTMIN+3), where it
+        has one; whether the machine is gone within `grace`."""
+        state = self.state
+        if not self.init.halt or state is None or not state.leader:
+            return False
+        if not proc.alive(state.leader, state.leader_start, state.boot_id):
+            return False
+        # nsenter may lose the machine as it halts (Unreachable), or time out: the wait decides.
+        with contextlib.suppress(RackerError):
+            self.run(self.init.halt, timeout=grace)
+        return self._wait_gone(grace)
 
     def _wait_gone(self, timeout: float) -> bool:
         assert self.state is not None
@@ -375,11 +429,18 @@ def configured_init(manifest: Mapping) -> list[str] | None:
 
 
 def nspawn_argv(
-    rootfs: Path, name: str, network_options: Sequence[str] = ("--private-network",), init: Sequence[str] | None = None
+    rootfs: Path,
+    name: str,
+    network_options: Sequence[str] = ("--private-network",),
+    init: Sequence[str] | None = None,
+    *,
+    init_options: Sequence[str] = ("--notify-ready=yes",),
+    masks: Sequence[str] = MASKS,
 ) -> list[str]:
     """network_options: from network.py; only lo by default, so machines never fight over the host's ports.
     init: the image's own init command, run as PID 1 in place of --boot's search for one, with
-    exactly its arguments."""
+    exactly its arguments. init_options: how nspawn learns the init is up and stops it, masks: the
+    units masked at run time (both from inits.Init)."""
     argv = [
         "systemd-nspawn",
         "--quiet",
@@ -389,9 +450,9 @@ def nspawn_argv(
         "--volatile=overlay",  # writes go to a tmpfs; the store's copy stays pristine
         *network_options,
         "--link-journal=no",
-        "--notify-ready=yes",
+        *init_options,
         "--console=read-only",
-        *MASKS,
+        *masks,
     ]
     if has_machined():
         argv.append("--register=yes")

@@ -24,7 +24,9 @@ from racker import engines, results, shards
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("racker", "racker: boot OS images and test them")
-    group.addoption("--racker-images", metavar="NAMES", help="comma-separated image names, or 'all' for the catalogue (ini: racker_images)")
+    group.addoption(
+        "--racker-images", metavar="NAMES", help="comma-separated image names, or 'all': the catalogue's default set (ini: racker_images)"
+    )
     group.addoption(
         "--racker-engines", metavar="NAMES", help=f"comma-separated engines: {', '.join(engines.ENGINES)} (ini: racker_engines)"
     )
@@ -66,7 +68,7 @@ def planned_images(config: pytest.Config) -> list[str]:
     if names == ["all"]:
         from racker import catalog
 
-        names = list(catalog.entries())
+        names = catalog.default_set()
     return sorted(set(names))
 
 

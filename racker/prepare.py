@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import build_leftovers, distros, fingerprint, machines, proc, progress, store
-from racker.errors import PrepareError, ToolFailed
+from racker import build_leftovers, distros, fingerprint, inits, machines, proc, progress, store
+from racker.errors import PrepareError, ToolFailed, UnknownInit
 from racker.refs import PREPARED
 
 
@@ -290,13 +290,31 @@ def prepare(image: store.StoredImage, *, kernel: str = CLOUD_KERNEL, force: bool
         if source is None:
             raise PrepareError(f"{image.name} has another kernel and its source {origin} is gone", hint=f"racker pull {origin}")
         image = source
+    _refuse_another_init(image)
     return _prepared(image, "vm", prepared_name(image.name, kernel), PACKAGES, force=force, kernel=kernel)
 
 
+def _refuse_another_init(image: store.StoredImage) -> None:
+    """A VM is prepared around systemd (networkd, units enabled, readiness by systemctl):
+    installing it into a sysvinit or OpenRC image would boot another system than the image's
+    and report that one. Said in one line instead, until VMs of those inits are prepared."""
+    try:
+        init = inits.detect(image.rootfs)
+    except UnknownInit:
+        return  # no init racker knows: systemd-sysv becomes its init, as for images with none
+    if init is not None and not isinstance(init, inits.Systemd):
+        raise PrepareError(
+            f"cannot prepare {image.name} for VMs yet: its init is {init.name}, and racker's VMs boot systemd",
+            hint="it boots under nspawn (racker run, racker check --engine nspawn)",
+        )
+
+
 def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
-    """An image systemd-nspawn can boot: `image` itself if systemd is its init, else
-    NAME+boot, with its distribution's systemd, D-Bus and sshd installed (the original untouched)."""
-    if distros.detect(image.rootfs).has_systemd:
+    """An image systemd-nspawn can boot: `image` itself if its init is one racker knows
+    (systemd, sysvinit, OpenRC: racker.inits), else NAME+boot, with its distribution's systemd,
+    D-Bus and sshd installed (the original untouched). An init racker does not know is
+    UnknownInit: installing systemd over it would boot another system than the image's."""
+    if inits.detect(image.rootfs) is not None:
         return image
     return _prepared(image, "boot", image.name + BOOTABLE, BOOT_PACKAGES, force=force)
 
