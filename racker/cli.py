@@ -638,9 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.RackerError as error:
         return _print_error(error)
     proc.DEBUG = proc.DEBUG or args.debug
-    # Nothing racker makes is writable by other users, whatever umask it was started with: the
-    # store is shared read-only, and what is root's alone is made so explicitly (0700, 0600).
-    os.umask(os.umask(0o022) | 0o022)
+    store.narrow_umask()
     # SIGINT and SIGTERM unwind the stack, so every `finally` and `with` cleans
     # up. SIGINT explicitly: a shell starts background jobs with it ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -49,6 +49,13 @@ def _lock_path(key: str, store_home: Path | None = None) -> Path:
     return private_dir((store_home or home()) / "locks") / f"{_safe(key)}.lock"
 
 
+def narrow_umask() -> None:
+    """Make nothing racker writes from here on writable by other users, whatever umask it was
+    started with: the store is shared read-only, and what is root's alone is made so explicitly
+    (private_dir, copy_private, proc.PRIVATE). Called where racker is entered (CLI, plugin)."""
+    os.umask(os.umask(0o022) | 0o022)
+
+
 def private_dir(path: Path) -> Path:
     """A directory only root may enter: made 0700 (mkdir's mode, which a umask can only
     narrow), or closed to group and others where an older racker left it open."""
