@@ -30,21 +30,30 @@ _PROC_FD = re.compile(r"^/proc/self/fd/(\d+)(/.*)?$")
 _TYPES = {1: "stream", 2: "dgram", 5: "seqpacket"}
 _LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags
 
-# What the unprivileged child runs: plain Python, no racker, nothing of the prober's.
+# What the unprivileged child runs: plain Python, no racker, nothing of the prober's. A path
+# past sun_path's 107 bytes is reached as racker reaches it, through a descriptor of its
+# directory: the refusal must be the kernel's permission check, never the length.
 _CHILD = r"""
-import json, socket, sys
+import json, os, socket, sys
 kinds = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "seqpacket": socket.SOCK_SEQPACKET}
 out = []
 for target in json.load(sys.stdin):
-    address = "\0" + target["address"][1:] if target["address"].startswith("@") else target["address"]
-    with socket.socket(socket.AF_UNIX, kinds[target["type"]]) as sock:
-        sock.settimeout(2)
-        try:
+    address, fd = target["address"], None
+    try:
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        elif len(os.fsencode(address)) > 107:
+            fd = os.open(os.path.dirname(address), os.O_PATH | os.O_DIRECTORY)
+            address = "/proc/self/fd/%d/%s" % (fd, os.path.basename(address))
+        with socket.socket(socket.AF_UNIX, kinds[target["type"]]) as sock:
+            sock.settimeout(2)
             sock.connect(address)
-        except OSError as error:
-            out.append([target["address"], True, error.strerror or str(error)])
-            continue
         out.append([target["address"], False, "connected"])
+    except OSError as error:
+        out.append([target["address"], True, os.strerror(error.errno) if error.errno else str(error)])
+    finally:
+        if fd is not None:
+            os.close(fd)
 json.dump(out, sys.stdout)
 """
 
@@ -61,6 +70,10 @@ class Probe:
     targets: list[Target] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # address: the error nobody got
     accepted: list[str] = field(default_factory=list)  # addresses nobody connected to
+
+    def details(self) -> str:
+        """One line per socket: its address, how it was found, and what nobody got."""
+        return "\n".join(f"  {t.address} ({t.type}, {t.why}): {self.refused.get(t.address, 'CONNECTED')}" for t in self.targets)
 
     def line(self) -> str:
         return f"unix sockets probed as an unprivileged user: {len(self.targets)}, refused: {len(self.refused)}" + (
@@ -204,4 +217,6 @@ def probe_sockets_as_nobody(home: Path | None = None, extra_pids: set[int] = fro
 
 
 if __name__ == "__main__":
-    sys.exit(1 if probe_sockets_as_nobody().accepted else 0)
+    found = probe_sockets_as_nobody()
+    print(found.details())
+    sys.exit(1 if found.accepted else 0)
