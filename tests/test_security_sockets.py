@@ -16,6 +16,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,12 +154,17 @@ def test_the_cli_under_umask_0_keeps_the_store_and_run_directories_closed(privat
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def running() -> Iterator[dict]:
     """A warm VM's first boot (cold, snapshot saved, running on), a clone restored from it and an
-    nspawn machine, all started under umask 000 in a store of the module's own."""
+    nspawn machine, all started under umask 000 in a store of the module's own.
+
+    The store is in a directory every user may pass through (pytest's own temporary
+    directories are 0700, which would keep nobody out whatever racker does)."""
     image = images.pull("debian-bookworm")  # the shared store, built under the usual umask
     disk = promote.cached_disk(prepare.prepare(image))
-    home = tmp_path_factory.mktemp("sockets") / "store"
+    outer = Path(tempfile.mkdtemp(prefix="racker-sockets-", dir="/var/tmp"))
+    os.chmod(outer, 0o755)
+    home = outer / "store"
     old = os.umask(0)
     try:
         with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
@@ -173,6 +179,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             yield {"home": home, "cold": cold, "warm": warm, "machine": machine, "disk": disk, "image": image}
     finally:
         os.umask(old)
+        store.remove_tree(outer)
 
 
 @pytest.mark.slow
