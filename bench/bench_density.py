@@ -199,7 +199,7 @@ def leftovers(image_rootfs: Path) -> list[str]:
     if root is not None:
         bench = root / f"racker-bench-{os.getpid()}"
         found += [f"cgroup {tree}" for tree in (bench, *cgroups.mirrors(bench)) if tree.exists()]
-    run = store.home() / "run"
+    run = store.home() / "run" / "nspawn"
     found += [f"run dir {p.name}" for p in run.iterdir() if p.name.startswith("dens-")] if run.is_dir() else []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         with contextlib.suppress(OSError):

@@ -296,7 +296,7 @@ class Lab:
             found += [p for p in tmp.iterdir() if p.name != ".new"]
             if (tmp / ".new").is_dir():
                 found += list((tmp / ".new").iterdir())
-        for kind in ("run", "machines", "vms"):
+        for kind in ("run/nspawn", "run/qemu", "machines", "vms"):
             if (home / kind).is_dir():
                 found += list((home / kind).iterdir())
         # write_json's temp files (".NAME.XXXX") and promote's ".OUT.XXXX.partial".

@@ -734,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.RackerError as error:
         return _print_error(error)
     proc.DEBUG = proc.DEBUG or args.debug
+    store.narrow_umask()
     # SIGINT and SIGTERM unwind the stack, so every `finally` and `with` cleans
     # up. SIGINT explicitly: a shell starts background jobs with it ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

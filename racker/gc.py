@@ -128,18 +128,23 @@ def _unreferenced_images() -> list[str]:
 
 
 def _orphan_rundirs() -> list[str]:
-    """Run directories that no record claims (a record is made before its run directory)."""
+    """Run directories that no record claims (a record is made before its run directory):
+    run/KIND/NAME, and an older racker's run/NAME (kept while a record of either kind has NAME)."""
     removed = []
     run = store.home() / "run"
     if run.is_dir():
-        with contextlib.ExitStack() as names_locked:
-            for kind in machines.KINDS:
-                names_locked.enter_context(machines.names_locked(kind))
-            claimed = {s.name for kind in machines.KINDS for s in machines.all_states(kind)}
-            for path in run.iterdir():
-                if path.name not in claimed:
-                    store.remove_tree(path)
-                    removed.append(f"removed {path}")
+        with machines.all_names_locked():
+            claimed = {(kind, s.name) for kind in machines.KINDS for s in machines.all_states(kind)}
+            for path in sorted(run.iterdir()):
+                if path.name in machines.KINDS and path.is_dir() and not path.is_symlink():
+                    orphans = [p for p in sorted(path.iterdir()) if (path.name, p.name) not in claimed]
+                elif path.name not in {name for _kind, name in claimed}:
+                    orphans = [path]
+                else:
+                    orphans = []
+                for orphan in orphans:
+                    store.remove_tree(orphan)
+                    removed.append(f"removed {orphan}")
     return removed
 
 

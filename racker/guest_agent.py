@@ -8,7 +8,8 @@ neither an SSH handshake nor a sudo, each seconds of emulated work under TCG:
 the clock is stepped over it, and the clone is ready about a second after QEMU
 has loaded the state. SSH itself connects on first use.
 
-The port's host end is a unix socket of QEMU's, which serves one client at a
+The port's host end is a unix socket of QEMU's in the VM's run directory (root's
+alone: whoever holds it has a root shell in the guest), which serves one client at a
 time: the process holding it keeps a lock on a file of the VM's run
 directory, and any other process takes the SSH root channel instead.
 
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from racker import guest_shell, machines
+from racker import guest_shell, machines, sockets
 from racker.errors import ChannelUnavailable
 
 if TYPE_CHECKING:
@@ -107,16 +108,15 @@ while True:
 )
 
 
-def socket_name(token: str) -> str:
-    """QEMU's end of the port, an abstract unix socket (no 108-byte path limit)."""
-    return f"racker/{token}/agent"
+SOCKET = "agent"  # QEMU's end of the port, in the VM's run directory
 
 
-def qemu_args(serial_bus: str, token: str) -> list[str]:
-    """The virtio-serial controller, the port and its socket, for a VM that may be snapshotted."""
+def qemu_args(serial_bus: str, socket_path: str) -> list[str]:
+    """The virtio-serial controller, the port and its socket (a path QEMU binds; see racker.sockets),
+    for a VM that may be snapshotted."""
     return [
         "-device", f"{serial_bus},id=agentbus",
-        "-chardev", f"socket,id=agent0,path={socket_name(token)},abstract=on,server=on,wait=off",
+        "-chardev", f"socket,id=agent0,path={socket_path},server=on,wait=off",
         "-device", f"virtserialport,bus=agentbus.0,chardev=agent0,name={PORT}",
     ]  # fmt: skip
 
@@ -124,9 +124,9 @@ def qemu_args(serial_bus: str, token: str) -> list[str]:
 class AgentChannel(guest_shell.Channel):
     """The root channel's protocol on the port's socket, held under the VM's agent lock."""
 
-    def __init__(self, token: str, lock: Path, name: str) -> None:
+    def __init__(self, socket_path: Path, lock: Path, name: str) -> None:
         super().__init__([], name=name)
-        self.token = token
+        self.socket_path = socket_path
         self.lock_path = lock
         self.sock: socket.socket | None = None
         self._lock: IO[str] | None = None
@@ -144,8 +144,7 @@ class AgentChannel(guest_shell.Channel):
             raise ChannelUnavailable(f"another process holds the agent of {self.name}") from None
         self._lock = lock
         try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect("\0" + socket_name(self.token))
+            self.sock = sockets.connect(self.socket_path)
             self._greet(time.monotonic() + min(timeout, HELLO_TIMEOUT))
         except (OSError, TimeoutError, guest_shell._Closed):
             self.close()
@@ -196,7 +195,7 @@ def channel(vm: VM) -> guest_shell.Channel:
     if not vm.state.extra.get("agent"):
         raise ChannelUnavailable(f"VM {vm.name!r} has no agent")
     token, name = vm.state.token, f"VM {vm.name!r}"
-    return guest_shell.registered(key(token), lambda: AgentChannel(token, vm.rundir / "agent.lock", name), name)
+    return guest_shell.registered(key(token), lambda: AgentChannel(vm.rundir / SOCKET, vm.rundir / "agent.lock", name), name)
 
 
 def key(token: str) -> str:

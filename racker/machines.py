@@ -46,7 +46,7 @@ class State:
 
     @property
     def rundir(self) -> Path:
-        return run_dir(self.name)
+        return run_dir(self.kind, self.name)
 
 
 def valid_name(name: str) -> bool:
@@ -70,9 +70,22 @@ def record_path(kind: str, name: str) -> Path:
     return registry_dir(kind) / f"{check_name(name)}.json"
 
 
-def run_dir(name: str) -> Path:
-    """Where a machine's console log, sockets and overlay live while it runs."""
-    return store.home() / "run" / check_name(name)
+def run_dir(kind: str, name: str) -> Path:
+    """Where a machine's console log, sockets and overlay live while it runs: one per kind
+    and name, so that no machine's start or stop touches a VM's (or the reverse)."""
+    if kind not in KINDS:
+        raise MachineError(f"unknown machine kind {kind!r}")
+    return store.home() / "run" / kind / check_name(name)
+
+
+def make_run_dir(kind: str, name: str) -> Path:
+    """A fresh, empty run directory, root's alone (0700, made so: mkdir's mode, which a umask
+    can only narrow). What a killed racker left there is removed first."""
+    path = run_dir(kind, name)
+    store.private_dir(store.private_dir(path.parent.parent) / kind)
+    store.remove_tree(path)
+    os.mkdir(path, 0o700)
+    return path
 
 
 def unique_name(image: str) -> str:
@@ -176,6 +189,18 @@ def names_locked(kind: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def all_names_locked() -> Iterator[None]:
+    """Every kind's names lock, always taken in the same order (so two takers never deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for kind in KINDS:
+            stack.enter_context(names_locked(kind))
+        yield
+
+
+WHAT = {"nspawn": "a machine", "qemu": "a VM"}
+
+
 def new_state(kind: str, name: str, image: str, digest: str = "", *, extra: dict | None = None) -> State:
     """A record for a machine this process is about to make (and will stop)."""
     me = os.getpid()
@@ -194,7 +219,8 @@ def new_state(kind: str, name: str, image: str, digest: str = "", *, extra: dict
 
 
 def claim(state: State) -> None:
-    """Reserve a name; NameTaken if it is in use. A stale record is reaped first.
+    """Reserve a name; NameTaken if a machine or a VM has it (a name is one thing's, whatever
+    its kind). A stale record is reaped first.
 
     The record appears whole (written aside, then linked into place), so no
     other claimer ever reads a half-written one.
@@ -204,7 +230,10 @@ def claim(state: State) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(asdict(state), handle)
-        with names_locked(state.kind):
+        with all_names_locked():
+            for kind in KINDS:
+                if kind != state.kind:
+                    _refuse_if_taken(kind, state.name)
             try:
                 os.link(tmp, path)
                 return
@@ -224,6 +253,19 @@ def claim(state: State) -> None:
         if tmp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _refuse_if_taken(kind: str, name: str) -> None:
+    """NameTaken if a live `kind` has the name; its stale record is reaped. The caller holds the names locks."""
+    try:
+        existing = load(kind, name)
+    except DamagedRecord:
+        return  # not ours to act on; gc removes it
+    if existing is None:
+        return
+    if not is_stale(existing):
+        raise NameTaken(f"machine name {name!r} is already in use by {WHAT[kind]}", hint="pick another --name, or stop it first")
+    reap(existing)
 
 
 def release(state: State) -> None:
@@ -331,6 +373,7 @@ class Guest:
     """What an nspawn machine and a QEMU VM share: a context manager that stops
     what it started, hand-over to `racker start`'s caller, and run_expect."""
 
+    kind: str
     name: str
     state: State | None
     detached: bool
@@ -339,7 +382,7 @@ class Guest:
     @property
     def rundir(self) -> Path:
         """Where its console log, sockets and overlay live while it runs."""
-        return run_dir(self.name)
+        return run_dir(self.kind, self.name)
 
     @property
     def console_log(self) -> Path:

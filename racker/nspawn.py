@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ class Machine(machines.Guest):
     with Machine(image) as m:
         m.run(["systemctl", "is-system-running"])
     """
+
+    kind = "nspawn"
 
     def __init__(
         self,
@@ -117,8 +120,7 @@ class Machine(machines.Guest):
 
     def _boot(self, rootfs: Path) -> None:
         assert self.state is not None
-        shutil.rmtree(self.rundir, ignore_errors=True)
-        self.rundir.mkdir(parents=True)
+        machines.make_run_dir(self.kind, self.name)
         cgroup = machine_cgroup(self.name)
         if cgroup is not None:
             self.state.extra["cgroup"] = str(cgroup)
@@ -126,10 +128,10 @@ class Machine(machines.Guest):
             cgroups.make(cgroup)
         # An abstract socket (no file, no 108-byte path limit wherever RACKER_HOME is),
         # named after this claim; sd_notify, which nspawn uses, takes "@name" for one.
+        # Anyone may send to it: only what systemd-nspawn itself sends counts.
         notify_name = f"racker/{self.state.token}/notify"
         started = time.monotonic()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind("\0" + notify_name)
+        with notify_socket(notify_name) as notify:
             # The container's console and nspawn's own complaints apart: a failed boot shows both.
             with open(self.console_log, "wb") as console, open(self.nspawn_log, "wb") as nspawn_stderr:
                 self._child = proc.start(
@@ -174,7 +176,7 @@ class Machine(machines.Guest):
             # machine that ran out of a host limit (it would never become ready).
             notify.settimeout(min(remaining, 0.5))
             try:
-                message = notify.recv(4096).decode(errors="replace")
+                message = receive_notification(notify, self._child.pid)
             except TimeoutError:
                 if self._child.poll() is not None:
                     status = self._child.returncode
@@ -182,8 +184,7 @@ class Machine(machines.Guest):
                 if self._shows_a_limit(searched):
                     raise self._boot_failed(f"machine {self.name!r} cannot boot") from None
                 continue
-            for line in message.splitlines():
-                key, _, value = line.partition("=")
+            for key, value in (message or {}).items():
                 if key == "X_NSPAWN_LEADER_PID":
                     leader = int(value)
                     self.state.leader = leader  # type: ignore[union-attr]
@@ -377,6 +378,41 @@ class Machine(machines.Guest):
         if tty is None:
             tty = sys.stdin.isatty() and sys.stdout.isatty()
         return proc.interact(self.command(argv, tty=tty, login=login))
+
+
+_CREDENTIALS = struct.calcsize("3i")  # struct ucred: pid, uid, gid
+
+
+def notify_socket(name: str) -> socket.socket:
+    """A datagram socket bound to the abstract `name`, for sd_notify messages; the kernel
+    attaches each sender's credentials to what it receives (SO_PASSCRED)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def receive_notification(sock: socket.socket, sender: int) -> dict[str, str] | None:
+    """The next message's fields (KEY=VALUE lines) if the kernel says process `sender` sent it;
+    None for anyone else's (an abstract socket has no permissions: any local user may send)."""
+    data, ancillary, _flags, _address = sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS))
+    pid = 0
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _CREDENTIALS:
+            pid = struct.unpack("3i", payload[:_CREDENTIALS])[0]
+    if pid != sender:
+        proc.debug(f"ignored a notification from pid {pid or 'unknown'}: not systemd-nspawn (pid {sender})")
+        return None
+    fields = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
 
 
 def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool | None = None) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import testinfra
 
-from racker import engines, facts, images, results, testinfra_backend
+from racker import engines, facts, images, results, store, testinfra_backend
 from racker.errors import RackerError
 from racker.plugin import Target, chosen_network, machine_scope
 from racker.store import StoredImage
@@ -15,6 +15,7 @@ from racker.store import StoredImage
 
 @pytest.fixture(scope=machine_scope)
 def _racker_target(request: pytest.FixtureRequest) -> Target:
+    store.narrow_umask()  # before racker writes anything, as the CLI does
     return request.param
 
 

@@ -168,6 +168,11 @@ class Result:
         return self.returncode != 0
 
 
+# The umask of a tool whose files are root's alone (keys, overlays, guest memory): what
+# it creates is 0600 from the start, whatever umask racker was started with.
+PRIVATE = 0o077
+
+
 def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
     merged = dict(BASE_ENV)
     if env:
@@ -189,6 +194,7 @@ def start(
     cwd: str | None = None,
     pass_fds: Sequence[int] = (),
     huge_pages: bool = True,
+    umask: int = -1,
 ) -> subprocess.Popen[bytes]:
     """Start a program; the caller owns it (spawn() owns it for a block).
 
@@ -201,6 +207,7 @@ def start(
     machine that `racker start` leaves running). pass_fds: descriptors it
     inherits (a nat machine's forwarder takes its listening sockets).
     huge_pages=False turns transparent huge pages off for it (see child_setup).
+    umask: the child's (PRIVATE for one whose files are root's alone, whatever ours is).
     """
     argv = [str(a) for a in argv]
     argv[0] = require(argv[0]) if "/" not in argv[0] else argv[0]
@@ -217,6 +224,7 @@ def start(
             cwd=cwd,
             preexec_fn=setup,
             pass_fds=tuple(pass_fds),
+            umask=umask,
         )
 
 
@@ -297,6 +305,7 @@ def run(
     capture: bool = True,
     stdout: IO[bytes] | None = None,
     cwd: str | None = None,
+    umask: int = -1,
 ) -> Result:
     """Run a program to completion and return its Result.
 
@@ -312,6 +321,7 @@ def run(
         stdout=stdout or pipe,
         stderr=subprocess.PIPE if stdout is not None else pipe,
         cwd=cwd,
+        umask=umask,
     ) as child:
         try:
             out, err = child.communicate(input, timeout=timeout)

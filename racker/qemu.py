@@ -1,8 +1,8 @@
 """VMs: a disk booted in QEMU until SSH answers and the boot has finished.
 
 The disk itself is never written: the VM boots a qcow2 overlay over it. Every
-VM gets its own run directory (overlay, NoCloud seed, SSH key, serial log,
-QMP socket, UEFI variables), recorded in racker's registry before QEMU
+VM gets its own run directory, root's alone (overlay, NoCloud seed, SSH key,
+serial log, QMP sockets, UEFI variables), recorded in racker's registry before QEMU
 starts, so that `racker gc` can clean up after a kill -9. SSH is forwarded
 from a port on 127.0.0.1 chosen under a lock shared by all racker processes.
 
@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, ssh, store
+from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, sockets, ssh, store
 from racker.errors import (
     BadDisk,
     BootTimeout,
@@ -314,6 +313,8 @@ def ssh_port(state: State) -> Iterator[int]:
 class VM(machines.Guest):
     """A disk booted in QEMU. Use as a context manager: it is stopped on the way out."""
 
+    kind = KIND
+
     def __init__(
         self,
         disk: Path,
@@ -374,16 +375,17 @@ class VM(machines.Guest):
         self._monitor: QEMUMonitorProtocol | None = None  # one QMP client for the VM's life
         self.argv: list[str] = []
         self._incoming: str = ""  # QEMU's -incoming while restoring a snapshot
+        self._rundir_fd = -1  # the run directory, open for QEMU to bind its sockets in (racker.sockets)
         self.boot_seconds = 0.0
         self.system_state = ""
 
     # -- paths ---------------------------------------------------------------
 
-    def qmp_name(self, *, shared: bool = False) -> str:
-        """A QMP abstract unix socket: no file, and no 108-byte path limit wherever RACKER_HOME is.
-        The first is kept by the process that launched QEMU; `shared` is for any other."""
-        assert self.state is not None
-        return f"racker/{self.state.token}/{'qmp-shared' if shared else 'qmp'}"
+    def qmp_path(self, *, shared: bool = False) -> Path:
+        """A QMP socket, in the run directory: whoever may connect can make QEMU run any command
+        as root (`migrate exec:`), so only root may. The first is kept by the process that
+        launched QEMU; `shared` is for any other."""
+        return self.rundir / ("qmp-shared" if shared else "qmp")
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -405,8 +407,7 @@ class VM(machines.Guest):
         machines.claim(state)  # recorded before anything is made
         self.state = state  # a detached VM is handed over once it runs (detach())
         try:
-            shutil.rmtree(self.rundir, ignore_errors=True)
-            self.rundir.mkdir(parents=True)
+            machines.make_run_dir(self.kind, self.name)
             info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             deadline = started + self.boot_timeout
@@ -444,10 +445,10 @@ class VM(machines.Guest):
         assert self.state is not None
         for name in snapshots.KEPT:
             if (snapshot.path / name).exists():
-                shutil.copyfile(snapshot.path / name, self.rundir / name)
-        os.chmod(self.rundir / "id_ed25519", 0o600)
+                store.copy_private(snapshot.path / name, self.rundir / name)
         overlay = snapshot.path / snapshots.OVERLAY
-        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")])
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")]
+        proc.run(argv, umask=proc.PRIVATE)
         if firmware == "uefi":
             self.state.extra["ovmf"] = ovmf()[0]
         self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
@@ -510,8 +511,7 @@ class VM(machines.Guest):
         self._child = None
         self.endpoint = None
         self.state.pid = 0
-        store.remove_tree(self.rundir)
-        self.rundir.mkdir(parents=True)
+        machines.make_run_dir(self.kind, self.name)
 
     def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
         assert self.state is not None
@@ -519,10 +519,11 @@ class VM(machines.Guest):
         seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data)
         overlay = self.rundir / "overlay.qcow2"
         size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
-        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size])
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size]
+        proc.run(argv, umask=proc.PRIVATE)
         if firmware == "uefi":
             code, variables = ovmf()
-            shutil.copyfile(variables, self.rundir / "OVMF_VARS.fd")
+            store.copy_private(Path(variables), self.rundir / "OVMF_VARS.fd")
             self.state.extra["ovmf"] = code
         self.state.extra["firmware"] = firmware
         self.state.extra["format"] = info.format
@@ -530,8 +531,10 @@ class VM(machines.Guest):
         machines.save(self.state)
 
     def qemu_argv(self, firmware: str, port: int) -> list[str]:
+        """QEMU's command line; it binds its sockets through self._rundir_fd, which it inherits."""
         accelerator = self._accel()
         run = self.rundir
+        qmp, qmp_shared = (sockets.through(self._rundir_fd, path.name) for path in (self.qmp_path(), self.qmp_path(shared=True)))
         argv = [
             proc.require("qemu-system-x86_64"),
             "-name", f"{self.name},debug-threads=on",
@@ -540,8 +543,8 @@ class VM(machines.Guest):
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp,path={self.qmp_name()},abstract=on,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"socket,id=qmp-shared,path={self.qmp_name(shared=True)},abstract=on,server=on,wait=off",
+            "-chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-shared,path={qmp_shared},server=on,wait=off",
             "-mon", "chardev=qmp-shared,mode=control",
             *(arg for controller in self.board.controllers for arg in ("-device", controller)),
             "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
@@ -553,7 +556,7 @@ class VM(machines.Guest):
             *(("-device", self.board.rng) if self.board.rng else ()),
         ]  # fmt: skip
         if self.warm or self.seed_snapshot:
-            argv += guest_agent.qemu_args(self.board.serial_bus, self.state.token)
+            argv += guest_agent.qemu_args(self.board.serial_bus, sockets.through(self._rundir_fd, guest_agent.SOCKET))
         if self.kernel is not None:
             append = self.append or "root=/dev/vda rw console=ttyS0"
             if not self.board.tsc_reference and accelerator == "tcg" and (khz := host_tsc_khz()):
@@ -576,19 +579,26 @@ class VM(machines.Guest):
         assert self.state is not None
         for _attempt in range(3):
             with ssh_port(self.state) as port:
-                self.argv = self.qemu_argv(firmware, port)
-                with open(self.rundir / "qemu.log", "wb") as log:
-                    self._child = proc.start(
-                        self.argv,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        new_session=True,  # a Ctrl-C on our terminal is ours to handle
-                        die_with_parent=None if self.detached else signal.SIGKILL,
-                        # Restoring, QEMU writes the state's pages all over the guest's RAM: with
-                        # huge pages each first write costs the host a 2 MiB clear, most of
-                        # a second per restore in all (bench/bench_warm.py).
-                        huge_pages=not self._incoming,
-                    )
+                self._rundir_fd = sockets.open_directory(self.rundir)
+                try:
+                    self.argv = self.qemu_argv(firmware, port)
+                    with open(self.rundir / "qemu.log", "wb") as log:
+                        self._child = proc.start(
+                            self.argv,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            new_session=True,  # a Ctrl-C on our terminal is ours to handle
+                            die_with_parent=None if self.detached else signal.SIGKILL,
+                            # Restoring, QEMU writes the state's pages all over the guest's RAM: with
+                            # huge pages each first write costs the host a 2 MiB clear, most of
+                            # a second per restore in all (bench/bench_warm.py).
+                            huge_pages=not self._incoming,
+                            pass_fds=[self._rundir_fd],
+                            umask=proc.PRIVATE,  # its sockets, and a snapshot's memory written by its migration
+                        )
+                finally:
+                    os.close(self._rundir_fd)
+                    self._rundir_fd = -1
                 self.state.pid = self._child.pid
                 self.state.pid_start = proc.start_time(self._child.pid)
                 machines.save(self.state)
@@ -633,12 +643,13 @@ class VM(machines.Guest):
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         _quiet_library_logs()
-        monitor = QEMUMonitorProtocol("\0" + self.qmp_name(shared=self._child is None))
-        try:
-            monitor.connect(negotiate=True)
-        except BaseException:
-            monitor.close()
-            raise
+        with sockets.short_path(self.qmp_path(shared=self._child is None)) as address:
+            monitor = QEMUMonitorProtocol(address)
+            try:
+                monitor.connect(negotiate=True)
+            except BaseException:
+                monitor.close()
+                raise
         monitor.settimeout(10)
         self._monitor = monitor
         return monitor

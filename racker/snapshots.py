@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -256,10 +255,11 @@ def save(vm: VM, key: Key) -> Snapshot:
     Written into a hidden directory and renamed into place: Ctrl-C or a crash
     while saving leaves no half snapshot (gc removes a killed save's leftovers).
     """
-    directory().mkdir(parents=True, exist_ok=True)
+    # Root's alone: a guest's memory holds its secrets, and the login key is here.
+    store.private_dir(directory())
     final = directory() / key.id
     partial = directory() / f".{key.id}.{uuid.uuid4().hex[:8]}{PARTIAL}"
-    partial.mkdir()
+    partial.mkdir(mode=0o700)
     try:
         with progress.step(f"saving a snapshot of {vm.name}"):
             agent = guest_agent.start_in_guest(vm)
@@ -270,13 +270,13 @@ def save(vm: VM, key: Key) -> Snapshot:
                 vm.qmp("migrate", uri=f"exec:zstd -1 -q -T2 -o {proc.quote(str(partial / STATE))}")
                 _wait_migrated(vm)
                 # Migration has flushed and released the overlay: this copy is the state the memory matches.
-                proc.run(["cp", "--sparse=always", str(vm.rundir / "overlay.qcow2"), str(partial / OVERLAY)], timeout=SAVE_TIMEOUT)
+                argv = ["cp", "--sparse=always", str(vm.rundir / "overlay.qcow2"), str(partial / OVERLAY)]
+                proc.run(argv, timeout=SAVE_TIMEOUT, umask=proc.PRIVATE)
                 for name in KEPT:
                     if (vm.rundir / name).exists():
-                        shutil.copyfile(vm.rundir / name, partial / name)
+                        store.copy_private(vm.rundir / name, partial / name)
             finally:
                 vm.qmp("cont")
-            os.chmod(partial / "id_ed25519", 0o600)
             record = {
                 "key": asdict(key),
                 "image": vm.image,

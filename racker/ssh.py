@@ -31,8 +31,8 @@ MASTER_LOG = "ssh-master.log"
 
 
 def keygen(path: Path, comment: str) -> Path:
-    """A fresh ed25519 key pair at `path` (and `path`.pub); returns the private key."""
-    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    """A fresh ed25519 key pair at `path` (and `path`.pub), both 0600 from the start; returns the private key."""
+    proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], umask=proc.PRIVATE)
     return path
 
 

@@ -45,9 +45,36 @@ def now() -> str:
 
 
 def _lock_path(key: str, store_home: Path | None = None) -> Path:
-    directory = (store_home or home()) / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{_safe(key)}.lock"
+    # Private: anyone who may open a lock file may flock it, and hold racker up forever.
+    return private_dir((store_home or home()) / "locks") / f"{_safe(key)}.lock"
+
+
+def narrow_umask() -> None:
+    """Make nothing racker writes from here on writable by other users, whatever umask it was
+    started with: the store is shared read-only, and what is root's alone is made so explicitly
+    (private_dir, copy_private, proc.PRIVATE). Called where racker is entered (CLI, plugin)."""
+    os.umask(os.umask(0o022) | 0o022)
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only root may enter: made 0700 (mkdir's mode, which a umask can only
+    narrow), or closed to group and others where an older racker left it open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o700)
+    return path
+
+
+def copy_private(source: Path, target: Path) -> None:
+    """Copy a file to a new file that is 0600 from the start (a private key never has a moment
+    with other modes). An existing target is replaced."""
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out, open(source, "rb") as data:
+        shutil.copyfileobj(data, out, 1 << 20)
 
 
 @contextlib.contextmanager

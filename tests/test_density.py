@@ -29,7 +29,7 @@ def sysctl(path: Path, value: int) -> Iterator[None]:
 
 
 def _leftovers(store: Path) -> list[str]:
-    return [str(p) for sub in ("machines", "run") if (store / sub).is_dir() for p in (store / sub).iterdir()]
+    return [str(p) for sub in ("machines", "run/nspawn") if (store / sub).is_dir() for p in (store / sub).iterdir()]
 
 
 @pytest.mark.hostwide

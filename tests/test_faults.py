@@ -112,7 +112,7 @@ def test_boot_that_never_becomes_ready_times_out_with_console(bookworm, private_
     assert any("hang.service" in line or "systemd" in line for line in lines[2:]), result.stderr
     assert racker("gc", env=private_store).stdout.strip() == "nothing to clean up"
     assert name not in Path("/proc/mounts").read_text()
-    assert not (store.home() / "run" / name).exists()
+    assert not (store.home() / "run" / "nspawn" / name).exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

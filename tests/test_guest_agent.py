@@ -1,7 +1,6 @@
 """The agent's protocol (racker.guest_agent), its guest program run on this host.
 
-QEMU's end of the port is stood in for by a listener on the same abstract
-socket that joins each client, in turn, to the agent's end of a socket pair,
+QEMU's end of the port is stood in for by a listener on a unix socket that joins each client, in turn, to the agent's end of a socket pair,
 as QEMU joins the port to whichever client it has: what the agent writes while
 no client is there waits for the next one. tests/test_vm_warm.py runs the
 agent in real restored clones.
@@ -16,20 +15,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from racker import guest_agent, guest_shell
+from racker import guest_agent, guest_shell, sockets
 from racker.errors import ChannelUnavailable, ToolTimeout
 
 
 class StandInPort:
-    def __init__(self, token: str) -> None:
+    def __init__(self, path: Path) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind("\0" + guest_agent.socket_name(token))
+        with sockets.short_path(path) as name:
+            self.listener.bind(name)
         self.listener.listen(4)
         guest, self.port = socket.socketpair()
         self.agent = subprocess.Popen([sys.executable, "-c", guest_agent.AGENT, str(guest.fileno())], pass_fds=[guest.fileno()])
@@ -68,14 +67,13 @@ class StandInPort:
 
 
 @pytest.fixture
-def port(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    token = uuid.uuid4().hex
-    stand_in = StandInPort(token)
-    yield token, tmp_path / "agent.lock"
+def port(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    stand_in = StandInPort(tmp_path / guest_agent.SOCKET)
+    yield tmp_path / guest_agent.SOCKET, tmp_path / "agent.lock"
     stand_in.close()
 
 
-def test_commands_on_the_agent_are_exact_and_a_timeout_keeps_the_channel(port: tuple[str, Path]) -> None:
+def test_commands_on_the_agent_are_exact_and_a_timeout_keeps_the_channel(port: tuple[Path, Path]) -> None:
     channel = guest_agent.AgentChannel(*port, name="the test agent")
     try:
         result = channel.run(["sh", "-c", "cat; printf err >&2; exit 3"], input=b"in\xff\n")
@@ -89,7 +87,7 @@ def test_commands_on_the_agent_are_exact_and_a_timeout_keeps_the_channel(port: t
         channel.close()
 
 
-def test_another_process_finds_the_agent_held_and_takes_it_once_free(port: tuple[str, Path]) -> None:
+def test_another_process_finds_the_agent_held_and_takes_it_once_free(port: tuple[Path, Path]) -> None:
     holder = guest_agent.AgentChannel(*port, name="the test agent")
     other = guest_agent.AgentChannel(*port, name="the test agent")
     try:
@@ -104,7 +102,7 @@ def test_another_process_finds_the_agent_held_and_takes_it_once_free(port: tuple
         other.close()
 
 
-def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[str, Path]) -> None:
+def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[Path, Path]) -> None:
     gone = guest_agent.AgentChannel(*port, name="the test agent")
     assert gone.run(["true"]).returncode == 0
     request = {"argv": ["sh", "-c", "sleep 0.5; echo stale"], "input": False, "timeout": 10}
@@ -119,7 +117,7 @@ def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[str, Path]) ->
         channel.close()
 
 
-def test_a_host_gone_mid_frame_does_not_desynchronise_the_next(port: tuple[str, Path]) -> None:
+def test_a_host_gone_mid_frame_does_not_desynchronise_the_next(port: tuple[Path, Path]) -> None:
     gone = guest_agent.AgentChannel(*port, name="the test agent")
     assert gone.run(["true"]).returncode == 0
     gone._send((100).to_bytes(8, "big") + b'{"argv": ')  # a frame's start, never its end
@@ -135,12 +133,12 @@ def test_a_host_gone_mid_frame_does_not_desynchronise_the_next(port: tuple[str, 
 
 
 def test_no_agent_behind_the_socket_is_unavailable_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    token = uuid.uuid4().hex
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.bind("\0" + guest_agent.socket_name(token))
+    with sockets.short_path(tmp_path / guest_agent.SOCKET) as name:
+        silent.bind(name)
     silent.listen(1)
     monkeypatch.setattr(guest_agent, "HELLO_TIMEOUT", 1.5)
-    channel = guest_agent.AgentChannel(token, tmp_path / "agent.lock", name="the test agent")
+    channel = guest_agent.AgentChannel(tmp_path / guest_agent.SOCKET, tmp_path / "agent.lock", name="the test agent")
     try:
         with pytest.raises(ChannelUnavailable, match="did not answer"):
             channel.run(["true"])

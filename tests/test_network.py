@@ -91,7 +91,7 @@ def test_a_published_port_in_use_is_one_error_and_leaves_nothing(share_image, pr
     assert len(rest) <= 1  # the hint
     assert_nothing_left(before)
     assert not machines.all_states("nspawn")
-    run = os.path.join(private_store["RACKER_HOME"], "run")
+    run = os.path.join(private_store["RACKER_HOME"], "run", "nspawn")
     assert not os.path.isdir(run) or not os.listdir(run)
 
 

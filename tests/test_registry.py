@@ -94,7 +94,7 @@ def test_names_are_checked_where_they_become_paths(private_store: dict, name: st
     with pytest.raises(MachineError, match="invalid machine name"):
         machines.record_path("nspawn", name)
     with pytest.raises(MachineError, match="invalid machine name"):
-        machines.run_dir(name)
+        machines.run_dir("nspawn", name)
 
 
 @pytest.mark.parametrize(
@@ -193,11 +193,11 @@ def test_exactly_one_of_many_concurrent_claims_wins(private_store: dict) -> None
 
 def test_a_stale_claim_is_reaped_and_taken_over(private_store: dict, bystander) -> None:
     _stale_record("box", bystander.pid, proc.start_time(bystander.pid))
-    machines.run_dir("box").mkdir(parents=True)
+    machines.run_dir("nspawn", "box").mkdir(parents=True)
     state = machines.new_state("nspawn", "box", "x")
     machines.claim(state)
     assert bystander.wait(10) == -9, "the stale machine's process must go with its record"
-    assert not machines.run_dir("box").exists()
+    assert not machines.run_dir("nspawn", "box").exists()
     assert machines.load("nspawn", "box").token == state.token  # type: ignore[union-attr]
     with pytest.raises(NameTaken):
         machines.claim(machines.new_state("nspawn", "box", "x"))

@@ -59,7 +59,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     disk = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))  # in the shared store
     home = tmp_path_factory.mktemp("ssh-master") / ("a-long-store-directory-name-" * 4) / "store"
     name = f"ssh-master-{os.getpid()}"
-    assert len(str(home / "run" / name / ssh.CONTROL_SOCKET)) > 108
+    assert len(str(home / "run" / "qemu" / name / ssh.CONTROL_SOCKET)) > 108
     env = {**os.environ, "RACKER_HOME": str(home)}
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(disk), name], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

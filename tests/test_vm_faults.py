@@ -36,7 +36,7 @@ def _qemu_pids(name: str) -> set[int]:
 
 def _assert_nothing_left(name: str) -> None:
     assert machines.load("qemu", name) is None, "registry record left"
-    assert not (store.home() / "run" / name).exists(), "run directory (overlay, seed, sockets) left"
+    assert not (store.home() / "run" / "qemu" / name).exists(), "run directory (overlay, seed, sockets) left"
     deadline = time.monotonic() + 10
     while _qemu_pids(name) and time.monotonic() < deadline:
         time.sleep(0.1)

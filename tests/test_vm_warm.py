@@ -111,7 +111,7 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
         assert qemu.SSH_MASTER in machines.helpers(machines.load("qemu", clones[0].name)), "the other process used SSH"
         assert clones[0].check_output(["id", "-u"]) == "0\n", "and this one still has its agent"
         ports = {vm.endpoint.port for vm in clones if vm.endpoint}
-        assert len(ports) == 2 and len({vm.rundir for vm in clones}) == 2 and len({vm.qmp_name() for vm in clones}) == 2
+        assert len(ports) == 2 and len({vm.rundir for vm in clones}) == 2 and len({vm.qmp_path() for vm in clones}) == 2
         for vm in clones:
             # The snapshotted VM's identity, and the host's time, not the save's.
             assert vm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == warm_store["identity"]

@@ -1,0 +1,232 @@
+"""Issue 22, items 1, 3 and 4: racker's control channels are root's alone, each machine and VM
+has a place of its own, and what is private stays so whatever the umask.
+
+The VM part boots debian-bookworm once: a warm VM's first boot (cold, then it saves the
+disk's snapshot and runs on) and a clone restored from that snapshot, beside an nspawn
+machine, all started under umask 000 in a store of the module's own. Every assertion
+about sockets and modes is made on those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED_HOME
+from racker import gc, images, machines, nspawn, prepare, proc, promote, snapshots, store
+from racker.errors import NameTaken
+from racker.qemu import VM
+
+NOBODY = 65534
+
+
+def _socket_probe():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("racker_bench_socket_probe", ROOT / "bench" / "socket_probe.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _private(path: Path) -> None:
+    """Root's alone: no bit for group or others, owned by root."""
+    info = os.lstat(path)
+    assert info.st_uid == 0 and stat.S_IMODE(info.st_mode) & 0o077 == 0, f"{path} is {stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}"
+
+
+def _not_writable_by_others(path: Path) -> None:
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    assert mode & 0o022 == 0, f"{path} is {mode:o}: others may write there"
+
+
+# -- the notify socket: only nspawn's own messages count ---------------------------------
+
+SEND = "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(sys.argv[2].encode(), '\\0' + sys.argv[1])"
+
+
+def test_a_notification_counts_only_from_the_process_racker_started() -> None:
+    """A forged READY=1 naming another leader, sent by another process to the bound socket, is
+    ignored; the expected sender's message is read, in the order sent."""
+    name = f"racker-test/{os.urandom(6).hex()}/notify"
+    with nspawn.notify_socket(name) as notify:
+        forged = subprocess.run([sys.executable, "-c", SEND, name, "X_NSPAWN_LEADER_PID=1\nREADY=1"], timeout=30)
+        assert forged.returncode == 0
+        # The real one stays alive until read, as systemd-nspawn does.
+        real = subprocess.Popen(
+            [sys.executable, "-c", SEND + "; sys.stdin.read()", name, "X_NSPAWN_LEADER_PID=4242\nREADY=1"], stdin=subprocess.PIPE
+        )
+        try:
+            notify.settimeout(10)
+            assert nspawn.receive_notification(notify, real.pid) is None, "the forged message counted"
+            assert nspawn.receive_notification(notify, real.pid) == {"X_NSPAWN_LEADER_PID": "4242", "READY": "1"}
+        finally:
+            real.communicate(b"", timeout=30)
+
+
+@pytest.mark.root
+def test_run_directories_are_keyed_by_kind_and_gc_finds_them_all(private_store: dict) -> None:
+    assert machines.run_dir("qemu", "box") != machines.run_dir("nspawn", "box")
+    left = [machines.run_dir("qemu", "gone-vm"), machines.run_dir("nspawn", "gone-box"), store.home() / "run" / "older-racker"]
+    for path in left:
+        path.mkdir(parents=True)
+        (path / "console.log").write_text("x")
+    removed = gc.collect()
+    assert not any(path.exists() for path in left), removed
+    assert all(any(str(path) in line for line in removed) for path in left), removed
+
+
+# -- real machines ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_forged_notification_during_a_real_boot_is_ignored(private_store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before nspawn even starts, user nobody sends READY=1 naming a process of its own as the
+    leader: the machine's leader is still its own init, and `racker exec` enters that one."""
+    os.environ["RACKER_HOME"] = str(SHARED_HOME)
+    try:
+        image = images.pull("debian-bookworm")
+    finally:
+        os.environ["RACKER_HOME"] = private_store["RACKER_HOME"]
+    decoy = subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", "sleep", "300"])
+    real_start = proc.start
+
+    def forge_first(argv, **options):  # type: ignore[no-untyped-def]
+        target = (options.get("env") or {}).get("NOTIFY_SOCKET", "")
+        if target.startswith("@"):
+            forger = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+            sent = subprocess.run(
+                [*forger, "/usr/bin/python3", "-c", SEND, target[1:], f"X_NSPAWN_LEADER_PID={decoy.pid}\nREADY=1"], timeout=30
+            )
+            assert sent.returncode == 0
+        return real_start(argv, **options)
+
+    monkeypatch.setattr(nspawn.proc, "start", forge_first)
+    try:
+        with nspawn.Machine(image) as machine:
+            assert machine.state is not None and machine.state.leader not in (0, decoy.pid)
+            assert Path(f"/proc/{machine.state.leader}/comm").read_text().strip() == "systemd"
+            assert machine.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
+    finally:
+        decoy.kill()
+        decoy.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_cli_under_umask_0_keeps_the_store_and_run_directories_closed(private_store: dict) -> None:
+    """`racker start` and `stop` run with umask 000: nothing it makes is writable by others,
+    and what is the machine's is root's alone."""
+    os.environ["RACKER_HOME"] = str(SHARED_HOME)
+    try:
+        images.pull("debian-bookworm")
+    finally:
+        os.environ["RACKER_HOME"] = private_store["RACKER_HOME"]
+    store.link_from(SHARED_HOME, "debian-bookworm")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    name = f"umask-{os.urandom(3).hex()}"
+    started = subprocess.run(
+        [sys.executable, "-m", "racker", "start", "debian-bookworm", "--name", name],
+        env=env, capture_output=True, text=True, timeout=300, umask=0,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        home = store.home()
+        private = [machines.run_dir("nspawn", name), home / "locks"]
+        for path in private:
+            _private(path)
+        for path in [home, *(p for p in home.rglob("*") if not p.is_relative_to(home / "images"))]:
+            if not path.is_symlink() and path not in private:
+                _not_writable_by_others(path)
+    finally:
+        subprocess.run([sys.executable, "-m", "racker", "stop", name], env=env, capture_output=True, timeout=120, umask=0)
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[dict]:
+    """A warm VM's first boot (cold, snapshot saved, running on), a clone restored from it and an
+    nspawn machine, all started under umask 000 in a store of the module's own.
+
+    The store is in a directory every user may pass through (pytest's own temporary
+    directories are 0700, which would keep nobody out whatever racker does)."""
+    image = images.pull("debian-bookworm")  # the shared store, built under the usual umask
+    disk = promote.cached_disk(prepare.prepare(image))
+    outer = Path(tempfile.mkdtemp(prefix="racker-sockets-", dir="/var/tmp"))
+    os.chmod(outer, 0o755)
+    home = outer / "store"
+    old = os.umask(0)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
+            patch.setenv("RACKER_HOME", str(home))
+            cold = stack.enter_context(VM(disk, warm=True))
+            assert not cold.restored_from and snapshots.all_snapshots(), "the first boot saves the snapshot"
+            warm = stack.enter_context(VM(disk, warm=True))
+            assert warm.restored_from
+            machine = stack.enter_context(nspawn.Machine(image))
+            for vm in (cold, warm):
+                vm.run(["true"], root=False)  # over SSH: each has its connection master too
+            yield {"home": home, "cold": cold, "warm": warm, "machine": machine, "disk": disk, "image": image}
+    finally:
+        os.umask(old)
+        store.remove_tree(outer)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.qemu
+def test_every_socket_of_a_machine_and_of_cold_and_warm_vms_refuses_nobody(running: dict) -> None:
+    probe = _socket_probe().probe_sockets_as_nobody(running["home"])
+    print(probe.details())
+    addresses = [t.address for t in probe.targets]
+    for vm in (running["cold"], running["warm"]):
+        # Every VM has two QMP monitors, the agent's port and an SSH master: all were found.
+        mine = [a for a in addresses if str(vm.rundir) in a or vm.state.token in a]
+        assert len(mine) >= 4, (vm.name, addresses)
+    assert not probe.accepted, probe.line()
+    assert len(probe.refused) == len(probe.targets)
+    # Refused by the kernel's permission check (or not on the host's filesystem at all: a
+    # name nspawn bound inside the container, ssh's temporary name), never for its length.
+    reasons = {os.strerror(errno.EACCES), os.strerror(errno.EPERM), os.strerror(errno.ECONNREFUSED), os.strerror(errno.ENOENT)}
+    assert set(probe.refused.values()) <= reasons, probe.details()
+    for vm in (running["cold"], running["warm"]):
+        for name in ("qmp", "qmp-shared", "agent", "ssh"):
+            assert probe.refused.get(str(vm.rundir / name)) == os.strerror(errno.EACCES), probe.details()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.qemu
+def test_what_is_private_is_root_s_alone_under_umask_0(running: dict) -> None:
+    for vm in (running["cold"], running["warm"]):
+        for path in (vm.rundir, vm.rundir / "id_ed25519", vm.rundir / "overlay.qcow2"):
+            _private(path)
+    _private(running["machine"].rundir)
+    _private(snapshots.directory())
+    for snapshot in snapshots.all_snapshots():
+        _private(snapshot.path)
+        for path in snapshot.path.iterdir():
+            _private(path)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.qemu
+def test_a_name_is_claimed_across_kinds(running: dict) -> None:
+    vm, machine = running["cold"], running["machine"]
+    with pytest.raises(NameTaken, match="in use"):
+        nspawn.Machine(running["image"], vm.name).start()
+    with pytest.raises(NameTaken, match="in use"):
+        VM(running["disk"], machine.name).start()
+    assert vm.run(["true"]).returncode == 0 and machine.run(["true"]).returncode == 0, "both still run"
+    assert vm.rundir.exists() and machine.rundir.exists()
