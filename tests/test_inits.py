@@ -228,7 +228,7 @@ def test_a_killed_racker_leaves_nothing_and_gc_cleans_up(share_image, image: sto
         assert cleaned.returncode == 0, cleaned.stderr
         assert f"removed stale nspawn record {name}" in cleaned.stdout, cleaned.stdout
         assert machines.load("nspawn", name) is None
-        assert not machines.run_dir(name).exists()
+        assert not machines.run_dir("nspawn", name).exists()
         cgroup = state.extra.get("cgroup")
         assert not cgroup or not Path(cgroup).exists(), cgroup
         assert not Path(f"/run/systemd/nspawn/propagate/{name}").exists()
