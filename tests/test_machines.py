@@ -124,7 +124,8 @@ def test_shell_with_an_image_name_boots_one(bookworm) -> None:
 
 def test_shell_with_an_image_reference_boots_it(share_image) -> None:
     """bootstrap:debian/bookworm is no machine name (it has a '/'): shell boots that image."""
-    from racker import store
+    from racker import refs, store
+    from racker.sources import recipe_for
 
     base = share_image("debian-bookworm")
     with store.workdir("test") as work:
@@ -133,7 +134,8 @@ def test_shell_with_an_image_reference_boots_it(share_image) -> None:
             "bootstrap:debian/bookworm",
             work / "rootfs",
             source="bootstrap:debian/bookworm",
-            recipe="bootstrap:debian/bookworm",
+            # the recipe a pull expects (the apt sources), so that shell finds it stored, not to be built
+            recipe=recipe_for(refs.parse("bootstrap:debian/bookworm")),
             manifest=base.manifest,
         )
     status, screen = _on_a_terminal([sys.executable, "-m", "racker", "shell", "bootstrap:debian/bookworm"], b"hostname; exit\n")
