@@ -513,7 +513,7 @@ BOOT_SPLIT = {"firmware": 1.2, "loader": 0.5, "kernel": 2.5, "userspace": 30.25,
 def catalogue_night(tmp_path: Path, name: str, failing: dict[tuple[str, str, str], str]) -> Path:
     """A night of the 4 catalogue images on both engines: every built-in check, skipped where the
     engine cannot provide what it needs (as the plugin skips it), passing unless `failing` says."""
-    images = sorted(catalog.entries())
+    images = sorted(catalog.default_set())
     records: list[dict] = [run_record(*((i, e) for i in images for e in ("nspawn", "qemu")))]
     for image in images:
         for engine in ("nspawn", "qemu"):
@@ -555,7 +555,7 @@ LAPTOP = ("--window-size=1366,768", "--disable-quic", "--disable-background-netw
 def test_the_catalogue_matrix_fits_a_laptop_screen_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 catalogue images × 2 engines × every built-in check, over 10 nights of history with
     failures and flakes: no horizontal scrolling at 1366×768, the checks nspawn cannot run on one line."""
-    images = sorted(catalog.entries())
+    images = sorted(catalog.default_set())  # what a night takes by default
     assert len(images) == 4
     check_names = [c for c, _needs in builtin_checks()]
     assert len(check_names) > 20
