@@ -121,6 +121,10 @@ def _cells(tests: dict[tuple, dict]) -> list[dict]:
                 "outcome": test["outcome"], "message": "", "log": "", "duration": 0.0, "nodeids": [], "evidence": {},
             }  # fmt: skip
         cell["nodeids"].append(test["nodeid"])
+        # What the cell's result depends on and when it ran (racker.reuse); `reused`: carried over from that night.
+        for field in ("key", "ran", "reused"):
+            if test.get(field):
+                cell[field] = test[field]
         cell["duration"] = round(cell["duration"] + float(test.get("duration") or 0), 3)
         if SEVERITY.get(test["outcome"], 3) >= SEVERITY.get(cell["outcome"], 3):
             cell["outcome"] = test["outcome"]
