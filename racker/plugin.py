@@ -237,9 +237,13 @@ def reused_cells(config: pytest.Config) -> set[tuple[str, str, str]]:
         return set()
     try:
         with open(path) as handle:
-            return {(str(image), str(engine), str(check)) for image, engine, check in json.load(handle)}
-    except (OSError, ValueError, TypeError) as error:
-        raise pytest.UsageError(f"--racker-reuse: {path} is not a JSON list of [image, engine, check] ({error})") from None
+            listed = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise pytest.UsageError(f"--racker-reuse: cannot read {path} ({error})") from None
+    cells = listed if isinstance(listed, list) else [None]
+    if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(w, str) for w in c) for c in cells):
+        raise pytest.UsageError(f"--racker-reuse: {path} is not a JSON list of [image, engine, check]")
+    return {(image, engine, check) for image, engine, check in cells}
 
 
 def check_name(item: pytest.Item) -> str:

@@ -304,6 +304,8 @@ def _md_cell(cell: dict | None) -> str:
     text = f"{MD_MARK.get(cell['outcome'], '')} {cell['outcome']}"
     if cell["outcome"] in BAD:
         text = f"{MD_MARK[cell['outcome']]} **{cell['outcome']}**"
+    if cell.get("reused"):
+        text += f" · ran {report_html.night(cell['reused'])}"
     if cell.get("label") == history.FAILING:
         text += f" · FAILING since {report_html.night(cell['first_bad'])}"
     elif cell.get("label") == history.FLAKY:
@@ -353,6 +355,10 @@ def markdown(report: dict[str, Any]) -> str:
         if passing:
             where = "every image" if shown else ", ".join(names)
             lines += [_md_escape(f"✅ {len(passing)} checks pass on {where}: {', '.join(map(fmt.check_label, passing))}."), ""]
+        kept = [c for row in matrix["rows"] for c in row["cells"] if c and c.get("reused")]
+        if kept:
+            dates = ", ".join(sorted({fmt.night(c["reused"]) for c in kept}))
+            lines += [f"♻️ {len(kept)} cells reused, their inputs unchanged: they ran {dates}.", ""]
         for title, checks in matrix["collapsed"]:
             if checks:
                 lines += [_md_escape(f"➖ {len(checks)} {title}: {', '.join(map(fmt.check_label, checks))}."), ""]

@@ -41,6 +41,7 @@ th.check { width: 22%; font-weight: normal; } th.image { font-size: .9em; }
 .strip i.pass { background: #2da44e; } .strip i.fail, .strip i.error { background: #cf222e; } .strip i.flaky { background: #d4a72c; }
 .strip i.skip { background: #afb8c1; } .strip i.none { background: #eaeef2; }
 .since { display: block; color: #656d76; font-weight: normal; }
+.reused { display: block; color: #656d76; font-weight: normal; font-style: italic; }
 .stale { font-size: .75em; background: #fff1e5; color: #953800; padding: 0 .3em; border-radius: .3em; }
 .badge { display: inline-block; padding: .1em .6em; border-radius: 1em; margin-right: .4em; }
 .changes li { margin: .2em 0; } .warning { background: #fff8c5; padding: .5em 1em; border-left: 4px solid #d4a72c; }
