@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from racker import catalog, facts, history, images, matrix, progress, report, results, reuse, store
+from racker import catalog, changes, facts, history, images, matrix, progress, report, results, reuse, sbom, store
 from racker.errors import RackerError
 from racker.shards import Shard
 
@@ -55,6 +55,7 @@ def refreshed(done: images.Refreshed) -> dict[str, Any]:
         "built": image.created if image else "",
         "checked": ((image.manifest.get("upstream") or {}).get("checked") or "") if image else "",
         "stale": done.stale,
+        "packages": changes.versions(sbom.of(image)) if image else {},
     }
     if done.stale:
         progress.warn(f"{done.error}; the night goes on with the stored image, last reached {done.last_reached}")
@@ -105,6 +106,7 @@ def run(
             if offline:
                 image = images.pull(name)
                 upstream[name] = {"image": name, "moved": None, "digest": image.digest, "built": image.created, "stale": False}
+                upstream[name]["packages"] = changes.versions(sbom.of(image))
             else:
                 upstream[name] = refreshed(images.refresh(name))
     timings["refresh"] = progress.TIMINGS[-1][1]

@@ -153,6 +153,24 @@ def host_line(run: dict) -> str:
     )
 
 
+def package_changes(said: dict) -> list[str]:
+    """A diff's packages, one phrase each: "libc6 2.36-1 → 2.36-2", "added curl 8.0", "removed wget 1.21"."""
+    return (
+        [f"{name} {was} → {now}" for name, was, now in said.get("upgraded", [])]
+        + [f"added {name} {version}" for name, version in said.get("added", [])]
+        + [f"removed {name} {version}" for name, version in said.get("removed", [])]
+    )
+
+
+def image_change(said: dict) -> str:
+    """Whether an image's upstream moved and its digest changed: "upstream moved, digest changed"."""
+    moved = {True: "upstream moved", False: "upstream unchanged", None: "upstream not asked"}[said.get("moved")]
+    if said.get("stale"):
+        moved = "upstream not reached"
+    digest = {True: "digest changed", False: "digest unchanged", None: "no earlier digest"}[said.get("digest_changed")]
+    return f"{moved}, {digest}"
+
+
 def night(generated: str) -> str:
     """A night as a cell names it: its date (the full time is in report.json)."""
     return generated[:10]
@@ -178,6 +196,8 @@ ENVIRONMENT.filters.update(
     short_digest=short_digest,
     night=night,
     host_line=host_line,
+    package_changes=package_changes,
+    image_change=image_change,
     evidence_links=evidence_links,
 )
 
