@@ -172,8 +172,10 @@ def _complete(path: Path, before: dict[str, Any] | None, kept: list[dict[str, An
     for record in records:
         if results.kind(record) == "test" and record.get("image") in digests and "key" not in record:
             record.update(key=reuse.key(digests[record["image"]], engine, record["nodeid"]), ran=ran)
+    ran_tonight = {(r.get("image"), r.get("check")) for r in records if results.kind(r) == "test"}
     for cell in kept:
-        records += reuse.records(cell)
+        if (cell["image"], cell["check"]) not in ran_tonight:  # tonight's own result wins, should a kept cell have run
+            records += reuse.records(cell)
     earlier = (before or {}).get("images", {})
     for image in sorted({c["image"] for c in kept} - booted):
         said = (earlier.get(image) or {}).get(engine) or {}

@@ -168,13 +168,14 @@ def test_each_night_carries_the_history_of_the_last_ones_forward(tmp_path: Path,
         return 1 if "fail" in tonight.values() else 0
 
     monkeypatch.setattr(nightly.images, "resolve", lambda name: SimpleNamespace(name=name))
-    monkeypatch.setattr(nightly.images, "pull", lambda name: SimpleNamespace(digest="sha256:0", created=""))
+    monkeypatch.setattr(nightly.images, "pull", lambda name: SimpleNamespace(digest="sha256:0", created="", manifest={"packages": []}))
     monkeypatch.setattr(nightly.matrix, "run", checks)
     out = tmp_path / "night"
     for number in (1, 2, 3):
         monkeypatch.setattr(nightly.report.store, "now", lambda number=number: f"2026-02-0{number}T03:00:00+00:00")
         previous = ["--previous", str(out)] if number > 1 else []
-        cli.main(["nightly", "debian-sid", "--engine", "nspawn", "--offline", "-o", str(out), *previous, "--history", "10"])
+        # --full: each night runs its stand-in checks (unchanged inputs would keep the last results).
+        cli.main(["nightly", "debian-sid", "--engine", "nspawn", "--offline", "--full", "-o", str(out), *previous, "--history", "10"])
     made = report_of(out)
     assert made["history"]["nights"] == [f"2026-02-0{n}T03:00:00+00:00" for n in (1, 2, 3)]
     cells = {c["check"]: c for c in made["cells"]}
