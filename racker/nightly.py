@@ -119,8 +119,8 @@ def run(
         with progress.step(f"{engine} checks" + (f" ({len(kept)} cells reused)" if kept else "")):
             if kept and _all_kept(before, kept, mine, engine):
                 # Nothing to run: no pytest, no boot; the results say so themselves.
-                planned = [[name, engine] for name in stored]
-                run_record = {"kind": "run", "started": started, "host": facts.host(), "planned": planned}
+                whole = [[name, engine] for name in stored]  # the whole matrix, as the plugin's run record plans it
+                run_record = {"kind": "run", "started": started, "host": facts.host(), "planned": whole}
                 path.write_text(json.dumps(run_record | _shard_fields(shard, mine)) + "\n")
                 status = 0
             else:
