@@ -8,6 +8,7 @@ tell "racker failed" from "your command failed".
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import signal
@@ -377,6 +378,9 @@ def _print_report(made: dict, output: str, previous: str | None) -> None:
 
     counts = made["counts"]
     print(f"{Path(output) / 'report.html'}: " + ", ".join(f"{counts[o]} {o}" for o in report.OUTCOMES))
+    reused = sum(1 for cell in made["cells"] if cell.get("reused"))
+    if reused:
+        print(f"{reused} of {len(made['cells'])} cells reused from earlier nights (their inputs unchanged; --full runs them)")
     if made["missing"]:
         print("no results for: " + ", ".join(f"{image} ({engine})" for image, engine in made["missing"]))
     nights = len(made["history"]["nights"])
@@ -426,6 +430,18 @@ def _nights(text: str) -> int:
     return int(text)
 
 
+def _max_age(text: str) -> dt.timedelta:
+    """--max-age: a number of days (0: reuse nothing), or hours with an h: 7, 1.5, 12h."""
+    hours = text.endswith("h")
+    try:
+        value = float(text.removesuffix("h"))
+    except ValueError:
+        value = -1.0
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected days (7) or hours (12h), 0 or more, not {text!r}")
+    return dt.timedelta(hours=value) if hours else dt.timedelta(days=value)
+
+
 def add_history_option(p: argparse.ArgumentParser) -> None:
     from racker import history
 
@@ -454,6 +470,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         shard=shard,
         window=args.history,
         offline=args.offline,
+        full=args.full,
+        max_age=args.max_age,
     )
     if night.report is None:
         # A shard: its results are half of a report; the job that gathers every shard makes it.
@@ -656,6 +674,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--shard", metavar="K/N", help="run only the K-th of N slices of the images, and write results, not the report (CI: one per runner)"
     )
     p.add_argument("--offline", action="store_true", help="test the stored images as they are: ask no upstream (pull's offline fast path)")
+    p.add_argument("--full", action="store_true", help="run every cell, none carried over from --previous")
+    p.add_argument(
+        "--max-age",
+        type=_max_age,
+        default=dt.timedelta(days=7),
+        metavar="DAYS",
+        help="carry over a --previous cell whose inputs are unchanged only if it ran less than this long ago "
+        "(days, or hours with h: 12h; default 7; 0: never)",
+    )
     add_history_option(p)
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")

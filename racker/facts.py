@@ -49,6 +49,11 @@ def _first_line(argv: list[str]) -> str:
     return lines[0] if lines else ""
 
 
+def tool_version(name: str) -> str:
+    """The first line of a host tool's --version ("" where it is missing): `name` of HOST_TOOLS."""
+    return _first_line([HOST_TOOLS[name], "--version"])
+
+
 def host() -> dict[str, Any]:
     """This host: racker, QEMU and nspawn versions, and whether VMs get KVM or TCG (never probed here)."""
     return {
@@ -57,7 +62,7 @@ def host() -> dict[str, Any]:
         "arch": platform.machine(),
         "racker": __version__,
         "python": platform.python_version(),
-        **{name: _first_line([tool, "--version"]) for name, tool in HOST_TOOLS.items()},
+        **{name: tool_version(name) for name in HOST_TOOLS},
         "accel": accel.without_probing(),
         "cpus": os.cpu_count() or 0,
     }

@@ -32,8 +32,11 @@ def run(
     verbose: bool = False,
     quiet: bool = False,
     shard: str | None = None,
+    reuse: Path | None = None,
 ) -> int:
     """pytest's exit status for the checks of `images` on `engines` (this shard's slice), results into `results`.
+
+    reuse: a JSON list of [image, engine, check] cells not to run (plugin.py's --racker-reuse).
 
     Output: pytest's dots and failures (every test's name with `verbose`);
     with `quiet`, nothing unless a person watches on a terminal: in CI or a
@@ -70,4 +73,6 @@ def run(
             argv.append(f"--junitxml={junit}")
         if shard:
             argv.append(f"--racker-shard={shard}")
+        if reuse:
+            argv.append(f"--racker-reuse={reuse}")
         return int(pytest.main(argv))

@@ -50,6 +50,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="retry a test the harness failed (a boot timeout, a guest that died booting, a lost channel) up to N times "
         "on a new machine; a pass on a retry is flaky; 0: no retries (default 1; ini: racker_retries)",
     )
+    group.addoption(
+        "--racker-reuse",
+        metavar="FILE",
+        help="a JSON list of [image, engine, check] cells whose earlier results stand: their tests are deselected (racker nightly)",
+    )
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
     parser.addini("racker_machine_scope", "how long a machine lives: function, module or session", default="module")
@@ -155,6 +160,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(plugin_fixtures.HostFixture(), "racker-host")
     chosen_shard(config)  # a bad K/N ends the run here, as a usage error
     chosen_retries(config)  # so does a bad --racker-retries
+    reused_cells(config)  # and a --racker-reuse that is not a list of cells
     attached(config)  # a name that runs nothing ends the run here, as a usage error
     path = config.getoption("--racker-results")
     if path and not hasattr(config, "workerinput"):  # the xdist controller (or a lone run) writes it
@@ -226,8 +232,46 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("_racker_target", targets, ids=ids, indirect=True, scope=machine_scope("", config))
 
 
+def reused_cells(config: pytest.Config) -> set[tuple[str, str, str]]:
+    """The cells --racker-reuse names, as (image, engine, check)."""
+    path = config.getoption("--racker-reuse", None)
+    if not path:
+        return set()
+    try:
+        with open(path) as handle:
+            listed = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise pytest.UsageError(f"--racker-reuse: cannot read {path} ({error})") from None
+    cells = listed if isinstance(listed, list) else [None]
+    if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(w, str) for w in c) for c in cells):
+        raise pytest.UsageError(f"--racker-reuse: {path} is not a JSON list of [image, engine, check]")
+    return {(image, engine, check) for image, engine, check in cells}
+
+
+def check_name(item: pytest.Item) -> str:
+    """The check a test is a cell of: its function's name, without parameters (as results.py names it)."""
+    return item.nodeid.split("::")[-1].split("[")[0]
+
+
+def _deselect_reused(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the tests of cells whose earlier results stand: an image none of whose tests are
+    left is never booted."""
+    reused = reused_cells(config)
+    if not reused:
+        return
+    kept, dropped = [], []
+    for item in items:
+        target = _target_of(item)
+        cell = (target.image, target.engine, check_name(item)) if target else None
+        (dropped if cell in reused else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks we add
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_reused(config, items)
     for item in items:
         target = _target_of(item)
         if target is None:

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from racker import history, report_html, results, store
+from racker import changes, history, report_html, results, store
 from racker.errors import ReportError
 
 FORMAT = "racker-report/1"
@@ -121,6 +121,10 @@ def _cells(tests: dict[tuple, dict]) -> list[dict]:
                 "outcome": test["outcome"], "message": "", "log": "", "duration": 0.0, "nodeids": [], "evidence": {},
             }  # fmt: skip
         cell["nodeids"].append(test["nodeid"])
+        # What the cell's result depends on and when it ran (racker.reuse); `reused`: carried over from that night.
+        for field in ("key", "ran", "reused"):
+            if test.get(field):
+                cell[field] = test[field]
         cell["duration"] = round(cell["duration"] + float(test.get("duration") or 0), 3)
         if SEVERITY.get(test["outcome"], 3) >= SEVERITY.get(cell["outcome"], 3):
             cell["outcome"] = test["outcome"]
@@ -300,11 +304,43 @@ def _md_cell(cell: dict | None) -> str:
     text = f"{MD_MARK.get(cell['outcome'], '')} {cell['outcome']}"
     if cell["outcome"] in BAD:
         text = f"{MD_MARK[cell['outcome']]} **{cell['outcome']}**"
+    if cell.get("reused"):
+        text += f" · ran {report_html.night(cell['reused'])}"
     if cell.get("label") == history.FAILING:
         text += f" · FAILING since {report_html.night(cell['first_bad'])}"
     elif cell.get("label") == history.FLAKY:
         text += f" · FLAKY, first bad {report_html.night(cell['first_bad'])}" if cell.get("first_bad") else " · FLAKY"
     return text
+
+
+MD_PACKAGES = 15  # package changes named per image or check; report.json and the page have them all
+
+
+def _md_packages(said: dict) -> str:
+    phrases = report_html.package_changes(said)
+    more = f", and {len(phrases) - MD_PACKAGES} more" if len(phrases) > MD_PACKAGES else ""
+    return _md_escape(", ".join(phrases[:MD_PACKAGES]) + more) if phrases else "no package changed"
+
+
+def _md_changes(report: dict[str, Any]) -> list[str]:
+    """The checks that went from pass to fail with their image's package changes since they last
+    passed, then what changed of each image since the previous night."""
+    lines = []
+    if report.get("regressions"):
+        lines += [f"## Went from pass to fail ({len(report['regressions'])})", ""]
+        lines += [
+            f"- {_md_escape(r['image'])} ({r['engine']}) {_md_escape(r['check'])}: passed {report_html.night(r['last_good'])}, "
+            f"failed {report_html.night(r['first_bad'])}; packages between: {_md_packages(r)}"
+            for r in report["regressions"]
+        ]
+        lines.append("")
+    if report.get("changes"):
+        lines += ["## What changed since the previous night", ""]
+        lines += [
+            f"- {_md_escape(image)}: {report_html.image_change(said)}; {_md_packages(said)}" for image, said in report["changes"].items()
+        ]
+        lines.append("")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -318,6 +354,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Generated {report['generated']}: {', '.join(f'{counts[o]} {o}' for o in OUTCOMES)}.",
         "",
     ]
+    lines += _md_changes(report)
     comparison = report["comparison"]
     if comparison:
         lines += [f"## Against {comparison['previous'] or 'the previous report'} ({comparison['previous_generated']})", ""]
@@ -349,6 +386,10 @@ def markdown(report: dict[str, Any]) -> str:
         if passing:
             where = "every image" if shown else ", ".join(names)
             lines += [_md_escape(f"✅ {len(passing)} checks pass on {where}: {', '.join(map(fmt.check_label, passing))}."), ""]
+        kept = [c for row in matrix["rows"] for c in row["cells"] if c and c.get("reused")]
+        if kept:
+            dates = ", ".join(sorted({fmt.night(c["reused"]) for c in kept}))
+            lines += [f"♻️ {len(kept)} cells reused, their inputs unchanged: they ran {dates}.", ""]
         for title, checks in matrix["collapsed"]:
             if checks:
                 lines += [_md_escape(f"➖ {len(checks)} {title}: {', '.join(map(fmt.check_label, checks))}."), ""]
@@ -406,6 +447,33 @@ def write(report: dict[str, Any], directory: Path) -> list[Path]:
     return written
 
 
+def upstream_beside(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """What the nightly's refresh found of each image (nightly.UPSTREAM_FILE, a file per shard),
+    read from beside the results files; {} where there is none."""
+    found: dict[str, dict[str, Any]] = {}
+    for directory in sorted({path.parent for path in paths}):
+        for path in sorted(directory.glob("upstream*.json")):
+            try:
+                said = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ReportError(f"cannot read {path}: {error}") from None
+            if isinstance(said, dict):
+                found.update({image: record for image, record in said.items() if isinstance(record, dict)})
+    return found
+
+
+def _what_changed(report: dict[str, Any], before: dict[str, Any] | None, upstream: dict[str, dict[str, Any]]) -> None:
+    """Per image, what changed since the previous report; per failing check, the package changes
+    since it last passed (racker.changes). The packages are kept for the next night's diff."""
+    keep = ("moved", "stale", "digest", "packages")
+    report["upstream"] = {image: {k: record[k] for k in keep if k in record} for image, record in sorted(upstream.items())}
+    report["changes"] = changes.of_images(upstream, before)
+    changes.carry(report, before)
+    for said in report["changes"].values():
+        said.pop("changed")
+    report["regressions"] = changes.regressions(report)
+
+
 def make(paths: list[Path], directory: Path, previous: Path | None = None, window: int = history.WINDOW) -> dict[str, Any]:
     """Build, compare and carry the history forward (the previous report is read before anything
     is written: it may be in `directory`), and write."""
@@ -414,6 +482,7 @@ def make(paths: list[Path], directory: Path, previous: Path | None = None, windo
     if before is not None:
         report["comparison"] = compare(report, before, str(previous))
     history.carry(report, before, window)
+    _what_changed(report, before, upstream_beside(paths))
     _relink(report, directory)
     write(report, directory)
     return report

@@ -41,6 +41,7 @@ th.check { width: 22%; font-weight: normal; } th.image { font-size: .9em; }
 .strip i.pass { background: #2da44e; } .strip i.fail, .strip i.error { background: #cf222e; } .strip i.flaky { background: #d4a72c; }
 .strip i.skip { background: #afb8c1; } .strip i.none { background: #eaeef2; }
 .since { display: block; color: #656d76; font-weight: normal; }
+.reused { display: block; color: #656d76; font-weight: normal; font-style: italic; }
 .stale { font-size: .75em; background: #fff1e5; color: #953800; padding: 0 .3em; border-radius: .3em; }
 .badge { display: inline-block; padding: .1em .6em; border-radius: 1em; margin-right: .4em; }
 .changes li { margin: .2em 0; } .warning { background: #fff8c5; padding: .5em 1em; border-left: 4px solid #d4a72c; }
@@ -152,6 +153,24 @@ def host_line(run: dict) -> str:
     )
 
 
+def package_changes(said: dict) -> list[str]:
+    """A diff's packages, one phrase each: "libc6 2.36-1 → 2.36-2", "added curl 8.0", "removed wget 1.21"."""
+    return (
+        [f"{name} {was} → {now}" for name, was, now in said.get("upgraded", [])]
+        + [f"added {name} {version}" for name, version in said.get("added", [])]
+        + [f"removed {name} {version}" for name, version in said.get("removed", [])]
+    )
+
+
+def image_change(said: dict) -> str:
+    """Whether an image's upstream moved and its digest changed: "upstream moved, digest changed"."""
+    moved = {True: "upstream moved", False: "upstream unchanged", None: "upstream not asked"}[said.get("moved")]
+    if said.get("stale"):
+        moved = "upstream not reached"
+    digest = {True: "digest changed", False: "digest unchanged", None: "no earlier digest"}[said.get("digest_changed")]
+    return f"{moved}, {digest}"
+
+
 def night(generated: str) -> str:
     """A night as a cell names it: its date (the full time is in report.json)."""
     return generated[:10]
@@ -177,6 +196,8 @@ ENVIRONMENT.filters.update(
     short_digest=short_digest,
     night=night,
     host_line=host_line,
+    package_changes=package_changes,
+    image_change=image_change,
     evidence_links=evidence_links,
 )
 

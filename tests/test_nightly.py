@@ -168,13 +168,14 @@ def test_each_night_carries_the_history_of_the_last_ones_forward(tmp_path: Path,
         return 1 if "fail" in tonight.values() else 0
 
     monkeypatch.setattr(nightly.images, "resolve", lambda name: SimpleNamespace(name=name))
-    monkeypatch.setattr(nightly.images, "pull", lambda name: SimpleNamespace(digest="sha256:0", created=""))
+    monkeypatch.setattr(nightly.images, "pull", lambda name: SimpleNamespace(digest="sha256:0", created="", manifest={"packages": []}))
     monkeypatch.setattr(nightly.matrix, "run", checks)
     out = tmp_path / "night"
     for number in (1, 2, 3):
         monkeypatch.setattr(nightly.report.store, "now", lambda number=number: f"2026-02-0{number}T03:00:00+00:00")
         previous = ["--previous", str(out)] if number > 1 else []
-        cli.main(["nightly", "debian-sid", "--engine", "nspawn", "--offline", "-o", str(out), *previous, "--history", "10"])
+        # --full: each night runs its stand-in checks (unchanged inputs would keep the last results).
+        cli.main(["nightly", "debian-sid", "--engine", "nspawn", "--offline", "--full", "-o", str(out), *previous, "--history", "10"])
     made = report_of(out)
     assert made["history"]["nights"] == [f"2026-02-0{n}T03:00:00+00:00" for n in (1, 2, 3)]
     cells = {c["check"]: c for c in made["cells"]}
@@ -243,3 +244,59 @@ def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> N
     args = cli.parse(words[3:])
     assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli.cmd_nightly, [], "all", None, None)
     assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
+
+
+# --- a night costs only what changed (racker.reuse) -------------------------------------
+
+
+def _tonight(directory: Path) -> tuple[list[dict], list[dict]]:
+    """(test records, image records) of a night's nspawn results."""
+    records = [json.loads(line) for line in (directory / "results-nspawn.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("kind") == "test"], [r for r in records if r.get("kind") == "image"]
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_second_night_with_nothing_changed_reuses_every_cell_and_boots_nothing(tmp_path: Path) -> None:
+    night = ["nightly", "debian-bookworm", "--engine", "nspawn", "--offline", "-n", "0"]
+    first = racker(*night, "-o", str(tmp_path / "1"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    tests, booted = _tonight(tmp_path / "1")
+    assert tests and not any(t.get("reused") for t in tests) and all(t["key"] and t["ran"] for t in tests)
+    assert booted and "boot_seconds" in booted[0]  # night 1 booted the machine
+
+    second = racker(*night, "-o", str(tmp_path / "2"), "--previous", str(tmp_path / "1"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    tests2, booted2 = _tonight(tmp_path / "2")
+    ran = {t["nodeid"]: t["ran"] for t in tests}
+    assert sorted(t["nodeid"] for t in tests2) == sorted(ran)
+    assert all(t["reused"] == ran[t["nodeid"]] for t in tests2)  # each says the night it ran
+    # No machine booted: the image's only facts are night 1's, carried over.
+    assert [b.get("reused") for b in booted2] == [ran[tests[0]["nodeid"]]]
+    made = report_of(tmp_path / "2")
+    assert all(c["reused"] for c in made["cells"]) and made["counts"] == report_of(tmp_path / "1")["counts"]
+    assert "reused: ran" in (tmp_path / "2" / "report.html").read_text()
+    assert f"{len(made['cells'])} of {len(made['cells'])} cells reused" in second.stdout
+
+    # --full, or a result older than --max-age: every cell runs again (and the machine boots).
+    for option in (["--full"], ["--max-age", "0"]):
+        again = racker(*night, "-o", str(tmp_path / "again"), "--previous", str(tmp_path / "2"), *option)
+        assert again.returncode == 0, again.stdout + again.stderr
+        tests3, booted3 = _tonight(tmp_path / "again")
+        assert tests3 and not any(t.get("reused") for t in tests3), option
+        assert booted3 and "boot_seconds" in booted3[0] and "reused" not in booted3[0], option
+
+
+@pytest.mark.parametrize("text", ["-1", "x", "nan", "h"])
+def test_a_bad_max_age_is_a_usage_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse(["nightly", "-o", "x", "--max-age", text])
+    assert "--max-age" in capsys.readouterr().err
+
+
+def test_max_age_takes_days_or_hours() -> None:
+    import datetime as dt
+
+    assert cli.parse(["nightly", "-o", "x"]).max_age == dt.timedelta(days=7)
+    assert cli.parse(["nightly", "-o", "x", "--max-age", "12h"]).max_age == dt.timedelta(hours=12)
+    assert cli.parse(["nightly", "-o", "x", "--max-age", "0"]).max_age == dt.timedelta(0)
