@@ -1,0 +1,184 @@
+"""Several machines in one test (racker_machines, racker_group): a server answers a client by name on
+a private network of their own, which nothing else reaches, and which goes with its last machine,
+after a kill -9 too (racker gc). Real nspawn boots of the shared prepared images (python3 in them)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, racker
+from racker import groups, machines, named_networks, network, proc
+from racker.errors import MachineError
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+SERVER = "debian-bookworm+vm"
+CLIENT = "debian-trixie+vm"
+PORT = 8000
+GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+
+
+def serve(host, token: str) -> None:  # type: ignore[no-untyped-def]
+    """python3's HTTP server in the machine, on PORT, serving a file that holds `token`."""
+    host.check_output(f"mkdir -p /srv/www && echo {token} > /srv/www/token")
+    host.check_output(f"systemd-run --unit=web --property=WorkingDirectory=/srv/www python3 -m http.server {PORT}")
+    deadline = time.monotonic() + 30
+    while not host.socket(f"tcp://0.0.0.0:{PORT}").is_listening:
+        assert time.monotonic() < deadline, "the HTTP server did not start"
+        time.sleep(0.2)
+
+
+def address(host) -> str:  # type: ignore[no-untyped-def]
+    return host.machine.state.extra["network"]["address"]
+
+
+def links(prefix: str) -> list[str]:
+    return sorted(name for name in os.listdir("/sys/class/net") if name.startswith(prefix))
+
+
+def test_a_server_answers_its_client_by_name_and_nothing_else_reaches_them(racker_machines) -> None:
+    hosts = racker_machines({"server": SERVER, "client": CLIENT})
+    server, client = hosts["server"], hosts["client"]
+    serve(server, "hello-from-server")
+    assert client.check_output(f"python3 -c '{GET}' http://server:{PORT}/token") == "hello-from-server"
+    assert client.check_output("getent hosts server").split()[0] == address(server)
+    assert server.check_output("getent hosts client").split()[0] == address(client)
+    assert client.system_info.codename == "trixie" and server.system_info.codename == "bookworm"
+    lease = server.machine.state.extra["network"]
+    net = named_networks.get(lease["network"])
+    assert net is not None and ipaddress.ip_address(lease["address"]) in net.subnet
+    # The host holds no address on the bridge and routes nothing to it; the machines have no way out.
+    assert not json.loads(proc.run(["ip", "-j", "address", "show", "dev", net.bridge]).stdout)[0].get("addr_info")
+    assert json.loads(proc.run(["ip", "-j", "route", "get", lease["address"]]).stdout)[0].get("dev") != net.bridge
+    assert "default" not in client.check_output("ip route")
+    outside = json.loads(proc.run(["ip", "-j", "-4", "route", "get", "192.0.2.200"]).stdout)[0]["prefsrc"]  # the host's own address
+    assert client.run(f"python3 -c '{CONNECT}' {outside} 22").rc != 0
+    # Even with a route put in by hand, the host takes nothing from the bridge (racker_private's input drop).
+    client.check_output(f"ip route add {outside}/32 dev eth0")
+    assert client.run(f"python3 -c '{CONNECT}' {outside} 22").rc != 0
+
+
+def test_two_groups_at_once_never_meet(racker_machines) -> None:
+    """Started at the same moment, with the same names: distinct bridges and subnets, each client
+    its own server, and a frame sent at the other group's server goes nowhere."""
+    found: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def boot(tag: str) -> None:
+        try:
+            found[tag] = racker_machines({"server": SERVER, "client": SERVER})
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=boot, args=(tag,)) for tag in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    a, b = found["a"], found["b"]
+    lease_a, lease_b = (g["server"].machine.state.extra["network"] for g in (a, b))
+    assert lease_a["bridge"] != lease_b["bridge"]
+    subnets = [named_networks.get(lease["network"]).subnet for lease in (lease_a, lease_b)]  # type: ignore[union-attr]
+    assert not subnets[0].overlaps(subnets[1])
+    serve(a["server"], "server-of-a")
+    serve(b["server"], "server-of-b")
+    assert a["client"].check_output(f"python3 -c '{GET}' http://server:{PORT}/token") == "server-of-a"
+    assert b["client"].check_output(f"python3 -c '{GET}' http://server:{PORT}/token") == "server-of-b"
+    # a's client, given a route onto b's subnet by hand, still cannot reach b's server: separate bridges.
+    a["client"].check_output(f"ip route add {subnets[1]} dev eth0")
+    assert a["client"].run(f"python3 -c '{CONNECT}' {address(b['server'])} {PORT}").rc != 0
+
+
+@pytest.mark.racker_machines(web=SERVER, probe=SERVER)
+def test_the_mark_names_the_machines(racker_group) -> None:
+    assert set(racker_group) == {"web", "probe"}
+    assert racker_group["probe"].check_output("getent hosts web").split()[0] == address(racker_group["web"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"server": SERVER, "Server": SERVER}, "two machines are named 'server' and 'Server': one name each"),
+        ({"under_score": SERVER}, "'under_score' is not a valid host name"),
+        ({"web-": SERVER}, "'web-' is not a valid host name"),
+        ({"server": {"image": SERVER, "engine": "lxc"}}, "machine 'server': engine 'lxc' cannot join a group yet"),
+        ({}, "a group names its machines: {NAME: IMAGE, …}"),
+    ],
+)
+def test_bad_groups_are_one_error_and_make_nothing(spec, message) -> None:  # type: ignore[no-untyped-def]
+    before = (links("rkn-"), links("rkv-"), sorted(p.name for p in named_networks.networks_dir().iterdir()))
+    with pytest.raises(MachineError) as raised:
+        groups.Group(spec).start()
+    assert str(raised.value) == message
+    assert (links("rkn-"), links("rkv-"), sorted(p.name for p in named_networks.networks_dir().iterdir())) == before
+
+
+KILLED = """\
+import time
+
+def test_hold(racker_machines):
+    racker_machines({{"server": "{image}", "client": "{image}"}})
+    time.sleep(600)
+"""
+
+
+def test_sigkill_of_the_run_then_gc_leaves_no_bridge_veth_claim_or_rule(tmp_path: Path, share_image, private_store) -> None:
+    image = share_image("debian-bookworm", prepared=True)  # into a store of the test's own, which gc may clean
+    suite = tmp_path / "suite"  # beside the private store, never above it: pytest would collect the images
+    suite.mkdir()
+    (suite / "test_hold.py").write_text(KILLED.format(image=image.name))
+    env = {**os.environ, **private_store, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-c", os.devnull, str(suite)]
+    run = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        mine: list[named_networks.Network] = []
+        while time.monotonic() < deadline and run.poll() is None:
+            mine = [n for n in named_networks.all_networks() if n.owner and n.owner[0] == run.pid]
+            claims = mine[0].members().values() if mine else []
+            booted = [
+                s
+                for d in claims
+                if (s := machines.load_file(Path(d["record"]), d["kind"], d["name"])) and s.extra.get("machined") is not None
+            ]
+            if len(booted) == 2:  # both up: the test is running
+                break
+            time.sleep(0.3)
+        assert mine, run.stdout.read().decode() if run.poll() is not None else "no group came up"  # type: ignore[union-attr]
+        net = mine[0]
+        members = net.members()
+        states = [machines.load_file(Path(d["record"]), d["kind"], d["name"]) for d in members.values()]
+        assert len(members) == 2 and all(states)
+        assert net.bridge in links("rkn-") and {d["host_if"] for d in members.values()} <= set(links("rkv-"))
+        # The whole run at once: pytest, and the nspawns (which would otherwise shut their machines down).
+        os.killpg(run.pid, signal.SIGKILL)
+        for state in states:
+            os.kill(state.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        run.wait(10)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    collected = racker("gc", env=private_store)
+    assert collected.returncode == 0, collected.stderr
+    assert named_networks.get(net.name) is None, collected.stdout
+    assert net.bridge not in links("rkn-")
+    assert not {d["host_if"] for d in members.values()} & set(links("rkv-"))
+    assert str(net.subnet).replace("/", "_") not in os.listdir(network.subnet_claims_dir())
+    assert not any(proc.alive(s.leader, s.leader_start, s.boot_id) for s in states)  # type: ignore[union-attr]
+    if not named_networks.all_networks():
+        assert named_networks.TABLE not in proc.run(["nft", "list", "tables"]).stdout
