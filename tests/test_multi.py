@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,10 +64,16 @@ def test_a_server_answers_its_client_by_name_and_nothing_else_reaches_them(racke
     assert json.loads(proc.run(["ip", "-j", "route", "get", lease["address"]]).stdout)[0].get("dev") != net.bridge
     assert "default" not in client.check_output("ip route")
     outside = json.loads(proc.run(["ip", "-j", "-4", "route", "get", "192.0.2.200"]).stdout)[0]["prefsrc"]  # the host's own address
-    assert client.run(f"python3 -c '{CONNECT}' {outside} 22").rc != 0
-    # Even with a route put in by hand, the host takes nothing from the bridge (racker_private's input drop).
-    client.check_output(f"ip route add {outside}/32 dev eth0")
-    assert client.run(f"python3 -c '{CONNECT}' {outside} 22").rc != 0
+    with socket.socket() as listener:  # on every address of the host
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert client.run(f"python3 -c '{CONNECT}' {outside} {port}").rc != 0
+        # Even with a route put in by hand, the host takes nothing from the bridge (racker_private's input drop).
+        client.check_output(f"ip route add {outside}/32 dev eth0")
+        assert client.run(f"python3 -c '{CONNECT}' {outside} {port}").rc != 0
+        # Not even half a connection: the host's answer would go out of its default route, and be lost.
+        assert not proc.run(["ss", "-tnH", "state", "syn-recv", f"sport = :{port}"]).stdout.strip()
 
 
 def test_two_groups_at_once_never_meet(racker_machines) -> None:
