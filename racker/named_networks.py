@@ -289,9 +289,11 @@ class Member(network.Loopback):
         with network.locked():
             net = lookup(self.net.name)  # it may have been removed meanwhile
             _reap_members(net)
-            taken = {str(data.get("alias", "")).lower() for data in net.members().values()}
-            if alias.lower() in taken:
-                raise MachineError(f"network {net.name!r} has a machine named {alias!r} already", hint="give each machine its own name")
+            taken = {str(data.get("alias", "")).lower(): data.get("alias") for data in net.members().values()}
+            if alias.lower() in taken:  # host names are not case-sensitive
+                raise MachineError(
+                    f"network {net.name!r} has a machine named {taken[alias.lower()]!r} already", hint="give each machine its own name"
+                )
             claim = {
                 "record": str(machines.record_path(state.kind, state.name)),
                 "kind": state.kind,

@@ -189,3 +189,73 @@ def test_sigkill_of_the_run_then_gc_leaves_no_bridge_veth_claim_or_rule(tmp_path
     assert not any(proc.alive(s.leader, s.leader_start, s.boot_id) for s in states)  # type: ignore[union-attr]
     if not named_networks.all_networks():
         assert named_networks.TABLE not in proc.run(["nft", "list", "tables"]).stdout
+
+
+# -- the command line: racker network create|ls|rm, racker start|run --network NAME ---------------
+
+
+@pytest.fixture
+def cli_network(share_image, private_store):  # type: ignore[no-untyped-def]
+    """A network made with `racker network create`, and the prepared bookworm in a private store: (name, image, env)."""
+    image = share_image("debian-bookworm", prepared=True)
+    name = f"t-{os.urandom(3).hex()}"
+    made = racker("network", "create", name, env=private_store)
+    assert made.returncode == 0, made.stderr
+    yield name, image.name, private_store
+    racker("stop", "--all", env=private_store)
+    racker("network", "rm", name, env=private_store)
+
+
+def test_cli_machines_on_a_named_network_resolve_each_other(cli_network) -> None:
+    name, image, env = cli_network
+    for machine in ("web", "probe"):
+        started = racker("start", "--network", name, "--name", machine, image, env=env)
+        assert started.returncode == 0, started.stderr
+    listed = json.loads(racker("network", "ls", "--json", env=env).stdout)
+    mine = next(n for n in listed if n["name"] == name)
+    assert set(mine["machines"]) == {"web", "probe"}
+    assert racker("exec", "web", "--", "sh", "-c", "mkdir -p /srv/www && echo served-by-web > /srv/www/token", env=env).returncode == 0
+    serve = ["systemd-run", "--unit=web", "--property=WorkingDirectory=/srv/www", "python3", "-m", "http.server", "8000"]
+    assert racker("exec", "web", "--", *serve, env=env).returncode == 0
+    for _ in range(20):  # the server takes a moment to listen
+        fetched = racker("exec", "probe", "--", "python3", "-c", GET, "http://web:8000/token", env=env)
+        if fetched.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert fetched.returncode == 0 and fetched.stdout.strip() == "served-by-web", fetched.stderr
+    refused = racker("network", "rm", name, env=env)
+    assert (
+        refused.returncode == 125 and refused.stderr.splitlines()[0] == f"racker: error: network {name!r} has running machines: probe, web"
+    )
+    assert racker("stop", "web", "probe", env=env).returncode == 0
+    assert racker("network", "rm", name, env=env).returncode == 0
+    assert named_networks.get(name) is None and not any(n["name"] == name for n in json.loads(racker("network", "ls", "--json").stdout))
+    assert mine["bridge"] not in links("rkn-")
+
+
+def test_cli_bad_network_input_is_one_line_and_leaves_nothing(cli_network, tmp_path: Path) -> None:
+    name, image, env = cli_network
+    assert racker("start", "--network", name, "--name", "web", image, env=env).returncode == 0
+    net = named_networks.lookup(name)
+    before = (links("rkv-"), sorted(net.members()), net.hosts_file.read_text())
+    shared = {"RACKER_HOME": "/var/lib/racker-tests"}  # another store: a registry of its own, the host's networks
+    cases = [
+        (("run", "--network", "nosuch", image, "--", "true"), env, "racker: error: no network named 'nosuch'"),
+        (("start", "--network", name, "--name", "web-", image), env, "racker: error: 'web-' is not a valid host name"),
+        (("start", "--network", name, "--name", "web", image), env, "racker: error: machine name 'web' is already in use"),
+        (("start", "--network", name, "--name", "WEB", "debian-bookworm+vm"), shared,
+         f"racker: error: network {name!r} has a machine named 'web' already"),
+        (("network", "create", name), env, f"racker: error: network {name!r} already exists"),
+        (("network", "create", "nat"), env, "racker: error: invalid network name 'nat'"),
+        (("start", "--network", name, "--publish", "8080:80", image), env,
+         "racker: error: --publish needs --network nat: a private network is not reachable from the host"),
+    ]  # fmt: skip
+    try:
+        for argv, where, message in cases:
+            done = racker(*argv, env=where)
+            assert done.returncode == 125 and done.stderr.splitlines()[0] == message, (argv, done.stderr)
+            assert len(done.stderr.splitlines()) <= 2, done.stderr  # the error and its hint
+            assert (links("rkv-"), sorted(net.members()), net.hosts_file.read_text()) == before, argv
+        assert [s.name for s in machines.all_states("nspawn")] == ["web"]
+    finally:
+        racker("stop", "WEB", env=shared)  # should it have started after all
