@@ -259,3 +259,49 @@ def test_cli_bad_network_input_is_one_line_and_leaves_nothing(cli_network, tmp_p
         assert [s.name for s in machines.all_states("nspawn")] == ["web"]
     finally:
         racker("stop", "WEB", env=shared)  # should it have started after all
+
+
+TWO_AT_ONCE = """\
+import os, time
+from pathlib import Path
+
+GET = "import urllib.request; print(urllib.request.urlopen('http://server:8000/token', timeout=10).read().decode())"
+
+def group_test(racker_machines, tag):
+    hosts = racker_machines({{"server": "{image}", "client": "{image}"}})
+    hosts["server"].check_output(f"mkdir -p /srv && echo {{tag}} > /srv/token")
+    hosts["server"].check_output("systemd-run --unit=web --property=WorkingDirectory=/srv python3 -m http.server 8000")
+    lease = hosts["server"].machine.state.extra["network"]
+    Path("{shared}", tag).write_text(lease["network"] + " " + lease["address"])
+    deadline = time.monotonic() + 120
+    while len(os.listdir("{shared}")) < 2:  # both groups up at the same time
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for _ in range(40):
+        got = hosts["client"].run(f"python3 -c \\"{{GET}}\\"")
+        if got.rc == 0:
+            break
+        time.sleep(0.25)
+    assert got.stdout.strip() == tag, got.stderr
+
+def test_a(racker_machines):
+    group_test(racker_machines, "a")
+
+def test_b(racker_machines):
+    group_test(racker_machines, "b")
+"""
+
+
+def test_two_group_tests_at_once_under_xdist(tmp_path: Path, share_image, private_store) -> None:
+    image = share_image("debian-bookworm", prepared=True)
+    suite, shared = tmp_path / "suite", tmp_path / "shared"
+    suite.mkdir()
+    shared.mkdir()
+    (suite / "test_two.py").write_text(TWO_AT_ONCE.format(image=image.name, shared=shared))
+    env = {**os.environ, **private_store, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2", "-c", os.devnull, str(suite)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+    networks = {tag.name: tag.read_text().split() for tag in shared.iterdir()}
+    assert networks["a"][0] != networks["b"][0]  # two networks, at the same time
+    assert all(named_networks.get(n) is None for n, _address in networks.values())  # and both gone with their tests
