@@ -141,40 +141,60 @@ def test_hold(racker_machines):
 """
 
 
-def test_sigkill_of_the_run_then_gc_leaves_no_bridge_veth_claim_or_rule(tmp_path: Path, share_image, private_store) -> None:
-    image = share_image("debian-bookworm", prepared=True)  # into a store of the test's own, which gc may clean
+def hold_a_group(tmp_path: Path, image: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """A pytest run whose test holds a two-machine group: (the run, its network, the claims, the records), once both are up."""
     suite = tmp_path / "suite"  # beside the private store, never above it: pytest would collect the images
     suite.mkdir()
-    (suite / "test_hold.py").write_text(KILLED.format(image=image.name))
-    env = {**os.environ, **private_store, "PYTHONPATH": str(ROOT)}
+    (suite / "test_hold.py").write_text(KILLED.format(image=image))
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-c", os.devnull, str(suite)]
+    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     run = subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
+    deadline = time.monotonic() + 180
+    mine: list[named_networks.Network] = []
+    while time.monotonic() < deadline and run.poll() is None:
+        mine = [n for n in named_networks.all_networks() if n.owner and n.owner[0] == run.pid]
+        claims = mine[0].members().values() if mine else []
+        states = [
+            s for d in claims if (s := machines.load_file(Path(d["record"]), d["kind"], d["name"])) and s.extra.get("machined") is not None
+        ]
+        if len(states) == 2:  # both up: the test is running
+            break
+        time.sleep(0.3)
+    if not mine or run.poll() is not None:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(10)
+        raise AssertionError(run.stdout.read().decode())  # type: ignore[union-attr]
+    net = mine[0]
+    members = net.members()
+    assert net.bridge in links("rkn-") and {d["host_if"] for d in members.values()} <= set(links("rkv-"))
+    return run, net, members, states
+
+
+def test_ctrl_c_of_the_run_leaves_no_network(tmp_path: Path, share_image, private_store) -> None:
+    image = share_image("debian-bookworm", prepared=True)
+    run, net, members, states = hold_a_group(tmp_path, image.name, private_store)
+    os.kill(run.pid, signal.SIGINT)
     try:
-        deadline = time.monotonic() + 180
-        mine: list[named_networks.Network] = []
-        while time.monotonic() < deadline and run.poll() is None:
-            mine = [n for n in named_networks.all_networks() if n.owner and n.owner[0] == run.pid]
-            claims = mine[0].members().values() if mine else []
-            booted = [
-                s
-                for d in claims
-                if (s := machines.load_file(Path(d["record"]), d["kind"], d["name"])) and s.extra.get("machined") is not None
-            ]
-            if len(booted) == 2:  # both up: the test is running
-                break
-            time.sleep(0.3)
-        assert mine, run.stdout.read().decode() if run.poll() is not None else "no group came up"  # type: ignore[union-attr]
-        net = mine[0]
-        members = net.members()
-        states = [machines.load_file(Path(d["record"]), d["kind"], d["name"]) for d in members.values()]
-        assert len(members) == 2 and all(states)
-        assert net.bridge in links("rkn-") and {d["host_if"] for d in members.values()} <= set(links("rkv-"))
+        run.wait(60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    assert named_networks.get(net.name) is None and net.bridge not in links("rkn-")
+    assert not {d["host_if"] for d in members.values()} & set(links("rkv-"))
+    assert not any(proc.alive(s.leader, s.leader_start, s.boot_id) for s in states)
+
+
+def test_sigkill_of_the_run_then_gc_leaves_no_bridge_veth_claim_or_rule(tmp_path: Path, share_image, private_store) -> None:
+    image = share_image("debian-bookworm", prepared=True)  # into a store of the test's own, which gc may clean
+    run, net, members, states = hold_a_group(tmp_path, image.name, private_store)
+    try:
         # The whole run at once: pytest, and the nspawns (which would otherwise shut their machines down).
         os.killpg(run.pid, signal.SIGKILL)
         for state in states:
-            os.kill(state.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            os.kill(state.pid, signal.SIGKILL)
         run.wait(10)
     finally:
         if run.poll() is None:
