@@ -325,3 +325,13 @@ def test_two_group_tests_at_once_under_xdist(tmp_path: Path, share_image, privat
     networks = {tag.name: tag.read_text().split() for tag in shared.iterdir()}
     assert networks["a"][0] != networks["b"][0]  # two networks, at the same time
     assert all(named_networks.get(n) is None for n, _address in networks.values())  # and both gone with their tests
+
+
+def test_racker0_and_private_networks_never_share_a_subnet(cli_network) -> None:
+    """A private network's subnet has no host route; racker0, made after it, still steers clear (its claim)."""
+    name, image, env = cli_network
+    private = named_networks.lookup(name).subnet
+    ran = racker("run", "--network", "nat", image, "--", "ip", "-4", "-o", "address", "show", "eth0", env=env)
+    assert ran.returncode == 0, ran.stderr
+    nat_address = ipaddress.ip_address(ran.stdout.split()[3].split("/")[0])
+    assert nat_address not in private, (nat_address, private)
