@@ -57,7 +57,7 @@ def test_vm_run_applies_the_user_data(tmp_path: Path) -> None:
         "--",
         "sh",
         "-c",
-        "cat /etc/from-user-data /run/racker-runcmd",
+        "cat /etc/from-user-data; echo; cat /run/racker-runcmd",
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
