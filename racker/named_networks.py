@@ -247,6 +247,7 @@ def _write_hosts(net: Network) -> None:
         names = [data.get("alias", ""), data.get("name", "")]
         lines.append(f"{address}\t{' '.join(dict.fromkeys(n for n in names if n))}\n")
     with open(net.hosts_file, "w") as handle:
+        os.fchmod(handle.fileno(), 0o644)  # every user in the machines reads /etc/hosts, whatever racker's umask
         handle.write("".join(lines))
 
 
@@ -332,6 +333,7 @@ class Member(network.Loopback):
         unmanaged.write_text(
             f"# racker configures {network.GUEST_IF} from the host\n[Match]\nName={network.GUEST_IF}\n\n[Link]\nUnmanaged=yes\n"
         )
+        unmanaged.chmod(0o644)  # systemd-networkd reads it as a user of its own
         return [
             f"--network-veth-extra={self.lease['host_if']}:{network.GUEST_IF}",
             f"--bind-ro={self.net.hosts_file}:/etc/hosts",
