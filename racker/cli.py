@@ -219,9 +219,10 @@ def _login_shell(machine: Machine, login: Login | None = None) -> list[str]:
     return ["/bin/bash", "-l"] if has_bash else ["/bin/sh", "-l"]
 
 
-def _network(args: argparse.Namespace) -> dict:
-    """Machine(...) keywords for --network and --publish (checked before anything is pulled or booted)."""
-    from racker import network
+def _network(args: argparse.Namespace, name: str | None = None) -> dict:
+    """Machine(...) keywords for --network and --publish (checked before anything is pulled or booted).
+    A private network (racker network create) must exist, and `name`, the machine's, be a host name there."""
+    from racker import named_networks, network
 
     publish = [network.parse_publish(spec) for spec in args.publish]
     mode = args.network
@@ -229,7 +230,9 @@ def _network(args: argparse.Namespace) -> dict:
         if mode != "nat":
             raise errors.MachineError("--allow-link-local opens link-local addresses to a nat machine", hint="add --network nat")
         mode = "nat+link-local"
-    network.for_mode(mode, publish)
+    named_networks.for_mode(mode, publish)
+    if mode not in network.MODES and name is not None:
+        named_networks.check_hostname(name)  # the others resolve it by its name
     return {"network_mode": mode, "publish": publish}
 
 
@@ -241,12 +244,12 @@ def _login(machine: Machine, user: str | None) -> Login | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
-    options = _network(args)
+    options = _network(args, args.name)
     if args.no_boot:
         from racker import images, nspawn
 
-        if args.network == "nat":
-            raise errors.MachineError("--network nat needs a booted machine", hint="drop --no-boot")
+        if args.network not in ("none", "private"):
+            raise errors.MachineError(f"--network {args.network} needs a booted machine", hint="drop --no-boot")
         return nspawn.run_unbooted(images.pull(args.image, **_pull_options(args)), args.command, tty=args.tty)
     image = _bootable(args.image, args)
     with Machine(image, args.name, boot_timeout=args.timeout, **options) as machine:
@@ -257,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from racker.nspawn import Machine
 
-    options = _network(args)
+    options = _network(args, args.name)
     image = _bootable(args.image, args)
     machine = Machine(image, args.name, boot_timeout=args.timeout, detached=True, **options)
     with progress.step(f"booting {machine.name}"):
@@ -306,7 +309,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
                     "pid": s.pid,
                     "leader": s.leader,
                     "started": s.started,
-                    "network": nets[s.name].get("mode", "private"),
+                    "network": nets[s.name].get("network") or nets[s.name].get("mode", "private"),
                     "address": nets[s.name].get("address", ""),
                     "ports": nets[s.name].get("ports", []),
                 }
@@ -319,6 +322,35 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for s in running
     ]
     _table(rows, ["NAME", "IMAGE", "LEADER", "ADDRESS", "PORTS", "STARTED"])
+    return 0
+
+
+def cmd_network_create(args: argparse.Namespace) -> int:
+    from racker import named_networks
+
+    made = named_networks.create(args.name)
+    print(f"{made.name} {made.subnet}")
+    return 0
+
+
+def cmd_network_ls(args: argparse.Namespace) -> int:
+    from racker import named_networks
+
+    listed = named_networks.listing()
+    if args.json:
+        _print_json(listed)
+        return 0
+    rows = [[n["name"], n["bridge"], n["subnet"], ",".join(f"{k}={v}" for k, v in sorted(n["machines"].items())) or "-"] for n in listed]
+    _table(rows, ["NAME", "BRIDGE", "SUBNET", "MACHINES"])
+    return 0
+
+
+def cmd_network_rm(args: argparse.Namespace) -> int:
+    from racker import named_networks
+
+    for name in args.names:
+        named_networks.remove(name)
+        print(name)
     return 0
 
 
@@ -574,9 +606,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     def network_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--network",
-            choices=["none", "private", "nat"],
             default="private",
-            help="none and private (one mode): only lo; nat: eth0 with an address of racker's range, outbound NAT (default %(default)s)",
+            metavar="none|private|nat|NAME",
+            help="none and private (one mode): only lo; nat: eth0 with an address of racker's range, outbound NAT; "
+            "NAME: a private network (racker network create), where the others resolve the machine by its --name "
+            "(default %(default)s)",
         )
         p.add_argument(
             "-p",
@@ -686,6 +720,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_history_option(p)
 
     verb("gc", cmd_gc, "remove what killed racker processes left behind")
+
+    p = verb("network", None, "manage private networks: machines on one resolve each other by name, and nothing else reaches them")
+    networks = p.add_subparsers(dest="network_verb", required=True, metavar="ACTION")
+    q = networks.add_parser("create", help="make a network", description="make a network")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_network_create)
+    q = networks.add_parser("ls", help="list the networks and their machines", description="list the networks and their machines")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_network_ls)
+    q = networks.add_parser("rm", help="remove networks no machine is on", description="remove networks no machine is on")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    q.set_defaults(func=cmd_network_rm)
 
     command = next((word for word in (argv or []) if not word.startswith("-")), None)
     if argv is None or command is None or command in VM_VERBS:

@@ -71,12 +71,34 @@ def cmd_promote(args: argparse.Namespace) -> int:
 # -- vm ---------------------------------------------------------------------
 
 
+def read_user_data(path: str) -> dict:
+    """--user-data FILE: a #cloud-config YAML mapping, merged into the VM's seed beside racker's user."""
+    import yaml  # cloud-config is YAML
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise VMError(f"cannot read --user-data {path}: {getattr(error, 'strerror', None) or error}") from None
+    if not text.startswith("#cloud-config"):
+        raise VMError(f"--user-data {path} is not cloud-config", hint="its first line must be #cloud-config")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise VMError(f"--user-data {path} is not YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise VMError(f"--user-data {path} is not a cloud-config mapping (KEY: VALUE lines)")
+    return config
+
+
 def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-untyped-def]
     """A VM for a disk file, or for an image (promoted once to a cached disk)."""
     from racker import promote, qemu
     from racker.promote import disk
 
     size = disk.parse_size(args.disk_size) if getattr(args, "disk_size", None) else None
+    user_data = read_user_data(args.user_data) if args.user_data else None  # before anything is pulled or booted
+    if user_data is not None and args.warm:
+        raise VMError("--user-data needs a cold boot: a warm VM restores a snapshot whose cloud-init ran already", hint="drop --warm")
     common = dict(
         memory=args.memory,
         cpus=args.cpus,
@@ -85,6 +107,7 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
         disk_size=size,
         detached=detached,
         warm=args.warm,
+        user_data=user_data,
     )
     disk = disk_or_image(args.target)
     if disk is not None:
@@ -293,6 +316,11 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
         q.add_argument("--disk-size", help="grow the VM's disk (an overlay) to this size, e.g. 8G")
         q.add_argument("--timeout", type=float, default=VM_BOOT_TIMEOUT, help="seconds to wait for boot (default %(default)s)")
         q.add_argument("--warm", action="store_true", help="restore the disk's snapshot; without one, boot and save one")
+        q.add_argument(
+            "--user-data",
+            metavar="FILE",
+            help="more #cloud-config for the VM's seed (write_files, packages, runcmd…), beside racker's user and hostname",
+        )
 
     q = vm_verb("start", cmd_vm_start, "boot a disk file or an image and leave it running")
     q.add_argument("target", metavar="DISK|IMAGE")

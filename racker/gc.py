@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from racker import cgroups, machines, network, proc, snapshots, store
+from racker import cgroups, machines, named_networks, network, proc, snapshots, store
 
 
 def collect() -> list[str]:
@@ -16,6 +16,7 @@ def collect() -> list[str]:
     for kind in machines.KINDS:
         removed += machines.collect_stale(kind)
     removed += network.collect()  # after the records: a claim of a reaped machine is stale
+    removed += named_networks.collect()  # private networks: a killed test's group among them
     removed += _orphan_rundirs()
     removed += _orphan_cgroups()
     removed += _stale_workdirs()

@@ -298,8 +298,49 @@ def _host_networks() -> list[ipaddress.IPv4Network]:
     return networks
 
 
+def subnet_claims_dir() -> Path:
+    """One file per /24 that a private network of racker's (named_networks.py) holds: never racker0's."""
+    path = state_dir() / "subnets"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _claimed_subnets() -> list[ipaddress.IPv4Network]:
+    return [ipaddress.IPv4Network(p.name.replace("_", "/")) for p in subnet_claims_dir().iterdir() if not p.name.startswith(".")]
+
+
+def claim_subnet(holder: str) -> ipaddress.IPv4Network:
+    """A /24 of the range for a private network: none a host route, racker0 or another claim overlaps.
+    The claim is a file named after the subnet, holding `holder`. Under _locked()."""
+    taken = _host_networks() + _claimed_subnets()
+    if (current := _bridge_subnet()) is not None:
+        taken.append(current)
+    for subnet in network_range().subnets(new_prefix=SUBNET_PREFIX):
+        if not any(subnet.overlaps(network) for network in taken):
+            (subnet_claims_dir() / str(subnet).replace("/", "_")).write_text(holder + "\n")
+            return subnet
+    raise MachineError(f"every /{SUBNET_PREFIX} of {network_range()} is in use", hint="remove a network, or set RACKER_NETWORK_RANGE")
+
+
+def release_subnet(subnet: ipaddress.IPv4Network) -> None:
+    (subnet_claims_dir() / str(subnet).replace("/", "_")).unlink(missing_ok=True)
+
+
+def locked() -> contextlib.AbstractContextManager[None]:
+    """The host-wide network lock, for named_networks.py: one lock for racker0 and every private network."""
+    return _locked()
+
+
+def claim_live(data: dict | None) -> bool:
+    return _claim_live(data)
+
+
+def read_claim(path: Path) -> dict | None:
+    return _read_claim(path)
+
+
 def _pick_subnet() -> ipaddress.IPv4Network:
-    taken = _host_networks()
+    taken = _host_networks() + _claimed_subnets()  # a private network's subnet has no host route
     for subnet in network_range().subnets(new_prefix=SUBNET_PREFIX):
         if not any(subnet.overlaps(network) for network in taken):
             return subnet
@@ -340,6 +381,7 @@ table ip {TABLE} {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy {others};
+    iifname "rkn-*" oifname "rkn-*" accept comment "private networks (named_networks.py) decide for their bridges"
     iifname "{BRIDGE}" ip daddr {LINK_LOCAL} ip saddr != @{LINK_LOCAL_OK} drop
     iifname "{BRIDGE}" ip saddr {subnet} accept
     oifname "{BRIDGE}" ct state established,related accept

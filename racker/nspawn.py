@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, guest_env, inits, limits, logins, machines, network, proc, store
+from racker import cgroups, guest_env, inits, limits, logins, machines, named_networks, network, proc, store
 from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
@@ -54,10 +54,13 @@ class Machine(machines.Guest):
         detached: bool = False,
         network_mode: str = network.DEFAULT_MODE,
         publish: Sequence[network.Publish] = (),
+        network_alias: str | None = None,
     ) -> None:
+        """network_mode: one of network.MODES, or a private network's name (named_networks.py), which
+        the machine joins as `network_alias` (default: its name)."""
         self.image = image
         self.detached = detached
-        self.network = network.for_mode(network_mode, publish)
+        self.network = named_networks.for_mode(network_mode, publish, network_alias)
         self.name = machines.check_name(name) if name else machines.unique_name(image.name)
         self.boot_timeout = boot_timeout
         self.state: State | None = None
@@ -286,6 +289,7 @@ class Machine(machines.Guest):
             cgroups.remove(state.extra.get("cgroup"))
             machines.remove_propagate_dir(state.name)
             network.release(state)  # the bridge too, with the last machine
+            named_networks.release(state)
             self.network.close()
             machines.release(state)
             self.state = None

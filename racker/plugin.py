@@ -150,6 +150,10 @@ def pytest_configure(config: pytest.Config) -> None:
         f"unmet needs skip it; fresh=True gives it a machine of its own. Needs: {', '.join(engines.NEEDS)}",
     )
     config.addinivalue_line("markers", "destructive: the test damages its machine; racker gives it a machine of its own")
+    config.addinivalue_line(
+        "markers",
+        "racker_machines(NAME=IMAGE, ...): the machines the racker_group fixture boots on a private network of their own",
+    )
     from racker import plugin_fixtures
 
     # Registered now, after every entry-point plugin, so that our `host`

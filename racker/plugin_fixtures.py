@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import testinfra
@@ -88,13 +88,48 @@ def racker_host(racker_machine) -> Callable[..., testinfra.host.Host]:  # type: 
     return make
 
 
+@pytest.fixture
+def racker_machines() -> Iterator[Callable[..., dict[str, testinfra.host.Host]]]:
+    """racker_machines({"server": "debian-bookworm", "client": "debian-trixie"}) -> {name: testinfra Host}:
+    machines booted at once on a private network of their own, where each resolves the others by
+    these names; `.machine` of each host is racker's machine. Stopped, network and all, after the test."""
+    from racker import groups
+
+    started: list[groups.Group] = []
+
+    def make(spec: Mapping[str, object], *, boot_timeout: float | None = None) -> dict[str, testinfra.host.Host]:
+        group = groups.Group(spec, boot_timeout=boot_timeout)
+        started.append(group)
+        group.start()
+        hosts = {}
+        for name, machine in group.items():
+            hosts[name] = testinfra_backend.host_for(machine)
+            hosts[name].machine = machine
+        return hosts
+
+    yield make
+    for group in reversed(started):
+        group.stop()
+
+
+@pytest.fixture
+def racker_group(request: pytest.FixtureRequest, racker_machines) -> dict[str, testinfra.host.Host]:  # type: ignore[no-untyped-def]
+    """The machines `@pytest.mark.racker_machines(server="debian-bookworm", client=…)` names, as racker_machines gives them."""
+    mark = request.node.get_closest_marker("racker_machines")
+    if mark is None or not mark.kwargs:
+        raise pytest.UsageError(f"{request.node.nodeid}: racker_group needs @pytest.mark.racker_machines(NAME=IMAGE, …)")
+    return racker_machines(mark.kwargs)
+
+
 __all__ = [
     "HostFixture",
     "RackerError",
     "_racker_needs",
     "_racker_target",
     "racker_engine",
+    "racker_group",
     "racker_host",
     "racker_image",
     "racker_machine",
+    "racker_machines",
 ]
