@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from racker import imagetree
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -167,32 +169,20 @@ def parse_os_release(text: str) -> dict[str, str]:
     return values
 
 
-def _inside(rootfs: Path, path: str) -> Path:
-    """Resolve an absolute symlink the way it would resolve inside the image."""
-    candidate = rootfs / path.lstrip("/")
-    for _ in range(8):
-        if not candidate.is_symlink():
-            break
-        target = candidate.readlink()
-        candidate = rootfs / str(target).lstrip("/") if target.is_absolute() else candidate.parent / target
-    return candidate
-
-
 def detect(rootfs: Path) -> Distro:
+    tree = imagetree.Tree(rootfs)  # links resolve as inside the image, never on the host
     text = ""
     for path in ("etc/os-release", "usr/lib/os-release"):
-        candidate = _inside(rootfs, path)
-        if candidate.is_file():
-            text = candidate.read_text(errors="replace")
+        if tree.is_file(path):
+            text = tree.read_text(path, errors="replace")
             break
     info = parse_os_release(text)
     words = [info.get("ID", ""), *info.get("ID_LIKE", "").split()]
     managers = next((FAMILIES[w] for w in words if w in FAMILIES), ())
     # The family's first manager whose program is there; the first at all if none is (a broken image).
-    manager = next((m for m in managers if _inside(rootfs, RECIPES[m].binary).exists()), managers[0] if managers else None)
-    init = _inside(rootfs, "sbin/init")
-    has_systemd = (init.exists() and "systemd" in init.name) or any(
-        _inside(rootfs, p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+    manager = next((m for m in managers if tree.exists(RECIPES[m].binary)), managers[0] if managers else None)
+    has_systemd = (tree.exists("sbin/init") and "systemd" in Path(tree.resolve("sbin/init")).name) or any(
+        tree.exists(p) for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
     )
     return Distro(
         id=info.get("ID", "unknown"),

@@ -220,6 +220,12 @@ class Tree:
         with self._parent(rel) as (fd, name):
             return os.readlink(name, dir_fd=fd)
 
+    def resolve(self, rel: str) -> str:
+        """Where `rel` leads, links followed inside the tree: a path relative to the root."""
+        with self._fd(rel) as fd:
+            where = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        return where.relative_to(self.root.resolve()).as_posix()
+
     def listdir(self, rel: str = "") -> list[str]:
         """The names in a directory (sorted); [] when it is missing or not a directory."""
         try:

@@ -28,6 +28,7 @@ def sentinel(base: Path) -> Path:
     (host / ".ssh/id_ed25519").write_text("SECRET-PRIVATE-KEY\n")
     (host / ".ssh/authorized_keys").write_text("SECRET-AUTHORIZED\n")
     (host / "passwd").write_text("SECRET-PASSWD\n")
+    (host / ".ssh/SECRET-host-only").write_text("SECRET-NAME\n")  # a name no operation makes inside
     for path in (host, host / ".ssh"):
         path.chmod(0o755)
     return host
@@ -270,9 +271,9 @@ def _run(tree: imagetree.Tree, operation: str, rel: str) -> bytes:
         with tree.path_for_tool(rel) as path:
             return path.read_bytes() if path.is_file() else b""
     if operation == "listdir":
-        return "\n".join(tree.listdir(rel)).encode().replace(b"id_ed25519", b"SECRET")
+        return "\n".join(tree.listdir(rel)).encode()
     if operation == "glob":
-        return "\n".join(tree.glob(rel + "/*")).encode().replace(b"id_ed25519", b"SECRET")
+        return "\n".join(tree.glob(rel + "/*")).encode()
     actions = {
         "exists": lambda: tree.exists(rel),
         "unlink": lambda: tree.unlink(rel),

@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import store
+from racker import imagetree, store
 from racker.errors import PromoteError
 
 UNIT = "racker-app.service"
@@ -131,8 +131,8 @@ def resolved(app: AppSpec, tree: Path) -> AppSpec:
     for directory in search.split(":"):
         if not directory.startswith("/"):
             continue
-        candidate = tree / directory.lstrip("/") / program
-        if candidate.is_symlink() or candidate.is_file():
+        candidate = f"{directory.strip('/')}/{program}"
+        if imagetree.Tree(tree).is_symlink(candidate) or imagetree.Tree(tree).is_file(candidate):
             return dataclasses.replace(app, executable=f"{directory.rstrip('/')}/{program}")
     raise PromoteError(f"the ENTRYPOINT/CMD program {program!r} is not on the image's PATH", hint=f"PATH={search}")
 
