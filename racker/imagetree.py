@@ -22,7 +22,7 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # openat2(2): x86_64's syscall number; struct open_how {u64 flags, mode, resolve}.
@@ -355,6 +355,17 @@ class Tree:
     def utime(self, rel: str, ns: tuple[int, int]) -> None:
         with self._nofollow_fd(rel) as fd:
             os.utime(fd, ns=ns)
+
+
+@contextlib.contextmanager
+def refused(error: Callable[[str], Exception], what: str) -> Iterator[None]:
+    """An OSError from working on an image's tree (a link where a directory must be, a name
+    that is a directory) as `error`: one line saying what could not be done, and to which path."""
+    try:
+        yield
+    except OSError as failed:
+        where = f" /{str(failed.filename).lstrip('/')}" if failed.filename else ""
+        raise error(f"{what}: the image's{where} cannot be used: {failed.strerror or failed}") from None
 
 
 @contextlib.contextmanager

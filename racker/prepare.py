@@ -360,6 +360,11 @@ def _prepared_manifest(image: store.StoredImage, name: str, record: dict, distro
 
 
 def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+    with imagetree.refused(PrepareError, "cannot prepare the image"):
+        return _install_packages(rootfs, distro, packages)
+
+
+def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
     recipe = distro.recipe
     assert recipe is not None
     if not recipe.verified:
@@ -388,6 +393,11 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
 
 def configure(rootfs: Path) -> None:
     """Write the configuration every cloud VM needs and enable its services."""
+    with imagetree.refused(PrepareError, "cannot configure the image"):
+        _configure(rootfs)
+
+
+def _configure(rootfs: Path) -> None:
     tree = imagetree.Tree(rootfs)
     for rel, text in CONFIG_FILES.items():
         write_file(rootfs, rel, text)
@@ -510,7 +520,7 @@ def find_kernel(rootfs: Path) -> Kernel:
     """The newest kernel and its initramfs in /boot; PrepareError when there is none."""
     tree = imagetree.Tree(rootfs)
     found = []
-    for vmlinuz in tree.glob("boot/vmlinuz-*"):
+    for vmlinuz in tree.glob("boot/vmlinuz-*") if tree.is_dir("boot") else []:
         version = vmlinuz.removeprefix("boot/vmlinuz-")
         for initrd in (f"initrd.img-{version}", f"initramfs-{version}.img"):
             if tree.is_file(f"boot/{initrd}"):

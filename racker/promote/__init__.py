@@ -82,8 +82,9 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     if options.compress:
         formats.check_compress(fmt)
-    kernel = prepare.find_kernel(image.rootfs)
-    missing = prepare.missing_drivers(image.rootfs, kernel, fmt.drivers)
+    with imagetree.refused(PromoteError, f"cannot promote {image.name}"):
+        kernel = prepare.find_kernel(image.rootfs)
+        missing = prepare.missing_drivers(image.rootfs, kernel, fmt.drivers)
     if missing:
         flavour = prepare.kernel_for(fmt.drivers)
         raise PromoteError(
@@ -124,14 +125,15 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
         store.reading(image) as rootfs,
     ):
         overlay = work / "overlay"
-        with progress.step("writing promote's files"):
+        with progress.step("writing promote's files"), imagetree.refused(PromoteError, f"cannot promote {image.name}"):
             write_overlay(image, rootfs, overlay, layout, kernel, profile, options, fmt, cmdline)
         tree = rootfs
         if any(r.reads == "tree" for r in profile.requirements):
             with progress.step("staging the root tree"):  # for the checks only: the disk is built from rootfs
                 tree = work / "tree"
                 stage(rootfs, tree, overlay)
-        checks = profiles.verify_tree(profile, tree)
+        with imagetree.refused(PromoteError, f"cannot check {image.name}"):
+            checks = profiles.verify_tree(profile, tree)
         _raise_if_failed(profile, checks)  # before the disk is built
 
         def verify(built: Path) -> None:
@@ -339,10 +341,11 @@ def build_firecracker(
         disk.make_root(partial, rootfs_only, rootfs, overlay)
         verify(partial)
         image = imagetree.Tree(rootfs)
-        with store.output_file(work, extra["vmlinux"]) as vmlinux, image.path_for_tool(kernel.vmlinuz) as vmlinuz:
-            formats.extract_vmlinux(vmlinuz, vmlinux, work)
-        with store.output_file(work, extra["initrd"]) as initrd:
-            initrd.write_bytes(image.read_bytes(kernel.initrd))
+        with imagetree.refused(PromoteError, "cannot read the image's kernel"):
+            with store.output_file(work, extra["vmlinux"]) as vmlinux, image.path_for_tool(kernel.vmlinuz) as vmlinuz:
+                formats.extract_vmlinux(vmlinuz, vmlinux, work)
+            with store.output_file(work, extra["initrd"]) as initrd:
+                initrd.write_bytes(image.read_bytes(kernel.initrd))
         with store.output_file(work, extra["config"]) as config:
             document = formats.firecracker_config(output, extra["vmlinux"], extra["initrd"], cmdline)
             config.write_text(json.dumps(document, indent=2) + "\n")

@@ -105,6 +105,11 @@ def _readable_kinds() -> str:
 
 def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Found], work: Path, name: str) -> list[str]:
     """/usr and /boot from the filesystems the root's fstab names for them, in their places."""
+    with imagetree.refused(BadDisk, f"{name}: cannot merge /usr or /boot into the root"):
+        return _merge_mounts(raw, fd, rootfs, root, found, work, name)
+
+
+def _merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Found], work: Path, name: str) -> list[str]:
     tree = imagetree.Tree(rootfs)  # the disk's links resolve inside it, never on the host
     if tree.is_symlink("etc/fstab") or not tree.is_file("etc/fstab"):
         return []
