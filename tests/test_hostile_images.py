@@ -204,7 +204,7 @@ def prepare_steps(source: Path, hostile: Hostile | None = None, sentinel: Path |
         "    distro = distros.detect(root)\n"
         "    # The package manager (inside the container, from the network) is the prepare tests' business.\n"
         "    prepare.in_container = lambda *a, **k: types.SimpleNamespace(succeeded=False)\n"
-        "    prepare._install(root, distro, prepare.PACKAGES['apt'])\n"
+        "    prepare._install(root, distro, prepare.packages_for(distro))\n"
         "    prepare.configure(root)\n"
         "except RackerError as err:\n"
         "    print(err, file=sys.stderr)\n"
@@ -269,5 +269,6 @@ def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more
 
 def test_hostile_images_never_reach_the_host(share_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     found = run_corpus(share_image, tmp_path)
+    print(f"hostile images {found['images']}, operations tried {found['tried']}, sentinel changes {len(found['changed'])}")
     assert not found["changed"], "sentinel changed by: " + ", ".join(found["changed"]) + "\n" + "\n".join(found["misbehaved"])
     assert not found["misbehaved"], "\n".join(found["misbehaved"])
