@@ -165,7 +165,12 @@ class Tree:
         if not parts or parts[-1] == "..":
             raise IsADirectoryError(errno.EISDIR, "not a name inside the tree", rel)
         with self._fd("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY) as fd:
-            yield fd, parts[-1]
+            try:
+                yield fd, parts[-1]
+            except OSError as error:
+                if error.filename == parts[-1]:  # an *at call names the last component only
+                    error.filename = "/".join(parts)
+                raise
 
     # -- reading -------------------------------------------------------------
 

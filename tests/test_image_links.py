@@ -63,7 +63,7 @@ def hostile_tree(tmp_path: Path, style: str, links: dict[str, str], *, mirror: b
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_prepare_leaves_the_host_alone(tmp_path: Path, style: str) -> None:
+def test_prepare_leaves_the_host_alone(tmp_path: Path, style: str, monkeypatch: pytest.MonkeyPatch) -> None:
     links = {
         "var/lib/apt/lists": "dir",
         "var/cache/apt": "dir",
@@ -84,12 +84,8 @@ def test_prepare_leaves_the_host_alone(tmp_path: Path, style: str) -> None:
     assert checksum(host) == before, "remove_leftovers reached the host"
     saved = prepare._save_link_or_file(prepare.imagetree.Tree(root), "etc/resolv.conf")
     prepare._restore_link_or_file(prepare.imagetree.Tree(root), "etc/resolv.conf", saved)
-    run_in_container = prepare.in_container
-    prepare.in_container = lambda *a, **k: None  # type: ignore[assignment]  # systemctl inside: not this test's business
-    try:
-        prepare.configure(root)
-    finally:
-        prepare.in_container = run_in_container  # type: ignore[assignment]
+    monkeypatch.setattr(prepare, "in_container", lambda *a, **k: None)  # systemctl inside: not this test's business
+    prepare.configure(root)
     assert checksum(host) == before
     inside = root / str(host).lstrip("/")
     assert not (inside / "x_y").exists() and not (inside / "ssh_host_ed25519_key").exists()  # removed inside

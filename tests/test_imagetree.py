@@ -309,3 +309,11 @@ def test_both_resolvers_agree(tmp_path: Path) -> None:
             except OSError as err:
                 results.append(err.errno)
         assert results[0] == results[1], rel
+
+
+def test_refused_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    (root / "etc/cloud").symlink_to("/nowhere")
+    with pytest.raises(ValueError) as raised, imagetree.refused(ValueError, "cannot configure the image"):
+        imagetree.Tree(root).write_text("etc/cloud/cloud.cfg.d/x.cfg", "x")
+    assert str(raised.value) == "cannot configure the image: the image's /etc/cloud cannot be used: File exists"
