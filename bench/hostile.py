@@ -94,6 +94,7 @@ def main() -> int:
     figures = {
         "hostile images": found["images"],
         "operations tried": found["tried"],
+        "operations that succeeded inside the image": found["succeeded"],
         "sentinel changes (goal 0)": len(found["changed"]),
         "operations not ending in success or one line": len(found["misbehaved"]),
         "sockets probed as an unprivileged user and refused (goal: all)": hook_figure("probe_sockets_as_nobody", ("probed", "refused")),

@@ -190,7 +190,7 @@ def one_line_or_success(result: subprocess.CompletedProcess[str]) -> str | None:
     return None
 
 
-def prepare_steps(source: Path, hostile: Hostile | None = None, sentinel: Path | None = None) -> str | None:
+def prepare_steps(source: Path, hostile: Hostile | None = None, sentinel: Path | None = None) -> tuple[str | None, bool]:
     """prepare's host-side steps on a copy of the image's tree, each as the CLI would run
     them (a separate process, errors as the CLI shows them): the file writes before the
     package install, the resolv.conf save and restore around it, then configure()."""
@@ -222,7 +222,7 @@ def prepare_steps(source: Path, hostile: Hostile | None = None, sentinel: Path |
             text=True,
             timeout=600,
         )
-    return one_line_or_success(result)
+    return one_line_or_success(result), result.returncode == 0
 
 
 def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more: bool = True) -> dict:  # type: ignore[no-untyped-def]
@@ -233,11 +233,12 @@ def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more
     through promote in several formats and profiles, export and `racker check`."""
     sentinel = make_sentinel(tmp_path)
     prepared = share_image("debian-bookworm", prepared=True)
-    found: dict = {"images": 0, "tried": 0, "changed": [], "misbehaved": []}
+    found: dict = {"images": 0, "tried": 0, "succeeded": 0, "changed": [], "misbehaved": []}
     before = [checksum(sentinel)]
 
-    def record(name: str, label: str, problem: str | None) -> None:
+    def record(name: str, label: str, problem: str | None, succeeded: bool) -> None:
         found["tried"] += 1
+        found["succeeded"] += succeeded
         if problem:
             found["misbehaved"].append(f"{name} {label}: {problem}")
         if checksum(sentinel) != before[0]:
@@ -249,12 +250,12 @@ def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more
     singles = [Hostile(f"one-{rel.replace('/', '-')}-{style}", (rel,), style) for rel in LEAVES | TOPS for style in ("absolute", "dotdot")]
     for hostile in singles if more else singles[:4]:
         found["images"] += 1
-        record(hostile.name, "prepare", prepare_steps(prepared.rootfs, hostile, sentinel))
+        record(hostile.name, "prepare", *prepare_steps(prepared.rootfs, hostile, sentinel))
     out = tmp_path / "out"
     for index, hostile in enumerate(corpus):
         found["images"] += 1
         image = build(hostile, prepared, sentinel)
-        record(hostile.name, "prepare", prepare_steps(image.rootfs))
+        record(hostile.name, "prepare", *prepare_steps(image.rootfs))
         operations = dict(OPERATIONS, **(MORE if more and index == 0 else {}))
         if index < 3:
             operations["check"] = ["check", "{image}", "--results", "{out}.jsonl"]
@@ -263,12 +264,15 @@ def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more
             for leftover in tmp_path.glob("out*"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
-            record(hostile.name, label, one_line_or_success(result))
+            record(hostile.name, label, one_line_or_success(result), result.returncode == 0)
     return found
 
 
 def test_hostile_images_never_reach_the_host(share_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     found = run_corpus(share_image, tmp_path)
-    print(f"hostile images {found['images']}, operations tried {found['tried']}, sentinel changes {len(found['changed'])}")
+    print(
+        f"hostile images {found['images']}, operations tried {found['tried']} ({found['succeeded']} succeeded, "
+        f"the others refused in one line), sentinel changes {len(found['changed'])}"
+    )
     assert not found["changed"], "sentinel changed by: " + ", ".join(found["changed"]) + "\n" + "\n".join(found["misbehaved"])
     assert not found["misbehaved"], "\n".join(found["misbehaved"])
