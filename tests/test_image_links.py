@@ -142,3 +142,18 @@ def test_staging_the_overlay_stays_inside(tmp_path: Path, style: str) -> None:
     except PromoteError as error:
         assert style == "dotdot", error  # no mirror: a link to a directory the image lacks, refused in one line
     assert checksum(host) == before
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_build_mount_points_are_removed_inside_only(tmp_path: Path, style: str) -> None:
+    """buildah's empty mount points go; a path through a link (to the host) is left alone."""
+    from racker.sources import build_mounts
+
+    root, host = hostile_tree(tmp_path, style, {"run": "dir"})
+    (host / "empty").mkdir()
+    (host / "zero").write_text("")
+    (root / "data/volume").mkdir(parents=True)
+    before = checksum(host)
+    removed = build_mounts.clean(root, ["/run/empty", "/run/zero", "/data/volume"], since=0)
+    assert removed == ["/data/volume", "/data"]
+    assert checksum(host) == before
