@@ -128,11 +128,12 @@ def resolved(app: AppSpec, tree: Path) -> AppSpec:
     if "/" in program:
         return app
     search = dict(app.env).get("PATH") or DOCKER_PATH
+    image = imagetree.Tree(tree)  # the image's own links resolve inside it
     for directory in search.split(":"):
         if not directory.startswith("/"):
             continue
         candidate = f"{directory.strip('/')}/{program}"
-        if imagetree.Tree(tree).is_symlink(candidate) or imagetree.Tree(tree).is_file(candidate):
+        if image.is_symlink(candidate) or image.is_file(candidate):
             return dataclasses.replace(app, executable=f"{directory.rstrip('/')}/{program}")
     raise PromoteError(f"the ENTRYPOINT/CMD program {program!r} is not on the image's PATH", hint=f"PATH={search}")
 
