@@ -6,9 +6,10 @@ and use its recipe.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from racker import imagetree
 
 
 @dataclass(frozen=True)
@@ -168,52 +169,20 @@ def parse_os_release(text: str) -> dict[str, str]:
     return values
 
 
-def inside(rootfs: Path, path: str) -> Path:
-    """`path` resolved the way it would resolve inside the image, as if rootfs were /: every
-    link, at any depth, absolute or relative, stays in the tree (`..` stops at its top), so
-    the host never follows an image's link out of it. A missing component ends the walk:
-    the path returned then does not exist. Host code opens image files only through this."""
-    root = str(rootfs)
-    parts = [p for p in path.split("/") if p and p != "."]
-    done: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        candidate = os.path.join(root, *done, part)
-        if not os.path.islink(candidate):
-            done.append(part)
-            if not os.path.lexists(candidate):
-                return Path(os.path.join(candidate, *parts))
-            continue
-        hops += 1
-        if hops > 40:  # a loop of links (the kernel's ELOOP): a path no call finds (a NUL in it)
-            return Path(os.path.join(root, *done, part + "\0"))
-        target = os.readlink(candidate)
-        if target.startswith("/"):
-            done = []
-        parts = [p for p in target.split("/") if p and p != "."] + parts
-    return Path(os.path.join(root, *done))
-
-
 def detect(rootfs: Path) -> Distro:
+    tree = imagetree.Tree(rootfs)  # links resolve as inside the image, never on the host
     text = ""
     for path in ("etc/os-release", "usr/lib/os-release"):
-        candidate = inside(rootfs, path)
-        if candidate.is_file():
-            text = candidate.read_text(errors="replace")
+        if tree.is_file(path):
+            text = tree.read_text(path, errors="replace")
             break
     info = parse_os_release(text)
     words = [info.get("ID", ""), *info.get("ID_LIKE", "").split()]
     managers = next((FAMILIES[w] for w in words if w in FAMILIES), ())
     # The family's first manager whose program is there; the first at all if none is (a broken image).
-    manager = next((m for m in managers if inside(rootfs, RECIPES[m].binary).exists()), managers[0] if managers else None)
-    init = inside(rootfs, "sbin/init")
-    has_systemd = (init.exists() and "systemd" in init.name) or any(
-        inside(rootfs, p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+    manager = next((m for m in managers if tree.exists(RECIPES[m].binary)), managers[0] if managers else None)
+    has_systemd = (tree.exists("sbin/init") and "systemd" in Path(tree.resolve("sbin/init")).name) or any(
+        tree.exists(p) for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
     )
     return Distro(
         id=info.get("ID", "unknown"),

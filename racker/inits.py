@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from racker.distros import inside
+from racker import imagetree
 from racker.errors import UnknownInit
 from racker.proc import Result
 
@@ -174,29 +174,29 @@ def named(name: str) -> Init:
 def detect(rootfs: Path, command: Sequence[str] | None = None) -> Init | None:
     """The init that will be PID 1: `command[0]` (the image's own init command) or what nspawn
     --boot would find. None when the image has no init at all; UnknownInit for one racker does not know."""
+    tree = imagetree.Tree(rootfs)  # the image's links resolve inside it, never on the host
     candidates = [command[0]] if command else BOOT_SEARCH
-    path = next((p for p in candidates if inside(rootfs, p).is_file()), None)
+    path = next((p for p in candidates if tree.is_file(p)), None)
     if path is None:
         if command:
             raise UnknownInit(f"the image's init {command[0]} is not in the image")
         return None
-    found = inside(rootfs, path)
+    found = Path(tree.resolve(path))
     if found.name == "systemd":
         return Systemd(path="/" + path.lstrip("/"))
     if found.name in RUNIT_NAMES:
         return Runit(path="/" + path.lstrip("/"))
-    content = _read(found)
+    content = _read(tree, path)
     if SYSVINIT_MARK in content:
-        return _sysvinit(rootfs, "/" + path.lstrip("/"))
+        return _sysvinit(tree, "/" + path.lstrip("/"))
     raise UnknownInit(
         f"the image's init /{path.lstrip('/')} is {_describe(content)}, not an init racker can boot",
         hint=f"racker boots {', '.join(KNOWN)}; to boot this image with systemd, install it (systemd-sysv on Debian)",
     )
 
 
-def _sysvinit(rootfs: Path, path: str) -> SysVinit:
-    inittab = inside(rootfs, "etc/inittab")
-    text = _read(inittab).decode(errors="replace")
+def _sysvinit(tree: imagetree.Tree, path: str) -> SysVinit:
+    text = _read(tree, "etc/inittab").decode(errors="replace")
     runlevel, waits = parse_inittab(text)
     if not runlevel:
         raise UnknownInit(
@@ -204,8 +204,8 @@ def _sysvinit(rootfs: Path, path: str) -> SysVinit:
             hint="add a line such as id:2:initdefault: to /etc/inittab",
         )
     # OpenRC brings the runlevels up when the wait entries hand them to it (Debian's /etc/init.d/rc does).
-    handed = [text, *(_read(inside(rootfs, wait.split()[0])).decode(errors="replace") for wait in waits)]
-    if inside(rootfs, "sbin/openrc").is_file() and any("openrc" in part for part in handed):
+    handed = [text, *(_read(tree, wait.split()[0]).decode(errors="replace") for wait in waits)]
+    if tree.is_file("sbin/openrc") and any("openrc" in part for part in handed):
         return OpenRC(path=path, runlevel=runlevel, waits=waits)
     return SysVinit(path=path, runlevel=runlevel, waits=waits)
 
@@ -256,12 +256,17 @@ def machine_processes(leader: int) -> list[Process]:
     return found
 
 
-def _read(path: Path) -> bytes:
+def _read(tree: imagetree.Tree, rel: str) -> bytes:
+    """The first READ_LIMIT bytes of a file of the image; b"" when it cannot be read."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(READ_LIMIT)
+        fd = tree.open(rel.lstrip("/"))
     except (OSError, ValueError):
         return b""
+    with open(fd, "rb") as handle:
+        try:
+            return handle.read(READ_LIMIT)
+        except OSError:
+            return b""
 
 
 def _describe(content: bytes) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import build_leftovers, distros, fingerprint, inits, machines, proc, progress, store
+from racker import build_leftovers, distros, fingerprint, imagetree, inits, machines, proc, progress, store
 from racker.errors import PrepareError, ToolFailed, UnknownInit
 from racker.refs import PREPARED
 
@@ -381,14 +381,20 @@ def _prepared_manifest(image: store.StoredImage, name: str, record: dict, distro
 
 
 def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+    with imagetree.refused(PrepareError, "cannot prepare the image"):
+        return _install_packages(rootfs, distro, packages)
+
+
+def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
     recipe = distro.recipe
     assert recipe is not None
     if not recipe.verified:
         progress.warn(f"the {recipe.manager} recipe is unverified (no {distro.id} mirror was reachable when it was written)")
+    tree = imagetree.Tree(rootfs)
     for rel, text in packages.pre_files.items():
         write_file(rootfs, rel, text, mode=0o755 if text.startswith("#!") else 0o644)
-    resolv = rootfs / "etc" / "resolv.conf"
-    saved_resolv = _save_link_or_file(resolv)
+    resolv = "etc/resolv.conf"
+    saved_resolv = _save_link_or_file(tree, resolv)
     try:
         with progress.step("updating the package index"):
             in_container(rootfs, recipe.update, env=recipe.env)
@@ -401,41 +407,41 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
         if recipe.clean:
             in_container(rootfs, recipe.clean, env=recipe.env)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            (rootfs / "usr/sbin/policy-rc.d").unlink()
-        _restore_link_or_file(resolv, saved_resolv)
+        tree.unlink("usr/sbin/policy-rc.d", missing_ok=True)
+        _restore_link_or_file(tree, resolv, saved_resolv)
     return wanted
 
 
 def configure(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
     """Write the configuration every cloud VM needs and enable its services; then DNS from the
     platform and nothing of the build (the last step: in_container puts the host's resolv.conf in)."""
+    with imagetree.refused(PrepareError, "cannot configure the image"):
+        _configure(rootfs, own_links)
+
+
+def _configure(rootfs: Path, own_links: frozenset[str]) -> None:
+    tree = imagetree.Tree(rootfs)
     for rel, text in CONFIG_FILES.items():
         write_file(rootfs, rel, text)
-    units = [u for u in ENABLE_UNITS if _unit_exists(rootfs, u)]
-    units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(rootfs, u)]
+    units = [u for u in ENABLE_UNITS if _unit_exists(tree, u)]
+    units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(tree, u)]
     in_container(rootfs, ("systemctl", "enable", *units))
     in_container(rootfs, ("systemctl", "mask", *MASK_UNITS))
     for generator in MASK_GENERATORS:
-        link = rootfs / "etc/systemd/system-generators" / generator
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to("/dev/null")
+        link = f"etc/systemd/system-generators/{generator}"
+        tree.mkdir("etc/systemd/system-generators")
+        if not tree.is_symlink(link):
+            tree.symlink("/dev/null", link)
     mark_updated(rootfs)
     # First boot makes these: an empty machine-id, no SSH host keys, no apt lists.
-    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
-    machine_id = rootfs / "etc/machine-id"
-    with contextlib.suppress(FileNotFoundError):
-        machine_id.unlink()
-    machine_id.write_text("")
-    machine_id.chmod(0o444)
-    dbus_id = rootfs / "var/lib/dbus/machine-id"
-    if dbus_id.exists() or dbus_id.is_symlink():
-        dbus_id.unlink()
-        dbus_id.symlink_to("/etc/machine-id")
+    for key in tree.glob("etc/ssh/ssh_host_*"):
+        tree.unlink(key)
+    tree.write_text("etc/machine-id", "", mode=0o444)
+    dbus_id = "var/lib/dbus/machine-id"
+    if tree.lexists(dbus_id):
+        tree.symlink("/etc/machine-id", dbus_id, replace=True)
     for stale in ("var/lib/cloud", "etc/hostname"):
-        store.remove_tree(rootfs / stale)
+        tree.rmtree(stale)
     remove_leftovers(rootfs)
     cloud_dns(rootfs)
     remove_build_leftovers(rootfs, own_links)
@@ -443,10 +449,11 @@ def configure(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
 
 def remove_leftovers(rootfs: Path) -> None:
     """Unlink the build's LEFTOVERS (in a hard-linked tree, the link only: the store keeps its copy)."""
+    tree = imagetree.Tree(rootfs)
     for pattern in LEFTOVERS:
-        for path in rootfs.glob(pattern):
-            if path.is_file() or path.is_symlink():
-                path.unlink()
+        for rel in tree.glob(pattern):
+            if tree.is_symlink(rel) or tree.is_file(rel):
+                tree.unlink(rel)
 
 
 # -- DNS from the platform, nothing of the build host or the build (issue 28) ------------
@@ -462,71 +469,66 @@ RESOLVED_UNIT = "systemd-resolved.service"
 def cloud_dns(rootfs: Path) -> None:
     """/etc/resolv.conf as the distribution's cloud images have it: resolved's list of the DHCP
     lease's servers; without resolved, an empty file (never the build host's resolvers)."""
-    path = rootfs / RESOLV_CONF
-    if not path.parent.resolve().is_relative_to(rootfs.resolve()):
-        raise PrepareError(f"{RESOLV_CONF} points outside the image")
-    if path.is_dir() and not path.is_symlink():
+    tree = imagetree.Tree(rootfs)  # /etc may be a link: it resolves inside the image
+    if tree.is_dir(RESOLV_CONF) and not tree.is_symlink(RESOLV_CONF):
         raise PrepareError(f"/{RESOLV_CONF} is a directory in the image")
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    if _unit_exists(rootfs, RESOLVED_UNIT):
-        path.symlink_to(CLOUD_DNS)
+    tree.unlink(RESOLV_CONF, missing_ok=True)
+    if _unit_exists(tree, RESOLVED_UNIT):
+        tree.symlink(CLOUD_DNS, RESOLV_CONF)
     else:
         progress.warn(f"no {RESOLVED_UNIT} in the image: /{RESOLV_CONF} is left empty, DHCP's DNS servers will not reach it")
-        path.write_text("")
+        tree.write_text(RESOLV_CONF, "")
 
 
 def remove_build_leftovers(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
     """What the build left (build_leftovers.RULES: /run, /tmp, apt's lists and caches, the kernel
     package's links at / but the image's own) and apt proxy settings of the build host."""
     build_leftovers.remove(rootfs, keep=own_links)
+    tree = imagetree.Tree(rootfs)
     for rel in build_leftovers.host_traces_apt_proxy(rootfs):
-        path = rootfs / rel
-        text = path.read_text()
-        replace_file(path, build_leftovers.APT_PROXY.sub("", text).encode(), path.stat().st_mode & 0o7777)
+        text = tree.read_text(rel)
+        tree.write_bytes(rel, build_leftovers.APT_PROXY.sub("", text).encode(), tree.stat(rel).st_mode & 0o7777)
 
 
 def mark_updated(rootfs: Path) -> None:
     """Write now what systemd-update-done writes at first boot: /etc and /var are
     up to date with /usr, so every first boot need not rerun ldconfig and the catalog."""
-    usr = (rootfs / "usr").stat().st_mtime_ns
+    tree = imagetree.Tree(rootfs)
+    usr = tree.stat("usr").st_mtime_ns
     for directory in ("etc", "var"):
         write_file(rootfs, f"{directory}/.updated", f"# Written by racker prepare, as systemd-update-done does.\nTIMESTAMP_NSEC={usr}\n")
-        os.utime(rootfs / directory / ".updated", ns=(usr, usr))
+        tree.utime(f"{directory}/.updated", ns=(usr, usr))
 
 
-def _unit_exists(rootfs: Path, unit: str) -> bool:
-    return any((rootfs / d / unit).exists() for d in ("lib/systemd/system", "usr/lib/systemd/system", "etc/systemd/system"))
+def _unit_exists(tree: imagetree.Tree, unit: str) -> bool:
+    return any(tree.exists(f"{d}/{unit}") for d in ("lib/systemd/system", "usr/lib/systemd/system", "etc/systemd/system"))
 
 
-def _save_link_or_file(path: Path) -> tuple[str, str | bytes] | None:
-    if path.is_symlink():
-        return ("link", os.readlink(path))
-    if path.exists():
-        return ("file", path.read_bytes())
+def _save_link_or_file(tree: imagetree.Tree, rel: str) -> tuple[str, str | bytes] | None:
+    if tree.is_symlink(rel):
+        return ("link", tree.readlink(rel))
+    if tree.is_file(rel):
+        return ("file", tree.read_bytes(rel))
     return None
 
 
-def _restore_link_or_file(path: Path, saved: tuple[str, str | bytes] | None) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+def _restore_link_or_file(tree: imagetree.Tree, rel: str, saved: tuple[str, str | bytes] | None) -> None:
+    tree.unlink(rel, missing_ok=True)
     if saved is None:
         return
     kind, value = saved
     if kind == "link":
-        path.symlink_to(value)
+        tree.symlink(value, rel)  # type: ignore[arg-type]
     else:
-        path.write_bytes(value)  # type: ignore[arg-type]
+        tree.write_bytes(rel, value)  # type: ignore[arg-type]
 
 
 def write_file(rootfs: Path, rel: str, text: str, mode: int = 0o644) -> None:
-    """Replace a file inside a root filesystem; never write through a link."""
-    path = rootfs / rel
-    parent = path.parent
-    if not parent.resolve().is_relative_to(rootfs.resolve()):
-        raise PrepareError(f"{rel} points outside the image")
-    parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, text.encode(), mode)
+    """Replace a file inside a root filesystem, its directories resolved inside it; never write through a link."""
+    try:
+        imagetree.Tree(rootfs).write_text(rel, text, mode)
+    except OSError as err:
+        raise PrepareError(f"cannot write /{rel} in the image: {err.strerror}") from None
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -593,24 +595,26 @@ class Kernel:
 
 def find_kernel(rootfs: Path) -> Kernel:
     """The newest kernel and its initramfs in /boot; PrepareError when there is none."""
-    boot = rootfs / "boot"
+    tree = imagetree.Tree(rootfs)
     found = []
-    for vmlinuz in boot.glob("vmlinuz-*"):
-        version = vmlinuz.name.removeprefix("vmlinuz-")
+    for vmlinuz in tree.glob("boot/vmlinuz-*") if tree.is_dir("boot") else []:
+        version = vmlinuz.removeprefix("boot/vmlinuz-")
         for initrd in (f"initrd.img-{version}", f"initramfs-{version}.img"):
-            if (boot / initrd).is_file():
-                found.append(Kernel(version, f"boot/{vmlinuz.name}", f"boot/{initrd}"))
+            if tree.is_file(f"boot/{initrd}"):
+                found.append(Kernel(version, vmlinuz, f"boot/{initrd}"))
     if not found:
-        raise PrepareError(f"no kernel with an initramfs in {boot}", hint="prepare the image first: racker promote does it for you")
+        hint = "prepare the image first: racker promote does it for you"
+        raise PrepareError(f"no kernel with an initramfs in {rootfs / 'boot'}", hint=hint)
     return max(found, key=lambda k: _version_key(k.version))
 
 
 def kernel_modules(rootfs: Path, kernel: Kernel) -> set[str]:
     """The modules `kernel` has, built in or as files (names with _, as modprobe takes them)."""
-    directory = rootfs / "lib/modules" / kernel.version
-    builtin = directory / "modules.builtin"
-    names = [Path(line).name for line in builtin.read_text().splitlines()] if builtin.is_file() else []
-    names += [path.name for path in directory.rglob("*.ko*")]
+    tree = imagetree.Tree(rootfs)
+    directory = f"lib/modules/{kernel.version}"
+    builtin = f"{directory}/modules.builtin"
+    names = [Path(line).name for line in tree.read_text(builtin).splitlines()] if tree.is_file(builtin) else []
+    names += [Path(rel).name for rel in tree.walk_files(directory) if ".ko" in Path(rel).name]
     return {name.split(".ko")[0].replace("-", "_") for name in names}
 
 

@@ -259,7 +259,7 @@ def tree_digest(root: Path) -> str:
             rel = os.path.relpath(path, root)
             digest.update(f"{rel}\0{info.st_mode:o}\0{info.st_uid}:{info.st_gid}\0".encode())
             if stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as handle:
+                with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:  # never a link's target
                     digest.update(hashlib.file_digest(handle, "sha256").digest())
             elif stat.S_ISLNK(info.st_mode):
                 digest.update(os.readlink(path).encode())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, pulled, racker
-from racker import distros, images, inits, machines, store
+from racker import distros, images, imagetree, inits, machines, store
 from racker.errors import UnknownInit
 from racker.nspawn import Machine
 
@@ -100,15 +100,16 @@ def test_no_init_at_all_is_none_and_a_missing_configured_one_is_refused(tmp_path
 
 
 def test_links_in_the_image_resolve_inside_it(tmp_path: Path) -> None:
-    """The host reads an image's init through distros.inside: no link leads it out of the tree."""
+    """inits.detect reads an image's init through imagetree: no link leads it out of the tree."""
     outside = tmp_path / "host-secret"
-    outside.write_text("host")
+    outside.write_text("#!/bin/sh\n")
     root = _tree(tmp_path / "r", {"usr/sbin/real": "x"}, {"sbin": "/usr/sbin", "up": "../../..", "abs": str(outside), "loop": "/loop"})
-    assert distros.inside(root, "sbin/real") == root / "usr/sbin/real"
-    assert distros.inside(root, "up/host-secret") == root / "host-secret"  # `..` stops at the top
-    assert not distros.inside(root, "abs").exists()
-    assert not distros.inside(root, "loop/x").exists()
-    with pytest.raises(UnknownInit):  # the host's file is not what the image's /sbin/init names
+    tree = imagetree.Tree(root)
+    assert tree.resolve("sbin/real") == "usr/sbin/real"
+    assert not tree.exists("up/host-secret")  # `..` stops at the top
+    assert not tree.exists("abs")
+    assert not tree.exists("loop/x")
+    with pytest.raises(UnknownInit, match="not in the image"):  # the host's file is not what the image's /sbin/init names
         inits.detect(_tree(tmp_path / "s", {}, {"sbin/init": str(outside)}), ["/sbin/init"])
 
 

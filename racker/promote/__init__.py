@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, prepare, progress, refs, store
+from racker import distros, fingerprint, imagetree, prepare, progress, refs, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, boxes, disk, formats, profiles, vagrant
@@ -82,8 +82,9 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
     if options.compress:
         formats.check_compress(fmt)
-    kernel = prepare.find_kernel(image.rootfs)
-    missing = prepare.missing_drivers(image.rootfs, kernel, fmt.drivers)
+    with imagetree.refused(PromoteError, f"cannot promote {image.name}"):
+        kernel = prepare.find_kernel(image.rootfs)
+        missing = prepare.missing_drivers(image.rootfs, kernel, fmt.drivers)
     if missing:
         flavour = prepare.kernel_for(fmt.drivers)
         raise PromoteError(
@@ -124,14 +125,15 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
         store.reading(image) as rootfs,
     ):
         overlay = work / "overlay"
-        with progress.step("writing promote's files"):
+        with progress.step("writing promote's files"), imagetree.refused(PromoteError, f"cannot promote {image.name}"):
             write_overlay(image, rootfs, overlay, layout, kernel, profile, options, fmt, cmdline)
         tree = rootfs
         if any(r.reads == "tree" for r in profile.requirements):
             with progress.step("staging the root tree"):  # for the checks only: the disk is built from rootfs
                 tree = work / "tree"
                 stage(rootfs, tree, overlay)
-        checks = profiles.verify_tree(profile, tree)
+        with imagetree.refused(PromoteError, f"cannot check {image.name}"):
+            checks = profiles.verify_tree(profile, tree)
         _raise_if_failed(profile, checks)  # before the disk is built
 
         def verify(built: Path) -> None:
@@ -256,30 +258,27 @@ def stage(rootfs: Path, tree: Path, overlay: Path) -> None:
     from racker import proc
 
     proc.run(["cp", "-al", str(rootfs), str(tree)], timeout=600)
-    for path in sorted(overlay.rglob("*")):
-        rel = path.relative_to(overlay).as_posix()
-        if path.is_symlink():
-            target = tree / rel
-            if target.is_symlink() or target.exists():
-                target.unlink()
-            target.symlink_to(os.readlink(path))
-        elif path.is_dir():
-            if not (tree / rel).exists():  # new: as the overlay has it (a user's home); else the image's
-                (tree / rel).mkdir(parents=True)
-                _same_owner_and_mode(path, tree / rel)
-        else:
-            target = tree / rel
-            if not target.parent.resolve().is_relative_to(tree.resolve()):
-                raise PromoteError(f"{rel} points outside the image")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            prepare.replace_file(target, path.read_bytes(), path.stat().st_mode & 0o7777)
-            _same_owner_and_mode(path, target)
+    staged = imagetree.Tree(tree)  # the image's links resolve inside the staged tree, as in the disk
+    try:
+        for path in sorted(overlay.rglob("*")):
+            rel = path.relative_to(overlay).as_posix()
+            if path.is_symlink():
+                staged.symlink(os.readlink(path), rel, replace=True)
+            elif path.is_dir():
+                if not staged.exists(rel):  # new: as the overlay has it (a user's home); else the image's
+                    staged.mkdir(rel)
+                    _same_owner_and_mode(path, staged, rel)
+            else:
+                staged.write_bytes(rel, path.read_bytes(), path.stat().st_mode & 0o7777)
+                _same_owner_and_mode(path, staged, rel)
+    except OSError as err:
+        raise PromoteError(f"cannot stage /{rel} over the image: {err.strerror}") from None
 
 
-def _same_owner_and_mode(source: Path, target: Path) -> None:
+def _same_owner_and_mode(source: Path, tree: imagetree.Tree, rel: str) -> None:
     info = source.lstat()
-    os.chown(target, info.st_uid, info.st_gid)
-    os.chmod(target, stat.S_IMODE(info.st_mode))
+    tree.chown(rel, info.st_uid, info.st_gid)
+    tree.chmod(rel, stat.S_IMODE(info.st_mode))
 
 
 def root_files(layout: disk.Layout, kernel: prepare.Kernel, cmdline: str, firmware: str) -> dict[str, str]:
@@ -341,10 +340,12 @@ def build_firecracker(
             handle.truncate(rootfs_only.size)
         disk.make_root(partial, rootfs_only, rootfs, overlay)
         verify(partial)
-        with store.output_file(work, extra["vmlinux"]) as vmlinux:
-            formats.extract_vmlinux(rootfs / kernel.vmlinuz, vmlinux, work)
-        with store.output_file(work, extra["initrd"]) as initrd:
-            initrd.write_bytes((rootfs / kernel.initrd).read_bytes())
+        image = imagetree.Tree(rootfs)
+        with imagetree.refused(PromoteError, "cannot read the image's kernel"):
+            with store.output_file(work, extra["vmlinux"]) as vmlinux, image.path_for_tool(kernel.vmlinuz) as vmlinuz:
+                formats.extract_vmlinux(vmlinuz, vmlinux, work)
+            with store.output_file(work, extra["initrd"]) as initrd:
+                initrd.write_bytes(image.read_bytes(kernel.initrd))
         with store.output_file(work, extra["config"]) as config:
             document = formats.firecracker_config(output, extra["vmlinux"], extra["initrd"], cmdline)
             config.write_text(json.dumps(document, indent=2) + "\n")

@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import store
+from racker import imagetree, store
 from racker.errors import PromoteError
 
 UNIT = "racker-app.service"
@@ -128,11 +128,12 @@ def resolved(app: AppSpec, tree: Path) -> AppSpec:
     if "/" in program:
         return app
     search = dict(app.env).get("PATH") or DOCKER_PATH
+    image = imagetree.Tree(tree)  # the image's own links resolve inside it
     for directory in search.split(":"):
         if not directory.startswith("/"):
             continue
-        candidate = tree / directory.lstrip("/") / program
-        if candidate.is_symlink() or candidate.is_file():
+        candidate = f"{directory.strip('/')}/{program}"
+        if image.is_symlink(candidate) or image.is_file(candidate):
             return dataclasses.replace(app, executable=f"{directory.rstrip('/')}/{program}")
     raise PromoteError(f"the ENTRYPOINT/CMD program {program!r} is not on the image's PATH", hint=f"PATH={search}")
 

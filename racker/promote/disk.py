@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
+from racker import imagetree, proc
 from racker.errors import PromoteError
 
 SECTOR = 512
@@ -197,7 +197,7 @@ def debugfs_script(overlay: Path, tree: Path) -> str:
             # In its parent: debugfs looks a top-level "/NAME"'s empty parent up from the current directory.
             parent, name = rel.rsplit("/", 1)
             lines += [f'cd "{parent}/."', f'mkdir "{name}"']
-            if not (tree / rel.lstrip("/")).exists():
+            if not imagetree.Tree(tree).exists(rel):
                 lines += _owner_and_mode(f'"{rel}"', Path(directory).lstat(), stat.S_IFDIR)
         lines.append(f'cd "{rel.rstrip("/")}/."')  # "/.": a symlink to a directory is followed, as the kernel would
         for name in sorted(files):

@@ -16,7 +16,6 @@ importing-virtual-disks and configuring-imported-images).
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import tarfile
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from racker import imagetree
 from racker.errors import PromoteError
 from racker.promote import bootloader, readback
 
@@ -87,28 +87,32 @@ class Profile:
 # -- reading the tree -------------------------------------------------------
 
 
+# Every read resolves inside the tree (imagetree): the image's links never lead to the host.
+
+
 def _read(tree: Path, rel: str) -> str:
-    path = tree / rel
+    """The file's text, or "" when it is missing or not a regular file."""
     try:
-        return path.read_text(errors="replace")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return imagetree.Tree(tree).read_text(rel, errors="replace")
+    except OSError:
         return ""
 
 
 def _exists(tree: Path, *rels: str) -> str | None:
-    for rel in rels:
-        path = tree / rel
-        if path.exists() or path.is_symlink():
-            return rel
-    return None
+    inside = imagetree.Tree(tree)
+    return next((rel for rel in rels if inside.lexists(rel)), None)
+
+
+def _glob(tree: Path, pattern: str) -> list[str]:
+    return imagetree.Tree(tree).glob(pattern)
 
 
 def datasource_list(tree: Path) -> list[str]:
     """cloud-init's effective datasource_list: the last one set in cloud.cfg, then cloud.cfg.d/*.cfg."""
-    files = [tree / "etc/cloud/cloud.cfg", *sorted((tree / "etc/cloud/cloud.cfg.d").glob("*.cfg"))]
+    files = ["etc/cloud/cloud.cfg", *_glob(tree, "etc/cloud/cloud.cfg.d/*.cfg")]
     found: list[str] = []
-    for path in files:
-        text = path.read_text(errors="replace") if path.is_file() else ""
+    for rel in files:
+        text = _read(tree, rel)
         for match in re.finditer(r"^datasource_list\s*:\s*\[([^\]]*)\]", text, re.MULTILINE):
             found = [item.strip().strip("'\"") for item in match.group(1).split(",") if item.strip()]
     return found
@@ -122,8 +126,8 @@ def sshd_option(tree: Path, option: str) -> str:
         words = line.split()
         if words and words[0].lower() == "include":
             for pattern in words[1:]:
-                for path in sorted(tree.glob(pattern.lstrip("/"))):
-                    lines += path.read_text(errors="replace").splitlines()
+                for rel in _glob(tree, pattern):
+                    lines += _read(tree, rel).splitlines()
         else:
             lines.append(line)
     for line in lines:
@@ -138,7 +142,7 @@ def sshd_option(tree: Path, option: str) -> str:
 def cloud_init_version(tree: Path) -> tuple[int, ...] | None:
     for rel in (
         "usr/lib/python3/dist-packages/cloudinit/version.py",
-        *(str(p.relative_to(tree)) for p in tree.glob("usr/lib/python3*/site-packages/cloudinit/version.py")),
+        *_glob(tree, "usr/lib/python3*/site-packages/cloudinit/version.py"),
     ):
         match = re.search(r"__VERSION__\s*=\s*['\"]([\d.]+)", _read(tree, rel))
         if match:
@@ -148,17 +152,16 @@ def cloud_init_version(tree: Path) -> tuple[int, ...] | None:
 
 def unit_enabled(tree: Path, unit: str) -> bool:
     # The links point at absolute paths inside the image: test the link, never follow it.
-    wants = tree / "etc/systemd/system"
-    return any(os.path.lexists(directory / unit) for directory in wants.glob("*.wants"))
+    return bool(_glob(tree, f"etc/systemd/system/*.wants/{unit}"))
 
 
 def dhcp_first_nic(tree: Path) -> tuple[bool, str]:
-    for path in sorted((tree / "etc/systemd/network").glob("*.network")):
-        text = path.read_text(errors="replace")
+    for rel in _glob(tree, "etc/systemd/network/*.network"):
+        text = _read(tree, rel)
         if re.search(r"^DHCP\s*=\s*(yes|ipv4|true)", text, re.MULTILINE | re.IGNORECASE) and re.search(
             r"^Name=.*\b(en\*|eth\*|eth0)", text, re.MULTILINE
         ):
-            return True, f"systemd-networkd: {path.name}"
+            return True, f"systemd-networkd: {Path(rel).name}"
     interfaces = _read(tree, "etc/network/interfaces")
     if re.search(r"^iface\s+\S+\s+inet\s+dhcp", interfaces, re.MULTILINE):
         return True, "ifupdown: /etc/network/interfaces"
@@ -228,21 +231,21 @@ def check_serial_console(tree: Path) -> tuple[bool, str]:
 
 def check_virtio_drivers(tree: Path) -> tuple[bool, str]:
     needed = ("virtio_scsi", "virtio_net", "virtio_pci")
-    modules = list(tree.glob("lib/modules/*/modules.builtin")) + list(tree.glob("usr/lib/modules/*/modules.builtin"))
+    modules = _glob(tree, "lib/modules/*/modules.builtin") + _glob(tree, "usr/lib/modules/*/modules.builtin")
     if not modules:
         return False, "no kernel modules in /lib/modules"
-    directory = modules[0].parent
-    present = {p.name.split(".")[0] for p in directory.rglob("*.ko*")} | {
-        Path(line).name.split(".")[0] for line in modules[0].read_text().splitlines()
+    directory = str(Path(modules[0]).parent)
+    present = {Path(p).name.split(".")[0] for p in imagetree.Tree(tree).walk_files(directory) if ".ko" in Path(p).name} | {
+        Path(line).name.split(".")[0] for line in _read(tree, modules[0]).splitlines()
     }
     missing = [m for m in needed if m not in present]
     return not missing, "missing: " + ", ".join(missing) if missing else ", ".join(needed)
 
 
 def check_no_ipv6_needed(tree: Path) -> tuple[bool, str]:
-    for path in (tree / "etc/systemd/network").glob("*.network"):
-        if re.search(r"^DHCP\s*=\s*ipv6", path.read_text(), re.MULTILINE):
-            return False, f"{path.name} wants DHCPv6 only"
+    for rel in _glob(tree, "etc/systemd/network/*.network"):
+        if re.search(r"^DHCP\s*=\s*ipv6", _read(tree, rel), re.MULTILINE):
+            return False, f"{Path(rel).name} wants DHCPv6 only"
     return True, "IPv4 DHCP (the cloud has no IPv6 here)"
 
 
@@ -348,7 +351,7 @@ def check_hyperv_initramfs(tree: Path) -> tuple[bool, str]:
     if not match:
         return False, "no initrd line in /boot/grub/grub.cfg"
     try:
-        names = {Path(n).name.split(".ko")[0] for n in readback.initramfs_files((tree / match.group(1)).read_bytes())}
+        names = {Path(n).name.split(".ko")[0] for n in readback.initramfs_files(imagetree.Tree(tree).read_bytes(match.group(1)))}
     except (PromoteError, OSError) as error:
         return False, f"{match.group(1)}: {error}"
     missing = [m for m in AZURE_DRIVERS if m not in names]
@@ -375,7 +378,7 @@ def check_azure_cmdline(tree: Path) -> tuple[bool, str]:
 def check_no_swap(tree: Path) -> tuple[bool, str]:
     entries = [line.split() for line in _read(tree, "etc/fstab").splitlines() if not line.lstrip().startswith("#")]
     found = [" ".join(words) for words in entries if len(words) > 2 and words[2] == "swap"]
-    found += [p.name for p in (tree / "etc/systemd/system").glob("*.wants/*.swap")]
+    found += [Path(rel).name for rel in _glob(tree, "etc/systemd/system/*.wants/*.swap")]
     return not found, f"swap: {found[0]}" if found else "no swap in fstab or systemd"
 
 
@@ -401,14 +404,20 @@ def check_azure_provisioning(tree: Path) -> tuple[bool, str]:
 UNSET_PASSWORDS = ("!", "!!", "*")  # what the script takes for "no password"
 
 
-def _people(tree: Path) -> list[tuple[str, Path]]:
-    """root and every user account (uid >= 1000, not nobody), with its home."""
-    people = [("root", tree / "root")]
+def _people(tree: Path) -> list[tuple[str, str]]:
+    """root and every user account (uid >= 1000, not nobody), with its home (relative to the root)."""
+    people = [("root", "root")]
     for line in _read(tree, "etc/passwd").splitlines():
         fields = line.split(":")
         if len(fields) >= 6 and fields[2].isdigit() and int(fields[2]) >= 1000 and fields[0] not in ("nobody", "nfsnobody"):
-            people.append((fields[0], tree / fields[5].lstrip("/")))
+            people.append((fields[0], fields[5].strip("/")))
     return people
+
+
+def _size(tree: Path, rel: str) -> int:
+    """The size of a regular file inside the tree, -1 if there is none."""
+    inside = imagetree.Tree(tree)
+    return inside.stat(rel).st_size if inside.is_file(rel) else -1
 
 
 def check_no_passwords(tree: Path) -> tuple[bool, str]:
@@ -422,32 +431,31 @@ def check_no_passwords(tree: Path) -> tuple[bool, str]:
 def check_no_ssh_keys(tree: Path) -> tuple[bool, str]:
     found = []
     for _name, home in _people(tree):
-        keys, private = home / ".ssh/authorized_keys", home / ".ssh/id_rsa"
-        if keys.is_file() and keys.stat().st_size > 50:
-            found.append(str(keys.relative_to(tree)))
-        if private.is_file() and private.stat().st_size > 0:
-            found.append(str(private.relative_to(tree)))
+        keys, private = f"{home}/.ssh/authorized_keys", f"{home}/.ssh/id_rsa"
+        if _size(tree, keys) > 50:
+            found.append(keys)
+        if _size(tree, private) > 0:
+            found.append(private)
     return not found, f"left in the image: {', '.join(found)}" if found else "no authorized_keys or private keys"
 
 
 def check_no_bash_history(tree: Path) -> tuple[bool, str]:
-    found = [str(p.relative_to(tree)) for _n, home in _people(tree) if (p := home / ".bash_history").is_file() and p.stat().st_size >= 200]
+    found = [rel for _n, home in _people(tree) if _size(tree, rel := f"{home}/.bash_history") >= 200]
     return not found, f"left in the image: {', '.join(found)}" if found else "no bash history"
 
 
 def check_logs_cleaned(tree: Path) -> tuple[bool, str]:
-    logs = tree / "var/log"
-    found = [p.name for p in sorted(logs.glob("*.log")) if p.is_file() and p.stat().st_size > 50]
-    found += [p.name for p in sorted(logs.glob("*.[0-9]")) + sorted(logs.glob("*-" + "[0-9]" * 8))]  # rotated archives
+    found = [Path(rel).name for rel in _glob(tree, "var/log/*.log") if _size(tree, rel) > 50]
+    found += [Path(rel).name for rel in _glob(tree, "var/log/*.[0-9]") + _glob(tree, "var/log/*-" + "[0-9]" * 8)]  # rotated archives
     return not found, f"in /var/log: {', '.join(found)}" if found else "/var/log holds no logs or archives"
 
 
 def apt_suites(tree: Path) -> list[str]:
     """The suites apt fetches: sources.list and sources.list.d (one-line .list and deb822 .sources)."""
     suites: list[str] = []
-    for path in [tree / "etc/apt/sources.list", *sorted((tree / "etc/apt/sources.list.d").glob("*"))]:
-        text = path.read_text(errors="replace") if path.is_file() else ""
-        if path.suffix == ".sources":
+    for rel in ["etc/apt/sources.list", *_glob(tree, "etc/apt/sources.list.d/*")]:
+        text = _read(tree, rel)
+        if rel.endswith(".sources"):
             for stanza in re.split(r"\n\s*\n", text):
                 if re.search(r"^Enabled:\s*no", stanza, re.MULTILINE | re.IGNORECASE):
                     continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from racker import prepare
+from racker import imagetree, prepare
 from racker.errors import PromoteError
 
 USER = "vagrant"
@@ -39,20 +39,21 @@ def add(rootfs: Path, overlay: Path) -> None:
     if entry is None:
         groups = _read(rootfs, overlay, "etc/group") or ""
         uid = _free_id(passwd, groups)
-        shell = "/bin/bash" if (rootfs / "bin/bash").exists() or (rootfs / "usr/bin/bash").exists() else "/bin/sh"
+        image = imagetree.Tree(rootfs)
+        shell = "/bin/bash" if image.exists("bin/bash") or image.exists("usr/bin/bash") else "/bin/sh"
         _append(rootfs, overlay, "etc/passwd", f"{USER}:x:{uid}:{uid}:Vagrant:/{HOME}:{shell}", 0o644)
         _append(rootfs, overlay, "etc/group", f"{USER}:x:{uid}:", 0o644)
         # '*': no password, yet not locked ('!'), which sshd would refuse a key login for; empty aging fields: none.
         _append(rootfs, overlay, "etc/shadow", f"{USER}:*::0:99999:7:::", 0o640)
-        if (rootfs / "etc/gshadow").exists():
+        if image.exists("etc/gshadow"):
             _append(rootfs, overlay, "etc/gshadow", f"{USER}:!::", 0o640)
         uid_gid, home = (uid, uid), HOME
     else:
-        uid_gid, home = (int(entry[2]), int(entry[3])), entry[5].lstrip("/")
+        uid_gid, home = (int(entry[2]), int(entry[3])), entry[5].strip("/")
+    if not home or ".." in home.split("/"):
+        raise PromoteError(f"the vagrant user's home /{home} is not a directory inside the image")
     prepare.write_file(overlay, SUDOERS, SUDO_RULE, mode=0o440)
     for rel, mode in ((home, 0o755), (f"{home}/.ssh", 0o700)):
-        if not (rootfs / rel).resolve().is_relative_to(rootfs.resolve()):
-            raise PromoteError(f"/{rel} points outside the image")
         directory = overlay / rel
         directory.mkdir(mode=mode, parents=True, exist_ok=True)
         directory.chmod(mode)
@@ -63,17 +64,18 @@ def add(rootfs: Path, overlay: Path) -> None:
 
 
 def _read(rootfs: Path, overlay: Path, rel: str) -> str | None:
-    for path in (overlay / rel, rootfs / rel):
-        if path.is_file() and not path.is_symlink():
-            return path.read_text()
+    """The file as promote's overlay has it, else as the image has it (a regular file, not a link)."""
+    for tree in (imagetree.Tree(overlay), imagetree.Tree(rootfs)):
+        if tree.is_file(rel) and not tree.is_symlink(rel):
+            return tree.read_text(rel, errors="replace")
     return None
 
 
 def _append(rootfs: Path, overlay: Path, rel: str, line: str, mode: int) -> None:
     """The file with the line added, in the overlay, with the image's file's mode and owner
     (root:shadow 0640 for Debian's shadow files); the image's own is never written."""
-    original = rootfs / rel
-    old = os.lstat(original) if original.is_file() and not original.is_symlink() else None
+    image = imagetree.Tree(rootfs)
+    old = image.lstat(rel) if image.is_file(rel) and not image.is_symlink(rel) else None
     text = _read(rootfs, overlay, rel) or ""
     if text and not text.endswith("\n"):
         text += "\n"

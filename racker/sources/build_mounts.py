@@ -27,6 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from racker import imagetree
 from racker.catalog import BadCatalogEntry, CatalogEntry
 from racker.errors import RackerError
 
@@ -191,30 +192,27 @@ def clean(rootfs: Path, targets: list[str], since: float) -> list[str]:
     anything reached through a symlink, which could point out of the rootfs.
     """
     removed = []
+    tree = imagetree.Tree(rootfs)
     for target in targets:
         parts = PurePosixPath(target).parts[1:]
-        if _through_symlink(rootfs, parts):
+        if any(tree.is_symlink("/".join(parts[:depth])) for depth in range(1, len(parts))):
             continue
         for depth in range(len(parts), 0, -1):
-            path = rootfs.joinpath(*parts[:depth])
-            if not _new_and_empty(path, since):
+            rel = "/".join(parts[:depth])
+            if not _new_and_empty(tree, rel, since):
                 break
-            (os.rmdir if path.is_dir() else os.unlink)(path)
-            removed.append("/" + "/".join(parts[:depth]))
+            tree.rmtree(rel)  # empty: a directory or a file of no bytes
+            removed.append("/" + rel)
     return removed
 
 
-def _through_symlink(rootfs: Path, parts: tuple[str, ...]) -> bool:
-    return any(rootfs.joinpath(*parts[:depth]).is_symlink() for depth in range(1, len(parts)))
-
-
-def _new_and_empty(path: Path, since: float) -> bool:
+def _new_and_empty(tree: imagetree.Tree, rel: str, since: float) -> bool:
     try:
-        info = path.lstat()
+        info = tree.lstat(rel)
     except FileNotFoundError:
         return False
     if info.st_mtime < since:
         return False
     if stat.S_ISREG(info.st_mode):
         return info.st_size == 0
-    return stat.S_ISDIR(info.st_mode) and not any(path.iterdir())
+    return stat.S_ISDIR(info.st_mode) and not tree.listdir(rel)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import progress
+from racker import imagetree, progress
 from racker.errors import BadDisk
 from racker.sources import diskfile, ext, lvm, mounted, partitions
 from racker.sources.partitions import Filesystem, Volume
@@ -104,11 +105,16 @@ def _readable_kinds() -> str:
 
 def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Found], work: Path, name: str) -> list[str]:
     """/usr and /boot from the filesystems the root's fstab names for them, in their places."""
-    fstab_path = rootfs / "etc/fstab"
-    if fstab_path.is_symlink() or not fstab_path.is_file():
+    with imagetree.refused(BadDisk, f"{name}: cannot merge /usr or /boot into the root"):
+        return _merge_mounts(raw, fd, rootfs, root, found, work, name)
+
+
+def _merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Found], work: Path, name: str) -> list[str]:
+    tree = imagetree.Tree(rootfs)  # the disk's links resolve inside it, never on the host
+    if tree.is_symlink("etc/fstab") or not tree.is_file("etc/fstab"):
         return []
     merged = []
-    for spec, mount_point in fstab_entries(fstab_path.read_text(errors="replace")):
+    for spec, mount_point in fstab_entries(tree.read_text("etc/fstab", errors="replace")):
         rel = mount_point.strip("/")
         if rel not in MERGED:
             continue
@@ -120,27 +126,28 @@ def merge_mounts(raw: Path, fd: int, rootfs: Path, root: Found, found: list[Foun
         if item.fs.kind not in READABLE:
             progress.warn(f"{name}: {mount_point} is on {item.fs.kind or 'an unknown filesystem'} ({item.volume.name}): not read")
             continue
-        target = rootfs / rel
-        if target.is_symlink() or (target.exists() and not target.is_dir()):
+        if "/" in rel or tree.is_symlink(rel) or (tree.exists(rel) and not tree.is_dir(rel)):
             raise BadDisk(f"{name}: the root's /{rel} is not a directory, so {mount_point} cannot be put there")
-        target.mkdir(mode=0o755, exist_ok=True)
-        _copy(raw, fd, item, target, work, f"{name}: {item.volume.name} ({mount_point})", at=f"{rel}/")
+        tree.mkdir(rel, 0o755)
+        _copy(raw, fd, item, rootfs / rel, work, f"{name}: {item.volume.name} ({mount_point})", at=f"{rel}/")
         merged.append(mount_point)
     if merged:
-        _comment_out(fstab_path, merged)
+        _comment_out(tree, merged)
     return merged
 
 
-def _comment_out(fstab: Path, mount_points: list[str]) -> None:
+def _comment_out(tree: imagetree.Tree, mount_points: list[str]) -> None:
     """The fstab lines of what is now part of the root become comments: left in, a remount of a
     /usr that is no mount point fails the boot (systemd-remount-fs)."""
     lines = []
-    for line in fstab.read_text(errors="replace").splitlines(keepends=True):
+    for line in tree.read_text("etc/fstab", errors="replace").splitlines(keepends=True):
         fields = line.split("#", 1)[0].split()
         if len(fields) >= 2 and _unescape(fields[1]) in mount_points:
             line = f"# racker: merged into the root filesystem: {line}"
         lines.append(line)
-    fstab.write_text("".join(lines))  # its mode and owner stay
+    old = tree.lstat("etc/fstab")
+    tree.write_text("etc/fstab", "".join(lines), stat.S_IMODE(old.st_mode))  # its mode and owner stay
+    tree.chown("etc/fstab", old.st_uid, old.st_gid)
 
 
 def fstab_entries(text: str) -> list[tuple[str, str]]:

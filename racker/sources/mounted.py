@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import racker
-from racker import proc, progress
+from racker import imagetree, proc, progress
 from racker.errors import BadDisk, ToolFailed
 from racker.sources import extract
 
@@ -109,8 +108,8 @@ def _main(argv: list[str]) -> int:
         print(str(failed), file=sys.stderr)
         return MOUNT_FAILED
     if mode == "exists":
-        root = Path(target)
-        print(json.dumps([os.path.lexists(root / p.lstrip("/")) for p in paths]))
+        tree = imagetree.Tree(target)  # the disk's links resolve inside it, never on the host
+        print(json.dumps([tree.lexists(p) for p in paths]))
         return 0
     tar = ["tar", "-C", target, "--numeric-owner", "--xattrs", "--xattrs-include=security.capability", "-cf", "-", "."]
     sys.stdout.flush()
