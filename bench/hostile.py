@@ -72,6 +72,8 @@ def hook_figure(name: str, keys: tuple[str, str]) -> dict | str:
     if hook is None:
         return "not measured"
     value = hook()
+    if hasattr(value, "targets"):  # socket_probe's Probe: of the sockets of what runs in the store now
+        return {"probed": len(value.targets), "refused": len(value.refused)}
     if isinstance(value, dict):
         return {key: value[key] for key in keys}
     first, second = value  # type: ignore[misc]
