@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import build_leftovers, distros, fingerprint, machines, proc, progress, store
+from racker import build_leftovers, distros, fingerprint, machines, proc, progress, reproducible, store
 from racker.errors import PrepareError, ToolFailed
 from racker.refs import PREPARED
 
@@ -325,14 +325,19 @@ def _prepared(
             with progress.step("copying"), store.reading(image) as source:
                 proc.run(["cp", "-a", "--reflink=auto", str(source), str(rootfs)], timeout=600)
             own_links = build_leftovers.kernel_links(rootfs)  # the image's own stay; the kernel package's go
-            installed = _install(rootfs, distro, packages)
+            # The source's clock (its archive's Release date): what the package scripts stamp
+            # (shadow's last-change day, the initramfs's mtimes) is the same at every prepare.
+            epoch = reproducible.of(image.manifest)
+            installed = _install(rootfs, distro, packages, epoch)
             verified = bool(distro.recipe and distro.recipe.verified)
             record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed, "recipe_verified": verified}
             if level == "vm":
-                configure(rootfs, own_links)
+                configure(rootfs, own_links, epoch)
                 record["kernel"] = find_kernel(rootfs).version
                 record["kernel_flavour"] = kernel
             manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
+            if epoch is not None:
+                reproducible.clamp_mtimes(rootfs, epoch)
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
 
@@ -362,7 +367,7 @@ def _prepared_manifest(image: store.StoredImage, name: str, record: dict, distro
     return manifest
 
 
-def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages, epoch: int | None = None) -> list[str]:
     recipe = distro.recipe
     assert recipe is not None
     if not recipe.verified:
@@ -371,17 +376,18 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
         write_file(rootfs, rel, text, mode=0o755 if text.startswith("#!") else 0o644)
     resolv = rootfs / "etc" / "resolv.conf"
     saved_resolv = _save_link_or_file(resolv)
+    env = {**recipe.env, **reproducible.environment(epoch)}
     try:
         with progress.step("updating the package index"):
-            in_container(rootfs, recipe.update, env=recipe.env)
+            in_container(rootfs, recipe.update, env=env)
         wanted = list(packages.required)
         for optional in packages.optional:
-            if recipe.available and in_container(rootfs, (*recipe.available, optional), env=recipe.env, check=False).succeeded:
+            if recipe.available and in_container(rootfs, (*recipe.available, optional), env=env, check=False).succeeded:
                 wanted.append(optional)
         with progress.step(f"installing {len(wanted)} packages"):
-            in_container(rootfs, (*recipe.install, *wanted), env=recipe.env, timeout=1800)
+            in_container(rootfs, (*recipe.install, *wanted), env=env, timeout=1800)
         if recipe.clean:
-            in_container(rootfs, recipe.clean, env=recipe.env)
+            in_container(rootfs, recipe.clean, env=env)
     finally:
         with contextlib.suppress(FileNotFoundError):
             (rootfs / "usr/sbin/policy-rc.d").unlink()
@@ -389,15 +395,16 @@ def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list
     return wanted
 
 
-def configure(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
+def configure(rootfs: Path, own_links: frozenset[str] = frozenset(), epoch: int | None = None) -> None:
     """Write the configuration every cloud VM needs and enable its services; then DNS from the
     platform and nothing of the build (the last step: in_container puts the host's resolv.conf in)."""
     for rel, text in CONFIG_FILES.items():
         write_file(rootfs, rel, text)
     units = [u for u in ENABLE_UNITS if _unit_exists(rootfs, u)]
     units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(rootfs, u)]
-    in_container(rootfs, ("systemctl", "enable", *units))
-    in_container(rootfs, ("systemctl", "mask", *MASK_UNITS))
+    clock = reproducible.environment(epoch)
+    in_container(rootfs, ("systemctl", "enable", *units), env=clock)
+    in_container(rootfs, ("systemctl", "mask", *MASK_UNITS), env=clock)
     for generator in MASK_GENERATORS:
         link = rootfs / "etc/systemd/system-generators" / generator
         link.parent.mkdir(parents=True, exist_ok=True)
