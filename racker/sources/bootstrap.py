@@ -108,6 +108,7 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
             raise UpstreamError(f"the archive {lines[0].split()[1]} moved during two bootstraps of {suite}", hint="try again later")
         progress.warn(f"the archive moved during the bootstrap of {suite}: building again from its new state")
     _forget_host_resolvers(rootfs)
+    _no_host_keys(rootfs)
     bootstrap = {"distro": distro, "suite": suite, "packages": list(_packages(entry)), "sources": lines}
     return {"bootstrap": bootstrap, reproducible.FIELD: epoch}
 
@@ -151,3 +152,32 @@ def _forget_host_resolvers(rootfs: Path) -> None:
         resolv.unlink()
         resolv.write_bytes(b"")
         os.chmod(resolv, 0o644)
+
+
+# openssh-server's postinst makes host keys: random, so every build another image, and every machine
+# of the image the same keys. Each boot makes its own instead, before the unit's own `sshd -t` (which
+# fails without keys): the list is reset so that the key step comes first.
+SSH_HOST_KEYS_DROPIN = "etc/systemd/system/ssh.service.d/racker-host-keys.conf"
+SSH_HOST_KEYS = """\
+# Written by racker: no host keys in the image; each machine makes its own at its first start.
+[Service]
+ExecStartPre=
+ExecStartPre=-/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A'
+ExecStartPre=/usr/sbin/sshd -t
+"""
+
+
+def _no_host_keys(rootfs: Path) -> None:
+    ssh = rootfs / "etc/ssh"
+    if ssh.is_symlink() or not ssh.is_dir():
+        return
+    keys = [key for key in ssh.iterdir() if key.name.startswith("ssh_host_")]
+    if not keys:
+        return
+    for key in keys:
+        key.unlink()
+    dropin = rootfs / SSH_HOST_KEYS_DROPIN
+    if not dropin.parent.resolve().is_relative_to(rootfs.resolve()):
+        return  # a link out of the image: nothing written there
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(SSH_HOST_KEYS)
