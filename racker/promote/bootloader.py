@@ -136,9 +136,11 @@ def build_efi_binary(root_uuid: str, work: Path) -> Path:
     return binary
 
 
-def install_efi(disk: Path, esp_offset: int, binary: Path) -> None:
-    """Copy the EFI binary to the removable-media path on the ESP, with mtools."""
+def install_efi(disk: Path, esp_offset: int, binary: Path, epoch: int | None = None) -> None:
+    """Copy the EFI binary to the removable-media path on the ESP, with mtools (its FAT entries
+    dated SOURCE_DATE_EPOCH `epoch`, when there is one)."""
     tree = binary.parent / "esp"
     (tree / "EFI/BOOT").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(binary, tree / "EFI/BOOT/BOOTX64.EFI")
-    proc.run(["mcopy", "-s", "-Q", "-i", f"{disk}@@{esp_offset}", str(tree / "EFI"), "::/"], env={"MTOOLS_SKIP_CHECK": "1"})
+    env = {"MTOOLS_SKIP_CHECK": "1", **({"SOURCE_DATE_EPOCH": str(epoch)} if epoch is not None else {})}
+    proc.run(["mcopy", "-s", "-Q", "-i", f"{disk}@@{esp_offset}", str(tree / "EFI"), "::/"], env=env)
