@@ -159,3 +159,34 @@ def test_a_disk_s_ids_follow_the_image_not_chance() -> None:
     assert disk.plan("bios", 2 << 30, 400 << 20, seed="sha256:aaaa").sfdisk_script().count("label-id: 0x") == 1
     unseeded = [disk.plan("bios", 2 << 30, 400 << 20) for _ in range(2)]
     assert unseeded[0].root_uuid != unseeded[1].root_uuid  # no image to follow: random, as before
+
+
+def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The logic only (mmdebstrap and the archive faked): the real bootstraps are the slow tests above."""
+    from racker import errors, refs
+    from racker.sources import bootstrap
+
+    states = iter([("old", 100), ("new", 200), ("newer", 300)])
+    built: list[int] = []
+
+    def signed_releases(lines: list[str], keys: Path, timeout: float) -> list[archive.SignedRelease]:
+        sha, epoch = next(states)
+        return [archive.SignedRelease("u/InRelease", "s", ("main",), f"Date: {epoch}", sha)]
+
+    def mmdebstrap(distro: str, suite: str, entry: object, rootfs: Path, epoch: int) -> set[str]:
+        rootfs.mkdir()
+        built.append(epoch)
+        return {"new"}  # what apt saw: the state after the first look
+
+    monkeypatch.setattr(archive, "signed_releases", signed_releases)
+    monkeypatch.setattr(archive.SignedRelease, "epoch", property(lambda self: int(self.text.split()[1])))
+    monkeypatch.setattr(bootstrap, "_mmdebstrap", mmdebstrap)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+
+    fields = bootstrap.acquire(refs.parse("bootstrap:debian/bookworm"), None, tmp_path / "rootfs")
+    assert built == [100, 200] and fields[reproducible.FIELD] == 200
+
+    states = iter([("a", 1), ("b", 2)])
+    with pytest.raises(errors.UpstreamError, match="moved during two bootstraps"):
+        bootstrap.acquire(refs.parse("bootstrap:debian/bookworm"), None, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
