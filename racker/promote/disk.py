@@ -199,8 +199,27 @@ def make_root(path: Path, layout: Layout, tree: Path, overlay: Path | None = Non
         env=_fake_time(layout),
         timeout=1200,
     )
+    if layout.epoch is not None:
+        settle_times(path, layout, tree)
     if overlay is not None:
         write_overlay(path, layout, overlay, tree)
+
+
+def settle_times(path: Path, layout: Layout, tree: Path) -> None:
+    """Every inode's ctime and atime at the layout's epoch: mkfs.ext4 -d copies them from the tree's
+    files in the store, where no one can set a ctime and every read may move an atime (the mtimes
+    it copies are the image's own, clamped at build)."""
+    lines = []
+    for directory, dirs, files in os.walk(tree):
+        inside = Path(directory).relative_to(tree)
+        rel = "" if inside == Path() else "/" + inside.as_posix()
+        for name in ("", *dirs, *files):
+            target = f"{rel}/{name}" if name else rel or "/"
+            if '"' in target or "\n" in target:
+                continue  # no way to name it to debugfs (a backslash is read as itself): it keeps the store's times
+            lines += [f'sif "{target}" ctime @{layout.epoch}', f'sif "{target}" atime @{layout.epoch}']
+    script = ("\n".join(lines) + "\n").encode()
+    proc.run(["debugfs", "-w", "-f", "-", f"{path}?offset={layout.root_offset}"], input=script, env=_fake_time(layout), timeout=1200)
 
 
 # debugfs goes on after a failed command and exits 0: its stderr is read instead.
@@ -273,6 +292,9 @@ def make_esp(path: Path, layout: Layout) -> None:
             "ESP",
             "-i",
             volume_id,
+            # The volume label's entry dated by a constant, not the clock (Debian 12's dosfstools
+            # does not read SOURCE_DATE_EPOCH).
+            *(["--invariant"] if layout.epoch is not None else []),
             f"--offset={layout.esp_offset // SECTOR}",
             str(path),
             str(layout.esp_size // 1024),
