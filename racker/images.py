@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import catalog, distros, progress, store
+from racker import catalog, distros, progress, reproducible, store
 from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError, StoreError, UnknownImage, UpstreamError
 from racker.platforms import Platform
@@ -119,6 +119,9 @@ def _acquire(
             rootfs = work / "rootfs"
             fields = acquire(ref, entry, rootfs)
         normalise(rootfs)
+        epoch = reproducible.of(fields)
+        if epoch is not None:  # the source's clock: nothing in the tree is newer (reproducible.py)
+            reproducible.clamp_mtimes(rootfs, epoch)
         distro = distros.detect(rootfs)
         manifest = dict(fields, name=name, distro=distro.as_json())
         if seen:

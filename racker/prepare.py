@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import build_leftovers, distros, fingerprint, imagetree, inits, machines, proc, progress, store
+from racker import build_leftovers, distros, fingerprint, imagetree, inits, machines, proc, progress, reproducible, store
 from racker.errors import PrepareError, ToolFailed, UnknownInit
 from racker.refs import PREPARED
 
@@ -343,14 +343,19 @@ def _prepared(
             with progress.step("copying"), store.reading(image) as source:
                 proc.run(["cp", "-a", "--reflink=auto", str(source), str(rootfs)], timeout=600)
             own_links = build_leftovers.kernel_links(rootfs)  # the image's own stay; the kernel package's go
-            installed = _install(rootfs, distro, packages)
+            # The source's clock (its archive's Release date): what the package scripts stamp
+            # (shadow's last-change day, the initramfs's mtimes) is the same at every prepare.
+            epoch = reproducible.of(image.manifest)
+            installed = _install(rootfs, distro, packages, epoch)
             verified = bool(distro.recipe and distro.recipe.verified)
             record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed, "recipe_verified": verified}
             if level == "vm":
-                configure(rootfs, own_links)
+                configure(rootfs, own_links, epoch)
                 record["kernel"] = find_kernel(rootfs).version
                 record["kernel_flavour"] = kernel
             manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
+            if epoch is not None:
+                reproducible.clamp_mtimes(rootfs, epoch)
             with progress.step("storing"):
                 return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
 
@@ -380,12 +385,12 @@ def _prepared_manifest(image: store.StoredImage, name: str, record: dict, distro
     return manifest
 
 
-def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+def _install(rootfs: Path, distro: distros.Distro, packages: VmPackages, epoch: int | None = None) -> list[str]:
     with imagetree.refused(PrepareError, "cannot prepare the image"):
-        return _install_packages(rootfs, distro, packages)
+        return _install_packages(rootfs, distro, packages, epoch)
 
 
-def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages) -> list[str]:
+def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages, epoch: int | None = None) -> list[str]:
     recipe = distro.recipe
     assert recipe is not None
     if not recipe.verified:
@@ -395,38 +400,40 @@ def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages
         write_file(rootfs, rel, text, mode=0o755 if text.startswith("#!") else 0o644)
     resolv = "etc/resolv.conf"
     saved_resolv = _save_link_or_file(tree, resolv)
+    env = {**recipe.env, **reproducible.environment(epoch)}
     try:
         with progress.step("updating the package index"):
-            in_container(rootfs, recipe.update, env=recipe.env)
+            in_container(rootfs, recipe.update, env=env)
         wanted = list(packages.required)
         for optional in packages.optional:
-            if recipe.available and in_container(rootfs, (*recipe.available, optional), env=recipe.env, check=False).succeeded:
+            if recipe.available and in_container(rootfs, (*recipe.available, optional), env=env, check=False).succeeded:
                 wanted.append(optional)
         with progress.step(f"installing {len(wanted)} packages"):
-            in_container(rootfs, (*recipe.install, *wanted), env=recipe.env, timeout=1800)
+            in_container(rootfs, (*recipe.install, *wanted), env=env, timeout=1800)
         if recipe.clean:
-            in_container(rootfs, recipe.clean, env=recipe.env)
+            in_container(rootfs, recipe.clean, env=env)
     finally:
         tree.unlink("usr/sbin/policy-rc.d", missing_ok=True)
         _restore_link_or_file(tree, resolv, saved_resolv)
     return wanted
 
 
-def configure(rootfs: Path, own_links: frozenset[str] = frozenset()) -> None:
+def configure(rootfs: Path, own_links: frozenset[str] = frozenset(), epoch: int | None = None) -> None:
     """Write the configuration every cloud VM needs and enable its services; then DNS from the
     platform and nothing of the build (the last step: in_container puts the host's resolv.conf in)."""
     with imagetree.refused(PrepareError, "cannot configure the image"):
-        _configure(rootfs, own_links)
+        _configure(rootfs, own_links, epoch)
 
 
-def _configure(rootfs: Path, own_links: frozenset[str]) -> None:
+def _configure(rootfs: Path, own_links: frozenset[str], epoch: int | None) -> None:
     tree = imagetree.Tree(rootfs)
     for rel, text in CONFIG_FILES.items():
         write_file(rootfs, rel, text)
     units = [u for u in ENABLE_UNITS if _unit_exists(tree, u)]
     units += [u for u in OPTIONAL_ENABLE_UNITS if _unit_exists(tree, u)]
-    in_container(rootfs, ("systemctl", "enable", *units))
-    in_container(rootfs, ("systemctl", "mask", *MASK_UNITS))
+    clock = reproducible.environment(epoch)
+    in_container(rootfs, ("systemctl", "enable", *units), env=clock)
+    in_container(rootfs, ("systemctl", "mask", *MASK_UNITS), env=clock)
     for generator in MASK_GENERATORS:
         link = f"etc/systemd/system-generators/{generator}"
         tree.mkdir("etc/systemd/system-generators")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, imagetree, prepare, progress, refs, store
+from racker import distros, fingerprint, imagetree, prepare, progress, refs, reproducible, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, boxes, disk, formats, profiles, vagrant
@@ -95,7 +95,9 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
     size = options.size or max(DEFAULT_SIZE, disk.min_root_size(tree_bytes) + 128 * disk.MiB)
     if options.fmt == "gce" and size % 1024**3:
         size = (size // 1024**3 + 1) * 1024**3  # GCE imports whole GiB disks only
-    layout = disk.plan(options.firmware, size, tree_bytes)
+    # Ids and clock from the image: one image, one disk, byte for byte (reproducible.py).
+    epoch = reproducible.of(image.manifest) or reproducible.override()
+    layout = disk.plan(options.firmware, size, tree_bytes, seed=image.digest, epoch=epoch)
     if options.app:
         app_service.spec(image)  # raises when the image has no entrypoint or command
     return layout, kernel, profile, fmt
@@ -308,7 +310,7 @@ def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work
     if layout.firmware == "uefi":
         with progress.step("writing the ESP"):
             disk.make_esp(raw, layout)
-            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, work))
+            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, work), layout.epoch)
     with progress.step("writing the root filesystem"):
         disk.make_root(raw, layout, rootfs, overlay)
     if layout.firmware == "bios":
@@ -328,7 +330,15 @@ def build_firecracker(
 ) -> dict[str, Path]:
     """Firecracker boots a bare ext4 (no partition table) and an uncompressed ELF kernel;
     beside them, the configuration that boots them (`firecracker --config-file`)."""
-    rootfs_only = disk.Layout(firmware="bios", size=layout.root_size, root_offset=0, root_size=layout.root_size, root_uuid=layout.root_uuid)
+    rootfs_only = disk.Layout(
+        firmware="bios",
+        size=layout.root_size,
+        root_offset=0,
+        root_size=layout.root_size,
+        root_uuid=layout.root_uuid,
+        hash_seed=layout.hash_seed,
+        epoch=layout.epoch,
+    )
     base = output.name.removesuffix(".ext4")
     extra = {
         "vmlinux": output.with_name(base + ".vmlinux"),

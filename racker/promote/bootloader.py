@@ -10,6 +10,7 @@ mtools. Both find the root filesystem by UUID and read the same
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -136,9 +137,17 @@ def build_efi_binary(root_uuid: str, work: Path) -> Path:
     return binary
 
 
-def install_efi(disk: Path, esp_offset: int, binary: Path) -> None:
-    """Copy the EFI binary to the removable-media path on the ESP, with mtools."""
+def install_efi(disk: Path, esp_offset: int, binary: Path, epoch: int | None = None) -> None:
+    """Copy the EFI binary to the removable-media path on the ESP, with mtools (its FAT entries
+    dated SOURCE_DATE_EPOCH `epoch`, when there is one: Debian 12's mtools does not read it, so the
+    files are dated and mcopy -m keeps their dates)."""
     tree = binary.parent / "esp"
     (tree / "EFI/BOOT").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(binary, tree / "EFI/BOOT/BOOTX64.EFI")
-    proc.run(["mcopy", "-s", "-Q", "-i", f"{disk}@@{esp_offset}", str(tree / "EFI"), "::/"], env={"MTOOLS_SKIP_CHECK": "1"})
+    keep_dates = []
+    if epoch is not None:
+        for path in (tree / "EFI/BOOT/BOOTX64.EFI", tree / "EFI/BOOT", tree / "EFI"):
+            os.utime(path, (epoch, epoch))
+        keep_dates = ["-m"]
+    env = {"MTOOLS_SKIP_CHECK": "1"}
+    proc.run(["mcopy", "-s", "-Q", *keep_dates, "-i", f"{disk}@@{esp_offset}", str(tree / "EFI"), "::/"], env=env)

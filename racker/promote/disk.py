@@ -68,6 +68,11 @@ class Layout:
     esp_size: int = 0
     root_uuid: str = ""
     esp_uuid: str = ""  # FAT volume id, as XXXX-XXXX
+    # What would otherwise be chance or the clock, fixed so that one image makes one disk, byte for byte:
+    disk_id: str = ""  # the partition table's id: a GUID (gpt) or 0xXXXXXXXX (dos)
+    partition_uuids: tuple[str, ...] = ()  # gpt: the ESP's then root's
+    hash_seed: str = ""  # ext4's directory hash seed
+    epoch: int | None = None  # SOURCE_DATE_EPOCH: every time mkfs and debugfs write
 
     @property
     def label(self) -> str:
@@ -75,16 +80,24 @@ class Layout:
 
     def sfdisk_script(self) -> str:
         lines = [f"label: {self.label}", "unit: sectors"]
+        if self.disk_id:
+            lines.append(f"label-id: {self.disk_id}")
         if self.firmware == "uefi":
-            lines.append(f'start={self.esp_offset // SECTOR}, size={self.esp_size // SECTOR}, type={ESP_TYPE}, name="esp"')
-            lines.append(f'start={self.root_offset // SECTOR}, size={self.root_size // SECTOR}, type={ROOT_TYPE_GPT}, name="root"')
+            esp, root = (f", uuid={u}" for u in self.partition_uuids) if self.partition_uuids else ("", "")
+            lines.append(f'start={self.esp_offset // SECTOR}, size={self.esp_size // SECTOR}, type={ESP_TYPE}, name="esp"{esp}')
+            lines.append(f'start={self.root_offset // SECTOR}, size={self.root_size // SECTOR}, type={ROOT_TYPE_GPT}, name="root"{root}')
         else:
             lines.append(f"start={self.root_offset // SECTOR}, size={self.root_size // SECTOR}, type={ROOT_TYPE_DOS}, bootable")
         return "\n".join(lines) + "\n"
 
 
-def plan(firmware: str, size: int, tree_bytes: int) -> Layout:
-    """Partition a disk of `size` bytes; PromoteError if the tree cannot fit."""
+def plan(firmware: str, size: int, tree_bytes: int, seed: str = "", epoch: int | None = None) -> Layout:
+    """Partition a disk of `size` bytes; PromoteError if the tree cannot fit.
+
+    `seed` (the image's digest): its ids are derived from it, not drawn at random, and `epoch`
+    is its SOURCE_DATE_EPOCH, so that two promotes of one image make the same bytes. An image's
+    disks then share their filesystem UUID, as every instance of a distribution's cloud image does.
+    """
     if firmware not in ("bios", "uefi"):
         raise PromoteError(f"unknown firmware {firmware!r}: bios or uefi")
     size = size // ALIGN * ALIGN
@@ -102,7 +115,8 @@ def plan(firmware: str, size: int, tree_bytes: int) -> Layout:
             f"a {human(size)} disk is too small: the root filesystem needs {human(needed)} for {human(tree_bytes)} of files",
             hint=f"use --size {(needed + overhead) // MiB + 1}M or more",
         )
-    volume = uuid.uuid4().hex[:8].upper()
+    ids = _Ids(seed)
+    volume = ids.uuid("esp volume").hex[:8].upper()
     return Layout(
         firmware=firmware,
         size=size,
@@ -110,9 +124,23 @@ def plan(firmware: str, size: int, tree_bytes: int) -> Layout:
         root_size=root_size,
         esp_offset=esp_offset,
         esp_size=esp_size,
-        root_uuid=str(uuid.uuid4()),
+        root_uuid=str(ids.uuid("root")),
         esp_uuid=f"{volume[:4]}-{volume[4:]}",
+        disk_id=str(ids.uuid("gpt")).upper() if firmware == "uefi" else f"0x{ids.uuid('dos').hex[:8]}",
+        partition_uuids=(str(ids.uuid("esp partition")).upper(), str(ids.uuid("root partition")).upper()) if firmware == "uefi" else (),
+        hash_seed=str(ids.uuid("ext4 hash seed")),
+        epoch=epoch,
     )
+
+
+@dataclass(frozen=True)
+class _Ids:
+    """UUIDs named after `seed` and what they are for (uuid5), or random without a seed."""
+
+    seed: str
+
+    def uuid(self, what: str) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"racker-disk:{self.seed}:{what}") if self.seed else uuid.uuid4()
 
 
 def create(path: Path, layout: Layout) -> None:
@@ -131,10 +159,11 @@ def partitions(path: Path) -> list[dict]:
     return table.get("partitions", [])
 
 
-def _fake_time() -> dict[str, str] | None:
-    """Reproducible timestamps (mkfs and debugfs both read E2FSPROGS_FAKE_TIME)."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    return {"E2FSPROGS_FAKE_TIME": epoch} if epoch else None
+def _fake_time(layout: Layout) -> dict[str, str] | None:
+    """Reproducible timestamps: mkfs and debugfs read E2FSPROGS_FAKE_TIME, mkfs.vfat and mtools
+    SOURCE_DATE_EPOCH (the layout's, else the user's)."""
+    epoch = str(layout.epoch) if layout.epoch is not None else os.environ.get("SOURCE_DATE_EPOCH")
+    return {"E2FSPROGS_FAKE_TIME": epoch, "SOURCE_DATE_EPOCH": epoch} if epoch else None
 
 
 def make_root(path: Path, layout: Layout, tree: Path, overlay: Path | None = None) -> None:
@@ -160,17 +189,37 @@ def make_root(path: Path, layout: Layout, tree: Path, overlay: Path | None = Non
             "-O",
             EXT4_FEATURES,
             "-E",
-            f"offset={layout.root_offset},lazy_itable_init=0,nodiscard,assume_storage_prezeroed=1",
+            f"offset={layout.root_offset},lazy_itable_init=0,nodiscard,assume_storage_prezeroed=1"
+            + (f",hash_seed={layout.hash_seed}" if layout.hash_seed else ""),
             "-d",
             str(tree),
             str(path),
             str(blocks),
         ],
-        env=_fake_time(),
+        env=_fake_time(layout),
         timeout=1200,
     )
+    if layout.epoch is not None:
+        settle_times(path, layout, tree)
     if overlay is not None:
-        write_overlay(path, layout.root_offset, overlay, tree)
+        write_overlay(path, layout, overlay, tree)
+
+
+def settle_times(path: Path, layout: Layout, tree: Path) -> None:
+    """Every inode's ctime and atime at the layout's epoch: mkfs.ext4 -d copies them from the tree's
+    files in the store, where no one can set a ctime and every read may move an atime (the mtimes
+    it copies are the image's own, clamped at build)."""
+    lines = []
+    for directory, dirs, files in os.walk(tree):
+        inside = Path(directory).relative_to(tree)
+        rel = "" if inside == Path() else "/" + inside.as_posix()
+        for name in ("", *dirs, *files):
+            target = f"{rel}/{name}" if name else rel or "/"
+            if '"' in target or "\n" in target:
+                continue  # no way to name it to debugfs (a backslash is read as itself): it keeps the store's times
+            lines += [f'sif "{target}" ctime @{layout.epoch}', f'sif "{target}" atime @{layout.epoch}']
+    script = ("\n".join(lines) + "\n").encode()
+    proc.run(["debugfs", "-w", "-f", "-", f"{path}?offset={layout.root_offset}"], input=script, env=_fake_time(layout), timeout=1200)
 
 
 # debugfs goes on after a failed command and exits 0: its stderr is read instead.
@@ -216,10 +265,11 @@ def _owner_and_mode(name: str, info: os.stat_result, kind: int) -> list[str]:
     return [f"sif {name} mode 0{kind | stat.S_IMODE(info.st_mode):o}", f"sif {name} uid {info.st_uid}", f"sif {name} gid {info.st_gid}"]
 
 
-def write_overlay(path: Path, offset: int, overlay: Path, tree: Path) -> None:
+def write_overlay(path: Path, layout: Layout, overlay: Path, tree: Path) -> None:
     script = overlay.parent / f"{overlay.name}.debugfs"
     script.write_text(debugfs_script(overlay, tree))
-    result = proc.run(["debugfs", "-w", "-f", str(script), f"{path}?offset={offset}"], env=_fake_time(), timeout=600)
+    argv = ["debugfs", "-w", "-f", str(script), f"{path}?offset={layout.root_offset}"]
+    result = proc.run(argv, env=_fake_time(layout), timeout=600)
     failed = [line for line in result.stderr.splitlines() if line.strip() and not any(e in line for e in _DEBUGFS_EXPECTED)]
     if failed:
         raise PromoteError(f"debugfs could not write promote's files into the disk: {failed[0]}")
@@ -242,8 +292,12 @@ def make_esp(path: Path, layout: Layout) -> None:
             "ESP",
             "-i",
             volume_id,
+            # The volume label's entry dated by a constant, not the clock (Debian 12's dosfstools
+            # does not read SOURCE_DATE_EPOCH).
+            *(["--invariant"] if layout.epoch is not None else []),
             f"--offset={layout.esp_offset // SECTOR}",
             str(path),
             str(layout.esp_size // 1024),
-        ]
+        ],
+        env=_fake_time(layout),
     )

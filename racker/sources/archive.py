@@ -14,6 +14,8 @@ Only what the archive key signed is ever read (gpgv's output, never the file's o
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import gzip
 import hashlib
 import lzma
@@ -68,26 +70,62 @@ def same_state(old: str, new: str) -> bool:
 
 
 def signed_indexes(lines: list[str], keys: Path, arch: str, timeout: float) -> list[Index]:
+    found = []
+    for signed in signed_releases(lines, keys, timeout):
+        listed = sha256_section(signed.text)
+        dists = signed.inrelease.removesuffix("/InRelease")
+        for component in signed.components:
+            path = f"{component}/binary-{arch}/Packages"
+            if path not in listed:
+                raise UpstreamError(f"{signed.inrelease} lists no {path}")
+            variants = {suffix: listed[path + suffix] for suffix, _ in COMPRESSED if path + suffix in listed}
+            found.append(Index(f"{signed.suite}/{component}", f"{dists}/{path}", listed[path], variants))
+    return found
+
+
+@dataclass(frozen=True)
+class SignedRelease:
+    """One source line's InRelease: where it is, what the archive key signed of it, and the file's own sha256."""
+
+    inrelease: str
+    suite: str
+    components: tuple[str, ...]
+    text: str  # gpgv's output: the signed text only
+    sha256: str  # of the file as fetched (apt keeps the same bytes in its lists)
+
+    @property
+    def epoch(self) -> int:
+        """Its Date: field, in seconds since the epoch."""
+        return release_date(self.text)
+
+
+def signed_releases(lines: list[str], keys: Path, timeout: float) -> list[SignedRelease]:
+    """Each one-line apt source's InRelease, its signature verified with `keys`."""
     proc.require("gpgv")  # before anything is asked of the archive
     found = []
     with store.workdir("inrelease") as work:
         for number, line in enumerate(lines):
             _deb, url, suite, *components = line.split()
-            dists = f"{url.rstrip('/')}/dists/{suite}"
-            inrelease = f"{dists}/InRelease"
+            inrelease = f"{url.rstrip('/')}/dists/{suite}/InRelease"
             try:
                 # Plain HTTP is fine here: only what the archive key signed is read.
                 signed = download.fetch_small(inrelease, plain_ok=True, timeout=timeout) or b""
             except DownloadError as error:
                 raise (UpstreamUnreachable if download.unreachable(error) else UpstreamError)(str(error)) from None
-            listed = sha256_section(verified(inrelease, signed, keys, work / str(number)))
-            for component in components:
-                path = f"{component}/binary-{arch}/Packages"
-                if path not in listed:
-                    raise UpstreamError(f"{inrelease} lists no {path}")
-                variants = {suffix: listed[path + suffix] for suffix, _ in COMPRESSED if path + suffix in listed}
-                found.append(Index(f"{suite}/{component}", f"{dists}/{path}", listed[path], variants))
+            text = verified(inrelease, signed, keys, work / str(number))
+            found.append(SignedRelease(inrelease, suite, tuple(components), text, hashlib.sha256(signed).hexdigest()))
     return found
+
+
+def release_date(text: str) -> int:
+    """The Date: field of a Release file's text, in seconds since the epoch (a build's SOURCE_DATE_EPOCH,
+    as Debian's reproducible images take it)."""
+    for line in text.splitlines():
+        if line.startswith("Date:"):
+            with contextlib.suppress(TypeError, ValueError):
+                return int(email.utils.parsedate_to_datetime(line[5:].strip()).timestamp())
+            break
+    raise UpstreamError("the archive's Release file has no valid Date: field")
 
 
 def verified(url: str, signed: bytes, keys: Path, directory: Path) -> str:

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from racker import proc, progress
+from racker import proc, progress, reproducible, store
 from racker.catalog import CatalogEntry
+from racker.errors import UpstreamError
 from racker.refs import Reference
-from racker.sources import archive
+from racker.sources import archive, upstream_timeout
 
 MIRRORS = {
     "debian": os.environ.get("RACKER_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
@@ -85,15 +86,48 @@ def recipe(ref: Reference) -> str:
     return " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
 
 
+# A customize hook prints the sha256 of each InRelease apt used, after this mark: the archive state
+# the image was built from, compared with the one its SOURCE_DATE_EPOCH was read from.
+USED_MARK = "racker-inrelease-used "
+
+
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
+    """mmdebstrap, reproducibly: SOURCE_DATE_EPOCH is the suites' newest Release date (or the user's
+    SOURCE_DATE_EPOCH), and the InRelease files apt used must be those that date was read from: an
+    archive that moved during the build builds again, once."""
     distro, suite = ref.target.split("/", 1)
-    packages = entry.packages if entry else DEFAULT_PACKAGES
+    lines = sources(distro, suite)
+    for attempt in range(2):
+        releases = archive.signed_releases(lines, keyring(distro), upstream_timeout())
+        epoch = reproducible.override() or max(release.epoch for release in releases)
+        used = _mmdebstrap(distro, suite, entry, rootfs, epoch)
+        if used == {release.sha256 for release in releases}:
+            break
+        store.remove_tree(rootfs)
+        if attempt:
+            raise UpstreamError(f"the archive {lines[0].split()[1]} moved during two bootstraps of {suite}", hint="try again later")
+        progress.warn(f"the archive moved during the bootstrap of {suite}: building again from its new state")
+    _forget_host_resolvers(rootfs)
+    _no_host_keys(rootfs)
+    bootstrap = {"distro": distro, "suite": suite, "packages": list(_packages(entry)), "sources": lines}
+    return {"bootstrap": bootstrap, reproducible.FIELD: epoch}
+
+
+def _packages(entry: CatalogEntry | None) -> tuple[str, ...]:
+    return tuple(entry.packages) if entry else DEFAULT_PACKAGES
+
+
+def _mmdebstrap(distro: str, suite: str, entry: CatalogEntry | None, rootfs: Path, epoch: int) -> set[str]:
+    """Bootstrap `rootfs` at SOURCE_DATE_EPOCH `epoch`: the sha256s of the InRelease files apt used."""
+    packages = _packages(entry)
     argv = [
         "mmdebstrap",
         # unshare mode: mmdebstrap's own mounts live in a private namespace, so
         # nothing stays mounted on the host if we are killed.
         "--mode=unshare",
         "--variant=" + str(entry.options.get("variant", "minbase") if entry else "minbase"),
+        # Before mmdebstrap's cleanup removes apt's lists: which archive state this build saw.
+        f'--customize-hook=for f in "$1"/var/lib/apt/lists/*_InRelease; do echo {USED_MARK}$(sha256sum < "$f"); done',
     ]
     if packages:
         argv.append("--include=" + ",".join(packages))
@@ -104,5 +138,46 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
         argv.append(f"--keyring={keyring(distro)}")
     argv += [suite, str(rootfs), *sources(distro, suite)]
     with progress.step(f"bootstrapping {distro} {suite} with mmdebstrap"):
-        proc.run(argv, timeout=1800)
-    return {"bootstrap": {"distro": distro, "suite": suite, "packages": list(packages), "sources": sources(distro, suite)}}
+        result = proc.run(argv, env=reproducible.environment(epoch), timeout=1800)
+    said = (result.stdout + result.stderr).splitlines()
+    # Only lines that start with the mark: mmdebstrap's own log quotes the hook, mark and all.
+    return {line.removeprefix(USED_MARK).split()[0] for line in said if line.startswith(USED_MARK) and line.strip() != USED_MARK.strip()}
+
+
+def _forget_host_resolvers(rootfs: Path) -> None:
+    """mmdebstrap copies the build host's /etc/resolv.conf in (as debootstrap does): an empty one
+    instead, the same on every host (the machine's own comes from nspawn, DHCP or resolved)."""
+    resolv = rootfs / "etc/resolv.conf"
+    if resolv.is_file() and not resolv.is_symlink():
+        resolv.unlink()
+        resolv.write_bytes(b"")
+        os.chmod(resolv, 0o644)
+
+
+# openssh-server's postinst makes host keys: random, so every build another image, and every machine
+# of the image the same keys. Each boot makes its own instead, before the unit's own `sshd -t` (which
+# fails without keys): the list is reset so that the key step comes first.
+SSH_HOST_KEYS_DROPIN = "etc/systemd/system/ssh.service.d/racker-host-keys.conf"
+SSH_HOST_KEYS = """\
+# Written by racker: no host keys in the image; each machine makes its own at its first start.
+[Service]
+ExecStartPre=
+ExecStartPre=-/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A'
+ExecStartPre=/usr/sbin/sshd -t
+"""
+
+
+def _no_host_keys(rootfs: Path) -> None:
+    ssh = rootfs / "etc/ssh"
+    if ssh.is_symlink() or not ssh.is_dir():
+        return
+    keys = [key for key in ssh.iterdir() if key.name.startswith("ssh_host_")]
+    if not keys:
+        return
+    for key in keys:
+        key.unlink()
+    dropin = rootfs / SSH_HOST_KEYS_DROPIN
+    if not dropin.parent.resolve().is_relative_to(rootfs.resolve()):
+        return  # a link out of the image: nothing written there
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(SSH_HOST_KEYS)

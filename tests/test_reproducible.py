@@ -1,0 +1,192 @@
+"""Same inputs, same digest: an image built twice from one archive state, in two stores at two
+times, is the same image; a changed input is another (racker/reproducible.py)."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_ENTRY, racker
+from racker import reproducible
+from racker.sources import archive
+
+# -- the clock -----------------------------------------------------------------------------
+
+
+def test_the_release_date_is_read_from_the_signed_text() -> None:
+    text = "Origin: Debian\nSuite: stable\nDate: Sat, 10 Jun 2023 08:52:57 UTC\nSHA256:\n"
+    assert archive.release_date(text) == 1686387177
+    with pytest.raises(archive.UpstreamError, match="no valid Date"):
+        archive.release_date("Origin: Debian\nDate: yesterday\n")
+
+
+def test_mtimes_newer_than_the_epoch_are_clamped_links_themselves(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/new").write_text("made by the build")
+    (root / "etc/old").write_text("from a package")
+    os.utime(root / "etc/old", (1000, 1000))
+    outside = tmp_path / "outside"
+    outside.write_text("the host's")
+    (root / "etc/link").symlink_to(outside)
+    before = outside.stat().st_mtime
+
+    reproducible.clamp_mtimes(root, 5000)
+
+    assert {p.name: int(p.lstat().st_mtime) for p in (root / "etc").iterdir()} == {"new": 5000, "old": 1000, "link": 5000}
+    assert int(root.stat().st_mtime) == 5000 and int((root / "etc").stat().st_mtime) == 5000
+    assert outside.stat().st_mtime == before, "a link's target outside the tree was touched"
+
+
+def test_the_user_s_source_date_epoch_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert reproducible.override() == 1700000000
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "not a number")
+    assert reproducible.override() is None
+    assert reproducible.of({"source_date_epoch": 5}) == 5 and reproducible.of({}) is None
+
+
+# -- two builds ------------------------------------------------------------------------------
+
+
+def _built(home: Path, name: str, env: dict[str, str] | None = None) -> dict:
+    """`racker pull NAME` in the store at `home`: its stored manifest (digest, upstream, clock)."""
+    done = racker("pull", name, env={"RACKER_HOME": str(home), **(env or {})}, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    ref = json.loads((home / "refs" / f"{name}.json").read_text())
+    return ref["manifest"]
+
+
+def _rootfs(home: Path, manifest: dict) -> Path:
+    return home / "images" / manifest["digest"].replace(":", "-") / "rootfs"
+
+
+def _differences(a: Path, b: Path) -> list[str]:
+    """Paths whose type, mode, owner or content differ (what the digest covers), for the failure message."""
+
+    def walk(root: Path) -> dict[str, tuple]:
+        found = {}
+        for directory, _dirs, files in os.walk(root):
+            for name in [*_dirs, *files]:
+                path = Path(directory, name)
+                info = path.lstat()
+                body = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else ""
+                link = os.readlink(path) if path.is_symlink() else ""
+                found[str(path.relative_to(root))] = (info.st_mode, info.st_uid, info.st_gid, body, link)
+        return found
+
+    left, right = walk(a), walk(b)
+    return sorted(rel for rel in left.keys() | right.keys() if left.get(rel) != right.get(rel))
+
+
+def _newer_than(root: Path, epoch: int) -> list[str]:
+    found = []
+    for directory, dirs, files in os.walk(root):
+        found += [str(Path(directory, n).relative_to(root)) for n in [*dirs, *files] if Path(directory, n).lstat().st_mtime > epoch]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_the_tiny_image_built_twice_apart_is_one_image_and_another_package_another(private_store: dict, tmp_path: Path) -> None:
+    catalog = Path(private_store["RACKER_CATALOG"])
+    (catalog / "tiny-less.toml").write_text(TINY_ENTRY.replace("packages = []", 'packages = ["less"]'))
+
+    first = _built(tmp_path / "a", "tiny")
+    time.sleep(2)  # another second on every clock the build could read
+    second = _built(tmp_path / "b", "tiny")
+    if first["upstream"]["state"] != second["upstream"]["state"]:
+        pytest.skip("the archive moved between the two builds")  # not the same inputs
+
+    a, b = _rootfs(tmp_path / "a", first), _rootfs(tmp_path / "b", second)
+    assert first["digest"] == second["digest"], f"differ: {_differences(a, b)[:20]}"
+    epoch = first[reproducible.FIELD]
+    assert epoch == second[reproducible.FIELD] and epoch < time.time() - 60
+    assert _newer_than(a, epoch) == [], "an mtime newer than SOURCE_DATE_EPOCH"
+    assert (a / "etc/resolv.conf").read_bytes() == b"", "the build host's resolv.conf is in the image"
+
+    other = _built(tmp_path / "a", "tiny-less")
+    assert other["digest"] != first["digest"] and "less" in {p["name"] for p in other["packages"]}
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_debian_bookworm_and_its_vm_image_built_twice_apart_are_the_same(tmp_path: Path) -> None:
+    """The catalogue's stable suite (its archive moves seldom) bootstrapped and prepared in two stores,
+    then once more at another SOURCE_DATE_EPOCH: /etc/shadow's last-change day follows it."""
+
+    def build(home: Path, env: dict[str, str] | None = None) -> tuple[dict, dict]:
+        image = _built(home, "debian-bookworm", env)
+        done = racker("promote", "debian-bookworm", "--output", str(home / "disk.raw"), env={"RACKER_HOME": str(home)}, timeout=1800)
+        assert done.returncode == 0, done.stderr
+        prepared = json.loads((home / "refs" / "debian-bookworm%2Bvm.json").read_text())["manifest"]
+        return image, prepared
+
+    first, first_vm = build(tmp_path / "a")
+    time.sleep(2)
+    second, second_vm = build(tmp_path / "b")
+    if first["upstream"]["state"] != second["upstream"]["state"]:
+        pytest.skip("the archive moved between the two builds")
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert first["digest"] == second["digest"], f"differ: {_differences(_rootfs(a, first), _rootfs(b, second))[:20]}"
+    assert first_vm["digest"] == second_vm["digest"], f"differ: {_differences(_rootfs(a, first_vm), _rootfs(b, second_vm))[:20]}"
+    assert _newer_than(_rootfs(a, first_vm), first[reproducible.FIELD]) == []
+    assert filecmp.cmp(a / "disk.raw", b / "disk.raw", shallow=False), "the two stores' promotes made different disks"
+
+    month_earlier = str(first[reproducible.FIELD] - 30 * 86400)
+    third = _built(tmp_path / "c", "debian-bookworm", {"SOURCE_DATE_EPOCH": month_earlier})
+    assert third["digest"] != first["digest"] and third[reproducible.FIELD] == int(month_earlier)
+
+
+def test_a_disk_s_ids_follow_the_image_not_chance() -> None:
+    from racker.promote import disk
+
+    one = disk.plan("uefi", 2 << 30, 400 << 20, seed="sha256:aaaa", epoch=1686387177)
+    assert one == disk.plan("uefi", 2 << 30, 400 << 20, seed="sha256:aaaa", epoch=1686387177)
+    other = disk.plan("uefi", 2 << 30, 400 << 20, seed="sha256:bbbb")
+    assert {one.root_uuid, one.esp_uuid, one.disk_id, one.hash_seed}.isdisjoint(
+        {other.root_uuid, other.esp_uuid, other.disk_id, other.hash_seed}
+    )
+    assert f"label-id: {one.disk_id}" in one.sfdisk_script() and f"uuid={one.partition_uuids[1]}" in one.sfdisk_script()
+    assert disk.plan("bios", 2 << 30, 400 << 20, seed="sha256:aaaa").sfdisk_script().count("label-id: 0x") == 1
+    unseeded = [disk.plan("bios", 2 << 30, 400 << 20) for _ in range(2)]
+    assert unseeded[0].root_uuid != unseeded[1].root_uuid  # no image to follow: random, as before
+
+
+def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The logic only (mmdebstrap and the archive faked): the real bootstraps are the slow tests above."""
+    from racker import errors, refs
+    from racker.sources import bootstrap
+
+    states = iter([("old", 100), ("new", 200), ("newer", 300)])
+    built: list[int] = []
+
+    def signed_releases(lines: list[str], keys: Path, timeout: float) -> list[archive.SignedRelease]:
+        sha, epoch = next(states)
+        return [archive.SignedRelease("u/InRelease", "s", ("main",), f"Date: {epoch}", sha)]
+
+    def mmdebstrap(distro: str, suite: str, entry: object, rootfs: Path, epoch: int) -> set[str]:
+        rootfs.mkdir()
+        built.append(epoch)
+        return {"new"}  # what apt saw: the state after the first look
+
+    monkeypatch.setattr(archive, "signed_releases", signed_releases)
+    monkeypatch.setattr(archive.SignedRelease, "epoch", property(lambda self: int(self.text.split()[1])))
+    monkeypatch.setattr(bootstrap, "_mmdebstrap", mmdebstrap)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+
+    fields = bootstrap.acquire(refs.parse("bootstrap:debian/bookworm"), None, tmp_path / "rootfs")
+    assert built == [100, 200] and fields[reproducible.FIELD] == 200
+
+    states = iter([("a", 1), ("b", 2)])
+    with pytest.raises(errors.UpstreamError, match="moved during two bootstraps"):
+        bootstrap.acquire(refs.parse("bootstrap:debian/bookworm"), None, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
