@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, guest_env, limits, logins, machines, network, proc, store
+from racker import cgroups, emulation, guest_env, limits, logins, machines, network, proc, store
 from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
@@ -84,6 +84,8 @@ class Machine(machines.Guest):
             raise MachineError(
                 f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
             )
+        # Another architecture's image runs under qemu-user (or says what to install), more slowly.
+        self.boot_timeout *= emulation.image_slowdown(self.image.manifest)
         state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest)
         machines.claim(state)  # recorded before anything is made
         self.state = state
@@ -332,6 +334,7 @@ def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool 
     The store's copy is never written (a tmpfs overlay takes the writes), and
     gc leaves the image alone while it runs.
     """
+    emulation.image_slowdown(image.manifest)
     config = image.manifest.get("config") or {}
     argv = list(command) or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     if not argv:

@@ -58,11 +58,11 @@ def keyring(distro: str) -> Path:
     return Path(os.environ.get("RACKER_ARCHIVE_KEYRING") or KEYRINGS[distro])
 
 
-def architecture() -> str:
-    """The host's architecture in Debian's words (the image is built for it)."""
+def architecture(ref: Reference | None = None) -> str:
+    """The architecture the image is built for in Debian's words: the reference's platform's, else the host's."""
     from racker import platforms
 
-    arch = platforms.host().architecture
+    arch = (ref.platform if ref is not None and ref.platform is not None else platforms.host()).architecture
     return {"386": "i386", "arm": "armhf"}.get(arch, arch)
 
 
@@ -72,7 +72,7 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: di
     distro, _, suite = ref.target.partition("/")
     if distro not in MIRRORS:
         return None
-    return archive.state(sources(distro, suite), keyring(distro), architecture(), stored)
+    return archive.state(sources(distro, suite), keyring(distro), architecture(ref), stored)
 
 
 def same_state(old: str, new: str) -> bool:
@@ -80,9 +80,11 @@ def same_state(old: str, new: str) -> bool:
 
 
 def recipe(ref: Reference) -> str:
-    """A bootstrap depends on the sources it is built from (a new security suite builds again)."""
+    """A bootstrap depends on the sources it is built from (a new security suite builds again),
+    and on the architecture when it is not the host's."""
     distro, _, suite = ref.target.partition("/")
-    return " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
+    built = " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
+    return built + (f" arch={architecture(ref)}" if ref.platform is not None else "")
 
 
 def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
@@ -97,12 +99,21 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     ]
     if packages:
         argv.append("--include=" + ",".join(packages))
+    if ref.platform is not None:
+        from racker import emulation
+
+        # Another architecture's maintainer scripts run under qemu-user, through binfmt_misc.
+        emulation.ensure(ref.platform)
+        argv.append(f"--arch={architecture(ref)}")
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
     # mmdebstrap installs from these and writes them as the image's sources.list.
     if os.environ.get("RACKER_ARCHIVE_KEYRING"):
         argv.append(f"--keyring={keyring(distro)}")
     argv += [suite, str(rootfs), *sources(distro, suite)]
-    with progress.step(f"bootstrapping {distro} {suite} with mmdebstrap"):
-        proc.run(argv, timeout=1800)
-    return {"bootstrap": {"distro": distro, "suite": suite, "packages": list(packages), "sources": sources(distro, suite)}}
+    with progress.step(f"bootstrapping {distro} {suite} ({architecture(ref)}) with mmdebstrap"):
+        proc.run(argv, timeout=3600 if ref.platform is not None else 1800)
+    fields = {"distro": distro, "suite": suite, "packages": list(packages), "sources": sources(distro, suite)}
+    if ref.platform is not None:
+        fields["platform"] = str(ref.platform)
+    return {"bootstrap": fields}

@@ -1,0 +1,104 @@
+"""Images of other architectures: qemu-user through binfmt_misc (emulation.py), under nspawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import racker
+from racker import emulation, platforms, store
+from racker.platforms import Platform
+
+ARM64 = Platform("linux", "arm64")
+S390X = Platform("linux", "s390x")
+AARCH64_LINE = (
+    r":qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
+    r":\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OP"
+)
+
+
+def test_the_f_flag_is_added_once() -> None:
+    assert emulation.with_f_flag(AARCH64_LINE).endswith(":OPF")
+    assert emulation.with_f_flag(AARCH64_LINE + "F").endswith(":OPF")
+    with pytest.raises(emulation.CannotEmulate, match="malformed"):
+        emulation.with_f_flag(":qemu-x:M::")
+
+
+def test_native_platforms_need_no_emulator() -> None:
+    assert emulation.native(platforms.host())
+    if platforms.host().architecture == "amd64":
+        assert emulation.native(Platform("linux", "386"))
+        assert not emulation.native(ARM64)
+    assert emulation.qemu_name(ARM64) == "aarch64" and emulation.qemu_name(S390X) == "s390x"
+
+
+@pytest.fixture
+def fake_binfmt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A binfmt_misc directory and binfmt.d of the test's own: what is registered and shipped is what it writes."""
+    misc = tmp_path / "binfmt_misc"
+    misc.mkdir()
+    (misc / "register").touch()
+    shipped = tmp_path / "binfmt.d"
+    shipped.mkdir()
+    monkeypatch.setattr(emulation, "BINFMT_MISC", misc)
+    monkeypatch.setenv("RACKER_BINFMT_DIRS", str(shipped))
+    return tmp_path
+
+
+@pytest.mark.skipif(platforms.host().architecture != "amd64", reason="the fake handlers are for an amd64 host")
+def test_what_is_missing_is_said_in_one_line(fake_binfmt: Path) -> None:
+    missing = emulation.status(ARM64)
+    assert missing.missing == "cannot run linux/arm64 programs here: no qemu-aarch64 emulator (apt-get install qemu-user-static)"
+    assert not missing.fixable and missing.package == "qemu-user-static"
+    with pytest.raises(emulation.CannotEmulate, match=r"^cannot run linux/arm64 programs here"):
+        emulation.ensure(ARM64)
+    # Shipped, with its interpreter there, but not registered: racker can register it.
+    interpreter = fake_binfmt / "qemu-aarch64-static"
+    interpreter.touch()
+    (fake_binfmt / "binfmt.d" / "qemu-aarch64.conf").write_text(
+        AARCH64_LINE.replace("/usr/libexec/qemu-binfmt/aarch64-binfmt-P", str(interpreter))
+    )
+    shipped = emulation.status(ARM64)
+    assert shipped.fixable and "doctor --fix" in shipped.missing
+    # Registered by someone else without F: left alone, and said.
+    (fake_binfmt / "binfmt_misc" / "qemu-aarch64").write_text(f"enabled\ninterpreter {interpreter}\nflags: OP\noffset 0\n")
+    unflagged = emulation.status(ARM64)
+    assert unflagged.registered and "lacks the F flag" in unflagged.missing
+    assert not emulation.register(ARM64), "a handler someone registered was replaced"
+    (fake_binfmt / "binfmt_misc" / "qemu-aarch64").write_text(f"enabled\ninterpreter {interpreter}\nflags: OPF\noffset 0\n")
+    assert emulation.status(ARM64).missing == ""
+
+
+@pytest.mark.root
+def test_racker_registers_a_missing_handler_with_the_f_flag() -> None:
+    """s390x: a platform nothing else here uses, so its handler can be registered and removed again."""
+    if not Path("/usr/lib/binfmt.d/qemu-s390x.conf").exists():
+        pytest.skip("qemu-user-static is not installed")
+    handler = emulation.BINFMT_MISC / "qemu-s390x"
+    if handler.exists():
+        pytest.skip("a qemu-s390x handler is registered already: not ours to remove")
+    try:
+        emulation.ensure(S390X)
+        assert "F" in handler.read_text().split("flags:")[1].splitlines()[0]
+        assert emulation.status(S390X).missing == ""
+    finally:
+        if handler.exists():
+            handler.write_text("-1")
+
+
+@pytest.mark.root
+def test_a_platform_without_an_emulator_is_one_line_naming_the_package(private_store: dict, tmp_path: Path) -> None:
+    """No emulator (binfmt.d without qemu-s390x's line, nothing registered): one line, nothing stored, nothing asked."""
+    if (emulation.BINFMT_MISC / "qemu-s390x").exists():
+        pytest.skip("a qemu-s390x handler is registered")
+    empty = tmp_path / "binfmt.d"
+    empty.mkdir()
+    env = {"RACKER_BINFMT_DIRS": str(empty), "RACKER_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
+    result = racker("pull", "debian-bookworm", "--platform", "linux/s390x", env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "racker: error: cannot run linux/s390x programs here: no qemu-s390x emulator (apt-get install qemu-user-static)"
+    ]
+    assert not (emulation.BINFMT_MISC / "qemu-s390x").exists()
+    assert store.images() == []
