@@ -182,3 +182,41 @@ def image_slowdown(manifest: dict) -> float:
         return 1.0
     ensure(platform)
     return SLOWDOWN
+
+
+# systemd sets a unit's credentials up (LoadCredential=) on a mount of its own, which qemu-user
+# refuses (EINVAL: "Failed at step CREDENTIALS"): systemd-sysctl, -sysusers and -tmpfiles-setup
+# would fail on every boot. None gets a credential under nspawn, so their lists are emptied.
+CREDENTIAL_DROPIN = (
+    "# Written by racker: no credentials under qemu-user (see racker/emulation.py).\n[Service]\nLoadCredential=\nSetCredential=\n"
+)
+UNIT_DIRS = ("usr/lib/systemd/system", "lib/systemd/system")
+_CREDENTIAL_KEYS = ("LoadCredential=", "SetCredential=", "LoadCredentialEncrypted=", "SetCredentialEncrypted=", "ImportCredential=")
+
+
+def units_with_credentials(rootfs: Path) -> list[str]:
+    """The image's service units that declare credentials (regular files only: the image's links are not followed)."""
+    from racker import untrusted
+
+    found: set[str] = set()
+    for rel in UNIT_DIRS:
+        directory = rootfs / rel
+        if directory.is_symlink() or not directory.is_dir():
+            continue  # /lib -> usr/lib: the other name is read
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".service") and entry.is_file(follow_symlinks=False):
+                text = untrusted.read(Path(entry.path), limit=1 << 20, name=entry.name).decode(errors="replace")
+                if any(line.startswith(_CREDENTIAL_KEYS) for line in text.splitlines()):
+                    found.add(entry.name)
+    return sorted(found)
+
+
+def nspawn_options(rootfs: Path, rundir: Path) -> list[str]:
+    """systemd-nspawn's options for booting another architecture's image: drop-ins bound over the
+    machine's overlay (the store's copy is never written) that spare units what qemu-user cannot do."""
+    units = units_with_credentials(rootfs)
+    if not units:
+        return []
+    dropin = rundir / "qemu-user-credentials.conf"
+    dropin.write_text(CREDENTIAL_DROPIN)
+    return [f"--bind-ro={dropin}:/etc/systemd/system/{unit}.d/50-racker-qemu-user.conf" for unit in units]

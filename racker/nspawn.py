@@ -85,7 +85,8 @@ class Machine(machines.Guest):
                 f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
             )
         # Another architecture's image runs under qemu-user (or says what to install), more slowly.
-        self.boot_timeout *= emulation.image_slowdown(self.image.manifest)
+        self._slowdown = emulation.image_slowdown(self.image.manifest)
+        self.boot_timeout *= self._slowdown
         state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest)
         machines.claim(state)  # recorded before anything is made
         self.state = state
@@ -107,6 +108,7 @@ class Machine(machines.Guest):
         assert self.state is not None
         shutil.rmtree(self.rundir, ignore_errors=True)
         self.rundir.mkdir(parents=True)
+        emulated = emulation.nspawn_options(rootfs, self.rundir) if self._slowdown > 1 else []
         cgroup = machine_cgroup(self.name)
         if cgroup is not None:
             self.state.extra["cgroup"] = str(cgroup)
@@ -121,7 +123,9 @@ class Machine(machines.Guest):
             # The container's console and nspawn's own complaints apart: a failed boot shows both.
             with open(self.console_log, "wb") as console, open(self.nspawn_log, "wb") as nspawn_stderr:
                 self._child = proc.start(
-                    nspawn_argv(rootfs, self.name, self.network.nspawn_options(self.rundir), configured_init(self.image.manifest)),
+                    nspawn_argv(
+                        rootfs, self.name, [*self.network.nspawn_options(self.rundir), *emulated], configured_init(self.image.manifest)
+                    ),
                     env={**nspawn_env(), "NOTIFY_SOCKET": "@" + notify_name},
                     stdout=console,
                     stderr=nspawn_stderr,
