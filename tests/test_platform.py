@@ -265,3 +265,35 @@ def test_a_plain_http_registry_needs_insecure(seeded_registry: dict, private_sto
         pulled = racker("pull", reference, "--insecure", env=private_store)
         assert pulled.returncode == 0, pulled.stderr
         assert pulled.stdout.split() == [reference, seeded_registry["digest"]]
+
+
+# -- platform as an axis of the pytest matrix --------------------------------
+
+
+def _collect(*args: str) -> subprocess.CompletedProcess[str]:
+    sample = Path(__file__).parent / "sample_project"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--co",
+        "-q",
+        "--racker-images=debian-bookworm",
+        *args,
+        "test_sample.py",
+    ]
+    return subprocess.run(
+        argv, cwd=sample, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}, capture_output=True, text=True
+    )
+
+
+def test_platforms_are_an_axis_of_the_matrix_and_part_of_the_ids() -> None:
+    one = _collect()
+    assert "test_is_debian[debian-bookworm]" in one.stdout and "@linux-" not in one.stdout
+    both = _collect(f"--racker-platforms={platforms.host()},linux/arm64")
+    ids = set(re.findall(r"test_is_debian\[(.*)\]", both.stdout))
+    assert ids == {"debian-bookworm", "debian-bookworm@linux-arm64"}, both.stdout
+    bad = _collect("--racker-platforms=linux/arm46")
+    assert "--racker-platforms: bad platform 'linux/arm46'" in bad.stdout + bad.stderr
