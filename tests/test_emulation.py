@@ -8,6 +8,7 @@ import pytest
 
 from conftest import racker
 from racker import emulation, platforms, store
+from racker.errors import PromoteError
 from racker.platforms import Platform
 
 ARM64 = Platform("linux", "arm64")
@@ -121,3 +122,35 @@ def test_an_arm64_image_boots_and_passes_the_container_checks_under_qemu_user(sh
     checked = racker("check", "debian-bookworm@linux-arm64")
     assert checked.returncode == 0, checked.stdout[-3000:]
     assert "system_reaches_running               pass" in checked.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.qemu
+def test_an_arm64_image_promoted_boots_in_qemu_aarch64_and_passes_the_full_boot_checks(share_image) -> None:  # type: ignore[no-untyped-def]
+    """Prepared with the arm64 cloud kernel and GRUB, promoted to a UEFI disk, booted on -M virt with AAVMF under TCG."""
+    from racker import promote
+
+    image = share_image("debian-bookworm@linux-arm64", prepared=True)
+    assert image.manifest["prepared"]["kernel"].endswith("-cloud-arm64")
+    assert (image.rootfs / "usr/lib/grub/arm64-efi/normal.mod").is_file()
+    layout, _kernel, _profile, _fmt = promote.plan(image, promote.Options(firmware="uefi"))
+    assert layout.firmware == "uefi" and layout.esp_size > 0
+    with pytest.raises(PromoteError, match="UEFI disk only"):
+        promote.plan(image, promote.Options(firmware="bios"))
+    checked = racker("check", "--engine", "qemu", "debian-bookworm@linux-arm64", timeout=1800)
+    assert checked.returncode == 0, checked.stdout[-4000:] + checked.stderr[-2000:]
+    assert "sshd_active_and_listening            pass" in checked.stdout
+
+
+@pytest.mark.root
+def test_doctor_says_for_each_foreign_platform_whether_it_runs() -> None:
+    import json
+
+    if not Path("/usr/lib/binfmt.d/qemu-aarch64.conf").exists():
+        pytest.skip("qemu-user-static is not installed")
+    emulation.ensure(ARM64)  # what doctor --fix does for it
+    report = {c["name"]: c for c in json.loads(racker("doctor", "--json", "--no-probe").stdout)}
+    assert report["linux/arm64 (nspawn)"]["ok"], report["linux/arm64 (nspawn)"]
+    assert report["linux/arm64 (nspawn)"]["detail"] == "runs through qemu-aarch64 (binfmt_misc, F flag)"
+    assert report["linux/arm64 (vm)"]["ok"] == Path("/usr/share/AAVMF/AAVMF_CODE.fd").exists()
