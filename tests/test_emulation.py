@@ -34,6 +34,23 @@ def test_native_platforms_need_no_emulator() -> None:
     assert emulation.qemu_name(ARM64) == "aarch64" and emulation.qemu_name(S390X) == "s390x"
 
 
+def test_an_arm64_vm_is_a_virt_board_booting_uefi_only() -> None:
+    from racker import qemu
+    from racker.errors import VMError
+    from racker.promote import bootloader
+
+    assert qemu.board_for("amd64") == ("pc", "bios") and qemu.board_for("amd64", "uefi") == ("pc", "uefi")
+    assert qemu.board_for("arm64") == ("virt", "uefi")
+    with pytest.raises(VMError, match="UEFI only"):
+        qemu.board_for("arm64", "bios")
+    virt = qemu.board("virt")
+    assert (virt.binary, virt.uefi[0]) == ("qemu-system-aarch64", "/usr/share/AAVMF/AAVMF_CODE.fd")
+    arm = bootloader.efi_target("arm64")
+    assert (arm.grub, arm.binary, arm.console, arm.from_image) == ("arm64-efi", "BOOTAA64.EFI", "ttyAMA0", True)
+    with pytest.raises(PromoteError, match="does not make riscv64 disks"):
+        bootloader.efi_target("riscv64")
+
+
 @pytest.fixture
 def fake_binfmt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A binfmt_misc directory and binfmt.d of the test's own: what is registered and shipped is what it writes."""
