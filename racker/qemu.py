@@ -484,7 +484,7 @@ class VM(machines.Guest):
         overlay = snapshot.path / snapshots.OVERLAY
         proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")])
         if firmware == "uefi":
-            self.state.extra["ovmf"] = ovmf()[0]
+            self.state.extra["ovmf"] = self._uefi_firmware()[0]
         self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
         machines.save(self.state)
         self._incoming = snapshots.incoming(snapshot)
@@ -556,15 +556,22 @@ class VM(machines.Guest):
         size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
         proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size])
         if firmware == "uefi":
-            code, variables = self.board.uefi or ovmf()
-            if not os.path.isfile(code) or not os.path.isfile(variables):
-                raise ToolMissing(f"UEFI firmware for {self.board.binary} ({code})", "qemu-efi-aarch64")
+            code, variables = self._uefi_firmware()
             shutil.copyfile(variables, self.rundir / "OVMF_VARS.fd")
             self.state.extra["ovmf"] = code
         self.state.extra["firmware"] = firmware
         self.state.extra["format"] = info.format
         self.state.extra["machine"] = self.machine
         machines.save(self.state)
+
+    def _uefi_firmware(self) -> tuple[str, str]:
+        """The board's UEFI firmware (code, variables): OVMF for a PC, AAVMF for arm64's virt."""
+        if not self.board.uefi:
+            return ovmf()
+        code, variables = self.board.uefi
+        if not os.path.isfile(code) or not os.path.isfile(variables):
+            raise ToolMissing(f"UEFI firmware for {self.board.binary} ({code})", "qemu-efi-aarch64")
+        return code, variables
 
     def qemu_argv(self, firmware: str, port: int) -> list[str]:
         accelerator = self._accel()
