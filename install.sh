@@ -13,6 +13,8 @@ PACKAGES=(
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
   lvm2  # tests only: the LVM disks they read are made by lvm2 itself (on a loop device, activation off)
   xfsprogs  # tests only: the XFS roots racker reads (by a read-only mount) are made by mkfs.xfs
+  # other architectures: their programs under nspawn (qemu-user, binfmt_misc), their disks in QEMU (AAVMF)
+  qemu-user-static qemu-system-arm qemu-efi-aarch64
   grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client
   # downloads and archives
   curl ca-certificates openssl xz-utils zstd lz4 tar

@@ -54,7 +54,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     costs = doctor.machine_costs()
     if args.fix:
-        for line in doctor.fix(costs):
+        for line in [*doctor.fix(costs), *doctor.fix_platforms()]:
             print(line, file=sys.stderr if args.json else sys.stdout)
     results = doctor.checks(probe_kvm=not args.no_probe)
     machines_check, limit_lines = doctor.capacity(costs)
@@ -65,7 +65,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for check in results:
             mark = "ok" if check.ok else ("MISSING" if check.required else "no")
             line = f"{mark:8} {check.name:20} {check.detail}"
-            if not check.ok and check.package:
+            if not check.ok and check.package and check.package not in check.detail:
                 line += f"  (apt-get install {check.package})"
             print(line)
         for line in limit_lines:
@@ -160,8 +160,8 @@ def _foreign_platform(image: store.StoredImage) -> str:
     """The platform a pulled image records, if it is not the host's ("" for the host's or none)."""
     from racker import platforms
 
-    recorded = (image.manifest.get("oci") or {}).get("platform") or ""
-    return recorded if recorded != str(platforms.host()) else ""
+    recorded = platforms.of_manifest(image.manifest)
+    return str(recorded) if recorded is not None and recorded != platforms.host() else ""
 
 
 def _last_checked(image: store.StoredImage) -> str:
@@ -170,11 +170,13 @@ def _last_checked(image: store.StoredImage) -> str:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from racker import platforms
+
     listed = store.images()
     if args.json:
         _print_json(
             [
-                dict(i.as_json(), platform=(i.manifest.get("oci") or {}).get("platform", ""), built=i.created, checked=_last_checked(i))
+                dict(i.as_json(), platform=str(platforms.of_manifest(i.manifest) or ""), built=i.created, checked=_last_checked(i))
                 for i in listed
             ]
         )
@@ -562,7 +564,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("doctor", cmd_doctor, "check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
-    p.add_argument("--fix", action="store_true", help="raise the host limits (sysctl) to hold 200 more machines; says what it changed")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="raise the host limits (sysctl) to hold 200 more machines, register qemu-user's binfmt_misc handlers; says what it changed",
+    )
 
     p = verb("pull", cmd_pull, "build or fetch an image into the store")
     p.add_argument("image")

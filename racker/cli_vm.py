@@ -39,13 +39,13 @@ def _prepared(reference: str, *, prepare_it: bool = True, kernel: str = "") -> s
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from racker import prepare, promote
+    from racker import prepare, promote, qemu
     from racker.promote import disk, formats, profiles
 
     fmt = args.format or {"gcp": "gce", "digitalocean": "qcow2", "azure": "vhd"}.get(args.profile, "raw")
     options = promote.Options(
         fmt=fmt,
-        firmware=args.firmware,
+        firmware=args.firmware or "bios",
         size=disk.parse_size(args.size) if args.size else None,
         profile=args.profile,
         app=args.app,
@@ -55,6 +55,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     profiles.get(options.profile)  # a typo fails before an image is built
     # The kernel the format's platform needs drivers from (a vdi: the generic one).
     image = _prepared(args.image, prepare_it=not args.no_prepare, kernel=prepare.kernel_for(formats.get(fmt).drivers))
+    if args.firmware is None and prepare.image_architecture(image) in qemu.ARCH_BOARDS:
+        options.firmware = "uefi"  # another architecture's disk boots UEFI only
     try:
         result = promote.promote(image, Path(args.output) if args.output else None, options)
     except RequirementsFailed as failed:
@@ -114,9 +116,12 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
         if not disk.is_file():
             raise VMError(f"no disk file {disk.absolute()}")
         return qemu.VM(disk, args.name, firmware=args.firmware, **common)  # type: ignore[arg-type]
+    from racker import prepare
+
     image = _prepared(args.target)
-    path = promote.cached_disk(image, args.firmware or "bios")
-    return qemu.VM(path, args.name, image=image.name, digest=image.digest, **common)  # type: ignore[arg-type]
+    machine, firmware = qemu.board_for(prepare.image_architecture(image), args.firmware)
+    path = promote.cached_disk(image, firmware)
+    return qemu.VM(path, args.name, image=image.name, digest=image.digest, machine=machine, **common)  # type: ignore[arg-type]
 
 
 def disk_or_image(target: str) -> Path | None:
@@ -280,7 +285,7 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("image")
     p.add_argument("--format", choices=list(formats.FORMATS), help="output format (default raw; qcow2 for digitalocean, gce for gcp)")
     p.add_argument(
-        "--firmware", choices=["bios", "uefi"], default="bios", help="bios: GRUB in the MBR; uefi: GRUB on an ESP (default %(default)s)"
+        "--firmware", choices=["bios", "uefi"], help="bios: GRUB in the MBR; uefi: GRUB on an ESP (default bios; arm64: uefi, its only one)"
     )
     p.add_argument("--size", help="disk size, e.g. 4G (default 2G, or what the image needs)")
     p.add_argument("--profile", choices=list(profiles.PROFILES), default="generic", help="apply and verify a cloud's requirements")

@@ -29,6 +29,7 @@ TOOLS = [
     ("skopeo", "docker:// images", False),
     ("umoci", "docker:// images", False),
     ("qemu-system-x86_64", "booting disks", False),
+    ("qemu-system-aarch64", "booting arm64 disks", False),
     ("qemu-img", "disk formats", False),
     ("sfdisk", "partitioning disks", False),
     ("mkfs.ext4", "root filesystems", False),
@@ -42,6 +43,7 @@ def checks(probe_kvm: bool = True) -> list[Check]:
         path = proc.which(tool)
         found.append(Check(tool, path is not None, path or f"missing ({purpose})", proc.TOOL_PACKAGES.get(tool, ""), required))
     found.append(_kvm(probe_kvm))
+    found += foreign_platforms()
     loops = glob.glob("/dev/loop[0-9]*")
     found.append(
         Check(
@@ -63,6 +65,53 @@ def checks(probe_kvm: bool = True) -> list[Check]:
         )
     )
     return found
+
+
+# The other architectures racker runs images of (qemu-user under nspawn), and the firmware their VMs boot.
+FOREIGN = ("linux/arm64", "linux/riscv64")
+FIRMWARE = {"linux/arm64": ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64")}
+
+
+def foreign_platforms() -> list[Check]:
+    """For each foreign platform: can its programs run here (binfmt_misc), and can its disks boot."""
+    from racker import emulation, platforms
+
+    found = []
+    for text in FOREIGN:
+        platform = platforms.parse(text)
+        if emulation.native(platform):
+            continue
+        state = emulation.status(platform)
+        detail = state.missing or f"runs through qemu-{state.qemu} (binfmt_misc, F flag)"
+        found.append(Check(f"{text} (nspawn)", not state.missing, detail, state.package, required=False))
+        if text in FIRMWARE:
+            firmware, firmware_package = FIRMWARE[text]
+            there = os.path.exists(firmware)
+            found.append(
+                Check(
+                    f"{text} (vm)",
+                    there,
+                    firmware if there else f"missing UEFI firmware {firmware}",
+                    "" if there else firmware_package,
+                    False,
+                )
+            )
+    return found
+
+
+def fix_platforms() -> list[str]:
+    """Register the binfmt_misc handler of each foreign platform that has its emulator but no handler."""
+    from racker import emulation, platforms
+
+    lines = []
+    for text in FOREIGN:
+        platform = platforms.parse(text)
+        try:
+            if emulation.register(platform):
+                lines.append(f"registered the binfmt_misc handler qemu-{emulation.qemu_name(platform)} (F flag) for {text}")
+        except emulation.CannotEmulate as err:
+            lines.append(f"{text}: {err}")
+    return lines
 
 
 def _kvm(probe: bool) -> Check:

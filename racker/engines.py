@@ -110,8 +110,9 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = F
     from racker import prepare, promote, qemu
 
     prepared = prepare.prepare(image)
-    disk = promote.cached_disk(prepared, "bios")
-    return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm, seed_snapshot=seed)
+    machine, firmware = qemu.board_for(prepare.image_architecture(prepared))
+    disk = promote.cached_disk(prepared, firmware)
+    return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm, seed_snapshot=seed, machine=machine)
 
 
 ENGINES: dict[str, Engine] = {

@@ -37,12 +37,19 @@ def resolve(text: str, platform: Platform | None = None) -> Resolved:
     if platform is None:
         return resolved
     ref = resolved.source
-    if ref is None or resolved.entry is not None:
-        raise BadReference(f"a platform can only be chosen for docker:// images, not {resolved.name}")
+    if ref is None:
+        raise BadReference(f"a platform can only be chosen for docker://, bootstrap: and catalogue images, not {resolved.name}")
     chosen = ref.for_platform(platform)
     if ref.platform is not None and ref.platform != chosen.platform:
-        raise BadReference(f"{ref} names the platform {ref.platform}, not {platform}")
+        raise BadReference(f"{resolved.name} names the platform {ref.platform}, not {platform}")
+    if resolved.entry is not None:
+        return Resolved(_platform_name(resolved.entry.name, chosen), chosen, resolved.entry)
     return Resolved(str(chosen), chosen)
+
+
+def _platform_name(name: str, source: Reference) -> str:
+    """A catalogue image's store name for its source's platform: debian-bookworm@linux-arm64."""
+    return f"{name}@{source.platform.tag}" if source.platform is not None else name
 
 
 def _resolve(text: str) -> Resolved:
@@ -61,7 +68,8 @@ def _resolve(text: str) -> Resolved:
             if store.lookup(ref.target) is not None:
                 return Resolved(ref.target, None)  # made here (imported, committed), not from the catalogue
             raise
-        return Resolved(entry.name, parse(entry.source), entry)
+        source = parse(entry.source).for_platform(ref.platform)
+        return Resolved(_platform_name(entry.name, source), source, entry)
     return Resolved(str(ref), ref)
 
 
@@ -99,6 +107,10 @@ def pull(
     image = store.lookup(name)
     if image is not None and image.recipe == recipe and not force:
         return image  # fast path: no lock, no network
+    if ref.scheme == "bootstrap" and ref.platform is not None:
+        from racker import emulation
+
+        emulation.ensure(ref.platform)  # before the archive is asked: a platform that cannot run here is one line
     with store.locked(f"image-{name}"):
         image = store.lookup(name)
         if image is not None and image.recipe == recipe and not force:

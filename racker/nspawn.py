@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import cgroups, guest_env, inits, limits, logins, machines, named_networks, network, proc, store
+from racker import cgroups, emulation, guest_env, inits, limits, logins, machines, named_networks, network, proc, store
 from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.logins import Login
 from racker.machines import State
@@ -95,6 +95,9 @@ class Machine(machines.Guest):
                 f"image {self.image.name!r} has no root filesystem in the store", hint=f"run: racker pull --force {self.image.name}"
             )
         self.init = self._find_init(rootfs)  # an init racker cannot wait for fails here, before anything is made
+        # Another architecture's image runs under qemu-user (or says what to install), more slowly.
+        self._slowdown = emulation.image_slowdown(self.image.manifest)
+        self.boot_timeout *= self._slowdown
         state = machines.new_state("nspawn", self.name, self.image.name, self.image.digest, extra={"init": self.init.name})
         machines.claim(state)  # recorded before anything is made
         self.state = state
@@ -124,6 +127,7 @@ class Machine(machines.Guest):
     def _boot(self, rootfs: Path) -> None:
         assert self.state is not None
         machines.make_run_dir(self.kind, self.name)
+        emulated = emulation.nspawn_options(rootfs, self.rundir) if self._slowdown > 1 else []
         cgroup = machine_cgroup(self.name)
         if cgroup is not None:
             self.state.extra["cgroup"] = str(cgroup)
@@ -141,7 +145,7 @@ class Machine(machines.Guest):
                     nspawn_argv(
                         rootfs,
                         self.name,
-                        self.network.nspawn_options(self.rundir),
+                        [*self.network.nspawn_options(self.rundir), *emulated],
                         configured_init(self.image.manifest),
                         init_options=self.init.nspawn_options(),
                         masks=MASKS if self.init.runtime_masks else (),
@@ -426,6 +430,7 @@ def run_unbooted(image: store.StoredImage, command: Sequence[str], *, tty: bool 
     The store's copy is never written (a tmpfs overlay takes the writes), and
     gc leaves the image alone while it runs.
     """
+    emulation.image_slowdown(image.manifest)
     config = image.manifest.get("config") or {}
     argv = list(command) or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     if not argv:

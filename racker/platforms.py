@@ -104,6 +104,19 @@ def _checked(text: str, os_name: str, architecture: str, variant: str = "") -> P
     return found
 
 
+def of_manifest(manifest: dict) -> Platform | None:
+    """The platform a stored image was made for, as its manifest records it (a docker:// pull's
+    oci.platform, a bootstrap's bootstrap.platform); None if it records none (the host's)."""
+    for kind in ("oci", "bootstrap"):
+        recorded = (manifest.get(kind) or {}).get("platform")
+        if isinstance(recorded, str) and recorded:
+            try:
+                return parse(recorded)
+            except BadReference:
+                return None
+    return None
+
+
 @cache
 def host() -> Platform:
     """This machine's platform: what a pull gets when no --platform is given."""

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from racker import engines, results, shards
+from racker.platforms import Platform
 
 # --- options --------------------------------------------------------------
 
@@ -43,6 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="test only the K-th of N slices of the images (a CI runner's share); the results still plan the whole matrix",
     )
     group.addoption("--racker-cold", action="store_true", help="boot every qemu VM cold (default: warm, from the first boot's snapshot)")
+    group.addoption(
+        "--racker-platforms",
+        metavar="PLATFORMS",
+        help="comma-separated platforms each image is tested on, e.g. linux/amd64,linux/arm64 (default: the host's; ini: racker_platforms)",
+    )
     group.addoption("--racker-network", metavar="MODE", help="nspawn machines' network: none, private or nat (ini: racker_network)")
     group.addoption(
         "--racker-retries",
@@ -57,6 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("racker_images", "images to test when --racker-images is not given", default="debian-bookworm")
     parser.addini("racker_engines", "engines to test when --racker-engines is not given", default="nspawn")
+    parser.addini("racker_platforms", "platforms to test when --racker-platforms is not given (default: the host's)", default="")
     parser.addini("racker_machine_scope", "how long a machine lives: function, module or session", default="module")
     parser.addini("racker_retries", "retries of a test the harness failed, when --racker-retries is not given", default="1")
     parser.addini("racker_network", "nspawn machines' network when --racker-network is not given: none, private or nat", default="private")
@@ -67,14 +74,35 @@ def _split(value: str) -> list[str]:
 
 
 def planned_images(config: pytest.Config) -> list[str]:
-    """Every image asked for, before --racker-shard takes its slice."""
+    """Every image asked for, on each platform asked for, before --racker-shard takes its slice.
+    Another platform's image is its own name (debian-bookworm@linux-arm64): its own column of the
+    report, and its own test ids."""
     value = config.getoption("--racker-images") or config.getini("racker_images")
     names = _split(value)
     if names == ["all"]:
         from racker import catalog
 
         names = catalog.default_set()
-    return sorted(set(names))
+    return sorted({on_platform(name, platform) for name in names for platform in chosen_platforms(config)})
+
+
+def chosen_platforms(config: pytest.Config) -> list[Platform | None]:
+    """The platforms asked for; None is the host's (the default)."""
+    from racker import platforms
+    from racker.errors import BadReference
+
+    value = config.getoption("--racker-platforms", None) or config.getini("racker_platforms")
+    try:
+        parsed = {platforms.parse(text) for text in _split(value)}
+    except BadReference as error:
+        raise pytest.UsageError(f"--racker-platforms: {error}") from None
+    host = platforms.host()
+    return sorted((None if p == host else p for p in parsed), key=lambda p: str(p or "")) or [None]
+
+
+def on_platform(name: str, platform: Platform | None) -> str:
+    """An image's name on `platform`: the name itself for the host's, NAME@OS-ARCH for another."""
+    return name if platform is None or "@" in name else f"{name}@{platform.tag}"
 
 
 def chosen_shard(config: pytest.Config) -> shards.Shard | None:

@@ -35,7 +35,10 @@ class VmPackages:
 
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()  # installed where the archive has them
-    kernels: dict[str, str] = field(default_factory=dict)  # flavour (Drivers.kernel) -> its package
+    kernels: dict[str, str] = field(default_factory=dict)  # flavour (Drivers.kernel) -> its package ({arch}: Debian's)
+    # Debian architecture -> what a VM of that architecture needs besides: arm64 boots UEFI only,
+    # and promote builds its GRUB from the image's own arm64-efi modules.
+    arch_packages: dict[str, tuple[str, ...]] = field(default_factory=dict)
     initramfs_conf: dict[str, str] = field(default_factory=dict)
     # Files written before the kernel is installed, so the initramfs is built once.
     pre_files: dict[str, str] = field(default_factory=dict)
@@ -105,7 +108,8 @@ PACKAGES: dict[str, VmPackages] = {
         # systemd-resolved: a package of its own since bookworm (part of systemd before); DNS from
         # the DHCP lease, as Debian's cloud images have it (see CLOUD_DNS below).
         optional=("gdisk", "systemd-timesyncd", "systemd-resolved"),
-        kernels={CLOUD_KERNEL: "linux-image-cloud-amd64", "generic": "linux-image-amd64"},
+        kernels={CLOUD_KERNEL: "linux-image-cloud-{arch}", "generic": "linux-image-{arch}"},
+        arch_packages={"arm64": ("grub-efi-arm64-bin",)},
         pre_files={
             # A small initramfs: only the modules a VM's root disk needs, not every driver.
             "etc/initramfs-tools/conf.d/racker.conf": "MODULES=list\nCOMPRESS=gzip\n",
@@ -337,7 +341,7 @@ def _prepared(
         distro = distros.detect(image.rootfs)
         packages = packages_for(distro, table, "VMs" if level == "vm" else "booting under systemd-nspawn")
         if level == "vm":
-            packages = _with_kernel(packages, kernel, distro)
+            packages = _with_kernel(packages, kernel, distro, image_architecture(image))
         with progress.step(f"preparing {name}"), store.workdir("prepare") as work:
             rootfs = work / "rootfs"
             with progress.step("copying"), store.reading(image) as source:
@@ -360,11 +364,20 @@ def _prepared(
                 return store.commit(name, rootfs, source=f"prepare:{image.name}", recipe=recipe, manifest=manifest)
 
 
-def _with_kernel(packages: VmPackages, kernel: str, distro: distros.Distro) -> VmPackages:
-    """The package row with the kernel of flavour `kernel` installed first."""
+def image_architecture(image: store.StoredImage) -> str:
+    """The image's architecture in Debian's words: the platform its manifest records, else the host's."""
+    from racker import platforms
+
+    arch = (platforms.of_manifest(image.manifest) or platforms.host()).architecture
+    return {"386": "i386", "arm": "armhf"}.get(arch, arch)
+
+
+def _with_kernel(packages: VmPackages, kernel: str, distro: distros.Distro, arch: str) -> VmPackages:
+    """The package row with the kernel of flavour `kernel` for `arch` installed first, and what `arch` needs besides."""
     if kernel not in packages.kernels:
         raise PrepareError(f"no {kernel} kernel for {distro.pretty_name}", hint="kernels: " + ", ".join(packages.kernels))
-    return dataclasses.replace(packages, required=(packages.kernels[kernel], *packages.required))
+    extra = packages.arch_packages.get(arch, ())
+    return dataclasses.replace(packages, required=(packages.kernels[kernel].format(arch=arch), *packages.required, *extra))
 
 
 def _prepared_twin(recipe: str, level: str) -> store.StoredImage | None:

@@ -37,6 +37,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "git": "git",
     "podman": "podman",
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
     "qemu-img": "qemu-utils",
     "nsenter": "util-linux",
     "sfdisk": "fdisk",

@@ -84,6 +84,11 @@ class Board:
     # host the PIT alone fails, and the kernel hangs with no TSC rate; it is given one.
     tsc_reference: bool = True
     serial_bus: str = "virtio-serial-pci"  # for a warm VM's agent port (racker.guest_agent)
+    # Another architecture's board: its QEMU, the CPU its TCG emulates, and its UEFI firmware
+    # (code, variables) in place of OVMF. Such a board never runs under KVM here.
+    binary: str = "qemu-system-x86_64"
+    foreign_cpu: str = ""
+    uefi: tuple[str, str] = ()
 
 
 # The stand-ins for where each output is booted; "pc" is racker's own.
@@ -108,7 +113,34 @@ BOARDS: dict[str, Board] = {
     "scsi": Board(
         MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", controllers=("virtio-scsi-pci,id=scsi0",)
     ),
+    # arm64: QEMU's generic board, UEFI (AAVMF) only. pauth-impdef: QEMU's own pointer-authentication
+    # hash, far cheaper under TCG than the architected QARMA one, and just as good to a guest.
+    "virt": Board(
+        "virt",
+        "virtio-blk-pci,drive={drive}",
+        "virtio-net-pci",
+        "virtio-rng-pci",
+        tsc_reference=False,
+        binary="qemu-system-aarch64",
+        foreign_cpu="max,pauth-impdef=on",
+        uefi=("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+    ),
 }
+# How much longer a boot takes on another architecture's board than on the host's, under TCG.
+FOREIGN_SLOWDOWN = 3.0
+# Debian architecture -> the board its disks boot on, where it is not the host's own ("pc").
+ARCH_BOARDS = {"arm64": "virt"}
+
+
+def board_for(arch: str, firmware: str | None = None) -> tuple[str, str]:
+    """The board (BOARDS' name) and firmware an image of `arch` boots with: another
+    architecture's board boots UEFI only; the host's, `firmware` (default bios)."""
+    machine = ARCH_BOARDS.get(arch, "pc")
+    if machine != "pc":
+        if firmware not in (None, "uefi"):
+            raise VMError(f"an {arch} VM boots with UEFI only", hint="leave --firmware out")
+        return machine, "uefi"
+    return machine, firmware or "bios"
 
 
 def host_tsc_khz() -> int | None:
@@ -357,6 +389,8 @@ class VM(machines.Guest):
         self.machine = machine
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = board(machine)
+        if self.board.foreign_cpu:
+            self.boot_timeout *= FOREIGN_SLOWDOWN  # a whole other CPU emulated: boots take minutes
         self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.snapshots)
         # Boot cold, and save the disk's snapshot once ready if there is none: a real first
         # boot that spares later warm VMs one of their own.
@@ -431,7 +465,8 @@ class VM(machines.Guest):
 
     def _accel(self) -> str:
         if not hasattr(self, "_chosen_accel"):
-            self._chosen_accel = accel.choose(self.requested_accel)
+            # Another architecture's board is emulated whatever the host's KVM can do.
+            self._chosen_accel = "tcg" if self.board.foreign_cpu else accel.choose(self.requested_accel)
         return self._chosen_accel
 
     def _cold_boot(self, info: DiskInfo, firmware: str, deadline: float) -> None:
@@ -450,7 +485,7 @@ class VM(machines.Guest):
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")]
         proc.run(argv, umask=proc.PRIVATE)
         if firmware == "uefi":
-            self.state.extra["ovmf"] = ovmf()[0]
+            self.state.extra["ovmf"] = self._uefi_firmware()[0]
         self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
         machines.save(self.state)
         self._incoming = snapshots.incoming(snapshot)
@@ -522,7 +557,7 @@ class VM(machines.Guest):
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size]
         proc.run(argv, umask=proc.PRIVATE)
         if firmware == "uefi":
-            code, variables = ovmf()
+            code, variables = self._uefi_firmware()
             store.copy_private(Path(variables), self.rundir / "OVMF_VARS.fd")
             self.state.extra["ovmf"] = code
         self.state.extra["firmware"] = firmware
@@ -530,16 +565,25 @@ class VM(machines.Guest):
         self.state.extra["machine"] = self.machine
         machines.save(self.state)
 
+    def _uefi_firmware(self) -> tuple[str, str]:
+        """The board's UEFI firmware (code, variables): OVMF for a PC, AAVMF for arm64's virt."""
+        if not self.board.uefi:
+            return ovmf()
+        code, variables = self.board.uefi
+        if not os.path.isfile(code) or not os.path.isfile(variables):
+            raise ToolMissing(f"UEFI firmware for {self.board.binary} ({code})", "qemu-efi-aarch64")
+        return code, variables
+
     def qemu_argv(self, firmware: str, port: int) -> list[str]:
         """QEMU's command line; it binds its sockets through self._rundir_fd, which it inherits."""
         accelerator = self._accel()
         run = self.rundir
         qmp, qmp_shared = (sockets.through(self._rundir_fd, path.name) for path in (self.qmp_path(), self.qmp_path(shared=True)))
         argv = [
-            proc.require("qemu-system-x86_64"),
+            proc.require(self.board.binary),
             "-name", f"{self.name},debug-threads=on",
             "-machine", self.board.machine, "-accel", accelerator,
-            "-cpu", "host" if accelerator == "kvm" else self.tcg_cpu,
+            "-cpu", "host" if accelerator == "kvm" else (self.board.foreign_cpu or self.tcg_cpu),
             "-smp", str(self.cpus), "-m", str(self.memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",

@@ -4,6 +4,8 @@ debian-bookworm                      a catalogue name
 bootstrap:debian/bookworm            mmdebstrap from the distribution's archive
 docker://debian:bookworm-slim        a registry image (skopeo + umoci)
 docker://debian:bookworm@linux-arm64 the same, for another platform than the host's (pull --platform)
+debian-bookworm@linux-arm64          a catalogue image bootstrapped for another platform (mmdebstrap --arch);
+bootstrap:debian/bookworm@linux-arm64  likewise
 docker-daemon:myimage:tag            exported from a Docker engine
 oci:DIR[:TAG], oci-archive:FILE      an OCI image layout or archive; docker-archive:FILE (`docker save`)
 containers-storage:NAME              an image podman or buildah built
@@ -33,6 +35,8 @@ SCHEMES = (
 )  # fmt: skip
 # Local images skopeo reads: an OCI layout directory (oci:DIR[:TAG]), `docker save` and OCI archives,
 # and podman's or buildah's storage.
+# Where another platform's image can come from: a multi-arch index, or a bootstrap for that architecture.
+PLATFORM_SCHEMES = ("docker", "bootstrap", "catalog")
 LOCAL_IMAGE_SCHEMES = ("oci", "oci-archive", "docker-archive", "containers-storage")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^(debian|ubuntu)/[a-z][a-z0-9-]*$")
@@ -52,7 +56,8 @@ class Reference:
     scheme: str  # "catalog" for a catalogue name, else one of SCHEMES
     target: str
     prepared: bool = False  # the image prepared from this one (NAME+vm), made here, never pulled
-    platform: Platform | None = None  # docker:// only: chosen from a multi-arch index; None is the host's
+    # docker:// (chosen from a multi-arch index), bootstrap: and catalogue names (built for it); None is the host's
+    platform: Platform | None = None
     # The target as typed where it holds a URL's secrets (`user:password@`, a token in the query),
     # kept apart so that no name, recipe or manifest made from the reference holds them: `target`
     # is the redacted form; only `fetch_target` (what a source fetches from) gives the secrets back.
@@ -75,11 +80,11 @@ class Reference:
         return text + PREPARED if self.prepared else text
 
     def for_platform(self, platform: Platform | None) -> Reference:
-        """This reference for `platform` (None or the host's: the host's), refused where no index can hold one."""
+        """This reference for `platform` (None or the host's: the host's), refused where no source can build one."""
         if platform is None or platform == platforms.host():
             return replace(self, platform=None)
-        if self.scheme != "docker":
-            raise BadReference(f"a platform can only be chosen for docker:// images, not {self}")
+        if self.scheme not in PLATFORM_SCHEMES:
+            raise BadReference(f"a platform can only be chosen for docker://, bootstrap: and catalogue images, not {self}")
         return replace(self, platform=platform)
 
 
@@ -100,12 +105,18 @@ def parse(text: str) -> Reference:
         scheme, _, target = text.partition("://")
     elif _NAME.match(text):
         return Reference("catalog", text)
+    elif _NAME.match(text.partition("@")[0]):
+        name, platform = split_platform(text)  # debian-bookworm@linux-arm64
+        return Reference("catalog", name).for_platform(platform)
     else:
         raise BadReference(f"cannot parse image reference {text!r}; expected a catalogue name or SCHEME:TARGET ({', '.join(SCHEMES)})")
     if scheme not in SCHEMES:
         raise BadReference(f"unknown scheme {scheme!r} in {text!r}; known: {', '.join(SCHEMES)}")
     if not target:
         raise BadReference(f"{text!r} names nothing after {scheme}:")
+    platform = None
+    if scheme in ("docker", "bootstrap"):
+        target, platform = split_platform(target)
     if scheme == "bootstrap" and not _SUITE.match(target):
         raise BadReference(f"bad bootstrap reference {text!r}; expected bootstrap:debian/SUITE")
     if scheme == "vagrant" and not _VAGRANT.match(target):
@@ -116,9 +127,7 @@ def parse(text: str) -> Reference:
     elif scheme == "dockerfile" and "://" in target:
         target = redact.url(target)
     secret = typed if typed != target else ""
-    platform = None
     if scheme == "docker":
-        target, platform = split_platform(target)
         target = normalise_docker(target, text)
     if scheme in ("oci", "oci-archive", "docker-archive", "file"):
         target = absolute_path(target, tagged=scheme == "oci")

@@ -155,7 +155,8 @@ def test_vm_start_of_a_scheme_reference_pulls_the_image(private_store: dict[str,
     """bootstrap:debian/bookworm holds a `/` but is an image: vm start pulls it (here: no mmdebstrap, so it cannot)."""
     result = racker("vm", "start", "bootstrap:debian/bookworm", env={**private_store, "RACKER_PATH": "/nonexistent"})
     assert result.returncode == 125
-    assert result.stderr.splitlines()[0] == "racker: error: mmdebstrap is not installed"
+    # The bootstrap's first tool: gpgv verifies the archive's InRelease (its date) before mmdebstrap runs.
+    assert result.stderr.splitlines()[0] == "racker: error: gpgv is not installed"
 
 
 # -- options between IMAGE and -- are options, never the command --------------

@@ -74,7 +74,15 @@ def test_a_platform_is_part_of_a_docker_name_unless_it_is_the_hosts() -> None:
     with pytest.raises(BadReference, match="bad platform"):
         refs.parse("docker://h:5/x@linux-amd46")
     with pytest.raises(BadReference, match="only be chosen for docker://"):
-        refs.parse("bootstrap:debian/bookworm").for_platform(Platform("linux", "arm64"))
+        refs.parse("file:/x.qcow2").for_platform(Platform("linux", "arm64"))
+    bootstrap = refs.parse("bootstrap:debian/bookworm@linux-arm64")
+    assert (bootstrap.target, bootstrap.platform, str(bootstrap)) == (
+        "debian/bookworm",
+        Platform("linux", "arm64"),
+        "bootstrap:debian/bookworm@linux-arm64",
+    )
+    catalogued = refs.parse("debian-bookworm@linux-arm64")
+    assert (catalogued.scheme, catalogued.target, str(catalogued)) == ("catalog", "debian-bookworm", "debian-bookworm@linux-arm64")
 
 
 def test_resolve_names_each_platform_apart() -> None:
@@ -85,8 +93,14 @@ def test_resolve_names_each_platform_apart() -> None:
     assert recipe_for(images.resolve("docker://h:5/x:1", arm).source) != recipe_for(images.resolve("docker://h:5/x:1").source)
     with pytest.raises(BadReference, match="names the platform linux/arm64, not linux/ppc64le"):
         images.resolve("docker://h:5/x:1@linux-arm64", ppc)
-    with pytest.raises(BadReference, match="only be chosen for docker://"):
-        images.resolve("debian-bookworm", arm)
+    # A catalogue image is bootstrapped for the platform (mmdebstrap --arch), under a name of its own.
+    catalogued = images.resolve("debian-bookworm", arm)
+    assert (catalogued.name, str(catalogued.source)) == ("debian-bookworm@linux-arm64", "bootstrap:debian/bookworm@linux-arm64")
+    assert images.resolve("debian-bookworm@linux-arm64").name == "debian-bookworm@linux-arm64"
+    assert images.resolve("debian-bookworm", platforms.host()).name == "debian-bookworm"
+    assert recipe_for(catalogued.source, catalogued.entry) != recipe_for(images.resolve("debian-bookworm").source, catalogued.entry)
+    with pytest.raises(BadReference, match="names the platform linux/arm64, not linux/ppc64le"):
+        images.resolve("debian-bookworm@linux-arm64", ppc)
 
 
 def test_insecure_holds_for_one_pull_only() -> None:
@@ -251,3 +265,35 @@ def test_a_plain_http_registry_needs_insecure(seeded_registry: dict, private_sto
         pulled = racker("pull", reference, "--insecure", env=private_store)
         assert pulled.returncode == 0, pulled.stderr
         assert pulled.stdout.split() == [reference, seeded_registry["digest"]]
+
+
+# -- platform as an axis of the pytest matrix --------------------------------
+
+
+def _collect(*args: str) -> subprocess.CompletedProcess[str]:
+    sample = Path(__file__).parent / "sample_project"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--co",
+        "-q",
+        "--racker-images=debian-bookworm",
+        *args,
+        "test_sample.py",
+    ]
+    return subprocess.run(
+        argv, cwd=sample, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}, capture_output=True, text=True
+    )
+
+
+def test_platforms_are_an_axis_of_the_matrix_and_part_of_the_ids() -> None:
+    one = _collect()
+    assert "test_is_debian[debian-bookworm]" in one.stdout and "@linux-" not in one.stdout
+    both = _collect(f"--racker-platforms={platforms.host()},linux/arm64")
+    ids = set(re.findall(r"test_is_debian\[(.*)\]", both.stdout))
+    assert ids == {"debian-bookworm", "debian-bookworm@linux-arm64"}, both.stdout
+    bad = _collect("--racker-platforms=linux/arm46")
+    assert "--racker-platforms: bad platform 'linux/arm46'" in bad.stdout + bad.stderr

@@ -173,7 +173,7 @@ def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: 
         sha, epoch = next(states)
         return [archive.SignedRelease("u/InRelease", "s", ("main",), f"Date: {epoch}", sha)]
 
-    def mmdebstrap(distro: str, suite: str, entry: object, rootfs: Path, epoch: int) -> set[str]:
+    def mmdebstrap(ref: object, distro: str, suite: str, entry: object, rootfs: Path, epoch: int) -> set[str]:
         rootfs.mkdir()
         built.append(epoch)
         return {"new"}  # what apt saw: the state after the first look

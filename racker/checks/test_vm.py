@@ -202,8 +202,9 @@ def test_time_sync_active(facts: guest.Facts) -> None:
 
 
 def test_login_prompt_on_serial_console(racker_machine, facts: guest.Facts) -> None:  # type: ignore[no-untyped-def]
-    assert re.search(r"(^|\s)console=ttyS0\b", facts.out("cmdline")), (
-        f"expected console=ttyS0 on the kernel command line, saw {facts.out('cmdline')!r}"
+    # The board's first serial port: a PC's 16550 (ttyS0), arm64 virt's PL011 (ttyAMA0).
+    assert re.search(r"(^|\s)console=(ttyS0|ttyAMA0)\b", facts.out("cmdline")), (
+        f"expected console=ttyS0 (arm64: ttyAMA0) on the kernel command line, saw {facts.out('cmdline')!r}"
     )
     console = racker_machine.console_log.read_text(errors="replace")
     tail = "\n".join(console.splitlines()[-15:])

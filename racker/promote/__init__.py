@@ -80,6 +80,11 @@ def plan(image: store.StoredImage, options: Options) -> tuple[disk.Layout, prepa
         # Their descriptors name no firmware, and every importer then gives the VM a BIOS.
         raise PromoteError(f"a {fmt.name} machine boots with BIOS: leave --firmware out")
     _raise_if_failed(profile, profiles.check_request(profile, fmt.name))
+    arch = prepare.image_architecture(image)
+    if arch != "amd64":  # another architecture: a disk that boots UEFI, with the image's own GRUB
+        bootloader.efi_target(arch)
+        if options.firmware != "uefi" or not fmt.disk or fmt.package:
+            raise PromoteError(f"an {arch} image is promoted to a UEFI disk only", hint="--firmware uefi, and a disk format (raw, qcow2…)")
     if options.compress:
         formats.check_compress(fmt)
     with imagetree.refused(PromoteError, f"cannot promote {image.name}"):
@@ -120,7 +125,10 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
     layout, kernel, profile, fmt = plan(image, options)
     output = (output or default_output(image, options)).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
+    arch = prepare.image_architecture(image)
     cmdline = f"rw {profile.cmdline}"
+    if options.firmware == "uefi":  # the serial console the architecture's kernel logs to (arm64: the PL011's)
+        cmdline = cmdline.replace("ttyS0", bootloader.efi_target(arch).console)
     with (
         progress.step(f"promoting {image.name} to {output.name}"),
         store.workdir("promote") as work,
@@ -148,11 +156,11 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
         result = Promoted(output, image, layout, fmt.name)
         if fmt.name == "raw":
             with store.output_file(work, output) as partial:
-                build_disk(partial, layout, rootfs, overlay, work)
+                build_disk(partial, layout, rootfs, overlay, work, arch)
                 verify(partial)
         elif fmt.package:
             raw = work / "disk.raw"
-            build_disk(raw, layout, rootfs, overlay, work)
+            build_disk(raw, layout, rootfs, overlay, work, arch)
             appliance = boxes.Appliance(
                 name=boxes.member_name(output.name, fmt.suffix),
                 os_id=distros.detect(tree).id,
@@ -164,7 +172,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 verify(partial)
         elif fmt.disk:
             raw = work / "disk.raw"
-            build_disk(raw, layout, rootfs, overlay, work)
+            build_disk(raw, layout, rootfs, overlay, work, arch)
             with progress.step(f"writing {fmt.name}"), store.output_file(work, output) as partial:
                 if fmt.name == "gce":
                     formats.pack_gce(raw, partial)
@@ -248,7 +256,11 @@ def write_overlay(
     if options.vagrant_user:
         vagrant.add(rootfs, overlay)
     if fmt.disk:
-        bootloader.install_modules(overlay / "boot/grub", "x86_64-efi" if options.firmware == "uefi" else "i386-pc")
+        if options.firmware == "uefi":
+            target = bootloader.efi_target(prepare.image_architecture(image))
+            bootloader.install_modules(overlay / "boot/grub", target.grub, bootloader.grub_lib(target, rootfs))
+        else:
+            bootloader.install_modules(overlay / "boot/grub", "i386-pc")
     if fmt.disk and options.firmware == "uefi":
         (overlay / "boot/efi").mkdir(parents=True, exist_ok=True)  # the ESP's mount point
 
@@ -304,13 +316,15 @@ def format_files(fmt: formats.Format, tree: Path) -> dict[str, str]:
     return {f"etc/cloud/cloud.cfg.d/94-racker-{fmt.name}.cfg": text}
 
 
-def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work: Path) -> None:
+def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work: Path, arch: str = "amd64") -> None:
     with progress.step("partitioning"):
         disk.create(raw, layout)
     if layout.firmware == "uefi":
+        target = bootloader.efi_target(arch)
         with progress.step("writing the ESP"):
             disk.make_esp(raw, layout)
-            bootloader.install_efi(raw, layout.esp_offset, bootloader.build_efi_binary(layout.root_uuid, work), layout.epoch)
+            binary = bootloader.build_efi_binary(layout.root_uuid, work, target, bootloader.grub_lib(target, rootfs))
+            bootloader.install_efi(raw, layout.esp_offset, binary, layout.epoch)
     with progress.step("writing the root filesystem"):
         disk.make_root(raw, layout, rootfs, overlay)
     if layout.firmware == "bios":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from racker import prepare, proc
@@ -34,6 +35,42 @@ SHARED_MODULES = (
 )  # fmt: skip
 BIOS_MODULES = ("biosdisk", "linux16", *SHARED_MODULES)
 EFI_MODULES = (*SHARED_MODULES, "fat", "efi_gop")
+
+
+@dataclass(frozen=True)
+class EfiTarget:
+    """GRUB for one architecture's UEFI: its platform, the removable-media file name firmware looks for,
+    where its modules come from, and the serial console its kernel logs to."""
+
+    grub: str
+    binary: str
+    console: str
+    from_image: bool = False  # modules from the image's own GRUB (prepare installs it), not the host's
+
+
+# Debian architecture -> its UEFI GRUB. arm64 boots UEFI only (AAVMF); the host's grub-mkimage
+# builds its GRUB from the image's arm64-efi modules (grub-efi-arm64-bin, installed by prepare).
+EFI_TARGETS = {
+    "amd64": EfiTarget("x86_64-efi", "BOOTX64.EFI", "ttyS0"),
+    "arm64": EfiTarget("arm64-efi", "BOOTAA64.EFI", "ttyAMA0", from_image=True),
+}
+
+
+def efi_target(arch: str) -> EfiTarget:
+    try:
+        return EFI_TARGETS[arch]
+    except KeyError:
+        raise PromoteError(f"racker does not make {arch} disks yet", hint="architectures: " + ", ".join(EFI_TARGETS)) from None
+
+
+def grub_lib(target: EfiTarget, rootfs: Path) -> Path:
+    """Where `target`'s GRUB modules are read from: the host's /usr/lib/grub, or the image's."""
+    if not target.from_image:
+        return GRUB_LIB
+    lib = rootfs / "usr/lib/grub"
+    if not (lib / target.grub).resolve().is_relative_to(rootfs.resolve()):
+        raise PromoteError(f"/usr/lib/grub/{target.grub} points outside the image")
+    return lib
 
 
 def early_config(root_uuid: str) -> str:
@@ -68,22 +105,23 @@ def grub_cfg(root_uuid: str, kernel: str, initrd: str, cmdline: str, firmware: s
     )
 
 
-def _platform_dir(platform: str) -> Path:
-    path = GRUB_LIB / platform
+def _platform_dir(platform: str, lib: Path = GRUB_LIB) -> Path:
+    path = lib / platform
     if not (path / "normal.mod").is_file():
-        package = {"i386-pc": "grub-pc-bin", "x86_64-efi": "grub-efi-amd64-bin"}[platform]
-        raise PromoteError(f"GRUB for {platform} is not installed", hint=f"apt-get install {package}")
+        package = {"i386-pc": "grub-pc-bin", "x86_64-efi": "grub-efi-amd64-bin", "arm64-efi": "grub-efi-arm64-bin"}[platform]
+        where = "" if lib == GRUB_LIB else " in the image"
+        raise PromoteError(f"GRUB for {platform} is not installed{where}", hint=f"apt-get install {package}")
     return path
 
 
-def install_modules(boot_grub: Path, platform: str) -> None:
+def install_modules(boot_grub: Path, platform: str, lib: Path = GRUB_LIB) -> None:
     """Copy GRUB's modules for `platform` into the image's /boot/grub, as grub-install would.
 
     Each file is a new one renamed over what the image has: the staged tree is
     hard links into the store, and an image that ships /boot/grub/<platform>
     must not have the host's modules written through into its files.
     """
-    source = _platform_dir(platform)
+    source = _platform_dir(platform, lib)
     target = boot_grub / platform
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
@@ -93,8 +131,8 @@ def install_modules(boot_grub: Path, platform: str) -> None:
             shutil.copystat(path, copied)
 
 
-def _mkimage(platform: str, output: Path, config: Path, modules: tuple[str, ...]) -> None:
-    directory = _platform_dir(platform)
+def _mkimage(platform: str, output: Path, config: Path, modules: tuple[str, ...], lib: Path = GRUB_LIB) -> None:
+    directory = _platform_dir(platform, lib)
     proc.run(["grub-mkimage", "-O", platform, "-d", str(directory), "-o", str(output), "-c", str(config), "-p", "/boot/grub", *modules])
 
 
@@ -128,25 +166,25 @@ def install_bios(disk: Path, root_uuid: str, first_partition_lba: int, work: Pat
         handle.write(core_bytes)
 
 
-def build_efi_binary(root_uuid: str, work: Path) -> Path:
-    """A standalone GRUB for x86_64 UEFI that finds the root by UUID."""
+def build_efi_binary(root_uuid: str, work: Path, target: EfiTarget = EFI_TARGETS["amd64"], lib: Path = GRUB_LIB) -> Path:
+    """A standalone GRUB for `target`'s UEFI that finds the root by UUID."""
     config = work / "early-efi.cfg"
     config.write_text(early_config(root_uuid))
-    binary = work / "BOOTX64.EFI"
-    _mkimage("x86_64-efi", binary, config, EFI_MODULES)
+    binary = work / target.binary
+    _mkimage(target.grub, binary, config, EFI_MODULES, lib)
     return binary
 
 
 def install_efi(disk: Path, esp_offset: int, binary: Path, epoch: int | None = None) -> None:
-    """Copy the EFI binary to the removable-media path on the ESP, with mtools (its FAT entries
-    dated SOURCE_DATE_EPOCH `epoch`, when there is one: Debian 12's mtools does not read it, so the
-    files are dated and mcopy -m keeps their dates)."""
+    """Copy the EFI binary to the removable-media path on the ESP (its own name: BOOTX64.EFI,
+    BOOTAA64.EFI), with mtools (its FAT entries dated SOURCE_DATE_EPOCH `epoch`, when there is one:
+    Debian 12's mtools does not read it, so the files are dated and mcopy -m keeps their dates)."""
     tree = binary.parent / "esp"
     (tree / "EFI/BOOT").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(binary, tree / "EFI/BOOT/BOOTX64.EFI")
+    shutil.copyfile(binary, tree / "EFI/BOOT" / binary.name)
     keep_dates = []
     if epoch is not None:
-        for path in (tree / "EFI/BOOT/BOOTX64.EFI", tree / "EFI/BOOT", tree / "EFI"):
+        for path in (tree / "EFI/BOOT" / binary.name, tree / "EFI/BOOT", tree / "EFI"):
             os.utime(path, (epoch, epoch))
         keep_dates = ["-m"]
     env = {"MTOOLS_SKIP_CHECK": "1"}

@@ -59,11 +59,11 @@ def keyring(distro: str) -> Path:
     return Path(os.environ.get("RACKER_ARCHIVE_KEYRING") or KEYRINGS[distro])
 
 
-def architecture() -> str:
-    """The host's architecture in Debian's words (the image is built for it)."""
+def architecture(ref: Reference | None = None) -> str:
+    """The architecture the image is built for in Debian's words: the reference's platform's, else the host's."""
     from racker import platforms
 
-    arch = platforms.host().architecture
+    arch = (ref.platform if ref is not None and ref.platform is not None else platforms.host()).architecture
     return {"386": "i386", "arm": "armhf"}.get(arch, arch)
 
 
@@ -73,7 +73,7 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: di
     distro, _, suite = ref.target.partition("/")
     if distro not in MIRRORS:
         return None
-    return archive.state(sources(distro, suite), keyring(distro), architecture(), stored)
+    return archive.state(sources(distro, suite), keyring(distro), architecture(ref), stored)
 
 
 def same_state(old: str, new: str) -> bool:
@@ -81,9 +81,11 @@ def same_state(old: str, new: str) -> bool:
 
 
 def recipe(ref: Reference) -> str:
-    """A bootstrap depends on the sources it is built from (a new security suite builds again)."""
+    """A bootstrap depends on the sources it is built from (a new security suite builds again),
+    and on the architecture when it is not the host's."""
     distro, _, suite = ref.target.partition("/")
-    return " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
+    built = " | ".join(sources(distro, suite)) if distro in MIRRORS else str(ref)
+    return built + (f" arch={architecture(ref)}" if ref.platform is not None else "")
 
 
 # A customize hook prints the sha256 of each InRelease apt used, after this mark: the archive state
@@ -100,7 +102,7 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     for attempt in range(2):
         releases = archive.signed_releases(lines, keyring(distro), upstream_timeout())
         epoch = reproducible.override() or max(release.epoch for release in releases)
-        used = _mmdebstrap(distro, suite, entry, rootfs, epoch)
+        used = _mmdebstrap(ref, distro, suite, entry, rootfs, epoch)
         if used == {release.sha256 for release in releases}:
             break
         store.remove_tree(rootfs)
@@ -110,6 +112,8 @@ def acquire(ref: Reference, entry: CatalogEntry | None, rootfs: Path) -> dict:
     _forget_host_resolvers(rootfs)
     _no_host_keys(rootfs)
     bootstrap = {"distro": distro, "suite": suite, "packages": list(_packages(entry)), "sources": lines}
+    if ref.platform is not None:
+        bootstrap["platform"] = str(ref.platform)
     return {"bootstrap": bootstrap, reproducible.FIELD: epoch}
 
 
@@ -117,7 +121,7 @@ def _packages(entry: CatalogEntry | None) -> tuple[str, ...]:
     return tuple(entry.packages) if entry else DEFAULT_PACKAGES
 
 
-def _mmdebstrap(distro: str, suite: str, entry: CatalogEntry | None, rootfs: Path, epoch: int) -> set[str]:
+def _mmdebstrap(ref: Reference, distro: str, suite: str, entry: CatalogEntry | None, rootfs: Path, epoch: int) -> set[str]:
     """Bootstrap `rootfs` at SOURCE_DATE_EPOCH `epoch`: the sha256s of the InRelease files apt used."""
     packages = _packages(entry)
     argv = [
@@ -131,14 +135,20 @@ def _mmdebstrap(distro: str, suite: str, entry: CatalogEntry | None, rootfs: Pat
     ]
     if packages:
         argv.append("--include=" + ",".join(packages))
+    if ref.platform is not None:
+        from racker import emulation
+
+        # Another architecture's maintainer scripts run under qemu-user, through binfmt_misc.
+        emulation.ensure(ref.platform)
+        argv.append(f"--arch={architecture(ref)}")
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
     # mmdebstrap installs from these and writes them as the image's sources.list.
     if os.environ.get("RACKER_ARCHIVE_KEYRING"):
         argv.append(f"--keyring={keyring(distro)}")
     argv += [suite, str(rootfs), *sources(distro, suite)]
-    with progress.step(f"bootstrapping {distro} {suite} with mmdebstrap"):
-        result = proc.run(argv, env=reproducible.environment(epoch), timeout=1800)
+    with progress.step(f"bootstrapping {distro} {suite} ({architecture(ref)}) with mmdebstrap"):
+        result = proc.run(argv, env=reproducible.environment(epoch), timeout=3600 if ref.platform is not None else 1800)
     said = (result.stdout + result.stderr).splitlines()
     # Only lines that start with the mark: mmdebstrap's own log quotes the hook, mark and all.
     return {line.removeprefix(USED_MARK).split()[0] for line in said if line.startswith(USED_MARK) and line.strip() != USED_MARK.strip()}
