@@ -171,3 +171,24 @@ def test_doctor_says_for_each_foreign_platform_whether_it_runs() -> None:
     assert report["linux/arm64 (nspawn)"]["ok"], report["linux/arm64 (nspawn)"]
     assert report["linux/arm64 (nspawn)"]["detail"] == "runs through qemu-aarch64 (binfmt_misc, F flag)"
     assert report["linux/arm64 (vm)"]["ok"] == Path("/usr/share/AAVMF/AAVMF_CODE.fd").exists()
+
+
+def test_the_images_grub_modules_are_read_inside_the_image(tmp_path: Path) -> None:
+    """arm64's GRUB comes from the image: a module that links to a host file gets the image's file of
+    that path (or nothing), never the host's, in the disk."""
+    from racker.promote import bootloader
+
+    host_secret = tmp_path / "host" / "id_ed25519"
+    host_secret.parent.mkdir()
+    host_secret.write_bytes(b"HOST SECRET")
+    root = tmp_path / "image"
+    modules = root / "usr/lib/grub/arm64-efi"
+    modules.mkdir(parents=True)
+    (modules / "normal.mod").write_bytes(b"normal")
+    (modules / "evil.mod").symlink_to(host_secret)  # absolute: inside the image, a path that does not exist
+    (modules / "up.mod").symlink_to("../../../../../../host/id_ed25519")  # `..` stops at the image's /
+    (root / "host").mkdir()
+    (root / "host/id_ed25519").write_bytes(b"the image's own")
+    lib = bootloader.grub_lib(bootloader.EFI_TARGETS["arm64"], root, tmp_path / "work")
+    copied = {p.name: p.read_bytes() for p in (lib / "arm64-efi").iterdir()}
+    assert copied == {"normal.mod": b"normal", "up.mod": b"the image's own"}, copied

@@ -258,7 +258,7 @@ def write_overlay(
     if fmt.disk:
         if options.firmware == "uefi":
             target = bootloader.efi_target(prepare.image_architecture(image))
-            bootloader.install_modules(overlay / "boot/grub", target.grub, bootloader.grub_lib(target, rootfs))
+            bootloader.install_modules(overlay / "boot/grub", target.grub, bootloader.grub_lib(target, rootfs, overlay.parent))
         else:
             bootloader.install_modules(overlay / "boot/grub", "i386-pc")
     if fmt.disk and options.firmware == "uefi":
@@ -323,7 +323,7 @@ def build_disk(raw: Path, layout: disk.Layout, rootfs: Path, overlay: Path, work
         target = bootloader.efi_target(arch)
         with progress.step("writing the ESP"):
             disk.make_esp(raw, layout)
-            binary = bootloader.build_efi_binary(layout.root_uuid, work, target, bootloader.grub_lib(target, rootfs))
+            binary = bootloader.build_efi_binary(layout.root_uuid, work, target, bootloader.grub_lib(target, rootfs, work))
             bootloader.install_efi(raw, layout.esp_offset, binary, layout.epoch)
     with progress.step("writing the root filesystem"):
         disk.make_root(raw, layout, rootfs, overlay)

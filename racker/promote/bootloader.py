@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import prepare, proc
+from racker import imagetree, prepare, proc
 from racker.errors import PromoteError
 
 GRUB_LIB = Path("/usr/lib/grub")
@@ -63,14 +63,23 @@ def efi_target(arch: str) -> EfiTarget:
         raise PromoteError(f"racker does not make {arch} disks yet", hint="architectures: " + ", ".join(EFI_TARGETS)) from None
 
 
-def grub_lib(target: EfiTarget, rootfs: Path) -> Path:
-    """Where `target`'s GRUB modules are read from: the host's /usr/lib/grub, or the image's."""
+def grub_lib(target: EfiTarget, rootfs: Path, work: Path) -> Path:
+    """Where `target`'s GRUB modules are read from: the host's /usr/lib/grub, or a copy in `work` of
+    the image's, read through imagetree (grub-mkimage and install_modules follow links: a module
+    that is a link to a host file must not carry that file into the disk)."""
     if not target.from_image:
         return GRUB_LIB
-    lib = rootfs / "usr/lib/grub"
-    if not (lib / target.grub).resolve().is_relative_to(rootfs.resolve()):
-        raise PromoteError(f"/usr/lib/grub/{target.grub} points outside the image")
-    return lib
+    copy = work / "image-grub-lib"
+    if (copy / target.grub / "normal.mod").is_file():
+        return copy  # copied already, for this promote
+    tree = imagetree.Tree(rootfs)
+    source = f"usr/lib/grub/{target.grub}"
+    with imagetree.refused(PromoteError, f"cannot read /{source} in the image"):
+        for name in tree.listdir(source):
+            if tree.is_file(f"{source}/{name}"):  # links resolve inside the image
+                (copy / target.grub).mkdir(parents=True, exist_ok=True)
+                (copy / target.grub / name).write_bytes(tree.read_bytes(f"{source}/{name}"))
+    return copy
 
 
 def early_config(root_uuid: str) -> str:
