@@ -195,19 +195,23 @@ _CREDENTIAL_KEYS = ("LoadCredential=", "SetCredential=", "LoadCredentialEncrypte
 
 
 def units_with_credentials(rootfs: Path) -> list[str]:
-    """The image's service units that declare credentials (regular files only: the image's links are not followed)."""
-    from racker import untrusted
+    """The image's service units that declare credentials, read through imagetree (the image's links
+    resolve inside it, never on the host)."""
+    from racker import imagetree
 
+    tree = imagetree.Tree(rootfs)
     found: set[str] = set()
     for rel in UNIT_DIRS:
-        directory = rootfs / rel
-        if directory.is_symlink() or not directory.is_dir():
+        if tree.is_symlink(rel):
             continue  # /lib -> usr/lib: the other name is read
-        for entry in os.scandir(directory):
-            if entry.name.endswith(".service") and entry.is_file(follow_symlinks=False):
-                text = untrusted.read(Path(entry.path), limit=1 << 20, name=entry.name).decode(errors="replace")
+        for name in tree.listdir(rel):
+            unit = f"{rel}/{name}"
+            if name.endswith(".service") and tree.is_file(unit) and not tree.is_symlink(unit):
+                if tree.stat(unit).st_size > 1 << 20:
+                    continue  # no unit file is that large: not one to read
+                text = tree.read_bytes(unit).decode(errors="replace")
                 if any(line.startswith(_CREDENTIAL_KEYS) for line in text.splitlines()):
-                    found.add(entry.name)
+                    found.add(name)
     return sorted(found)
 
 

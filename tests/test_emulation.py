@@ -192,3 +192,15 @@ def test_the_images_grub_modules_are_read_inside_the_image(tmp_path: Path) -> No
     lib = bootloader.grub_lib(bootloader.EFI_TARGETS["arm64"], root, tmp_path / "work")
     copied = {p.name: p.read_bytes() for p in (lib / "arm64-efi").iterdir()}
     assert copied == {"normal.mod": b"normal", "up.mod": b"the image's own"}, copied
+
+
+def test_units_with_credentials_are_read_inside_the_image(tmp_path: Path) -> None:
+    host = tmp_path / "host/lib/systemd/system"
+    host.mkdir(parents=True)
+    (host / "host-only.service").write_text("[Service]\nLoadCredential=x\n")
+    root = tmp_path / "image"
+    (root / "etc/systemd").mkdir(parents=True)
+    (root / "usr/lib/systemd/system").mkdir(parents=True)
+    (root / "usr/lib/systemd/system/own.service").write_text("[Service]\nLoadCredential=y\n")
+    (root / "lib").symlink_to(tmp_path / "host/lib")  # the host's units, were the link followed on the host
+    assert emulation.units_with_credentials(root) == ["own.service"]
