@@ -127,8 +127,10 @@ def test_a_platform_without_an_emulator_is_one_line_naming_the_package(private_s
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_an_arm64_image_boots_and_passes_the_container_checks_under_qemu_user(share_image) -> None:  # type: ignore[no-untyped-def]
-    image = share_image("debian-bookworm@linux-arm64")
+def test_an_arm64_image_boots_and_passes_the_container_checks_under_qemu_user() -> None:
+    from racker import images
+
+    image = images.pull("debian-bookworm@linux-arm64")  # the shared store: built once, under emulation (~5 min)
     assert platforms.of_manifest(image.manifest) == ARM64
     assert (image.rootfs / "lib/ld-linux-aarch64.so.1").exists(), "not an arm64 root"
     booted = racker("run", "debian-bookworm", "--platform", "linux/arm64", "--", "uname", "-m")
@@ -144,11 +146,14 @@ def test_an_arm64_image_boots_and_passes_the_container_checks_under_qemu_user(sh
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
-def test_an_arm64_image_promoted_boots_in_qemu_aarch64_and_passes_the_full_boot_checks(share_image) -> None:  # type: ignore[no-untyped-def]
-    """Prepared with the arm64 cloud kernel and GRUB, promoted to a UEFI disk, booted on -M virt with AAVMF under TCG."""
-    from racker import promote
+def test_an_arm64_image_promoted_boots_in_qemu_aarch64_and_passes_the_full_boot_checks() -> None:
+    """Prepared with the arm64 cloud kernel and GRUB, promoted to a UEFI disk, booted on -M virt with AAVMF under TCG.
 
-    image = share_image("debian-bookworm@linux-arm64", prepared=True)
+    In the shared store, where `racker check` finds the image and its +vm built (a private store
+    would bootstrap and prepare arm64 again under emulation: some 16 minutes)."""
+    from racker import images, prepare, promote
+
+    image = prepare.prepare(images.pull("debian-bookworm@linux-arm64"))
     assert image.manifest["prepared"]["kernel"].endswith("-cloud-arm64")
     assert (image.rootfs / "usr/lib/grub/arm64-efi/normal.mod").is_file()
     layout, _kernel, _profile, _fmt = promote.plan(image, promote.Options(firmware="uefi"))
