@@ -17,7 +17,7 @@ PACKAGES=(
   qemu-user-static qemu-system-arm qemu-efi-aarch64
   grub-pc-bin grub-efi-amd64-bin grub2-common systemd-boot-efi xorriso openssh-client
   # downloads and archives
-  curl ca-certificates openssl xz-utils zstd lz4 tar
+  curl ca-certificates openssl xz-utils zstd lz4 tar gpgv
   # python
   python3 python3-venv
   # the report's HTML is checked in a real headless browser

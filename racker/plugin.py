@@ -371,7 +371,10 @@ def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]
     node.workerinput["racker_groups"] = _groups_directory(node.config)
 
 
-@pytest.hookimpl(trylast=True)  # after every plugin has added its marks
+# tryfirst: written before xdist's own pytest_collection_finish sends the collection to the
+# controller, whose scheduler reads the file as soon as it has every worker's collection (marks are
+# all added by then: pytest_collection_modifyitems came before).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_finish(session: pytest.Session) -> None:
     directory = getattr(session.config, "workerinput", {}).get("racker_groups")
     if directory:

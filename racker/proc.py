@@ -31,6 +31,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "systemd-nspawn": "systemd-container",
     "machinectl": "systemd-container",
     "mmdebstrap": "mmdebstrap",
+    "gpgv": "gpgv",
     "skopeo": "skopeo",
     "umoci": "umoci",
     "buildah": "buildah",

@@ -47,7 +47,9 @@ class ImageScheduling(LoadScopeScheduling):
         """Node id -> xdist_group, as the workers wrote it once they had collected."""
         if self._groups is None:
             found = sorted(Path(self.groups_directory).glob("*.json")) if self.groups_directory else []
-            self._groups = json.loads(found[0].read_text()) if found else {}
+            if not found:
+                return {}  # not written yet: asked again next time, never remembered as "no groups"
+            self._groups = json.loads(found[0].read_text())
         return self._groups
 
     def _split_scope(self, nodeid: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, pulled, racker
-from racker import distros, images, imagetree, inits, machines, store
+from racker import images, imagetree, inits, machines, store
 from racker.errors import UnknownInit
 from racker.nspawn import Machine
 
@@ -254,9 +254,7 @@ def test_an_unknown_init_is_one_line_at_once(private_store: dict[str, str]) -> N
     with store.workdir("unknown-init") as work:
         rootfs = work / "rootfs"
         subprocess.run(["cp", "-a", "--reflink=auto", str(tiny.rootfs), str(rootfs)], check=True)
-        init = distros.inside(rootfs, "sbin/init")
-        init.write_text("#!/bin/sh\nexec sleep 600\n")
-        init.chmod(0o755)
+        imagetree.Tree(rootfs).write_text("sbin/init", "#!/bin/sh\nexec sleep 600\n", mode=0o755)  # /sbin -> usr/sbin, inside
         with store.locked("image-sleeper"):
             store.commit("sleeper", rootfs, source="test", recipe="", manifest={"name": "sleeper"})
     began = time.monotonic()

@@ -68,8 +68,9 @@ def test_eight_concurrent_pulls_build_once(private_store: dict) -> None:
 def test_missing_tool_names_the_package_and_changes_nothing(private_store: dict) -> None:
     result = racker("pull", "tiny", env={**private_store, "RACKER_PATH": "/nonexistent"})
     assert result.returncode == 125
-    assert result.stderr.splitlines()[0] == "racker: error: mmdebstrap is not installed"
-    assert "apt-get install mmdebstrap" in result.stderr
+    # The bootstrap's first tool: gpgv verifies the archive's InRelease (its date) before mmdebstrap runs.
+    assert result.stderr.splitlines()[0] == "racker: error: gpgv is not installed"
+    assert "apt-get install gpgv" in result.stderr
     assert _store_is_empty()
 
 

@@ -465,7 +465,7 @@ def test_a_real_regression_fails_the_report_and_shows_in_chromium(tmp_path: Path
         shutil.rmtree(intact)
         shutil.rmtree(broken)
     assert made.returncode == 1, made.stdout + made.stderr
-    assert "new failure: lab (nspawn) test_sshd_is_installed_and_enabled: AssertionError: expected ssh.service to be" in made.stdout
+    assert "new failure: lab (nspawn) test_sshd_is_installed_and_enabled: AssertionError: expected the ssh service to be" in made.stdout
     written = json.loads((tmp_path / "night-2" / "report.json").read_text())
     regression = next(c for c in written["comparison"]["new_failures"] if c["check"] == "test_sshd_is_installed_and_enabled")
     assert regression["was"] == "pass" and "ssh" in regression["message"]
