@@ -21,7 +21,9 @@ from conftest import ROOT, racker
 from racker import groups, machines, named_networks, network, proc
 from racker.errors import MachineError
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+# One worker for the module: its leak checks compare the host's rkn-/rkv- links before and after,
+# which another test's network, made at the same moment, would change.
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("named-networks")]
 
 SERVER = "debian-bookworm+vm"
 CLIENT = "debian-trixie+vm"
