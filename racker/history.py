@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from racker import store
 from racker.errors import ReportError
 
 WINDOW = 10
@@ -86,21 +87,13 @@ def carry(report: dict[str, Any], previous: dict[str, Any] | None, window: int =
         cell.update(verdict(strip, nights))
 
 
-def _when(text: str) -> dt.datetime | None:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
 def stale(facts: dict[str, Any], generated: str) -> str:
     """Why an image counts as not refreshed tonight ("" if it was): its record says so
     (`stale`), or its upstream was last checked long before the report."""
     checked = facts.get("last_checked") or ""
     if facts.get("stale"):
         return f"not refreshed (last checked {checked})" if checked else "not refreshed"
-    when, now = _when(checked), _when(generated)
+    when, now = store.parse_time(checked), store.parse_time(generated)
     if when and now and now - when > STALE_AFTER:
         return f"not refreshed (last checked {checked})"
     return ""

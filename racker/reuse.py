@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from racker import __version__, accel, facts
+from racker import __version__, accel, facts, store
 from racker.fingerprint import code_digest
 
 MAX_AGE = dt.timedelta(days=7)
@@ -100,14 +100,6 @@ def key(digest: str, engine: str, nodeid: str) -> str:
     return _digest(inputs(digest, engine, nodeid))
 
 
-def _when(text: str) -> dt.datetime | None:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-
-
 def why_not(cell: dict[str, Any], tonight_key: str, now: str, max_age: dt.timedelta = MAX_AGE) -> str:
     """Why an earlier cell cannot be carried over tonight ("" if it can)."""
     if not cell.get("key"):
@@ -116,7 +108,7 @@ def why_not(cell: dict[str, Any], tonight_key: str, now: str, max_age: dt.timede
         return "an input changed"
     if cell.get("outcome") not in KEPT:
         return f"its result was {cell.get('outcome')}"
-    ran, current = _when(cell.get("ran") or ""), _when(now)
+    ran, current = store.parse_time(cell.get("ran") or ""), store.parse_time(now)
     if ran is None or current is None:
         return "no date it ran"
     if current - ran >= max_age or max_age <= dt.timedelta(0):

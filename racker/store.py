@@ -44,6 +44,15 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def parse_time(text: str) -> dt.datetime | None:
+    """A time as now() writes it (one without a zone is UTC); None for anything else."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
 def _lock_path(key: str, store_home: Path | None = None) -> Path:
     # Private: anyone who may open a lock file may flock it, and hold racker up forever.
     return private_dir((store_home or home()) / "locks") / f"{_safe(key)}.lock"
