@@ -139,6 +139,26 @@ def loop_devices(*roots: Path | str) -> list[str]:
     return sorted(line for line in listed.splitlines() if any(p in line for p in prefixes))
 
 
+def tree_checksum(top: Path) -> str:
+    """Names, kinds, modes, owners, times, link targets and contents of everything under `top`:
+    a sentinel tree's fingerprint, which anything racker wrongly did to it changes."""
+    import hashlib
+    import stat
+
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            info = path.lstat()
+            digest.update(f"{path.relative_to(top)}\0{info.st_mode:o}\0{info.st_uid}:{info.st_gid}\0{info.st_mtime_ns}\0".encode())
+            if stat.S_ISREG(info.st_mode):
+                digest.update(path.read_bytes())
+            elif stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+    return digest.hexdigest()
+
+
 def free_port() -> int:
     import socket
 

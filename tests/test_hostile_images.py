@@ -13,9 +13,7 @@ the disk promote built (whose building is covered here), not the image tree.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, tree_checksum
 from racker import proc, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -117,20 +115,6 @@ def make_sentinel(base: Path) -> Path:
         (host / rel).write_text(text)
         (host / rel).chmod(0o600)
     return host
-
-
-def checksum(top: Path) -> str:
-    """Names, kinds, modes, owners, times and contents of everything under `top`."""
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            info = path.lstat()
-            digest.update(f"{path.relative_to(top)}\0{info.st_mode:o}\0{info.st_uid}:{info.st_gid}\0{info.st_mtime_ns}\0".encode())
-            if stat.S_ISREG(info.st_mode):
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def link_target(rel: str, kind: str, style: str, sentinel: Path) -> str:
@@ -234,18 +218,18 @@ def run_corpus(share_image, tmp_path: Path, corpus: list[Hostile] = CORPUS, more
     sentinel = make_sentinel(tmp_path)
     prepared = share_image("debian-bookworm", prepared=True)
     found: dict = {"images": 0, "tried": 0, "succeeded": 0, "changed": [], "misbehaved": []}
-    before = [checksum(sentinel)]
+    before = [tree_checksum(sentinel)]
 
     def record(name: str, label: str, problem: str | None, succeeded: bool) -> None:
         found["tried"] += 1
         found["succeeded"] += succeeded
         if problem:
             found["misbehaved"].append(f"{name} {label}: {problem}")
-        if checksum(sentinel) != before[0]:
+        if tree_checksum(sentinel) != before[0]:
             found["changed"].append(f"{name} {label}")
             store.remove_tree(sentinel)
             make_sentinel(tmp_path)
-            before[0] = checksum(sentinel)
+            before[0] = tree_checksum(sentinel)
 
     singles = [Hostile(f"one-{rel.replace('/', '-')}-{style}", (rel,), style) for rel in LEAVES | TOPS for style in ("absolute", "dotdot")]
     for hostile in (singles if more else singles[:4]) if start == 0 else ():  # the prepare steps: with the first image

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
-from test_imagetree import checksum, sentinel
+from test_imagetree import sentinel
 
+from conftest import tree_checksum
 from racker import distros, prepare
 from racker.errors import PrepareError, PromoteError
 from racker.promote import app, profiles
@@ -79,9 +80,9 @@ def test_prepare_leaves_the_host_alone(tmp_path: Path, style: str, monkeypatch: 
         "etc/cloud/cloud.cfg.d": "dir",
     }
     root, host = hostile_tree(tmp_path, style, links, mirror=True)
-    before = checksum(host)
+    before = tree_checksum(host)
     prepare.remove_leftovers(root)
-    assert checksum(host) == before, "remove_leftovers reached the host"
+    assert tree_checksum(host) == before, "remove_leftovers reached the host"
     saved = prepare._save_link_or_file(prepare.imagetree.Tree(root), "etc/resolv.conf")
     prepare._restore_link_or_file(prepare.imagetree.Tree(root), "etc/resolv.conf", saved)
     monkeypatch.setattr(prepare, "in_container", lambda *a, **k: None)  # systemctl inside: not this test's business
@@ -98,7 +99,7 @@ def test_prepare_leaves_the_host_alone(tmp_path: Path, style: str, monkeypatch: 
 
     monkeypatch.setattr(prepare, "remove_build_leftovers", seen_then_cleaned)
     prepare.configure(root)
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
     assert written == [True], "the sshd drop-in was not written inside the image"
 
 
@@ -123,7 +124,7 @@ def test_reading_an_image_reads_only_the_image(tmp_path: Path, style: str) -> No
         "lib/modules/6.1/modules.builtin": "passwd",
     }
     root, host = hostile_tree(tmp_path, style, links)
-    before = checksum(host)
+    before = tree_checksum(host)
     assert distros.detect(root).id == "unknown"  # the host's os-release is not the image's
     with pytest.raises(PrepareError):
         prepare.find_kernel(root)  # the links lead nowhere inside: no kernel
@@ -133,7 +134,7 @@ def test_reading_an_image_reads_only_the_image(tmp_path: Path, style: str) -> No
     spec = app.AppSpec(("passwd",), (("PATH", "/boot:/root"),), "/", "", "", "", None)
     with pytest.raises(PromoteError):
         app.resolved(spec, root)
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="stage keeps the overlay's owners: chown needs root")
@@ -146,12 +147,12 @@ def test_staging_the_overlay_stays_inside(tmp_path: Path, style: str) -> None:
     (overlay / "home/vagrant/.ssh/authorized_keys").write_text("key\n")
     (overlay / "etc/sudoers.d/vagrant").write_text("rule\n")
     (overlay / "boot/grub/grub.cfg").write_text("menu\n")
-    before = checksum(host)
+    before = tree_checksum(host)
     try:
         stage_tree(root, tmp_path / "tree", overlay)
     except PromoteError as error:
         assert style == "dotdot", error  # no mirror: a link to a directory the image lacks, refused in one line
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -163,7 +164,7 @@ def test_build_mount_points_are_removed_inside_only(tmp_path: Path, style: str) 
     (host / "empty").mkdir()
     (host / "zero").write_text("")
     (root / "data/volume").mkdir(parents=True)
-    before = checksum(host)
+    before = tree_checksum(host)
     removed = build_mounts.clean(root, ["/run/empty", "/run/zero", "/data/volume"], since=0)
     assert removed == ["/data/volume", "/data"]
-    assert checksum(host) == before
+    assert tree_checksum(host) == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tree_checksum
 from racker import imagetree
 
 RESOLVERS = ["openat2", "walk"] if imagetree.has_openat2() else ["walk"]
@@ -34,22 +34,6 @@ def sentinel(base: Path) -> Path:
     return host
 
 
-def checksum(top: Path) -> str:
-    """Names, kinds, modes, owners and contents of everything under `top`."""
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            info = path.lstat()
-            digest.update(f"{path.relative_to(top)}\0{info.st_mode:o}\0{info.st_uid}\0{info.st_gid}\0".encode())
-            if stat.S_ISREG(info.st_mode):
-                digest.update(path.read_bytes())
-            elif stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-    return digest.hexdigest()
-
-
 def make_tree(base: Path) -> Path:
     root = base / "image"
     (root / "etc/ssh").mkdir(parents=True)
@@ -66,7 +50,7 @@ def test_absolute_link_resolves_inside(tmp_path: Path, resolver: bool) -> None:
     (root / "var/lib/apt").mkdir(parents=True)
     (root / "var/lib/apt/lists").symlink_to(host / ".ssh")
     tree = imagetree.Tree(root, use_openat2=resolver)
-    before = checksum(host)
+    before = tree_checksum(host)
     assert tree.glob("var/lib/apt/lists/*") == []
     assert not tree.exists("var/lib/apt/lists/id_ed25519")
     tree.rmtree("var/lib/apt/lists/anything")
@@ -77,7 +61,7 @@ def test_absolute_link_resolves_inside(tmp_path: Path, resolver: bool) -> None:
     (root / str(host / ".ssh").lstrip("/")).mkdir(parents=True)
     tree.write_text("var/lib/apt/lists/new", "inside\n")  # made inside: <root>/<host>/.ssh/new
     assert (root / str(host / ".ssh/new").lstrip("/")).read_text() == "inside\n"
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 def test_relative_dotdot_chain_stops_at_the_root(tmp_path: Path, resolver: bool) -> None:
@@ -111,12 +95,12 @@ def test_writes_replace_the_link_never_through_it(tmp_path: Path, resolver: bool
     (root / "etc/machine-id").symlink_to(host / "passwd")
     (root / "etc/hostname").symlink_to("../../host/passwd")
     tree = imagetree.Tree(root, use_openat2=resolver)
-    before = checksum(host)
+    before = tree_checksum(host)
     tree.write_text("etc/machine-id", "", mode=0o444)
     tree.unlink("etc/hostname")
     assert (root / "etc/machine-id").read_text() == "" and stat.S_IMODE((root / "etc/machine-id").stat().st_mode) == 0o444
     assert not (root / "etc/hostname").is_symlink()
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 def test_rmtree_never_follows_links(tmp_path: Path, resolver: bool) -> None:
@@ -127,11 +111,11 @@ def test_rmtree_never_follows_links(tmp_path: Path, resolver: bool) -> None:
     (root / "var/lib/cloud/up").symlink_to("../../../..")
     (root / "var/lib/cloud/host").symlink_to(host)
     tree = imagetree.Tree(root, use_openat2=resolver)
-    before = checksum(host)
+    before = tree_checksum(host)
     tree.rmtree("var/lib/cloud")
     tree.rmtree("var/lib/missing/deeper")
     assert not (root / "var/lib/cloud").exists()
-    assert (root / "etc/os-release").exists() and checksum(host) == before
+    assert (root / "etc/os-release").exists() and tree_checksum(host) == before
 
 
 def test_chmod_chown_refuse_a_link(tmp_path: Path, resolver: bool) -> None:
@@ -139,13 +123,13 @@ def test_chmod_chown_refuse_a_link(tmp_path: Path, resolver: bool) -> None:
     root = make_tree(tmp_path)
     (root / "etc/shadow").symlink_to(host / "passwd")
     tree = imagetree.Tree(root, use_openat2=resolver)
-    before = checksum(host)
+    before = tree_checksum(host)
     with pytest.raises(OSError):
         tree.chmod("etc/shadow", 0o777)
     tree.chown("etc/shadow", os.getuid(), os.getgid())  # the link's own owner, as lchown
     tree.chmod("etc/os-release", 0o600)
     assert stat.S_IMODE((root / "etc/os-release").stat().st_mode) == 0o600
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 def test_mkdir_and_symlink_and_glob(tmp_path: Path, resolver: bool) -> None:
@@ -153,7 +137,7 @@ def test_mkdir_and_symlink_and_glob(tmp_path: Path, resolver: bool) -> None:
     root = make_tree(tmp_path)
     (root / "home").symlink_to(host)
     tree = imagetree.Tree(root, use_openat2=resolver)
-    before = checksum(host)
+    before = tree_checksum(host)
     with pytest.raises(FileExistsError):  # a dangling link
         tree.mkdir("home/vagrant/.ssh", 0o700)
     (root / str(host).lstrip("/")).mkdir(parents=True)
@@ -165,7 +149,7 @@ def test_mkdir_and_symlink_and_glob(tmp_path: Path, resolver: bool) -> None:
     assert tree.glob("etc/ssh/ssh_host_*") == ["etc/ssh/ssh_host_ed25519_key"]
     assert tree.glob("*/os-release") == ["etc/os-release"]
     assert tree.glob("usr/*/os-release") == ["usr/lib/os-release"]
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
 
 
 def test_read_refuses_devices_and_fifos(tmp_path: Path, resolver: bool) -> None:
@@ -251,7 +235,7 @@ def test_nothing_outside_is_read_written_or_deleted(
     root = base / "image"
     root.mkdir()
     _plant(root, host, layout)
-    before = checksum(host)
+    before = tree_checksum(host)
     tree = imagetree.Tree(root, use_openat2=use_openat2)
     for operation, rel in steps:
         try:
@@ -259,7 +243,7 @@ def test_nothing_outside_is_read_written_or_deleted(
         except OSError:
             continue
         assert b"SECRET" not in seen, (operation, rel)
-    assert checksum(host) == before
+    assert tree_checksum(host) == before
     assert sorted(os.listdir(base)) == ["host", "image"]  # nothing made beside the tree either
 
 
