@@ -77,7 +77,7 @@ def passes_checks(reference: str, env: dict[str, str] | None = None) -> list[dic
     Returns the test records."""
     import tempfile
 
-    from racker.results import read_tests
+    from racker.report.results import read_tests
 
     with tempfile.TemporaryDirectory(prefix="racker-test-check-") as tmp:
         results = Path(tmp) / "results.jsonl"
@@ -242,7 +242,8 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 def seeded_registry(registry: str) -> dict[str, str]:
     """The registry holding the shared store's debian-bookworm as library/debian:bookworm (and :copy),
     pushed by racker: {"host", "digest" (the filesystem's), "manifest" (the pushed manifest's)}."""
-    from racker import export, images
+    from racker import images
+    from racker.sources import export
 
     home = os.environ.get("RACKER_HOME")
     os.environ["RACKER_HOME"] = str(SHARED_HOME)

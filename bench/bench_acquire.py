@@ -40,7 +40,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from racker import export, images, store
+from racker import images, store
+from racker.sources import export
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from racker import images, prepare, promote
-from racker.qemu import DEFAULT_CPUS, TCG_CPU, VM
+from racker.vm.qemu import DEFAULT_CPUS, TCG_CPU, VM
 
 # cloud-init >= 24.3 runs every stage in one process (cloud-init-main); its
 # start-up (Python importing cloud-init) is that unit's time, the stages' after it.

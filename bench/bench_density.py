@@ -35,7 +35,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from racker import cgroups, limits, machines, nspawn, proc, store
+from racker import machines, proc, store
+from racker.machines import cgroups, limits, nspawn
 
 ROOT = Path(__file__).resolve().parent.parent
 

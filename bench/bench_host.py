@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import racker  # registers the racker:// backend with testinfra
-from racker import images, nspawn, prepare, proc
-from racker.testinfra_backend import host_for
+from racker import images, prepare, proc
+from racker.machines import nspawn
+from racker.pytest.testinfra_backend import host_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,9 @@ import json
 import statistics
 import time
 
-from racker import groups, images, nspawn, prepare
+from racker import images, prepare
+from racker.machines import nspawn
+from racker.pytest import groups
 
 
 def one_machine(image) -> tuple[float, float]:  # type: ignore[no-untyped-def]

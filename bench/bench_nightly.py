@@ -105,7 +105,7 @@ def main() -> None:
     names = [n for n in args.images.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="racker-bench-nightly-", dir="/var/tmp") as tmp:
         os.environ["RACKER_HOME"] = str(Path(tmp) / "store")
-        from racker import matrix
+        from racker.pytest import matrix
 
         engines = matrix.engine_names(args.engine)
         link_store(Path(args.source), names)

@@ -21,7 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from racker import accel, images, platforms, prepare, promote, qemu
+from racker import images, prepare, promote
+from racker.cpu import accel
+from racker.store import platforms
+from racker.vm import qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-from racker import images, nspawn, proc
+from racker import images, proc
+from racker.machines import nspawn
 
 
 def bare_nspawn(rootfs: str) -> float:

@@ -1,4 +1,4 @@
-"""host.run("true") on a QEMU VM: through the root channel (racker/guest_shell.py), against sudo per command.
+"""host.run("true") on a QEMU VM: through the root channel (racker/vm/guest_shell.py), against sudo per command.
 
 Both sides run in the same process on the same VM, over the same SSH connection
 master, rounds alternating, so that both see the same host load. host.run is
@@ -20,10 +20,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from racker import accel, images, prepare, promote
+from racker import images, prepare, promote
+from racker.cpu import accel
 from racker.proc import Result
-from racker.qemu import VM
-from racker.testinfra_backend import host_for
+from racker.pytest.testinfra_backend import host_for
+from racker.vm.qemu import VM
 
 
 def timed(call: Callable[[], object]) -> float:

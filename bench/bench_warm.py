@@ -6,7 +6,7 @@ Then 4 warm clones are started at once: the time until all 4 are ready
 against one clone's median. Ready means what VM.start() returns on: cold, SSH
 logs in over the connection master and systemd says the boot finished;
 restored, the snapshot's agent answers on its virtio-serial port and the
-guest's clock is stepped (racker.guest_agent). A restored VM's first SSH
+guest's clock is stepped (racker.vm.guest_agent). A restored VM's first SSH
 login, which it does not wait for, is timed apart (first_ssh_s).
 Prints medians and ratios as JSON.
 
@@ -22,8 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from racker import accel, images, prepare, promote, snapshots
-from racker.qemu import VM
+from racker import images, prepare, promote
+from racker.cpu import accel
+from racker.vm import snapshots
+from racker.vm.qemu import VM
 
 
 def ready_seconds(disk: Path, *, warm: bool, first_ssh: list[float]) -> float:

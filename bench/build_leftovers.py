@@ -5,7 +5,7 @@ format (raw, qcow2, vmdk, vhd, vhdx, vdi, gce, firecracker, ova, the Vagrant
 boxes) with the generic profile, and to each cloud's format with its profile
 (qcow2 digitalocean, gce gcp, vhd azure). Each disk is read back as a user's
 `racker pull file:DISK` reads it (qemu-img, debugfs: no mount), and the rules
-of racker.build_leftovers are run over its files: what the build left
+of racker.prepare.build_leftovers are run over its files: what the build left
 (build_leftovers.RULES) and what of this host (its resolvers, names, apt
 proxy, local CAs). Prints a Markdown table: a count per rule, and the paths.
 
@@ -25,8 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from racker import build_leftovers, images, prepare, promote, refs
+from racker import images, prepare, promote
+from racker.prepare import build_leftovers
 from racker.sources import fetched
+from racker.store import refs
 
 CASES = [
     *(

@@ -42,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from racker import cgroups, machines, proc, store  # noqa: E402
+from racker import machines, proc, store  # noqa: E402
+from racker.machines import cgroups  # noqa: E402
 
 # The store the test suite and users share; chaos only reads it (and builds there what is missing).
 SHARED_HOME = Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))

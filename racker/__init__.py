@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-BACKEND = ("racker", "racker.testinfra_backend.RackerBackend")
+BACKEND = ("racker", "racker.pytest.testinfra_backend.RackerBackend")
 
 
 def register_backend(backends: dict) -> None:
@@ -62,7 +62,7 @@ else:
 def __getattr__(name: str) -> Any:
     # racker.host(IMAGE): loaded on first use, with testinfra.
     if name == "host":
-        from racker.testinfra_backend import booted_host
+        from racker.pytest.testinfra_backend import booted_host
 
         return booted_host
     raise AttributeError(f"module 'racker' has no attribute {name!r}")

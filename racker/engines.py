@@ -21,7 +21,7 @@ NEEDS = {
     "kernel": "the image's own kernel",
     "ssh": "sshd reachable from the host",
     "cloud-init": "cloud-init runs with a datasource",
-    # Else a qemu test's VM may be warm: restored from the first boot's snapshot (racker.snapshots),
+    # Else a qemu test's VM may be warm: restored from the first boot's snapshot (racker.vm.snapshots),
     # with that boot's machine-id, host keys and cloud-init done.
     "first-boot": "a real first boot of its own: cloud-init running, a fresh machine-id and host keys",
 }
@@ -57,7 +57,7 @@ class Engine:
 def boots_systemd(image: StoredImage) -> bool:
     """Whether systemd is PID 1 once the image boots: it is its init, or it has none and
     is given systemd (prepare.bootable). sysvinit and OpenRC images boot their own."""
-    from racker import inits
+    from racker.machines import inits
 
     try:
         return isinstance(inits.detect(image.rootfs) or inits.Systemd(), inits.Systemd)
@@ -82,13 +82,13 @@ def running(name: str) -> tuple[str, str] | None:
 
 
 def nspawn_attach(name: str):  # type: ignore[no-untyped-def]
-    from racker import nspawn
+    from racker.machines import nspawn
 
     return nspawn.Machine.attach(name)
 
 
 def qemu_attach(name: str):  # type: ignore[no-untyped-def]
-    from racker import qemu
+    from racker.vm import qemu
 
     return qemu.VM.attach(name)
 
@@ -96,7 +96,8 @@ def qemu_attach(name: str):  # type: ignore[no-untyped-def]
 def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: bool = False, seed: bool = False):  # type: ignore[no-untyped-def]
     """A machine booting the image under systemd-nspawn (given an init first if it has none);
     it boots in a second or two, so there is nothing to keep warm."""
-    from racker import nspawn, prepare
+    from racker import prepare
+    from racker.machines import nspawn
 
     return nspawn.Machine(prepare.bootable(image), network_mode=network_mode)
 
@@ -107,7 +108,8 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = F
     seed: booted cold, and saving that snapshot once ready if the disk has none.
 
     network_mode is nspawn's: a VM always has its user-mode NIC."""
-    from racker import prepare, promote, qemu
+    from racker import prepare, promote
+    from racker.vm import qemu
 
     prepared = prepare.prepare(image)
     machine, firmware = qemu.board_for(prepare.image_architecture(prepared))

@@ -71,7 +71,7 @@ class MachineError(RackerError):
 
 
 class UnknownInit(MachineError):
-    """The image's init is not one racker knows how to wait for and stop (racker.inits)."""
+    """The image's init is not one racker knows how to wait for and stop (racker.machines.inits)."""
 
 
 class NoSuchMachine(MachineError):

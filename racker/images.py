@@ -7,12 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import catalog, distros, progress, reproducible, store
-from racker.catalog import CatalogEntry
+from racker import progress, store
 from racker.errors import BadReference, RackerError, StoreError, UnknownImage, UpstreamError
-from racker.platforms import Platform
-from racker.refs import PREPARED, Reference, parse
 from racker.sources import acquiring_seen, insecure_pull, recipe_for, same_upstream, source_for, upstream_state
+from racker.store import catalog, distros, reproducible
+from racker.store.catalog import CatalogEntry
+from racker.store.platforms import Platform
+from racker.store.refs import PREPARED, Reference, parse
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def pull(
     if image is not None and image.recipe == recipe and not force:
         return image  # fast path: no lock, no network
     if ref.scheme == "bootstrap" and ref.platform is not None:
-        from racker import emulation
+        from racker.cpu import emulation
 
         emulation.ensure(ref.platform)  # before the archive is asked: a platform that cannot run here is one line
     with store.locked(f"image-{name}"):

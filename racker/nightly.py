@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from racker import catalog, changes, facts, history, images, matrix, progress, report, results, reuse, sbom, store
+from racker import images, progress, report, store
 from racker.errors import RackerError
-from racker.shards import Shard
+from racker.pytest import matrix
+from racker.report import changes, facts, history, results, reuse
+from racker.report.shards import Shard
+from racker.store import catalog, sbom
 
 
 class NightlyError(RackerError):
@@ -87,7 +90,7 @@ def run(
 ) -> Night:
     """offline: test the stored images as they are (pull's fast path), asking no upstream.
     full: run every cell; else a cell whose inputs are those of a cell of the previous report
-    that ran less than `max_age` ago keeps that result (racker.reuse)."""
+    that ran less than `max_age` ago keeps that result (racker.report.reuse)."""
     planned = sorted(set(names or default_images()))
     # Every name is resolved (a typo fails every shard alike); only this shard's are pulled.
     stored = sorted(images.resolve(name).name for name in planned)

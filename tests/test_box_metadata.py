@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from racker import refs
 from racker.errors import BadArchive, BadReference
 from racker.sources import ova, vagrant
+from racker.store import refs
 
 VERSIONS = {
     "versions": [

@@ -1,6 +1,6 @@
 """What of the build and of the build host a prepared image and its disks hold (issue 28).
 
-The rules (racker.build_leftovers) on small trees; then a real prepared
+The rules (racker.prepare.build_leftovers) on small trees; then a real prepared
 debian-bookworm promoted to a disk and read back without a mount, as
 `racker pull file:DISK` reads it (qemu-img, debugfs).
 """
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from racker import build_leftovers, prepare, promote, refs
+from racker import prepare, promote
+from racker.prepare import build_leftovers
 from racker.sources import fetched
+from racker.store import refs
 
 LEFT = {
     "run/lock/x": "",

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import catalog, store
+from racker import store
+from racker.store import catalog
 
 SERVED = b"served-over-tls-to-a-run-step\n"
 

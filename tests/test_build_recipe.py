@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from racker import refs
 from racker.sources import recipe_for
+from racker.store import refs
 
 
 def _context(tmp_path: Path) -> Path:
@@ -35,7 +35,7 @@ def test_the_recipe_follows_the_dockerfile_and_the_context(tmp_path: Path) -> No
 
 
 def test_a_catalogue_entry_adds_its_context_to_its_file(tmp_path: Path) -> None:
-    from racker.catalog import CatalogEntry
+    from racker.store.catalog import CatalogEntry
 
     context = _context(tmp_path)
     ref = refs.parse(f"dockerfile:{context}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import catalog, refs
+from racker.store import catalog, refs
 
 # (file text, what the one error line must say besides the file's path)
 BAD_ENTRIES = {

@@ -1,4 +1,4 @@
-"""The report says what changed (racker.changes): per image since the previous night, and for each
+"""The report says what changed (racker.report.changes): per image since the previous night, and for each
 check that went from pass to fail, the package changes between its last good night and its first bad one.
 
 Synthetic nights through the real report: results and the refresh's upstream.json written as the nightly does.
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from racker import changes, report
+from racker import report
+from racker.report import changes
 
 
 def test_a_diff_names_packages_added_removed_and_upgraded_with_their_versions() -> None:

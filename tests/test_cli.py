@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, racker
-from racker import images, refs, store
+from racker import images, store
 from racker.errors import RackerError
 from racker.sources import bootstrap
+from racker.store import refs
 
 LOCAL_NAMES = {
     # name: recipe (a scheme name's recipe is what its source says: pull finds it built and builds nothing)
@@ -88,7 +89,7 @@ def test_a_missing_prepared_image_says_what_prepares_it(private_store: dict[str,
 
 @pytest.mark.root  # share_image: hard links into the shared store
 def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from racker.cli_vm import disk_or_image
+    from racker.cli.vm import disk_or_image
 
     share_image("debian-bookworm", prepared=True)
     monkeypatch.chdir(tmp_path)
@@ -133,7 +134,7 @@ def test_what_vm_start_boots(private_store: dict[str, str], share_image, tmp_pat
 
 @pytest.mark.root  # share_image: hard links into the shared store
 def test_every_listed_name_is_an_image_to_vm_start(every_kind_of_name: dict[str, str]) -> None:
-    from racker.cli_vm import disk_or_image
+    from racker.cli.vm import disk_or_image
 
     assert {name: disk_or_image(name) for name in every_kind_of_name} == dict.fromkeys(every_kind_of_name)
 
@@ -250,8 +251,8 @@ def test_check_table_has_a_column_per_image_and_engine_and_the_worst_outcome_of_
 def test_a_catalogue_image_built_from_other_apt_sources_is_not_served_as_current(private_store: dict[str, str]) -> None:
     """A bootstrap's recipe holds its apt sources (a security suite added builds the image again):
     an image stored under the catalogue file's recipe alone, as before, is stale, not present."""
-    from racker import catalog
     from racker.sources import recipe_for
+    from racker.store import catalog
 
     entry = catalog.get("tiny")
     current = recipe_for(refs.parse(entry.source), entry)

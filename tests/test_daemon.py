@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, passes_checks, racker
-from racker import export, store
+from racker import store
+from racker.sources import export
 
 pytestmark = pytest.mark.slow
 

@@ -101,7 +101,7 @@ def test_parallel_starts_overlap_and_stop_takes_many_names(share_image, private_
                 racker("stop", name)
     assert json.loads(racker("ps", "--json").stdout) == []
     assert _leftovers(store) == []
-    from racker import cgroups
+    from racker.machines import cgroups
 
     assert cgroups.machine_names() == set()
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _in_store(int(p), store)]
@@ -118,7 +118,7 @@ def _in_store(pid: int, store: Path) -> bool:
 @contextlib.contextmanager
 def limits_restored() -> Iterator[None]:
     """Every sysctl racker knows as it was, after the block, however it ends."""
-    from racker import limits
+    from racker.machines import limits
 
     saved = {limit.path: limit.path.read_text() for limit in limits.LIMITS if limit.sysctl}
     try:
@@ -130,7 +130,7 @@ def limits_restored() -> Iterator[None]:
 
 
 def test_doctor_names_the_binding_limit_and_fix_raises_it(private_store) -> None:  # type: ignore[no-untyped-def]
-    from racker import limits
+    from racker.machines import limits
 
     used = limits.inotify_instances()
     with limits_restored():

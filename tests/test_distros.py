@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from racker import distros, prepare
+from racker import prepare
+from racker.store import distros
 
 # os-release and the package manager's program, as each distribution's container image has them.
 IMAGES = {

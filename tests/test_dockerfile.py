@@ -113,7 +113,7 @@ def test_a_missing_context_or_file_is_one_line(private_store: dict, service: Pat
 def test_with_an_engine_the_engine_builds(catalog_entry: str, docker_engine: str, share_image, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import docker
 
-    from racker import export
+    from racker.sources import export
 
     engine = docker.DockerClient(base_url=docker_engine)
     # The engine's own base image, as a user's engine would have it: racker's bookworm, loaded and tagged.
@@ -165,7 +165,7 @@ tr '\0' '\n' < "/proc/$pid/environ" | sed 's/^/env:/'
 
 @pytest.mark.qemu
 def test_a_dockerfile_service_promoted_with_app_answers_in_a_vm(hub_mirror: dict, private_store: dict, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from racker.qemu import VM
+    from racker.vm.qemu import VM
 
     for key, value in hub_mirror.items():
         monkeypatch.setenv(key, value)

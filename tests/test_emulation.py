@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import emulation, platforms, store
+from racker import store
+from racker.cpu import emulation
 from racker.errors import PromoteError
-from racker.platforms import Platform
+from racker.store import platforms
+from racker.store.platforms import Platform
 
 ARM64 = Platform("linux", "arm64")
 S390X = Platform("linux", "s390x")
@@ -35,9 +37,9 @@ def test_native_platforms_need_no_emulator() -> None:
 
 
 def test_an_arm64_vm_is_a_virt_board_booting_uefi_only() -> None:
-    from racker import qemu
     from racker.errors import VMError
     from racker.promote import bootloader
+    from racker.vm import qemu
 
     assert qemu.board_for("amd64") == ("pc", "bios") and qemu.board_for("amd64", "uefi") == ("pc", "uefi")
     assert qemu.board_for("arm64") == ("virt", "uefi")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from racker import evidence, results
+from racker.report import evidence, results
 
 NODE = "test_x.py::test_boots[debian-bookworm]"
 

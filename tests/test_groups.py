@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from racker import groups, named_networks
 from racker.errors import MachineError
+from racker.machines import named_networks
+from racker.pytest import groups
 
 
 def test_a_group_spec_names_images_and_engines() -> None:

@@ -1,4 +1,4 @@
-"""The agent's protocol (racker.guest_agent), its guest program run on this host.
+"""The agent's protocol (racker.vm.guest_agent), its guest program run on this host.
 
 QEMU's end of the port is stood in for by a listener on a unix socket that joins each client, in turn, to the agent's end of a socket pair,
 as QEMU joins the port to whichever client it has: what the agent writes while
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from racker import guest_agent, guest_shell, sockets
 from racker.errors import ChannelUnavailable, ToolTimeout
+from racker.machines import sockets
+from racker.vm import guest_agent, guest_shell
 
 
 class StandInPort:

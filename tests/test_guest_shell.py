@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from racker import guest_shell, proc
+from racker import proc
 from racker.errors import ChannelUnavailable, ToolTimeout, Unreachable
+from racker.vm import guest_shell
 
 SERVER = [sys.executable, "-c", guest_shell.SERVER]
 # Not UTF-8, quotes, a newline, what a shell would expand: each argument arrives byte for byte.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import SHARED_HOME
-from racker import images, nspawn, store
-from racker.nspawn import Machine
+from racker import images, store
+from racker.machines import nspawn
+from racker.machines.nspawn import Machine
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

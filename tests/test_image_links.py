@@ -15,10 +15,11 @@ import pytest
 from test_imagetree import sentinel
 
 from conftest import tree_checksum
-from racker import distros, prepare
+from racker import prepare
 from racker.errors import PrepareError, PromoteError
 from racker.promote import app, profiles
 from racker.promote import stage as stage_tree
+from racker.store import distros
 
 STYLES = ("absolute", "relative", "dotdot")
 

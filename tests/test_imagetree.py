@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import tree_checksum
-from racker import imagetree
+from racker.store import imagetree
 
 RESOLVERS = ["openat2", "walk"] if imagetree.has_openat2() else ["walk"]
 

@@ -1,4 +1,4 @@
-"""Images whose PID 1 is not systemd: sysvinit and OpenRC under nspawn (racker.inits).
+"""Images whose PID 1 is not systemd: sysvinit and OpenRC under nspawn (racker.machines.inits).
 
 The unit tests read hand-made trees; the others boot the catalogue's
 debian-bookworm-sysvinit and debian-bookworm-openrc for real.
@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, pulled, racker
-from racker import images, imagetree, inits, machines, store
+from racker import images, machines, store
 from racker.errors import UnknownInit
-from racker.nspawn import Machine
+from racker.machines import inits
+from racker.machines.nspawn import Machine
+from racker.store import imagetree
 
 IMAGES = ["debian-bookworm-sysvinit", "debian-bookworm-openrc", "debian-bookworm-runit"]
 # What each image's console shows when its init shuts it down by its own path (not nspawn's SIGKILL).
@@ -277,7 +279,7 @@ def test_an_unknown_init_is_one_line_at_once(private_store: dict[str, str]) -> N
 @pytest.mark.slow
 @pytest.mark.root
 def test_racker_check_passes_with_systemd_checks_skipped_for_their_reason(image: store.StoredImage, tmp_path: Path) -> None:
-    from racker.results import read_tests
+    from racker.report.results import read_tests
 
     results = tmp_path / "results.jsonl"
     done = racker("check", image.name, "--results", str(results))
@@ -310,7 +312,8 @@ def test_a_vm_of_a_sysvinit_image_is_refused_in_one_line_not_given_systemd(priva
 
 def test_the_new_images_are_named_not_in_the_default_set() -> None:
     """Each costs a bootstrap (~1.5 min): the nightly and `--racker-images all` take them once the lead adds them."""
-    from racker import catalog, nightly
+    from racker import nightly
+    from racker.store import catalog
 
     for name in IMAGES:
         assert catalog.get(name).options["default_set"] is False

@@ -15,7 +15,7 @@ import pytest
 from conftest import CATALOG_IMAGES, racker
 from racker import images, machines
 from racker.errors import NameTaken
-from racker.nspawn import Machine
+from racker.machines.nspawn import Machine
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +124,9 @@ def test_shell_with_an_image_name_boots_one(bookworm) -> None:
 
 def test_shell_with_an_image_reference_boots_it(share_image) -> None:
     """bootstrap:debian/bookworm is no machine name (it has a '/'): shell boots that image."""
-    from racker import refs, store
+    from racker import store
     from racker.sources import recipe_for
+    from racker.store import refs
 
     base = share_image("debian-bookworm")
     with store.workdir("test") as work:

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, racker
-from racker import groups, machines, named_networks, network, proc
+from racker import machines, proc
 from racker.errors import MachineError
+from racker.machines import named_networks, network
+from racker.pytest import groups
 
 # One worker for the module: its leak checks compare the host's rkn-/rkv- links before and after,
 # which another test's network, made at the same moment, would change.
@@ -57,7 +59,7 @@ def test_a_server_answers_its_client_by_name_and_nothing_else_reaches_them(racke
     finally:
         os.umask(umask)
     server, client = hosts["server"], hosts["client"]
-    from racker import testinfra_backend  # testinfra: not in tox's unit environment, which collects this module
+    from racker.pytest import testinfra_backend  # testinfra: not in tox's unit environment, which collects this module
 
     as_nobody = testinfra_backend.host_for(client.machine, "nobody")
     assert as_nobody.check_output("getent hosts server").split()[0] == address(server)

@@ -21,8 +21,9 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, free_port, racker
-from racker import images, machines, network, prepare, proc
-from racker.nspawn import Machine
+from racker import images, machines, prepare, proc
+from racker.machines import network
+from racker.machines.nspawn import Machine
 
 pytestmark = pytest.mark.slow
 

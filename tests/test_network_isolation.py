@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from racker import images, network, proc
-from racker.nspawn import Machine
+from racker import images, proc
+from racker.machines import network
+from racker.machines.nspawn import Machine
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

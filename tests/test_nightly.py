@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT, racker
-from racker import cli, nightly, shards
+from racker import cli, nightly
+from racker.report import shards
 
 # --- the split ------------------------------------------------------------------
 
@@ -38,7 +39,7 @@ def test_every_image_is_in_exactly_one_shard_whatever_the_order(images: list[str
 
 
 SPLIT = (
-    "from racker import shards\n"
+    "from racker.report import shards\n"
     "print([shards.Shard(k, 3).select(['debian-sid', 'debian-bookworm', 'alma-9', 'debian-trixie', 'x']) for k in (1, 2, 3)])"
 )
 
@@ -74,7 +75,7 @@ def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
     results = tmp_path / "results.jsonl"
     results.unlink(missing_ok=True)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "racker.plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
+        [sys.executable, "-m", "pytest", "-p", "racker.pytest.plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
          "-W", "ignore::pytest.PytestUnknownMarkWarning", f"--racker-results={results}", *args, "test_x.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         # Only racker's plugin, named once (-p), not again by its entry point; no xdist, no testinfra plugin.
@@ -246,7 +247,7 @@ def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> N
     assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
 
 
-# --- a night costs only what changed (racker.reuse) -------------------------------------
+# --- a night costs only what changed (racker.report.reuse) -------------------------------------
 
 
 def _tonight(directory: Path) -> tuple[list[dict], list[dict]]:

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from conftest import racker, running_registry
-from racker import images, platforms, refs, store
+from racker import images, store
 from racker.errors import BadReference
-from racker.platforms import Platform
 from racker.sources import insecure_pull, oci, recipe_for
+from racker.store import platforms, refs
+from racker.store.platforms import Platform
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import CATALOG_IMAGES, ROOT, racker
-from racker import machines, proc, report, report_html, snapshots
-from racker.results import read_tests
+from racker import machines, proc, report
+from racker.report import html as report_html
+from racker.report.results import read_tests
+from racker.vm import snapshots
 
 pytestmark = pytest.mark.slow
 SAMPLE = Path(__file__).parent / "sample_project"

@@ -28,9 +28,12 @@ from xml.etree import ElementTree
 import pytest
 
 from conftest import passes_checks, racker
-from racker import build_leftovers, distros, fingerprint, prepare, promote, qemu, seed, store
+from racker import fingerprint, prepare, promote, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
+from racker.prepare import build_leftovers
 from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
+from racker.store import distros
+from racker.vm import qemu, seed
 
 MiB = 1024**2
 GiB = 1024**3
@@ -757,7 +760,7 @@ def _with_app_units(base: store.StoredImage, name: str, spec: app.AppSpec) -> st
 @pytest.mark.slow
 def test_app_unit_hands_the_service_its_env_and_argv_exactly(share_image) -> None:
     """The unit promote writes, run by a real systemd (an nspawn machine, in a second)."""
-    from racker.nspawn import Machine
+    from racker.machines.nspawn import Machine
 
     base = share_image("debian-bookworm")
     script = 'cat /proc/$$/environ >/run/app.environ.new; printf "%s\\0" "$0" "$@" >/run/app.argv; mv /run/app.environ.new /run/app.environ'
@@ -793,7 +796,7 @@ def test_stopsignal_and_healthcheck_are_read_as_docker_writes_them() -> None:
 @pytest.mark.slow
 def test_a_failing_health_check_restarts_the_service_and_a_passing_one_does_not(share_image) -> None:
     """The health check units promote writes, run by a real systemd (an nspawn machine)."""
-    from racker.nspawn import Machine
+    from racker.machines.nspawn import Machine
 
     base = share_image("debian-bookworm")
     for name, test, restarted in (("sick", ["CMD", "false"], True), ("well", ["CMD-SHELL", "test -d /tmp"], False)):
@@ -1189,7 +1192,7 @@ def test_app_finds_a_bare_entrypoint_on_the_image_path_as_docker_does(tmp_path: 
 @pytest.mark.slow
 def test_app_unit_with_a_bare_entrypoint_runs_it_under_its_own_name(share_image) -> None:
     """systemd's ExecStart=@PATH NAME: the program found on the image's PATH, argv[0] as the image gave it."""
-    from racker.nspawn import Machine
+    from racker.machines.nspawn import Machine
 
     base = share_image("debian-bookworm")
     spec = app.resolved(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import urllib.request
 
-from racker import download, redact, refs
+from racker import redact
+from racker.sources import download
+from racker.store import refs
 
 
 def test_userinfo_is_split_off_and_decoded() -> None:

@@ -117,7 +117,7 @@ def _tiny_image(name: str, work: Path, payload: bytes) -> store.StoredImage:
 
 
 def _push(image: store.StoredImage, destination: str) -> str:
-    from racker import export
+    from racker.sources import export
 
     return export.push(image, destination)
 
@@ -412,8 +412,8 @@ def test_a_bootstrap_image_is_kept_when_its_archive_did_not_move_or_does_not_ver
 ) -> None:
     """images.refresh on a bootstrap image whose archive is the local repository (stored by hand from a
     tree whose dpkg database holds racker-probe: no mmdebstrap)."""
-    from racker import refs
     from racker.sources import archive, bootstrap, recipe_for
+    from racker.store import refs
 
     repo, url = apt_repository
     repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
@@ -454,7 +454,8 @@ def test_the_nightly_goes_on_with_a_stale_image_and_says_so(
     private_store: dict, proxied_registry: RegistryProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The nightly's refresh stage (a shard of one, no engines: no checks run) against the registry."""
-    from racker import nightly, shards
+    from racker import nightly
+    from racker.report import shards
 
     name = f"docker://{proxied_registry.address}/refresh/nightly:latest"
     _push(_tiny_image("nightly", tmp_path, b"nightly\n"), f"docker://{proxied_registry.upstream}/refresh/nightly:latest")

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from racker import catalog, refs
 from racker.errors import BadReference, UnknownImage
+from racker.store import catalog, refs
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import cgroups, gc, machines, proc
+from racker import machines, proc
 from racker.errors import MachineError, NameTaken
+from racker.machines import cgroups
+from racker.upkeep import gc
 
 
 @pytest.fixture
@@ -242,7 +244,7 @@ def _free_run_of_ports(count: int) -> range:
 
 
 def _allocate_at_once(home: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
-    from racker import qemu
+    from racker.vm import qemu
 
     os.environ["RACKER_HOME"] = home
     state = machines.new_state("qemu", f"port-{os.getpid()}", "x")
@@ -275,7 +277,7 @@ def test_concurrent_vms_are_given_distinct_ports(private_store: dict, monkeypatc
 
 
 def test_a_bad_port_range_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from racker import qemu
+    from racker.vm import qemu
 
     monkeypatch.setenv("RACKER_SSH_PORTS", "lots")
     with pytest.raises(MachineError, match="RACKER_SSH_PORTS='lots' is not a port range"):

@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, racker
-from racker import catalog, cli, engines, facts, history, report, report_html, store
+from racker import cli, engines, report, store
+from racker.report import facts, history
+from racker.report import html as report_html
+from racker.store import catalog
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 

@@ -1,5 +1,5 @@
 """Same inputs, same digest: an image built twice from one archive state, in two stores at two
-times, is the same image; a changed input is another (racker/reproducible.py)."""
+times, is the same image; a changed input is another (racker/store/reproducible.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_ENTRY, racker
-from racker import reproducible
 from racker.sources import archive
+from racker.store import reproducible
 
 # -- the clock -----------------------------------------------------------------------------
 
@@ -163,8 +163,9 @@ def test_a_disk_s_ids_follow_the_image_not_chance() -> None:
 
 def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The logic only (mmdebstrap and the archive faked): the real bootstraps are the slow tests above."""
-    from racker import errors, refs
+    from racker import errors
     from racker.sources import bootstrap
+    from racker.store import refs
 
     states = iter([("old", 100), ("new", 200), ("newer", 300)])
     built: list[int] = []

@@ -1,4 +1,4 @@
-"""A night costs only what changed (racker.reuse): a cell's key, and which earlier cells a night keeps.
+"""A night costs only what changed (racker.report.reuse): a cell's key, and which earlier cells a night keeps.
 
 Unit tests over synthetic reports; the real two nights under nspawn are in tests/test_nightly.py.
 """
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from racker import nightly, reuse
+from racker import nightly
+from racker.report import reuse
 
 NODE = "test_container.py::test_hostname[debian-sid]"
 NOW = "2026-02-08T03:00:00+00:00"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import packages, store
+from racker import store
+from racker.store import packages
 
 DPKG_STATUS = """\
 Package: bash

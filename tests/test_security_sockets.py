@@ -23,9 +23,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED_HOME
-from racker import gc, images, machines, nspawn, prepare, proc, promote, snapshots, store
+from racker import images, machines, prepare, proc, promote, store
 from racker.errors import NameTaken
-from racker.qemu import VM
+from racker.machines import nspawn
+from racker.upkeep import gc
+from racker.vm import snapshots
+from racker.vm.qemu import VM
 
 NOBODY = 65534
 

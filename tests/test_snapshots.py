@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from racker import gc, snapshots, store
+from racker import store
 from racker.cli import main as racker_main
+from racker.upkeep import gc
+from racker.vm import snapshots
 
 QEMU = "QEMU emulator version 7.2.22"
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from racker import ssh
+from racker.vm import ssh
 
 
 @contextmanager

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from racker import gc, guest_shell, images, machines, prepare, proc, promote, ssh
+from racker import images, machines, prepare, proc, promote
 from racker.errors import ToolTimeout, Unreachable
-from racker.qemu import SSH_MASTER, VM
+from racker.upkeep import gc
+from racker.vm import guest_shell, ssh
+from racker.vm.qemu import SSH_MASTER, VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debian-bookworm")]
 
@@ -34,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debia
 HOLDER = r"""
 import sys
 from pathlib import Path
-from racker.qemu import VM
+from racker.vm.qemu import VM
 
 with VM(Path(sys.argv[1]), sys.argv[2], detached=True) as vm:
     print(vm.connection()[0], flush=True)
@@ -48,7 +50,7 @@ SERVERS = ["pgrep", "-f", "^python3 -c # racker-guest-shell"]
 # Another process (a second pytest worker, say) attaching the same VM: its root channel's server.
 OTHER = r"""
 import sys
-from racker.qemu import VM
+from racker.vm.qemu import VM
 
 print(VM.attach(sys.argv[1]).check_output(["sh", "-c", "echo $PPID; tr '\\0' ' ' </proc/$PPID/cmdline"]), end="")
 """

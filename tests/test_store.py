@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from racker import gc, promote, store
+from racker import promote, store
 from racker.errors import StoreError
+from racker.upkeep import gc
 
 
 def make_tree(root: Path, text: str = "hello") -> Path:

@@ -183,7 +183,7 @@ def test_a_bad_download_is_one_line_and_leaves_nothing(
 
 
 def test_gc_removes_partial_and_unreferenced_downloads(tls: StaticServer) -> None:
-    from racker import download
+    from racker.sources import download
 
     (tls.root / "gc").mkdir()
     pins = {}

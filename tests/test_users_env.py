@@ -16,15 +16,16 @@ import pytest
 import racker
 from conftest import ROOT, SHARED_HOME
 from conftest import racker as racker_cli
-from racker import guest_env, images, machines, store
-from racker.nspawn import Machine
+from racker import images, machines, store
+from racker.machines import guest_env
+from racker.machines.nspawn import Machine
 
 LATIN1 = "bookworm-latin1"
 
 
 def host_for(machine, user: str | None = None):  # type: ignore[no-untyped-def]
     """testinfra is not in the unit environment (tox -e unit): imported by the tests that boot."""
-    from racker.testinfra_backend import host_for
+    from racker.pytest.testinfra_backend import host_for
 
     return host_for(machine, user)
 

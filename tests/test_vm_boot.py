@@ -22,12 +22,13 @@ import pytest
 from test_promote import HOSTILE_ENV, assert_firecracker_config
 
 from conftest import CATALOG_IMAGES, ROOT
-from racker import images, machines, prepare, promote, qemu, store
+from racker import images, machines, prepare, promote, store
 from racker.checks import guest
 from racker.cli import OUTCOME_RANK
-from racker.qemu import VM
-from racker.results import read_tests
+from racker.report.results import read_tests
 from racker.sources import bootstrap, ext
+from racker.vm import qemu
+from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 

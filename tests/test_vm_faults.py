@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from conftest import racker
-from racker import accel, gc, machines, proc, store
+from racker import machines, proc, store
+from racker.cpu import accel
 from racker.errors import BadDisk, BootTimeout, VMError, VMLaunchFailure
-from racker.qemu import VM
+from racker.upkeep import gc
+from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 

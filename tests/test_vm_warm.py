@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from racker import images, machines, prepare, promote, qemu, snapshots, store
+from racker import images, machines, prepare, promote, store
 from racker.errors import BootTimeout
-from racker.qemu import VM
+from racker.vm import qemu, snapshots
+from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
 
@@ -104,7 +105,8 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
             assert vm.state.extra["agent"] and qemu.SSH_MASTER not in machines.helpers(vm.state), machines.helpers(vm.state)
         # Another process finds the agent held by this one and goes over SSH.
         other = subprocess.run(
-            [sys.executable, "-c", f"from racker.qemu import VM; print(VM.attach({clones[0].name!r}).check_output(['id', '-u']), end='')"],
+            [sys.executable, "-c",
+             f"from racker.vm.qemu import VM; print(VM.attach({clones[0].name!r}).check_output(['id', '-u']), end='')"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert (other.returncode, other.stdout) == (0, "0\n"), other.stderr

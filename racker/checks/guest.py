@@ -12,8 +12,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from racker import proc, seed
+from racker import proc
 from racker.promote import profiles
+from racker.vm import seed
 
 # One DNS query, as small as it gets, to the first nameserver of /etc/resolv.conf: "answer rcode=N
 # from ADDRESS" or "timeout ADDRESS". A name under .invalid, which a resolver answers (NXDOMAIN)

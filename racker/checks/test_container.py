@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from racker import distros
+from racker.store import distros
 
 
 @pytest.mark.racker(needs=["systemd"])
@@ -30,7 +30,7 @@ def test_journald_records_messages(host) -> None:
 def test_hostname_is_set(host, racker_machine) -> None:
     name = host.check_output("hostname")
     assert name not in ("", "localhost", "(none)"), f"expected a real hostname, saw {name!r}"
-    # A warm VM keeps the hostname of the VM its snapshot was saved from (racker.snapshots).
+    # A warm VM keeps the hostname of the VM its snapshot was saved from (racker.vm.snapshots).
     assert name == racker_machine.hostname, f"expected the hostname {racker_machine.hostname!r} given at boot, saw {name!r}"
 
 

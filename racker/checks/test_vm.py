@@ -16,10 +16,10 @@ import re
 
 import pytest
 
-from racker import seed
 from racker.checks import guest
-from racker.plugin import machine_scope
 from racker.promote import profiles
+from racker.pytest.plugin import machine_scope
+from racker.vm import seed
 
 # Every check here reads a real boot: skipped where the engine has none (nspawn).
 pytestmark = pytest.mark.racker(needs=["full-boot", "first-boot", "ssh", "cloud-init", "network"])

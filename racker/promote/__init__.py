@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import distros, fingerprint, imagetree, prepare, progress, refs, reproducible, store
+from racker import fingerprint, prepare, progress, store
 from racker.errors import PromoteError, RequirementsFailed
 from racker.promote import app as app_service
 from racker.promote import bootloader, boxes, disk, formats, profiles, vagrant
+from racker.store import distros, imagetree, refs, reproducible
 
 DEFAULT_SIZE = 2 * 1024**3
 

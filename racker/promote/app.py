@@ -17,8 +17,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import imagetree, store
+from racker import store
 from racker.errors import PromoteError
+from racker.store import imagetree
 
 UNIT = "racker-app.service"
 HEALTH = "racker-app-health"

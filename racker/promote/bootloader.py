@@ -16,8 +16,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import imagetree, prepare, proc
+from racker import prepare, proc
 from racker.errors import PromoteError
+from racker.store import imagetree
 
 GRUB_LIB = Path("/usr/lib/grub")
 SECTOR = 512

@@ -16,8 +16,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import imagetree, proc
+from racker import proc
 from racker.errors import PromoteError
+from racker.store import imagetree
 
 SECTOR = 512
 MiB = 1024 * 1024

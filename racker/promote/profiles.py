@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import imagetree
 from racker.errors import PromoteError
 from racker.promote import bootloader, readback
+from racker.store import imagetree
 
 GiB = 1024**3
 

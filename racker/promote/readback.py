@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc, qemu
+from racker import proc
 from racker.errors import PromoteError
 from racker.promote import disk, formats
+from racker.vm import qemu
 
 SECTOR = 512
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from racker import imagetree, prepare
+from racker import prepare
 from racker.errors import PromoteError
+from racker.store import imagetree
 
 USER = "vagrant"
 HOME = f"home/{USER}"

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
-from racker.catalog import CatalogEntry
 from racker.errors import BadReference
-from racker.refs import LOCAL_IMAGE_SCHEMES, Reference
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import LOCAL_IMAGE_SCHEMES, Reference
 
 SOURCES: dict[str, str] = {
     "bootstrap": "racker.sources.bootstrap",

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from racker import download, proc, store
+from racker import proc, store
 from racker.errors import DownloadError, ToolFailed, UpstreamError, UpstreamUnreachable
+from racker.sources import download
 
 PACKAGES_MARK = " packages="
 COMPRESSED = ((".xz", lzma.open), (".gz", gzip.open), ("", open))  # the index forms to fetch, in order of preference

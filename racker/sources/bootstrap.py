@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from racker import proc, progress, reproducible, store
-from racker.catalog import CatalogEntry
+from racker import proc, progress, store
 from racker.errors import UpstreamError
-from racker.refs import Reference
 from racker.sources import archive, upstream_timeout
+from racker.store import reproducible
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 MIRRORS = {
     "debian": os.environ.get("RACKER_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
@@ -61,7 +62,7 @@ def keyring(distro: str) -> Path:
 
 def architecture(ref: Reference | None = None) -> str:
     """The architecture the image is built for in Debian's words: the reference's platform's, else the host's."""
-    from racker import platforms
+    from racker.store import platforms
 
     arch = (ref.platform if ref is not None and ref.platform is not None else platforms.host()).architecture
     return {"386": "i386", "arm": "armhf"}.get(arch, arch)
@@ -136,7 +137,7 @@ def _mmdebstrap(ref: Reference, distro: str, suite: str, entry: CatalogEntry | N
     if packages:
         argv.append("--include=" + ",".join(packages))
     if ref.platform is not None:
-        from racker import emulation
+        from racker.cpu import emulation
 
         # Another architecture's maintainer scripts run under qemu-user, through binfmt_misc.
         emulation.ensure(ref.platform)

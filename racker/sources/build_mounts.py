@@ -27,9 +27,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from racker import imagetree
-from racker.catalog import BadCatalogEntry, CatalogEntry
 from racker.errors import RackerError
+from racker.store import imagetree
+from racker.store.catalog import BadCatalogEntry, CatalogEntry
 
 DEFAULT_CA = "/etc/ssl/certs/ca-certificates.crt"
 # Where TLS clients look for the system bundle: Debian, Ubuntu, Alpine, Arch; Fedora, RHEL.

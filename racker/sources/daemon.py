@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from racker import progress
-from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError
-from racker.refs import Reference
 from racker.sources import extract
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 SOCKETS = ("/var/run/docker.sock", "/run/podman/podman.sock")
 # What racker keeps of the engine's image configuration (docker inspect's Config).

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import imagetree, progress
+from racker import progress
 from racker.errors import BadDisk
 from racker.sources import diskfile, ext, lvm, mounted, partitions
 from racker.sources.partitions import Filesystem, Volume
+from racker.store import imagetree
 
 MERGED = ("usr", "boot")  # mount points a root's fstab may put on filesystems of their own
 OS_RELEASE = ["/etc/os-release", "/usr/lib/os-release"]

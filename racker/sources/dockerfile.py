@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from racker import proc, progress, store
-from racker.catalog import CatalogEntry
 from racker.errors import BadReference, RackerError, ToolMissing
-from racker.refs import Reference
 from racker.sources import build_mounts, daemon, insecure, oci, remote_context
 from racker.sources.build_mounts import Mounts
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 TAIL_LINES = 15
 PASSED_OVER = "the Docker engine's build API takes no volumes, secrets or CA"
@@ -105,7 +105,7 @@ def upstream_state(ref: Reference, entry: CatalogEntry | None = None, stored: di
         _context, dockerfile = context_and_file(ref.target)
     except BadReference:
         return None
-    from racker import refs
+    from racker.store import refs
 
     states = [f"{base}={oci.upstream_state(refs.parse('docker://' + base))}" for base in base_images(dockerfile)]
     return " ".join(states) or None

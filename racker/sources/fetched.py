@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from racker import download
-from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadDisk, BadReference
-from racker.refs import Reference
-from racker.sources import disk, diskfile, ova, packaged, tarball, vagrant
+from racker.sources import disk, diskfile, download, ova, packaged, tarball, vagrant
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 
 def recipe(ref: Reference) -> str:

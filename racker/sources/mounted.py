@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import racker
-from racker import imagetree, proc, progress
+from racker import proc, progress
 from racker.errors import BadDisk, ToolFailed
 from racker.sources import extract
+from racker.store import imagetree
 
 OPTIONS = {"xfs": "ro,norecovery,nodev,nosuid,noexec"}  # kind: mount options; the kinds read this way
 MOUNT_FAILED = 3  # the helper's exit status when the filesystem does not mount

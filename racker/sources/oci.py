@@ -26,12 +26,13 @@ import ipaddress
 import os
 from pathlib import Path
 
-from racker import platforms, proc, progress, refs, store, untrusted
-from racker.catalog import CatalogEntry
+from racker import proc, progress, store, untrusted
 from racker.errors import BadArchive, BadReference, ToolFailed
-from racker.platforms import Platform
-from racker.refs import Reference
 from racker.sources import insecure, registries, seen_upstream
+from racker.store import platforms, refs
+from racker.store.catalog import CatalogEntry
+from racker.store.platforms import Platform
+from racker.store.refs import Reference
 
 
 def registry_host(ref: Reference) -> str:

@@ -16,13 +16,13 @@ import functools
 import urllib.parse
 from pathlib import Path
 
-from racker import checksums, download, progress, redact, store
-from racker.catalog import CatalogEntry
+from racker import progress, redact, store
 from racker.errors import BadArchive, BadReference, DownloadError
-from racker.refs import Reference
-from racker.sources import extract, insecure, keyring
+from racker.sources import checksums, download, extract, insecure, keyring
 from racker.sources.compression import decompressed
 from racker.sources.oci import is_loopback
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 
 def url_of(ref: Reference) -> str:

@@ -22,12 +22,12 @@ import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
-from racker import download, progress, redact, untrusted
-from racker.catalog import CatalogEntry
+from racker import progress, redact, untrusted
 from racker.errors import BadArchive, BadReference, DownloadError, RackerError
-from racker.refs import Reference
-from racker.sources import disk, insecure, ova, packaged
+from racker.sources import disk, download, insecure, ova, packaged
 from racker.sources.oci import is_loopback
+from racker.store.catalog import CatalogEntry
+from racker.store.refs import Reference
 
 DEFAULT_SERVER = "https://vagrantcloud.com"
 PROVIDERS = ("libvirt", "virtualbox")  # in the order racker prefers them

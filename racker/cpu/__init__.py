@@ -1,0 +1,1 @@
+"""What this host's CPU can run: KVM that really works (accel), other architectures (emulation)."""

@@ -1,0 +1,1 @@
+"""The pytest side: the plugin, its fixtures, the testinfra backend, scheduling and the matrix."""

@@ -1,0 +1,950 @@
+"""VMs: a disk booted in QEMU until SSH answers and the boot has finished.
+
+The disk itself is never written: the VM boots a qcow2 overlay over it. Every
+VM gets its own run directory, root's alone (overlay, NoCloud seed, SSH key,
+serial log, QMP sockets, UEFI variables), recorded in racker's registry before QEMU
+starts, so that `racker gc` can clean up after a kill -9. SSH is forwarded
+from a port on 127.0.0.1 chosen under a lock shared by all racker processes.
+
+    with VM(disk) as vm:
+        vm.run(["systemctl", "is-system-running"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from racker import machines, proc, progress, store
+from racker.cpu import accel
+from racker.errors import (
+    BadDisk,
+    BootTimeout,
+    ChannelUnavailable,
+    GuestDied,
+    RackerError,
+    ToolMissing,
+    ToolTimeout,
+    Unreachable,
+    VMError,
+    VMLaunchFailure,
+)
+from racker.machines import State, sockets
+from racker.proc import Result
+from racker.vm import guest_agent, guest_shell, seed, snapshots, ssh
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
+DEFAULT_MEMORY = 1024
+DEFAULT_CPUS = 2
+KIND = "qemu"
+# The CPU model QEMU emulates under TCG: "max", less what makes guests slow or
+# crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.
+# - cx16: QEMU 7.2's TCG gets Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong,
+#   and trixie's kernel double-faults in __kmalloc at boot. (This also means
+#   no x86-64-v2 guests, such as RHEL 9, under TCG with QEMU 7.2.)
+# - svm: the guest would load KVM, a second of emulated work at every boot.
+# - la57: four-level page tables, which TCG walks faster than five.
+# - erms, fsrm: TCG runs rep movsb/stosb one byte per step (about 40 MB/s here);
+#   without them the kernel and glibc copy and clear memory with wide moves. 3 s.
+# - avx, avx2: boots are 2 s shorter without them (glibc then picks its SSE2
+#   string functions over the AVX2 ones).
+# - aes, pclmulqdq: udev would load seven crypto modules for them, each running
+#   its self-tests. 0.7 s.
+TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
+# No built-in SATA controller or SMBus: every extra device is one more driver
+# for the guest to load while it boots.
+MACHINE = "q35,sata=off,smbus=off,vmport=off"
+
+
+@dataclass(frozen=True)
+class Board:
+    """A machine QEMU emulates, with the controllers a platform attaches disks and the NIC to."""
+
+    machine: str
+    disk: str  # the -device of drive number {i} (0: the boot disk, 1: the seed), with id {drive}
+    nic: str
+    rng: str = ""  # a hardware RNG, where the platform offers one
+    seed: str = ""  # the -device of the (read-only) NoCloud seed, if not as a disk
+    controllers: tuple[str, ...] = ()  # -devices the disks sit on
+    firmware: bool = True  # False: boots only a kernel given directly
+    # False: no HPET or PM timer to calibrate the TSC against. Under TCG on a busy
+    # host the PIT alone fails, and the kernel hangs with no TSC rate; it is given one.
+    tsc_reference: bool = True
+    serial_bus: str = "virtio-serial-pci"  # for a warm VM's agent port (racker.vm.guest_agent)
+    # Another architecture's board: its QEMU, the CPU its TCG emulates, and its UEFI firmware
+    # (code, variables) in place of OVMF. Such a board never runs under KVM here.
+    binary: str = "qemu-system-x86_64"
+    foreign_cpu: str = ""
+    uefi: tuple[str, str] = ()
+
+
+# The stand-ins for where each output is booted; "pc" is racker's own.
+BOARDS: dict[str, Board] = {
+    "pc": Board(MACHINE, "virtio-blk-pci,drive={drive}", "virtio-net-pci", "virtio-rng-pci"),
+    # Firecracker's machine: virtio-mmio devices only, no PCI, described to the guest by ACPI.
+    "microvm": Board(
+        "microvm,acpi=on",
+        "virtio-blk-device,drive={drive}",
+        "virtio-net-device",
+        "virtio-rng-device",
+        firmware=False,
+        tsc_reference=False,
+        serial_bus="virtio-serial-device",
+    ),
+    # VirtualBox's defaults: an AHCI (SATA) controller and an Intel PRO/1000 (e1000).
+    # The seed as an optical drive, as VirtualBox attaches cloud-init's ISO.
+    "sata": Board(
+        MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", seed="ide-cd,drive={drive},bus=ahci0.{i}", controllers=("ahci,id=ahci0",)
+    ),
+    # Azure/Hyper-V's synthetic SCSI, as close as QEMU gets: a SCSI disk on virtio-scsi.
+    "scsi": Board(
+        MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", controllers=("virtio-scsi-pci,id=scsi0",)
+    ),
+    # arm64: QEMU's generic board, UEFI (AAVMF) only. pauth-impdef: QEMU's own pointer-authentication
+    # hash, far cheaper under TCG than the architected QARMA one, and just as good to a guest.
+    "virt": Board(
+        "virt",
+        "virtio-blk-pci,drive={drive}",
+        "virtio-net-pci",
+        "virtio-rng-pci",
+        tsc_reference=False,
+        binary="qemu-system-aarch64",
+        foreign_cpu="max,pauth-impdef=on",
+        uefi=("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+    ),
+}
+# How much longer a boot takes on another architecture's board than on the host's, under TCG.
+FOREIGN_SLOWDOWN = 3.0
+# Debian architecture -> the board its disks boot on, where it is not the host's own ("pc").
+ARCH_BOARDS = {"arm64": "virt"}
+
+
+def board_for(arch: str, firmware: str | None = None) -> tuple[str, str]:
+    """The board (BOARDS' name) and firmware an image of `arch` boots with: another
+    architecture's board boots UEFI only; the host's, `firmware` (default bios)."""
+    machine = ARCH_BOARDS.get(arch, "pc")
+    if machine != "pc":
+        if firmware not in (None, "uefi"):
+            raise VMError(f"an {arch} VM boots with UEFI only", hint="leave --firmware out")
+        return machine, "uefi"
+    return machine, firmware or "bios"
+
+
+def host_tsc_khz() -> int | None:
+    """The host CPU's rate in kHz, which a TCG guest's TSC runs at (QEMU reads the host's TSC)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "cpu MHz":
+                    return round(float(value) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def board(name: str) -> Board:
+    try:
+        return BOARDS[name]
+    except KeyError:
+        raise VMError(f"unknown machine type {name!r}", hint="one of: " + ", ".join(BOARDS)) from None
+
+
+OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
+
+# qemu-img's format names that racker boots (vpc is VHD).
+BOOTABLE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
+
+SECTOR = 512
+ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
+
+
+# -- the disk ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    path: Path
+    format: str
+    virtual_size: int
+    firmware: str  # what the disk boots with: "bios" or "uefi"
+
+
+VHD_COOKIE = b"conectix"
+VHD_FIXED = 2  # the footer's disk type; 3 is dynamic, 4 differencing
+
+
+def is_fixed_vhd(path: Path) -> bool:
+    """A fixed VHD: the raw disk and a 512-byte footer, with no header that qemu-img probes
+    (it takes one for raw); `-f vpc` reads it as Azure and Hyper-V do."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-SECTOR, os.SEEK_END)
+            footer = handle.read(SECTOR)
+    except OSError:
+        return False
+    return footer[:8] == VHD_COOKIE and struct.unpack_from(">I", footer, 60)[0] == VHD_FIXED
+
+
+def qemu_img_info(path: Path) -> dict:
+    """`qemu-img info` of a disk, a fixed VHD read as one."""
+    forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
+    return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
+
+
+def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInfo:
+    """What a user-supplied disk is; BadDisk for anything racker must not boot.
+
+    A backing file or external data file is refused: it would let a disk read
+    any file on this host into the guest.
+    """
+    if not path.is_file():
+        raise BadDisk(f"{path} is not a file")
+    info = qemu_img_info(path)
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise BadDisk(f"{path} has a backing file ({info.get('backing-filename')}); racker boots self-contained disks only")
+    data = info.get("format-specific", {}).get("data", {})
+    extents = [extent.get("filename") for extent in data.get("extents", [])]
+    if data.get("data-file") or any(name and os.path.abspath(name) != str(path.absolute()) for name in extents):
+        raise BadDisk(f"{path} refers to other files; racker boots self-contained disks only")
+    fmt = info.get("format", "")
+    if fmt not in BOOTABLE_FORMATS:
+        raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
+    firmware = boot_firmware(_read_head(path, fmt, scratch), path) if bootable else "bios"
+    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), firmware)
+
+
+def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
+    if fmt == "raw":
+        with open(path, "rb") as handle:
+            return handle.read(sectors * SECTOR)
+    out = scratch / "head.raw"
+    proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={sectors}", f"if={path}", f"of={out}"])
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def _guid(raw: bytes) -> str:
+    return str(uuid.UUID(bytes_le=raw))
+
+
+def boot_firmware(head: bytes, path: Path | str = "disk") -> str:
+    """'bios' or 'uefi' from the first sectors of a disk; BadDisk if it cannot boot."""
+    if len(head) < 2 * SECTOR or head[510:512] != b"\x55\xaa":
+        raise BadDisk(f"{path} is not bootable: it has no boot sector or partition table")
+    entries = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
+    types = [entry[4] for entry in entries]
+    if 0xEE in types:  # protective MBR: the real table is GPT
+        if head[SECTOR : SECTOR + 8] != b"EFI PART":
+            raise BadDisk(f"{path} is not bootable: its GPT header is missing")
+        entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+        table = head[entries_lba * SECTOR :]
+        guids = {_guid(table[i * size : i * size + 16]) for i in range(min(count, len(table) // max(size, 1)))}
+        if ESP_GUID in guids:
+            return "uefi"
+        if BIOS_BOOT_GUID in guids and any(head[:440]):
+            return "bios"
+        raise BadDisk(f"{path} is not bootable: its GPT has neither an EFI system partition nor a BIOS boot partition")
+    if 0xEF in types:
+        return "uefi"
+    if not any(head[:440]):
+        raise BadDisk(f"{path} is not bootable: its MBR holds no boot code")
+    return "bios"
+
+
+def ovmf() -> tuple[str, str]:
+    for code, variables in zip(OVMF_CODE, OVMF_VARS, strict=True):
+        if os.path.isfile(code) and os.path.isfile(variables):
+            return code, variables
+    raise ToolMissing("OVMF (UEFI firmware for QEMU)", "ovmf")
+
+
+# -- ports ------------------------------------------------------------------
+
+
+def _ports_in_use() -> set[int]:
+    return {int(s.extra["ssh_port"]) for s in machines.all_states(KIND) if s.extra.get("ssh_port") and not machines.is_stale(s)}
+
+
+def port_range() -> range | None:
+    """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
+    opening, say); unset, any free port the kernel offers."""
+    text = os.environ.get("RACKER_SSH_PORTS", "")
+    if not text:
+        return None
+    low, _, high = text.partition("-")
+    try:
+        ports = range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
+    if not ports or ports.start < 1 or ports.stop > 65536:
+        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(exclude: set[int]) -> int:
+    """A port on 127.0.0.1 that nothing listens on now and no live VM has recorded."""
+    ports = port_range()
+    if ports is not None:
+        for port in ports:
+            if port not in exclude and _bindable(port):
+                return port
+        raise VMError(f"no free port in RACKER_SSH_PORTS ({ports.start}-{ports.stop - 1}) for SSH forwarding")
+    for _attempt in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise VMError("no free port on 127.0.0.1 for SSH forwarding")
+
+
+@contextlib.contextmanager
+def ssh_port(state: State) -> Iterator[int]:
+    """A port for the VM's SSH forward, recorded in its state.
+
+    Chosen and held under a lock shared by every racker process until the
+    block ends: QEMU binds it inside the block, so no other VM can be given it.
+    """
+    with store.locked("qemu-ports"):
+        port = free_port(_ports_in_use())
+        state.extra["ssh_port"] = port
+        machines.save(state)
+        yield port
+
+
+# -- the VM -----------------------------------------------------------------
+
+
+class VM(machines.Guest):
+    """A disk booted in QEMU. Use as a context manager: it is stopped on the way out."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        disk: Path,
+        name: str | None = None,
+        *,
+        image: str = "",
+        digest: str = "",
+        memory: int = DEFAULT_MEMORY,
+        cpus: int = DEFAULT_CPUS,
+        accelerator: str | None = None,
+        firmware: str | None = None,
+        disk_size: int | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        detached: bool = False,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        append: str = "",
+        tcg_cpu: str = TCG_CPU,
+        machine: str = "pc",
+        warm: bool = False,
+        seed_snapshot: bool = False,
+        user_data: dict | None = None,
+    ) -> None:
+        self.disk = Path(disk).absolute()
+        self.image = image or self.disk.name
+        self.digest = digest
+        self.name = machines.check_name(name) if name else machines.unique_name(self.image)
+        self.memory = memory
+        self.cpus = cpus
+        self.requested_accel = accelerator
+        self.firmware = firmware
+        self.disk_size = disk_size
+        self.boot_timeout = boot_timeout
+        self.detached = detached
+        # Direct kernel boot, for disks without a bootloader (a Firecracker rootfs).
+        self.kernel = Path(kernel).absolute() if kernel else None
+        self.initrd = Path(initrd).absolute() if initrd else None
+        self.append = append
+        self.tcg_cpu = tcg_cpu
+        self.machine = machine
+        self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
+        self.board = board(machine)
+        if self.board.foreign_cpu:
+            self.boot_timeout *= FOREIGN_SLOWDOWN  # a whole other CPU emulated: boots take minutes
+        self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.vm.snapshots)
+        # Boot cold, and save the disk's snapshot once ready if there is none: a real first
+        # boot that spares later warm VMs one of their own.
+        self.seed_snapshot = seed_snapshot and not user_data
+        self.restored_from: str = ""  # the snapshot restored, if it was
+        self.restored_hostname = ""  # what the snapshotted VM was named, and so its guest
+        if warm and user_data:
+            # A snapshot's guest ran cloud-init long ago, on the seed of the VM that made it.
+            raise VMError("a warm VM restores a snapshot, whose cloud-init ran already: user-data needs a cold boot")
+        if not self.board.firmware and self.kernel is None:
+            raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
+        self.state: State | None = None
+        self.endpoint: ssh.Endpoint | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._master: subprocess.Popen[bytes] | None = None  # the SSH connection master, if this process started it
+        self._monitor: QEMUMonitorProtocol | None = None  # one QMP client for the VM's life
+        self.argv: list[str] = []
+        self._incoming: str = ""  # QEMU's -incoming while restoring a snapshot
+        self._rundir_fd = -1  # the run directory, open for QEMU to bind its sockets in (racker.machines.sockets)
+        self.boot_seconds = 0.0
+        self.system_state = ""
+
+    # -- paths ---------------------------------------------------------------
+
+    def qmp_path(self, *, shared: bool = False) -> Path:
+        """A QMP socket, in the run directory: whoever may connect can make QEMU run any command
+        as root (`migrate exec:`), so only root may. The first is kept by the process that
+        launched QEMU; `shared` is for any other."""
+        return self.rundir / ("qmp-shared" if shared else "qmp")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str) -> VM:
+        """A running VM from the registry, started by this or another racker process."""
+        state = machines.load(KIND, name)
+        if state is None or machines.is_stale(state):
+            raise VMError(f"no running VM named {name!r}", hint="see `racker vm ps`")
+        vm = cls(Path(state.extra.get("disk", "/")), name, image=state.image, digest=state.digest)
+        vm.state = state
+        vm.detached = state.owner == 0
+        vm.endpoint = _endpoint(state)
+        return vm
+
+    def start(self) -> VM:
+        started = time.monotonic()
+        state = machines.new_state(KIND, self.name, self.image, self.digest, extra={"disk": str(self.disk)})
+        machines.claim(state)  # recorded before anything is made
+        self.state = state  # a detached VM is handed over once it runs (detach())
+        try:
+            machines.make_run_dir(self.kind, self.name)
+            info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
+            firmware = self.firmware or info.firmware
+            deadline = started + self.boot_timeout
+            with progress.step(f"booting {self.name} ({firmware}, {self._accel()}{', warm' if self.warm else ''})"):
+                if self.warm:
+                    snapshots.warm_boot(self, info, firmware, deadline)
+                elif self.seed_snapshot:
+                    snapshots.seed(self, info, firmware, deadline)
+                else:
+                    self._cold_boot(info, firmware, deadline)
+        except BaseException as error:
+            if isinstance(error, RackerError):
+                error.evidence.update(self.boot_evidence())  # before stop() removes the console log
+            self.stop(grace=0)
+            raise
+        self.boot_seconds = time.monotonic() - started
+        return self
+
+    def boot_evidence(self) -> dict[str, str]:
+        return {**super().boot_evidence(), "qemu.log": machines.read_capped(self.rundir / "qemu.log")}
+
+    def _accel(self) -> str:
+        if not hasattr(self, "_chosen_accel"):
+            # Another architecture's board is emulated whatever the host's KVM can do.
+            self._chosen_accel = "tcg" if self.board.foreign_cpu else accel.choose(self.requested_accel)
+        return self._chosen_accel
+
+    def _cold_boot(self, info: DiskInfo, firmware: str, deadline: float) -> None:
+        self._prepare_files(info, firmware)
+        self._launch(firmware)
+        self._wait_ready(deadline)
+
+    def _restore(self, snapshot: snapshots.Snapshot, firmware: str, deadline: float) -> None:
+        """Start from a snapshot: its key, seed and UEFI variables, a fresh overlay over its
+        frozen one, QEMU loading its state; ready once the guest's clock is the host's."""
+        assert self.state is not None
+        for name in snapshots.KEPT:
+            if (snapshot.path / name).exists():
+                store.copy_private(snapshot.path / name, self.rundir / name)
+        overlay = snapshot.path / snapshots.OVERLAY
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")]
+        proc.run(argv, umask=proc.PRIVATE)
+        if firmware == "uefi":
+            self.state.extra["ovmf"] = self._uefi_firmware()[0]
+        self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
+        machines.save(self.state)
+        self._incoming = snapshots.incoming(snapshot)
+        try:
+            self._launch(firmware)
+        except VMLaunchFailure as failed:
+            raise snapshots.SnapshotBroken(failed.output.splitlines()[-1] if failed.output else str(failed)) from None
+        finally:
+            self._incoming = ""
+        snapshots.wait_loaded(self, deadline)
+        self.state.extra["agent"] = snapshot.agent
+        self.restored_hostname = snapshot.hostname
+        self.qmp("cont")  # the state was saved paused
+        # Its clock stood still since the save: step it to ours before anyone reads it. The
+        # first root command opens a root channel (the agent's at once; without one an SSH
+        # handshake and a sudo, seconds); the step is sent on the open channel, so it lands
+        # one round trip after the time it carries.
+        try:
+            guest_agent.channel(self).run(["true"], timeout=30)
+        except ChannelUnavailable:
+            self.reconnect(deadline)
+        self.step_clock()
+        self.system_state = "running"
+        self.restored_from = snapshot.id
+        self.state.extra["system_state"] = self.system_state
+        machines.save(self.state)
+
+    @property
+    def hostname(self) -> str:
+        return self.restored_hostname or self.name
+
+    def step_clock(self) -> None:
+        """Set the guest's clock to ours: it stood still while the VM was paused (saved, or
+        restored). Sent on a root channel already open, so it lands one round trip after the
+        time it carries."""
+        self.run_expect([0], ["true"], timeout=30)
+        self.run_expect([0], ["date", "-s", f"@{time.time():.6f}"], timeout=30)
+
+    def reconnect(self, deadline: float) -> None:
+        """The connection master of a guest whose sshd runs already (restored, or just
+        snapshotted), retried until the deadline: a busy guest may drop the first handshakes."""
+        assert self.endpoint is not None
+        while True:
+            try:
+                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                return
+            except Unreachable:
+                if not self._alive() or time.monotonic() > deadline:
+                    raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+                time.sleep(0.1)
+
+    def _reset(self) -> None:
+        """Back to a claimed VM with an empty run directory, after a failed restore."""
+        assert self.state is not None
+        self.close_connection()
+        self._power_off(0)
+        self._close_qmp()
+        self._child = None
+        self.endpoint = None
+        self.state.pid = 0
+        machines.make_run_dir(self.kind, self.name)
+
+    def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
+        assert self.state is not None
+        key = ssh.keygen(self.rundir / "id_ed25519", f"racker@{self.name}")
+        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data)
+        overlay = self.rundir / "overlay.qcow2"
+        size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size]
+        proc.run(argv, umask=proc.PRIVATE)
+        if firmware == "uefi":
+            code, variables = self._uefi_firmware()
+            store.copy_private(Path(variables), self.rundir / "OVMF_VARS.fd")
+            self.state.extra["ovmf"] = code
+        self.state.extra["firmware"] = firmware
+        self.state.extra["format"] = info.format
+        self.state.extra["machine"] = self.machine
+        machines.save(self.state)
+
+    def _uefi_firmware(self) -> tuple[str, str]:
+        """The board's UEFI firmware (code, variables): OVMF for a PC, AAVMF for arm64's virt."""
+        if not self.board.uefi:
+            return ovmf()
+        code, variables = self.board.uefi
+        if not os.path.isfile(code) or not os.path.isfile(variables):
+            raise ToolMissing(f"UEFI firmware for {self.board.binary} ({code})", "qemu-efi-aarch64")
+        return code, variables
+
+    def qemu_argv(self, firmware: str, port: int) -> list[str]:
+        """QEMU's command line; it binds its sockets through self._rundir_fd, which it inherits."""
+        accelerator = self._accel()
+        run = self.rundir
+        qmp, qmp_shared = (sockets.through(self._rundir_fd, path.name) for path in (self.qmp_path(), self.qmp_path(shared=True)))
+        argv = [
+            proc.require(self.board.binary),
+            "-name", f"{self.name},debug-threads=on",
+            "-machine", self.board.machine, "-accel", accelerator,
+            "-cpu", "host" if accelerator == "kvm" else (self.board.foreign_cpu or self.tcg_cpu),
+            "-smp", str(self.cpus), "-m", str(self.memory),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-chardev", f"file,id=serial0,path={self.console_log}", "-serial", "chardev:serial0",
+            "-chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-shared,path={qmp_shared},server=on,wait=off",
+            "-mon", "chardev=qmp-shared,mode=control",
+            *(arg for controller in self.board.controllers for arg in ("-device", controller)),
+            "-drive", f"if=none,id=disk0,file={run / 'overlay.qcow2'},format=qcow2,discard=unmap,cache=unsafe",
+            "-device", self.board.disk.format(i=0, drive="disk0") + ("" if self.kernel else ",bootindex=0"),
+            "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
+            "-device", (self.board.seed or self.board.disk).format(i=1, drive="seed0"),
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+            "-device", f"{self.board.nic},netdev=net0",
+            *(("-device", self.board.rng) if self.board.rng else ()),
+        ]  # fmt: skip
+        if self.warm or self.seed_snapshot:
+            argv += guest_agent.qemu_args(self.board.serial_bus, sockets.through(self._rundir_fd, guest_agent.SOCKET))
+        if self.kernel is not None:
+            append = self.append or "root=/dev/vda rw console=ttyS0"
+            if not self.board.tsc_reference and accelerator == "tcg" and (khz := host_tsc_khz()):
+                append += f" tsc_early_khz={khz}"
+            argv += ["-kernel", str(self.kernel), "-append", append]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+        if self._incoming:
+            argv += ["-incoming", self._incoming]
+        if firmware == "uefi":
+            assert self.state is not None
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.state.extra['ovmf']}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={run / 'OVMF_VARS.fd'}",
+            ]  # fmt: skip
+        return argv
+
+    def _launch(self, firmware: str) -> None:
+        """Start QEMU with a port no other racker process can take; connect to its QMP."""
+        assert self.state is not None
+        for _attempt in range(3):
+            with ssh_port(self.state) as port:
+                self._rundir_fd = sockets.open_directory(self.rundir)
+                try:
+                    self.argv = self.qemu_argv(firmware, port)
+                    with open(self.rundir / "qemu.log", "wb") as log:
+                        self._child = proc.start(
+                            self.argv,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            new_session=True,  # a Ctrl-C on our terminal is ours to handle
+                            die_with_parent=None if self.detached else signal.SIGKILL,
+                            # Restoring, QEMU writes the state's pages all over the guest's RAM: with
+                            # huge pages each first write costs the host a 2 MiB clear, most of
+                            # a second per restore in all (bench/bench_warm.py).
+                            huge_pages=not self._incoming,
+                            pass_fds=[self._rundir_fd],
+                            umask=proc.PRIVATE,  # its sockets, and a snapshot's memory written by its migration
+                        )
+                finally:
+                    os.close(self._rundir_fd)
+                    self._rundir_fd = -1
+                self.state.pid = self._child.pid
+                self.state.pid_start = proc.start_time(self._child.pid)
+                machines.save(self.state)
+                if self._wait_qmp(time.monotonic() + 30):
+                    break  # QMP answers only after every netdev is set up: the port is bound
+            output = (self.rundir / "qemu.log").read_text(errors="replace").strip()
+            if "hostfwd" not in output and "forwarding" not in output:
+                raise VMLaunchFailure(self._child.returncode, self.argv, output or machines.console_tail(self.console_log))
+        else:
+            raise VMLaunchFailure(self._child.returncode if self._child else None, self.argv, "no free port for SSH forwarding")
+        self.endpoint = _endpoint(self.state)
+
+    def _wait_qmp(self, deadline: float) -> bool:
+        """True once QEMU's QMP socket answers; False if QEMU exited first."""
+        assert self._child is not None
+        while time.monotonic() < deadline:
+            if self._child.poll() is not None:
+                return False
+            # Refused or dropped (qemu.qmp's ConnectError) while QEMU starts or dies: look again.
+            with contextlib.suppress(Exception):
+                self.qmp(["query-status"])
+                return True
+            time.sleep(0.05)
+        raise VMLaunchFailure(None, self.argv, "QEMU did not open its QMP socket")
+
+    def qmp(self, command: Sequence[str] | str, **arguments: object) -> object:
+        """One QMP command on the VM's QMP connection, opened on first use and kept until stop()."""
+        name = command if isinstance(command, str) else command[0]
+        monitor = self._monitor or self._connect_qmp()
+        try:
+            reply = monitor.cmd_raw(name, dict(arguments) or None)
+        except BaseException:
+            self._close_qmp()  # dropped, or half-read: the next call connects again
+            raise
+        if "error" in reply:
+            raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        """qemu.qmp's synchronous client on the VM's monitor: the first for the process that
+        launched QEMU, the second for any other (QEMU serves one client per monitor)."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        _quiet_library_logs()
+        with sockets.short_path(self.qmp_path(shared=self._child is None)) as address:
+            monitor = QEMUMonitorProtocol(address)
+            try:
+                monitor.connect(negotiate=True)
+            except BaseException:
+                monitor.close()
+                raise
+        monitor.settimeout(10)
+        self._monitor = monitor
+        return monitor
+
+    def detach(self) -> None:
+        self._close_qmp()  # the monitor is kept by the process that stops the VM, which is no longer us
+        super().detach()
+
+    def _close_qmp(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.close()
+
+    def _alive(self) -> bool:
+        if self._child is not None:
+            return self._child.poll() is None
+        return self.state is not None and proc.alive(self.state.pid, self.state.pid_start, self.state.boot_id)
+
+    def _exit_status(self) -> int | None:
+        return self._child.returncode if self._child is not None else None
+
+    def _wait_ready(self, deadline: float) -> None:
+        """SSH answers with our key and systemd says the boot has finished."""
+        assert self.endpoint is not None
+        greeted = False
+        while True:
+            if not self._alive():
+                raise VMLaunchFailure(self._exit_status(), self.argv, machines.console_tail(self.console_log))
+            if time.monotonic() > deadline:
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
+            if _console_has(self.console_log, GUEST_DEATH):
+                tail = machines.console_tail(self.console_log, lines=60)
+                raise GuestDied(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
+            # Wait for sshd's banner in-process: an ssh client started twice a second
+            # for the half minute sshd takes would take host CPU from the guest. Once
+            # only: sshd >= 9.8 counts connections that never log in against us.
+            if not greeted:
+                greeted = self.endpoint.answers(timeout=5)
+                if not greeted:
+                    time.sleep(0.25)
+                    continue
+            # The connection master both proves SSH and carries every later command:
+            # under emulation each SSH handshake costs the guest a second of CPU.
+            try:
+                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                break
+            except Unreachable:
+                pass
+            except ToolTimeout:
+                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+            time.sleep(0.5)
+        self.system_state = result.stdout.strip()
+        assert self.state is not None
+        self.state.extra["system_state"] = self.system_state
+        machines.save(self.state)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Power the VM off and remove everything it had: process, overlay, seed, port, record.
+
+        With grace, the guest gets an ACPI power-off request first; then QMP
+        `quit`, SIGTERM, SIGKILL, each with a bounded wait.
+        """
+        state = self.state
+        if state is None:
+            return
+        try:
+            self.close_connection()  # first: a master would otherwise wait for the dead guest to time out
+            self._power_off(grace)
+        finally:
+            self._close_qmp()
+            store.remove_tree(state.rundir)
+            machines.release(state)
+            self.state = None
+
+    def _power_off(self, grace: float) -> None:
+        state = self.state
+        assert state is not None
+        if state.pid and self._alive():
+            if grace > 0:
+                with contextlib.suppress(Exception):
+                    self.qmp("system_powerdown")
+                self._wait_gone(grace)
+            if self._alive():
+                with contextlib.suppress(Exception):
+                    self.qmp("quit")
+                if not self._wait_gone(3):
+                    proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGTERM)
+                    if not self._wait_gone(3):
+                        proc.signal_process(state.pid, state.pid_start, state.boot_id, signal.SIGKILL)
+                        self._wait_gone(5)
+        elif self._child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.wait(5)
+
+    def _wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._alive():
+                if self._child is not None:
+                    self._child.wait()
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- the SSH connection --------------------------------------------------
+
+    def connection(self, *, timeout: float = 60, connect_timeout: float = 5) -> tuple[int, int]:
+        """The VM's SSH connection master, (pid, start time): started on first use and
+        again if it died, recorded for stop() and `racker gc`; Unreachable if it cannot log in.
+
+        Any racker process may start it (`racker vm ssh` on a VM another one runs);
+        the VM's lock file keeps two from starting one each.
+        """
+        assert self.state is not None and self.endpoint is not None
+        running = self._recorded_master(self.state)
+        if running:
+            return running
+        with _flocked(self.rundir / "ssh.lock"):
+            current = machines.load(KIND, self.name)
+            if current is None or current.token != self.state.token:
+                raise VMError(f"VM {self.name!r} is not running")
+            running = self._recorded_master(current)
+            if running:  # another process replaced it meanwhile
+                machines.set_helper(self.state, SSH_MASTER, *running)
+                return running
+
+            def record(master: subprocess.Popen[bytes]) -> None:
+                self._master = master
+                for state in (current, self.state):
+                    machines.set_helper(state, SSH_MASTER, master.pid, proc.start_time(master.pid))
+                machines.save(current)
+
+            # It dies with us only if the VM does: a `racker vm ssh` leaves it to the VM's stop or gc.
+            owned = self._child is not None and not self.detached
+            die = signal.SIGKILL if owned else None
+            self.endpoint.start_master(record, die_with_parent=die, timeout=timeout, connect_timeout=connect_timeout)
+            return machines.helpers(self.state)[SSH_MASTER]
+
+    @staticmethod
+    def _recorded_master(state: State) -> tuple[int, int] | None:
+        master = machines.helpers(state).get(SSH_MASTER)
+        return master if master and proc.alive(*master, state.boot_id) else None
+
+    def close_connection(self) -> None:
+        """Close the SSH connection master (`ssh -O exit`, else SIGKILL) and remove its socket."""
+        state, endpoint = self.state, self.endpoint
+        if state is None or endpoint is None:
+            return
+        guest_shell.close(state.token)  # this process's root channel rides it: its guest server ends on EOF
+        guest_agent.close(state.token)  # not on SSH, but closed with it: a save must not find it open
+        current = machines.load(KIND, self.name)
+        if current is not None and current.token == state.token:
+            state.extra["helpers"] = current.extra.get("helpers", {})  # another process may have replaced it
+        master = self._recorded_master(state)
+        if master:
+            with contextlib.suppress(ToolTimeout):
+                endpoint.exit_master()
+            if not proc.wait_exit(master[0], 3):
+                proc.kill_and_wait(*master, state.boot_id)
+        if self._master is not None:
+            proc.terminate(self._master, grace=1)  # reaps ours, whichever master it was
+            self._master = None
+        if endpoint.control_socket is not None:
+            endpoint.control_socket.unlink(missing_ok=True)
+
+    # -- commands ------------------------------------------------------------
+
+    def run(self, argv: Sequence[str], *, root: bool = True, input: bytes | None = None, timeout: float | None = 600) -> Result:
+        """Run a command in the VM over SSH (as root unless root=False), on its one connection.
+
+        As root it goes to this process's root channel (guest_shell): one round trip,
+        not a session and a sudo per command; to sudo per command if the guest cannot run one.
+        """
+        if self.endpoint is None or self.state is None:
+            raise VMError(f"VM {self.name!r} is not running")
+        if root and self.state.extra.get("agent"):
+            with contextlib.suppress(ChannelUnavailable):  # another process holds it: SSH then
+                return guest_agent.channel(self).run(argv, input=input, timeout=timeout)
+        self.connection()
+        if root:
+            server = self.endpoint.argv(guest_shell.SERVER_ARGV)
+            log = self.rundir / f"guest-shell-{os.getpid()}.log"
+            with contextlib.suppress(ChannelUnavailable):
+                channel = guest_shell.channel(self.state.token, server, cwd=self.endpoint.cwd, log=log, name=f"VM {self.name!r}")
+                return channel.run(argv, input=input, timeout=timeout)
+        return self.endpoint.run(argv, root=root, input=input, timeout=timeout)
+
+    def interact(self, argv: Sequence[str], *, tty: bool | None = None, root: bool = False) -> int:
+        """Run wired to our own terminal, on the VM's connection (an empty command is a login shell)."""
+        if self.endpoint is None or self.state is None:
+            raise VMError(f"VM {self.name!r} is not running")
+        self.connection()
+        return self.endpoint.interact(argv, tty=tty, root=root)
+
+    def check_output(self, argv: Sequence[str], **kwargs: object) -> str:
+        __tracebackhide__ = True
+        return self.run_expect([0], argv, **kwargs).stdout
+
+
+SSH_MASTER = "ssh master"  # its name among the record's helpers
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file of the VM's run directory (it goes with the directory)."""
+    try:
+        handle = open(path, "a")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        raise VMError(f"VM {path.parent.name!r} is not running") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _quiet_library_logs() -> None:
+    """Keep qemu.qmp's and asyncio's log records off a user's terminal (--debug shows them).
+
+    A Ctrl-C that lands while qemu.qmp negotiates interrupts its event loop;
+    the library then logs errors and asyncio logs the abandoned task with a
+    traceback at exit. racker reports the interrupt itself, in one line, and
+    stops the VM in its `finally`.
+    """
+    import logging
+
+    if not proc.DEBUG:
+        for name in ("qemu.qmp", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _endpoint(state: State) -> ssh.Endpoint:
+    return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519", control=state.rundir)
+
+
+# Returns when the boot has finished (cloud-init's last stage is part of it).
+WAIT_BOOTED = ("systemctl", "is-system-running", "--wait")
+# What a guest prints when it is dead and will never answer: no use waiting for the timeout.
+GUEST_DEATH = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
+
+
+def _console_has(path: Path, needles: tuple[bytes, ...], size: int = 16384) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - size))
+            tail = handle.read()
+    except FileNotFoundError:
+        return False
+    return any(needle in tail for needle in needles)
