@@ -24,7 +24,7 @@ from pathlib import Path
 from racker import images, prepare, promote
 from racker.cpu import accel
 from racker.store import platforms
-from racker.vm import qemu
+from racker.vm import boards, qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def main() -> None:
         names[platform] = image.name
         if not args.no_vm:
             prepared = prepare.prepare(image)
-            machine, firmware = qemu.board_for(prepare.image_architecture(prepared))
+            machine, firmware = boards.board_for(prepare.image_architecture(prepared))
             disks[platform] = (promote.cached_disk(prepared, firmware), machine)
             with qemu.VM(disks[platform][0], warm=True, machine=machine):  # the snapshot every warm VM restores
                 pass

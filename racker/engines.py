@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from racker import errors
 from racker.store import StoredImage
+from racker.vm import boards
 
 # Everything a test may ask for.
 NEEDS = {
@@ -112,7 +113,7 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = F
     from racker.vm import qemu
 
     prepared = prepare.prepare(image)
-    machine, firmware = qemu.board_for(prepare.image_architecture(prepared))
+    machine, firmware = boards.board_for(prepare.image_architecture(prepared))
     disk = promote.cached_disk(prepared, firmware)
     return qemu.VM(disk, image=prepared.name, digest=prepared.digest, warm=warm, seed_snapshot=seed, machine=machine)
 

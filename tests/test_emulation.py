@@ -12,6 +12,7 @@ from racker.cpu import emulation
 from racker.errors import PromoteError
 from racker.store import platforms
 from racker.store.platforms import Platform
+from racker.vm import boards
 
 ARM64 = Platform("linux", "arm64")
 S390X = Platform("linux", "s390x")
@@ -39,13 +40,12 @@ def test_native_platforms_need_no_emulator() -> None:
 def test_an_arm64_vm_is_a_virt_board_booting_uefi_only() -> None:
     from racker.errors import VMError
     from racker.promote import bootloader
-    from racker.vm import qemu
 
-    assert qemu.board_for("amd64") == ("pc", "bios") and qemu.board_for("amd64", "uefi") == ("pc", "uefi")
-    assert qemu.board_for("arm64") == ("virt", "uefi")
+    assert boards.board_for("amd64") == ("pc", "bios") and boards.board_for("amd64", "uefi") == ("pc", "uefi")
+    assert boards.board_for("arm64") == ("virt", "uefi")
     with pytest.raises(VMError, match="UEFI only"):
-        qemu.board_for("arm64", "bios")
-    virt = qemu.board("virt")
+        boards.board_for("arm64", "bios")
+    virt = boards.board("virt")
     assert (virt.binary, virt.uefi[0]) == ("qemu-system-aarch64", "/usr/share/AAVMF/AAVMF_CODE.fd")
     arm = bootloader.efi_target("arm64")
     assert (arm.grub, arm.binary, arm.console, arm.from_image) == ("arm64-efi", "BOOTAA64.EFI", "ttyAMA0", True)

@@ -32,8 +32,9 @@ from racker import fingerprint, prepare, promote, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.prepare import build_leftovers
 from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
+from racker.sources import diskfile
 from racker.store import distros
-from racker.vm import qemu, seed
+from racker.vm import disks, seed
 
 MiB = 1024**2
 GiB = 1024**3
@@ -87,19 +88,19 @@ def _mbr(code: bytes, ptype: int) -> bytes:
 
 
 def test_boot_firmware_reads_mbr_and_gpt() -> None:
-    assert qemu.boot_firmware(_mbr(b"\xeb\x63", 0x83) + bytes(512)) == "bios"
+    assert disks.boot_firmware(_mbr(b"\xeb\x63", 0x83) + bytes(512)) == "bios"
     with pytest.raises(BadDisk, match="no boot code"):
-        qemu.boot_firmware(_mbr(b"", 0x83) + bytes(512))
+        disks.boot_firmware(_mbr(b"", 0x83) + bytes(512))
     with pytest.raises(BadDisk, match="no boot sector"):
-        qemu.boot_firmware(bytes(1024))
+        disks.boot_firmware(bytes(1024))
     header = bytearray(512)
     header[:8] = b"EFI PART"
     struct.pack_into("<QII", header, 72, 2, 128, 128)
     entries = bytearray(128 * 32)
     import uuid
 
-    entries[:16] = uuid.UUID(qemu.ESP_GUID).bytes_le
-    assert qemu.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
+    entries[:16] = uuid.UUID(disks.ESP_GUID).bytes_le
+    assert disks.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
 
 
 # -- images to promote ------------------------------------------------------
@@ -967,7 +968,7 @@ def test_vhd_is_fixed_and_a_whole_number_of_mib_as_azure_takes_it(small_image, t
     result = promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", size=size))
     # qemu-img probes a fixed VHD as raw (its one footer is at the end): read it as Azure does.
     info = qemu_img_info(result.path, "-f", "vpc")
-    assert info["format"] == "vpc" and qemu.is_fixed_vhd(result.path)
+    assert info["format"] == "vpc" and diskfile.is_fixed_vhd(result.path)
     virtual = info["virtual-size"]
     assert virtual % MiB == 0 and virtual == 2 * GiB + 3 * MiB
     # A fixed VHD is the raw disk and a 512-byte footer: cookie, disk type 2 (fixed), current size.

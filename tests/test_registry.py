@@ -21,6 +21,7 @@ from racker import machines, proc
 from racker.errors import MachineError, NameTaken
 from racker.machines import cgroups
 from racker.upkeep import gc
+from racker.vm import ports
 
 
 @pytest.fixture
@@ -244,7 +245,6 @@ def _free_run_of_ports(count: int) -> range:
 
 
 def _allocate_at_once(home: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
-    from racker.vm import qemu
 
     os.environ["RACKER_HOME"] = home
     state = machines.new_state("qemu", f"port-{os.getpid()}", "x")
@@ -252,7 +252,7 @@ def _allocate_at_once(home: str, barrier, results) -> None:  # type: ignore[no-u
     state.pid, state.pid_start = state.owner, state.owner_start  # stands in for its QEMU
     barrier.wait()
     try:
-        with qemu.ssh_port(state) as port:
+        with ports.ssh_port(state) as port:
             results.put(port)
     except Exception as error:
         results.put(f"error: {error!r}")
@@ -277,8 +277,7 @@ def test_concurrent_vms_are_given_distinct_ports(private_store: dict, monkeypatc
 
 
 def test_a_bad_port_range_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from racker.vm import qemu
 
     monkeypatch.setenv("RACKER_SSH_PORTS", "lots")
     with pytest.raises(MachineError, match="RACKER_SSH_PORTS='lots' is not a port range"):
-        qemu.free_port(set())
+        ports.free_port(set())

@@ -26,8 +26,7 @@ from racker import images, machines, prepare, promote, store
 from racker.checks import guest
 from racker.cli import OUTCOME_RANK
 from racker.report.results import read_tests
-from racker.sources import bootstrap, ext
-from racker.vm import qemu
+from racker.sources import bootstrap, diskfile, ext
 from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
@@ -249,7 +248,7 @@ def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, t
 CONVERTED = ["qcow2", "vmdk", "vhd", "vhdx", "vdi", "gce", "firecracker"]
 # Formats booted with a cloud's profile: the checks then hold the booted VM to that cloud's requirements too.
 PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp", "vhd": "azure"}
-# Each format booted on the stand-in for its platform (qemu.BOARDS); others on racker's own.
+# Each format booted on the stand-in for its platform (boards.BOARDS); others on racker's own.
 PLATFORM_BOARD = {"firecracker": "microvm", "vhd": "scsi", "vdi": "sata"}
 # Where the booted guest finds its root disk and which driver runs its NIC, on each stand-in.
 PLACED_ON = {
@@ -315,7 +314,7 @@ def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
         }
         boot = output
     elif fmt == "vhd":
-        assert qemu.is_fixed_vhd(output), "Azure takes fixed VHDs only"
+        assert diskfile.is_fixed_vhd(output), "Azure takes fixed VHDs only"
         boot = output
     else:
         assert info["format"] == promote.formats.get(fmt).qemu_format

@@ -138,9 +138,9 @@ def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(warm_sto
 
     monkeypatch.setattr(snapshots, "_wait_migrated", interrupted)
     with VM(warm_store["disk"], warm=True) as vm:
-        other = dataclasses.replace(snapshots.key_for(vm, "bios"), memory=2048)
+        other = dataclasses.replace(vm.snapshot_key("bios"), memory=2048)
         with pytest.raises(KeyboardInterrupt):
-            snapshots.save(vm, other)
+            vm.save_snapshot(other)
         assert vm.check_output(["echo", "alive"]) == "alive\n", "the VM runs on after an interrupted save"
     assert sorted(p.name for p in snapshots.directory().iterdir()) == [warm_store["snapshot"].id]
 
@@ -153,7 +153,7 @@ def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
     disk = tmp_path / "hang.raw"
     disk.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
     vm = VM(disk, warm=True, boot_timeout=10)
-    key = snapshots.key_for(vm, "bios")
+    key = vm.snapshot_key("bios")
     broken = snapshots.directory() / key.id
     shutil.copytree(warm_store["snapshot"].path, broken)
     with open(broken / snapshots.STATE, "r+b") as state:

@@ -11,6 +11,7 @@ from pathlib import Path
 from racker import images, machines, progress, store
 from racker.errors import BadReference, RequirementsFailed, VMError
 from racker.store import refs
+from racker.vm import boards
 
 Verb = Callable[..., argparse.ArgumentParser]
 
@@ -42,7 +43,6 @@ def _prepared(reference: str, *, prepare_it: bool = True, kernel: str = "") -> s
 def cmd_promote(args: argparse.Namespace) -> int:
     from racker import prepare, promote
     from racker.promote import disk, formats, profiles
-    from racker.vm import qemu
 
     fmt = args.format or {"gcp": "gce", "digitalocean": "qcow2", "azure": "vhd"}.get(args.profile, "raw")
     options = promote.Options(
@@ -57,7 +57,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     profiles.get(options.profile)  # a typo fails before an image is built
     # The kernel the format's platform needs drivers from (a vdi: the generic one).
     image = _prepared(args.image, prepare_it=not args.no_prepare, kernel=prepare.kernel_for(formats.get(fmt).drivers))
-    if args.firmware is None and prepare.image_architecture(image) in qemu.ARCH_BOARDS:
+    if args.firmware is None and prepare.image_architecture(image) in boards.ARCH_BOARDS:
         options.firmware = "uefi"  # another architecture's disk boots UEFI only
     try:
         result = promote.promote(image, Path(args.output) if args.output else None, options)
@@ -122,7 +122,7 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
     from racker import prepare
 
     image = _prepared(args.target)
-    machine, firmware = qemu.board_for(prepare.image_architecture(image), args.firmware)
+    machine, firmware = boards.board_for(prepare.image_architecture(image), args.firmware)
     path = promote.cached_disk(image, firmware)
     return qemu.VM(path, args.name, image=image.name, digest=image.digest, machine=machine, **common)  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from racker import proc
 from racker.errors import PromoteError
 from racker.promote import disk, formats
-from racker.vm import qemu
+from racker.sources import diskfile
 
 SECTOR = 512
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
@@ -31,7 +31,7 @@ def is_gzip(path: Path) -> bool:
 
 
 def qemu_info(path: Path) -> dict:
-    return qemu.qemu_img_info(path)
+    return diskfile.qemu_img_info(path)
 
 
 def probe_format(path: Path) -> str:
@@ -165,7 +165,7 @@ def partition_starts(path: Path, work: Path) -> list[int]:
 
 
 def is_fixed_vhd(path: Path) -> bool:
-    return qemu.is_fixed_vhd(path)
+    return diskfile.is_fixed_vhd(path)
 
 
 # An initramfs is one or more cpio archives (newc), each plain or compressed, one after another.

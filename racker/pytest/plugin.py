@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 
 from racker import engines
+from racker.pytest.targets import Target, machine_scope
 from racker.report import results, shards
 from racker.store.platforms import Platform
 
@@ -152,23 +152,6 @@ def target_id(target: Target, targets: list[Target]) -> str:
     return target.image if len({t.engine for t in targets}) == 1 else f"{target.image}-{target.engine}"
 
 
-def chosen_network(config: pytest.Config) -> str:
-    mode = config.getoption("--racker-network") or config.getini("racker_network")
-    if mode not in ("none", "private", "nat", "nat+link-local"):
-        raise pytest.UsageError(f"--racker-network: unknown network {mode!r}; known: none, private, nat, nat+link-local")
-    return mode
-
-
-MACHINE_SCOPES = ("function", "module", "session")
-
-
-def machine_scope(fixture_name: str, config: pytest.Config) -> str:
-    scope = config.getini("racker_machine_scope")
-    if scope not in MACHINE_SCOPES:
-        raise pytest.UsageError(f"racker_machine_scope must be {', '.join(MACHINE_SCOPES)}, not {scope!r}")
-    return scope
-
-
 # --- configuration --------------------------------------------------------
 
 
@@ -216,20 +199,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 # --- parametrisation ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """One (image, engine) a test runs against; `fresh` names the one test a machine is for."""
-
-    image: str
-    engine: str
-    # Machines are cached by Target: one no other test has gets a machine of its own.
-    fresh: str = ""
-    # A running machine to attach to (--racker-attach) rather than one to boot.
-    machine: str = ""
-    # A VM booted for real (needs first-boot, or --racker-cold), not restored from a snapshot.
-    cold: bool = False
 
 
 def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:

@@ -10,7 +10,7 @@ import testinfra
 from racker import engines, images, store
 from racker.errors import RackerError
 from racker.pytest import testinfra_backend
-from racker.pytest.plugin import Target, chosen_network, machine_scope
+from racker.pytest.targets import Target, chosen_network, machine_scope
 from racker.report import facts, results
 from racker.store import StoredImage
 

@@ -40,6 +40,29 @@ FORMAT_NAMES = {"vpc": "vhd"}  # what racker calls qemu's formats
 EXTENT = re.compile(r'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]*)"', re.MULTILINE)
 
 
+SECTOR = 512
+VHD_COOKIE = b"conectix"
+VHD_FIXED = 2  # the footer's disk type; 3 is dynamic, 4 differencing
+
+
+def is_fixed_vhd(path: Path) -> bool:
+    """A fixed VHD: the raw disk and a 512-byte footer, with no header that qemu-img probes
+    (it takes one for raw); `-f vpc` reads it as Azure and Hyper-V do."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-SECTOR, os.SEEK_END)
+            footer = handle.read(SECTOR)
+    except OSError:
+        return False
+    return footer[:8] == VHD_COOKIE and struct.unpack_from(">I", footer, 60)[0] == VHD_FIXED
+
+
+def qemu_img_info(path: Path) -> dict:
+    """`qemu-img info` of a disk, a fixed VHD read as one."""
+    forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
+    return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
+
+
 def image_format(head: bytes, path: Path | None = None) -> str | None:
     """qemu-img's name for a disk image format from its first bytes (and a fixed VHD's footer), or None."""
     for name, (offset, magic) in MAGICS.items():

@@ -30,15 +30,12 @@ import select
 import socket
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from racker import machines
 from racker.errors import ChannelUnavailable
-from racker.machines import sockets
+from racker.machines import Guest, sockets
 from racker.vm import guest_shell
-
-if TYPE_CHECKING:
-    from racker.vm.qemu import VM
 
 PORT = "org.racker.agent.0"
 GUEST_PATH = "/run/racker-agent.py"  # tmpfs: in the saved memory, gone at the next real boot
@@ -191,7 +188,7 @@ class AgentChannel(guest_shell.Channel):
             lock.close()
 
 
-def channel(vm: VM) -> guest_shell.Channel:
+def channel(vm: Guest) -> guest_shell.Channel:
     """This process's agent channel to the VM; ChannelUnavailable if it has none, or another process holds it."""
     assert vm.state is not None
     if not vm.state.extra.get("agent"):
@@ -208,7 +205,7 @@ def close(token: str) -> None:
     guest_shell.close(key(token))
 
 
-def start_in_guest(vm: VM) -> bool:
+def start_in_guest(vm: Guest) -> bool:
     """Start the agent in the running guest (over SSH); True once it answers on the port.
     False (with the VM unchanged but for a stray unit) if the guest cannot run it."""
     assert vm.state is not None

@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from racker import machines, proc, progress, store
 from racker.cpu import accel
 from racker.errors import (
-    BadDisk,
     BootTimeout,
     ChannelUnavailable,
     GuestDied,
@@ -43,7 +37,7 @@ from racker.errors import (
 )
 from racker.machines import State, sockets
 from racker.proc import Result
-from racker.vm import guest_agent, guest_shell, seed, snapshots, ssh
+from racker.vm import boards, disks, guest_agent, guest_shell, ports, seed, ssh, warm
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -52,299 +46,10 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
 KIND = "qemu"
-# The CPU model QEMU emulates under TCG: "max", less what makes guests slow or
-# crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.
-# - cx16: QEMU 7.2's TCG gets Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong,
-#   and trixie's kernel double-faults in __kmalloc at boot. (This also means
-#   no x86-64-v2 guests, such as RHEL 9, under TCG with QEMU 7.2.)
-# - svm: the guest would load KVM, a second of emulated work at every boot.
-# - la57: four-level page tables, which TCG walks faster than five.
-# - erms, fsrm: TCG runs rep movsb/stosb one byte per step (about 40 MB/s here);
-#   without them the kernel and glibc copy and clear memory with wide moves. 3 s.
-# - avx, avx2: boots are 2 s shorter without them (glibc then picks its SSE2
-#   string functions over the AVX2 ones).
-# - aes, pclmulqdq: udev would load seven crypto modules for them, each running
-#   its self-tests. 0.7 s.
-TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
-# No built-in SATA controller or SMBus: every extra device is one more driver
-# for the guest to load while it boots.
-MACHINE = "q35,sata=off,smbus=off,vmport=off"
-
-
-@dataclass(frozen=True)
-class Board:
-    """A machine QEMU emulates, with the controllers a platform attaches disks and the NIC to."""
-
-    machine: str
-    disk: str  # the -device of drive number {i} (0: the boot disk, 1: the seed), with id {drive}
-    nic: str
-    rng: str = ""  # a hardware RNG, where the platform offers one
-    seed: str = ""  # the -device of the (read-only) NoCloud seed, if not as a disk
-    controllers: tuple[str, ...] = ()  # -devices the disks sit on
-    firmware: bool = True  # False: boots only a kernel given directly
-    # False: no HPET or PM timer to calibrate the TSC against. Under TCG on a busy
-    # host the PIT alone fails, and the kernel hangs with no TSC rate; it is given one.
-    tsc_reference: bool = True
-    serial_bus: str = "virtio-serial-pci"  # for a warm VM's agent port (racker.vm.guest_agent)
-    # Another architecture's board: its QEMU, the CPU its TCG emulates, and its UEFI firmware
-    # (code, variables) in place of OVMF. Such a board never runs under KVM here.
-    binary: str = "qemu-system-x86_64"
-    foreign_cpu: str = ""
-    uefi: tuple[str, str] = ()
-
-
-# The stand-ins for where each output is booted; "pc" is racker's own.
-BOARDS: dict[str, Board] = {
-    "pc": Board(MACHINE, "virtio-blk-pci,drive={drive}", "virtio-net-pci", "virtio-rng-pci"),
-    # Firecracker's machine: virtio-mmio devices only, no PCI, described to the guest by ACPI.
-    "microvm": Board(
-        "microvm,acpi=on",
-        "virtio-blk-device,drive={drive}",
-        "virtio-net-device",
-        "virtio-rng-device",
-        firmware=False,
-        tsc_reference=False,
-        serial_bus="virtio-serial-device",
-    ),
-    # VirtualBox's defaults: an AHCI (SATA) controller and an Intel PRO/1000 (e1000).
-    # The seed as an optical drive, as VirtualBox attaches cloud-init's ISO.
-    "sata": Board(
-        MACHINE, "ide-hd,drive={drive},bus=ahci0.{i}", "e1000", seed="ide-cd,drive={drive},bus=ahci0.{i}", controllers=("ahci,id=ahci0",)
-    ),
-    # Azure/Hyper-V's synthetic SCSI, as close as QEMU gets: a SCSI disk on virtio-scsi.
-    "scsi": Board(
-        MACHINE, "scsi-hd,drive={drive},bus=scsi0.0,lun={i}", "virtio-net-pci", "virtio-rng-pci", controllers=("virtio-scsi-pci,id=scsi0",)
-    ),
-    # arm64: QEMU's generic board, UEFI (AAVMF) only. pauth-impdef: QEMU's own pointer-authentication
-    # hash, far cheaper under TCG than the architected QARMA one, and just as good to a guest.
-    "virt": Board(
-        "virt",
-        "virtio-blk-pci,drive={drive}",
-        "virtio-net-pci",
-        "virtio-rng-pci",
-        tsc_reference=False,
-        binary="qemu-system-aarch64",
-        foreign_cpu="max,pauth-impdef=on",
-        uefi=("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
-    ),
-}
-# How much longer a boot takes on another architecture's board than on the host's, under TCG.
-FOREIGN_SLOWDOWN = 3.0
-# Debian architecture -> the board its disks boot on, where it is not the host's own ("pc").
-ARCH_BOARDS = {"arm64": "virt"}
-
-
-def board_for(arch: str, firmware: str | None = None) -> tuple[str, str]:
-    """The board (BOARDS' name) and firmware an image of `arch` boots with: another
-    architecture's board boots UEFI only; the host's, `firmware` (default bios)."""
-    machine = ARCH_BOARDS.get(arch, "pc")
-    if machine != "pc":
-        if firmware not in (None, "uefi"):
-            raise VMError(f"an {arch} VM boots with UEFI only", hint="leave --firmware out")
-        return machine, "uefi"
-    return machine, firmware or "bios"
-
-
-def host_tsc_khz() -> int | None:
-    """The host CPU's rate in kHz, which a TCG guest's TSC runs at (QEMU reads the host's TSC)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "cpu MHz":
-                    return round(float(value) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def board(name: str) -> Board:
-    try:
-        return BOARDS[name]
-    except KeyError:
-        raise VMError(f"unknown machine type {name!r}", hint="one of: " + ", ".join(BOARDS)) from None
-
-
-OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
-OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
-
-# qemu-img's format names that racker boots (vpc is VHD).
-BOOTABLE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
-
-SECTOR = 512
-ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
-
-
-# -- the disk ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    path: Path
-    format: str
-    virtual_size: int
-    firmware: str  # what the disk boots with: "bios" or "uefi"
-
-
-VHD_COOKIE = b"conectix"
-VHD_FIXED = 2  # the footer's disk type; 3 is dynamic, 4 differencing
-
-
-def is_fixed_vhd(path: Path) -> bool:
-    """A fixed VHD: the raw disk and a 512-byte footer, with no header that qemu-img probes
-    (it takes one for raw); `-f vpc` reads it as Azure and Hyper-V do."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(-SECTOR, os.SEEK_END)
-            footer = handle.read(SECTOR)
-    except OSError:
-        return False
-    return footer[:8] == VHD_COOKIE and struct.unpack_from(">I", footer, 60)[0] == VHD_FIXED
-
-
-def qemu_img_info(path: Path) -> dict:
-    """`qemu-img info` of a disk, a fixed VHD read as one."""
-    forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
-    return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
-
-
-def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInfo:
-    """What a user-supplied disk is; BadDisk for anything racker must not boot.
-
-    A backing file or external data file is refused: it would let a disk read
-    any file on this host into the guest.
-    """
-    if not path.is_file():
-        raise BadDisk(f"{path} is not a file")
-    info = qemu_img_info(path)
-    if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise BadDisk(f"{path} has a backing file ({info.get('backing-filename')}); racker boots self-contained disks only")
-    data = info.get("format-specific", {}).get("data", {})
-    extents = [extent.get("filename") for extent in data.get("extents", [])]
-    if data.get("data-file") or any(name and os.path.abspath(name) != str(path.absolute()) for name in extents):
-        raise BadDisk(f"{path} refers to other files; racker boots self-contained disks only")
-    fmt = info.get("format", "")
-    if fmt not in BOOTABLE_FORMATS:
-        raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
-    firmware = boot_firmware(_read_head(path, fmt, scratch), path) if bootable else "bios"
-    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), firmware)
-
-
-def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
-    if fmt == "raw":
-        with open(path, "rb") as handle:
-            return handle.read(sectors * SECTOR)
-    out = scratch / "head.raw"
-    proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={sectors}", f"if={path}", f"of={out}"])
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
-def _guid(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=raw))
-
-
-def boot_firmware(head: bytes, path: Path | str = "disk") -> str:
-    """'bios' or 'uefi' from the first sectors of a disk; BadDisk if it cannot boot."""
-    if len(head) < 2 * SECTOR or head[510:512] != b"\x55\xaa":
-        raise BadDisk(f"{path} is not bootable: it has no boot sector or partition table")
-    entries = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
-    types = [entry[4] for entry in entries]
-    if 0xEE in types:  # protective MBR: the real table is GPT
-        if head[SECTOR : SECTOR + 8] != b"EFI PART":
-            raise BadDisk(f"{path} is not bootable: its GPT header is missing")
-        entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-        table = head[entries_lba * SECTOR :]
-        guids = {_guid(table[i * size : i * size + 16]) for i in range(min(count, len(table) // max(size, 1)))}
-        if ESP_GUID in guids:
-            return "uefi"
-        if BIOS_BOOT_GUID in guids and any(head[:440]):
-            return "bios"
-        raise BadDisk(f"{path} is not bootable: its GPT has neither an EFI system partition nor a BIOS boot partition")
-    if 0xEF in types:
-        return "uefi"
-    if not any(head[:440]):
-        raise BadDisk(f"{path} is not bootable: its MBR holds no boot code")
-    return "bios"
-
-
-def ovmf() -> tuple[str, str]:
-    for code, variables in zip(OVMF_CODE, OVMF_VARS, strict=True):
-        if os.path.isfile(code) and os.path.isfile(variables):
-            return code, variables
-    raise ToolMissing("OVMF (UEFI firmware for QEMU)", "ovmf")
-
-
-# -- ports ------------------------------------------------------------------
-
-
-def _ports_in_use() -> set[int]:
-    return {int(s.extra["ssh_port"]) for s in machines.all_states(KIND) if s.extra.get("ssh_port") and not machines.is_stale(s)}
-
-
-def port_range() -> range | None:
-    """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
-    opening, say); unset, any free port the kernel offers."""
-    text = os.environ.get("RACKER_SSH_PORTS", "")
-    if not text:
-        return None
-    low, _, high = text.partition("-")
-    try:
-        ports = range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
-    if not ports or ports.start < 1 or ports.stop > 65536:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
-    return ports
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(exclude: set[int]) -> int:
-    """A port on 127.0.0.1 that nothing listens on now and no live VM has recorded."""
-    ports = port_range()
-    if ports is not None:
-        for port in ports:
-            if port not in exclude and _bindable(port):
-                return port
-        raise VMError(f"no free port in RACKER_SSH_PORTS ({ports.start}-{ports.stop - 1}) for SSH forwarding")
-    for _attempt in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in exclude:
-            return port
-    raise VMError("no free port on 127.0.0.1 for SSH forwarding")
-
-
-@contextlib.contextmanager
-def ssh_port(state: State) -> Iterator[int]:
-    """A port for the VM's SSH forward, recorded in its state.
-
-    Chosen and held under a lock shared by every racker process until the
-    block ends: QEMU binds it inside the block, so no other VM can be given it.
-    """
-    with store.locked("qemu-ports"):
-        port = free_port(_ports_in_use())
-        state.extra["ssh_port"] = port
-        machines.save(state)
-        yield port
-
-
 # -- the VM -----------------------------------------------------------------
 
 
-class VM(machines.Guest):
+class VM(warm.WarmBoot, machines.Guest):
     """A disk booted in QEMU. Use as a context manager: it is stopped on the way out."""
 
     kind = KIND
@@ -366,7 +71,7 @@ class VM(machines.Guest):
         kernel: Path | None = None,
         initrd: Path | None = None,
         append: str = "",
-        tcg_cpu: str = TCG_CPU,
+        tcg_cpu: str = boards.TCG_CPU,
         machine: str = "pc",
         warm: bool = False,
         seed_snapshot: bool = False,
@@ -390,9 +95,9 @@ class VM(machines.Guest):
         self.tcg_cpu = tcg_cpu
         self.machine = machine
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
-        self.board = board(machine)
+        self.board = boards.board(machine)
         if self.board.foreign_cpu:
-            self.boot_timeout *= FOREIGN_SLOWDOWN  # a whole other CPU emulated: boots take minutes
+            self.boot_timeout *= boards.FOREIGN_SLOWDOWN  # a whole other CPU emulated: boots take minutes
         self.warm = warm  # restore the disk's snapshot, or save one after this boot (racker.vm.snapshots)
         # Boot cold, and save the disk's snapshot once ready if there is none: a real first
         # boot that spares later warm VMs one of their own.
@@ -444,14 +149,14 @@ class VM(machines.Guest):
         self.state = state  # a detached VM is handed over once it runs (detach())
         try:
             machines.make_run_dir(self.kind, self.name)
-            info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
+            info = disks.inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             deadline = started + self.boot_timeout
             with progress.step(f"booting {self.name} ({firmware}, {self._accel()}{', warm' if self.warm else ''})"):
                 if self.warm:
-                    snapshots.warm_boot(self, info, firmware, deadline)
+                    self.warm_boot(info, firmware, deadline)
                 elif self.seed_snapshot:
-                    snapshots.seed(self, info, firmware, deadline)
+                    self.seed_boot(info, firmware, deadline)
                 else:
                     self._cold_boot(info, firmware, deadline)
         except BaseException as error:
@@ -471,49 +176,10 @@ class VM(machines.Guest):
             self._chosen_accel = "tcg" if self.board.foreign_cpu else accel.choose(self.requested_accel)
         return self._chosen_accel
 
-    def _cold_boot(self, info: DiskInfo, firmware: str, deadline: float) -> None:
+    def _cold_boot(self, info: disks.DiskInfo, firmware: str, deadline: float) -> None:
         self._prepare_files(info, firmware)
         self._launch(firmware)
         self._wait_ready(deadline)
-
-    def _restore(self, snapshot: snapshots.Snapshot, firmware: str, deadline: float) -> None:
-        """Start from a snapshot: its key, seed and UEFI variables, a fresh overlay over its
-        frozen one, QEMU loading its state; ready once the guest's clock is the host's."""
-        assert self.state is not None
-        for name in snapshots.KEPT:
-            if (snapshot.path / name).exists():
-                store.copy_private(snapshot.path / name, self.rundir / name)
-        overlay = snapshot.path / snapshots.OVERLAY
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(overlay), "-F", "qcow2", str(self.rundir / "overlay.qcow2")]
-        proc.run(argv, umask=proc.PRIVATE)
-        if firmware == "uefi":
-            self.state.extra["ovmf"] = self._uefi_firmware()[0]
-        self.state.extra.update(firmware=firmware, format="qcow2", machine=self.machine, snapshot=snapshot.id)
-        machines.save(self.state)
-        self._incoming = snapshots.incoming(snapshot)
-        try:
-            self._launch(firmware)
-        except VMLaunchFailure as failed:
-            raise snapshots.SnapshotBroken(failed.output.splitlines()[-1] if failed.output else str(failed)) from None
-        finally:
-            self._incoming = ""
-        snapshots.wait_loaded(self, deadline)
-        self.state.extra["agent"] = snapshot.agent
-        self.restored_hostname = snapshot.hostname
-        self.qmp("cont")  # the state was saved paused
-        # Its clock stood still since the save: step it to ours before anyone reads it. The
-        # first root command opens a root channel (the agent's at once; without one an SSH
-        # handshake and a sudo, seconds); the step is sent on the open channel, so it lands
-        # one round trip after the time it carries.
-        try:
-            guest_agent.channel(self).run(["true"], timeout=30)
-        except ChannelUnavailable:
-            self.reconnect(deadline)
-        self.step_clock()
-        self.system_state = "running"
-        self.restored_from = snapshot.id
-        self.state.extra["system_state"] = self.system_state
-        machines.save(self.state)
 
     @property
     def hostname(self) -> str:
@@ -550,7 +216,7 @@ class VM(machines.Guest):
         self.state.pid = 0
         machines.make_run_dir(self.kind, self.name)
 
-    def _prepare_files(self, info: DiskInfo, firmware: str) -> None:
+    def _prepare_files(self, info: disks.DiskInfo, firmware: str) -> None:
         assert self.state is not None
         key = ssh.keygen(self.rundir / "id_ed25519", f"racker@{self.name}")
         seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data)
@@ -570,7 +236,7 @@ class VM(machines.Guest):
     def _uefi_firmware(self) -> tuple[str, str]:
         """The board's UEFI firmware (code, variables): OVMF for a PC, AAVMF for arm64's virt."""
         if not self.board.uefi:
-            return ovmf()
+            return boards.ovmf()
         code, variables = self.board.uefi
         if not os.path.isfile(code) or not os.path.isfile(variables):
             raise ToolMissing(f"UEFI firmware for {self.board.binary} ({code})", "qemu-efi-aarch64")
@@ -605,7 +271,7 @@ class VM(machines.Guest):
             argv += guest_agent.qemu_args(self.board.serial_bus, sockets.through(self._rundir_fd, guest_agent.SOCKET))
         if self.kernel is not None:
             append = self.append or "root=/dev/vda rw console=ttyS0"
-            if not self.board.tsc_reference and accelerator == "tcg" and (khz := host_tsc_khz()):
+            if not self.board.tsc_reference and accelerator == "tcg" and (khz := boards.host_tsc_khz()):
                 append += f" tsc_early_khz={khz}"
             argv += ["-kernel", str(self.kernel), "-append", append]
             if self.initrd is not None:
@@ -624,7 +290,7 @@ class VM(machines.Guest):
         """Start QEMU with a port no other racker process can take; connect to its QMP."""
         assert self.state is not None
         for _attempt in range(3):
-            with ssh_port(self.state) as port:
+            with ports.ssh_port(self.state) as port:
                 self._rundir_fd = sockets.open_directory(self.rundir)
                 try:
                     self.argv = self.qemu_argv(firmware, port)

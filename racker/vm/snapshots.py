@@ -1,4 +1,6 @@
-"""Warm VMs (issue 16): the running state of a VM's first ready boot, kept and restored.
+"""Warm VMs' snapshots on disk: the running state of a VM's first ready boot, kept for restoring.
+
+How a VM boots from one and saves one is racker.vm.warm.
 
 Under TCG a VM needs 30-60 s to be ready, nearly all of it the guest's own
 first boot. After one VM of a disk is ready, its memory and device state are
@@ -37,19 +39,13 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from racker import proc, progress, store
+from racker import proc, store
 from racker.errors import VMError
-from racker.vm import guest_agent
-
-if TYPE_CHECKING:
-    from racker.vm.qemu import VM
 
 FORMAT = 2  # bumped when what a snapshot holds or how it is restored changes
 STATE = "state.zst"  # QEMU's migration stream, zstd-compressed
@@ -134,22 +130,6 @@ def directory() -> Path:
     return store.home() / "snapshots"
 
 
-def key_for(vm: VM, firmware: str) -> Key:
-    return Key(
-        disk=str(vm.disk),
-        disk_id=disk_identity(vm.disk),
-        qemu=qemu_version(),
-        machine=vm.board.machine,
-        cpu="host" if vm._accel() == "kvm" else vm.tcg_cpu,
-        memory=vm.memory,
-        cpus=vm.cpus,
-        firmware=firmware,
-        accel=vm._accel(),
-        disk_size=vm.disk_size or 0,
-        kernel=f"{vm.kernel or ''} {vm.initrd or ''} {vm.append}".strip(),
-    )
-
-
 def _read(path: Path) -> Snapshot | None:
     try:
         data = json.loads((path / KEY).read_text())
@@ -192,149 +172,9 @@ def lock_name(snapshot_id: str) -> str:
     return f"snapshot-{snapshot_id}"
 
 
-# -- warm start ---------------------------------------------------------------
-
-
-def warm_boot(vm: VM, info: object, firmware: str, deadline: float) -> None:
-    """Restore the disk's snapshot if there is one; else boot cold, wait for ready and save one.
-
-    Only the first boot takes the key's lock: a second first boot of the same
-    disk waits for it and then restores what the first saved; clones of a
-    saved snapshot restore side by side without it.
-    """
-    key = key_for(vm, firmware)
-    if _try_restore(vm, key, firmware, deadline):
-        return
-    with store.locked(lock_name(key.id)):
-        if _try_restore(vm, key, firmware, deadline):
-            return
-        vm._cold_boot(info, firmware, deadline)
-        save(vm, key)
-    _run_on(vm)
-    for other in all_snapshots():  # older snapshots of this disk, now never restored
-        if other.key.disk == key.disk and other.id != key.id and other.stale():
-            discard(other.path)
-
-
-def seed(vm: VM, info: object, firmware: str, deadline: float) -> None:
-    """Boot cold; once ready, save the disk's snapshot unless there is one or another VM
-    saves it now. The VM is a real first boot all the same, paused for the save."""
-    vm._cold_boot(info, firmware, deadline)
-    key = key_for(vm, firmware)
-    with store.locked_if_free(lock_name(key.id)) as free:
-        if not free or find(key) is not None:
-            return
-        save(vm, key)
-    _run_on(vm)
-
-
-def _run_on(vm: VM) -> None:
-    """After its save: the VM's clock lost the pause; without an agent, SSH again."""
-    assert vm.state is not None
-    if not vm.state.extra.get("agent"):
-        vm.reconnect(time.monotonic() + 60)  # the save closed it: commands go on SSH
-    vm.step_clock()
-
-
-def _try_restore(vm: VM, key: Key, firmware: str, deadline: float) -> bool:
-    snapshot = find(key)
-    if snapshot is None:
-        return False
-    try:
-        vm._restore(snapshot, firmware, deadline)
-    except SnapshotBroken as broken:
-        progress.warn(f"snapshot {snapshot.id} of {vm.image} did not restore ({broken}); discarded it, booting cold")
-        discard(snapshot.path)
-        vm._reset()
-        return False
-    return True
-
-
-def save(vm: VM, key: Key) -> Snapshot:
-    """Save the ready VM's state and overlay as the key's snapshot, and let it run on.
-
-    Written into a hidden directory and renamed into place: Ctrl-C or a crash
-    while saving leaves no half snapshot (gc removes a killed save's leftovers).
-    """
-    # Root's alone: a guest's memory holds its secrets, and the login key is here.
-    store.private_dir(directory())
-    final = directory() / key.id
-    partial = directory() / f".{key.id}.{uuid.uuid4().hex[:8]}{PARTIAL}"
-    partial.mkdir(mode=0o700)
-    try:
-        with progress.step(f"saving a snapshot of {vm.name}"):
-            agent = guest_agent.start_in_guest(vm)
-            vm.close_connection()  # no TCP connection of ours inside the saved state
-            vm.qmp("stop")
-            try:
-                # QEMU runs the exec: URI with /bin/sh -c: the path is quoted at this one boundary.
-                vm.qmp("migrate", uri=f"exec:zstd -1 -q -T2 -o {proc.quote(str(partial / STATE))}")
-                _wait_migrated(vm)
-                # Migration has flushed and released the overlay: this copy is the state the memory matches.
-                argv = ["cp", "--sparse=always", str(vm.rundir / "overlay.qcow2"), str(partial / OVERLAY)]
-                proc.run(argv, timeout=SAVE_TIMEOUT, umask=proc.PRIVATE)
-                for name in KEPT:
-                    if (vm.rundir / name).exists():
-                        store.copy_private(vm.rundir / name, partial / name)
-            finally:
-                vm.qmp("cont")
-            record = {
-                "key": asdict(key),
-                "image": vm.image,
-                "digest": vm.digest or store.digest_of(vm.disk) or "",
-                "created": time.time(),
-                "agent": agent,
-                "hostname": vm.hostname,
-            }
-            store.write_json(partial / KEY, record)
-            try:
-                os.rename(partial, final)
-            except OSError:  # one is there already (saved without the lock): keep that one
-                store.remove_tree(partial)
-    except BaseException:
-        store.remove_tree(partial)
-        raise
-    snapshot = _read(final)
-    assert snapshot is not None
-    return snapshot
-
-
-def _wait_migrated(vm: VM) -> None:
-    deadline = time.monotonic() + SAVE_TIMEOUT
-    while time.monotonic() < deadline:
-        status = vm.qmp("query-migrate")
-        state = status.get("status") if isinstance(status, dict) else None
-        if state == "completed":
-            return
-        if state in ("failed", "cancelled"):
-            raise VMError(f"saving the snapshot of VM {vm.name!r} failed: {status.get('error-desc', state)}")  # type: ignore[union-attr]
-        time.sleep(0.05)
-    raise VMError(f"saving the snapshot of VM {vm.name!r} took over {SAVE_TIMEOUT:.0f}s")
-
-
 def incoming(snapshot: Snapshot) -> str:
     """QEMU's -incoming for a snapshot: the stream decompressed into QEMU's stdin-like pipe."""
     return f"exec:zstd -dc -q {proc.quote(str(snapshot.state))}"
-
-
-def wait_loaded(vm: VM, deadline: float) -> None:
-    """Wait until QEMU has loaded the state (it stays paused: the state was saved paused);
-    SnapshotBroken if QEMU gave up on it."""
-    while time.monotonic() < deadline:
-        if not vm._alive():
-            log = (vm.rundir / "qemu.log").read_text(errors="replace").strip().splitlines()
-            raise SnapshotBroken(log[-1] if log else "QEMU exited while loading it")
-        try:
-            status = vm.qmp("query-status")
-        except VMError:
-            raise
-        except Exception:  # QMP dropped: QEMU is exiting; the next round sees it
-            time.sleep(0.05)
-            continue
-        if isinstance(status, dict) and status.get("status") not in ("inmigrate", "prelaunch"):
-            return
-        time.sleep(0.02)
-    raise SnapshotBroken("QEMU did not finish loading it in time")
 
 
 # -- listing and collecting ----------------------------------------------------
