@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from racker import settings
+
 # The store racker's tests share (catalogue images built once, kept between runs): a
 # store of the tests' own, never a user's /var/lib/racker, so that the suite can run
 # beside a user's racker. Every racker the tests start inherits it. Tests that change
 # a store use a private one (private_store) instead.
-SHARED_HOME = Path(os.environ.get("RACKER_TEST_HOME", "/var/lib/racker-tests"))
+SHARED_HOME = settings.TEST_HOME.value()
 os.environ["RACKER_HOME"] = str(SHARED_HOME)
 # racker's own boots run only the cloud-init modules its seed needs (seed.MINIMAL_MODULES):
 # the images keep cloud-init's full module set; the boot speed comes from the test seed.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, sockets, ssh, store
+from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, settings, snapshots, sockets, ssh, store
 from racker.errors import (
     BadDisk,
     BootTimeout,
@@ -46,24 +46,9 @@ from racker.proc import Result
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
 KIND = "qemu"
-# The CPU model QEMU emulates under TCG: "max", less what makes guests slow or
-# crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.
-# - cx16: QEMU 7.2's TCG gets Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong,
-#   and trixie's kernel double-faults in __kmalloc at boot. (This also means
-#   no x86-64-v2 guests, such as RHEL 9, under TCG with QEMU 7.2.)
-# - svm: the guest would load KVM, a second of emulated work at every boot.
-# - la57: four-level page tables, which TCG walks faster than five.
-# - erms, fsrm: TCG runs rep movsb/stosb one byte per step (about 40 MB/s here);
-#   without them the kernel and glibc copy and clear memory with wide moves. 3 s.
-# - avx, avx2: boots are 2 s shorter without them (glibc then picks its SSE2
-#   string functions over the AVX2 ones).
-# - aes, pclmulqdq: udev would load seven crypto modules for them, each running
-#   its self-tests. 0.7 s.
-TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
 # No built-in SATA controller or SMBus: every extra device is one more driver
 # for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"
@@ -286,17 +271,7 @@ def _ports_in_use() -> set[int]:
 def port_range() -> range | None:
     """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
     opening, say); unset, any free port the kernel offers."""
-    text = os.environ.get("RACKER_SSH_PORTS", "")
-    if not text:
-        return None
-    low, _, high = text.partition("-")
-    try:
-        ports = range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
-    if not ports or ports.start < 1 or ports.stop > 65536:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
-    return ports
+    return settings.SSH_PORTS.get()
 
 
 def _bindable(port: int) -> bool:
@@ -359,12 +334,12 @@ class VM(machines.Guest):
         accelerator: str | None = None,
         firmware: str | None = None,
         disk_size: int | None = None,
-        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        boot_timeout: float | None = None,
         detached: bool = False,
         kernel: Path | None = None,
         initrd: Path | None = None,
         append: str = "",
-        tcg_cpu: str = TCG_CPU,
+        tcg_cpu: str | None = None,
         machine: str = "pc",
         warm: bool = False,
         seed_snapshot: bool = False,
@@ -379,13 +354,13 @@ class VM(machines.Guest):
         self.requested_accel = accelerator
         self.firmware = firmware
         self.disk_size = disk_size
-        self.boot_timeout = boot_timeout
+        self.boot_timeout = settings.VM_BOOT_TIMEOUT.value() if boot_timeout is None else boot_timeout
         self.detached = detached
         # Direct kernel boot, for disks without a bootloader (a Firecracker rootfs).
         self.kernel = Path(kernel).absolute() if kernel else None
         self.initrd = Path(initrd).absolute() if initrd else None
         self.append = append
-        self.tcg_cpu = tcg_cpu
+        self.tcg_cpu = tcg_cpu or settings.TCG_CPU.value()
         self.machine = machine
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = board(machine)
@@ -923,7 +898,7 @@ def _quiet_library_logs() -> None:
     """
     import logging
 
-    if not proc.DEBUG:
+    if not proc.debugging():
         for name in ("qemu.qmp", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import packages, proc
+from racker import packages, proc, settings
 from racker.errors import StoreError
 
 
 def home() -> Path:
-    return Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
+    return settings.HOME.value()
 
 
 def _dir(name: str) -> Path:

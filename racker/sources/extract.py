@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from racker import progress, store
+from racker import progress, settings, store
 from racker.errors import BadArchive
 
 # Where set-uid/set-gid programs live in the distributions racker boots.
@@ -49,20 +49,12 @@ KEPT_XATTRS = ("security.capability",)
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_LINK_HOPS = 40
-DEFAULT_LIMIT = 64 << 30
 HEADER = 512  # a tar header block: counted too, so that millions of empty members also reach the limit
 
 
 def size_limit() -> int:
     """RACKER_EXTRACT_LIMIT: the most bytes one archive may unpack to (suffixes K, M, G, T)."""
-    text = os.environ.get("RACKER_EXTRACT_LIMIT", "").strip()
-    if not text:
-        return DEFAULT_LIMIT
-    scale = 1 << (10 * ("KMGT".index(text[-1].upper()) + 1)) if text[-1].upper() in "KMGT" else 1
-    try:
-        return int(text.rstrip("kKmMgGtT")) * scale
-    except ValueError:
-        raise BadArchive(f"RACKER_EXTRACT_LIMIT={text!r} is not a size", hint="e.g. RACKER_EXTRACT_LIMIT=64G") from None
+    return settings.EXTRACT_LIMIT.value()
 
 
 @dataclass
