@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from racker import __version__, errors, machines, proc, progress, redact, store
+from racker import __version__, errors, machines, proc, progress, redact, sizes, store
 
 if TYPE_CHECKING:
     from racker.logins import Login
@@ -24,15 +24,6 @@ if TYPE_CHECKING:
 
 EXIT_RACKER_FAILED = 125
 USER_HELP = "run as this guest user: NAME, UID, NAME:GROUP or UID:GID (as docker's --user), with a login environment"
-
-
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value:.1f}GB"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -198,7 +189,7 @@ def cmd_images(args: argparse.Namespace) -> int:
             ]
         )
         return 0
-    rows = [[i.name, i.short_digest, _human_size(i.size), i.created, _last_checked(i), i.source] for i in listed]
+    rows = [[i.name, i.short_digest, sizes.human(i.size), i.created, _last_checked(i), i.source] for i in listed]
     header = ["NAME", "DIGEST", "SIZE", "BUILT", "CHECKED", "SOURCE"]
     foreign = [_foreign_platform(i) for i in listed]
     if any(foreign):  # a column only when some image is not for this host
