@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree
@@ -31,6 +33,7 @@ from conftest import passes_checks, racker
 from racker import build_leftovers, distros, fingerprint, prepare, promote, qemu, seed, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
+from racker.sources import partitions
 
 MiB = 1024**2
 GiB = 1024**3
@@ -83,20 +86,42 @@ def _mbr(code: bytes, ptype: int) -> bytes:
     return bytes(sector)
 
 
-def test_boot_firmware_reads_mbr_and_gpt() -> None:
-    assert qemu.boot_firmware(_mbr(b"\xeb\x63", 0x83) + bytes(512)) == "bios"
-    with pytest.raises(BadDisk, match="no boot code"):
-        qemu.boot_firmware(_mbr(b"", 0x83) + bytes(512))
-    with pytest.raises(BadDisk, match="no boot sector"):
-        qemu.boot_firmware(bytes(1024))
+def _reader(disk: bytes):  # type: ignore[no-untyped-def]
+    return lambda offset, length: disk[offset : offset + length]
+
+
+def _gpt_disk(type_guid: str, sectors: int = 64) -> bytes:
+    """A protective MBR, a GPT header with its CRCs and one partition of `type_guid` (sectors 34-40)."""
+    entries = bytearray(128 * 128)
+    entries[:16] = uuid.UUID(type_guid).bytes_le
+    entries[16:32] = uuid.uuid4().bytes_le
+    struct.pack_into("<QQ", entries, 32, 34, 40)
     header = bytearray(512)
     header[:8] = b"EFI PART"
-    struct.pack_into("<QII", header, 72, 2, 128, 128)
-    entries = bytearray(128 * 32)
-    import uuid
+    struct.pack_into("<IIII", header, 8, 0x10000, 92, 0, 0)
+    struct.pack_into("<QQQQ", header, 24, 1, sectors - 1, 34, sectors - 34)
+    struct.pack_into("<QIII", header, 72, 2, 128, 128, zlib.crc32(bytes(entries)))
+    struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:92])))
+    disk = _mbr(b"", 0xEE) + bytes(header) + bytes(entries)
+    return disk + bytes(sectors * 512 - len(disk))
 
-    entries[:16] = uuid.UUID(qemu.ESP_GUID).bytes_le
-    assert qemu.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
+
+def test_boot_firmware_reads_mbr_and_gpt() -> None:
+    bios = _mbr(b"\xeb\x63", 0x83) + bytes(512)
+    assert qemu.boot_firmware(_reader(bios), len(bios)) == "bios"
+    with pytest.raises(BadDisk, match="no boot code"):
+        qemu.boot_firmware(_reader(_mbr(b"", 0x83) + bytes(512)), 1024)
+    with pytest.raises(BadDisk, match="no boot sector"):
+        qemu.boot_firmware(_reader(bytes(1024)), 1024)
+    uefi = _gpt_disk(partitions.GPT_ESP)
+    assert qemu.boot_firmware(_reader(uefi), len(uefi)) == "uefi"
+    with pytest.raises(BadDisk, match="neither an EFI system partition nor a BIOS boot partition"):
+        qemu.boot_firmware(_reader(_gpt_disk(partitions.GPT_ROOT_X86_64)), 64 * 512)
+    # A GPT whose CRCs do not match (and no backup) is read by no firmware: one line, not a guess.
+    corrupt = bytearray(uefi)
+    corrupt[512 + 16] ^= 1
+    with pytest.raises(BadDisk, match="is not bootable: the disk's GPT is corrupt"):
+        qemu.boot_firmware(_reader(bytes(corrupt)), len(corrupt))
 
 
 # -- images to promote ------------------------------------------------------
