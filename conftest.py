@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,46 @@ def tree_checksum(top: Path) -> str:
             elif stat.S_ISLNK(info.st_mode):
                 digest.update(os.readlink(path).encode())
     return digest.hexdigest()
+
+
+# -- VMs that only hang, and what a VM leaves behind ------------------------------
+
+# 16-bit real mode: print "racker-hang" on COM1, then halt forever: a disk QEMU boots at once and that never answers.
+# xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg; mov cx,12; lodsb; out dx,al; loop; cli; hlt; jmp $-1
+_HANG_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")  # fmt: skip
+HANG_SECTOR = (_HANG_CODE + bytes(0x1E - len(_HANG_CODE)) + b"racker-hang\n").ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
+
+
+def write_hang_disk(path: Path) -> Path:
+    """A 1 MiB raw disk that boots to HANG_SECTOR's message and hangs."""
+    path.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    return path
+
+
+@pytest.fixture
+def hang_disk(tmp_path: Path) -> Path:
+    return write_hang_disk(tmp_path / "hang.raw")
+
+
+def qemu_pids(name: str) -> set[int]:
+    """The QEMU processes of the VM called `name` (QEMU runs with -name NAME,…).
+
+    Only this VM's: tests on other xdist workers run VMs of their own meanwhile.
+    """
+    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
+def assert_vm_gone(name: str) -> None:
+    """Nothing of the VM called `name` is left: no registry record, no run directory, no QEMU (given 10 s to exit)."""
+    from racker import machines
+
+    assert machines.load("qemu", name) is None, "registry record left"
+    assert not machines.run_dir("qemu", name).exists(), "run directory (overlay, seed, sockets) left"
+    deadline = time.monotonic() + 10
+    while qemu_pids(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_pids(name), "a QEMU process was left running"
 
 
 def free_port() -> int:
