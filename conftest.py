@@ -142,6 +142,31 @@ def loop_devices(*roots: Path | str) -> list[str]:
     return sorted(line for line in listed.splitlines() if any(p in line for p in prefixes))
 
 
+def tree_snapshot(root: Path, skip: tuple[str, ...] = (), *, times: bool = False) -> dict[str, tuple]:
+    """Every path under `root` but those under `skip` (relative to root): type and mode, owner,
+    content digest or link target, and with `times` the mtime. What a test compares before and
+    after (it must not change), or between a tree and its copy."""
+    import hashlib
+    import stat
+
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if any(rel == s or rel.startswith(s + "/") for s in skip):
+                continue
+            info = os.lstat(path)
+            content = ""
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            found[rel] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, content, *((info.st_mtime_ns,) if times else ()))
+    return found
+
+
 def tree_checksum(top: Path) -> str:
     """Names, kinds, modes, owners, times, link targets and contents of everything under `top`:
     a sentinel tree's fingerprint, which anything racker wrongly did to it changes."""
