@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from racker import catalog, changes, facts, history, images, matrix, progress, report, results, reuse, sbom, store
+from racker import catalog, changes, facts, files, history, images, matrix, progress, report, results, reuse, sbom, store
 from racker.errors import RackerError
 from racker.shards import Shard
 
@@ -182,9 +182,7 @@ def _complete(path: Path, before: dict[str, Any] | None, kept: list[dict[str, An
         if said:
             when = min(c["ran"] for c in kept if c["image"] == image)
             records.append({**said, "kind": "image", "image": image, "engine": engine, "reused": when})
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    partial.replace(path)
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records), mode=None)
 
 
 def failed(made: dict[str, Any]) -> bool:

@@ -21,13 +21,12 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, snapshots, sockets, ssh, store
+from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, settings, snapshots, sockets, ssh, store
 from racker.errors import (
     BadDisk,
     BootTimeout,
@@ -42,28 +41,14 @@ from racker.errors import (
 )
 from racker.machines import State
 from racker.proc import Result
+from racker.sources import partitions
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
 KIND = "qemu"
-# The CPU model QEMU emulates under TCG: "max", less what makes guests slow or
-# crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.
-# - cx16: QEMU 7.2's TCG gets Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong,
-#   and trixie's kernel double-faults in __kmalloc at boot. (This also means
-#   no x86-64-v2 guests, such as RHEL 9, under TCG with QEMU 7.2.)
-# - svm: the guest would load KVM, a second of emulated work at every boot.
-# - la57: four-level page tables, which TCG walks faster than five.
-# - erms, fsrm: TCG runs rep movsb/stosb one byte per step (about 40 MB/s here);
-#   without them the kernel and glibc copy and clear memory with wide moves. 3 s.
-# - avx, avx2: boots are 2 s shorter without them (glibc then picks its SSE2
-#   string functions over the AVX2 ones).
-# - aes, pclmulqdq: udev would load seven crypto modules for them, each running
-#   its self-tests. 0.7 s.
-TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
 # No built-in SATA controller or SMBus: every extra device is one more driver
 # for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"
@@ -170,8 +155,6 @@ OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 BOOTABLE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
 
 SECTOR = 512
-ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 
 
 # -- the disk ---------------------------------------------------------------
@@ -225,44 +208,53 @@ def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInf
     fmt = info.get("format", "")
     if fmt not in BOOTABLE_FORMATS:
         raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
-    firmware = boot_firmware(_read_head(path, fmt, scratch), path) if bootable else "bios"
-    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), firmware)
+    size = int(info.get("virtual-size", 0))
+    firmware = boot_firmware(partitions.cached(disk_reader(path, fmt, scratch)), size, path) if bootable else "bios"
+    return DiskInfo(path, fmt, size, firmware)
 
 
-def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
-    if fmt == "raw":
-        with open(path, "rb") as handle:
-            return handle.read(sectors * SECTOR)
-    out = scratch / "head.raw"
-    proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={sectors}", f"if={path}", f"of={out}"])
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
+def disk_reader(path: Path, fmt: str, scratch: Path) -> partitions.Reader:
+    """The disk's bytes as a guest sees them, read straight from a raw file, else with qemu-img dd."""
+
+    def read(offset: int, length: int) -> bytes:
+        if fmt == "raw":
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(length)
+        first, end = offset // SECTOR, -(-(offset + length) // SECTOR)  # whole sectors around the range
+        out = scratch / f"read-{offset}-{length}.raw"
+        out.unlink(missing_ok=True)
+        try:
+            proc.run(
+                ["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={end - first}", f"if={path}",
+                 f"of={out}"],
+                timeout=600,
+            )  # fmt: skip
+            skip = offset - first * SECTOR
+            return out.read_bytes()[skip : skip + length]
+        finally:
+            out.unlink(missing_ok=True)
+
+    return read
 
 
-def _guid(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=raw))
-
-
-def boot_firmware(head: bytes, path: Path | str = "disk") -> str:
-    """'bios' or 'uefi' from the first sectors of a disk; BadDisk if it cannot boot."""
-    if len(head) < 2 * SECTOR or head[510:512] != b"\x55\xaa":
+def boot_firmware(read: partitions.Reader, disk_size: int, path: Path | str = "disk") -> str:
+    """'bios' or 'uefi' from a disk's partition table; BadDisk if it cannot boot."""
+    head = read(0, SECTOR)
+    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
         raise BadDisk(f"{path} is not bootable: it has no boot sector or partition table")
-    entries = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
-    types = [entry[4] for entry in entries]
-    if 0xEE in types:  # protective MBR: the real table is GPT
-        if head[SECTOR : SECTOR + 8] != b"EFI PART":
-            raise BadDisk(f"{path} is not bootable: its GPT header is missing")
-        entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-        table = head[entries_lba * SECTOR :]
-        guids = {_guid(table[i * size : i * size + 16]) for i in range(min(count, len(table) // max(size, 1)))}
-        if ESP_GUID in guids:
+    try:
+        label, volumes = partitions.table(read, disk_size)
+    except BadDisk as error:
+        raise BadDisk(f"{path} is not bootable: {error}") from None
+    types = {volume.type for volume in volumes}
+    if label == "gpt":
+        if partitions.GPT_ESP in types:
             return "uefi"
-        if BIOS_BOOT_GUID in guids and any(head[:440]):
+        if partitions.GPT_BIOS_BOOT in types and any(head[:440]):
             return "bios"
         raise BadDisk(f"{path} is not bootable: its GPT has neither an EFI system partition nor a BIOS boot partition")
-    if 0xEF in types:
+    if partitions.MBR_ESP in types:
         return "uefi"
     if not any(head[:440]):
         raise BadDisk(f"{path} is not bootable: its MBR holds no boot code")
@@ -286,17 +278,7 @@ def _ports_in_use() -> set[int]:
 def port_range() -> range | None:
     """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
     opening, say); unset, any free port the kernel offers."""
-    text = os.environ.get("RACKER_SSH_PORTS", "")
-    if not text:
-        return None
-    low, _, high = text.partition("-")
-    try:
-        ports = range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
-    if not ports or ports.start < 1 or ports.stop > 65536:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
-    return ports
+    return settings.SSH_PORTS.get()
 
 
 def _bindable(port: int) -> bool:
@@ -359,12 +341,12 @@ class VM(machines.Guest):
         accelerator: str | None = None,
         firmware: str | None = None,
         disk_size: int | None = None,
-        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        boot_timeout: float | None = None,
         detached: bool = False,
         kernel: Path | None = None,
         initrd: Path | None = None,
         append: str = "",
-        tcg_cpu: str = TCG_CPU,
+        tcg_cpu: str | None = None,
         machine: str = "pc",
         warm: bool = False,
         seed_snapshot: bool = False,
@@ -379,13 +361,13 @@ class VM(machines.Guest):
         self.requested_accel = accelerator
         self.firmware = firmware
         self.disk_size = disk_size
-        self.boot_timeout = boot_timeout
+        self.boot_timeout = settings.VM_BOOT_TIMEOUT.value() if boot_timeout is None else boot_timeout
         self.detached = detached
         # Direct kernel boot, for disks without a bootloader (a Firecracker rootfs).
         self.kernel = Path(kernel).absolute() if kernel else None
         self.initrd = Path(initrd).absolute() if initrd else None
         self.append = append
-        self.tcg_cpu = tcg_cpu
+        self.tcg_cpu = tcg_cpu or settings.TCG_CPU.value()
         self.machine = machine
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = board(machine)
@@ -923,7 +905,7 @@ def _quiet_library_logs() -> None:
     """
     import logging
 
-    if not proc.DEBUG:
+    if not proc.debugging():
         for name in ("qemu.qmp", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import racker
 from racker import cgroups, gc, machines, proc
-from racker.errors import MachineError, NameTaken
+from racker.errors import BadSetting, MachineError, NameTaken
 
 
 @pytest.fixture
@@ -278,5 +278,5 @@ def test_a_bad_port_range_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     from racker import qemu
 
     monkeypatch.setenv("RACKER_SSH_PORTS", "lots")
-    with pytest.raises(MachineError, match="RACKER_SSH_PORTS='lots' is not a port range"):
+    with pytest.raises(BadSetting, match="RACKER_SSH_PORTS='lots' is not a port range"):
         qemu.free_port(set())

@@ -26,7 +26,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from racker import platforms, proc, progress, refs, store, untrusted
+from racker import platforms, proc, progress, refs, settings, store, untrusted
 from racker.catalog import CatalogEntry
 from racker.errors import BadArchive, BadReference, ToolFailed
 from racker.platforms import Platform
@@ -52,7 +52,7 @@ def is_loopback(host: str) -> bool:
 
 def tls_verify(host: str) -> bool:
     """Whether `host` must answer HTTPS with a verified certificate (a pull asked with --insecure: no)."""
-    listed = {h.strip() for h in os.environ.get("RACKER_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    listed = settings.INSECURE_REGISTRIES.get() or set()
     return not (insecure() or is_loopback(host) or host in listed)
 
 
