@@ -6,16 +6,19 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from racker import settings
+
 # The store racker's tests share (catalogue images built once, kept between runs): a
 # store of the tests' own, never a user's /var/lib/racker, so that the suite can run
 # beside a user's racker. Every racker the tests start inherits it. Tests that change
 # a store use a private one (private_store) instead.
-SHARED_HOME = Path(os.environ.get("RACKER_TEST_HOME", "/var/lib/racker-tests"))
+SHARED_HOME = settings.TEST_HOME.value()
 os.environ["RACKER_HOME"] = str(SHARED_HOME)
 # racker's own boots run only the cloud-init modules its seed needs (seed.MINIMAL_MODULES):
 # the images keep cloud-init's full module set; the boot speed comes from the test seed.
@@ -139,6 +142,31 @@ def loop_devices(*roots: Path | str) -> list[str]:
     return sorted(line for line in listed.splitlines() if any(p in line for p in prefixes))
 
 
+def tree_snapshot(root: Path, skip: tuple[str, ...] = (), *, times: bool = False) -> dict[str, tuple]:
+    """Every path under `root` but those under `skip` (relative to root): type and mode, owner,
+    content digest or link target, and with `times` the mtime. What a test compares before and
+    after (it must not change), or between a tree and its copy."""
+    import hashlib
+    import stat
+
+    found: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if any(rel == s or rel.startswith(s + "/") for s in skip):
+                continue
+            info = os.lstat(path)
+            content = ""
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            found[rel] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, content, *((info.st_mtime_ns,) if times else ()))
+    return found
+
+
 def tree_checksum(top: Path) -> str:
     """Names, kinds, modes, owners, times, link targets and contents of everything under `top`:
     a sentinel tree's fingerprint, which anything racker wrongly did to it changes."""
@@ -157,6 +185,46 @@ def tree_checksum(top: Path) -> str:
             elif stat.S_ISLNK(info.st_mode):
                 digest.update(os.readlink(path).encode())
     return digest.hexdigest()
+
+
+# -- VMs that only hang, and what a VM leaves behind ------------------------------
+
+# 16-bit real mode: print "racker-hang" on COM1, then halt forever: a disk QEMU boots at once and that never answers.
+# xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg; mov cx,12; lodsb; out dx,al; loop; cli; hlt; jmp $-1
+_HANG_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")  # fmt: skip
+HANG_SECTOR = (_HANG_CODE + bytes(0x1E - len(_HANG_CODE)) + b"racker-hang\n").ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
+
+
+def write_hang_disk(path: Path) -> Path:
+    """A 1 MiB raw disk that boots to HANG_SECTOR's message and hangs."""
+    path.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    return path
+
+
+@pytest.fixture
+def hang_disk(tmp_path: Path) -> Path:
+    return write_hang_disk(tmp_path / "hang.raw")
+
+
+def qemu_pids(name: str) -> set[int]:
+    """The QEMU processes of the VM called `name` (QEMU runs with -name NAME,…).
+
+    Only this VM's: tests on other xdist workers run VMs of their own meanwhile.
+    """
+    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
+def assert_vm_gone(name: str) -> None:
+    """Nothing of the VM called `name` is left: no registry record, no run directory, no QEMU (given 10 s to exit)."""
+    from racker import machines
+
+    assert machines.load("qemu", name) is None, "registry record left"
+    assert not machines.run_dir("qemu", name).exists(), "run directory (overlay, seed, sockets) left"
+    deadline = time.monotonic() + 10
+    while qemu_pids(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_pids(name), "a QEMU process was left running"
 
 
 def free_port() -> int:

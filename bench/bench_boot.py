@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from racker import images, prepare, promote
-from racker.vm.qemu import DEFAULT_CPUS, TCG_CPU, VM
+from racker import images, prepare, promote, settings
+from racker.vm.qemu import DEFAULT_CPUS, VM
 
 # cloud-init >= 24.3 runs every stage in one process (cloud-init-main); its
 # start-up (Python importing cloud-init) is that unit's time, the stages' after it.
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--accel", default="tcg", choices=["kvm", "tcg"])
     parser.add_argument("--cpus", type=int, default=DEFAULT_CPUS)
-    parser.add_argument("--tcg-cpu", default=TCG_CPU, help="the CPU model QEMU emulates under TCG")
+    parser.add_argument("--tcg-cpu", default=settings.TCG_CPU.value(), help="the CPU model QEMU emulates under TCG")
     parser.add_argument(
         "--baseline-cpu",
         help="also boot with this CPU model, each run right after one with --tcg-cpu, and report the ratio (e.g. max,cx16=off)",

@@ -96,11 +96,13 @@ def _image_records(results: list[Path]) -> list[dict]:
 
 
 def main() -> None:
+    from racker import settings
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", default="auto")
     parser.add_argument("--engine", default="all")
     parser.add_argument("--images", default=",".join(IMAGES), help="comma-separated; the first is the one that changes")
-    parser.add_argument("--from", dest="source", default=os.environ.get("RACKER_TEST_HOME", "/var/lib/racker-tests"))
+    parser.add_argument("--from", dest="source", default=str(settings.TEST_HOME.value()))
     args = parser.parse_args()
     names = [n for n in args.images.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="racker-bench-nightly-", dir="/var/tmp") as tmp:

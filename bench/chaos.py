@@ -46,7 +46,7 @@ from racker import machines, proc, store  # noqa: E402
 from racker.machines import cgroups  # noqa: E402
 
 # The store the test suite and users share; chaos only reads it (and builds there what is missing).
-SHARED_HOME = Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
+SHARED_HOME = store.home()
 IMAGE = "debian-bookworm"
 PREPARED = "debian-bookworm+vm"
 

@@ -210,7 +210,9 @@ def probe(targets: list[Target], uid: int = NOBODY) -> Probe:
 
 def probe_sockets_as_nobody(home: Path | None = None, extra_pids: set[int] = frozenset()) -> Probe:  # type: ignore[assignment]
     """Find the store's sockets, try each as nobody, print the figure (probed, refused) and return it."""
-    home = home or Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
+    from racker import store
+
+    home = home or store.home()
     result = probe(racker_sockets(home, extra_pids))
     print(result.line())
     return result

@@ -50,6 +50,10 @@ class ToolTimeout(RackerError):
         super().__init__(f"{argv[0]} did not finish within {timeout:g}s and was stopped")
 
 
+class BadSetting(RackerError):
+    """A RACKER_* environment variable holds a value racker cannot read (settings.py)."""
+
+
 class BadReference(RackerError):
     """An image reference that cannot be parsed or names nothing."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from racker import images, progress, report, store
+from racker import files, images, progress, report, store
 from racker.errors import RackerError
 from racker.pytest import matrix
 from racker.report import changes, facts, history, results, reuse
@@ -185,9 +185,7 @@ def _complete(path: Path, before: dict[str, Any] | None, kept: list[dict[str, An
         if said:
             when = min(c["ran"] for c in kept if c["image"] == image)
             records.append({**said, "kind": "image", "image": image, "engine": engine, "reused": when})
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    partial.replace(path)
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records), mode=None)
 
 
 def failed(made: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
-from racker import redact
+from racker import redact, settings
 from racker.errors import ToolFailed, ToolMissing, ToolTimeout
 
 # Where each host program comes from on Debian/Ubuntu, for ToolMissing hints.
@@ -68,12 +68,16 @@ BASE_ENV = {
 }
 
 
-DEBUG = os.environ.get("RACKER_DEBUG") == "1"
+DEBUG = False  # --debug; RACKER_DEBUG=1 is read when a command runs
+
+
+def debugging() -> bool:
+    return DEBUG or settings.DEBUG.value()
 
 
 def debug(message: str) -> None:
     """With --debug (or RACKER_DEBUG=1): every command racker runs, on stderr."""
-    if DEBUG:
+    if debugging():
         print(f"racker: {redact.text(message)}", file=sys.stderr, flush=True)  # a git URL's token stays out
 
 
@@ -127,7 +131,7 @@ def child_setup(
 
 def which(tool: str) -> str | None:
     """Where a host tool is. RACKER_PATH, if set, replaces the search path entirely."""
-    path = os.environ.get("RACKER_PATH") or BASE_ENV["PATH"] + ":" + os.environ.get("PATH", "")
+    path = settings.PATH.get() or BASE_ENV["PATH"] + ":" + os.environ.get("PATH", "")
     return shutil.which(tool, path=path)
 
 

@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from racker import settings
+
 # (dotted step name, seconds) for every step finished in this process.
 TIMINGS: list[tuple[str, float]] = []
 _stack: list[str] = []
@@ -15,11 +17,10 @@ _stack: list[str] = []
 
 def interactive() -> bool:
     """Progress is shown only to a person: a terminal on stderr and not CI."""
-    if os.environ.get("RACKER_PROGRESS") == "1":
-        return True
-    if os.environ.get("CI") or os.environ.get("RACKER_PROGRESS") == "0":
-        return False
-    return sys.stderr.isatty()
+    asked = settings.PROGRESS.get()
+    if asked is not None:
+        return asked
+    return not os.environ.get("CI") and sys.stderr.isatty()
 
 
 def say(message: str) -> None:

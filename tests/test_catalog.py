@@ -79,7 +79,7 @@ def test_the_shipped_catalogue_is_valid() -> None:
 def test_bootstrapped_releases_keep_their_security_suite_on_the_mirror_s_host(monkeypatch: pytest.MonkeyPatch) -> None:
     from racker.sources import bootstrap
 
-    monkeypatch.setitem(bootstrap.MIRRORS, "debian", "http://127.0.0.1:3142/deb.debian.org/debian/")
+    monkeypatch.setenv("RACKER_DEBIAN_MIRROR", "http://127.0.0.1:3142/deb.debian.org/debian/")
     for entry in catalog.entries().values():
         distro, _, suite = refs.parse(entry.source).target.partition("/")
         lines = bootstrap.sources(distro, suite)

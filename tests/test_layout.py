@@ -17,7 +17,7 @@ RACKER = Path(__file__).resolve().parent.parent / "racker"
 
 # Bottom first. A stage is a top-level module or package of racker/.
 STAGES = [
-    {"racker", "errors", "progress", "settings", "proc", "redact", "untrusted", "fingerprint"},
+    {"racker", "errors", "progress", "settings", "proc", "redact", "untrusted", "fingerprint", "files", "sizes"},
     {"store"},
     {"cpu"},
     {"sources"},

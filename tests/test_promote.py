@@ -15,24 +15,25 @@ import json
 import os
 import re
 import signal
-import stat
 import struct
 import subprocess
 import sys
 import tarfile
 import time
+import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from conftest import passes_checks, racker
+from conftest import passes_checks, racker, tree_snapshot
 from racker import fingerprint, prepare, promote, store
 from racker.errors import BadDisk, PrepareError, PromoteError, RequirementsFailed
 from racker.prepare import build_leftovers
 from racker.promote import app, bootloader, boxes, disk, formats, profiles, readback, vagrant
-from racker.sources import diskfile
+from racker.sources import diskfile, partitions
 from racker.store import distros
 from racker.vm import disks, seed
 
@@ -87,20 +88,42 @@ def _mbr(code: bytes, ptype: int) -> bytes:
     return bytes(sector)
 
 
-def test_boot_firmware_reads_mbr_and_gpt() -> None:
-    assert disks.boot_firmware(_mbr(b"\xeb\x63", 0x83) + bytes(512)) == "bios"
-    with pytest.raises(BadDisk, match="no boot code"):
-        disks.boot_firmware(_mbr(b"", 0x83) + bytes(512))
-    with pytest.raises(BadDisk, match="no boot sector"):
-        disks.boot_firmware(bytes(1024))
+def _reader(disk: bytes):  # type: ignore[no-untyped-def]
+    return lambda offset, length: disk[offset : offset + length]
+
+
+def _gpt_disk(type_guid: str, sectors: int = 64) -> bytes:
+    """A protective MBR, a GPT header with its CRCs and one partition of `type_guid` (sectors 34-40)."""
+    entries = bytearray(128 * 128)
+    entries[:16] = uuid.UUID(type_guid).bytes_le
+    entries[16:32] = uuid.uuid4().bytes_le
+    struct.pack_into("<QQ", entries, 32, 34, 40)
     header = bytearray(512)
     header[:8] = b"EFI PART"
-    struct.pack_into("<QII", header, 72, 2, 128, 128)
-    entries = bytearray(128 * 32)
-    import uuid
+    struct.pack_into("<IIII", header, 8, 0x10000, 92, 0, 0)
+    struct.pack_into("<QQQQ", header, 24, 1, sectors - 1, 34, sectors - 34)
+    struct.pack_into("<QIII", header, 72, 2, 128, 128, zlib.crc32(bytes(entries)))
+    struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:92])))
+    disk = _mbr(b"", 0xEE) + bytes(header) + bytes(entries)
+    return disk + bytes(sectors * 512 - len(disk))
 
-    entries[:16] = uuid.UUID(disks.ESP_GUID).bytes_le
-    assert disks.boot_firmware(_mbr(b"", 0xEE) + bytes(header) + bytes(entries)) == "uefi"
+
+def test_boot_firmware_reads_mbr_and_gpt() -> None:
+    bios = _mbr(b"\xeb\x63", 0x83) + bytes(512)
+    assert disks.boot_firmware(_reader(bios), len(bios)) == "bios"
+    with pytest.raises(BadDisk, match="no boot code"):
+        disks.boot_firmware(_reader(_mbr(b"", 0x83) + bytes(512)), 1024)
+    with pytest.raises(BadDisk, match="no boot sector"):
+        disks.boot_firmware(_reader(bytes(1024)), 1024)
+    uefi = _gpt_disk(partitions.GPT_ESP)
+    assert disks.boot_firmware(_reader(uefi), len(uefi)) == "uefi"
+    with pytest.raises(BadDisk, match="neither an EFI system partition nor a BIOS boot partition"):
+        disks.boot_firmware(_reader(_gpt_disk(partitions.GPT_ROOT_X86_64)), 64 * 512)
+    # A GPT whose CRCs do not match (and no backup) is read by no firmware: one line, not a guess.
+    corrupt = bytearray(uefi)
+    corrupt[512 + 16] ^= 1
+    with pytest.raises(BadDisk, match="is not bootable: the disk's GPT is corrupt"):
+        disks.boot_firmware(_reader(bytes(corrupt)), len(corrupt))
 
 
 # -- images to promote ------------------------------------------------------
@@ -198,24 +221,6 @@ def debugfs(path: Path, offset: int, request: str) -> bytes:
 # -- the store image is never written ---------------------------------------
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under `root`: type and mode, mtime, and content or link target."""
-    found: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            info = os.lstat(path)
-            if stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as handle:
-                    content = hashlib.file_digest(handle, "sha256").hexdigest()
-            elif stat.S_ISLNK(info.st_mode):
-                content = os.readlink(path)
-            else:
-                content = ""
-            found[os.path.relpath(path, root)] = (info.st_mode, info.st_mtime_ns, content)
-    return found
-
-
 def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_path: Path) -> None:
     """The image already holds every file promote writes into its staged copy
     (hard links to the store's files): GRUB's modules for both platforms, grub.cfg,
@@ -232,13 +237,13 @@ def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_pa
     links = {**GOOD_LINKS, f"etc/systemd/system/multi-user.target.wants/{app.UNIT}": "/the/image's/own/unit"}
     config = {"Entrypoint": ["/bin/sleep"], "Cmd": ["infinity"]}
     image = commit_image("ships-grub", {**GOOD_TREE, **shipped}, links, config)
-    before = snapshot(image.rootfs)
+    before = tree_snapshot(image.rootfs, times=True)
     promoted = [
         promote.promote(image, tmp_path / "bios.raw"),
         promote.promote(image, tmp_path / "uefi.tar.gz", promote.Options(fmt="gce", firmware="uefi", profile="gcp", app=True)),
         promote.promote(image, tmp_path / "do.qcow2", promote.Options(fmt="qcow2", profile="digitalocean", app=True)),
     ]
-    assert snapshot(image.rootfs) == before
+    assert tree_snapshot(image.rootfs, times=True) == before
     # And the disk has what promote wrote: the host's GRUB modules, not the image's.
     modules = debugfs(promoted[0].path, promoted[0].layout.root_offset, "cat /boot/grub/i386-pc/normal.mod")
     assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
@@ -1345,10 +1350,10 @@ def test_vagrant_user_only_when_asked(accounts_image, tmp_path: Path) -> None:
     """--vagrant-user: user vagrant (the first free id, its own group), passwordless sudo, Vagrant's
     insecure keys readable by it alone; the account files keep their modes and owners. Without it:
     none of that. The store's image is never written either way."""
-    before = snapshot(accounts_image.rootfs)
+    before = tree_snapshot(accounts_image.rootfs, times=True)
     plain = promote.promote(accounts_image, tmp_path / "plain.raw")
     asked = promote.promote(accounts_image, tmp_path / "asked.raw", promote.Options(vagrant_user=True))
-    assert snapshot(accounts_image.rootfs) == before
+    assert tree_snapshot(accounts_image.rootfs, times=True) == before
 
     def read(result: promote.Promoted, path: str) -> str:
         return debugfs(result.path, result.layout.root_offset, f"cat {path}").decode()
@@ -1395,26 +1400,6 @@ def test_box_formats_run_on_the_platform_vdi_does() -> None:
     assert formats.QEMU_NAMES["vmdk"] == "vmdk" and formats.QEMU_NAMES["qcow2"] == "qcow2", "a box is not what a bare disk is read back as"
 
 
-def tree_files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """Every path under `root` but those under `skip`: type and mode, owner, and content digest or link target."""
-    found: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if any(rel == s or rel.startswith(s + "/") for s in skip):
-                continue
-            info = os.lstat(path)
-            content = ""
-            if stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as handle:
-                    content = hashlib.file_digest(handle, "sha256").hexdigest()
-            elif stat.S_ISLNK(info.st_mode):
-                content = os.readlink(path)
-            found[rel] = (stat.filemode(info.st_mode), info.st_uid, info.st_gid, content)
-    return found
-
-
 def assert_same_files(source: dict, pulled: dict) -> None:
     missing, extra = sorted(set(source) - set(pulled)), sorted(set(pulled) - set(source))
     differ = {k: (source[k], pulled[k]) for k in sorted(set(source) & set(pulled)) if source[k] != pulled[k]}
@@ -1434,7 +1419,7 @@ def test_a_vagrant_libvirt_box_disk_pulls_back_to_the_same_files(accounts_image,
     pulled = _pull(f"file:{tmp_path / 'box.img'}")
     assert pulled.manifest["disk"]["format"] == "qcow2"
     with store.reading(pulled) as rootfs:
-        assert_same_files(tree_files(accounts_image.rootfs, PROMOTED), tree_files(rootfs, PROMOTED))
+        assert_same_files(tree_snapshot(accounts_image.rootfs, PROMOTED), tree_snapshot(rootfs, PROMOTED))
 
 
 def _pull(reference: str) -> store.StoredImage:
@@ -1469,11 +1454,11 @@ def test_a_box_and_an_ova_of_the_prepared_image_pull_back_to_the_same_files_and_
     from_ova, from_box = _pull(f"file:{ova}"), _pull(f"file:{box}")
     assert (from_ova.manifest["ova"]["format"], from_box.manifest["box"]["format"]) == ("vmdk", "qcow2")
     skip = (*PROMOTED, *VAGRANT_FILES)
-    prepared = tree_files(bookworm_vm.rootfs, skip)
+    prepared = tree_snapshot(bookworm_vm.rootfs, skip)
     with store.reading(from_box) as rootfs:
-        assert_same_files(prepared, tree_files(rootfs, skip))
+        assert_same_files(prepared, tree_snapshot(rootfs, skip))
     with store.reading(from_ova) as rootfs:
-        assert_same_files(tree_files(generic.rootfs, skip), tree_files(rootfs, skip))
+        assert_same_files(tree_snapshot(generic.rootfs, skip), tree_snapshot(rootfs, skip))
         for rel in VAGRANT_FILES[:4]:
             added = (rootfs / rel).read_text().removeprefix((generic.rootfs / rel).read_text())
             assert added.startswith("vagrant:") and added.count("\n") == 1, (rel, added)

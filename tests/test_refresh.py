@@ -417,7 +417,7 @@ def test_a_bootstrap_image_is_kept_when_its_archive_did_not_move_or_does_not_ver
 
     repo, url = apt_repository
     repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
-    monkeypatch.setitem(bootstrap.MIRRORS, "debian", url)
+    monkeypatch.setenv("RACKER_DEBIAN_MIRROR", url)
     monkeypatch.setenv("RACKER_ARCHIVE_KEYRING", str(repo.keyring))
     name = "bootstrap:debian/stable"
     ref = refs.parse(name)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import racker
 from racker import machines, proc
-from racker.errors import MachineError, NameTaken
+from racker.errors import BadSetting, MachineError, NameTaken
 from racker.machines import cgroups
 from racker.upkeep import gc
 from racker.vm import ports
@@ -279,5 +279,5 @@ def test_concurrent_vms_are_given_distinct_ports(private_store: dict, monkeypatc
 def test_a_bad_port_range_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("RACKER_SSH_PORTS", "lots")
-    with pytest.raises(MachineError, match="RACKER_SSH_PORTS='lots' is not a port range"):
+    with pytest.raises(BadSetting, match="RACKER_SSH_PORTS='lots' is not a port range"):
         ports.free_port(set())

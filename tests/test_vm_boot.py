@@ -132,7 +132,7 @@ def assert_cloud_defaults_on_disk(result: promote.Promoted, name: str, work: Pat
     if ("debian", suite) not in bootstrap.SECURITY_SUITES:  # sid; bullseye, past its LTS
         assert "-security" not in sources, sources
     else:  # on the host of the image's main mirror, as Debian's cloud images list it
-        host = bootstrap.MIRRORS["debian"].removesuffix("/").rpartition("/")[0]
+        host = bootstrap.mirror("debian").removesuffix("/").rpartition("/")[0]
         assert f"deb {host}/debian-security {suite}-security main" in sources.splitlines(), sources
     left = {f"{d}/{n}" for d, pattern in BUILD_LEFTOVERS for n in fnmatch.filter(disk_names(fs, d, work), pattern)}
     assert not left, f"build leftovers in the promoted disk: {sorted(left)}"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
-from racker import machines, proc, store
+from conftest import HANG_SECTOR, assert_vm_gone, racker, write_hang_disk
+from racker import machines, proc
 from racker.cpu import accel
 from racker.errors import BadDisk, BootTimeout, VMError, VMLaunchFailure
 from racker.upkeep import gc
@@ -20,46 +20,15 @@ from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 
-# 16-bit real mode: print "racker-hang" on COM1, then halt forever.
-_MESSAGE = b"racker-hang\n"
-# xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg; mov cx,12; lodsb; out dx,al; loop; cli; hlt; jmp $-1
-_CODE = bytes.fromhex("31c08ed8fc" "baf803" "be1e7c" "b90c00" "acee" "e2fc" "faf4ebfd")  # fmt: skip
-HANG_SECTOR = (_CODE + bytes(0x1E - len(_CODE)) + _MESSAGE).ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
-
-
-def _qemu_pids(name: str) -> set[int]:
-    """The QEMU processes of the VM called `name` (QEMU runs with -name NAME,…).
-
-    Only this VM's: tests on other xdist workers run VMs of their own meanwhile.
-    """
-    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
-    return {int(pid) for pid in found}
-
-
-def _assert_nothing_left(name: str) -> None:
-    assert machines.load("qemu", name) is None, "registry record left"
-    assert not (store.home() / "run" / "qemu" / name).exists(), "run directory (overlay, seed, sockets) left"
-    deadline = time.monotonic() + 10
-    while _qemu_pids(name) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _qemu_pids(name), "a QEMU process was left running"
-
 
 @pytest.fixture(autouse=True)
 def _own_store(private_store: dict) -> None:
     """VMs here are made, killed and collected in a store of their own, never a user's."""
 
 
-@pytest.fixture
-def hang_disk(tmp_path: Path) -> Path:
-    path = tmp_path / "hang.raw"
-    path.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
-    return path
-
-
 def test_backing_file_is_refused_before_any_work(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
-    base.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    write_hang_disk(base)
     evil = tmp_path / "evil.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(evil)], check=True)
     vm = VM(evil)
@@ -99,7 +68,7 @@ def test_a_hung_boot_times_out_with_the_console_tail(hang_disk: Path) -> None:
         vm.start()
     assert time.monotonic() - started < 30
     assert "racker-hang" in (raised.value.hint or "")
-    _assert_nothing_left(vm.name)
+    assert_vm_gone(vm.name)
 
 
 def test_qmp_works_however_deep_the_store_is(hang_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +78,7 @@ def test_qmp_works_however_deep_the_store_is(hang_disk: Path, tmp_path: Path, mo
     with pytest.raises(BootTimeout) as raised:
         vm.start()
     assert "racker-hang" in (raised.value.hint or ""), "QEMU ran and was stopped through QMP"
-    _assert_nothing_left(vm.name)
+    assert_vm_gone(vm.name)
 
 
 def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
@@ -132,7 +101,7 @@ def test_a_crashed_qemu_is_an_error_with_nothing_left(hang_disk: Path) -> None:
         vm.start()
     killer.join()
     assert "racker-hang" in (raised.value.hint or "")
-    _assert_nothing_left(vm.name)
+    assert_vm_gone(vm.name)
 
 
 def _read(path: Path) -> bytes:
@@ -172,7 +141,7 @@ def test_a_signal_while_booting_leaves_nothing(hang_disk: Path, signum: int) -> 
             child.kill()
     assert child.returncode == 128 + signum or (signum == signal.SIGINT and child.returncode == 130), err
     assert "Traceback" not in err
-    _assert_nothing_left(name)
+    assert_vm_gone(name)
 
 
 def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
@@ -186,7 +155,7 @@ def test_gc_cleans_up_after_kill_9(hang_disk: Path) -> None:
     removed = gc.collect()
     assert any(name in line for line in removed), removed
     assert not proc.alive(state.pid, state.pid_start, state.boot_id)
-    _assert_nothing_left(name)
+    assert_vm_gone(name)
 
 
 def test_kvm_probe_boots_a_real_kernel_and_tcg_passes() -> None:

@@ -21,29 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_vm_gone, write_hang_disk
 from racker import images, machines, prepare, promote, store
 from racker.errors import BootTimeout
 from racker.vm import qemu, snapshots
 from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
-
-# 16-bit real mode: print "racker-hang" on COM1, then halt forever (test_vm_faults' hang disk).
-HANG_SECTOR = bytes.fromhex("31c08ed8fcbaf803be1e7cb90c00aceee2fcfaf4ebfd")
-HANG_SECTOR = (HANG_SECTOR + bytes(0x1E - len(HANG_SECTOR)) + b"racker-hang\n").ljust(446, b"\0") + bytes(64) + b"\x55\xaa"
-
-
-def _qemu_pids(name: str) -> set[int]:
-    found = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name {name},"], capture_output=True, text=True).stdout.split()
-    return {int(pid) for pid in found}
-
-
-def _assert_gone(vm: VM) -> None:
-    assert machines.load("qemu", vm.name) is None and not vm.rundir.exists()
-    deadline = time.monotonic() + 10
-    while _qemu_pids(vm.name) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _qemu_pids(vm.name), "a QEMU process was left running"
 
 
 @contextlib.contextmanager
@@ -124,7 +108,7 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
         assert clones[1].run_expect([1], ["test", "-e", "/var/tmp/clone"])
         assert (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns == frozen
     for vm in clones:
-        _assert_gone(vm)
+        assert_vm_gone(vm.name)
     listed = subprocess.run([sys.executable, "-m", "racker", "vm", "snapshots"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and snapshot.id in listed.stdout and "M " in listed.stdout, listed.stdout + listed.stderr
 
@@ -150,8 +134,7 @@ def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
 ) -> None:
     """The real snapshot's stream, truncated, as the snapshot of a disk that only hangs:
     the restore fails, and the cold boot it falls back to is the hang (no second real boot)."""
-    disk = tmp_path / "hang.raw"
-    disk.write_bytes(HANG_SECTOR + bytes(1024 * 1024 - 512))
+    disk = write_hang_disk(tmp_path / "hang.raw")
     vm = VM(disk, warm=True, boot_timeout=10)
     key = vm.snapshot_key("bios")
     broken = snapshots.directory() / key.id
@@ -166,4 +149,4 @@ def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
     assert f"snapshot {key.id} of hang.raw did not restore" in capsys.readouterr().err
     assert not broken.exists() and snapshots.find(key) is None
     assert not [p for p in snapshots.directory().iterdir() if p.name.startswith(".")], "nothing half removed"
-    _assert_gone(vm)
+    assert_vm_gone(vm.name)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from racker import __version__, errors, machines, proc, progress, redact, store
+from racker import __version__, errors, machines, proc, progress, redact, sizes, store
 
 if TYPE_CHECKING:
     from racker.machines.logins import Login
@@ -24,15 +24,6 @@ if TYPE_CHECKING:
 
 EXIT_RACKER_FAILED = 125
 USER_HELP = "run as this guest user: NAME, UID, NAME:GROUP or UID:GID (as docker's --user), with a login environment"
-
-
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value:.1f}GB"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -47,6 +38,23 @@ def _print_json(data: object) -> None:
 
 
 # -- commands ---------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from racker import settings
+
+    rows = settings.listing()
+    if args.json:
+        _print_json(rows)
+    else:
+        _table(
+            [[r["name"], r["value"] or "(unset)", r["source"] + (" (invalid)" if "error" in r else "")] for r in rows],
+            ["SETTING", "VALUE", "FROM"],
+        )
+        for row in rows:
+            if "error" in row:
+                print(f"racker: error: {row['error']}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -185,7 +193,7 @@ def cmd_images(args: argparse.Namespace) -> int:
             ]
         )
         return 0
-    rows = [[i.name, i.short_digest, _human_size(i.size), i.created, _last_checked(i), i.source] for i in listed]
+    rows = [[i.name, i.short_digest, sizes.human(i.size), i.created, _last_checked(i), i.source] for i in listed]
     header = ["NAME", "DIGEST", "SIZE", "BUILT", "CHECKED", "SOURCE"]
     foreign = [_foreign_platform(i) for i in listed]
     if any(foreign):  # a column only when some image is not for this host
@@ -570,6 +578,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    p = verb("config", cmd_config, "list every RACKER_* setting: its value and where it came from (environment or default)")
+    p.add_argument("--json", action="store_true")
+
     p = verb("doctor", cmd_doctor, "check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="do not boot a probe guest to test KVM")
@@ -616,8 +627,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--force", action="store_true", help="remove even while machines use it")
 
-    boot_timeout = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
-
     def network_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--network",
@@ -645,7 +654,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--rm", action="store_true", help="accepted for docker compatibility: machines are always removed")
     p.add_argument("--name")
     p.add_argument("-t", "--tty", action="store_true", default=None, help="give the command a terminal of the machine's own")
-    p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for boot (default $RACKER_BOOT_TIMEOUT, else 60)")
     p.add_argument(
         "--no-boot",
         action="store_true",
@@ -661,7 +670,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("image")
     add_pull_options(p)
     p.add_argument("--name")
-    p.add_argument("--timeout", type=float, default=boot_timeout, help="seconds to wait for boot (default %(default)s)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for boot (default $RACKER_BOOT_TIMEOUT, else 60)")
     network_options(p)
 
     p = verb("exec", cmd_exec, "run a command in a running machine")
@@ -674,7 +683,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = verb("shell", cmd_shell, "a login shell in a machine (booted from the image of that name if none runs)")
     p.add_argument("-u", "--user", help=USER_HELP)
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=boot_timeout)
+    p.add_argument("--timeout", type=float, help="seconds to wait for boot (default $RACKER_BOOT_TIMEOUT, else 60)")
     add_pull_options(p)
     network_options(p)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +13,6 @@ from racker.store import refs
 from racker.vm import boards
 
 Verb = Callable[..., argparse.ArgumentParser]
-
-VM_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -322,7 +319,7 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
         q.add_argument("--accel", choices=["kvm", "tcg"], help="override the KVM probe")
         q.add_argument("--firmware", choices=["bios", "uefi"], help="default: what the disk boots with")
         q.add_argument("--disk-size", help="grow the VM's disk (an overlay) to this size, e.g. 8G")
-        q.add_argument("--timeout", type=float, default=VM_BOOT_TIMEOUT, help="seconds to wait for boot (default %(default)s)")
+        q.add_argument("--timeout", type=float, help="seconds to wait for boot (default $RACKER_VM_BOOT_TIMEOUT, else 240)")
         q.add_argument("--warm", action="store_true", help="restore the disk's snapshot; without one, boot and save one")
         q.add_argument(
             "--user-data",

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from racker import proc, progress, store
+from racker import proc, progress, settings, store
 
 PROBE_TIMEOUT = 5.0
 PROBE_VERSION = "2"  # bumped: v1 booted a boot sector, which passes where real guests hang
@@ -175,7 +175,7 @@ def choose(requested: str | None = None) -> str:
 
 def _warned_before() -> bool:
     """Warn once per process; pytest-xdist workers share one warning through the environment."""
-    if os.environ.get("RACKER_ACCEL_WARNED") == "1":
+    if settings.ACCEL_WARNED.value():
         return True
-    os.environ["RACKER_ACCEL_WARNED"] = "1"
+    os.environ[settings.ACCEL_WARNED.name] = "1"
     return False

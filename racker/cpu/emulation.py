@@ -14,19 +14,16 @@ registered: a handler someone else registered is theirs.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
+from racker import proc, settings
 from racker.errors import RackerError
 from racker.store import platforms
 from racker.store.platforms import Platform
 
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 PACKAGE = "qemu-user-static"
-# Where binfmt lines live (systemd-binfmt's directories); RACKER_BINFMT_DIRS (":"-separated) replaces them.
-BINFMT_DIRS = ("/etc/binfmt.d", "/run/binfmt.d", "/usr/lib/binfmt.d")
 # qemu-user's name of an architecture, where it is not Go's.
 QEMU_NAMES = {"arm64": "aarch64", "amd64": "x86_64", "386": "i386", "mips64le": "mips64el", "mipsle": "mipsel", "loong64": "loongarch64"}
 # What this host's CPU runs natively besides its own architecture.
@@ -61,8 +58,7 @@ def qemu_name(platform: Platform) -> str:
 
 
 def _dirs() -> list[Path]:
-    configured = os.environ.get("RACKER_BINFMT_DIRS")
-    return [Path(d) for d in (configured.split(":") if configured is not None else BINFMT_DIRS) if d]
+    return settings.BINFMT_DIRS.value()
 
 
 def handler_line(qemu: str) -> str | None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from racker import sizes
 from racker.errors import RackerError
 
 TARGET_MACHINES = 200  # what `racker doctor --fix` makes room for
@@ -139,7 +140,7 @@ def recognise(text: str) -> tuple[Limit, str] | None:
 
 def describe(limit: Limit) -> str:
     if not limit.sysctl:
-        return f"{limit.name} ({_size(memory_available())} available)"
+        return f"{limit.name} ({sizes.human(memory_available())} available)"
     return f"{limit.name} ({limit.sysctl}={limit.current()})"
 
 
@@ -147,10 +148,6 @@ def raise_hint(limit: Limit) -> str:
     if not limit.sysctl:
         return "free memory (stop machines) or run fewer at once"
     return f"raise it: sysctl -w {limit.sysctl}={fix_value(limit, limit.typical)}, or run: racker doctor --fix"
-
-
-def _size(n: float) -> str:
-    return f"{n / (1 << 20):.0f}MB"
 
 
 @dataclass
@@ -169,8 +166,8 @@ class Headroom:
         return max(0, int((self.value - self.used) // self.per_machine))
 
     def line(self) -> str:
-        fmt = _size if self.limit.unit == "bytes" else (lambda n: f"{n:g}")
-        setting = f"{self.limit.sysctl}={self.value}" if self.limit.sysctl else f"{_size(self.value - self.used)} available"
+        fmt = sizes.human if self.limit.unit == "bytes" else (lambda n: f"{n:g}")
+        setting = f"{self.limit.sysctl}={self.value}" if self.limit.sysctl else f"{sizes.human(self.value - self.used)} available"
         room = "no bound" if self.machines is None else f"{self.machines} more"
         cost = fmt(round(self.per_machine, 1)) + (" measured" if self.measured else " typical")
         return f"{room:>10}  {self.limit.name}: {setting}, {fmt(self.used)} in use, {cost} per machine"

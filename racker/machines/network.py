@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import racker
-from racker import machines, proc, store
+from racker import machines, proc, settings, store
 from racker.errors import MachineError
 from racker.machines import State
 
@@ -63,19 +63,14 @@ FORWARDING_MARK = "forwarding-turned-on"  # in state_dir(): racker turned ip_for
 
 
 def network_range() -> ipaddress.IPv4Network:
-    text = os.environ.get("RACKER_NETWORK_RANGE", "10.213.0.0/16")
-    try:
-        network = ipaddress.IPv4Network(text)
-    except ValueError:
-        hint = "e.g. RACKER_NETWORK_RANGE=10.213.0.0/16"
-        raise MachineError(f"RACKER_NETWORK_RANGE={text!r} is not an IPv4 network", hint=hint) from None
+    network = settings.NETWORK_RANGE.value()
     if network.prefixlen > SUBNET_PREFIX:
-        raise MachineError(f"RACKER_NETWORK_RANGE={text!r} is smaller than a /{SUBNET_PREFIX}")
+        raise MachineError(f"RACKER_NETWORK_RANGE={str(network)!r} is smaller than a /{SUBNET_PREFIX}")
     return network
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("RACKER_NETWORK_DIR", "/run/racker/network"))
+    return settings.NETWORK_DIR.value()
 
 
 def claims_dir() -> Path:

@@ -22,14 +22,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from racker import machines, proc, store
+from racker import machines, proc, settings, store
 from racker.cpu import emulation
 from racker.errors import BootTimeout, GuestDied, HostLimit, MachineError, NoSuchMachine, RackerError, ToolTimeout, Unreachable
 from racker.machines import State, cgroups, guest_env, inits, limits, logins, named_networks, network
 from racker.machines.logins import Login
 from racker.proc import Result
-
-DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_BOOT_TIMEOUT", "60"))
 
 
 def has_machined() -> bool:
@@ -51,7 +49,7 @@ class Machine(machines.Guest):
         image: store.StoredImage,
         name: str | None = None,
         *,
-        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        boot_timeout: float | None = None,
         detached: bool = False,
         network_mode: str = network.DEFAULT_MODE,
         publish: Sequence[network.Publish] = (),
@@ -63,7 +61,7 @@ class Machine(machines.Guest):
         self.detached = detached
         self.network = named_networks.for_mode(network_mode, publish, network_alias)
         self.name = machines.check_name(name) if name else machines.unique_name(image.name)
-        self.boot_timeout = boot_timeout
+        self.boot_timeout = settings.BOOT_TIMEOUT.value() if boot_timeout is None else boot_timeout
         self.state: State | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self.boot_seconds = 0.0
@@ -80,7 +78,7 @@ class Machine(machines.Guest):
         machine = cls.__new__(cls)
         machine.image = store.lookup(state.image) or store.StoredImage(state.image, state.digest, "", "", 0)
         machine.name = name
-        machine.boot_timeout = DEFAULT_BOOT_TIMEOUT
+        machine.boot_timeout = settings.BOOT_TIMEOUT.value()
         machine.detached = state.owner == 0
         machine.state = state
         machine.network = network.for_mode(network.DEFAULT_MODE)  # stop() releases what the record names
@@ -530,6 +528,6 @@ def nspawn_env() -> dict[str, str]:
     230 runs on v2. RACKER_NSPAWN_UNIFIED=0 restores nspawn's own choice, for
     images older than that.
     """
-    if os.environ.get("RACKER_NSPAWN_UNIFIED", "1") == "0":
+    if not settings.NSPAWN_UNIFIED.value():
         return {}
     return {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}

@@ -14,12 +14,9 @@ once: one builds it under a lock, the others find it done.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,24 +549,6 @@ def write_file(rootfs: Path, rel: str, text: str, mode: int = 0o644) -> None:
         imagetree.Tree(rootfs).write_text(rel, text, mode)
     except OSError as err:
         raise PrepareError(f"cannot write /{rel} in the image: {err.strerror}") from None
-
-
-def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Put a new file at `path`: written under a fresh name beside it, then renamed over.
-
-    What was at `path` is never opened: in a tree that is hard links to the
-    store (promote's staged copy), writing to it would write into the store.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def in_container(

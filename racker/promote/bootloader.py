@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import prepare, proc
+from racker import files, proc
 from racker.errors import PromoteError
 from racker.store import imagetree
 
@@ -137,7 +137,7 @@ def install_modules(boot_grub: Path, platform: str, lib: Path = GRUB_LIB) -> Non
     for path in sorted(source.iterdir()):
         if path.suffix in (".mod", ".lst", ".img"):
             copied = target / path.name
-            prepare.replace_file(copied, path.read_bytes(), path.stat().st_mode & 0o7777)
+            files.write_atomic(copied, path.read_bytes(), path.stat().st_mode & 0o7777)
             shutil.copystat(path, copied)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
+from racker import proc, sizes
 from racker.errors import PromoteError
 from racker.store import imagetree
 
@@ -32,24 +31,13 @@ GPT_TRAILER = 34 * SECTOR  # backup GPT header and entries at the end of the dis
 # New e2fsprogs features that older kernels, e2fsck and GRUB (before 2.12) cannot read.
 EXT4_FEATURES = "^orphan_file,^metadata_csum_seed"
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-
 
 def parse_size(text: str) -> int:
     """'4G', '512M', '2.5G', '1073741824' -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise PromoteError(f"cannot read disk size {text!r}", hint="use a number with a unit, e.g. 4G or 512M")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** "BKMGT".index(unit.upper() or "B"))
-
-
-def human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024  # type: ignore[assignment]
-    return f"{size}B"
+    try:
+        return sizes.parse(text)
+    except ValueError:
+        raise PromoteError(f"cannot read disk size {text!r}", hint="use a number with a unit, e.g. 4G or 512M") from None
 
 
 def min_root_size(tree_bytes: int) -> int:
@@ -113,7 +101,8 @@ def plan(firmware: str, size: int, tree_bytes: int, seed: str = "", epoch: int |
     if root_size < needed:
         overhead = size - root_size
         raise PromoteError(
-            f"a {human(size)} disk is too small: the root filesystem needs {human(needed)} for {human(tree_bytes)} of files",
+            f"a {sizes.human(size)} disk is too small: the root filesystem needs {sizes.human(needed)}"
+            f" for {sizes.human(tree_bytes)} of files",
             hint=f"use --size {(needed + overhead) // MiB + 1}M or more",
         )
     ids = _Ids(seed)

@@ -292,7 +292,7 @@ def check_gce_tar(built: Built) -> tuple[bool, str]:
 def check_grub(built: Built) -> tuple[bool, str]:
     """GRUB boots the disk: its boot.img in the MBR and core.img after it (BIOS), or a GRUB EFI binary on the ESP."""
     head = readback.read_disk(built.path, 0, 2 * readback.SECTOR, built.work)
-    table = readback.partition_table(head)
+    table, _partitions = readback.disk_table(built.path, built.work)
     if table == "gpt":
         binary = readback.esp_file(built.path, "EFI/BOOT/BOOTX64.EFI", built.work)
         if binary is None:

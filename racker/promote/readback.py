@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import lzma
-import struct
 import tarfile
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,8 +16,8 @@ from pathlib import Path
 
 from racker import proc
 from racker.errors import PromoteError
-from racker.promote import disk, formats
-from racker.sources import diskfile
+from racker.promote import formats
+from racker.sources import diskfile, partitions
 
 SECTOR = 512
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
@@ -84,47 +82,20 @@ def read_disk(path: Path, offset: int, length: int, work: Path) -> bytes:
         with _tar_disk(path) as (_member, handle):
             handle.seek(offset)  # type: ignore[attr-defined]
             return handle.read(length)  # type: ignore[attr-defined]
-    fmt = qemu_info(path)["format"]
-    if fmt == "raw":
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
-    if offset % SECTOR or length % SECTOR:
-        raise PromoteError(f"read {length} bytes at {offset}: not whole sectors")
-    out = work / f"read-{offset}-{length}.raw"
-    out.unlink(missing_ok=True)
-    try:
-        proc.run(
-            ["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={offset // SECTOR}", f"count={length // SECTOR}",
-             f"if={path}", f"of={out}"],
-            timeout=600,
-        )  # fmt: skip
-        return out.read_bytes()
-    finally:
-        out.unlink(missing_ok=True)
+    return diskfile.disk_reader(path, qemu_info(path)["format"], work)(offset, length)
 
 
-def partition_table(head: bytes) -> str:
-    """'gpt', 'dos' or '' from the disk's first sector."""
-    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
-        return ""
-    types = [head[446 + 16 * i + 4] for i in range(4)]
-    return "gpt" if 0xEE in types else "dos"
+def disk_table(path: Path, work: Path) -> tuple[str, list[partitions.Volume]]:
+    """The built disk's partition table (partitions.table), read out of whatever holds it."""
+    read = partitions.cached(lambda offset, length: read_disk(path, offset, length, work))
+    return partitions.table(read, virtual_size(path))
 
 
 def esp_extent(path: Path, work: Path) -> tuple[int, int] | None:
     """(offset, size) in bytes of the GPT's EFI system partition, or None."""
-    head = read_disk(path, 0, 34 * SECTOR, work)
-    if partition_table(head) != "gpt" or head[SECTOR : SECTOR + 8] != b"EFI PART":
-        return None
-    entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-    table = read_disk(path, entries_lba * SECTOR, (count * size + SECTOR - 1) // SECTOR * SECTOR, work)
-    for i in range(count):
-        entry = table[i * size : (i + 1) * size]
-        if len(entry) >= 48 and uuid.UUID(bytes_le=entry[:16]) == uuid.UUID(disk.ESP_TYPE):
-            first, last = struct.unpack_from("<QQ", entry, 32)
-            return first * SECTOR, (last - first + 1) * SECTOR
-    return None
+    label, volumes = disk_table(path, work)
+    esp = next((v for v in volumes if label == "gpt" and v.type == partitions.GPT_ESP), None)
+    return (esp.offset, esp.size) if esp else None
 
 
 def esp_file(path: Path, rel: str, work: Path) -> bytes | None:
@@ -151,17 +122,8 @@ def esp_file(path: Path, rel: str, work: Path) -> bytes | None:
 
 def partition_starts(path: Path, work: Path) -> list[int]:
     """The byte offset of every partition in the disk's MBR or GPT."""
-    head = read_disk(path, 0, 34 * SECTOR, work)
-    table = partition_table(head)
-    if table == "dos":
-        entries = [struct.unpack_from("<BBBBBBBBII", head, 446 + 16 * i) for i in range(4)]
-        return [entry[8] * SECTOR for entry in entries if entry[4] and entry[9]]
-    if table != "gpt" or head[SECTOR : SECTOR + 8] != b"EFI PART":
-        return []
-    entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-    entries = read_disk(path, entries_lba * SECTOR, (count * size + SECTOR - 1) // SECTOR * SECTOR, work)
-    rows = (entries[i * size : (i + 1) * size] for i in range(count))
-    return [struct.unpack_from("<Q", row, 32)[0] * SECTOR for row in rows if len(row) >= 48 and any(row[:16])]
+    label, volumes = disk_table(path, work)
+    return [volume.offset for volume in volumes] if label else []
 
 
 def is_fixed_vhd(path: Path) -> bool:

@@ -4,11 +4,12 @@ tests of one xdist_group mark on one worker too."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
+
+from racker import files
 
 
 def publish_groups(items: list[pytest.Item], directory: str, worker: str) -> None:
@@ -20,9 +21,7 @@ def publish_groups(items: list[pytest.Item], directory: str, worker: str) -> Non
         if mark is not None:
             groups[item.nodeid] = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     path = Path(directory) / f"{worker}.json"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(groups))
-    os.replace(temporary, path)  # whole, or not there yet
+    files.write_atomic(path, json.dumps(groups), mode=None)  # whole, or not there yet
 
 
 class ImageScheduling(LoadScopeScheduling):

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from racker import store
+from racker import files, store
 from racker.errors import ReportError
 from racker.report import changes, history, results
 from racker.report import html as report_html
@@ -440,9 +440,7 @@ def write(report: dict[str, Any], directory: Path) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         for name, text in outputs.items():
             path = directory / name
-            partial = directory / f".{name}.partial"
-            partial.write_text(text)
-            partial.replace(path)
+            files.write_atomic(path, text, mode=None)
             written.append(path)
     except OSError as error:
         raise ReportError(f"cannot write the report into {directory}: {error.strerror or error}") from None

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
+from racker import sizes
+
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #1f2328; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1em; }
@@ -70,14 +72,8 @@ ACCEL = {"kvm": "KVM", "tcg": "TCG"}
 
 
 def human_bytes(size: int | float | None) -> str:
-    if not size:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return f"{value:.1f}TB"
+    """A size from a guest's facts; nothing where it was not measured."""
+    return sizes.human(size) if size else ""
 
 
 def short_digest(digest: str) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
+from racker import settings
 from racker.errors import BadReference
 from racker.store.catalog import CatalogEntry
 from racker.store.refs import LOCAL_IMAGE_SCHEMES, Reference
@@ -72,10 +72,7 @@ def same_upstream(ref: Reference, old: str, new: str) -> bool:
 
 def upstream_timeout() -> float:
     """RACKER_UPSTREAM_TIMEOUT: seconds an upstream may take to answer a refresh's question (default 30)."""
-    try:
-        return float(os.environ.get("RACKER_UPSTREAM_TIMEOUT") or 30)
-    except ValueError:
-        return 30.0
+    return settings.UPSTREAM_TIMEOUT.value()
 
 
 def recipe_for(ref: Reference, entry: CatalogEntry | None = None) -> str:

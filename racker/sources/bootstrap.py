@@ -10,17 +10,20 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from racker import proc, progress, store
+from racker import proc, progress, settings, store
 from racker.errors import UpstreamError
 from racker.sources import archive, upstream_timeout
 from racker.store import reproducible
 from racker.store.catalog import CatalogEntry
 from racker.store.refs import Reference
 
-MIRRORS = {
-    "debian": os.environ.get("RACKER_DEBIAN_MIRROR", "http://deb.debian.org/debian"),
-    "ubuntu": os.environ.get("RACKER_UBUNTU_MIRROR", "http://archive.ubuntu.com/ubuntu"),
-}
+# The archive each distribution is bootstrapped from, read when used.
+MIRRORS = {"debian": settings.DEBIAN_MIRROR, "ubuntu": settings.UBUNTU_MIRROR}
+
+
+def mirror(distro: str) -> str:
+    return MIRRORS[distro].value()
+
 
 # The security suite of each release that has one (sid and experimental have none),
 # as the distribution's own cloud images list it. Its archive sits beside the
@@ -38,11 +41,11 @@ DEFAULT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iprout
 
 def sources(distro: str, suite: str) -> list[str]:
     """The one-line apt sources the image is built from and keeps: the release, then its security suite."""
-    mirror = MIRRORS[distro]
-    lines = [f"deb {mirror} {suite} main"]
+    base = mirror(distro)
+    lines = [f"deb {base} {suite} main"]
     if (distro, suite) in SECURITY_SUITES:
         archive, security = SECURITY_SUITES[distro, suite]
-        parts = urlsplit(mirror)
+        parts = urlsplit(base)
         sibling = parts.path.rstrip("/").rpartition("/")[0] + "/" + archive
         lines.append(f"deb {urlunsplit(parts._replace(path=sibling))} {security} main")
     return lines
@@ -57,7 +60,7 @@ KEYRINGS = {
 def keyring(distro: str) -> Path:
     """The keys the archive's InRelease must be signed with: RACKER_ARCHIVE_KEYRING (a mirror of one's
     own, signed with one's own key; mmdebstrap is given it too), else the distribution's keyring."""
-    return Path(os.environ.get("RACKER_ARCHIVE_KEYRING") or KEYRINGS[distro])
+    return settings.ARCHIVE_KEYRING.get() or Path(KEYRINGS[distro])
 
 
 def architecture(ref: Reference | None = None) -> str:
@@ -145,7 +148,7 @@ def _mmdebstrap(ref: Reference, distro: str, suite: str, entry: CatalogEntry | N
     for option in entry.apt_options if entry else ():
         argv.append(f"--aptopt={option}")
     # mmdebstrap installs from these and writes them as the image's sources.list.
-    if os.environ.get("RACKER_ARCHIVE_KEYRING"):
+    if settings.ARCHIVE_KEYRING.get() is not None:
         argv.append(f"--keyring={keyring(distro)}")
     argv += [suite, str(rootfs), *sources(distro, suite)]
     with progress.step(f"bootstrapping {distro} {suite} ({architecture(ref)}) with mmdebstrap"):

@@ -27,6 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from racker import settings
 from racker.errors import RackerError
 from racker.store import imagetree
 from racker.store.catalog import BadCatalogEntry, CatalogEntry
@@ -174,7 +175,7 @@ def _secret(spec: str, here: Path) -> Secret:
 
 def _ca(asked: bool | None) -> Path | None:
     """The CA bundle to lend: host_ca decides; without it, RACKER_BUILD_CA alone asks for one."""
-    named = os.environ.get("RACKER_BUILD_CA")
+    named = settings.BUILD_CA.get()
     if asked is False or (asked is None and not named):
         return None
     bundle = Path(named or DEFAULT_CA).absolute()

@@ -59,11 +59,12 @@ def unpack(path: Path, rootfs: Path, *, name: str) -> dict:
 
 def volumes(fd: int, size: int) -> tuple[str, list[Found], list[str]]:
     """(the table's kind, every volume with what it holds, why the LVs that cannot be read cannot)."""
-    label, parts = partitions.table(fd, size)
+    read = partitions.fd_reader(fd)
+    label, parts = partitions.table(read, size)
     found: list[Found] = []
     pvs: list[Volume] = []
     for volume in parts:
-        fs = partitions.probe(fd, volume.offset)
+        fs = partitions.probe(read, volume.offset)
         if fs.kind == "lvm2":
             pvs.append(volume)
         else:
@@ -74,7 +75,7 @@ def volumes(fd: int, size: int) -> tuple[str, list[Found], list[str]]:
             if lv.volume is None:
                 unreadable.append(lv.why_not)
             else:
-                found.append(Found(lv.volume, partitions.probe(fd, lv.volume.offset), (lv.vg, lv.name)))
+                found.append(Found(lv.volume, partitions.probe(read, lv.volume.offset), (lv.vg, lv.name)))
     return label, found, unreadable
 
 

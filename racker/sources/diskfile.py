@@ -21,7 +21,7 @@ from typing import IO
 
 from racker import proc, progress
 from racker.errors import BadArchive, BadDisk, ToolFailed
-from racker.sources import compression
+from racker.sources import compression, partitions
 
 CHUNK = 1 << 20
 GCE_NAMES = ("disk.raw", "./disk.raw")
@@ -61,6 +61,31 @@ def qemu_img_info(path: Path) -> dict:
     """`qemu-img info` of a disk, a fixed VHD read as one."""
     forced = ["-f", "vpc"] if is_fixed_vhd(path) else []
     return json.loads(proc.run(["qemu-img", "info", "--force-share", "--output=json", *forced, str(path)], timeout=120).stdout)
+
+
+def disk_reader(path: Path, fmt: str, scratch: Path) -> partitions.Reader:
+    """The disk's bytes as a guest sees them, read straight from a raw file, else with qemu-img dd."""
+
+    def read(offset: int, length: int) -> bytes:
+        if fmt == "raw":
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(length)
+        first, end = offset // SECTOR, -(-(offset + length) // SECTOR)  # whole sectors around the range
+        out = scratch / f"read-{offset}-{length}.raw"
+        out.unlink(missing_ok=True)
+        try:
+            proc.run(
+                ["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"skip={first}", f"count={end - first}", f"if={path}",
+                 f"of={out}"],
+                timeout=600,
+            )  # fmt: skip
+            skip = offset - first * SECTOR
+            return out.read_bytes()[skip : skip + length]
+        finally:
+            out.unlink(missing_ok=True)
+
+    return read
 
 
 def image_format(head: bytes, path: Path | None = None) -> str | None:

@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc, progress
+from racker import proc, progress, sizes
 from racker.errors import BadArchive, BadDisk
 from racker.sources import extract
 
@@ -115,7 +115,7 @@ def listing(fs: str, work: Path, name: str) -> list[Entry]:
                     total += extract.HEADER + (entry.size if stat.S_ISREG(entry.mode) else 0)
                     if total > limit:
                         raise BadArchive(
-                            f"{name} holds more than {extract._human(limit)} of files: refused",
+                            f"{name} holds more than {sizes.human(limit)} of files: refused",
                             hint="if the image really is that large, raise RACKER_EXTRACT_LIMIT (e.g. RACKER_EXTRACT_LIMIT=128G)",
                         )
                     entries.append(entry)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from racker import progress, store
+from racker import progress, settings, sizes, store
 from racker.errors import BadArchive
 
 # Where set-uid/set-gid programs live in the distributions racker boots.
@@ -49,20 +49,12 @@ KEPT_XATTRS = ("security.capability",)
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_LINK_HOPS = 40
-DEFAULT_LIMIT = 64 << 30
 HEADER = 512  # a tar header block: counted too, so that millions of empty members also reach the limit
 
 
 def size_limit() -> int:
     """RACKER_EXTRACT_LIMIT: the most bytes one archive may unpack to (suffixes K, M, G, T)."""
-    text = os.environ.get("RACKER_EXTRACT_LIMIT", "").strip()
-    if not text:
-        return DEFAULT_LIMIT
-    scale = 1 << (10 * ("KMGT".index(text[-1].upper()) + 1)) if text[-1].upper() in "KMGT" else 1
-    try:
-        return int(text.rstrip("kKmMgGtT")) * scale
-    except ValueError:
-        raise BadArchive(f"RACKER_EXTRACT_LIMIT={text!r} is not a size", hint="e.g. RACKER_EXTRACT_LIMIT=64G") from None
+    return settings.EXTRACT_LIMIT.value()
 
 
 @dataclass
@@ -167,7 +159,7 @@ def extract(stream: IO[bytes], root: Path, *, whiteouts: bool = False, plain: bo
                 report.unpacked += HEADER + (member.size if member.isreg() else 0)
                 if report.unpacked > limit:
                     raise BadArchive(
-                        f"{name} unpacks to more than {_human(limit)}: refused as a decompression bomb",
+                        f"{name} unpacks to more than {sizes.human(limit)}: refused as a decompression bomb",
                         hint="if the image really is that large, raise RACKER_EXTRACT_LIMIT (e.g. RACKER_EXTRACT_LIMIT=128G)",
                     )
                 if plain:
@@ -270,13 +262,6 @@ def _apply_metadata(member: tarfile.TarInfo, target: Path, rel: str, report: Rep
             if key.startswith("SCHILY.xattr.") and attribute in KEPT_XATTRS:
                 os.setxattr(target, attribute, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
     os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
-
-
-def _human(size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift:
-            return f"{size / (1 << shift):g} {unit}"
-    return f"{size} bytes"
 
 
 def _setid_allowed(rel: str) -> bool:

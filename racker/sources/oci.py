@@ -26,7 +26,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from racker import proc, progress, store, untrusted
+from racker import proc, progress, settings, store, untrusted
 from racker.errors import BadArchive, BadReference, ToolFailed
 from racker.sources import insecure, registries, seen_upstream
 from racker.store import platforms, refs
@@ -53,7 +53,7 @@ def is_loopback(host: str) -> bool:
 
 def tls_verify(host: str) -> bool:
     """Whether `host` must answer HTTPS with a verified certificate (a pull asked with --insecure: no)."""
-    listed = {h.strip() for h in os.environ.get("RACKER_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    listed = settings.INSECURE_REGISTRIES.get() or set()
     return not (insecure() or is_loopback(host) or host in listed)
 
 

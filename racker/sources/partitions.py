@@ -1,5 +1,9 @@
-"""A raw disk's partition table (MBR with its logical partitions, or GPT with its CRCs checked),
+"""A disk's partition table (MBR with its logical partitions, or GPT with its CRCs checked),
 and what each partition holds, read from the bytes in Python: no sfdisk, no kernel, no loop device.
+The one MBR/GPT reader: pulling a disk, checking a VM's disk boots, reading a built disk back.
+
+It reads through a Reader, (offset, length) -> bytes: a raw file's descriptor (fd_reader), or
+whatever gets at a disk packed in another format (qemu-img dd), with its first sectors cached.
 
 A disk with no table is one volume: a bare filesystem (Firecracker's ext4) or an LVM PV.
 """
@@ -10,6 +14,7 @@ import os
 import struct
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from racker.errors import BadDisk
@@ -17,9 +22,15 @@ from racker.errors import BadDisk
 SECTOR = 512
 GPT_ROOT_X86_64 = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # Discoverable Partitions Specification
 GPT_USR_X86_64 = "8484680c-9521-48c6-9c11-b0720656f69e"
+GPT_ESP = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"  # the EFI system partition
+GPT_BIOS_BOOT = "21686148-6449-6e6f-744e-656564454649"  # GRUB's core.img on a BIOS disk with a GPT
+MBR_ESP = "ef"
 MBR_EXTENDED = (0x05, 0x0F, 0x85)
 MBR_PROTECTIVE = 0xEE
 MAX_LOGICAL = 128  # an EBR chain longer than this loops
+HEAD = 34 * SECTOR  # the MBR, the GPT header and 128 entries: what a table's reading mostly needs
+
+Reader = Callable[[int, int], bytes]  # (offset, length) -> the disk's bytes there (fewer at its end)
 
 
 @dataclass(frozen=True)
@@ -49,28 +60,42 @@ def read_at(fd: int, offset: int, length: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
-def table(fd: int, disk_size: int) -> tuple[str, list[Volume]]:
+def fd_reader(fd: int) -> Reader:
+    return lambda offset, length: read_at(fd, offset, length)
+
+
+def cached(read: Reader, length: int = HEAD) -> Reader:
+    """`read`, with the disk's first `length` bytes read once: where each read is a qemu-img run."""
+    head = read(0, length)
+
+    def reading(offset: int, size: int) -> bytes:
+        return head[offset : offset + size] if offset + size <= len(head) else read(offset, size)
+
+    return reading
+
+
+def table(read: Reader, disk_size: int) -> tuple[str, list[Volume]]:
     """("gpt" | "dos" | "", the partitions in order); a disk with no table is one volume."""
-    head = read_at(fd, 0, SECTOR)
+    head = read(0, SECTOR)
     if len(head) < SECTOR:
         raise BadDisk(f"the disk is {disk_size} bytes: too small to hold a partition table or a filesystem")
     if head[510:512] == b"\x55\xaa":
         types = [head[446 + 16 * i + 4] for i in range(4)]
         if MBR_PROTECTIVE in types:
-            return "gpt", _gpt(fd, disk_size)
-        if probe(fd, 0).kind == "" and any(types):  # a boot sector of a bare FAT is not a table
-            return "dos", _mbr(fd, head, disk_size)
+            return "gpt", _gpt(read, disk_size)
+        if probe(read, 0).kind == "" and any(types):  # a boot sector of a bare FAT is not a table
+            return "dos", _mbr(read, head, disk_size)
     return "", [Volume("the whole disk", 0, disk_size)]
 
 
-def _mbr(fd: int, head: bytes, disk_size: int) -> list[Volume]:
+def _mbr(read: Reader, head: bytes, disk_size: int) -> list[Volume]:
     found: list[Volume] = []
     for index in range(4):
         kind, start, count = _mbr_entry(head, index)
         if not kind or not count:
             continue
         if kind in MBR_EXTENDED:
-            found += _logical(fd, start, disk_size)
+            found += _logical(read, start, disk_size)
         else:
             found.append(_inside(Volume(f"partition {index + 1}", start * SECTOR, count * SECTOR, index + 1, f"{kind:02x}"), disk_size))
     return found
@@ -82,14 +107,14 @@ def _mbr_entry(sector: bytes, index: int) -> tuple[int, int, int]:
     return entry[4], start, count
 
 
-def _logical(fd: int, extended: int, disk_size: int) -> list[Volume]:
+def _logical(read: Reader, extended: int, disk_size: int) -> list[Volume]:
     """The chain of EBRs: each holds one logical partition (relative to itself) and a link
     to the next (relative to the extended partition's start)."""
     found: list[Volume] = []
     ebr, seen = extended, set()
     while ebr and len(found) < MAX_LOGICAL and ebr not in seen:
         seen.add(ebr)
-        sector = read_at(fd, ebr * SECTOR, SECTOR)
+        sector = read(ebr * SECTOR, SECTOR)
         if len(sector) < SECTOR or sector[510:512] != b"\x55\xaa":
             raise BadDisk(f"the extended partition's boot record at sector {ebr} is broken")
         kind, start, count = _mbr_entry(sector, 0)
@@ -101,18 +126,18 @@ def _logical(fd: int, extended: int, disk_size: int) -> list[Volume]:
     return found
 
 
-def _gpt(fd: int, disk_size: int) -> list[Volume]:
+def _gpt(read: Reader, disk_size: int) -> list[Volume]:
     """The primary GPT, or the backup at the disk's end where the primary's CRCs do not match."""
     last_lba = disk_size // SECTOR - 1
     for lba in (1, last_lba):
-        parsed = _gpt_at(fd, lba, disk_size)
+        parsed = _gpt_at(read, lba, disk_size)
         if parsed is not None:
             return parsed
     raise BadDisk("the disk's GPT is corrupt: neither the primary nor the backup header matches its CRC")
 
 
-def _gpt_at(fd: int, lba: int, disk_size: int) -> list[Volume] | None:
-    header = read_at(fd, lba * SECTOR, SECTOR)
+def _gpt_at(read: Reader, lba: int, disk_size: int) -> list[Volume] | None:
+    header = read(lba * SECTOR, SECTOR)
     if header[:8] != b"EFI PART":
         return None
     size = struct.unpack_from("<I", header, 12)[0]
@@ -124,7 +149,7 @@ def _gpt_at(fd: int, lba: int, disk_size: int) -> list[Volume] | None:
     entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
     if entry_size < 128 or count * entry_size > 1 << 20:
         return None
-    entries = read_at(fd, entries_lba * SECTOR, count * entry_size)
+    entries = read(entries_lba * SECTOR, count * entry_size)
     if zlib.crc32(entries) != entries_crc:
         return None
     found = []
@@ -158,9 +183,9 @@ def _inside(volume: Volume, disk_size: int) -> Volume:
 # -- what a volume holds ------------------------------------------------------------------
 
 
-def probe(fd: int, offset: int) -> Filesystem:
+def probe(read: Reader, offset: int) -> Filesystem:
     """The filesystem (or LVM PV) at `offset`, with its UUID and label where it has them."""
-    head = read_at(fd, offset, 4096)
+    head = read(offset, 4096)
     ext = head[1024:1280]
     if len(ext) == 256 and ext[56:58] == b"\x53\xef":
         return Filesystem("ext4", str(uuid.UUID(bytes=ext[104:120])), _text(ext[120:136]))

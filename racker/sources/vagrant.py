@@ -16,20 +16,18 @@ The provider is chosen with a `#provider=NAME` fragment, so that the reference a
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 
-from racker import progress, redact, untrusted
+from racker import progress, redact, settings, untrusted
 from racker.errors import BadArchive, BadReference, DownloadError, RackerError
 from racker.sources import disk, download, insecure, ova, packaged
 from racker.sources.oci import is_loopback
 from racker.store.catalog import CatalogEntry
 from racker.store.refs import Reference
 
-DEFAULT_SERVER = "https://vagrantcloud.com"
 PROVIDERS = ("libvirt", "virtualbox")  # in the order racker prefers them
 CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 ARCHITECTURES = ("amd64", "x86_64", "unknown", "")  # what this host boots; "" where the metadata says none
@@ -40,7 +38,7 @@ METADATA_LIMIT = 1 << 20  # a box's metadata.json is a few lines
 
 def server() -> str:
     """RACKER_VAGRANT_SERVER: the Vagrant Cloud (or a company mirror) that vagrant: references ask."""
-    return (os.environ.get("RACKER_VAGRANT_SERVER") or DEFAULT_SERVER).rstrip("/")
+    return settings.VAGRANT_SERVER.value().rstrip("/")
 
 
 def split_provider(ref: Reference) -> tuple[Reference, str | None]:

@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from racker import proc
+from racker import files, proc, settings
 from racker.errors import StoreError
 from racker.store import packages
 
 
 def home() -> Path:
-    return Path(os.environ.get("RACKER_HOME", "/var/lib/racker"))
+    return settings.HOME.value()
 
 
 def _dir(name: str) -> Path:
@@ -120,16 +120,7 @@ def locked_if_free(key: str) -> Iterator[bool]:
 def write_json(path: Path, data: object) -> None:
     """Write a JSON file atomically: a temp file beside it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    files.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _safe(name: str) -> str:
@@ -281,8 +272,8 @@ def tree_digest(root: Path) -> str:
 
 def tree_size(root: Path) -> int:
     total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 info = os.lstat(os.path.join(dirpath, name))
                 total += info.st_blocks * 512

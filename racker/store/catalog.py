@@ -13,11 +13,11 @@ with one line naming the file and the key, never read as a different image.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from racker import settings
 from racker.errors import BadReference, RackerError, UnknownImage
 from racker.store import refs
 
@@ -72,8 +72,8 @@ class CatalogEntry:
 def catalog_dirs() -> list[Path]:
     """Where catalogue files live: $RACKER_CATALOG, the source tree, then the installed copy."""
     dirs = []
-    if os.environ.get("RACKER_CATALOG"):
-        dirs.append(Path(os.environ["RACKER_CATALOG"]))
+    if (configured := settings.CATALOG.get()) is not None:
+        dirs.append(configured)
     dirs.append(Path(__file__).resolve().parents[2] / "images")
     dirs.append(Path(sys.prefix) / "share" / "racker" / "images")
     return dirs

@@ -7,20 +7,6 @@ from dataclasses import dataclass
 
 from racker.errors import ToolMissing, VMError
 
-# The CPU model QEMU emulates under TCG: "max", less what makes guests slow or
-# crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.
-# - cx16: QEMU 7.2's TCG gets Linux >= 6.8's per-CPU cmpxchg128 (SLUB) wrong,
-#   and trixie's kernel double-faults in __kmalloc at boot. (This also means
-#   no x86-64-v2 guests, such as RHEL 9, under TCG with QEMU 7.2.)
-# - svm: the guest would load KVM, a second of emulated work at every boot.
-# - la57: four-level page tables, which TCG walks faster than five.
-# - erms, fsrm: TCG runs rep movsb/stosb one byte per step (about 40 MB/s here);
-#   without them the kernel and glibc copy and clear memory with wide moves. 3 s.
-# - avx, avx2: boots are 2 s shorter without them (glibc then picks its SSE2
-#   string functions over the AVX2 ones).
-# - aes, pclmulqdq: udev would load seven crypto modules for them, each running
-#   its self-tests. 0.7 s.
-TCG_CPU = os.environ.get("RACKER_TCG_CPU", "max,cx16=off,svm=off,la57=off,erms=off,fsrm=off,avx=off,avx2=off,aes=off,pclmulqdq=off")
 # No built-in SATA controller or SMBus: every extra device is one more driver
 # for the guest to load while it boots.
 MACHINE = "q35,sata=off,smbus=off,vmport=off"

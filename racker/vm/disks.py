@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from racker import proc
 from racker.errors import BadDisk
+from racker.sources import diskfile, partitions
 from racker.sources.diskfile import SECTOR, qemu_img_info
 
 # qemu-img's format names that racker boots (vpc is VHD).
 BOOTABLE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi")
-
-ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 
 
 @dataclass(frozen=True)
@@ -45,44 +40,28 @@ def inspect_disk(path: Path, scratch: Path, *, bootable: bool = True) -> DiskInf
     fmt = info.get("format", "")
     if fmt not in BOOTABLE_FORMATS:
         raise BadDisk(f"{path} is a {fmt or 'unknown'} file, not a disk image racker boots ({', '.join(BOOTABLE_FORMATS)})")
-    firmware = boot_firmware(_read_head(path, fmt, scratch), path) if bootable else "bios"
-    return DiskInfo(path, fmt, int(info.get("virtual-size", 0)), firmware)
+    size = int(info.get("virtual-size", 0))
+    firmware = boot_firmware(partitions.cached(diskfile.disk_reader(path, fmt, scratch)), size, path) if bootable else "bios"
+    return DiskInfo(path, fmt, size, firmware)
 
 
-def _read_head(path: Path, fmt: str, scratch: Path, sectors: int = 34) -> bytes:
-    if fmt == "raw":
-        with open(path, "rb") as handle:
-            return handle.read(sectors * SECTOR)
-    out = scratch / "head.raw"
-    proc.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={SECTOR}", f"count={sectors}", f"if={path}", f"of={out}"])
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
-def _guid(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=raw))
-
-
-def boot_firmware(head: bytes, path: Path | str = "disk") -> str:
-    """'bios' or 'uefi' from the first sectors of a disk; BadDisk if it cannot boot."""
-    if len(head) < 2 * SECTOR or head[510:512] != b"\x55\xaa":
+def boot_firmware(read: partitions.Reader, disk_size: int, path: Path | str = "disk") -> str:
+    """'bios' or 'uefi' from a disk's partition table; BadDisk if it cannot boot."""
+    head = read(0, SECTOR)
+    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
         raise BadDisk(f"{path} is not bootable: it has no boot sector or partition table")
-    entries = [head[446 + 16 * i : 446 + 16 * (i + 1)] for i in range(4)]
-    types = [entry[4] for entry in entries]
-    if 0xEE in types:  # protective MBR: the real table is GPT
-        if head[SECTOR : SECTOR + 8] != b"EFI PART":
-            raise BadDisk(f"{path} is not bootable: its GPT header is missing")
-        entries_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
-        table = head[entries_lba * SECTOR :]
-        guids = {_guid(table[i * size : i * size + 16]) for i in range(min(count, len(table) // max(size, 1)))}
-        if ESP_GUID in guids:
+    try:
+        label, volumes = partitions.table(read, disk_size)
+    except BadDisk as error:
+        raise BadDisk(f"{path} is not bootable: {error}") from None
+    types = {volume.type for volume in volumes}
+    if label == "gpt":
+        if partitions.GPT_ESP in types:
             return "uefi"
-        if BIOS_BOOT_GUID in guids and any(head[:440]):
+        if partitions.GPT_BIOS_BOOT in types and any(head[:440]):
             return "bios"
         raise BadDisk(f"{path} is not bootable: its GPT has neither an EFI system partition nor a BIOS boot partition")
-    if 0xEF in types:
+    if partitions.MBR_ESP in types:
         return "uefi"
     if not any(head[:440]):
         raise BadDisk(f"{path} is not bootable: its MBR holds no boot code")

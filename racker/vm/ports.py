@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Iterator
 
-from racker import machines, store
+from racker import machines, settings, store
 from racker.errors import VMError
 from racker.machines import State
 
@@ -21,17 +20,7 @@ def _ports_in_use() -> set[int]:
 def port_range() -> range | None:
     """RACKER_SSH_PORTS=LOW-HIGH: the ports VMs' SSH forwards may take (a firewall's
     opening, say); unset, any free port the kernel offers."""
-    text = os.environ.get("RACKER_SSH_PORTS", "")
-    if not text:
-        return None
-    low, _, high = text.partition("-")
-    try:
-        ports = range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999") from None
-    if not ports or ports.start < 1 or ports.stop > 65536:
-        raise VMError(f"RACKER_SSH_PORTS={text!r} is not a port range", hint="e.g. RACKER_SSH_PORTS=20000-20999")
-    return ports
+    return settings.SSH_PORTS.get()
 
 
 def _bindable(port: int) -> bool:

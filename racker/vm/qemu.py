@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import machines, proc, progress, store
+from racker import machines, proc, progress, settings, store
 from racker.cpu import accel
 from racker.errors import (
     BootTimeout,
@@ -42,7 +42,6 @@ from racker.vm import boards, disks, guest_agent, guest_shell, ports, seed, ssh,
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-DEFAULT_BOOT_TIMEOUT = float(os.environ.get("RACKER_VM_BOOT_TIMEOUT", "240"))
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
 KIND = "qemu"
@@ -66,12 +65,12 @@ class VM(warm.WarmBoot, machines.Guest):
         accelerator: str | None = None,
         firmware: str | None = None,
         disk_size: int | None = None,
-        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        boot_timeout: float | None = None,
         detached: bool = False,
         kernel: Path | None = None,
         initrd: Path | None = None,
         append: str = "",
-        tcg_cpu: str = boards.TCG_CPU,
+        tcg_cpu: str | None = None,
         machine: str = "pc",
         warm: bool = False,
         seed_snapshot: bool = False,
@@ -86,13 +85,13 @@ class VM(warm.WarmBoot, machines.Guest):
         self.requested_accel = accelerator
         self.firmware = firmware
         self.disk_size = disk_size
-        self.boot_timeout = boot_timeout
+        self.boot_timeout = settings.VM_BOOT_TIMEOUT.value() if boot_timeout is None else boot_timeout
         self.detached = detached
         # Direct kernel boot, for disks without a bootloader (a Firecracker rootfs).
         self.kernel = Path(kernel).absolute() if kernel else None
         self.initrd = Path(initrd).absolute() if initrd else None
         self.append = append
-        self.tcg_cpu = tcg_cpu
+        self.tcg_cpu = tcg_cpu or settings.TCG_CPU.value()
         self.machine = machine
         self.user_data = user_data  # more cloud-config for the seed, beside racker's user and hostname
         self.board = boards.board(machine)
@@ -591,7 +590,7 @@ def _quiet_library_logs() -> None:
     """
     import logging
 
-    if not proc.DEBUG:
+    if not proc.debugging():
         for name in ("qemu.qmp", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -8,11 +8,10 @@ cloud-config the caller adds (packages, chpasswd, ntp, apt...).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
-from racker import proc
+from racker import proc, settings
 
 USER = "racker"
 
@@ -52,7 +51,7 @@ def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | No
             *extra.get("users", ()),
         ],
     }
-    if not extra and os.environ.get("RACKER_SEED_MODULES") == "minimal":
+    if not extra and settings.SEED_MODULES.value() == "minimal":
         config |= MINIMAL_MODULES
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
 
