@@ -230,7 +230,7 @@ def test_run_with_options_after_the_image_boots_with_them(private_store: dict[st
 
 
 def test_check_table_has_a_column_per_image_and_engine_and_the_worst_outcome_of_a_parametrised_check() -> None:
-    from racker.cli import check_table
+    from racker.report import check_table
 
     def record(check: str, engine: str, outcome: str) -> dict:
         return {"image": "debian-sid", "engine": engine, "check": check, "outcome": outcome}

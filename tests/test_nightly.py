@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, racker
 from racker import cli, nightly
+from racker.cli import reports as cli_reports
 from racker.report import shards
 
 # --- the split ------------------------------------------------------------------
@@ -243,7 +244,7 @@ def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> N
     words = line.split("#")[0].split()
     assert words[:3] == ["./install.sh", "&&", ".venv/bin/racker"], line
     args = cli.parse(words[3:])
-    assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli.cmd_nightly, [], "all", None, None)
+    assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli_reports.cmd_nightly, [], "all", None, None)
     assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
 
 

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from racker import images, machines, progress, store
+from racker.cli.options import Verb
+from racker.cli.output import table
 from racker.errors import BadReference, RequirementsFailed, VMError
 from racker.store import refs
 from racker.vm import boards
-
-Verb = Callable[..., argparse.ArgumentParser]
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _print_checks(profile: str, checks: list) -> None:
     print(f"requirements of profile {profile}:")
     verdict = {(True, True): "ok", (True, False): "ok", (False, True): "FAIL", (False, False): "WARN"}
-    _table([[verdict[c.ok, c.blocking], c.requirement, c.detail] for c in checks], ["", "REQUIREMENT", "DETAIL"])
+    table([[verdict[c.ok, c.blocking], c.requirement, c.detail] for c in checks], ["", "REQUIREMENT", "DETAIL"])
 
 
 def _prepared(reference: str, *, prepare_it: bool = True, kernel: str = "") -> store.StoredImage:
@@ -225,7 +218,7 @@ def cmd_vm_ps(args: argparse.Namespace) -> int:
         )
         print()
         return 0
-    _table(
+    table(
         [[s.name, s.image, f"127.0.0.1:{s.extra.get('ssh_port', '?')}", str(s.extra.get("firmware", "")), s.started] for s in running],
         ["NAME", "IMAGE", "SSH", "FIRMWARE", "STARTED"],
     )
@@ -257,7 +250,7 @@ def cmd_vm_snapshots(args: argparse.Namespace) -> int:
         [r["id"], r["image"], f"{r['size'] / 2**20:.0f}M", _age(r["age_s"]), f"{r['memory']}M {r['accel']}", "stale" if r["stale"] else ""]
         for r in rows
     ]
-    _table(table, ["SNAPSHOT", "IMAGE", "SIZE", "AGE", "VM", ""])
+    table(table, ["SNAPSHOT", "IMAGE", "SIZE", "AGE", "VM", ""])
     return 0
 
 

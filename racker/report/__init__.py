@@ -33,6 +33,20 @@ OUTCOMES = ("pass", "flaky", "fail", "error", "skip")  # in the order a summary 
 BAD = ("fail", "error")
 JUNIT_OUTCOMES = {"failure": "fail", "error": "error", "skipped": "skip"}
 
+
+def check_table(records: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """`racker check`'s table: a row per check, a column per image and engine, the worst outcome in each."""
+    columns = sorted({(r["image"], r["engine"]) for r in records})
+    cells: dict[tuple[str, tuple[str, str]], str] = {}
+    for r in records:
+        key = (r["check"], (r["image"], r["engine"]))
+        if key not in cells or SEVERITY[r["outcome"]] > SEVERITY[cells[key]]:
+            cells[key] = r["outcome"]
+    checks = sorted({r["check"] for r in records})
+    rows = [[check.removeprefix("test_"), *(cells.get((check, column), "-") for column in columns)] for check in checks]
+    return rows, ["CHECK", *(f"{image}/{engine}" for image, engine in columns)]
+
+
 # --- reading ----------------------------------------------------------------
 
 
