@@ -87,7 +87,7 @@ def main() -> None:
     else:
         disk = promote.cached_disk(prepare.prepare(images.pull(args.image)))
         with VM(disk, image=args.image) as vm:
-            result.update(image=args.image, accel=vm._accel(), **measure(vm, args.rounds))
+            result.update(image=args.image, accel=vm.accelerator(), **measure(vm, args.rounds))
     result["accel"] = result.get("accel") or accel.choose(None)
     result["goal"] = {"channel_median_max_s": 0.15}
     print(json.dumps(result, indent=2))

@@ -107,7 +107,7 @@ def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[Path, Path]) -
     gone = guest_agent.AgentChannel(*port, name="the test agent")
     assert gone.run(["true"]).returncode == 0
     request = {"argv": ["sh", "-c", "sleep 0.5; echo stale"], "input": False, "timeout": 10}
-    gone._send(guest_shell._frame(guest_shell.json.dumps(request).encode()) + guest_shell._frame(b""))
+    gone._send(guest_shell.frame(guest_shell.json.dumps(request).encode()) + guest_shell.frame(b""))
     gone.close()  # before the reply: it waits for the next host
     time.sleep(1)
     channel = guest_agent.AgentChannel(*port, name="the test agent")

@@ -181,7 +181,7 @@ def fix_up(fs: str, target: Path, entries: list[Entry], work: Path, name: str, a
         if kind == stat.S_IFLNK:
             continue
         mode = entry.mode & 0o7777
-        if mode & (stat.S_ISUID | stat.S_ISGID) and kind == stat.S_IFREG and not extract._setid_allowed(at + entry.path):
+        if mode & (stat.S_ISUID | stat.S_ISGID) and kind == stat.S_IFREG and not extract.setid_allowed(at + entry.path):
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
             cleared += 1
         if stat.S_IMODE(info.st_mode) != mode:

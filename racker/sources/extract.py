@@ -253,7 +253,7 @@ def _apply_metadata(member: tarfile.TarInfo, target: Path, rel: str, report: Rep
         os.chown(target, member.uid, member.gid, follow_symlinks=False)
     if not member.issym():
         mode = member.mode & 0o7777
-        if mode & (stat.S_ISUID | stat.S_ISGID) and not member.isdir() and not _setid_allowed(rel):
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not member.isdir() and not setid_allowed(rel):
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
             report.cleared_setid.append(rel)
         os.chmod(target, mode)
@@ -264,7 +264,7 @@ def _apply_metadata(member: tarfile.TarInfo, target: Path, rel: str, report: Rep
     os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-def _setid_allowed(rel: str) -> bool:
+def setid_allowed(rel: str) -> bool:
     directory = rel.rsplit("/", 1)[0] if "/" in rel else ""
     return any(directory == d or directory.startswith(d + "/") for d in SETID_DIRS)
 

@@ -159,7 +159,7 @@ class AgentChannel(guest_shell.Channel):
             if time.monotonic() > deadline:
                 raise TimeoutError
             nonce = secrets.token_hex(8)
-            self._send(guest_shell._frame(json.dumps({"hello": nonce}).encode()))
+            self._send(guest_shell.frame(json.dumps({"hello": nonce}).encode()))
             answer = HELLO + nonce.encode()
             retry = min(deadline, time.monotonic() + 1.0)
             with contextlib.suppress(TimeoutError):  # not answered within the second: say it again

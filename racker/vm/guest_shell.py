@@ -98,7 +98,7 @@ while True:
 )
 
 
-def _frame(data: bytes) -> bytes:
+def frame(data: bytes) -> bytes:
     return struct.pack(">Q", len(data)) + data
 
 
@@ -185,7 +185,7 @@ class Channel:
         if not argv:
             raise MachineError("no command given")
         header = {"argv": [os.fsencode(a).decode("latin-1") for a in argv], "input": input is not None, "timeout": timeout}
-        request = _frame(json.dumps(header).encode()) + _frame(input or b"")
+        request = frame(json.dumps(header).encode()) + frame(input or b"")
         with self.lock:
             if not self._usable():
                 self.close()  # reaps a dead one

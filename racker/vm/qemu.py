@@ -151,7 +151,7 @@ class VM(warm.WarmBoot, machines.Guest):
             info = disks.inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             deadline = started + self.boot_timeout
-            with progress.step(f"booting {self.name} ({firmware}, {self._accel()}{', warm' if self.warm else ''})"):
+            with progress.step(f"booting {self.name} ({firmware}, {self.accelerator()}{', warm' if self.warm else ''})"):
                 if self.warm:
                     self.warm_boot(info, firmware, deadline)
                 elif self.seed_snapshot:
@@ -169,7 +169,7 @@ class VM(warm.WarmBoot, machines.Guest):
     def boot_evidence(self) -> dict[str, str]:
         return {**super().boot_evidence(), "qemu.log": machines.read_capped(self.rundir / "qemu.log")}
 
-    def _accel(self) -> str:
+    def accelerator(self) -> str:
         if not hasattr(self, "_chosen_accel"):
             # Another architecture's board is emulated whatever the host's KVM can do.
             self._chosen_accel = "tcg" if self.board.foreign_cpu else accel.choose(self.requested_accel)
@@ -243,7 +243,7 @@ class VM(warm.WarmBoot, machines.Guest):
 
     def qemu_argv(self, firmware: str, port: int) -> list[str]:
         """QEMU's command line; it binds its sockets through self._rundir_fd, which it inherits."""
-        accelerator = self._accel()
+        accelerator = self.accelerator()
         run = self.rundir
         qmp, qmp_shared = (sockets.through(self._rundir_fd, path.name) for path in (self.qmp_path(), self.qmp_path(shared=True)))
         argv = [

@@ -130,7 +130,7 @@ def directory() -> Path:
     return store.home() / "snapshots"
 
 
-def _read(path: Path) -> Snapshot | None:
+def read(path: Path) -> Snapshot | None:
     try:
         data = json.loads((path / KEY).read_text())
         return Snapshot(
@@ -148,14 +148,14 @@ def _read(path: Path) -> Snapshot | None:
 
 def find(key: Key) -> Snapshot | None:
     path = directory() / key.id
-    found = _read(path) if (path / STATE).is_file() else None
+    found = read(path) if (path / STATE).is_file() else None
     return found if found is not None and found.key == key else None
 
 
 def all_snapshots() -> list[Snapshot]:
     if not directory().is_dir():
         return []
-    found = (_read(path) for path in sorted(directory().iterdir()) if not path.name.startswith("."))
+    found = (read(path) for path in sorted(directory().iterdir()) if not path.name.startswith("."))
     return [snapshot for snapshot in found if snapshot is not None]
 
 
@@ -193,7 +193,7 @@ def collect() -> list[str]:
                     store.remove_tree(path)
                     removed.append(f"removed unfinished snapshot {snapshot_id}")
             continue
-        snapshot = _read(path)
+        snapshot = read(path)
         if snapshot is None or snapshot.stale():
             discard(path)
             removed.append(f"removed stale snapshot {path.name}")

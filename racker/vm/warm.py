@@ -26,11 +26,11 @@ class WarmBoot:
             disk_id=snapshots.disk_identity(self.disk),
             qemu=snapshots.qemu_version(),
             machine=self.board.machine,
-            cpu="host" if self._accel() == "kvm" else self.tcg_cpu,
+            cpu="host" if self.accelerator() == "kvm" else self.tcg_cpu,
             memory=self.memory,
             cpus=self.cpus,
             firmware=firmware,
-            accel=self._accel(),
+            accel=self.accelerator(),
             disk_size=self.disk_size or 0,
             kernel=f"{self.kernel or ''} {self.initrd or ''} {self.append}".strip(),
         )
@@ -130,7 +130,7 @@ class WarmBoot:
         except BaseException:
             store.remove_tree(partial)
             raise
-        snapshot = snapshots._read(final)
+        snapshot = snapshots.read(final)
         assert snapshot is not None
         return snapshot
 
