@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import io
 import lzma
+import os
 import subprocess
 import tarfile
 import threading
@@ -183,6 +184,8 @@ class AptRepository:
             data = deb.read_bytes()
             stanzas.append(f"{control}Filename: pool/{deb.name}\nSize: {len(data)}\nSHA256: {hashlib.sha256(data).hexdigest()}\n")
         for deb in self.prebuilt:
+            if not (pool / deb.name).exists():
+                os.link(deb, pool / deb.name)
             control = subprocess.run(["dpkg-deb", "--field", str(deb)], check=True, capture_output=True, text=True).stdout
             stanzas.append(f"{control}Filename: pool/{deb.name}\nSize: {deb.stat().st_size}\nSHA256: {_sha256(deb)}\n")
         dists = self.root / "dists/stable"
@@ -233,3 +236,49 @@ def apt_repository(base: Path) -> Iterator[tuple[AptRepository, str]]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+# --- a small bootable system the upstreams above serve -----------------------------------------------
+
+# Left out of the bootable copy of a catalogue image: what no boot or check reads (translations,
+# documentation, the full perl), so that each upstream serves some 110 MB, not 225.
+SLIM_EXCLUDES = ("usr/share/locale", "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl",
+                 "usr/lib/x86_64-linux-gnu/gconv")  # fmt: skip
+# What apt and dpkg keep of a system: not in a .deb, which mmdebstrap's own dpkg records.
+PACKAGE_STATE = ("var/lib/dpkg", "var/lib/apt", "var/cache/apt", "etc/apt/sources.list", "etc/apt/sources.list.d")
+
+
+def slim_copy(rootfs: Path, into: Path, *, without: tuple[str, ...] = ()) -> Path:
+    """A copy of `rootfs` (owners, modes and links kept) without SLIM_EXCLUDES and `without`."""
+    into.mkdir(parents=True)
+    excluded = [f"--exclude=./{path}" for path in (*SLIM_EXCLUDES, *without)]
+    reader = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), *excluded, "-cf", "-", "."], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "--numeric-owner", "-C", str(into), "-xf", "-"], stdin=reader.stdout, check=True)
+    reader.stdout.close()  # type: ignore[union-attr]
+    assert reader.wait() == 0
+    return into
+
+
+def record_package(rootfs: Path, name: str, version: str) -> None:
+    """Say in the image's dpkg database that `name` `version` is installed (the only change between
+    two nights of a registry or tarball upstream that a package manifest can show)."""
+    status = rootfs / "var/lib/dpkg/status"
+    stanzas = [s for s in status.read_text().split("\n\n") if s.strip() and not s.startswith(f"Package: {name}\n")]
+    stanzas.append(f"Package: {name}\nStatus: install ok installed\nPriority: optional\nVersion: {version}\nArchitecture: amd64\n"
+                   f"Maintainer: racker <t@localhost>\nDescription: test\n")  # fmt: skip
+    status.write_text("\n\n".join(s.strip("\n") for s in stanzas) + "\n")
+
+
+def system_deb(rootfs: Path, work: Path) -> Path:
+    """`rootfs` (without its package state) as one Essential .deb named base-files: with it the
+    local repository alone is an archive mmdebstrap bootstraps a bootable system from (racker's
+    package manager check asks dpkg for base-files)."""
+    tree = slim_copy(rootfs, work / "base-files", without=PACKAGE_STATE)
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN/control").write_text(
+        "Package: base-files\nVersion: 12.4\nArchitecture: amd64\nEssential: yes\nMaintainer: racker <t@localhost>\nDescription: a system\n"
+    )
+    deb = work / "base-files_12.4_amd64.deb"
+    subprocess.run(["dpkg-deb", "-Znone", "--build", str(tree), str(deb)], check=True, capture_output=True)  # -Znone: seconds, not minutes
+    subprocess.run(["rm", "-rf", str(tree)], check=True)
+    return deb
