@@ -472,3 +472,25 @@ def static_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+# Upstreams a test moves between two refreshes (tests/upstreams.py: importable once a test module
+# under tests/ is collected, as every test that takes these is).
+
+
+@pytest.fixture(scope="module")
+def proxied_registry(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real registry behind a proxy the test controls (upstreams.RegistryProxy)."""
+    import upstreams
+
+    with upstreams.proxied_registry(tmp_path_factory.mktemp("refresh-registry")) as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+def apt_repository(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(upstreams.AptRepository, its URL): a local apt repository signed with a throw-away key."""
+    import upstreams
+
+    with upstreams.apt_repository(tmp_path_factory.mktemp("apt")) as served:
+        yield served

@@ -5,121 +5,21 @@ change, a local apt repository whose InRelease a throw-away key signs)."""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
-import io
 import json
 import lzma
-import subprocess
-import tarfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from upstreams import AptRepository, RegistryProxy, publish_tarball, push, tiny_image
 
-from conftest import StaticServer, racker, running_registry
+from conftest import StaticServer, racker
 from racker import errors, images, store
 from racker.cli import EXIT_RACKER_FAILED
 
 pytestmark = pytest.mark.slow
 
-# --- a registry behind a proxy the test controls -------------------------------------------------
-
-
-class RegistryProxy:
-    """Forwards to a real registry; `mode`: "forward", "lie" (a by-digest manifest request gets the
-    manifest of the tag `lie_with`), "hang" (no answer), "down" (503). `requests`: (method, path)."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.mode = "forward"
-        self.lie_with = "other"
-        self.requests: list[tuple[str, str]] = []
-        self.address = ""
-
-    def blob_gets(self) -> list[str]:
-        return [path for method, path in self.requests if method == "GET" and "/blobs/" in path]
-
-
-def _proxy_handler(state: RegistryProxy):  # type: ignore[no-untyped-def]
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-        def do_HEAD(self) -> None:
-            self._forward("HEAD")
-
-        def do_GET(self) -> None:
-            self._forward("GET")
-
-        def _forward(self, method: str) -> None:
-            state.requests.append((method, self.path))
-            if state.mode == "hang":
-                time.sleep(8)
-                self.close_connection = True
-                return
-            if state.mode == "down":
-                self.send_response(503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            path = self.path
-            if state.mode == "lie" and "/manifests/sha256:" in path:
-                path = path.rsplit("/", 1)[0] + "/" + state.lie_with
-            headers = {"Accept": ", ".join(self.headers.get_all("Accept") or [])}
-            request = urllib.request.Request(f"http://{state.upstream}{path}", headers=headers, method=method)
-            try:
-                answer = urllib.request.urlopen(request, timeout=30)
-            except urllib.error.HTTPError as error:
-                answer = error
-            body = answer.read() if method == "GET" else b""
-            self.send_response(answer.status)
-            for key, value in answer.headers.items():
-                if key.lower() in ("content-type", "docker-content-digest", "docker-distribution-api-version", "www-authenticate"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body) if method == "GET" else answer.headers.get("Content-Length", "0")))
-            self.end_headers()
-            if method == "GET":
-                self.wfile.write(body)
-
-    return Handler
-
-
-@pytest.fixture(scope="module")
-def proxied_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProxy]:
-    with running_registry("127.0.0.1", tmp_path_factory.mktemp("refresh-registry")) as address:
-        state = RegistryProxy(address)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(state))
-        server.daemon_threads = True
-        state.address = f"127.0.0.1:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield state
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
-
-
-def _tiny_image(name: str, work: Path, payload: bytes) -> store.StoredImage:
-    root = work / name
-    (root / "etc").mkdir(parents=True)
-    (root / "etc/os-release").write_text("ID=debian\nVERSION_ID=12\n")
-    (root / "payload").write_bytes(payload)
-    return images.import_image(name, root)
-
-
-def _push(image: store.StoredImage, destination: str) -> str:
-    from racker.sources import export
-
-    return export.push(image, destination)
+# --- a registry behind a proxy the test controls (tests/upstreams.py) ---------------------------
 
 
 def _ref(name: str) -> dict:
@@ -129,7 +29,7 @@ def _ref(name: str) -> dict:
 def test_a_moved_tag_is_pulled_again_and_an_unmoved_one_not(private_store: dict, proxied_registry: RegistryProxy, tmp_path: Path) -> None:
     real = proxied_registry.upstream
     name = f"docker://{proxied_registry.address}/refresh/app:latest"
-    _push(_tiny_image("night-one", tmp_path, b"night one\n"), f"docker://{real}/refresh/app:latest")
+    push(tiny_image("night-one", tmp_path, b"night one\n"), f"docker://{real}/refresh/app:latest")
 
     # Night 1: pulled; the upstream state (the tag's manifest digest) is stored with the image.
     first = racker("pull", name)
@@ -154,7 +54,7 @@ def test_a_moved_tag_is_pulled_again_and_an_unmoved_one_not(private_store: dict,
     assert row["built"] == one.created and row["checked"] == same.manifest["upstream"]["checked"]
 
     # The tag moves: the refresh copies exactly the manifest it saw, and the digest changes.
-    _push(_tiny_image("night-two", tmp_path, b"night two\n"), f"docker://{real}/refresh/app:latest")
+    push(tiny_image("night-two", tmp_path, b"night two\n"), f"docker://{real}/refresh/app:latest")
     proxied_registry.requests.clear()
     moved = racker("pull", "--refresh", name)
     assert moved.returncode == 0, moved.stderr
@@ -172,11 +72,11 @@ def test_a_bad_or_silent_registry_changes_nothing(
 ) -> None:
     real = proxied_registry.upstream
     name = f"docker://{proxied_registry.address}/refresh/bad:latest"
-    _push(_tiny_image("kept", tmp_path, b"kept\n"), f"docker://{real}/refresh/bad:latest")
-    _push(_tiny_image("other", tmp_path, b"other\n"), f"docker://{real}/refresh/bad:other")
+    push(tiny_image("kept", tmp_path, b"kept\n"), f"docker://{real}/refresh/bad:latest")
+    push(tiny_image("other", tmp_path, b"other\n"), f"docker://{real}/refresh/bad:other")
     assert racker("pull", name).returncode == 0
     kept = _ref(name)
-    _push(_tiny_image("moved", tmp_path, b"moved\n"), f"docker://{real}/refresh/bad:latest")
+    push(tiny_image("moved", tmp_path, b"moved\n"), f"docker://{real}/refresh/bad:latest")
     monkeypatch.setenv("RACKER_UPSTREAM_TIMEOUT", "2")
     try:
         # The tag moved, but what the registry serves for the digest it named is another manifest.
@@ -204,26 +104,13 @@ def test_a_bad_or_silent_registry_changes_nothing(
 # --- an HTTPS server whose tarball and SHA256SUMS change --------------------------------------------
 
 
-def _publish(directory: Path, payload: bytes, *, listed: bool = True) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for member, data in (("etc/os-release", b"ID=debian\nVERSION_ID=12\n"), ("payload", payload)):
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    (directory / "root.tar.gz").write_bytes(buffer.getvalue())
-    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
-    (directory / "SHA256SUMS").write_text(f"{digest}  root.tar.gz\n" if listed else f"{'0' * 64}  another.tar.gz\n")
-
-
 def test_a_tarball_is_downloaded_again_only_when_its_sha256sums_moved(
     private_store: dict, static_server: StaticServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(static_server.ca))
     site = static_server.root / "refresh"
     name = f"{static_server.url}/refresh/root.tar.gz"
-    _publish(site, b"night one\n")
+    publish_tarball(site, b"night one\n")
     assert racker("pull", name).returncode == 0
     one = store.lookup(name)
     assert one is not None and one.manifest["upstream"]["state"] == "sha256:" + one.manifest["tarball"]["sha256"]
@@ -234,7 +121,7 @@ def test_a_tarball_is_downloaded_again_only_when_its_sha256sums_moved(
     assert static_server.requests == [("refresh/SHA256SUMS", None)]  # the list only: nothing downloaded
     assert _ref(name)["digest"] == one.digest and _ref(name)["created"] == one.created
 
-    _publish(site, b"night two\n")
+    publish_tarball(site, b"night two\n")
     static_server.reset()
     moved = racker("pull", "--refresh", name)
     assert moved.returncode == 0, moved.stderr
@@ -244,7 +131,7 @@ def test_a_tarball_is_downloaded_again_only_when_its_sha256sums_moved(
     kept = _ref(name)
 
     # A SHA256SUMS that lacks the file: one error line naming the image and the upstream.
-    _publish(site, b"night three\n", listed=False)
+    publish_tarball(site, b"night three\n", listed=False)
     static_server.reset()
     lacking = racker("pull", "--refresh", name)
     assert lacking.returncode == EXIT_RACKER_FAILED
@@ -264,84 +151,6 @@ def test_a_tarball_is_downloaded_again_only_when_its_sha256sums_moved(
 
 
 # --- a local apt repository signed with a throw-away key --------------------------------------------
-
-
-class AptRepository:
-    """dists/stable/{Release,InRelease} and pool/*.deb under `root`, signed by a throw-away key.
-    `requests`: the paths asked for, as its server saw them."""
-
-    def __init__(self, root: Path, gnupg: Path) -> None:
-        self.root, self.gnupg = root, gnupg
-        self.keyring = gnupg / "archive.gpg"
-        self.requests: list[str] = []
-
-    def gpg(self, *args: str) -> None:
-        gpg = ["gpg", "--homedir", str(self.gnupg), "--batch", "--quiet", "--passphrase", ""]
-        subprocess.run([*gpg, *args], check=True, capture_output=True)
-
-    def publish(self, packages: dict[str, str]) -> None:
-        """Build a .deb per NAME: VERSION with dpkg-deb, then Packages(.xz), Release and InRelease."""
-        pool = self.root / "pool"
-        pool.mkdir(parents=True, exist_ok=True)
-        packages = {**packages, "zz-last": "1.0"}  # the image's packages are never the index's last stanza
-        stanzas = []
-        for name, version in sorted(packages.items()):
-            tree = self.root / "build" / f"{name}-{version}"
-            (tree / "DEBIAN").mkdir(parents=True, exist_ok=True)
-            control = f"Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: racker <t@localhost>\nDescription: test\n"
-            (tree / "DEBIAN/control").write_text(control)
-            deb = pool / f"{name}_{version}_amd64.deb"
-            subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)], check=True, capture_output=True)
-            data = deb.read_bytes()
-            stanzas.append(f"{control}Filename: pool/{deb.name}\nSize: {len(data)}\nSHA256: {hashlib.sha256(data).hexdigest()}\n")
-        dists = self.root / "dists/stable"
-        index = dists / "main/binary-amd64/Packages"
-        index.parent.mkdir(parents=True, exist_ok=True)
-        index.write_text("\n".join(stanzas))
-        compressed = index.with_name("Packages.xz")
-        compressed.write_bytes(lzma.compress(index.read_bytes()))
-        listed = "".join(
-            f" {hashlib.sha256(f.read_bytes()).hexdigest()} {f.stat().st_size} main/binary-amd64/{f.name}\n" for f in (index, compressed)
-        )
-        release = "Suite: stable\nCodename: stable\nDate: Sun, 06 Dec 2026 09:00:00 UTC\nArchitectures: amd64\nComponents: main\n"
-        (dists / "Release").write_text(f"{release}SHA256:\n{listed}")
-        (dists / "InRelease").unlink(missing_ok=True)
-        self.gpg("--clearsign", "-o", str(dists / "InRelease"), str(dists / "Release"))
-
-    def index_reads(self) -> list[str]:
-        return [path for path in self.requests if "/Packages" in path]
-
-
-@pytest.fixture(scope="module")
-def apt_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AptRepository, str]]:
-    base = tmp_path_factory.mktemp("apt")
-    gnupg = base / "gnupg"
-    gnupg.mkdir(mode=0o700)
-    repo = AptRepository(base / "www", gnupg)
-    repo.gpg("--quick-gen-key", "racker archive <archive@localhost>", "ed25519", "sign", "1d")
-    repo.gpg("--export", "-o", str(repo.keyring))
-    repo.publish({"racker-probe": "1.0", "racker-other": "2.0"})
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=str(repo.root), **kwargs)
-
-        def do_GET(self) -> None:
-            repo.requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield repo, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 PROBE = [{"name": "racker-probe", "version": "1.0", "arch": "amd64", "source": "racker-probe", "manager": "dpkg"}]
@@ -458,7 +267,7 @@ def test_the_nightly_goes_on_with_a_stale_image_and_says_so(
     from racker.report import shards
 
     name = f"docker://{proxied_registry.address}/refresh/nightly:latest"
-    _push(_tiny_image("nightly", tmp_path, b"nightly\n"), f"docker://{proxied_registry.upstream}/refresh/nightly:latest")
+    push(tiny_image("nightly", tmp_path, b"nightly\n"), f"docker://{proxied_registry.upstream}/refresh/nightly:latest")
     assert racker("pull", name).returncode == 0
     built = store.lookup(name)
     assert built is not None
