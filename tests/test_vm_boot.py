@@ -24,7 +24,7 @@ from test_promote import HOSTILE_ENV, assert_firecracker_config
 from conftest import CATALOG_IMAGES, ROOT
 from racker import images, machines, prepare, promote, store
 from racker.checks import guest
-from racker.cli import OUTCOME_RANK
+from racker.report import SEVERITY
 from racker.report.results import read_tests
 from racker.sources import bootstrap, diskfile, ext
 from racker.vm.qemu import VM
@@ -87,7 +87,7 @@ def run_checks(vm: VM, tmp_path: Path, *args: str) -> tuple[subprocess.Completed
     by_check: dict[str, dict] = {}
     for record in records:  # a parametrised check: its worst outcome, as `racker check` shows it
         seen = by_check.get(record["check"])
-        if seen is None or OUTCOME_RANK[record["outcome"]] < OUTCOME_RANK[seen["outcome"]]:
+        if seen is None or SEVERITY[record["outcome"]] > SEVERITY[seen["outcome"]]:
             by_check[record["check"]] = record
     return done, by_check
 
