@@ -246,11 +246,11 @@ def cmd_vm_snapshots(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    table = [
+    cells = [
         [r["id"], r["image"], f"{r['size'] / 2**20:.0f}M", _age(r["age_s"]), f"{r['memory']}M {r['accel']}", "stale" if r["stale"] else ""]
         for r in rows
     ]
-    table(table, ["SNAPSHOT", "IMAGE", "SIZE", "AGE", "VM", ""])
+    table(cells, ["SNAPSHOT", "IMAGE", "SIZE", "AGE", "VM", ""])
     return 0
 
 
