@@ -24,7 +24,7 @@ import pytest
 from conftest import assert_vm_gone, write_hang_disk
 from racker import images, machines, prepare, promote, store
 from racker.errors import BootTimeout
-from racker.vm import qemu, snapshots
+from racker.vm import qemu, snapshots, warm
 from racker.vm.qemu import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
@@ -114,13 +114,13 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
 
 
 def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(warm_store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = snapshots._wait_migrated
+    real = warm.WarmBoot._wait_migrated
 
     def interrupted(vm: VM) -> None:
         real(vm)  # the state is written, in the hidden directory
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(snapshots, "_wait_migrated", interrupted)
+    monkeypatch.setattr(warm.WarmBoot, "_wait_migrated", interrupted)
     with VM(warm_store["disk"], warm=True) as vm:
         other = dataclasses.replace(vm.snapshot_key("bios"), memory=2048)
         with pytest.raises(KeyboardInterrupt):
