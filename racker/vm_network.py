@@ -31,9 +31,12 @@ reads) is the one racker's DHCP configures.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +56,21 @@ def check_mode(mode: str) -> str:
         raise MachineError(f"a VM has no network {mode!r}", hint="--network user (QEMU's own, the default), nat, or a network's name")
     named_networks.lookup(named_networks.check_network_name(mode))
     return mode
+
+
+def _wait_own_namespace(child: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until `unshare` has given the child its network namespace: a veth sent to its pid before
+    would land in ours (and fail on the host's own eth0)."""
+    ours = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise MachineError(f"the VM's DHCP server (dnsmasq) exited at start with status {child.returncode}")
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{child.pid}/ns/net") != ours:
+                return
+        time.sleep(0.01)
+    raise MachineError("the VM's DHCP server (dnsmasq) did not start")
 
 
 def mac_for(token: str) -> str:
@@ -118,6 +136,7 @@ class Bridged:
                 argv, stdout=log, stderr=subprocess.STDOUT, new_session=True, die_with_parent=None if detached else signal.SIGTERM
             )
         pid, started = self.dhcp.pid, proc.start_time(self.dhcp.pid)
+        _wait_own_namespace(self.dhcp)
         if self.named:
             named_networks.set_claim_helper(self.mode, server, pid, started)
         else:
