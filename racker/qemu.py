@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_agent, guest_shell, machines, proc, progress, seed, settings, snapshots, sockets, ssh, store
+from racker import accel, guest_agent, guest_shell, machines, network, proc, progress, seed, settings, snapshots, sockets, ssh, store, vm_network
 from racker.errors import (
     BadDisk,
     BootTimeout,
@@ -351,7 +351,13 @@ class VM(machines.Guest):
         warm: bool = False,
         seed_snapshot: bool = False,
         user_data: dict | None = None,
+        network_mode: str = vm_network.USER,
+        publish: Sequence[network.Publish] = (),
+        network_alias: str | None = None,
     ) -> None:
+        """network_mode: `user` (QEMU's user-mode NIC only), `nat` or a private network's name
+        (vm_network.py: a tap on that bridge, first, beside the user-mode NIC racker's SSH uses);
+        publish: ports forwarded from the host to the VM's bridge address (nat)."""
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
         self.digest = digest
@@ -382,6 +388,13 @@ class VM(machines.Guest):
         if warm and user_data:
             # A snapshot's guest ran cloud-init long ago, on the seed of the VM that made it.
             raise VMError("a warm VM restores a snapshot, whose cloud-init ran already: user-data needs a cold boot")
+        self.bridge: vm_network.Bridged | None = None
+        if network_mode != vm_network.USER:
+            if warm or seed_snapshot:
+                raise VMError("a warm VM restores a snapshot taken on QEMU's user-mode network", hint="boot it cold on a bridge")
+            self.bridge = vm_network.Bridged(network_mode, publish, network_alias)
+        elif publish:
+            raise VMError("--publish needs a bridge to publish from", hint="add --network nat")
         if not self.board.firmware and self.kernel is None:
             raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
         self.state: State | None = None
@@ -424,6 +437,8 @@ class VM(machines.Guest):
         self.state = state  # a detached VM is handed over once it runs (detach())
         try:
             machines.make_run_dir(self.kind, self.name)
+            if self.bridge is not None:
+                self.bridge.setup(state, self.rundir, detached=self.detached)  # a published port in use fails here
             info = inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             deadline = started + self.boot_timeout
@@ -434,6 +449,8 @@ class VM(machines.Guest):
                     snapshots.seed(self, info, firmware, deadline)
                 else:
                     self._cold_boot(info, firmware, deadline)
+            if self.bridge is not None:
+                self.bridge.start_forwarder(state, detached=self.detached)
         except BaseException as error:
             if isinstance(error, RackerError):
                 error.evidence.update(self.boot_evidence())  # before stop() removes the console log
@@ -577,6 +594,7 @@ class VM(machines.Guest):
             "-device", self.board.disk.format(i=0, drive="disk0") + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
             "-device", (self.board.seed or self.board.disk).format(i=1, drive="seed0"),
+            *(self.bridge.qemu_args(self.board.nic) if self.bridge is not None else ()),
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", f"{self.board.nic},netdev=net0",
             *(("-device", self.board.rng) if self.board.rng else ()),
@@ -748,6 +766,9 @@ class VM(machines.Guest):
             self._power_off(grace)
         finally:
             self._close_qmp()
+            vm_network.release(state)  # its DHCP server, address and tap; the bridge after the last
+            if self.bridge is not None:
+                self.bridge.close()
             store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
