@@ -26,7 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from racker import accel, guest_agent, guest_shell, machines, network, proc, progress, seed, settings, snapshots, sockets, ssh, store, vm_network
+from racker import (
+    accel,
+    guest_agent,
+    guest_shell,
+    machines,
+    network,
+    proc,
+    progress,
+    seed,
+    settings,
+    snapshots,
+    sockets,
+    ssh,
+    store,
+    vm_network,
+)
 from racker.errors import (
     BadDisk,
     BootTimeout,
