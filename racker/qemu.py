@@ -938,6 +938,7 @@ def _endpoint(state: State) -> ssh.Endpoint:
 # copy of init about to exec one. Looked at twice in a row, half a second apart: init records the
 # runlevel before it forks the rc (see racker.inits.SysVinit). Prints the state ("running").
 WAIT_RC_BOOTED = r"""
+PATH=$PATH:/sbin:/usr/sbin  # runlevel: the seed's user's PATH lacks /sbin
 level=$(sed -n 's/^[^#:]*:\([0-9]\):initdefault:.*/\1/p' /etc/inittab | head -n 1)
 seen=0
 while [ $seen -lt 2 ]; do

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from test_vm_boot import DISK, GROWN, run_checks
 
-from racker import engines, inits, prepare, promote, store
+from racker import engines, images, inits, prepare, promote, store
 from racker.errors import PrepareError
-from racker.qemu import VM
+from racker.nspawn import Machine
+from racker.qemu import VM, WAIT_BOOTED
 
 # The full-boot checks that mean something only under systemd: skipped, saying so.
 SYSTEMD_ONLY = {"test_machine_id_made_on_this_boot", "test_no_failed_units", "test_time_sync_active", "test_boot_time_recorded"}
@@ -53,7 +54,8 @@ def test_sysvinit_image_boots_as_a_cloud_vm(share_image, tmp_path: Path) -> None
     assert "iface racker-nic inet dhcp" in (image.rootfs / "etc/network/interfaces").read_text()
     assert "getty -L ttyS0" in (image.rootfs / "etc/inittab").read_text()
     result = promote.promote(image, tmp_path / "sysvinit.raw", promote.Options(size=DISK))
-    with VM(result.path, image=image.name, disk_size=GROWN) as vm:
+    # A sysvinit boot runs its rcS scripts one by one (udev's settle alone takes a minute under a loaded TCG).
+    with VM(result.path, image=image.name, disk_size=GROWN, boot_timeout=900) as vm:
         # Ready by its init's own word: runlevel 2 reached, its rc scripts (cloud-final among them) done.
         assert vm.system_state == "running"
         assert vm.check_output(["cat", "/proc/1/comm"]).strip() == "init"
@@ -96,3 +98,15 @@ def test_qemu_offers_systemd_only_where_the_image_boots_it(tmp_path: Path) -> No
     image = store.StoredImage("sysv-test", "sha256:" + "0" * 64, "", "", 0, path=tmp_path)
     assert engines.get("qemu").unmet(["systemd", "ssh", "cloud-init"], image) == ["systemd"]
     assert engines.get("qemu").unmet(["systemd"], None) == []  # not known before the image is there
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["debian-bookworm-sysvinit", "debian-bookworm-openrc"])
+def test_vm_readiness_asks_the_guests_own_init(name: str) -> None:
+    """qemu.WAIT_BOOTED, as the seed's user runs it over SSH (no /sbin in PATH), in a booted machine
+    of the image: it answers "running" once the runlevel's rc is done, without systemd to ask."""
+    with Machine(images.pull(name)) as machine:
+        as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env", "PATH=/usr/bin:/bin"]
+        done = machine.run([*as_user, *WAIT_BOOTED], timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, "running"), done.stderr
