@@ -21,7 +21,7 @@ from racker.qemu import VM, WAIT_BOOTED
 
 # The full-boot checks that mean something only under systemd: skipped, saying so.
 SYSTEMD_ONLY = {"test_machine_id_made_on_this_boot", "test_no_failed_units", "test_time_sync_active", "test_boot_time_recorded"}
-# Skipped whatever the init: no --profile was given, and bookworm's cloud-init has `schema --system`? (it may not).
+# Skipped whatever the init: no --profile was given; `cloud-init schema --system` where this cloud-init lacks it.
 MAY_SKIP = {"test_profile_requirements_met", "test_cloud_init_schema_valid"}
 
 # Each check broken in the running sysvinit VM by one command, and what its failure says.
