@@ -732,7 +732,7 @@ class VM(machines.Guest):
         return self._child.returncode if self._child is not None else None
 
     def _wait_ready(self, deadline: float) -> None:
-        """SSH answers with our key and systemd says the boot has finished."""
+        """SSH answers with our key and the guest's init says the boot has finished (WAIT_BOOTED)."""
         assert self.endpoint is not None
         greeted = False
         while True:
@@ -950,8 +950,31 @@ def _endpoint(state: State) -> ssh.Endpoint:
     return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519", control=state.rundir)
 
 
-# Returns when the boot has finished (cloud-init's last stage is part of it).
-WAIT_BOOTED = ("systemctl", "is-system-running", "--wait")
+# Returns when the boot has finished (cloud-init's last stage is part of it), asked of the guest's
+# own init: systemd's state; else (sysvinit, OpenRC) inittab's default runlevel reached with its rc
+# finished: no /etc/init.d/rc, openrc, startpar or insserv-ordered script still running, and no
+# copy of init about to exec one. Looked at twice in a row, half a second apart: init records the
+# runlevel before it forks the rc (see racker.inits.SysVinit). Prints the state ("running").
+WAIT_RC_BOOTED = r"""
+PATH=$PATH:/sbin:/usr/sbin  # runlevel: the seed's user's PATH lacks /sbin
+level=$(sed -n 's/^[^#:]*:\([0-9]\):initdefault:.*/\1/p' /etc/inittab | head -n 1)
+seen=0
+while [ $seen -lt 2 ]; do
+    sleep 0.5
+    if [ "$(runlevel | cut -d ' ' -f 2)" = "$level" ] \
+        && ! ps -eo args= | grep -Eq '^(/bin/sh )?/etc/init\.d/rc |(^|/)(openrc|openrc-run|startpar) ' \
+        && [ "$(ps -eo args= | grep -cE '^(init \[|/sbin/init)')" -le 1 ]; then
+        seen=$((seen + 1))
+    else
+        seen=0
+    fi
+done
+echo running
+"""
+WAIT_BOOTED = (
+    "sh", "-c",
+    "if [ -d /run/systemd/system ]; then exec systemctl is-system-running --wait; fi" + WAIT_RC_BOOTED,
+)  # fmt: skip
 # What a guest prints when it is dead and will never answer: no use waiting for the timeout.
 GUEST_DEATH = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 
