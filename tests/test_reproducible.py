@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -159,6 +160,46 @@ def test_a_disk_s_ids_follow_the_image_not_chance() -> None:
     assert disk.plan("bios", 2 << 30, 400 << 20, seed="sha256:aaaa").sfdisk_script().count("label-id: 0x") == 1
     unseeded = [disk.plan("bios", 2 << 30, 400 << 20) for _ in range(2)]
     assert unseeded[0].root_uuid != unseeded[1].root_uuid  # no image to follow: random, as before
+
+
+def _qemu_img(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert not check or done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("name", ["vmdk", "vhd", "vhdx", "vdi", "qcow2"])
+def test_a_converted_disk_is_the_same_bytes_and_still_valid(name: str, tmp_path: Path) -> None:
+    """qemu-img draws a vmdk's CID, a vhd's unique id and time, a vhdx's GUIDs and sequence numbers,
+    a vdi's UUIDs at random: promote settles them from the image's digest (headers.settle)."""
+    from racker.promote import formats
+
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as handle:  # some data among zero blocks, as a disk has
+        handle.truncate(64 << 20)
+        for at in (0, 5 << 20, 40 << 20):
+            handle.seek(at)
+            handle.write(hashlib.sha256(str(at).encode()).digest() * 4096)
+    fmt = formats.get(name)
+
+    def convert(seed: str, epoch: int | None = 1686387177) -> bytes:
+        out = tmp_path / str(len(list(tmp_path.iterdir()))) / f"disk{fmt.suffix}"  # a vmdk names its file
+        out.parent.mkdir()
+        formats.convert(raw, fmt, out, out.name, seed=seed, epoch=epoch)
+        as_vhd = ["-f", fmt.qemu_format]
+        info = json.loads(_qemu_img("info", "--output=json", *as_vhd, out).stdout)
+        assert info["format"] == fmt.qemu_format and info["virtual-size"] == 64 << 20
+        if name != "vhd":  # qemu-img checks no vpc
+            _qemu_img("check", *as_vhd, out)
+        compared = _qemu_img("compare", "-f", "raw", "-F", fmt.qemu_format, raw, out, check=False)
+        assert compared.returncode == 0, f"the {name} does not hold the raw disk: {compared.stdout}{compared.stderr}"
+        return out.read_bytes()
+
+    one = convert("sha256:aaaa")
+    assert convert("sha256:aaaa") == one, f"two converts of one image made two {name} files"
+    if name != "qcow2":  # qcow2 has no id: the same bytes whatever the image
+        assert convert("sha256:bbbb") != one, "another image's disk took the same ids"
+        assert convert("") != convert(""), "without an image to follow, qemu-img's own random ids stay"
 
 
 def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ class Appliance:
     os_id: str  # os-release ID
     capacity: int  # the disk's virtual size, bytes
     mac: str  # 12 hex digits: Vagrant's base_mac
+    seed: str = ""  # the image's digest: the disk's header ids follow it (headers.settle)
     memory_mib: int = 1024
     cpus: int = 2
 
@@ -68,7 +69,7 @@ def member_name(output_name: str, suffix: str) -> str:
 
 
 def _vagrant_libvirt(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
-    formats.convert(raw, fmt, work / "box.img")
+    formats.convert(raw, fmt, work / "box.img", seed=appliance.seed)
     # virtual_size: whole GB, rounded up (vagrant-libvirt grows the domain's disk to it).
     metadata = {"provider": "libvirt", "format": "qcow2", "virtual_size": -(-appliance.capacity // GB)}
     _write(work, "metadata.json", json.dumps(metadata, indent=2) + "\n")
@@ -79,7 +80,7 @@ def _vagrant_libvirt(raw: Path, fmt: formats.Format, output: Path, appliance: Ap
 
 def _vagrant_virtualbox(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
     disk = "box-disk001.vmdk"
-    formats.convert(raw, fmt, work / disk, disk)  # the descriptor names the file as the box holds it
+    formats.convert(raw, fmt, work / disk, disk, seed=appliance.seed)  # the descriptor names the file as the box holds it
     _write(work, "box.ovf", ovf(appliance, disk, (work / disk).stat().st_size))
     _write(work, "metadata.json", json.dumps({"provider": "virtualbox"}, indent=2) + "\n")
     _write(work, "Vagrantfile", virtualbox_vagrantfile(appliance))
@@ -89,7 +90,7 @@ def _vagrant_virtualbox(raw: Path, fmt: formats.Format, output: Path, appliance:
 
 def _ova(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
     descriptor, manifest, disk = f"{appliance.name}.ovf", f"{appliance.name}.mf", f"{appliance.name}-disk001.vmdk"
-    formats.convert(raw, fmt, work / disk, disk)
+    formats.convert(raw, fmt, work / disk, disk, seed=appliance.seed)
     _write(work, descriptor, ovf(appliance, disk, (work / disk).stat().st_size))
     _write(work, manifest, "".join(f"SHA256({name})= {_sha256(work / name)}\n" for name in (descriptor, disk)))
     # The OVF spec's order: the descriptor first, then the manifest, then the files it references.

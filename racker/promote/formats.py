@@ -13,6 +13,7 @@ from pathlib import Path
 
 from racker import proc
 from racker.errors import PromoteError
+from racker.promote import headers
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,14 @@ def qcow2_compression() -> tuple[str, ...]:
     return ("-c", "-W", *(zstd if probe.succeeded else ()))
 
 
-def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False) -> None:
+def convert(
+    raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False, seed: str = "", epoch: int | None = None
+) -> None:
     """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated);
     `compress`: compressed qcow2 clusters (other formats are compressed always or never).
+    `seed` (the image's digest) and `epoch` (its SOURCE_DATE_EPOCH): the ids and times qemu-img
+    draws at random in the format's header follow them instead (headers.settle), so that one
+    image makes the same bytes in any format.
 
     A format whose header names the file (a VMDK descriptor's extent) is written
     under `final_name` in a directory beside `raw`, then moved to `output` (a
@@ -105,6 +111,7 @@ def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compr
         target = named / final_name
     extra = qcow2_compression() if compress and fmt.compression == "clusters" else ()
     proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, *extra, str(raw), str(target)], timeout=1800)
+    headers.settle(target, fmt.qemu_format, seed, epoch)
     if target != output:
         shutil.move(target, output)
 
