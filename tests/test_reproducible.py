@@ -208,6 +208,33 @@ def test_a_converted_disk_is_the_same_bytes_and_still_valid(name: str, tmp_path:
         assert convert("") != convert(""), "without an image to follow, qemu-img's own random ids stay"
 
 
+@pytest.mark.parametrize("name", ["gce", "ova", "vagrant-virtualbox", "vagrant-libvirt"])
+def test_a_packed_disk_is_the_same_bytes_at_another_time(name: str, tmp_path: Path) -> None:
+    """The tar's members (and a box's gzip header) carry the image's SOURCE_DATE_EPOCH, not the time of the pack."""
+    from racker.promote import boxes, formats
+
+    fmt = formats.get(name)
+
+    def pack(run: int) -> bytes:
+        work = tmp_path / str(run)
+        work.mkdir()
+        raw = work / "scratch.raw"
+        with open(raw, "wb") as handle:
+            handle.truncate(8 << 20)
+            handle.write(b"racker" * 1000)
+        output = work / f"out-{run}{fmt.suffix}"  # the temporary name differs too, as a .partial's does
+        if fmt.package:
+            appliance = boxes.Appliance("disk", "debian", 8 << 20, boxes.mac_for("sha256:aaaa"), seed="sha256:aaaa", epoch=1686387177)
+            boxes.pack(raw, fmt, output, appliance)
+        else:
+            formats.pack_gce(raw, output, epoch=1686387177)
+        return output.read_bytes()
+
+    first = pack(1)
+    time.sleep(1.1)  # another second on the clock the members took their time from
+    assert pack(2) == first
+
+
 def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The logic only (mmdebstrap and the archive faked): the real bootstraps are the slow tests above."""
     from racker import errors, refs

@@ -167,6 +167,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 capacity=layout.size,
                 mac=boxes.mac_for(image.digest),
                 seed=image.digest,
+                epoch=layout.epoch,
             )
             with progress.step(f"packing {fmt.name}"), store.output_file(work, output) as partial:
                 boxes.pack(raw, fmt, partial, appliance)
@@ -176,7 +177,7 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
             build_disk(raw, layout, rootfs, overlay, work, arch)
             with progress.step(f"writing {fmt.name}"), store.output_file(work, output) as partial:
                 if fmt.name == "gce":
-                    formats.pack_gce(raw, partial)
+                    formats.pack_gce(raw, partial, epoch=layout.epoch)
                 else:
                     formats.convert(raw, fmt, partial, output.name, compress=options.compressed(fmt), seed=image.digest, epoch=layout.epoch)
                 verify(partial)

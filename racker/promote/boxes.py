@@ -10,6 +10,7 @@ streamOptimized one that `--format vmdk` writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -17,7 +18,9 @@ import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
+from gzip import GzipFile
 from pathlib import Path
+from typing import BinaryIO
 
 from racker.promote import formats
 
@@ -47,6 +50,7 @@ class Appliance:
     capacity: int  # the disk's virtual size, bytes
     mac: str  # 12 hex digits: Vagrant's base_mac
     seed: str = ""  # the image's digest: the disk's header ids follow it (headers.settle)
+    epoch: int | None = None  # its SOURCE_DATE_EPOCH: the members' time
     memory_mib: int = 1024
     cpus: int = 2
 
@@ -75,7 +79,7 @@ def _vagrant_libvirt(raw: Path, fmt: formats.Format, output: Path, appliance: Ap
     _write(work, "metadata.json", json.dumps(metadata, indent=2) + "\n")
     _write(work, "Vagrantfile", libvirt_vagrantfile(appliance))
     # gzip at level 1: the qcow2 is most of it, and vagrant box add reads any tar.
-    _tar(output, work, ["metadata.json", "Vagrantfile", "box.img"], "w:gz")
+    _tar(output, work, ["metadata.json", "Vagrantfile", "box.img"], appliance.epoch, gzip=True)
 
 
 def _vagrant_virtualbox(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
@@ -85,7 +89,7 @@ def _vagrant_virtualbox(raw: Path, fmt: formats.Format, output: Path, appliance:
     _write(work, "metadata.json", json.dumps({"provider": "virtualbox"}, indent=2) + "\n")
     _write(work, "Vagrantfile", virtualbox_vagrantfile(appliance))
     # Not gzipped: the streamOptimized vmdk is deflated already.
-    _tar(output, work, ["metadata.json", "Vagrantfile", "box.ovf", disk], "w")
+    _tar(output, work, ["metadata.json", "Vagrantfile", "box.ovf", disk], appliance.epoch)
 
 
 def _ova(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
@@ -94,7 +98,7 @@ def _ova(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, wor
     _write(work, descriptor, ovf(appliance, disk, (work / disk).stat().st_size))
     _write(work, manifest, "".join(f"SHA256({name})= {_sha256(work / name)}\n" for name in (descriptor, disk)))
     # The OVF spec's order: the descriptor first, then the manifest, then the files it references.
-    _tar(output, work, [descriptor, manifest, disk], "w", tarfile.USTAR_FORMAT)
+    _tar(output, work, [descriptor, manifest, disk], appliance.epoch, format=tarfile.USTAR_FORMAT)
 
 
 PACKERS: dict[str, Callable[[Path, formats.Format, Path, Appliance, Path], None]] = {
@@ -222,16 +226,22 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _tar(output: Path, work: Path, names: list[str], mode: str, format: int = tarfile.GNU_FORMAT) -> None:
-    """The files as plain members, owned by root, in this order."""
+def _tar(output: Path, work: Path, names: list[str], epoch: int | None, *, gzip: bool = False, format: int = tarfile.GNU_FORMAT) -> None:
+    """The files as plain members, owned by root, in this order; dated `epoch` when the image has one
+    (and so is the gzip header, which names no file): one image makes the same bytes."""
 
     def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = "root"
         info.mode = 0o644
+        if epoch is not None:
+            info.mtime = epoch
         return info
 
-    options = {"compresslevel": 1} if mode == "w:gz" else {}
-    with tarfile.open(output, mode, format=format, **options) as archive:  # type: ignore[call-overload]
-        for name in names:
-            archive.add(work / name, arcname=name, filter=plain)
+    with open(output, "wb") as raw, contextlib.ExitStack() as stack:
+        stream: BinaryIO = raw
+        if gzip:
+            stream = stack.enter_context(GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=epoch))
+        with tarfile.open(fileobj=stream, mode="w", format=format) as archive:
+            for name in names:
+                archive.add(work / name, arcname=name, filter=plain)

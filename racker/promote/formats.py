@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import lzma
+import os
 import shutil
 import tempfile
 import zlib
@@ -116,11 +117,14 @@ def convert(
         shutil.move(target, output)
 
 
-def pack_gce(raw: Path, output: Path) -> None:
-    """GCE import's layout: a file named disk.raw in a sparse, oldgnu-format tar.gz."""
+def pack_gce(raw: Path, output: Path, epoch: int | None = None) -> None:
+    """GCE import's layout: a file named disk.raw in a sparse, oldgnu-format tar.gz;
+    dated `epoch` (the image's SOURCE_DATE_EPOCH), so that one image makes the same bytes."""
     staged = raw.parent / "disk.raw"
     if raw != staged:
         raw.rename(staged)
+    if epoch is not None:
+        os.utime(staged, (epoch, epoch))
     proc.run(["tar", "--format=oldgnu", "--sparse", "-czf", str(output), "-C", str(staged.parent), "disk.raw"], timeout=1800)
 
 
