@@ -80,20 +80,20 @@ class _Ids:
 
 # -- vmdk --------------------------------------------------------------------------------------
 
-_CID = re.compile(rb"^CID=[0-9a-fA-F]{8}$", re.MULTILINE)
+_CID = re.compile(rb"^CID=[0-9a-fA-F]{1,8}$", re.MULTILINE)  # qemu-img writes it with %x: 1 to 8 digits
 
 
 def _vmdk(disk: _Disk, ids: _Ids, epoch: int | None) -> None:
     head = disk.read(0, 512)
-    if head[:4] == b"KDMV":  # a sparse extent (streamOptimized, monolithicSparse) holding its descriptor
-        offset, size = (512 * n for n in struct.unpack_from("<QQ", head, 28))
-    elif head.startswith(b"# Disk DescriptorFile"):  # a descriptor file of its own
-        offset, size = 0, min(disk.size, 1 << 20)
-    else:
+    if head[:4] != b"KDMV":  # the sparse extent (streamOptimized, monolithicSparse) that holds its descriptor
         raise PromoteError("qemu-img wrote a vmdk without a descriptor racker can read")
-    cid = ids.named("CID").hex()[:8].encode()
-    descriptor = disk.read(offset, size)
-    disk.write(offset, _CID.sub(b"CID=" + cid, descriptor))  # the same length: 8 hex digits for 8
+    offset, size = (512 * n for n in struct.unpack_from("<QQ", head, 28))
+    text = bytes(disk.read(offset, size)).split(b"\0", 1)[0]
+    # Always 8 digits: the text may grow by a few bytes into the descriptor's NUL padding.
+    settled = _CID.sub(b"CID=" + ids.named("CID").hex()[:8].encode(), text)
+    if len(settled) >= size:
+        raise PromoteError("qemu-img wrote a vmdk descriptor with no room left")
+    disk.write(offset, settled.ljust(size, b"\0"))
 
 
 # -- vhd (qemu's vpc) --------------------------------------------------------------------------
