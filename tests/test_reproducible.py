@@ -61,6 +61,36 @@ def test_a_build_compiles_python_with_one_string_hash() -> None:
     assert reproducible.environment(None) == {}
 
 
+def test_the_pyc_files_there_are_compiled_again_in_their_own_mode_and_none_added(tmp_path: Path) -> None:
+    """prepare.RECOMPILE_PYC, run by this Python (the image's own runs it in prepare): a stale .pyc
+    is made again in its invalidation mode; a source without one gets none; a .pyc without a source stays."""
+    import py_compile
+    import sys
+
+    from racker import prepare
+
+    lib = tmp_path / "lib"
+    (lib / "__pycache__").mkdir(parents=True)
+    for name in ("stamped", "hashed", "bare"):
+        (lib / f"{name}.py").write_text(f"def {name}(x):\n    return x in {{'a', 'b', 'c'}}\n")
+    tag = sys.implementation.cache_tag
+    pyc = {name: lib / "__pycache__" / f"{name}.{tag}.pyc" for name in ("stamped", "hashed", "orphan")}
+    py_compile.compile(str(lib / "hashed.py"), cfile=str(pyc["hashed"]), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    expected = pyc["hashed"].read_bytes()
+    pyc["hashed"].write_bytes(expected[:16] + b"stale")
+    py_compile.compile(str(lib / "stamped.py"), cfile=str(pyc["stamped"]), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    stamped = pyc["stamped"].read_bytes()
+    pyc["stamped"].write_bytes(stamped[:16] + b"stale")
+    pyc["orphan"].write_bytes(b"left alone")
+
+    done = subprocess.run([sys.executable, "-c", prepare.RECOMPILE_PYC, str(lib)], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert pyc["hashed"].read_bytes() == expected and pyc["stamped"].read_bytes() == stamped
+    assert pyc["orphan"].read_bytes() == b"left alone"
+    assert sorted(p.name for p in (lib / "__pycache__").iterdir()) == sorted(p.name for p in pyc.values())
+
+
 # -- two builds ------------------------------------------------------------------------------
 
 
