@@ -402,6 +402,8 @@ def _prepared(
             # (shadow's last-change day, the initramfs's mtimes) is the same at every prepare.
             epoch = reproducible.of(image.manifest)
             installed = _install(rootfs, distro, packages, epoch)
+            if epoch is not None:
+                recompile_python(rootfs, epoch)
             verified = bool(distro.recipe and distro.recipe.verified)
             record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed, "recipe_verified": verified}
             if level == "vm":
@@ -480,6 +482,44 @@ def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages
         tree.unlink("usr/sbin/policy-rc.d", missing_ok=True)
         _restore_link_or_file(tree, resolv, saved_resolv)
     return wanted
+
+
+# Recompiles the .pyc files already there (none added), each in its own invalidation mode,
+# in one process whose string hash is fixed (PYTHONHASHSEED in the environment).
+RECOMPILE_PYC = """
+import os, py_compile, sys
+modes = {0: py_compile.PycInvalidationMode.TIMESTAMP, 1: py_compile.PycInvalidationMode.UNCHECKED_HASH,
+         3: py_compile.PycInvalidationMode.CHECKED_HASH}
+tag = sys.implementation.cache_tag
+for top in sys.argv[1:]:
+    for directory, dirs, files in os.walk(top):
+        dirs.sort()
+        if os.path.basename(directory) != "__pycache__":
+            continue
+        for name in sorted(files):
+            if not name.endswith("." + tag + ".pyc"):
+                continue
+            source = os.path.join(os.path.dirname(directory), name[: -len("." + tag + ".pyc")] + ".py")
+            pyc = os.path.join(directory, name)
+            with open(pyc, "rb") as handle:
+                flags = int.from_bytes(handle.read(8)[4:8], "little")
+            if os.path.isfile(source) and flags in modes:
+                py_compile.compile(source, cfile=pyc, invalidation_mode=modes[flags], doraise=False)
+"""
+
+
+def recompile_python(rootfs: Path, epoch: int) -> None:
+    """Python before 3.11 marshals a frozenset constant in its string-hash order, and the packages'
+    postinsts compile the standard library with `python3.N -E`, which ignores PYTHONHASHSEED: its
+    .pyc files differed from build to build (bullseye's 3.9). They are compiled again with one seed."""
+    tree = imagetree.Tree(rootfs)
+    for lib in tree.glob("usr/lib/python3.*"):
+        minor = lib.rsplit(".", 1)[-1]
+        if not (minor.isdigit() and int(minor) < 11 and tree.is_file(f"usr/bin/python3.{minor}")):
+            continue
+        tops = [f"/{lib}", *(["/usr/lib/python3/dist-packages"] if tree.is_dir("usr/lib/python3/dist-packages") else [])]
+        with progress.step(f"compiling python3.{minor}'s .pyc files with one string hash"):
+            in_container(rootfs, (f"/usr/bin/python3.{minor}", "-c", RECOMPILE_PYC, *tops), env=reproducible.environment(epoch))
 
 
 def configure(rootfs: Path, own_links: frozenset[str] = frozenset(), epoch: int | None = None, arch: str = "amd64") -> None:

@@ -650,7 +650,7 @@ def test_a_failing_tree_check_fails_before_the_disk_is_built(private_store: dict
 
 
 def test_a_failing_disk_check_leaves_no_output(small_image, tmp_path: Path, monkeypatch) -> None:
-    def posix_tar(raw: Path, output: Path) -> None:
+    def posix_tar(raw: Path, output: Path, epoch: int | None = None) -> None:
         subprocess.run(["tar", "--format=posix", "--sparse", "-czf", str(output), "-C", str(raw.parent), raw.name], check=True)
 
     monkeypatch.setattr(formats, "pack_gce", posix_tar)
