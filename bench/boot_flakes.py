@@ -40,6 +40,8 @@ from racker import images, prepare, promote, qemu, store
 IMAGES = ("debian-bullseye", "debian-bookworm", "debian-trixie", "debian-sid")
 # A guest whose console grew this recently when racker gave up was still booting.
 PROGRESSING_S = 20.0
+# A guest that finished booting this long before racker gave up was missed (readiness detection).
+MISSED_S = 60.0
 
 # (class, pattern) in order of precedence: the first that matches a failed boot's console names it.
 CLASSES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
@@ -69,6 +71,13 @@ PRINTK_TIME = re.compile(rb"^\[\s*(\d+\.\d+)\]", re.MULTILINE)
 CLOUD_INIT_DONE = re.compile(rb"Cloud-init v\. [^\r\n]* finished|Started cloud-final|Finished cloud-final")
 SSHD_STARTED = re.compile(rb"Started (?:ssh|sshd)\.service|Started OpenBSD Secure Shell server|Started ssh\.service")
 LOGIN_PROMPT = re.compile(rb"login: ?$", re.MULTILINE)
+# The guest's boot is over: cloud-init's last stage has reported (what `is-system-running --wait` waits for).
+CLOUD_FINAL_DONE = re.compile(
+    rb"Finished cloud-final\.service|Completed socket interaction for boot stage final|Cloud-init v\. [^\r\n]* finished"
+)
+
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[78]")
 
 
 def classify(console: bytes, error: str, console_idle_s: float | None, seconds: float = 0.0) -> tuple[str, str]:
@@ -78,6 +87,7 @@ def classify(console: bytes, error: str, console_idle_s: float | None, seconds: 
     time not known) the guest's last kernel timestamp is that close to the boot's length."""
     if not error:
         return "ready", ""
+    console = ANSI.sub(b"", console)
     for name, pattern in CLASSES[:4]:
         if found := pattern.search(console):
             return name, found.group(0).decode(errors="replace").strip()
@@ -85,6 +95,11 @@ def classify(console: bytes, error: str, console_idle_s: float | None, seconds: 
         return "qemu did not start", ""
     if console_idle_s is None and seconds and (stamps := PRINTK_TIME.findall(console)):
         console_idle_s = seconds - float(stamps[-1])
+    finished = LOGIN_PROMPT.search(console) or CLOUD_FINAL_DONE.search(console)
+    if error == "BootTimeout" and finished:
+        if console_idle_s is not None and console_idle_s >= MISSED_S:
+            return "racker missed a finished guest", last_line(console)
+        return "racker timeout, guest just finished", last_line(console)
     if error == "BootTimeout" and console_idle_s is not None and console_idle_s < PROGRESSING_S:
         return "racker timeout, guest progressing", last_line(console)
     for name, pattern in CLASSES[4:]:
@@ -100,7 +115,7 @@ def classify(console: bytes, error: str, console_idle_s: float | None, seconds: 
 
 
 def last_line(console: bytes) -> str:
-    lines = [line for line in console.replace(b"\r", b"").splitlines() if line.strip()]
+    lines = [line for line in ANSI.sub(b"", console).replace(b"\r", b"").splitlines() if line.strip()]
     return lines[-1].decode(errors="replace").strip()[:200] if lines else ""
 
 
