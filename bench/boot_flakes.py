@@ -164,6 +164,7 @@ def boot_once(index: int, image: str, disk: str, out: str, timeout: float, tcg_c
     return {
         "index": index,
         "image": image,
+        "timeout": timeout,
         "outcome": outcome,
         "evidence": evidence,
         "seconds": seconds,
@@ -205,6 +206,8 @@ def table(records: list[dict]) -> str:
     ready = [r["seconds"] for r in records if r["outcome"] == "ready"]
     failed = len(records) - len(ready)
     lines.append(f"failures: {failed}/{len(records)} ({100 * failed / max(len(records), 1):.0f}%)")
+    if late := [r for r in records if r["outcome"] == "ready" and r.get("timeout") and r["seconds"] > r["timeout"]]:
+        lines.append(f"ready past the wall timeout (a starved boot given more time): {len(late)}")
     if ready:
         lines.append(f"time to ready: median {statistics.median(ready):.1f} s, max {max(ready):.1f} s (n={len(ready)})")
     return "\n".join(lines)
