@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -229,6 +230,9 @@ def main() -> int:
         print(table([json.loads(line) for line in (args.table / "records.jsonl").read_text().splitlines()]))
         return 0
 
+    # Ctrl-C, or SIGINT to this process and its workers, stops every VM on the way out,
+    # even when started in the background (where a shell starts jobs with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     names = args.images.split(",")
     disks = {name: str(disk_for(name, args.firmware, args.disks)) for name in names}
     args.out.mkdir(parents=True, exist_ok=True)
