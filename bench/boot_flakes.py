@@ -41,6 +41,8 @@ from racker import images, prepare, promote, qemu, store
 IMAGES = ("debian-bullseye", "debian-bookworm", "debian-trixie", "debian-sid")
 # A guest whose console grew this recently when racker gave up was still booting.
 PROGRESSING_S = 20.0
+# QEMU's start, firmware and GRUB: wall time before the kernel's clock starts (7-15 s at load 15).
+BEFORE_KERNEL_S = 10.0
 # A guest that finished booting this long before racker gave up was missed (readiness detection).
 MISSED_S = 60.0
 
@@ -85,7 +87,8 @@ def classify(console: bytes, error: str, console_idle_s: float | None, seconds: 
     """(class, the console line that shows it) of one boot; error is the exception's type ("" if ready).
 
     Progressing: the console grew in the last PROGRESSING_S seconds before racker gave up, or (its
-    time not known) the guest's last kernel timestamp is that close to the boot's length."""
+    time not known) the guest's last kernel timestamp is that close to the boot's length, less
+    the time before the kernel started."""
     if not error:
         return "ready", ""
     console = ANSI.sub(b"", console)
@@ -95,7 +98,7 @@ def classify(console: bytes, error: str, console_idle_s: float | None, seconds: 
     if error == "VMLaunchFailure" and not console.strip():
         return "qemu did not start", ""
     if console_idle_s is None and seconds and (stamps := PRINTK_TIME.findall(console)):
-        console_idle_s = seconds - float(stamps[-1])
+        console_idle_s = seconds - BEFORE_KERNEL_S - float(stamps[-1])
     finished = LOGIN_PROMPT.search(console) or CLOUD_FINAL_DONE.search(console)
     if error == "BootTimeout" and finished:
         if console_idle_s is not None and console_idle_s >= MISSED_S:
@@ -209,6 +212,12 @@ def table(records: list[dict]) -> str:
     lines.append(f"failures: {failed}/{len(records)} ({100 * failed / max(len(records), 1):.0f}%)")
     if late := [r for r in records if r["outcome"] == "ready" and r.get("timeout") and r["seconds"] > r["timeout"]]:
         lines.append(f"ready past the wall timeout (a starved boot given more time): {len(late)}")
+    for note in ("tsc unstable", "rcu stall", "soft lockup"):
+        if marked := sum(1 for r in records if r.get(note)):
+            lines.append(f"console notes '{note}': {marked}/{len(records)}")
+    loads = [r["load"] for r in records if "load" in r]
+    if loads:
+        lines.append(f"host load (1 min) at the end of each boot: {min(loads):.1f}-{max(loads):.1f}")
     if ready:
         lines.append(f"time to ready: median {statistics.median(ready):.1f} s, max {max(ready):.1f} s (n={len(ready)})")
     return "\n".join(lines)
