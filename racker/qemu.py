@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from racker import (
     accel,
+    boot_clock,
     guest_agent,
     guest_shell,
     machines,
@@ -732,17 +733,22 @@ class VM(machines.Guest):
         return self._child.returncode if self._child is not None else None
 
     def _wait_ready(self, deadline: float) -> None:
-        """SSH answers with our key and the guest's init says the boot has finished (WAIT_BOOTED)."""
+        """SSH answers with our key and the guest's init says the boot has finished (WAIT_BOOTED).
+
+        The deadline stretches for a guest that a busy host starves (racker.boot_clock)."""
         assert self.endpoint is not None
+        clock = boot_clock.BootClock(deadline, self.boot_timeout, self._cpu_seconds)
         greeted = False
         while True:
             if not self._alive():
                 raise VMLaunchFailure(self._exit_status(), self.argv, machines.console_tail(self.console_log))
-            if time.monotonic() > deadline:
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
-            if _console_has(self.console_log, GUEST_DEATH):
+            if clock.overdue():
+                raise self._boot_timeout(clock)
+            if died := _console_has(self.console_log, GUEST_DEATH):
                 tail = machines.console_tail(self.console_log, lines=60)
-                raise GuestDied(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
+                raise GuestDied(
+                    f"the guest kernel of VM {self.name!r} {GUEST_DEATH[died]} while booting", hint="last console lines:\n" + tail
+                )
             # Wait for sshd's banner in-process: an ssh client started twice a second
             # for the half minute sshd takes would take host CPU from the guest. Once
             # only: sshd >= 9.8 counts connections that never log in against us.
@@ -754,18 +760,26 @@ class VM(machines.Guest):
             # The connection master both proves SSH and carries every later command:
             # under emulation each SSH handshake costs the guest a second of CPU.
             try:
-                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
-                result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                self.connection(timeout=max(clock.deadline - time.monotonic(), 5), connect_timeout=3)
+                result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(clock.deadline - time.monotonic(), 5), connect_timeout=3)
                 break
             except Unreachable:
                 pass
             except ToolTimeout:
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+                if clock.overdue():
+                    raise self._boot_timeout(clock) from None
             time.sleep(0.5)
         self.system_state = result.stdout.strip()
         assert self.state is not None
         self.state.extra["system_state"] = self.system_state
         machines.save(self.state)
+
+    def _cpu_seconds(self) -> float | None:
+        """The CPU time QEMU has had (all its vCPU threads), None if it is not running."""
+        return proc.cpu_seconds(self.state.pid) if self.state is not None and self.state.pid else None
+
+    def _boot_timeout(self, clock: boot_clock.BootClock) -> BootTimeout:
+        return BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log), extended=clock.extended)
 
     def stop(self, grace: float = 0.0) -> None:
         """Power the VM off and remove everything it had: process, overlay, seed, port, record.
@@ -975,15 +989,21 @@ WAIT_BOOTED = (
     "sh", "-c",
     "if [ -d /run/systemd/system ]; then exec systemctl is-system-running --wait; fi" + WAIT_RC_BOOTED,
 )  # fmt: skip
-# What a guest prints when it is dead and will never answer: no use waiting for the timeout.
-GUEST_DEATH = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
+# What a guest prints when it is dead and will never answer (no use waiting for the timeout),
+# and what it did. initramfs-tools gives up on a missing root after rootdelay, then waits at a shell.
+GUEST_DEATH = {
+    b"Kernel panic - not syncing": "panicked",
+    b"---[ end Kernel panic": "panicked",
+    b"Gave up waiting for root": "found no root filesystem",
+}
 
 
-def _console_has(path: Path, needles: tuple[bytes, ...], size: int = 16384) -> bool:
+def _console_has(path: Path, needles: dict[bytes, str], size: int = 16384) -> bytes | None:
+    """The first of `needles` in the console's last `size` bytes, or None."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, os.path.getsize(path) - size))
             tail = handle.read()
     except FileNotFoundError:
-        return False
-    return any(needle in tail for needle in needles)
+        return None
+    return next((needle for needle in needles if needle in tail), None)
