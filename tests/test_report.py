@@ -418,6 +418,7 @@ def rendered(page: Path, screenshot: Path) -> Dom:
     return Dom(dumped.stdout)
 
 
+@pytest.mark.slow  # starts chromium
 def test_the_page_renders_the_matrix_and_the_regression_in_chromium(tmp_path: Path) -> None:
     images = ["debian-bookworm", "debian-sid"]
     before = night(tmp_path, "before", {}, images)
@@ -552,6 +553,7 @@ def measured(page: Path) -> tuple[int, int]:
 LAPTOP = ("--window-size=1366,768", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
+@pytest.mark.slow  # starts chromium
 def test_the_catalogue_matrix_fits_a_laptop_screen_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 catalogue images × 2 engines × every built-in check, over 10 nights of history with
     failures and flakes: no horizontal scrolling at 1366×768, the checks nspawn cannot run on one line."""
