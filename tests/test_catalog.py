@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, racker_here
 from racker import catalog, refs
 
 # (file text, what the one error line must say besides the file's path)
@@ -32,16 +30,6 @@ def _nothing_stored(env: dict[str, str]) -> bool:
     return not any((home / "refs").glob("*.json")) and not any((home / "images").glob("*")) if home.exists() else True
 
 
-def _run_in_process(*argv: str) -> tuple[int, str]:
-    """racker's command line in this process: (exit code, stderr), without a Python start per case."""
-    from racker import cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, err.getvalue()
-
-
 def _assert_one_line_naming(path: Path, says: list[str], code: int, stderr: str, env: dict[str, str]) -> None:
     assert code == 125, stderr
     lines = stderr.splitlines()
@@ -58,7 +46,8 @@ def test_a_bad_entry_is_one_line_naming_file_and_key(private_store: dict[str, st
     text, says = BAD_ENTRIES[name]
     path = Path(private_store["RACKER_CATALOG"]) / f"{name}.toml"
     path.write_text(text)
-    _assert_one_line_naming(path, says, *_run_in_process(verb, name), private_store)
+    result = racker_here(verb, name)
+    _assert_one_line_naming(path, says, result.returncode, result.stderr, private_store)
 
 
 @pytest.mark.parametrize("verb", ["pull", "check"])
