@@ -44,7 +44,7 @@ def parse(spec: Mapping[str, object]) -> dict[str, tuple[str, str]]:
                 f"machine {name!r} names no image", hint='{"server": "debian-bookworm"} or {"server": {"image": …, "engine": "nspawn"}}'
             )
         if engine not in ENGINES:
-            raise MachineError(f"machine {name!r}: engine {engine!r} cannot join a group yet", hint=f"engines: {', '.join(ENGINES)}")
+            raise MachineError(f"machine {name!r}: engine {engine!r} cannot join a group", hint=f"engines: {', '.join(ENGINES)}")
         parsed[name] = (image, engine)
     return parsed
 
