@@ -205,6 +205,7 @@ def _qemu_img(*args: object, check: bool = True) -> subprocess.CompletedProcess[
     return done
 
 
+@pytest.mark.slow  # builds disks (qemu-img convert)
 @pytest.mark.parametrize("name", ["vmdk", "vhd", "vhdx", "vdi", "qcow2"])
 def test_a_converted_disk_is_the_same_bytes_and_still_valid(name: str, tmp_path: Path) -> None:
     """qemu-img draws a vmdk's CID, a vhd's unique id and time, a vhdx's GUIDs and sequence numbers,
@@ -251,6 +252,7 @@ def test_a_converted_disk_is_the_same_bytes_and_still_valid(name: str, tmp_path:
         assert short.read_bytes() == one, "a short CID was not settled"
 
 
+@pytest.mark.slow  # builds disks and packs them
 @pytest.mark.parametrize("name", ["gce", "ova", "vagrant-virtualbox", "vagrant-libvirt"])
 def test_a_packed_disk_is_the_same_bytes_at_another_time(name: str, tmp_path: Path) -> None:
     """The tar's members (and a box's gzip header) carry the image's SOURCE_DATE_EPOCH, not the time of the pack."""

@@ -93,7 +93,7 @@ def test_bad_vm_network_input_is_one_line_and_makes_nothing(argv, message, priva
 def test_a_vm_group_member_needs_a_known_engine() -> None:
     from racker import groups
 
-    with pytest.raises(MachineError, match="engine 'lxc' cannot join a group yet"):
+    with pytest.raises(MachineError, match="engine 'lxc' cannot join a group"):
         groups.parse({"server": {"image": SERVER, "engine": "lxc"}})
     assert groups.parse({"server": {"image": SERVER, "engine": "qemu"}}) == {"server": (SERVER, "qemu")}
 
