@@ -63,6 +63,21 @@ def racker(
     )
 
 
+def racker_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """racker's command line run in this process, in the environment the test set: as racker()
+    returns it, without starting a Python per case. For many cases of one error path; a test of
+    the real command (racker()) stays beside them."""
+    import contextlib
+    import io
+
+    from racker import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(["racker", *args], code, out.getvalue(), err.getvalue())
+
+
 def pulled(reference: str):  # type: ignore[no-untyped-def]
     """`racker pull REFERENCE` through the CLI, which must succeed: the stored image."""
     from racker import store

@@ -11,6 +11,7 @@ PACKAGES=(
   skopeo umoci buildah podman runc docker-registry
   # disks and VMs
   qemu-system-x86 qemu-utils ovmf fdisk e2fsprogs mtools dosfstools
+  dnsmasq-base  # a VM on a bridge gets its address from a dnsmasq of its own (vm_network.py)
   lvm2  # tests only: the LVM disks they read are made by lvm2 itself (on a loop device, activation off)
   xfsprogs  # tests only: the XFS roots racker reads (by a read-only mount) are made by mkfs.xfs
   # other architectures: their programs under nspawn (qemu-user, binfmt_misc), their disks in QEMU (AAVMF)

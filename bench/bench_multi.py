@@ -3,7 +3,11 @@ against one machine (nspawn.Machine, private network mode), both of the same pre
 a command run in each. Rounds alternate so that both see the same host state. Prints the medians
 (bring-up, and up and down) as JSON.
 
-    python bench/bench_multi.py [--rounds 5] [--image debian-bookworm+vm]
+--vm: a VM (QEMU, cold) and an nspawn machine in one group, the VM on the group's bridge
+(racker.vm.bridge: tap, DHCP), against one VM on QEMU's user-mode network. A TCG boot takes
+minutes: one round is the default there.
+
+    python bench/bench_multi.py [--rounds 5] [--image debian-bookworm+vm] [--vm]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from racker import images, prepare
 from racker.machines import nspawn
 from racker.pytest import groups
+from racker.vm import boards
 
 
 def one_machine(image) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -37,27 +42,58 @@ def two_machine_group(reference: str) -> tuple[float, float]:
     return up, time.monotonic() - started
 
 
+def one_vm(image) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    from racker import promote
+    from racker.vm import qemu
+
+    board, firmware = boards.board_for(prepare.image_architecture(image))
+    started = time.monotonic()
+    vm = qemu.VM(promote.cached_disk(image, firmware), image=image.name, digest=image.digest, machine=board, boot_timeout=1200).start()
+    vm.run(["true"])
+    up = time.monotonic() - started
+    vm.stop()
+    return up, time.monotonic() - started
+
+
+def vm_and_machine_group(reference: str) -> tuple[float, float]:
+    started = time.monotonic()
+    group = groups.Group({"server": {"image": reference, "engine": "qemu"}, "client": reference}, boot_timeout=1200).start()
+    group["client"].run(["getent", "hosts", "server"])
+    group["server"].run(["true"])
+    up = time.monotonic() - started
+    group.stop()
+    return up, time.monotonic() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int)
     parser.add_argument("--image", default="debian-bookworm+vm")
+    parser.add_argument("--vm", action="store_true", help="a VM and a machine against one VM")
     args = parser.parse_args()
-    image = prepare.bootable(images.pull(args.image))
-    one_machine(image), two_machine_group(args.image)  # warm the page cache for both
+    rounds = args.rounds or (1 if args.vm else 5)
+    if args.vm:
+        image = prepare.prepare(images.pull(args.image.removesuffix("+vm")))
+        alone, together = one_vm, vm_and_machine_group
+    else:
+        image = prepare.bootable(images.pull(args.image))
+        alone, together = one_machine, two_machine_group
+        one_machine(image), two_machine_group(args.image)  # warm the page cache for both
     single, pair = [], []
-    for _ in range(args.rounds):
-        single.append(one_machine(image))
-        pair.append(two_machine_group(args.image))
+    for _ in range(rounds):
+        single.append(alone(image))
+        pair.append(together(args.image))
+    what = ("vm", "vm_and_machine") if args.vm else ("machine", "two_machine")
     median = {name: [statistics.median(t[i] for t in runs) for i in (0, 1)] for name, runs in (("one", single), ("group", pair))}
     print(
         json.dumps(
             {
                 "image": args.image,
-                "rounds": args.rounds,
-                "one_machine_up_s": round(median["one"][0], 2),
-                "two_machine_group_up_s": round(median["group"][0], 2),
-                "one_machine_up_and_down_s": round(median["one"][1], 2),
-                "two_machine_group_up_and_down_s": round(median["group"][1], 2),
+                "rounds": rounds,
+                f"one_{what[0]}_up_s": round(median["one"][0], 2),
+                f"{what[1]}_group_up_s": round(median["group"][0], 2),
+                f"one_{what[0]}_up_and_down_s": round(median["one"][1], 2),
+                f"{what[1]}_group_up_and_down_s": round(median["group"][1], 2),
                 "ratio_up": round(median["group"][0] / median["one"][0], 2),
             }
         )

@@ -119,10 +119,10 @@ def qemu_vm(image: StoredImage, *, network_mode: str = "private", warm: bool = F
 
 
 ENGINES: dict[str, Engine] = {
-    # systemd only where the image boots it (boots_systemd): one without an init is given it
-    # (prepare.bootable), one with sysvinit or OpenRC boots that.
+    # systemd only where the image boots it (boots_systemd), on either engine: one without an init
+    # is given it (prepare.bootable, prepare.prepare), one with sysvinit or OpenRC boots that.
     "nspawn": Engine("nspawn", "racker.engines:nspawn_machine", frozenset({"loopback"}), "racker.engines:nspawn_attach"),
-    "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS), "racker.engines:qemu_attach"),
+    "qemu": Engine("qemu", "racker.engines:qemu_vm", frozenset(NEEDS) - {"systemd"}, "racker.engines:qemu_attach"),
 }
 
 

@@ -99,9 +99,11 @@ class BootTimeout(MachineError):
 
     retryable = True
 
-    def __init__(self, what: str, timeout: float, console_tail: str, hint: str | None = None) -> None:
+    def __init__(self, what: str, timeout: float, console_tail: str, hint: str | None = None, *, extended: float = 0.0) -> None:
         self.console_tail = console_tail
         message = f"{what} did not become ready within {timeout:g}s"
+        if extended:  # racker.vm.boot_clock gave a starved guest more time
+            message += f" (and {extended:.0f}s more, given as the busy host starved it)"
         super().__init__(message, hint=hint or ("last console lines:\n" + console_tail if console_tail else None))
 
 

@@ -352,6 +352,16 @@ def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user and system, all threads) a process has had, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_time(pid: int) -> int:
     """The kernel's start time of a process (clock ticks since boot), or 0 if it is gone or a zombie."""
     try:

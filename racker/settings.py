@@ -233,7 +233,12 @@ NETWORK_RANGE = Setting(
 )
 NETWORK_DIR = Setting("RACKER_NETWORK_DIR", "a path", "/run/racker/network", "Where networks' state and address claims are kept.", _path)
 VM_BOOT_TIMEOUT = Setting(
-    "RACKER_VM_BOOT_TIMEOUT", "a number of seconds", "240", "How long a VM may take to boot until SSH answers (--timeout).", _seconds
+    "RACKER_VM_BOOT_TIMEOUT",
+    "a number of seconds",
+    "240",
+    "How long a VM may take to boot until SSH answers (--timeout): a budget of host CPU; "
+    "a still-busy guest a busy host starved gets more, up to 3 times.",
+    _seconds,
 )
 # The default is "max", less what makes guests slow or
 # crash there. Each choice was measured with bench/bench_boot.py --baseline-cpu.

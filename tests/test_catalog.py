@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, racker_here
 from racker.store import catalog, refs
 
 # (file text, what the one error line must say besides the file's path)
@@ -30,20 +30,34 @@ def _nothing_stored(env: dict[str, str]) -> bool:
     return not any((home / "refs").glob("*.json")) and not any((home / "images").glob("*")) if home.exists() else True
 
 
+def _assert_one_line_naming(path: Path, says: list[str], code: int, stderr: str, env: dict[str, str]) -> None:
+    assert code == 125, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"racker: error: catalogue file {path}")
+    for words in says:
+        assert words in lines[0]
+    assert _nothing_stored(env)
+
+
 @pytest.mark.parametrize("verb", ["pull", "check"])
 @pytest.mark.parametrize("name", list(BAD_ENTRIES))
 def test_a_bad_entry_is_one_line_naming_file_and_key(private_store: dict[str, str], name: str, verb: str) -> None:
     text, says = BAD_ENTRIES[name]
     path = Path(private_store["RACKER_CATALOG"]) / f"{name}.toml"
     path.write_text(text)
-    result = racker(verb, name, env=private_store)
-    assert result.returncode == 125, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"racker: error: catalogue file {path}")
-    for words in says:
-        assert words in lines[0]
-    assert _nothing_stored(private_store)
+    result = racker_here(verb, name)
+    _assert_one_line_naming(path, says, result.returncode, result.stderr, private_store)
+
+
+@pytest.mark.parametrize("verb", ["pull", "check"])
+def test_a_bad_entry_is_one_line_from_the_racker_command_too(private_store: dict[str, str], verb: str) -> None:
+    """The cases above run the CLI in this process; here the real command, once per verb."""
+    text, says = BAD_ENTRIES["unknown-key"]
+    path = Path(private_store["RACKER_CATALOG"]) / "unknown-key.toml"
+    path.write_text(text)
+    result = racker(verb, "unknown-key", env=private_store)
+    _assert_one_line_naming(path, says, result.returncode, result.stderr, private_store)
 
 
 def test_a_bad_entry_is_named_when_the_catalogue_is_listed(private_store: dict[str, str]) -> None:

@@ -51,6 +51,7 @@ def schema_check(path: Path, schema: str) -> subprocess.CompletedProcess[str]:
 # --- linters ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a check-jsonschema or actionlint process per case
 @pytest.mark.parametrize("path", [GITHUB, GITLAB], ids=["github", "gitlab"])
 def test_the_examples_pass_their_schema(path: Path) -> None:
     done = schema_check(path, SCHEMAS[path])
@@ -69,6 +70,7 @@ BREAKAGES = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # a check-jsonschema or actionlint process per case
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
 def test_a_broken_example_fails_its_schema(breakage: str, tmp_path: Path) -> None:
     path, good, bad = BREAKAGES[breakage]
@@ -101,6 +103,7 @@ LINT_BREAKAGES = {
 }
 
 
+@pytest.mark.slow  # a check-jsonschema or actionlint process per case
 def test_actionlint_finds_nothing_in_the_workflow_and_each_breakage_in_a_copy(tmp_path: Path) -> None:
     done = actionlint(GITHUB)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, racker
+from conftest import ROOT, racker, racker_here
 from racker import images, store
 from racker.errors import RackerError
 from racker.sources import bootstrap
@@ -203,7 +203,7 @@ def test_words_between_the_image_and_the_separator_are_options(argv: list[str], 
     ],
 )
 def test_an_option_after_the_image_without_a_separator_is_one_error(argv: list[str], word: str, what: str) -> None:
-    result = racker(*argv)
+    result = racker_here(*argv)
     assert result.returncode == 125
     lines = result.stderr.splitlines()
     assert lines[0] == f"racker: error: {word!r} follows {what}: put options before {what}, or the command after --"

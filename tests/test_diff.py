@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import racker
+from conftest import racker, racker_here
 from racker import store
 
 STATUS = "Package: {name}\nStatus: install ok installed\nArchitecture: amd64\nVersion: {version}\n\n"
@@ -55,12 +55,12 @@ def test_diff_lists_packages_and_files_that_differ(private_store: dict, tmp_path
         "removed": ["/etc/old"],
         "changed": ["/etc/a (mode 644 → 600)", "/etc/b (content)", "/etc/l (link target)", "/var/lib/dpkg/status (content)"],
     }
-    text = racker("diff", "night-1", "night-2").stdout
+    text = racker_here("diff", "night-1", "night-2").stdout
     assert "~ bash 5.2.15-2 → 5.2.37-1 (amd64, dpkg)" in text and "+ /etc/new" in text
 
     _commit("night-1-again", *NIGHT_1)
-    same = racker("diff", "night-1", "night-1-again")
+    same = racker_here("diff", "night-1", "night-1-again")
     assert same.returncode == 0 and same.stdout.strip() == "night-1 and night-1-again hold the same files and packages"
 
-    missing = racker("diff", "night-1", "night-9")
+    missing = racker_here("diff", "night-1", "night-9")
     assert missing.returncode == 125 and missing.stderr.startswith("racker: error: ")

@@ -25,7 +25,7 @@ def test_a_group_spec_names_images_and_engines() -> None:
         ({"a..b": "x"}, "'a..b' is not a valid host name"),
         ({"a" * 64: "x"}, f"{'a' * 64!r} is not a valid host name"),
         ({"a": ""}, "machine 'a' names no image"),
-        ({"a": {"image": "x", "engine": "qemu"}}, "machine 'a': engine 'qemu' cannot join a group yet"),
+        ({"a": {"image": "x", "engine": "docker"}}, "machine 'a': engine 'docker' cannot join a group"),
     ],
 )
 def test_bad_group_specs_are_one_line(spec, message) -> None:  # type: ignore[no-untyped-def]

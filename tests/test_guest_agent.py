@@ -103,6 +103,7 @@ def test_another_process_finds_the_agent_held_and_takes_it_once_free(port: tuple
         other.close()
 
 
+@pytest.mark.slow  # waits out the agent's real timeouts and sleeps
 def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[Path, Path]) -> None:
     gone = guest_agent.AgentChannel(*port, name="the test agent")
     assert gone.run(["true"]).returncode == 0
@@ -118,6 +119,7 @@ def test_the_reply_to_a_gone_hosts_command_is_dropped(port: tuple[Path, Path]) -
         channel.close()
 
 
+@pytest.mark.slow  # waits out the agent's real timeouts and sleeps
 def test_a_host_gone_mid_frame_does_not_desynchronise_the_next(port: tuple[Path, Path]) -> None:
     gone = guest_agent.AgentChannel(*port, name="the test agent")
     assert gone.run(["true"]).returncode == 0
@@ -133,6 +135,7 @@ def test_a_host_gone_mid_frame_does_not_desynchronise_the_next(port: tuple[Path,
         channel.close()
 
 
+@pytest.mark.slow  # waits out the agent's real timeouts and sleeps
 def test_no_agent_behind_the_socket_is_unavailable_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sockets.short_path(tmp_path / guest_agent.SOCKET) as name:

@@ -53,6 +53,7 @@ def test_arguments_and_input_arrive_byte_for_byte(channel: guest_shell.Channel) 
     assert len(channel.run(["head", "-c", "3000000", "/dev/zero"]).stdout_bytes) == 3_000_000
 
 
+@pytest.mark.slow  # waits out real timeouts
 def test_a_timeout_kills_the_command_and_its_children_not_the_channel(channel: guest_shell.Channel, tmp_path: Path) -> None:
     server = server_pid(channel)
     marker = tmp_path / "child.pid"
@@ -79,6 +80,7 @@ def test_a_killed_channel_is_replaced_on_the_next_command(channel: guest_shell.C
     assert channel.run(["true"]).returncode == 0
 
 
+@pytest.mark.slow  # waits out real timeouts
 def test_a_guest_that_cannot_run_the_server(tmp_path: Path) -> None:
     """No python3 (sudo's 1, a shell's 127): unavailable, and said once; ssh's own 255: unreachable."""
     cannot = guest_shell.Channel(["sh", "-c", "echo 'sudo: python3: command not found' >&2; exit 1"], log=tmp_path / "a.log", name="vm1")

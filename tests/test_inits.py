@@ -297,16 +297,15 @@ def test_racker_check_passes_with_systemd_checks_skipped_for_their_reason(image:
     }, outcomes
 
 
-def test_a_vm_of_a_sysvinit_image_is_refused_in_one_line_not_given_systemd(private_store: dict[str, str]) -> None:
+def test_a_vm_of_a_sysvinit_image_keeps_sysvinit_not_given_systemd(private_store: dict[str, str]) -> None:
     from racker import prepare
-    from racker.errors import PrepareError
 
     with store.workdir("sysv") as work:
         rootfs = _tree(work / "rootfs", {"sbin/init": b"\x7fELF INIT_VERSION=sysvinit-3.06", "etc/inittab": SYSVINIT_INITTAB})
         with store.locked("image-sysv"):
             image = store.commit("sysv", rootfs, source="test", recipe="", manifest={"name": "sysv"})
-    with pytest.raises(PrepareError, match="its init is sysvinit, and racker's VMs boot systemd"):
-        prepare.prepare(image)
+    assert prepare._keeps_its_rc_init(image)  # its VM gets prepare.RC_PACKAGES: no systemd-sysv
+    assert "systemd-sysv" not in prepare.RC_PACKAGES["apt"].required and "ifupdown" in prepare.RC_PACKAGES["apt"].required
     assert prepare.bootable(image) == image  # nspawn boots it as it is
 
 

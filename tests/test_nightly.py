@@ -90,6 +90,7 @@ def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
 IMAGES = ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie", "fedora-40"]
 
 
+@pytest.mark.slow  # runs pytest three times
 def test_racker_shard_slices_the_images_and_every_shard_plans_the_whole_matrix(tmp_path: Path) -> None:
     everything = [f"{image}-{engine}" for image in IMAGES for engine in ("nspawn", "qemu")]
     seen: list[str] = []

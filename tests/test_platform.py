@@ -290,6 +290,7 @@ def _collect(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # runs pytest three times
 def test_platforms_are_an_axis_of_the_matrix_and_part_of_the_ids() -> None:
     pytest.importorskip("testinfra")  # the plugin's fixtures import it (tox -e unit has none)
     one = _collect()

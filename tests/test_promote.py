@@ -221,6 +221,7 @@ def debugfs(path: Path, offset: int, request: str) -> bytes:
 # -- the store image is never written ---------------------------------------
 
 
+@pytest.mark.slow  # builds disks
 def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_path: Path) -> None:
     """The image already holds every file promote writes into its staged copy
     (hard links to the store's files): GRUB's modules for both platforms, grub.cfg,
@@ -249,6 +250,7 @@ def test_promote_writes_nothing_into_the_store_image(private_store: dict, tmp_pa
     assert modules == (bootloader.GRUB_LIB / "i386-pc/normal.mod").read_bytes()
 
 
+@pytest.mark.slow  # builds disks
 def test_a_disk_without_tree_checks_is_built_from_the_store_tree_with_promotes_files_over_it(
     private_store: dict, tmp_path: Path, monkeypatch
 ) -> None:
@@ -274,6 +276,7 @@ def test_a_disk_without_tree_checks_is_built_from_the_store_tree_with_promotes_f
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+@pytest.mark.slow  # builds disks
 def test_a_file_promote_cannot_write_into_the_disk_is_one_line_and_leaves_nothing(private_store: dict, tmp_path: Path) -> None:
     image = commit_image("fstab-dir", {**GOOD_TREE, "etc/fstab/oops": "a directory where fstab goes\n"}, GOOD_LINKS)
     out = tmp_path / "out"
@@ -569,7 +572,11 @@ def test_every_requirement_of_every_profile_has_a_breaking_case() -> None:
     assert set(TREE_BREAKERS) | set(DISK_BREAKERS) <= texts, "a breaking case for a requirement no profile has"
 
 
-@pytest.mark.parametrize(("profile", "requirement"), REQUIREMENTS, ids=[f"{p}-{r.text}" for p, r in REQUIREMENTS])
+@pytest.mark.parametrize(
+    ("profile", "requirement"),
+    # A requirement that reads the disk is checked on disks built for it: not the unit tier.
+    [pytest.param(p, r, id=f"{p}-{r.text}", marks=[pytest.mark.slow] if r.reads == "disk" else []) for p, r in REQUIREMENTS],
+)
 def test_requirement_passes_on_a_good_product_and_fails_on_a_broken_one(
     profile: str, requirement: profiles.Requirement, tmp_path: Path
 ) -> None:
@@ -592,6 +599,7 @@ def test_requirement_passes_on_a_good_product_and_fails_on_a_broken_one(
         assert not ok, f"{way}: broken, yet passes: {detail}"
 
 
+@pytest.mark.slow  # builds disks
 def test_grub_check_reads_an_efi_grub_on_the_esp_in_any_format(tmp_path: Path) -> None:
     products = Products(tmp_path)
     uefi, bios = products.disk("uefi"), products.disk("bios")
@@ -652,8 +660,9 @@ def test_a_failing_tree_check_fails_before_the_disk_is_built(private_store: dict
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # builds disks
 def test_a_failing_disk_check_leaves_no_output(small_image, tmp_path: Path, monkeypatch) -> None:
-    def posix_tar(raw: Path, output: Path) -> None:
+    def posix_tar(raw: Path, output: Path, epoch: int | None = None) -> None:
         subprocess.run(["tar", "--format=posix", "--sparse", "-czf", str(output), "-C", str(raw.parent), raw.name], check=True)
 
     monkeypatch.setattr(formats, "pack_gce", posix_tar)
@@ -664,6 +673,7 @@ def test_a_failing_disk_check_leaves_no_output(small_image, tmp_path: Path, monk
     assert list(out.iterdir()) == [], "no output, no .partial"
 
 
+@pytest.mark.slow  # builds disks
 @pytest.mark.parametrize("fmt", list(formats.FORMATS))
 def test_every_format_is_checked_before_it_is_in_place(small_image, tmp_path: Path, fmt: str, monkeypatch) -> None:
     """A disk requirement that reads the output fails: nothing is left where the output would be."""
@@ -683,6 +693,7 @@ def test_every_format_is_checked_before_it_is_in_place(small_image, tmp_path: Pa
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # builds disks
 @pytest.mark.parametrize(
     ("profile", "fmt", "firmware"),
     [
@@ -952,6 +963,7 @@ def qemu_img_info(path: Path, *forced: str) -> dict:
     return json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
 
 
+@pytest.mark.slow  # builds disks
 def test_vmdk_is_stream_optimized_and_its_descriptor_names_the_final_file(small_image, tmp_path: Path) -> None:
     """What OVA/vSphere import takes: streamOptimized, its one extent named as the file is."""
     out = tmp_path / "out"
@@ -968,6 +980,7 @@ def test_vmdk_is_stream_optimized_and_its_descriptor_names_the_final_file(small_
     assert [p.name for p in out.iterdir()] == ["my disk.vmdk"]
 
 
+@pytest.mark.slow  # builds disks
 def test_vhd_is_fixed_and_a_whole_number_of_mib_as_azure_takes_it(small_image, tmp_path: Path) -> None:
     size = 2 * GiB + 3 * MiB + 12345  # not a whole MiB: the disk is cut to one
     result = promote.promote(small_image, tmp_path / "x.vhd", promote.Options(fmt="vhd", size=size))
@@ -991,6 +1004,7 @@ def qemu_img_check(path: Path) -> dict:
     return json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
 
 
+@pytest.mark.slow  # builds disks
 def test_compressed_qcow2_has_compressed_clusters_and_the_same_content(small_image, tmp_path: Path) -> None:
     """--compress: zstd-compressed clusters (this QEMU has zstd), read back byte for byte as the uncompressed disk."""
     raw = promote.promote(small_image, tmp_path / "x.raw", promote.Options(size=GiB)).path
@@ -1010,6 +1024,7 @@ def test_compressed_qcow2_has_compressed_clusters_and_the_same_content(small_ima
         assert compared.returncode == 0, compared.stdout + compared.stderr
 
 
+@pytest.mark.slow  # builds disks
 def test_compress_is_the_default_for_a_profiles_upload_only(small_image, tmp_path: Path) -> None:
     for profile, expected in (("generic", False), ("digitalocean", True)):
         result = promote.promote(small_image, tmp_path / f"{profile}.qcow2", promote.Options("qcow2", profile=profile))
@@ -1030,6 +1045,7 @@ def test_compress_on_an_uncompressed_format_is_a_one_line_error_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # builds disks
 def test_a_format_implies_its_platforms_datasource_first_whatever_the_profile(small_image, tmp_path: Path) -> None:
     """GCE hands SSH keys to its own datasource only; Azure provisions through its own."""
     wanted = {"gce": "GCE, ConfigDrive, NoCloud", "vhd": "Azure, ConfigDrive, NoCloud", "qcow2": None}
@@ -1054,6 +1070,7 @@ def test_a_format_implies_its_platforms_datasource_first_whatever_the_profile(sm
     assert promote.format_files(formats.get("gce"), tmp_path / "empty") == {}, "no list: cloud-init's default has them all"
 
 
+@pytest.mark.slow  # builds disks
 def test_a_kernel_without_the_platforms_drivers_fails_before_any_work(private_store: dict, tmp_path: Path) -> None:
     """Debian's cloud kernel has no ahci or e1000: a vdi of it would stop at "UUID=... does not exist" in VirtualBox."""
     cloud_only = "".join(f"kernel/drivers/{m}.ko\n" for m in BUILTIN if m not in ("ahci", "e1000"))
@@ -1129,6 +1146,7 @@ def test_failing_profile_prints_a_table_and_fails(bookworm_vm, private_store: di
     assert not (tmp_path / "x.vhd").exists()
 
 
+@pytest.mark.slow  # builds disks
 def test_app_service_is_in_the_disk(private_store: dict, tmp_path: Path) -> None:
     config = {"Entrypoint": ["/usr/bin/python3", "-m", "http.server"], "Cmd": ["8080"], "Env": ["GREETING=hello $USER"]}
     image = commit_image("svc", GOOD_TREE, GOOD_LINKS, config)
@@ -1290,6 +1308,7 @@ def assert_ovf(text: bytes, files: dict[str, bytes], capacity: int) -> None:
     assert kinds["10"]["ResourceSubType"] == "E1000" and kinds["10"]["Connection"] in networks
 
 
+@pytest.mark.slow  # builds disks
 def test_boxes_and_ova_hold_what_their_importers_read(small_image, tmp_path: Path) -> None:
     out = tmp_path / "out"
     built = {fmt: promote.promote(small_image, out / f"{fmt}{formats.get(fmt).suffix}", promote.Options(fmt=fmt)) for fmt in boxes.PACKERS}

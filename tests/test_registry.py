@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, racker_here
 from racker import machines, proc
 from racker.errors import BadSetting, MachineError, NameTaken
 from racker.machines import cgroups
@@ -117,7 +117,7 @@ def test_commands_refuse_names_outside_the_registry(private_store: dict, argv: t
     outside.parent.mkdir(parents=True)
     outside.write_text(json.dumps({"digest": "sha256:0", "name": "../refs/foo", "kind": "nspawn", "image": "x"}))
     (home / "x.json").write_text(json.dumps({"name": "../x", "kind": "nspawn", "image": "x"}))
-    result = racker(*argv, env=private_store)
+    result = racker_here(*argv)
     assert result.returncode == 125, result
     assert result.stderr.startswith("racker: error: invalid machine name"), result.stderr
     assert "Traceback" not in result.stderr
@@ -157,11 +157,11 @@ def test_a_crafted_record_signals_and_deletes_nothing_it_names(private_store: di
 def test_a_damaged_record_is_one_line_and_gc_removes_it(private_store: dict, text: str) -> None:
     record = machines.record_path("nspawn", "broken")
     record.write_text(text)
-    stopped = racker("stop", "broken", env=private_store)
+    stopped = racker_here("stop", "broken")
     assert stopped.returncode == 125 and stopped.stderr.startswith("racker: error: the record of 'broken'"), stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert racker("ps", env=private_store).returncode == 0
-    collected = racker("gc", env=private_store)
+    assert racker_here("ps").returncode == 0
+    collected = racker_here("gc")
     assert "removed damaged nspawn record broken" in collected.stdout, collected
     assert not record.exists()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, racker
+from conftest import ROOT, racker, racker_here
 from racker import cli, engines, report, store
 from racker.report import facts, history
 from racker.report import html as report_html
@@ -196,8 +196,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     cases.append(([str(good), "--previous", str(broken)], "the previous report's history is not a racker history"))
     done = racker("report", str(good), "-o", str(good))
     assert done.returncode == 125 and done.stderr.startswith(f"racker: error: cannot write the report into {good}"), done.stderr
-    for args, message in cases:
-        done = racker("report", *args, "-o", str(tmp_path / "out"))
+    for args, message in cases:  # in this process: the real command ran just above
+        done = racker_here("report", *args, "-o", str(tmp_path / "out"))
         assert done.returncode == 125, done.stderr
         first = done.stderr.splitlines()[0]
         assert first.startswith("racker: error: ") and message in first, done.stderr
@@ -421,6 +421,7 @@ def rendered(page: Path, screenshot: Path) -> Dom:
     return Dom(dumped.stdout)
 
 
+@pytest.mark.slow  # starts chromium
 def test_the_page_renders_the_matrix_and_the_regression_in_chromium(tmp_path: Path) -> None:
     images = ["debian-bookworm", "debian-sid"]
     before = night(tmp_path, "before", {}, images)
@@ -555,6 +556,7 @@ def measured(page: Path) -> tuple[int, int]:
 LAPTOP = ("--window-size=1366,768", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
+@pytest.mark.slow  # starts chromium
 def test_the_catalogue_matrix_fits_a_laptop_screen_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4 catalogue images × 2 engines × every built-in check, over 10 nights of history with
     failures and flakes: no horizontal scrolling at 1366×768, the checks nspawn cannot run on one line."""

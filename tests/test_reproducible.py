@@ -7,7 +7,9 @@ import filecmp
 import hashlib
 import json
 import os
+import re
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,6 +53,42 @@ def test_the_user_s_source_date_epoch_wins(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "not a number")
     assert reproducible.override() is None
     assert reproducible.of({"source_date_epoch": 5}) == 5 and reproducible.of({}) is None
+
+
+def test_a_build_compiles_python_with_one_string_hash() -> None:
+    """bullseye's Python 3.9 writes a frozenset constant in hash order: its .pyc files differed between two builds."""
+    assert reproducible.environment(1700000000) == {"SOURCE_DATE_EPOCH": "1700000000", "PYTHONHASHSEED": "0"}
+    assert reproducible.environment(None) == {}
+
+
+def test_the_pyc_files_there_are_compiled_again_in_their_own_mode_and_none_added(tmp_path: Path) -> None:
+    """prepare.RECOMPILE_PYC, run by this Python (the image's own runs it in prepare): a stale .pyc
+    is made again in its invalidation mode; a source without one gets none; a .pyc without a source stays."""
+    import py_compile
+    import sys
+
+    from racker import prepare
+
+    lib = tmp_path / "lib"
+    (lib / "__pycache__").mkdir(parents=True)
+    for name in ("stamped", "hashed", "bare"):
+        (lib / f"{name}.py").write_text(f"def {name}(x):\n    return x in {{'a', 'b', 'c'}}\n")
+    tag = sys.implementation.cache_tag
+    pyc = {name: lib / "__pycache__" / f"{name}.{tag}.pyc" for name in ("stamped", "hashed", "orphan")}
+    py_compile.compile(str(lib / "hashed.py"), cfile=str(pyc["hashed"]), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    expected = pyc["hashed"].read_bytes()
+    pyc["hashed"].write_bytes(expected[:16] + b"stale")
+    py_compile.compile(str(lib / "stamped.py"), cfile=str(pyc["stamped"]), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    stamped = pyc["stamped"].read_bytes()
+    pyc["stamped"].write_bytes(stamped[:16] + b"stale")
+    pyc["orphan"].write_bytes(b"left alone")
+
+    done = subprocess.run([sys.executable, "-c", prepare.RECOMPILE_PYC, str(lib)], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert pyc["hashed"].read_bytes() == expected and pyc["stamped"].read_bytes() == stamped
+    assert pyc["orphan"].read_bytes() == b"left alone"
+    assert sorted(p.name for p in (lib / "__pycache__").iterdir()) == sorted(p.name for p in pyc.values())
 
 
 # -- two builds ------------------------------------------------------------------------------
@@ -159,6 +197,87 @@ def test_a_disk_s_ids_follow_the_image_not_chance() -> None:
     assert disk.plan("bios", 2 << 30, 400 << 20, seed="sha256:aaaa").sfdisk_script().count("label-id: 0x") == 1
     unseeded = [disk.plan("bios", 2 << 30, 400 << 20) for _ in range(2)]
     assert unseeded[0].root_uuid != unseeded[1].root_uuid  # no image to follow: random, as before
+
+
+def _qemu_img(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert not check or done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.slow  # builds disks (qemu-img convert)
+@pytest.mark.parametrize("name", ["vmdk", "vhd", "vhdx", "vdi", "qcow2"])
+def test_a_converted_disk_is_the_same_bytes_and_still_valid(name: str, tmp_path: Path) -> None:
+    """qemu-img draws a vmdk's CID, a vhd's unique id and time, a vhdx's GUIDs and sequence numbers,
+    a vdi's UUIDs at random: promote settles them from the image's digest (headers.settle)."""
+    from racker.promote import formats
+
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as handle:  # some data among zero blocks, as a disk has
+        handle.truncate(64 << 20)
+        for at in (0, 5 << 20, 40 << 20):
+            handle.seek(at)
+            handle.write(hashlib.sha256(str(at).encode()).digest() * 4096)
+    fmt = formats.get(name)
+
+    def convert(seed: str, epoch: int | None = 1686387177) -> bytes:
+        out = tmp_path / str(len(list(tmp_path.iterdir()))) / f"disk{fmt.suffix}"  # a vmdk names its file
+        out.parent.mkdir()
+        formats.convert(raw, fmt, out, out.name, seed=seed, epoch=epoch)
+        as_vhd = ["-f", fmt.qemu_format]
+        info = json.loads(_qemu_img("info", "--output=json", *as_vhd, out).stdout)
+        assert info["format"] == fmt.qemu_format and info["virtual-size"] == 64 << 20
+        if name != "vhd":  # qemu-img checks no vpc
+            _qemu_img("check", *as_vhd, out)
+        compared = _qemu_img("compare", "-f", "raw", "-F", fmt.qemu_format, raw, out, check=False)
+        assert compared.returncode == 0, f"the {name} does not hold the raw disk: {compared.stdout}{compared.stderr}"
+        return out.read_bytes()
+
+    one = convert("sha256:aaaa")
+    assert convert("sha256:aaaa") == one, f"two converts of one image made two {name} files"
+    if name != "qcow2":  # qcow2 has no id: the same bytes whatever the image
+        assert convert("sha256:bbbb") != one, "another image's disk took the same ids"
+        assert convert("") != convert(""), "without an image to follow, qemu-img's own random ids stay"
+    if name == "vmdk":  # qemu-img writes the CID with %x: one time in 16 it has fewer than 8 digits
+        from racker.promote import headers
+
+        short = tmp_path / "short" / f"disk{fmt.suffix}"
+        short.parent.mkdir()
+        formats.convert(raw, fmt, short, short.name)
+        data = short.read_bytes()
+        end = data.index(b"\0", 512)  # the descriptor's text, from sector 1 to its NUL padding
+        text = re.sub(rb"\nCID=[0-9a-f]+\n", b"\nCID=f12\n", data[512:end])
+        short.write_bytes(data[:512] + text.ljust(end - 512, b"\0") + data[end:])
+        headers.settle(short, fmt.qemu_format, "sha256:aaaa", 1686387177)
+        assert short.read_bytes() == one, "a short CID was not settled"
+
+
+@pytest.mark.slow  # builds disks and packs them
+@pytest.mark.parametrize("name", ["gce", "ova", "vagrant-virtualbox", "vagrant-libvirt"])
+def test_a_packed_disk_is_the_same_bytes_at_another_time(name: str, tmp_path: Path) -> None:
+    """The tar's members (and a box's gzip header) carry the image's SOURCE_DATE_EPOCH, not the time of the pack."""
+    from racker.promote import boxes, formats
+
+    fmt = formats.get(name)
+
+    def pack(run: int) -> bytes:
+        work = tmp_path / str(run)
+        work.mkdir()
+        raw = work / "scratch.raw"
+        with open(raw, "wb") as handle:
+            handle.truncate(8 << 20)
+            handle.write(b"racker" * 1000)
+        output = work / f"out-{run}{fmt.suffix}"  # the temporary name differs too, as a .partial's does
+        if fmt.package:
+            appliance = boxes.Appliance("disk", "debian", 8 << 20, boxes.mac_for("sha256:aaaa"), seed="sha256:aaaa", epoch=1686387177)
+            boxes.pack(raw, fmt, output, appliance)
+        else:
+            formats.pack_gce(raw, output, epoch=1686387177)
+        return output.read_bytes()
+
+    first = pack(1)
+    time.sleep(1.1)  # another second on the clock the members took their time from
+    assert pack(2) == first
 
 
 def test_a_bootstrap_whose_archive_moved_meanwhile_runs_again_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

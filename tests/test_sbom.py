@@ -139,6 +139,7 @@ def _valid_spdx(path: Path) -> object:
     return document
 
 
+@pytest.mark.slow  # CycloneDX's and SPDX's own validators, several racker processes
 def test_sbom_writes_documents_the_formats_accept(private_store: dict, tmp_path: Path) -> None:
     _committed(tmp_path, "with-packages")
     made = racker("sbom", "with-packages", "--format", "cyclonedx-json")

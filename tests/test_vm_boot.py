@@ -1,4 +1,5 @@
-"""Real QEMU boots of promoted disks: every catalogue image, BIOS and UEFI, and every output format.
+"""Real QEMU boots of promoted disks: every catalogue image, BIOS and UEFI, and every output format
+(booted, or compared with the disk booted when it is that disk converted).
 
 What only a real boot shows is asserted by racker's built-in full-boot
 checks (racker.checks.test_vm), the ones users run, against each test's VM:
@@ -10,18 +11,20 @@ run boots at once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_promote import HOSTILE_ENV, assert_firecracker_config
 
-from conftest import CATALOG_IMAGES, ROOT
+from conftest import CATALOG_IMAGES, ROOT, racker
 from racker import images, machines, prepare, promote, store
 from racker.checks import guest
 from racker.report import SEVERITY
@@ -206,6 +209,31 @@ def assert_user_data_applied(vm: VM, expected: dict[str, str]) -> None:
     assert expected["ca"] in bundle, "ca_certs: the user-data's CA is not in the system's bundle"
 
 
+# Formats whose disk is the raw disk converted: no datasource of their own, the cloud kernel,
+# racker's own board. Each is compared, sector by sector, with the raw disk that SAME_DISK_CASE
+# boots (qemu-img reads it through the block driver QEMU would boot it with) instead of booting it.
+SAME_DISK_FORMATS = ["vmdk", "vhdx"]
+SAME_DISK_CASE = ("debian-bookworm", "bios")
+
+
+def assert_formats_hold_the_booted_disk(image: store.StoredImage, booted: Path, work: Path) -> None:
+    for fmt in SAME_DISK_FORMATS:
+        spec = promote.formats.get(fmt)
+        assert not spec.datasources and prepare.kernel_for(spec.drivers) == prepare.CLOUD_KERNEL and fmt not in PLATFORM_BOARD, (
+            f"{fmt} is no longer the booted raw disk converted: boot it in test_every_output_format_boots"
+        )
+        output = work / f"same-disk{spec.suffix}"
+        promote.promote(image, output, promote.Options(fmt=fmt, firmware=SAME_DISK_CASE[1], size=DISK))
+        info = json.loads(
+            subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True, check=True).stdout
+        )
+        assert info["format"] == spec.qemu_format and info["virtual-size"] == DISK, info
+        compared = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", spec.qemu_format, str(booted), str(output)], capture_output=True, text=True
+        )
+        assert compared.returncode == 0, f"{fmt}: {compared.stdout}{compared.stderr}"
+
+
 @pytest.fixture(scope="session")
 def prepared():
     cache: dict[tuple[str, str], store.StoredImage] = {}
@@ -218,6 +246,39 @@ def prepared():
     return get
 
 
+# The MATRIX case booted by `racker vm start IMAGE` (the image's cached disk: the disk promote
+# writes here, byte for byte) and stopped by `racker vm stop`: the CLI's lifecycle is asserted on
+# its one boot, beside everything the library's boots assert.
+CLI_CASE = ("debian-bookworm", "bios")
+
+
+@contextlib.contextmanager
+def started_by_the_cli(name: str, image: store.StoredImage, promoted: Path) -> Iterator[VM]:
+    cached = promote.cached_disk(image, CLI_CASE[1])
+    same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(promoted), str(cached)], capture_output=True, text=True)
+    assert same.returncode == 0, f"racker vm start boots another disk than promote writes: {same.stdout}{same.stderr}"
+    vm_name = f"cli-{os.getpid()}"
+    started = racker("vm", "start", name, "--name", vm_name, "--disk-size", f"{GROWN // GiB}G", "--timeout", "800", timeout=900)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert started.stdout.strip() == vm_name
+        yield VM.attach(vm_name)
+    finally:
+        stopped = racker("vm", "stop", vm_name)
+    assert stopped.returncode == 0, stopped.stderr
+    assert racker("vm", "ssh", vm_name, "--", "true").returncode == 125
+
+
+def assert_cli_lifecycle(vm: VM) -> None:
+    """racker vm ps, ssh (the command's exit code passes through) and console, on a VM racker vm start left running."""
+    listed = json.loads(racker("vm", "ps", "--json").stdout)
+    mine = [v for v in listed if v["name"] == vm.name]
+    assert mine and mine[0]["ssh_port"] and mine[0]["firmware"] == "bios", listed
+    ran = racker("vm", "ssh", vm.name, "--", "sh", "-c", "hostname; exit 3")
+    assert ran.returncode == 3 and ran.stdout.strip() == vm.name, (ran.returncode, ran.stdout, ran.stderr)
+    assert "Linux version" in racker("vm", "console", vm.name).stdout
+
+
 @pytest.mark.parametrize(("name", "firmware"), MATRIX)
 def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, tmp_path: Path) -> None:
     image = prepared(name)
@@ -228,7 +289,11 @@ def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, t
     assert not list((image.rootfs / "etc/ssh").glob("ssh_host_*")), "the image must ship no SSH host keys"
     assert_cloud_defaults_on_disk(result, name, tmp_path)
     config, expected = user_data(tmp_path) if (name, firmware) == USER_DATA_CASE else (None, {})
-    with VM(result.path, image=image.name, disk_size=GROWN, user_data=config) as vm:
+    if (name, firmware) == CLI_CASE:
+        booting = started_by_the_cli(name, image, result.path)
+    else:
+        booting = VM(result.path, image=image.name, disk_size=GROWN, user_data=config)
+    with booting as vm:
         # The checks users run, on this one boot: sshd, cloud-init, DHCP, root grown to GROWN, identity, health.
         checks = assert_checks_pass(vm, tmp_path)
         boot = checks["test_boot_time_recorded"]["properties"]["boot_seconds"]
@@ -238,14 +303,19 @@ def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, t
         assert vm.check_output(["findmnt", "-no", "SOURCE", "/"]).startswith("/dev/vda")
         if expected:
             assert_user_data_applied(vm, expected)
+        if (name, firmware) == CLI_CASE:
+            assert_cli_lifecycle(vm)
         if (name, firmware) == ("debian-bookworm", "bios"):
             assert_broken_checks_fail(vm, tmp_path)
         rundir = vm.rundir
     assert not rundir.exists()
     assert machines.load("qemu", vm.name) is None
+    if (name, firmware) == SAME_DISK_CASE:
+        assert_formats_hold_the_booted_disk(image, result.path, tmp_path)
 
 
-CONVERTED = ["qcow2", "vmdk", "vhd", "vhdx", "vdi", "gce", "firecracker"]
+# Booted each: a profile, a kernel or a board of their own (vmdk and vhdx: SAME_DISK_FORMATS).
+CONVERTED = ["qcow2", "vhd", "vdi", "gce", "firecracker"]
 # Formats booted with a cloud's profile: the checks then hold the booted VM to that cloud's requirements too.
 PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp", "vhd": "azure"}
 # Each format booted on the stand-in for its platform (boards.BOARDS); others on racker's own.
@@ -287,7 +357,10 @@ def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
     image = prepared("debian-bookworm", prepare.kernel_for(promote.formats.get(fmt).drivers))
     output = tmp_path / f"bookworm{promote.formats.get(fmt).suffix}"
     profile = PROFILE_OF.get(fmt, "generic")
+    before = store.tree_digest(image.rootfs) if fmt == "qcow2" else None
     result = promote.promote(image, output, promote.Options(fmt=fmt, size=DISK, profile=profile))
+    if before is not None:  # promote never writes the store image (its tree staged for a profile's checks)
+        assert store.tree_digest(image.rootfs) == before == image.digest
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True, check=True).stdout)
     options: dict = {}
     if fmt == "gce":
@@ -336,36 +409,6 @@ def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
         assert found.out("system_state") == "running", found.out("failed_units")
         assert found.cloud_init_status().get("status") == "done" and not found.cloud_init_status().get("errors")
         assert found.out("root_write") == "racker-write-check"
-
-
-def test_promote_never_writes_the_store_image(prepared, tmp_path: Path) -> None:
-    image = prepared("debian-bookworm")
-    before = store.tree_digest(image.rootfs)
-    promote.promote(image, tmp_path / "a.qcow2", promote.Options(fmt="qcow2", firmware="uefi", profile="digitalocean", size=DISK))
-    assert store.tree_digest(image.rootfs) == before == image.digest
-
-
-@pytest.mark.xdist_group("debian-bookworm")
-def test_vm_cli_lifecycle_start_ps_ssh_console_stop(prepared) -> None:
-    from conftest import racker
-
-    prepared("debian-bookworm")
-    name = f"cli-{os.getpid()}"
-    started = racker("vm", "start", "debian-bookworm", "--name", name, timeout=900)
-    assert started.returncode == 0, started.stderr
-    try:
-        assert started.stdout.strip() == name
-        listed = json.loads(racker("vm", "ps", "--json").stdout)
-        mine = [vm for vm in listed if vm["name"] == name]
-        assert mine and mine[0]["ssh_port"] and mine[0]["firmware"] == "bios"
-        ran = racker("vm", "ssh", name, "--", "sh", "-c", "hostname; exit 3")
-        assert ran.returncode == 3 and ran.stdout.strip() == name
-        assert "Linux version" in racker("vm", "console", name).stdout
-    finally:
-        stopped = racker("vm", "stop", name)
-    assert stopped.returncode == 0, stopped.stderr
-    assert machines.load("qemu", name) is None
-    assert racker("vm", "ssh", name, "--", "true").returncode == 125
 
 
 @pytest.mark.xdist_group("debian-bookworm")

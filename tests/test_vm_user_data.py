@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, racker_here
 from racker import machines
 
 
@@ -24,7 +24,7 @@ def test_bad_user_data_is_one_line_and_boots_nothing(text, message, tmp_path: Pa
     path = tmp_path / "user-data.yaml"
     if text is not None:
         path.write_text(text)
-    done = racker("vm", "run", "--user-data", str(path), "debian-bookworm", "--", "true", env=private_store)
+    done = racker_here("vm", "run", "--user-data", str(path), "debian-bookworm", "--", "true")
     assert done.returncode == 125, done.stderr
     assert done.stderr.splitlines()[0] == "racker: error: " + message.format(path=path)
     assert len(done.stderr.splitlines()) <= 2  # the error and its hint

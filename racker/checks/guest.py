@@ -44,7 +44,11 @@ except (OSError, socket.timeout) as error:
 FACTS: dict[str, str] = {
     "system_state": "systemctl is-system-running",
     "failed_units": "systemctl --failed --no-legend --plain",
-    "sshd_unit": "for u in ssh sshd; do systemctl cat $u.service >/dev/null 2>&1 && { echo $u; systemctl is-active $u; break; }; done",
+    # sshd's service and its state ("active" when running), asked of the image's init: systemctl,
+    # else the init script's own status (sysv-rc's and OpenRC's images both have /etc/init.d/ssh).
+    "sshd_unit": "for u in ssh sshd; do if [ -d /run/systemd/system ]; then systemctl cat $u.service >/dev/null 2>&1"
+    " && { echo $u; systemctl is-active $u; break; }; elif [ -x /etc/init.d/$u ]; then echo $u;"
+    " /etc/init.d/$u status >/dev/null 2>&1 && echo active || echo inactive; break; fi; done",
     "listening_22": "ss -Htln 'sport = :22'",
     # Match blocks evaluated for root logging in from QEMU's gateway, as a client's login would be.
     "sshd_config": "sshd -T -C user=root,host=racker-check,addr=10.0.2.2",

@@ -94,7 +94,18 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
     user_data = read_user_data(args.user_data) if args.user_data else None  # before anything is pulled or booted
     if user_data is not None and args.warm:
         raise VMError("--user-data needs a cold boot: a warm VM restores a snapshot whose cloud-init ran already", hint="drop --warm")
+    from racker.machines import network
+    from racker.vm import bridge
+
+    publish = [network.parse_publish(spec) for spec in args.publish]  # and the network: before anything is pulled or booted
+    bridge.check_mode(args.network)
+    if publish and args.network == bridge.USER:
+        raise VMError("--publish needs a bridge to publish from", hint="add --network nat")
+    if args.network != bridge.USER and args.warm:
+        raise VMError("a warm VM restores a snapshot taken on QEMU's user-mode network", hint="drop --warm")
     common = dict(
+        network_mode=args.network,
+        publish=publish,
         memory=args.memory,
         cpus=args.cpus,
         accelerator=args.accel,
@@ -318,6 +329,22 @@ def add_commands(verb: Verb, sub: argparse._SubParsersAction) -> None:  # type: 
             "--user-data",
             metavar="FILE",
             help="more #cloud-config for the VM's seed (write_files, packages, runcmd…), beside racker's user and hostname",
+        )
+        q.add_argument(
+            "--network",
+            default="user",
+            metavar="user|nat|NAME",
+            help="user: QEMU's user-mode NIC only; nat: also a NIC on racker0, an address of racker's range from racker's DHCP, "
+            "outbound NAT; NAME: also a NIC on that private network (racker network create), resolved there by its --name "
+            "(default %(default)s; racker's SSH always uses the user-mode NIC)",
+        )
+        q.add_argument(
+            "-p",
+            "--publish",
+            action="append",
+            default=[],
+            metavar="[ADDR:]HOST:GUEST",
+            help="forward the host's port (on 127.0.0.1 unless ADDR is given) to the VM's on its bridge (--network nat)",
         )
 
     q = vm_verb("start", cmd_vm_start, "boot a disk file or an image and leave it running")

@@ -39,6 +39,7 @@ HOST_IF_PREFIX = "rkv-"
 TABLE = "racker_private"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+HELPER = "helper"  # a claim's role: an address a machine's helper holds (a VM's DHCP server, racker.vm.bridge)
 HOSTS_HEAD = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
@@ -244,6 +245,8 @@ def _write_hosts(net: Network) -> None:
     """Rewritten in place (never renamed over): the members' read-only bind mounts see the change."""
     lines = [HOSTS_HEAD]
     for address, data in sorted(net.members().items(), key=lambda item: ipaddress.IPv4Address(item[0])):
+        if data.get("role") == HELPER:
+            continue  # a VM's DHCP server: nobody's name
         names = [data.get("alias", ""), data.get("name", "")]
         lines.append(f"{address}\t{' '.join(dict.fromkeys(n for n in names if n))}\n")
     with open(net.hosts_file, "w") as handle:
@@ -253,6 +256,9 @@ def _write_hosts(net: Network) -> None:
 
 def _drop_member(net: Network, address: str, data: dict) -> list[str]:
     removed = []
+    pid, started = (data.get("helper") or [0, 0])[:2]
+    if isinstance(pid, int) and isinstance(started, int) and proc.kill_and_wait(pid, started, str(data.get("boot_id"))):
+        removed.append(f"killed the DHCP server of {data.get('name')} (pid {pid})")
     host_if = str(data.get("host_if", ""))
     if host_if.startswith(HOST_IF_PREFIX) and Path("/sys/class/net", host_if).exists():
         proc.run(["ip", "link", "delete", host_if], timeout=30, check=False)
@@ -349,6 +355,48 @@ class Member(network.Loopback):
         proc.run(["nsenter", netns, "--", proc.require("ip"), "-batch", "-"], input=inside.encode(), timeout=30)
 
 
+def claim_helper_address(name: str, state: State, host_if: str) -> str:
+    """A second address on network `name` for a helper of the machine's (a VM's DHCP server): its claim
+    names the helper's link and, once set_claim_helper() tells it, its process; both go with the claim."""
+    claim = {
+        "record": str(machines.record_path(state.kind, state.name)),
+        "kind": state.kind,
+        "name": state.name,
+        "role": HELPER,
+        "token": state.token,
+        "boot_id": proc.boot_id(),
+        "host_if": host_if,
+    }
+    with network.locked():
+        net = lookup(name)
+        for address in net.subnet.hosts():
+            try:
+                fd = os.open(net.claims / str(address), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(claim, handle)
+            return str(address)
+    raise MachineError(f"every address of network {name!r} ({net.subnet}) is taken")
+
+
+def set_claim_helper(name: str, address: str, pid: int, started: int) -> None:
+    with network.locked():
+        net = lookup(name)
+        data = network.read_claim(net.claims / address)
+        if data is not None:
+            store.write_json(net.claims / address, {**data, "helper": [pid, started]})
+
+
+def release_helper_address(name: str, address: str, token: str) -> list[str]:
+    with network.locked():
+        net = get(name)
+        data = network.read_claim(net.claims / address) if net is not None else None
+        if net is None or data is None or data.get("token") != token:
+            return []
+        return _drop_member(net, address, data)
+
+
 def for_mode(mode: str, publish: Sequence[network.Publish] = (), alias: str | None = None) -> network.Loopback:
     """A machine's network: one of network.MODES, or the private network of that name."""
     if mode in network.MODES:
@@ -420,7 +468,7 @@ def listing() -> list[dict]:
     """`racker network ls`: each network, its bridge, subnet and machines."""
     rows = []
     for net in all_networks():
-        members = {d.get("alias", "?"): a for a, d in net.members().items() if network.claim_live(d)}
+        members = {d.get("alias", "?"): a for a, d in net.members().items() if network.claim_live(d) and d.get("role") != HELPER}
         rows.append(
             {"name": net.name, "bridge": net.bridge, "subnet": str(net.subnet), "owned": net.owner is not None, "machines": members}
         )

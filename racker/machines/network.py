@@ -226,10 +226,11 @@ class Nat(Loopback):
         proc.run(["nsenter", netns, "--", proc.require("ip"), "-batch", "-"], input=inside.encode(), timeout=30)
 
     def start_forwarder(self, state: State, *, detached: bool) -> None:
-        """Hand the bound ports to a forwarder that lives as long as the machine's leader."""
+        """Hand the bound ports to a forwarder that lives as long as the machine's leader (a VM's: QEMU)."""
         if not self.listeners:
             return
-        argv = [sys.executable, "-m", "racker.machines.forward", str(state.leader), str(state.leader_start)]
+        leader, leader_start = (state.leader, state.leader_start) if state.leader else (state.pid, state.pid_start)
+        argv = [sys.executable, "-m", "racker.machines.forward", str(leader), str(leader_start)]
         argv += [f"{s.fileno()}={self.lease['address']}:{p.guest_port}" for s, p in zip(self.listeners, self.publish, strict=True)]
         with open(state.rundir / "forward.log", "ab") as log:
             self.forwarder = proc.start(
@@ -378,6 +379,7 @@ table ip {TABLE} {{
     type filter hook forward priority filter; policy {others};
     iifname "rkn-*" oifname "rkn-*" accept comment "private networks (named_networks.py) decide for their bridges"
     iifname "{BRIDGE}" ip daddr {LINK_LOCAL} ip saddr != @{LINK_LOCAL_OK} drop
+    iifname "{BRIDGE}" oifname "{BRIDGE}" accept comment "bridged, where br_netfilter is on: a VM's DHCP from 0.0.0.0 too"
     iifname "{BRIDGE}" ip saddr {subnet} accept
     oifname "{BRIDGE}" ct state established,related accept
     oifname "{BRIDGE}" drop
@@ -455,6 +457,29 @@ def _claim_address(subnet: ipaddress.IPv4Network, state: State, host_if: str, *,
             json.dump(claim, handle)
         return address
     raise MachineError(f"every address of {subnet} is taken by a running machine", hint="stop some machines, or run `racker gc`")
+
+
+def claim_helper_address(state: State, host_if: str) -> str:
+    """A second address on racker0 for a helper of the machine's (a VM's DHCP server, racker.vm.bridge):
+    its claim names the helper's link, and its process once set_claim_helper() tells it, so that
+    the claim's release or `racker gc` removes both."""
+    with _locked():
+        subnet = _bridge_subnet()
+        if subnet is None:
+            raise MachineError(f"bridge {BRIDGE} is gone", hint="run `racker gc`, then start the machine again")
+        return str(_claim_address(subnet, state, host_if, link_local=False))
+
+
+def set_claim_helper(address: str, pid: int, started: int) -> None:
+    _update_claim(address, forwarder=[pid, started])
+
+
+def release_helper_address(address: str, token: str) -> list[str]:
+    """Drop a helper's claim (its process, its link), if it is still `token`'s. The bridge stays: release() decides."""
+    with _locked():
+        path = claims_dir() / address
+        data = _read_claim(path)
+        return _drop_claim(path, data) if data is not None and data.get("token") == token else []
 
 
 def _update_claim(address: str, **changes: object) -> None:

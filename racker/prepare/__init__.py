@@ -120,6 +120,18 @@ PACKAGES: dict[str, VmPackages] = {
     ),
 }
 
+# Images whose PID 1 is sysvinit or OpenRC keep it: the same row without systemd (systemd-sysv would
+# replace sysvinit-core, and networkd would have no one to start it). Their network is ifupdown's,
+# with dhclient for DHCP; bookworm's cloud-init ships /etc/init.d scripts (cloud-init-local,
+# cloud-init, cloud-config, cloud-final) that sysv-rc and OpenRC run.
+RC_PACKAGES: dict[str, VmPackages] = {
+    "apt": dataclasses.replace(
+        PACKAGES["apt"],
+        required=(*(p for p in PACKAGES["apt"].required if p not in ("systemd-sysv", "dbus")), "ifupdown", "isc-dhcp-client"),
+        optional=("gdisk",),
+    ),
+}
+
 # os-release ID -> overrides of the package row (e.g. Ubuntu's kernel is another package).
 DISTRO_PACKAGES: dict[str, VmPackages] = {}
 
@@ -219,6 +231,46 @@ CONFIG_FILES: dict[str, str] = {
     "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
 }
 
+# -- images whose init is sysvinit or OpenRC (issue 26) -----------------------------------
+# ifupdown: DHCP on the first Ethernet NIC, whatever udev names it (eth0, ens3, enp0s2): a pattern
+# (interfaces(5), PATTERN MATCHING INTERFACES) mapped to one logical interface. `auto`: the
+# networking script brings it up at boot, before cloud-init's init stage ($network) asks for it.
+RC_INTERFACES = """\
+# Written by racker prepare: DHCP on the first Ethernet NIC, whatever udev names it.
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+auto /en*/1=racker-nic /eth*/1=racker-nic
+allow-hotplug /en*/1=racker-nic /eth*/1=racker-nic
+iface racker-nic inet dhcp
+"""
+
+# The init script sources this file: sshd -t (its start's first step) fails without host keys,
+# which cloud-init's init stage (X-Start-Before: sshd) makes; without a cloud-init run, sshd makes them.
+RC_SSH_DEFAULTS = """\
+# Written by racker prepare: host keys, if cloud-init has not made them, before sshd -t needs them.
+ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A >/dev/null
+"""
+
+# A login prompt on the board's first serial port, where the kernel's console is (promote's cmdline).
+RC_GETTY = "T0:2345:respawn:/sbin/getty -L {tty} 115200 vt100"
+SERIAL_TTYS = {"arm64": "ttyAMA0"}  # Debian architecture -> its board's first serial port; else ttyS0
+
+# Started at boot through the init's own links (update-rc.d: insserv's under sysv-rc, rc-update's
+# under OpenRC), as the packages' scripts did; said again in case a package left one out.
+RC_SERVICES = ("udev", "networking", "ssh", "cloud-init-local", "cloud-init", "cloud-config", "cloud-final")
+
+RC_CONFIG_FILES: dict[str, str] = {
+    "etc/cloud/cloud.cfg.d/90-racker.cfg": CLOUD_CFG,
+    "etc/network/interfaces": RC_INTERFACES,
+    "etc/ssh/sshd_config.d/50-racker.conf": SSHD,
+    "etc/default/ssh": RC_SSH_DEFAULTS,
+    "etc/default/locale": "LANG=C.UTF-8\n",
+    "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+}
+
 ENABLE_UNITS = ("systemd-networkd.service", "ssh.service")
 OPTIONAL_ENABLE_UNITS = ("systemd-resolved.service", "systemd-timesyncd.service")
 # Units a VM does not need at boot; each costs seconds under emulation.
@@ -294,23 +346,25 @@ def prepare(image: store.StoredImage, *, kernel: str = CLOUD_KERNEL, force: bool
         if source is None:
             raise PrepareError(f"{image.name} has another kernel and its source {origin} is gone", hint=f"racker pull {origin}")
         image = source
-    _refuse_another_init(image)
-    return _prepared(image, "vm", prepared_name(image.name, kernel), PACKAGES, force=force, kernel=kernel)
+    table = RC_PACKAGES if _keeps_its_rc_init(image) else PACKAGES
+    return _prepared(image, "vm", prepared_name(image.name, kernel), table, force=force, kernel=kernel)
 
 
-def _refuse_another_init(image: store.StoredImage) -> None:
-    """A VM is prepared around systemd (networkd, units enabled, readiness by systemctl):
-    installing it into a sysvinit or OpenRC image would boot another system than the image's
-    and report that one. Said in one line instead, until VMs of those inits are prepared."""
+def _keeps_its_rc_init(image: store.StoredImage) -> bool:
+    """Whether the image's init is sysvinit or OpenRC, which its VM keeps (RC_PACKAGES): installing
+    systemd would boot another system than the image's and report that one. runit is refused in one
+    line: Debian's cloud-init has no runit service, so the seed's user and key would never arrive."""
     try:
         init = inits.detect(image.rootfs)
     except UnknownInit:
-        return  # no init racker knows: systemd-sysv becomes its init, as for images with none
-    if init is not None and not isinstance(init, inits.Systemd):
+        return False  # no init racker knows: systemd-sysv becomes its init, as for images with none
+    if isinstance(init, inits.Runit):
         raise PrepareError(
-            f"cannot prepare {image.name} for VMs yet: its init is {init.name}, and racker's VMs boot systemd",
+            f"cannot prepare {image.name} for VMs: its init is runit, and Debian's cloud-init ships no runit service"
+            " (only systemd units and /etc/init.d scripts), so no boot would take the seed's user and SSH key",
             hint="it boots under nspawn (racker run, racker check --engine nspawn)",
         )
+    return init is not None and not isinstance(init, inits.Systemd)
 
 
 def bootable(image: store.StoredImage, *, force: bool = False) -> store.StoredImage:
@@ -351,10 +405,12 @@ def _prepared(
             # (shadow's last-change day, the initramfs's mtimes) is the same at every prepare.
             epoch = reproducible.of(image.manifest)
             installed = _install(rootfs, distro, packages, epoch)
+            if epoch is not None:
+                recompile_python(rootfs, epoch)
             verified = bool(distro.recipe and distro.recipe.verified)
             record = {"for": level, "from": image.name, "from_digest": image.digest, "packages": installed, "recipe_verified": verified}
             if level == "vm":
-                configure(rootfs, own_links, epoch)
+                configure(rootfs, own_links, epoch, image_architecture(image))
                 record["kernel"] = find_kernel(rootfs).version
                 record["kernel_flavour"] = kernel
             manifest = _prepared_manifest(image, name, record, distros.detect(rootfs).as_json())
@@ -431,11 +487,74 @@ def _install_packages(rootfs: Path, distro: distros.Distro, packages: VmPackages
     return wanted
 
 
-def configure(rootfs: Path, own_links: frozenset[str] = frozenset(), epoch: int | None = None) -> None:
-    """Write the configuration every cloud VM needs and enable its services; then DNS from the
-    platform and nothing of the build (the last step: in_container puts the host's resolv.conf in)."""
+# Recompiles the .pyc files already there (none added), each in its own invalidation mode,
+# in one process whose string hash is fixed (PYTHONHASHSEED in the environment).
+RECOMPILE_PYC = """
+import os, py_compile, sys
+modes = {0: py_compile.PycInvalidationMode.TIMESTAMP, 1: py_compile.PycInvalidationMode.UNCHECKED_HASH,
+         3: py_compile.PycInvalidationMode.CHECKED_HASH}
+tag = sys.implementation.cache_tag
+for top in sys.argv[1:]:
+    for directory, dirs, files in os.walk(top):
+        dirs.sort()
+        if os.path.basename(directory) != "__pycache__":
+            continue
+        for name in sorted(files):
+            if not name.endswith("." + tag + ".pyc"):
+                continue
+            source = os.path.join(os.path.dirname(directory), name[: -len("." + tag + ".pyc")] + ".py")
+            pyc = os.path.join(directory, name)
+            with open(pyc, "rb") as handle:
+                flags = int.from_bytes(handle.read(8)[4:8], "little")
+            if os.path.isfile(source) and flags in modes:
+                py_compile.compile(source, cfile=pyc, invalidation_mode=modes[flags], doraise=False)
+"""
+
+
+def recompile_python(rootfs: Path, epoch: int) -> None:
+    """Python before 3.11 marshals a frozenset constant in its string-hash order, and the packages'
+    postinsts compile the standard library with `python3.N -E`, which ignores PYTHONHASHSEED: its
+    .pyc files differed from build to build (bullseye's 3.9). They are compiled again with one seed."""
+    tree = imagetree.Tree(rootfs)
+    for lib in tree.glob("usr/lib/python3.*"):
+        minor = lib.rsplit(".", 1)[-1]
+        if not (minor.isdigit() and int(minor) < 11 and tree.is_file(f"usr/bin/python3.{minor}")):
+            continue
+        tops = [f"/{lib}", *(["/usr/lib/python3/dist-packages"] if tree.is_dir("usr/lib/python3/dist-packages") else [])]
+        with progress.step(f"compiling python3.{minor}'s .pyc files with one string hash"):
+            in_container(rootfs, (f"/usr/bin/python3.{minor}", "-c", RECOMPILE_PYC, *tops), env=reproducible.environment(epoch))
+
+
+def configure(rootfs: Path, own_links: frozenset[str] = frozenset(), epoch: int | None = None, arch: str = "amd64") -> None:
+    """Write the configuration every cloud VM needs and enable its services, by the image's own
+    init's means; then DNS from the platform and nothing of the build (the last step:
+    in_container puts the host's resolv.conf in)."""
     with imagetree.refused(PrepareError, "cannot configure the image"):
-        _configure(rootfs, own_links, epoch)
+        try:
+            init = inits.detect(rootfs)
+        except UnknownInit:
+            init = None  # prepare() gave it systemd-sysv, as an image without an init
+        if init is None or isinstance(init, inits.Systemd):
+            _configure(rootfs, own_links, epoch)
+        else:
+            _configure_rc(rootfs, own_links, epoch, SERIAL_TTYS.get(arch, "ttyS0"))
+
+
+def _configure_rc(rootfs: Path, own_links: frozenset[str], epoch: int | None, tty: str) -> None:
+    """sysvinit or OpenRC: ifupdown, init.d links, a getty in inittab; nothing of systemd's."""
+    tree = imagetree.Tree(rootfs)
+    for rel, text in RC_CONFIG_FILES.items():
+        write_file(rootfs, rel, text)
+    inittab = [line for line in tree.read_text("etc/inittab").splitlines() if not line.startswith("T0:")]
+    write_file(rootfs, "etc/inittab", "\n".join([*inittab, RC_GETTY.format(tty=tty)]) + "\n")
+    clock = reproducible.environment(epoch)
+    for service in RC_SERVICES:
+        if tree.is_file(f"etc/init.d/{service}"):
+            in_container(rootfs, ("update-rc.d", service, "defaults"), env=clock)
+    _first_boot_makes(tree)
+    remove_leftovers(rootfs)
+    cloud_dns(rootfs, dhclient=True)
+    remove_build_leftovers(rootfs, own_links)
 
 
 def _configure(rootfs: Path, own_links: frozenset[str], epoch: int | None) -> None:
@@ -453,7 +572,14 @@ def _configure(rootfs: Path, own_links: frozenset[str], epoch: int | None) -> No
         if not tree.is_symlink(link):
             tree.symlink("/dev/null", link)
     mark_updated(rootfs)
-    # First boot makes these: an empty machine-id, no SSH host keys, no apt lists.
+    _first_boot_makes(tree)
+    remove_leftovers(rootfs)
+    cloud_dns(rootfs)
+    remove_build_leftovers(rootfs, own_links)
+
+
+def _first_boot_makes(tree: imagetree.Tree) -> None:
+    """First boot makes these: an empty machine-id, no SSH host keys, no apt lists."""
     for key in tree.glob("etc/ssh/ssh_host_*"):
         tree.unlink(key)
     tree.write_text("etc/machine-id", "", mode=0o444)
@@ -462,9 +588,6 @@ def _configure(rootfs: Path, own_links: frozenset[str], epoch: int | None) -> No
         tree.symlink("/etc/machine-id", dbus_id, replace=True)
     for stale in ("var/lib/cloud", "etc/hostname"):
         tree.rmtree(stale)
-    remove_leftovers(rootfs)
-    cloud_dns(rootfs)
-    remove_build_leftovers(rootfs, own_links)
 
 
 def remove_leftovers(rootfs: Path) -> None:
@@ -486,15 +609,18 @@ CLOUD_DNS = "/run/systemd/resolve/resolv.conf"
 RESOLVED_UNIT = "systemd-resolved.service"
 
 
-def cloud_dns(rootfs: Path) -> None:
+def cloud_dns(rootfs: Path, *, dhclient: bool = False) -> None:
     """/etc/resolv.conf as the distribution's cloud images have it: resolved's list of the DHCP
-    lease's servers; without resolved, an empty file (never the build host's resolvers)."""
+    lease's servers; without resolved, an empty file (never the build host's resolvers), which
+    dhclient (`dhclient`: the image's DHCP client) fills with its lease's."""
     tree = imagetree.Tree(rootfs)  # /etc may be a link: it resolves inside the image
     if tree.is_dir(RESOLV_CONF) and not tree.is_symlink(RESOLV_CONF):
         raise PrepareError(f"/{RESOLV_CONF} is a directory in the image")
     tree.unlink(RESOLV_CONF, missing_ok=True)
-    if _unit_exists(tree, RESOLVED_UNIT):
+    if _unit_exists(tree, RESOLVED_UNIT) and not dhclient:
         tree.symlink(CLOUD_DNS, RESOLV_CONF)
+    elif dhclient:
+        tree.write_text(RESOLV_CONF, "")
     else:
         progress.warn(f"no {RESOLVED_UNIT} in the image: /{RESOLV_CONF} is left empty, DHCP's DNS servers will not reach it")
         tree.write_text(RESOLV_CONF, "")

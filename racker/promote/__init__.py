@@ -167,6 +167,8 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
                 os_id=distros.detect(tree).id,
                 capacity=layout.size,
                 mac=boxes.mac_for(image.digest),
+                seed=image.digest,
+                epoch=layout.epoch,
             )
             with progress.step(f"packing {fmt.name}"), store.output_file(work, output) as partial:
                 boxes.pack(raw, fmt, partial, appliance)
@@ -176,9 +178,9 @@ def promote(image: store.StoredImage, output: Path | None = None, options: Optio
             build_disk(raw, layout, rootfs, overlay, work, arch)
             with progress.step(f"writing {fmt.name}"), store.output_file(work, output) as partial:
                 if fmt.name == "gce":
-                    formats.pack_gce(raw, partial)
+                    formats.pack_gce(raw, partial, epoch=layout.epoch)
                 else:
-                    formats.convert(raw, fmt, partial, output.name, compress=options.compressed(fmt))
+                    formats.convert(raw, fmt, partial, output.name, compress=options.compressed(fmt), seed=image.digest, epoch=layout.epoch)
                 verify(partial)
         else:
             result.extra = build_firecracker(rootfs, overlay, layout, kernel, output, work, verify, profile.cmdline)

@@ -10,6 +10,7 @@ streamOptimized one that `--format vmdk` writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -17,7 +18,9 @@ import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
+from gzip import GzipFile
 from pathlib import Path
+from typing import BinaryIO
 
 from racker.promote import formats
 
@@ -46,6 +49,8 @@ class Appliance:
     os_id: str  # os-release ID
     capacity: int  # the disk's virtual size, bytes
     mac: str  # 12 hex digits: Vagrant's base_mac
+    seed: str = ""  # the image's digest: the disk's header ids follow it (headers.settle)
+    epoch: int | None = None  # its SOURCE_DATE_EPOCH: the members' time
     memory_mib: int = 1024
     cpus: int = 2
 
@@ -68,32 +73,32 @@ def member_name(output_name: str, suffix: str) -> str:
 
 
 def _vagrant_libvirt(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
-    formats.convert(raw, fmt, work / "box.img")
+    formats.convert(raw, fmt, work / "box.img", seed=appliance.seed)
     # virtual_size: whole GB, rounded up (vagrant-libvirt grows the domain's disk to it).
     metadata = {"provider": "libvirt", "format": "qcow2", "virtual_size": -(-appliance.capacity // GB)}
     _write(work, "metadata.json", json.dumps(metadata, indent=2) + "\n")
     _write(work, "Vagrantfile", libvirt_vagrantfile(appliance))
     # gzip at level 1: the qcow2 is most of it, and vagrant box add reads any tar.
-    _tar(output, work, ["metadata.json", "Vagrantfile", "box.img"], "w:gz")
+    _tar(output, work, ["metadata.json", "Vagrantfile", "box.img"], appliance.epoch, gzip=True)
 
 
 def _vagrant_virtualbox(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
     disk = "box-disk001.vmdk"
-    formats.convert(raw, fmt, work / disk, disk)  # the descriptor names the file as the box holds it
+    formats.convert(raw, fmt, work / disk, disk, seed=appliance.seed)  # the descriptor names the file as the box holds it
     _write(work, "box.ovf", ovf(appliance, disk, (work / disk).stat().st_size))
     _write(work, "metadata.json", json.dumps({"provider": "virtualbox"}, indent=2) + "\n")
     _write(work, "Vagrantfile", virtualbox_vagrantfile(appliance))
     # Not gzipped: the streamOptimized vmdk is deflated already.
-    _tar(output, work, ["metadata.json", "Vagrantfile", "box.ovf", disk], "w")
+    _tar(output, work, ["metadata.json", "Vagrantfile", "box.ovf", disk], appliance.epoch)
 
 
 def _ova(raw: Path, fmt: formats.Format, output: Path, appliance: Appliance, work: Path) -> None:
     descriptor, manifest, disk = f"{appliance.name}.ovf", f"{appliance.name}.mf", f"{appliance.name}-disk001.vmdk"
-    formats.convert(raw, fmt, work / disk, disk)
+    formats.convert(raw, fmt, work / disk, disk, seed=appliance.seed)
     _write(work, descriptor, ovf(appliance, disk, (work / disk).stat().st_size))
     _write(work, manifest, "".join(f"SHA256({name})= {_sha256(work / name)}\n" for name in (descriptor, disk)))
     # The OVF spec's order: the descriptor first, then the manifest, then the files it references.
-    _tar(output, work, [descriptor, manifest, disk], "w", tarfile.USTAR_FORMAT)
+    _tar(output, work, [descriptor, manifest, disk], appliance.epoch, format=tarfile.USTAR_FORMAT)
 
 
 PACKERS: dict[str, Callable[[Path, formats.Format, Path, Appliance, Path], None]] = {
@@ -221,16 +226,22 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _tar(output: Path, work: Path, names: list[str], mode: str, format: int = tarfile.GNU_FORMAT) -> None:
-    """The files as plain members, owned by root, in this order."""
+def _tar(output: Path, work: Path, names: list[str], epoch: int | None, *, gzip: bool = False, format: int = tarfile.GNU_FORMAT) -> None:
+    """The files as plain members, owned by root, in this order; dated `epoch` when the image has one
+    (and so is the gzip header, which names no file): one image makes the same bytes."""
 
     def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = "root"
         info.mode = 0o644
+        if epoch is not None:
+            info.mtime = epoch
         return info
 
-    options = {"compresslevel": 1} if mode == "w:gz" else {}
-    with tarfile.open(output, mode, format=format, **options) as archive:  # type: ignore[call-overload]
-        for name in names:
-            archive.add(work / name, arcname=name, filter=plain)
+    with open(output, "wb") as raw, contextlib.ExitStack() as stack:
+        stream: BinaryIO = raw
+        if gzip:
+            stream = stack.enter_context(GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=epoch))
+        with tarfile.open(fileobj=stream, mode="w", format=format) as archive:
+            for name in names:
+                archive.add(work / name, arcname=name, filter=plain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import lzma
+import os
 import shutil
 import tempfile
 import zlib
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from racker import proc
 from racker.errors import PromoteError
+from racker.promote import headers
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,14 @@ def qcow2_compression() -> tuple[str, ...]:
     return ("-c", "-W", *(zstd if probe.succeeded else ()))
 
 
-def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False) -> None:
+def convert(
+    raw: Path, fmt: Format, output: Path, final_name: str = "", *, compress: bool = False, seed: str = "", epoch: int | None = None
+) -> None:
     """qemu-img convert a raw disk to `fmt` (zero blocks stay unallocated);
     `compress`: compressed qcow2 clusters (other formats are compressed always or never).
+    `seed` (the image's digest) and `epoch` (its SOURCE_DATE_EPOCH): the ids and times qemu-img
+    draws at random in the format's header follow them instead (headers.settle), so that one
+    image makes the same bytes in any format.
 
     A format whose header names the file (a VMDK descriptor's extent) is written
     under `final_name` in a directory beside `raw`, then moved to `output` (a
@@ -105,15 +112,19 @@ def convert(raw: Path, fmt: Format, output: Path, final_name: str = "", *, compr
         target = named / final_name
     extra = qcow2_compression() if compress and fmt.compression == "clusters" else ()
     proc.run(["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format, *fmt.options, *extra, str(raw), str(target)], timeout=1800)
+    headers.settle(target, fmt.qemu_format, seed, epoch)
     if target != output:
         shutil.move(target, output)
 
 
-def pack_gce(raw: Path, output: Path) -> None:
-    """GCE import's layout: a file named disk.raw in a sparse, oldgnu-format tar.gz."""
+def pack_gce(raw: Path, output: Path, epoch: int | None = None) -> None:
+    """GCE import's layout: a file named disk.raw in a sparse, oldgnu-format tar.gz;
+    dated `epoch` (the image's SOURCE_DATE_EPOCH), so that one image makes the same bytes."""
     staged = raw.parent / "disk.raw"
     if raw != staged:
         raw.rename(staged)
+    if epoch is not None:
+        os.utime(staged, (epoch, epoch))
     proc.run(["tar", "--format=oldgnu", "--sparse", "-czf", str(output), "-C", str(staged.parent), "disk.raw"], timeout=1800)
 
 

@@ -3,21 +3,26 @@
     with Group({"server": "debian-bookworm+vm", "client": "debian-trixie+vm"}) as group:
         group["client"].run(["getent", "hosts", "server"])
 
+A machine may be a VM: {"server": {"image": "debian-bookworm+vm", "engine": "qemu"}} boots the
+image's promoted disk in QEMU, with a NIC on the group's bridge (racker.vm.bridge).
+
 The network (named_networks.py) is the group's process's: its machines boot at once,
 and stop together with it; a killed process's network goes at `racker gc`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from racker import machines
 from racker.errors import MachineError
 from racker.machines import named_networks
+from racker.vm import boards
 
-ENGINES = ("nspawn",)
+ENGINES = ("nspawn", "qemu")
 
 
 def parse(spec: Mapping[str, object]) -> dict[str, tuple[str, str]]:
@@ -41,9 +46,27 @@ def parse(spec: Mapping[str, object]) -> dict[str, tuple[str, str]]:
                 f"machine {name!r} names no image", hint='{"server": "debian-bookworm"} or {"server": {"image": …, "engine": "nspawn"}}'
             )
         if engine not in ENGINES:
-            raise MachineError(f"machine {name!r}: engine {engine!r} cannot join a group yet", hint=f"engines: {', '.join(ENGINES)}")
+            raise MachineError(f"machine {name!r}: engine {engine!r} cannot join a group", hint=f"engines: {', '.join(ENGINES)}")
         parsed[name] = (image, engine)
     return parsed
+
+
+def _maker(image: str, engine: str) -> Callable[..., machines.Guest]:
+    """The image pulled and made bootable for its engine; a function that makes a machine of it."""
+    from racker import images, prepare
+
+    pulled = images.pull(image)
+    if engine == "nspawn":
+        from racker.machines import nspawn
+
+        return functools.partial(nspawn.Machine, prepare.bootable(pulled))
+    from racker import promote
+    from racker.vm import qemu
+
+    prepared = prepare.prepare(pulled)
+    board, firmware = boards.board_for(prepare.image_architecture(prepared))
+    disk = promote.cached_disk(prepared, firmware)
+    return functools.partial(qemu.VM, disk, image=prepared.name, digest=prepared.digest, machine=board)
 
 
 class Group(Mapping[str, machines.Guest]):
@@ -69,18 +92,13 @@ class Group(Mapping[str, machines.Guest]):
         return len(self.machines)
 
     def start(self) -> Group:
-        from racker import images, prepare
-        from racker.machines import nspawn
-
-        # Every image first: one that cannot be had fails before anything is made.
-        bootable = {name: prepare.bootable(images.pull(image)) for name, (image, _engine) in self.spec.items()}
+        # Every image first (a VM's promoted to its disk): one that cannot be had fails before anything is made.
+        makers = {name: _maker(image, engine) for name, (image, engine) in self.spec.items()}
         self.network = named_networks.create(f"group-{os.urandom(4).hex()}", owned=True)
         try:
             options = {} if self.boot_timeout is None else {"boot_timeout": self.boot_timeout}
-            for name, image in bootable.items():
-                self.machines[name] = nspawn.Machine(
-                    image, machines.unique_name(name), network_mode=self.network.name, network_alias=name, **options
-                )
+            for name, make in makers.items():
+                self.machines[name] = make(machines.unique_name(name), network_mode=self.network.name, network_alias=name, **options)
             # They boot at once, each in a thread that lives as long as its machine: nspawn dies with
             # the thread that started it (PR_SET_PDEATHSIG is the thread's), so that thread must wait.
             for name, machine in self.machines.items():

@@ -30,8 +30,13 @@ def of(manifest: dict) -> int | None:
 
 def environment(epoch: int | None) -> dict[str, str]:
     """SOURCE_DATE_EPOCH for the tools that read the build's clock from it (mmdebstrap, shadow's
-    useradd and pwconv, mkinitramfs); nothing without a clock."""
-    return {} if epoch is None else {ENV: str(epoch)}
+    useradd and pwconv, mkinitramfs); nothing without a clock.
+
+    And one string hash: Python before 3.11 marshals a frozenset constant (`x in {"a", "b"}`) in
+    its hash order, which PYTHONHASHSEED draws anew in each process, so the .pyc files that the
+    packages' postinst compiles (py3compile) came out in another order on each build (bullseye's
+    Python 3.9). reproducible-builds.org's advice: a fixed seed while building."""
+    return {} if epoch is None else {ENV: str(epoch), "PYTHONHASHSEED": "0"}
 
 
 def clamp_mtimes(root: Path, epoch: int) -> int:

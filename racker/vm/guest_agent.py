@@ -43,7 +43,7 @@ UNIT = "racker-agent"
 HELLO = b"racker-guest-shell 1 "
 HELLO_TIMEOUT = 20.0  # a restored agent answers within its 0.1 s poll; a busy host may take seconds
 
-# Runs in the guest as root (any python3 >= 3.5), started by systemd-run. While no host
+# Runs in the guest as root (any python3 >= 3.5), started by systemd-run (else setsid). While no host
 # is connected a read returns at once with nothing, so it polls ten times a second.
 AGENT = (
     "# racker-guest-agent"
@@ -210,7 +210,14 @@ def start_in_guest(vm: Guest) -> bool:
     False (with the VM unchanged but for a stray unit) if the guest cannot run it."""
     assert vm.state is not None
     put = vm.run(["sh", "-c", f"cat > {GUEST_PATH}"], input=AGENT.encode(), timeout=60)
-    run = ["systemd-run", f"--unit={UNIT}", "--quiet", "--collect", "python3", GUEST_PATH, f"/dev/virtio-ports/{PORT}"]
+    agent = ["python3", GUEST_PATH, f"/dev/virtio-ports/{PORT}"]
+    # A unit of its own under systemd; under another init (sysvinit, OpenRC), a session of its own,
+    # detached from this SSH session's.
+    run = [
+        "sh", "-c",
+        'if [ -d /run/systemd/system ]; then exec systemd-run "$@"; fi; shift 3; exec setsid -f "$@" </dev/null >/dev/null 2>&1',
+        "sh", f"--unit={UNIT}", "--quiet", "--collect", *agent,
+    ]  # fmt: skip
     started = put.returncode == 0 and vm.run(run, timeout=60).returncode == 0
     vm.state.extra["agent"] = started
     close(vm.state.token)  # a channel to an earlier agent

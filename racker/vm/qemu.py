@@ -35,9 +35,9 @@ from racker.errors import (
     VMError,
     VMLaunchFailure,
 )
-from racker.machines import State, sockets
+from racker.machines import State, network, sockets
 from racker.proc import Result
-from racker.vm import boards, disks, guest_agent, guest_shell, ports, seed, ssh, warm
+from racker.vm import boards, boot_clock, bridge, disks, guest_agent, guest_shell, ports, seed, ssh, warm
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -75,7 +75,13 @@ class VM(warm.WarmBoot, machines.Guest):
         warm: bool = False,
         seed_snapshot: bool = False,
         user_data: dict | None = None,
+        network_mode: str = bridge.USER,
+        publish: Sequence[network.Publish] = (),
+        network_alias: str | None = None,
     ) -> None:
+        """network_mode: `user` (QEMU's user-mode NIC only), `nat` or a private network's name
+        (bridge.py: a tap on that bridge, first, beside the user-mode NIC racker's SSH uses);
+        publish: ports forwarded from the host to the VM's bridge address (nat)."""
         self.disk = Path(disk).absolute()
         self.image = image or self.disk.name
         self.digest = digest
@@ -106,6 +112,13 @@ class VM(warm.WarmBoot, machines.Guest):
         if warm and user_data:
             # A snapshot's guest ran cloud-init long ago, on the seed of the VM that made it.
             raise VMError("a warm VM restores a snapshot, whose cloud-init ran already: user-data needs a cold boot")
+        self.bridge: bridge.Bridged | None = None
+        if network_mode != bridge.USER:
+            if warm or seed_snapshot:
+                raise VMError("a warm VM restores a snapshot taken on QEMU's user-mode network", hint="boot it cold on a bridge")
+            self.bridge = bridge.Bridged(network_mode, publish, network_alias)
+        elif publish:
+            raise VMError("--publish needs a bridge to publish from", hint="add --network nat")
         if not self.board.firmware and self.kernel is None:
             raise VMError(f"a {machine} machine boots only a kernel given directly", hint="give the VM a kernel (and initrd)")
         self.state: State | None = None
@@ -148,6 +161,8 @@ class VM(warm.WarmBoot, machines.Guest):
         self.state = state  # a detached VM is handed over once it runs (detach())
         try:
             machines.make_run_dir(self.kind, self.name)
+            if self.bridge is not None:
+                self.bridge.setup(state, self.rundir, detached=self.detached)  # a published port in use fails here
             info = disks.inspect_disk(self.disk, self.rundir, bootable=self.kernel is None)
             firmware = self.firmware or info.firmware
             deadline = started + self.boot_timeout
@@ -158,6 +173,8 @@ class VM(warm.WarmBoot, machines.Guest):
                     self.seed_boot(info, firmware, deadline)
                 else:
                     self._cold_boot(info, firmware, deadline)
+            if self.bridge is not None:
+                self.bridge.start_forwarder(state, detached=self.detached)
         except BaseException as error:
             if isinstance(error, RackerError):
                 error.evidence.update(self.boot_evidence())  # before stop() removes the console log
@@ -262,6 +279,7 @@ class VM(warm.WarmBoot, machines.Guest):
             "-device", self.board.disk.format(i=0, drive="disk0") + ("" if self.kernel else ",bootindex=0"),
             "-drive", f"if=none,id=seed0,file={run / 'seed.iso'},format=raw,readonly=on",
             "-device", (self.board.seed or self.board.disk).format(i=1, drive="seed0"),
+            *(self.bridge.qemu_args(self.board.nic) if self.bridge is not None else ()),
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", f"{self.board.nic},netdev=net0",
             *(("-device", self.board.rng) if self.board.rng else ()),
@@ -384,17 +402,22 @@ class VM(warm.WarmBoot, machines.Guest):
         return self._child.returncode if self._child is not None else None
 
     def _wait_ready(self, deadline: float) -> None:
-        """SSH answers with our key and systemd says the boot has finished."""
+        """SSH answers with our key and the guest's init says the boot has finished (WAIT_BOOTED).
+
+        The deadline stretches for a guest that a busy host starves (racker.vm.boot_clock)."""
         assert self.endpoint is not None
+        clock = boot_clock.BootClock(deadline, self.boot_timeout, self._cpu_seconds)
         greeted = False
         while True:
             if not self._alive():
                 raise VMLaunchFailure(self._exit_status(), self.argv, machines.console_tail(self.console_log))
-            if time.monotonic() > deadline:
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log))
-            if _console_has(self.console_log, GUEST_DEATH):
+            if clock.overdue():
+                raise self._boot_timeout(clock)
+            if died := _console_has(self.console_log, GUEST_DEATH):
                 tail = machines.console_tail(self.console_log, lines=60)
-                raise GuestDied(f"the guest kernel of VM {self.name!r} panicked while booting", hint="last console lines:\n" + tail)
+                raise GuestDied(
+                    f"the guest kernel of VM {self.name!r} {GUEST_DEATH[died]} while booting", hint="last console lines:\n" + tail
+                )
             # Wait for sshd's banner in-process: an ssh client started twice a second
             # for the half minute sshd takes would take host CPU from the guest. Once
             # only: sshd >= 9.8 counts connections that never log in against us.
@@ -406,18 +429,26 @@ class VM(warm.WarmBoot, machines.Guest):
             # The connection master both proves SSH and carries every later command:
             # under emulation each SSH handshake costs the guest a second of CPU.
             try:
-                self.connection(timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
-                result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(deadline - time.monotonic(), 5), connect_timeout=3)
+                self.connection(timeout=max(clock.deadline - time.monotonic(), 5), connect_timeout=3)
+                result = self.endpoint.run(WAIT_BOOTED, root=False, timeout=max(clock.deadline - time.monotonic(), 5), connect_timeout=3)
                 break
             except Unreachable:
                 pass
             except ToolTimeout:
-                raise BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log)) from None
+                if clock.overdue():
+                    raise self._boot_timeout(clock) from None
             time.sleep(0.5)
         self.system_state = result.stdout.strip()
         assert self.state is not None
         self.state.extra["system_state"] = self.system_state
         machines.save(self.state)
+
+    def _cpu_seconds(self) -> float | None:
+        """The CPU time QEMU has had (all its vCPU threads), None if it is not running."""
+        return proc.cpu_seconds(self.state.pid) if self.state is not None and self.state.pid else None
+
+    def _boot_timeout(self, clock: boot_clock.BootClock) -> BootTimeout:
+        return BootTimeout(f"VM {self.name!r}", self.boot_timeout, machines.console_tail(self.console_log), extended=clock.extended)
 
     def stop(self, grace: float = 0.0) -> None:
         """Power the VM off and remove everything it had: process, overlay, seed, port, record.
@@ -433,6 +464,9 @@ class VM(warm.WarmBoot, machines.Guest):
             self._power_off(grace)
         finally:
             self._close_qmp()
+            bridge.release(state)  # its DHCP server, address and tap; the bridge after the last
+            if self.bridge is not None:
+                self.bridge.close()
             store.remove_tree(state.rundir)
             machines.release(state)
             self.state = None
@@ -599,17 +633,46 @@ def _endpoint(state: State) -> ssh.Endpoint:
     return ssh.Endpoint("127.0.0.1", int(state.extra["ssh_port"]), seed.USER, state.rundir / "id_ed25519", control=state.rundir)
 
 
-# Returns when the boot has finished (cloud-init's last stage is part of it).
-WAIT_BOOTED = ("systemctl", "is-system-running", "--wait")
-# What a guest prints when it is dead and will never answer: no use waiting for the timeout.
-GUEST_DEATH = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
+# Returns when the boot has finished (cloud-init's last stage is part of it), asked of the guest's
+# own init: systemd's state; else (sysvinit, OpenRC) inittab's default runlevel reached with its rc
+# finished: no /etc/init.d/rc, openrc, startpar or insserv-ordered script still running, and no
+# copy of init about to exec one. Looked at twice in a row, half a second apart: init records the
+# runlevel before it forks the rc (see racker.machines.inits.SysVinit). Prints the state ("running").
+WAIT_RC_BOOTED = r"""
+PATH=$PATH:/sbin:/usr/sbin  # runlevel: the seed's user's PATH lacks /sbin
+level=$(sed -n 's/^[^#:]*:\([0-9]\):initdefault:.*/\1/p' /etc/inittab | head -n 1)
+seen=0
+while [ $seen -lt 2 ]; do
+    sleep 0.5
+    if [ "$(runlevel | cut -d ' ' -f 2)" = "$level" ] \
+        && ! ps -eo args= | grep -Eq '^(/bin/sh )?/etc/init\.d/rc |(^|/)(openrc|openrc-run|startpar) ' \
+        && [ "$(ps -eo args= | grep -cE '^(init \[|/sbin/init)')" -le 1 ]; then
+        seen=$((seen + 1))
+    else
+        seen=0
+    fi
+done
+echo running
+"""
+WAIT_BOOTED = (
+    "sh", "-c",
+    "if [ -d /run/systemd/system ]; then exec systemctl is-system-running --wait; fi" + WAIT_RC_BOOTED,
+)  # fmt: skip
+# What a guest prints when it is dead and will never answer (no use waiting for the timeout),
+# and what it did. initramfs-tools gives up on a missing root after rootdelay, then waits at a shell.
+GUEST_DEATH = {
+    b"Kernel panic - not syncing": "panicked",
+    b"---[ end Kernel panic": "panicked",
+    b"Gave up waiting for root": "found no root filesystem",
+}
 
 
-def _console_has(path: Path, needles: tuple[bytes, ...], size: int = 16384) -> bool:
+def _console_has(path: Path, needles: dict[bytes, str], size: int = 16384) -> bytes | None:
+    """The first of `needles` in the console's last `size` bytes, or None."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, os.path.getsize(path) - size))
             tail = handle.read()
     except FileNotFoundError:
-        return False
-    return any(needle in tail for needle in needles)
+        return None
+    return next((needle for needle in needles if needle in tail), None)
