@@ -205,7 +205,10 @@ def _mark_args(node: pytest.Function | pytest.Metafunc) -> dict:
     merged: dict = {}
     for mark in node.definition.iter_markers("racker") if isinstance(node, pytest.Metafunc) else node.iter_markers("racker"):
         for key, value in mark.kwargs.items():
-            merged.setdefault(key, list(value) if isinstance(value, list | tuple) else value)
+            if key == "needs":  # a test's needs add to its module's (pytestmark), closest first
+                merged.setdefault(key, []).extend(need for need in value if need not in merged[key])
+            else:
+                merged.setdefault(key, list(value) if isinstance(value, list | tuple) else value)
     return merged
 
 
