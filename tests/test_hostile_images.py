@@ -181,7 +181,8 @@ def prepare_steps(source: Path, hostile: Hostile | None = None, sentinel: Path |
     script = (
         "import sys, types\n"
         "from pathlib import Path\n"
-        "from racker import prepare, distros\n"
+        "from racker import prepare\n"
+        "from racker.store import distros\n"
         "from racker.errors import RackerError\n"
         "root = Path(sys.argv[1])\n"
         "try:\n"
