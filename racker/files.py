@@ -20,7 +20,8 @@ def write_atomic(path: Path, data: bytes | str, mode: int | None = 0o600) -> Non
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+    # The fresh name is the file's own cut short: a name near NAME_MAX (a long ref's) must still fit.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".new")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)

@@ -132,7 +132,7 @@ def test_the_mark_names_the_machines(racker_group) -> None:
         ({"server": SERVER, "Server": SERVER}, "two machines are named 'server' and 'Server': one name each"),
         ({"under_score": SERVER}, "'under_score' is not a valid host name"),
         ({"web-": SERVER}, "'web-' is not a valid host name"),
-        ({"server": {"image": SERVER, "engine": "lxc"}}, "machine 'server': engine 'lxc' cannot join a group yet"),
+        ({"server": {"image": SERVER, "engine": "lxc"}}, "machine 'server': engine 'lxc' cannot join a group"),
         ({}, "a group names its machines: {NAME: IMAGE, …}"),
     ],
 )
