@@ -826,7 +826,7 @@ def test_a_failing_health_check_restarts_the_service_and_a_passing_one_does_not(
         spec = app.spec(store.StoredImage(name, "sha256:0", "", "", 0, manifest={"config": config}))
         image = _with_app_units(base, name, spec)
         with Machine(image) as machine:
-            machine.run(["sleep", "5"])
+            machine.run(["sleep", "15"])  # past systemd's start limit (5 starts in 10 s), which a restarted app must not hit
             shown = machine.run(["systemctl", "show", "-p", "KillSignal", "-p", "ActiveState", app.UNIT]).stdout
             runs = machine.run(["journalctl", "-u", f"{app.HEALTH}.service", "--no-pager", "-o", "cat"]).stdout
             starts = machine.run(["journalctl", "-u", app.UNIT, "--no-pager", "-o", "cat"]).stdout.count("Started racker-app.service")

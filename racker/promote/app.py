@@ -162,6 +162,9 @@ def unit_text(app: AppSpec) -> str:
         "Description=Application from the container image",
         "Wants=network-online.target",
         "After=network-online.target cloud-init.service",
+        # Restarted by its health check as often as the check fails: systemd's start limit (5 in
+        # 10 s) would otherwise leave it failed, and stopped for good, after a few quick restarts.
+        "StartLimitIntervalSec=0",
         "",
         "[Service]",
         "Type=simple",
