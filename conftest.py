@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socketserver
 import subprocess
 import sys
 import time
@@ -459,12 +460,26 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """A test's server answering from a thread of its own until the block ends, then shut and closed."""
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def static_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """An HTTPS server on 127.0.0.1 with Range support, serving `.root` (empty at first), whose certificate
     a throw-away CA signed: yields a StaticServer; `.ca` is the CA to trust (SSL_CERT_FILE)."""
     import ssl
-    import threading
     from http.server import ThreadingHTTPServer
 
     base = tmp_path_factory.mktemp("static")
@@ -479,14 +494,9 @@ def static_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     server.socket = context.wrap_socket(server.socket, server_side=True)
     state.url = f"https://127.0.0.1:{server.server_address[1]}"
     state.ca = ca
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+
+    with serving(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 # Upstreams a test moves between two refreshes (tests/upstreams.py: importable once a test module

@@ -13,13 +13,12 @@ import json
 import os
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import racker
+from conftest import racker, serving
 from racker import store
 from racker.store import catalog
 
@@ -78,13 +77,9 @@ def https_server(test_ca: dict[str, Path]) -> Iterator[int]:
     context.load_cert_chain(test_ca["cert"], test_ca["key"])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+
+    with serving(server):
         yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 DOCKERFILE = """\

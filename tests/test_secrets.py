@@ -21,7 +21,6 @@ import ssl
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import StaticServer, _range_handler, free_port, make_ca, racker
+from conftest import StaticServer, _range_handler, free_port, make_ca, racker, serving
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +80,9 @@ def auth_server(base: Path) -> Iterator[StaticServer]:
     server.socket = context.wrap_socket(server.socket, server_side=True)
     state.url = f"127.0.0.1:{server.server_address[1]}"  # host:port, for URLs with userinfo
     state.ca = ca
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+
+    with serving(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def _tiny_oci_layout(directory: Path) -> None:

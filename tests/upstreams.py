@@ -13,14 +13,13 @@ import lzma
 import os
 import subprocess
 import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import running_registry
+from conftest import running_registry, serving
 from racker import images, store
 
 # --- a registry behind a proxy the test controls -------------------------------------------------
@@ -95,14 +94,8 @@ def proxied_registry(home: Path) -> Iterator[RegistryProxy]:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(state))
         server.daemon_threads = True
         state.address = f"127.0.0.1:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(server):
             yield state
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
 
 
 def tiny_image(name: str, work: Path, payload: bytes) -> store.StoredImage:
@@ -228,14 +221,9 @@ def apt_repository(base: Path) -> Iterator[tuple[AptRepository, str]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+
+    with serving(server):
         yield repo, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 # --- a small bootable system the upstreams above serve -----------------------------------------------
