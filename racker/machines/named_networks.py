@@ -310,16 +310,7 @@ class Member(network.Loopback):
                 "boot_id": proc.boot_id(),
                 "host_if": host_if,
             }
-            for address in net.subnet.hosts():
-                try:
-                    fd = os.open(net.claims / str(address), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    continue
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(claim, handle)
-                break
-            else:
-                raise MachineError(f"every address of network {net.name!r} ({net.subnet}) is taken")
+            address = _claim_free_address(net, claim)
             _write_hosts(net)
         self.lease = {
             "mode": "named",
@@ -368,16 +359,20 @@ def claim_helper_address(name: str, state: State, host_if: str) -> str:
         "host_if": host_if,
     }
     with network.locked():
-        net = lookup(name)
-        for address in net.subnet.hosts():
-            try:
-                fd = os.open(net.claims / str(address), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(claim, handle)
-            return str(address)
-    raise MachineError(f"every address of network {name!r} ({net.subnet}) is taken")
+        return _claim_free_address(lookup(name), claim)
+
+
+def _claim_free_address(net: Network, claim: dict) -> str:
+    """The first address of the network no claim holds, claimed (created, never overwritten) for `claim`."""
+    for address in net.subnet.hosts():
+        try:
+            fd = os.open(net.claims / str(address), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(claim, handle)
+        return str(address)
+    raise MachineError(f"every address of network {net.name!r} ({net.subnet}) is taken")
 
 
 def set_claim_helper(name: str, address: str, pid: int, started: int) -> None:
