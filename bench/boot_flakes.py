@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RACKER_HOME", "/var/lib/racker-tests")
 os.environ.setdefault("RACKER_SEED_MODULES", "minimal")  # as the suite's conftest sets it
 
-from racker import images, prepare, promote, store
-from racker.vm import boards, qemu
+from racker import images, prepare, promote, settings, store
+from racker.vm import qemu
 
 IMAGES = ("debian-bullseye", "debian-bookworm", "debian-trixie", "debian-sid")
 # A guest whose console grew this recently when racker gave up was still booting.
@@ -231,8 +231,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--images", default=",".join(IMAGES))
     parser.add_argument("--firmware", default="bios", choices=("bios", "uefi"))
-    parser.add_argument("--timeout", type=float, default=qemu.DEFAULT_BOOT_TIMEOUT, help="per boot, as in the suite")
-    parser.add_argument("--tcg-cpu", default=boards.TCG_CPU)
+    parser.add_argument("--timeout", type=float, default=None, help="per boot (default: RACKER_VM_BOOT_TIMEOUT, as in the suite)")
+    parser.add_argument("--tcg-cpu", default=None, help="default: RACKER_TCG_CPU")
     parser.add_argument("--disks", type=Path, default=Path("/var/tmp/racker-boot-flakes/disks"))
     parser.add_argument("--out", type=Path, default=Path(f"/var/tmp/racker-boot-flakes/run-{time.strftime('%Y%m%dT%H%M%S')}"))
     parser.add_argument("--table", type=Path, metavar="DIR", help="only print the table of an earlier run's records.jsonl")
@@ -244,6 +244,9 @@ def main() -> int:
     # Ctrl-C, or SIGINT to this process and its workers, stops every VM on the way out,
     # even when started in the background (where a shell starts jobs with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.timeout is None:
+        args.timeout = settings.VM_BOOT_TIMEOUT.value()
+    args.tcg_cpu = args.tcg_cpu or settings.TCG_CPU.value()
     names = args.images.split(",")
     disks = {name: str(disk_for(name, args.firmware, args.disks)) for name in names}
     args.out.mkdir(parents=True, exist_ok=True)
