@@ -219,6 +219,9 @@ def probe_sockets_as_nobody(home: Path | None = None, extra_pids: set[int] = fro
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description="Try every socket of RACKER_HOME's machines and VMs as user nobody.").parse_args()
     found = probe_sockets_as_nobody()
     print(found.details())
     sys.exit(1 if found.accepted else 0)
