@@ -334,8 +334,15 @@ def first_boot(tmp_path_factory: pytest.TempPathFactory) -> dict:
     record = directory / "facts.json"
     with store.locked("first-boot", store_home=directory):
         if not record.exists():
-            record.write_text(json.dumps(_first_boot(directory / "store")))
+            try:
+                facts = _first_boot(directory / "store")
+            except Exception as error:  # told to the other workers, which would only fail again, later
+                record.write_text(json.dumps({"failed": f"{type(error).__name__}: {error}"}))
+                raise
+            record.write_text(json.dumps(facts))
     facts = json.loads(record.read_text())
+    if "failed" in facts:
+        pytest.fail(f"the run's first boot of debian-bookworm failed (on another worker): {facts['failed']}")
     assert len(facts["saved"]) == 1, f"the first boot saved no snapshot, or more than one: {facts}"
     return facts
 
