@@ -196,7 +196,7 @@ def running(first_boot: dict) -> Iterator[dict]:
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
-@pytest.mark.xdist_group("security-vms")  # one worker sets `running` up
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
 def test_every_socket_of_a_machine_and_of_vms_refuses_nobody(running: dict) -> None:
     probe = _socket_probe().probe_sockets_as_nobody(running["home"])
     print(probe.details())
@@ -224,7 +224,7 @@ def _refused_by_the_kernel(probe) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
-@pytest.mark.xdist_group("security-vms")  # one worker sets `running` up
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
 def test_what_is_private_is_root_s_alone_under_umask_0(running: dict) -> None:
     for vm in (running["saving"], running["warm"]):
         for path in (vm.rundir, vm.rundir / "id_ed25519", vm.rundir / "overlay.qcow2"):
@@ -278,7 +278,7 @@ def test_a_cold_boot_s_files_and_sockets_are_root_s_alone_under_umask_0(hang_dis
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
-@pytest.mark.xdist_group("security-vms")  # one worker sets `running` up
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
 def test_a_name_is_claimed_across_kinds(running: dict) -> None:
     vm, machine = running["saving"], running["machine"]
     with pytest.raises(NameTaken, match="in use"):

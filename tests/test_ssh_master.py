@@ -30,7 +30,8 @@ from racker.upkeep import gc
 from racker.vm import guest_shell, ssh
 from racker.vm.qemu import SSH_MASTER, VM
 
-pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debian-bookworm")]
+# One worker runs every test that restores the run's first boot (conftest.first_boot): no other waits for it.
+pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
 
 # The racker process that owns the VM. detached=True without detach(): like a
 # `racker vm start` killed before it handed the VM over, its QEMU and master
