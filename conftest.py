@@ -243,6 +243,138 @@ def assert_vm_gone(name: str) -> None:
     assert not qemu_pids(name), "a QEMU process was left running"
 
 
+# -- the run's one real first boot of debian-bookworm's VM disk, shared ------------------
+
+
+def bookworm_vm_disk() -> Path:
+    """debian-bookworm's +vm disk (prepared, promoted), built once in the shared store."""
+    from racker import images, prepare, promote
+
+    with in_store(SHARED_HOME):
+        return promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))
+
+
+@contextlib.contextmanager
+def in_store(home: Path) -> Iterator[None]:
+    """RACKER_HOME is `home` inside the block, and what it was again after."""
+    was = os.environ.get("RACKER_HOME")
+    os.environ["RACKER_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("RACKER_HOME")
+        else:
+            os.environ["RACKER_HOME"] = was
+
+
+@contextlib.contextmanager
+def started_at_once(vms: list) -> Iterator[list[float]]:  # type: ignore[type-arg]
+    """Start the VMs together, one thread each; yields their start-to-ready seconds, stops them after.
+
+    The threads live until the VMs are stopped: QEMU and the SSH master die with
+    the thread that started them (PR_SET_PDEATHSIG is per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start(vm) -> float:  # type: ignore[no-untyped-def]
+        vm.start()
+        return vm.boot_seconds
+
+    pool = ThreadPoolExecutor(len(vms))
+    try:
+        yield list(pool.map(start, vms))
+    finally:
+        for vm in vms:
+            vm.stop()
+        pool.shutdown()
+
+
+def _first_boot(home: Path) -> dict:
+    """Two warm VMs of debian-bookworm's disk started at once in an empty store: one boots
+    cold and saves the disk's snapshot, the other waits on the key's lock and restores it.
+    What test_vm_warm asserts about that boot, as plain data; both VMs are stopped."""
+    from racker.vm import snapshots
+    from racker.vm.qemu import VM
+
+    disk = bookworm_vm_disk()
+    with in_store(home):
+        first = [VM(disk, warm=True) for _ in range(2)]
+        with started_at_once(first) as seconds:
+            identity = ["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]
+            facts = {
+                "disk": str(disk),
+                "home": str(home),
+                "seconds": seconds,
+                "restored_from": [vm.restored_from for vm in first],
+                "saved": [s.id for s in snapshots.all_snapshots()],
+                # After the save the cold VM runs on, on a new connection.
+                "identities": [vm.check_output(identity) for vm in first],
+                "names": [vm.name for vm in first],
+                "hostnames": [vm.hostname for vm in first],
+            }
+    return facts
+
+
+@pytest.fixture(scope="session")
+def first_boot(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """This run's one real first boot of debian-bookworm's VM disk and the snapshot it saved
+    (see _first_boot), for every test that needs a warm VM of that disk (warm_store).
+
+    One per run, however many xdist workers: it is made in the run's temporary directory
+    (the workers' basetemps' parent), by the first worker that asks, under a lock there; the
+    others wait and read what it wrote. Never kept between runs: tests/test_vm_warm.py is
+    about this cold boot and its save, so every run has one."""
+    import json
+
+    from racker import store
+
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "first-boot"
+    directory.mkdir(exist_ok=True)
+    record = directory / "facts.json"
+    with store.locked("first-boot", store_home=directory):
+        if not record.exists():
+            try:
+                facts = _first_boot(directory / "store")
+            except Exception as error:  # told to the other workers, which would only fail again, later
+                record.write_text(json.dumps({"failed": f"{type(error).__name__}: {error}"}))
+                raise
+            record.write_text(json.dumps(facts))
+    facts = json.loads(record.read_text())
+    if "failed" in facts:
+        pytest.fail(f"the run's first boot of debian-bookworm failed (on another worker): {facts['failed']}")
+    assert len(facts["saved"]) == 1, f"the first boot saved no snapshot, or more than one: {facts}"
+    return facts
+
+
+def warm_store(home: Path, first_boot: dict):  # type: ignore[no-untyped-def]
+    """The run's snapshot of debian-bookworm's disk (first_boot), hard-linked into the store
+    at `home`, where a warm VM of that disk restores it: the snapshot, as read there.
+
+    Linked, not copied: nothing writes a snapshot's files (a restore's overlay is a new file
+    backed by the frozen one). Copied only where the two stores are on different filesystems."""
+    import errno
+    import shutil
+
+    from racker import store
+    from racker.vm import snapshots
+
+    (snapshot_id,) = first_boot["saved"]
+    source = Path(first_boot["home"]) / "snapshots" / snapshot_id
+    target = store.private_dir(home / "snapshots") / snapshot_id
+    target.mkdir(mode=0o700)
+    for path in source.iterdir():
+        try:
+            os.link(path, target / path.name)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            shutil.copy2(path, target / path.name)
+    found = snapshots.read(target)
+    assert found is not None, f"{source} is not a snapshot"
+    return found
+
+
 def free_port() -> int:
     import socket
 

@@ -1,15 +1,17 @@
 """Issue 22, items 1, 3 and 4: racker's control channels are root's alone, each machine and VM
 has a place of its own, and what is private stays so whatever the umask.
 
-The VM part boots debian-bookworm once: a warm VM's first boot (cold, then it saves the
-disk's snapshot and runs on) and a clone restored from that snapshot, beside an nspawn
-machine, all started under umask 000 in a store of the module's own. Every assertion
-about sockets and modes is made on those.
+The VM part boots no debian-bookworm of its own: two VMs restored from the run's snapshot
+(conftest's first_boot), one of which then saves a snapshot as a first boot does, beside an
+nspawn machine, all started under umask 000 in a store of the module's own. Every assertion
+about sockets and modes is made on those. What only a cold boot makes (its key and
+overlay, QEMU's sockets on a cold launch) is checked on a disk that hangs at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import os
@@ -22,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_HOME
-from racker import images, machines, prepare, proc, promote, store
+from conftest import ROOT, SHARED_HOME, warm_store
+from racker import images, machines, proc, store
 from racker.errors import NameTaken
 from racker.machines import nspawn
 from racker.upkeep import gc
@@ -157,14 +159,14 @@ def test_the_cli_under_umask_0_keeps_the_store_and_run_directories_closed(privat
 
 
 @pytest.fixture(scope="module")
-def running() -> Iterator[dict]:
-    """A warm VM's first boot (cold, snapshot saved, running on), a clone restored from it and an
-    nspawn machine, all started under umask 000 in a store of the module's own.
+def running(first_boot: dict) -> Iterator[dict]:
+    """Two VMs restored from the run's snapshot, the first having saved a snapshot of its
+    own since, and an nspawn machine, all started under umask 000 in a store of the module's own.
 
     The store is in a directory every user may pass through (pytest's own temporary
     directories are 0700, which would keep nobody out whatever racker does)."""
     image = images.pull("debian-bookworm")  # the shared store, built under the usual umask
-    disk = promote.cached_disk(prepare.prepare(image))
+    disk = Path(first_boot["disk"])
     outer = Path(tempfile.mkdtemp(prefix="racker-sockets-", dir="/var/tmp"))
     os.chmod(outer, 0o755)
     home = outer / "store"
@@ -172,14 +174,20 @@ def running() -> Iterator[dict]:
     try:
         with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
             patch.setenv("RACKER_HOME", str(home))
-            cold = stack.enter_context(VM(disk, warm=True))
-            assert not cold.restored_from and snapshots.all_snapshots(), "the first boot saves the snapshot"
+            restored = warm_store(home, first_boot)
+            saving = stack.enter_context(VM(disk, warm=True))
+            assert saving.restored_from == restored.id
+            # The save a first boot makes once ready, under umask 000, as a snapshot of a key
+            # no VM looks up (another memory size): a cold boot here would only repeat the run's.
+            assert saving.state is not None
+            key = dataclasses.replace(saving.snapshot_key(saving.state.extra["firmware"]), memory=saving.memory * 2)
+            saved = saving.save_snapshot(key)
             warm = stack.enter_context(VM(disk, warm=True))
-            assert warm.restored_from
+            assert warm.restored_from == restored.id
             machine = stack.enter_context(nspawn.Machine(image))
-            for vm in (cold, warm):
+            for vm in (saving, warm):
                 vm.run(["true"], root=False)  # over SSH: each has its connection master too
-            yield {"home": home, "cold": cold, "warm": warm, "machine": machine, "disk": disk, "image": image}
+            yield {"home": home, "saving": saving, "warm": warm, "machine": machine, "disk": disk, "image": image, "saved": saved}
     finally:
         os.umask(old)
         store.remove_tree(outer)
@@ -188,45 +196,91 @@ def running() -> Iterator[dict]:
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
-def test_every_socket_of_a_machine_and_of_cold_and_warm_vms_refuses_nobody(running: dict) -> None:
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
+def test_every_socket_of_a_machine_and_of_vms_refuses_nobody(running: dict) -> None:
     probe = _socket_probe().probe_sockets_as_nobody(running["home"])
     print(probe.details())
     addresses = [t.address for t in probe.targets]
-    for vm in (running["cold"], running["warm"]):
+    for vm in (running["saving"], running["warm"]):
         # Every VM has two QMP monitors, the agent's port and an SSH master: all were found.
         mine = [a for a in addresses if str(vm.rundir) in a or vm.state.token in a]
         assert len(mine) >= 4, (vm.name, addresses)
-    assert not probe.accepted, probe.line()
-    assert len(probe.refused) == len(probe.targets)
-    # Refused by the kernel's permission check (or not on the host's filesystem at all: a
-    # name nspawn bound inside the container, ssh's temporary name), never for its length.
-    reasons = {os.strerror(errno.EACCES), os.strerror(errno.EPERM), os.strerror(errno.ECONNREFUSED), os.strerror(errno.ENOENT)}
-    assert set(probe.refused.values()) <= reasons, probe.details()
-    for vm in (running["cold"], running["warm"]):
+    _refused_by_the_kernel(probe)
+    for vm in (running["saving"], running["warm"]):
         for name in ("qmp", "qmp-shared", "agent", "ssh"):
             assert probe.refused.get(str(vm.rundir / name)) == os.strerror(errno.EACCES), probe.details()
+
+
+def _refused_by_the_kernel(probe) -> None:  # type: ignore[no-untyped-def]
+    """Every socket found refused nobody, by the kernel's permission check (or not on the host's
+    filesystem at all: a name nspawn bound inside the container, ssh's temporary name), never for
+    its length."""
+    assert probe.targets and not probe.accepted, probe.line()
+    assert len(probe.refused) == len(probe.targets)
+    reasons = {os.strerror(errno.EACCES), os.strerror(errno.EPERM), os.strerror(errno.ECONNREFUSED), os.strerror(errno.ENOENT)}
+    assert set(probe.refused.values()) <= reasons, probe.details()
 
 
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
 def test_what_is_private_is_root_s_alone_under_umask_0(running: dict) -> None:
-    for vm in (running["cold"], running["warm"]):
+    for vm in (running["saving"], running["warm"]):
         for path in (vm.rundir, vm.rundir / "id_ed25519", vm.rundir / "overlay.qcow2"):
             _private(path)
     _private(running["machine"].rundir)
     _private(snapshots.directory())
+    assert running["saved"] in snapshots.all_snapshots(), "the snapshot saved under umask 000"
     for snapshot in snapshots.all_snapshots():
         _private(snapshot.path)
         for path in snapshot.path.iterdir():
             _private(path)
 
 
+class Looked(Exception):
+    """Raised where a cold boot would wait for the guest: what it made was looked at."""
+
+
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.qemu
+def test_a_cold_boot_s_files_and_sockets_are_root_s_alone_under_umask_0(hang_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold boot makes the VM's key and overlay and launches QEMU without a snapshot:
+    all looked at while it boots (a disk that only hangs), in a store others may pass through."""
+    outer = Path(tempfile.mkdtemp(prefix="racker-sockets-", dir="/var/tmp"))
+    os.chmod(outer, 0o755)
+    monkeypatch.setenv("RACKER_HOME", str(outer / "store"))
+    seen: list[Path] = []
+
+    def look(vm: VM, deadline: float) -> None:
+        for path in (vm.rundir, vm.rundir / "id_ed25519", vm.rundir / "overlay.qcow2"):
+            _private(path)
+            seen.append(path)
+        probe = _socket_probe().probe_sockets_as_nobody(outer / "store")
+        _refused_by_the_kernel(probe)
+        for name in ("qmp", "qmp-shared", "agent"):
+            assert probe.refused.get(str(vm.rundir / name)) == os.strerror(errno.EACCES), probe.details()
+            seen.append(vm.rundir / name)
+        raise Looked
+
+    monkeypatch.setattr(VM, "_wait_ready", look)
+    old = os.umask(0)
+    try:
+        with pytest.raises(Looked):
+            VM(hang_disk, warm=True, accelerator="tcg").start()  # warm: its launch has the agent's port too
+    finally:
+        os.umask(old)
+        store.remove_tree(outer)
+    assert len(seen) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.qemu
+@pytest.mark.xdist_group("warm-vms")  # one worker sets `running` up, beside the other restores of first_boot
 def test_a_name_is_claimed_across_kinds(running: dict) -> None:
-    vm, machine = running["cold"], running["machine"]
+    vm, machine = running["saving"], running["machine"]
     with pytest.raises(NameTaken, match="in use"):
         nspawn.Machine(running["image"], vm.name).start()
     with pytest.raises(NameTaken, match="in use"):

@@ -1,10 +1,12 @@
 """One SSH connection per VM for its whole life: every command rides the VM's connection master,
 and root commands one root channel per process on it (guest_shell).
 
-One real boot (debian-bookworm under QEMU) serves the whole module. It is owned
-by a separate racker process, so that the last test can kill -9 it and let
-`racker gc` clean up; its store sits under a path far past the 108 bytes a
-unix socket's path may have.
+One VM of debian-bookworm serves the whole module, restored from the run's snapshot
+(conftest's first_boot): what is tested here is the connection, not a first boot. It
+is owned by a separate racker process, so that the last test can kill -9 it and let
+`racker gc` clean up; its store sits under a path far past the 108 bytes a unix
+socket's path may have. That process holds the VM's agent port, so root commands
+from this one go over SSH, as they do to a VM without one.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from racker import images, machines, prepare, proc, promote
+from conftest import free_port, warm_store
+from racker import machines, proc
 from racker.errors import ToolTimeout, Unreachable
 from racker.upkeep import gc
 from racker.vm import guest_shell, ssh
 from racker.vm.qemu import SSH_MASTER, VM
 
-pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("debian-bookworm")]
+# One worker runs every test that restores the run's first boot (conftest.first_boot): no other waits for it.
+pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
 
 # The racker process that owns the VM. detached=True without detach(): like a
 # `racker vm start` killed before it handed the VM over, its QEMU and master
@@ -38,8 +41,8 @@ import sys
 from pathlib import Path
 from racker.vm.qemu import VM
 
-with VM(Path(sys.argv[1]), sys.argv[2], detached=True) as vm:
-    print(vm.connection()[0], flush=True)
+with VM(Path(sys.argv[1]), sys.argv[2], detached=True, warm=True) as vm:
+    print(vm.connection()[0], vm.restored_from, flush=True)
     sys.stdin.read()  # until the test closes it, or kills us
 """
 
@@ -57,9 +60,10 @@ print(VM.attach(sys.argv[1]).check_output(["sh", "-c", "echo $PPID; tr '\\0' ' '
 
 
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    disk = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))  # in the shared store
+def booted(first_boot: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    disk = first_boot["disk"]
     home = tmp_path_factory.mktemp("ssh-master") / ("a-long-store-directory-name-" * 4) / "store"
+    snapshot = warm_store(home, first_boot)
     name = f"ssh-master-{os.getpid()}"
     assert len(str(home / "run" / "qemu" / name / ssh.CONTROL_SOCKET)) > 108
     env = {**os.environ, "RACKER_HOME": str(home)}
@@ -67,9 +71,10 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         [sys.executable, "-c", HOLDER, str(disk), name], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        line = holder.stdout.readline()  # type: ignore[union-attr]
-        assert line.strip().isdigit(), f"the VM did not boot (exit {holder.wait()})"
-        yield {"name": name, "home": home, "holder": holder, "master": int(line)}
+        master, _, restored_from = holder.stdout.readline().strip().partition(" ")  # type: ignore[union-attr]
+        assert master.isdigit(), f"the VM did not boot (exit {holder.wait()})"
+        assert restored_from == snapshot.id, "the VM boots cold: the run's snapshot did not restore"
+        yield {"name": name, "home": home, "holder": holder, "master": int(master)}
     finally:
         if holder.poll() is None:
             holder.stdin.close()  # type: ignore[union-attr]

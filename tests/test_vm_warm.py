@@ -1,28 +1,27 @@
 """Warm VMs (issue 16): one real first boot of debian-bookworm saves a snapshot; clones restore it.
 
-One cold boot serves the module: two warm VMs of the same disk start at once
-(concurrent first boots), one boots cold and saves, the other waits on the
-key's lock and restores. Every other VM here is a restore, or a hang disk
-that never boots. The snapshots live in a store of the module's own.
+That first boot is the run's (conftest's first_boot, which every warm VM of the disk
+in the suite restores from): two warm VMs of the same disk started at once (concurrent
+first boots), one boots cold and saves, the other waits on the key's lock and restores.
+It is made afresh in every run, never kept, since this module is about it. Every other
+VM here is a restore, or a hang disk that never boots; each test has a store of its own,
+holding that snapshot.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_vm_gone, write_hang_disk
-from racker import images, machines, prepare, promote, store
+from conftest import assert_vm_gone, started_at_once, warm_store, write_hang_disk
+from racker import machines, store
 from racker.errors import BootTimeout
 from racker.vm import qemu, snapshots, warm
 from racker.vm.qemu import VM
@@ -30,60 +29,44 @@ from racker.vm.qemu import VM
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.xdist_group("warm-vms")]
 
 
-@contextlib.contextmanager
-def started_at_once(vms: list[VM]) -> Iterator[list[float]]:
-    """Start the VMs together, one thread each; yields their start-to-ready seconds, stops them after.
-
-    The threads live until the VMs are stopped: QEMU and the SSH master die with
-    the thread that started them (PR_SET_PDEATHSIG is per thread)."""
-
-    def start(vm: VM) -> float:
-        vm.start()
-        return vm.boot_seconds
-
-    pool = ThreadPoolExecutor(len(vms))
-    try:
-        yield list(pool.map(start, vms))
-    finally:
-        for vm in vms:
-            vm.stop()
-        pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Two first boots of one disk at once: one cold boot saves, the other restores; both then stop."""
-    disk = promote.cached_disk(prepare.prepare(images.pull("debian-bookworm")))  # in the shared store
-    home = tmp_path_factory.mktemp("warm") / "store"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RACKER_HOME", str(home))
-        first = [VM(disk, warm=True) for _ in range(2)]
-        with started_at_once(first) as seconds:
-            cold = next(vm for vm in first if not vm.restored_from)
-            warm = next(vm for vm in first if vm.restored_from)
-            found = snapshots.all_snapshots()
-            assert [s.id for s in found] == [warm.restored_from], "concurrent first boots must save one snapshot"
-            # After the save the cold VM runs on, on a new connection.
-            identity = cold.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"])
-            assert warm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == identity
-        saved = {"disk": disk, "home": home, "snapshot": found[0], "identity": identity, "hostname": cold.name}
-        yield saved | {"cold_seconds": seconds[first.index(cold)]}
-
-
 @pytest.fixture
-def warm_store(saved: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.setenv("RACKER_HOME", str(saved["home"]))
-    return saved
+def saved(first_boot: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A store of the test's own holding the run's snapshot; the first boot's facts, and the cold VM's."""
+    home = tmp_path / "store"
+    monkeypatch.setenv("RACKER_HOME", str(home))
+    snapshot = warm_store(home, first_boot)
+    cold = first_boot["restored_from"].index("")
+    return {
+        "disk": Path(first_boot["disk"]),
+        "snapshot": snapshot,
+        "identity": first_boot["identities"][cold],
+        "hostname": first_boot["hostnames"][cold],
+        "cold_seconds": first_boot["seconds"][cold],
+    }
 
 
-def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_clock(warm_store: dict) -> None:
-    snapshot: snapshots.Snapshot = warm_store["snapshot"]
+def test_concurrent_first_boots_boot_cold_once_and_save_one_snapshot(first_boot: dict) -> None:
+    """Of two first boots of one disk at once, one booted cold and saved; the other waited and restored that."""
+    assert sorted(first_boot["restored_from"]) == ["", *first_boot["saved"]], "one cold boot, one restore of its snapshot"
+    assert len(first_boot["saved"]) == 1, "concurrent first boots must save one snapshot"
+    cold, restored = first_boot["restored_from"].index(""), first_boot["restored_from"].index(first_boot["saved"][0])
+    # After the save the cold VM runs on, and the restored one is the same machine.
+    assert first_boot["identities"][restored] == first_boot["identities"][cold]
+    assert first_boot["hostnames"][cold] == first_boot["names"][cold]
+    for name in first_boot["names"]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RACKER_HOME", first_boot["home"])
+            assert_vm_gone(name)
+
+
+def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_clock(saved: dict) -> None:
+    snapshot: snapshots.Snapshot = saved["snapshot"]
     frozen = (snapshot.path / snapshots.OVERLAY).stat().st_mtime_ns
     time.sleep(max(0.0, snapshot.created + 8 - time.time()))  # a guest clock left at the save's time would show
-    clones = [VM(warm_store["disk"], warm=True) for _ in range(2)]
+    clones = [VM(saved["disk"], warm=True) for _ in range(2)]
     with started_at_once(clones) as seconds:
         assert all(vm.restored_from == snapshot.id for vm in clones)
-        assert max(seconds) < warm_store["cold_seconds"] / 5, (seconds, warm_store["cold_seconds"])
+        assert max(seconds) < saved["cold_seconds"] / 5, (seconds, saved["cold_seconds"])
         # Ready, clock stepped, commands answered, and no SSH yet: the snapshot's agent answers on its port.
         for vm in clones:
             assert vm.state.extra["agent"] and qemu.SSH_MASTER not in machines.helpers(vm.state), machines.helpers(vm.state)
@@ -100,9 +83,9 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
         assert len(ports) == 2 and len({vm.rundir for vm in clones}) == 2 and len({vm.qmp_path() for vm in clones}) == 2
         for vm in clones:
             # The snapshotted VM's identity, and the host's time, not the save's.
-            assert vm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == warm_store["identity"]
+            assert vm.check_output(["cat", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key.pub"]) == saved["identity"]
             assert abs(int(vm.check_output(["date", "+%s"])) - time.time()) < 5
-            assert vm.check_output(["hostname"]).strip() == vm.hostname == warm_store["hostname"] != vm.name
+            assert vm.check_output(["hostname"]).strip() == vm.hostname == saved["hostname"] != vm.name
         # Each on its own overlay: a write in one is not in the other, nor in the snapshot.
         clones[0].run_expect([0], ["sh", "-c", "echo one >/var/tmp/clone && sync"])
         assert clones[1].run_expect([1], ["test", "-e", "/var/tmp/clone"])
@@ -113,7 +96,7 @@ def test_clones_restore_side_by_side_with_the_snapshotted_identity_and_the_host_
     assert listed.returncode == 0 and snapshot.id in listed.stdout and "M " in listed.stdout, listed.stdout + listed.stderr
 
 
-def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(warm_store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(saved: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     real = warm.WarmBoot._wait_migrated
 
     def interrupted(vm: VM) -> None:
@@ -121,16 +104,17 @@ def test_an_interrupted_save_leaves_no_half_snapshot_and_the_vm_runs_on(warm_sto
         raise KeyboardInterrupt
 
     monkeypatch.setattr(warm.WarmBoot, "_wait_migrated", interrupted)
-    with VM(warm_store["disk"], warm=True) as vm:
+    with VM(saved["disk"], warm=True) as vm:
+        assert vm.restored_from == saved["snapshot"].id
         other = dataclasses.replace(vm.snapshot_key("bios"), memory=2048)
         with pytest.raises(KeyboardInterrupt):
             vm.save_snapshot(other)
         assert vm.check_output(["echo", "alive"]) == "alive\n", "the VM runs on after an interrupted save"
-    assert sorted(p.name for p in snapshots.directory().iterdir()) == [warm_store["snapshot"].id]
+    assert sorted(p.name for p in snapshots.directory().iterdir()) == [saved["snapshot"].id]
 
 
 def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
-    warm_store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    saved: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The real snapshot's stream, truncated, as the snapshot of a disk that only hangs:
     the restore fails, and the cold boot it falls back to is the hang (no second real boot)."""
@@ -138,7 +122,7 @@ def test_a_corrupt_snapshot_is_discarded_with_a_warning_and_the_vm_boots_cold(
     vm = VM(disk, warm=True, boot_timeout=10)
     key = vm.snapshot_key("bios")
     broken = snapshots.directory() / key.id
-    shutil.copytree(warm_store["snapshot"].path, broken)
+    shutil.copytree(saved["snapshot"].path, broken)
     with open(broken / snapshots.STATE, "r+b") as state:
         state.truncate(os.path.getsize(broken / snapshots.STATE) // 2)
     store.write_json(broken / snapshots.KEY, {"key": dataclasses.asdict(key), "image": "hang", "digest": "", "created": time.time()})
