@@ -95,6 +95,31 @@ def test_bad_vm_network_input_is_one_line_and_makes_nothing(argv, message, priva
     assert (links("rk"), dnsmasqs()) == before
 
 
+@pytest.mark.slow  # the taken name fails only once the VM claims its address: the image's disk must be there (the shared store's)
+@pytest.mark.root
+def test_a_vms_bad_name_on_a_network_is_one_line_and_leaves_nothing(private_store) -> None:  # type: ignore[no-untyped-def]
+    net = named_networks.create(f"t-{os.urandom(3).hex()}", owned=True)
+    shared = {"RACKER_HOME": str(SHARED_HOME)}
+    try:
+        with a_vms_network_side(net.name, "web"):
+            before = (links("rk"), dnsmasqs(), sorted(net.members()), net.hosts_file.read_text(), machines.all_states("qemu"))
+            cases = [
+                (["--name", "web-"], private_store, "'web-' is not a valid host name"),  # before anything is pulled
+                (["--name", "WEB"], shared, f"network {net.name!r} has a machine named 'web' already"),
+            ]
+            for argv, env, message in cases:
+                done = racker("vm", "start", "--network", net.name, *argv, SERVER, env=env)
+                assert done.returncode == 125 and done.stderr.splitlines()[0] == "racker: error: " + message, done.stderr
+                assert len(done.stderr.splitlines()) <= 2, done.stderr
+                after = (links("rk"), dnsmasqs(), sorted(net.members()), net.hosts_file.read_text(), machines.all_states("qemu"))
+                assert after == before, argv
+            assert not (Path(private_store["RACKER_HOME"]) / "images").exists()
+            assert not (SHARED_HOME / "vms" / "WEB.json").exists() and not (SHARED_HOME / "run" / "qemu" / "WEB").exists()
+    finally:
+        named_networks.release_owned(net)
+    assert named_networks.get(net.name) is None
+
+
 def test_a_vm_group_member_needs_a_known_engine() -> None:
     from racker.pytest import groups
 

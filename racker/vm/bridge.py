@@ -52,13 +52,16 @@ HELPER_IF = "eth0"  # inside the DHCP server's namespace
 RESOLVED_DROPIN = "/etc/systemd/resolved.conf.d/50-racker-network.conf"  # in the guest
 
 
-def check_mode(mode: str) -> str:
-    """user, nat, nat+link-local or a private network's name; one line for the rest."""
+def check_mode(mode: str, name: str | None = None) -> str:
+    """user, nat, nat+link-local or a private network's name; one line for the rest. On a private
+    network, the VM's `name` is the others' name for it: a host name."""
     if mode in (USER, "nat", "nat+link-local"):
         return mode
     if mode in network.MODES:
         raise MachineError(f"a VM has no network {mode!r}", hint="--network user (QEMU's own, the default), nat, or a network's name")
     named_networks.lookup(named_networks.check_network_name(mode))
+    if name is not None:
+        named_networks.check_hostname(name)
     return mode
 
 
