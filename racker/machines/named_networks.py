@@ -4,10 +4,11 @@ A network is a bridge of its own (`rkn-…`, no address on the host, so the host
 routes nothing to or from it), a /24 of RACKER_NETWORK_RANGE that no other
 network and not racker0 holds (network.claim_subnet), and a hosts file that
 every member has bind-mounted read-only at /etc/hosts: each resolves the others
-by the name it joined under. A VM, out of reach of bind mounts, asks its DNS
-server (racker.vm.bridge), which serves that same file. A member is an nspawn machine with a veth
-(`rkv-…` on the host, `eth0` inside) on the bridge and the next free address,
-claimed as racker0's are (one file per address, naming the machine record).
+by the name it joined under (a VM, out of reach of bind mounts, asks its DNS
+server, racker.vm.bridge, which serves that same file). A member is an nspawn
+machine with a veth (`rkv-…` on the host, `eth0` inside) on the bridge and the
+next free address, claimed as racker0's are (one file per address, naming the
+machine record).
 No default route, no NAT, no forwarding: racker's nft table `racker_private`
 drops whatever comes in from these bridges to the host or leaves them routed.
 

@@ -165,16 +165,19 @@ class Bridged:
         proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", proc.require("ip"), "-batch", "-"], input=inside.encode(), timeout=30)
 
     def seed_bootcmd(self) -> list[list[str]]:
-        """cloud-init bootcmd (it runs before sshd starts, so before racker's first command): on a
-        private network, the guest asks the network's DNS server before any other. systemd-resolved
-        lists the links' servers in /etc/resolv.conf in an order of its own (a hash table's), and the
-        user-mode NIC's server, which knows none of the network's names, may come first; resolved.conf's
-        DNS= (a global server) comes before every link's. Without resolved, nothing to do: an image's
-        dhclient takes the bridge's lease's server."""
+        """cloud-init bootcmd (the seed's dsmode is local: it runs before the network, and long
+        before sshd and racker's first command): on a private network, the guest asks the network's
+        DNS server before any other. systemd-resolved lists the links' servers in /etc/resolv.conf in
+        an order of its own (a hash table's), and the user-mode NIC's server, which knows none of the
+        network's names, may come first; resolved.conf's DNS= (a global server) comes before every
+        link's. Written whether resolved runs yet or not (it may start in parallel): a running one is
+        restarted, one not started yet reads it. Without resolved, the file is read by nobody and an
+        image's dhclient takes the bridge's lease's server."""
         if not self.named:
             return []
-        script = 'mkdir -p "${1%/*}" && printf "[Resolve]\\nDNS=%s\\n" "$0" >"$1" && systemctl try-restart systemd-resolved.service'
-        return [["sh", "-c", f"[ -d /run/systemd/resolve ] || exit 0; {script}", self.lease["dhcp_server"], RESOLVED_DROPIN]]
+        write = 'mkdir -p "${1%/*}" && printf "[Resolve]\\nDNS=%s\\n" "$0" >"$1"'
+        script = f"{write} && {{ systemctl try-restart systemd-resolved.service 2>/dev/null || true; }}"
+        return [["sh", "-c", script, self.lease["dhcp_server"], RESOLVED_DROPIN]]
 
     def qemu_args(self, nic: str) -> list[str]:
         """The bridge's NIC, first of the VM's: QEMU opens the tap racker made (no scripts)."""
