@@ -244,6 +244,8 @@ def test_a_vm_server_answers_an_nspawn_client_by_name(racker_machines) -> None:
     client_address = client.machine.state.extra["network"]["address"]
     assert server.check_output("getent hosts client").split()[0] == client_address
     assert server.check_output("sed -n 's/^nameserver //p' /etc/resolv.conf").split()[0] == lease["dhcp_server"]
+    # First by racker's doing, not by luck: the links' servers come in resolved's hash order, the global one before them.
+    assert server.check_output("resolvectl dns").splitlines()[0].split() == ["Global:", lease["dhcp_server"]]
     client.check_output(f'systemd-run --unit=racker-listen python3 -c "{LISTEN}"')
     deadline = time.monotonic() + 30
     while not client.socket("tcp://0.0.0.0:7000").is_listening:
