@@ -5,7 +5,8 @@ a command run in each. Rounds alternate so that both see the same host state. Pr
 
 --vm: a VM (QEMU, cold) and an nspawn machine in one group, the VM on the group's bridge
 (racker.vm.bridge: tap, DHCP), against one VM on QEMU's user-mode network. A TCG boot takes
-minutes: one round is the default there.
+minutes: one round is the default there. The host's 1-minute load before each bring-up is printed
+beside the figures: on a shared host they mean little without it.
 
     python bench/bench_multi.py [--rounds 5] [--image debian-bookworm+vm] [--vm]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -59,7 +61,7 @@ def vm_and_machine_group(reference: str) -> tuple[float, float]:
     started = time.monotonic()
     group = groups.Group({"server": {"image": reference, "engine": "qemu"}, "client": reference}, boot_timeout=1200).start()
     group["client"].run(["getent", "hosts", "server"])
-    group["server"].run(["true"])
+    group["server"].run(["getent", "hosts", "client"])  # the VM's DNS server answers: the network is whole
     up = time.monotonic() - started
     group.stop()
     return up, time.monotonic() - started
@@ -79,9 +81,12 @@ def main() -> None:
         image = prepare.bootable(images.pull(args.image))
         alone, together = one_machine, two_machine_group
         one_machine(image), two_machine_group(args.image)  # warm the page cache for both
-    single, pair = [], []
+    single, pair, loads = [], [], []
     for _ in range(rounds):
+        # The host's 1-minute load before each: the host is shared, and a busy one slows QEMU most.
+        loads.append(os.getloadavg()[0])
         single.append(alone(image))
+        loads.append(os.getloadavg()[0])
         pair.append(together(args.image))
     what = ("vm", "vm_and_machine") if args.vm else ("machine", "two_machine")
     median = {name: [statistics.median(t[i] for t in runs) for i in (0, 1)] for name, runs in (("one", single), ("group", pair))}
@@ -95,6 +100,8 @@ def main() -> None:
                 f"one_{what[0]}_up_and_down_s": round(median["one"][1], 2),
                 f"{what[1]}_group_up_and_down_s": round(median["group"][1], 2),
                 "ratio_up": round(median["group"][0] / median["one"][0], 2),
+                "load_1m_before_each": [round(load, 2) for load in loads],  # one, group, one, group…
+                "cpus": os.cpu_count(),
             }
         )
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -118,6 +119,53 @@ def test_two_groups_at_once_never_meet(racker_machines) -> None:
     # a's client, given a route onto b's subnet by hand, still cannot reach b's server: separate bridges.
     a["client"].check_output(f"ip route add {subnets[1]} dev eth0")
     assert a["client"].run(f"python3 -c '{CONNECT}' {address(b['server'])} {PORT}").rc != 0
+
+
+# An HTTP service as a Dockerfile makes one, FROM the bootstrap bookworm that hub_mirror serves (no python3
+# there: systemd-socket-activate answers each connection with a shell script), its content in WORKDIR.
+WEB_DOCKERFILE = """\
+FROM debian:bookworm
+COPY respond /usr/local/bin/respond
+COPY index.html /srv/www/index.html
+WORKDIR /srv/www
+EXPOSE 8080
+ENTRYPOINT ["systemd-socket-activate", "--listen=8080", "--accept", "--inetd", "/usr/local/bin/respond"]
+"""
+RESPOND = """\
+#!/bin/sh
+# One HTTP/1.0 answer per connection: the request read to its blank line, then the page in the working directory.
+while IFS= read -r line && [ "$line" != "$(printf '\\r')" ]; do :; done
+printf 'HTTP/1.0 200 OK\\r\\nContent-Type: text/html\\r\\n\\r\\n'
+cat index.html
+"""
+
+
+def test_an_http_service_built_from_a_dockerfile_answers_a_client_by_name(  # type: ignore[no-untyped-def]
+    racker_machines, share_image, hub_mirror: dict, tmp_path: Path, monkeypatch
+) -> None:
+    for key, value in hub_mirror.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)  # buildah builds it, no engine
+    client_image = share_image("debian-bookworm", prepared=True)  # into the private store: python3 for the client
+    context = tmp_path / "web"
+    context.mkdir()
+    (context / "Dockerfile").write_text(WEB_DOCKERFILE)
+    (context / "index.html").write_text("<h1>built from a Dockerfile</h1>\n")
+    (context / "respond").write_text(RESPOND)
+    (context / "respond").chmod(0o755)
+    hosts = racker_machines({"web": f"dockerfile:{context}", "client": client_image.name})
+    web, client = hosts["web"], hosts["client"]
+    config = web.machine.image.manifest["config"]
+    assert web.machine.image.manifest["build"]["builder"] == "buildah"
+    # The service as the image says to run it: ENTRYPOINT + CMD, in its WORKDIR.
+    argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    web.check_output(f"systemd-run --unit=web --property=WorkingDirectory={config['WorkingDir']} -- {shlex.join(argv)}")
+    deadline = time.monotonic() + 30
+    while not web.socket("tcp://8080").is_listening:  # on any address: IPv4 or IPv6
+        assert time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.2)
+    assert client.check_output(f"python3 -c '{GET}' http://web:8080/") == "<h1>built from a Dockerfile</h1>"
+    assert client.check_output("getent hosts web").split()[0] == address(web)
 
 
 @pytest.mark.racker_machines(web=SERVER, probe=SERVER)
@@ -294,17 +342,19 @@ def test_cli_bad_network_input_is_one_line_and_leaves_nothing(cli_network, tmp_p
 
 
 TWO_AT_ONCE = """\
-import os, time
+import ipaddress, os, time
 from pathlib import Path
 
 GET = "import urllib.request; print(urllib.request.urlopen('http://server:8000/token', timeout=10).read().decode())"
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
 
 def group_test(racker_machines, tag):
     hosts = racker_machines({{"server": "{image}", "client": "{image}"}})
     hosts["server"].check_output(f"mkdir -p /srv && echo {{tag}} > /srv/token")
     hosts["server"].check_output("systemd-run --unit=web --property=WorkingDirectory=/srv python3 -m http.server 8000")
     lease = hosts["server"].machine.state.extra["network"]
-    Path("{shared}", tag).write_text(lease["network"] + " " + lease["address"])
+    subnet = str(ipaddress.ip_interface(f"{{lease['address']}}/{{lease['prefix']}}").network)
+    Path("{shared}", tag).write_text(" ".join([lease["network"], lease["bridge"], subnet, lease["address"]]))
     deadline = time.monotonic() + 120
     while len(os.listdir("{shared}")) < 2:  # both groups up at the same time
         assert time.monotonic() < deadline
@@ -315,6 +365,10 @@ def group_test(racker_machines, tag):
             break
         time.sleep(0.25)
     assert got.stdout.strip() == tag, got.stderr
+    # The other group's server, its address and a route to it given by hand: out of reach.
+    other = Path("{shared}", "b" if tag == "a" else "a").read_text().split()
+    hosts["client"].check_output(f"ip route add {{other[2]}} dev eth0")
+    assert hosts["client"].run(f"python3 -c \\"{{CONNECT}}\\" {{other[3]}} 8000").rc != 0
 
 def test_a(racker_machines):
     group_test(racker_machines, "a")
@@ -335,8 +389,10 @@ def test_two_group_tests_at_once_under_xdist(tmp_path: Path, share_image, privat
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
     networks = {tag.name: tag.read_text().split() for tag in shared.iterdir()}
-    assert networks["a"][0] != networks["b"][0]  # two networks, at the same time
-    assert all(named_networks.get(n) is None for n, _address in networks.values())  # and both gone with their tests
+    (name_a, bridge_a, subnet_a, _), (name_b, bridge_b, subnet_b, _) = networks["a"], networks["b"]
+    assert name_a != name_b and bridge_a != bridge_b  # two networks, at the same time
+    assert not ipaddress.ip_network(subnet_a).overlaps(ipaddress.ip_network(subnet_b))  # no address in both
+    assert all(named_networks.get(n[0]) is None for n in networks.values())  # and both gone with their tests
 
 
 def test_racker0_and_private_networks_never_share_a_subnet(cli_network) -> None:

@@ -1,11 +1,14 @@
 """VMs on racker's bridges (bridge.py): a tap on the bridge, the address from racker's own DHCP
-(a dnsmasq of the VM's in a namespace of its own), published ports, a VM and an nspawn machine in
-one group resolving each other by name, and `racker gc` after a SIGKILL leaving nothing.
+(a dnsmasq of the VM's in a namespace of its own, also its DNS server for the network's names),
+published ports, a VM and an nspawn machine in one group resolving each other by name, and
+`racker gc` after a SIGKILL leaving nothing.
 
 Two QEMU boots in all (TCG: minutes on a loaded host): the group, and the killed run."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -18,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED_HOME, racker
-from racker import machines, proc
+from racker import machines, proc, store
 from racker.errors import MachineError
 from racker.machines import named_networks, network
-from racker.vm import boards, bridge
+from racker.vm import boards, bridge, seed
 
 SERVER = "debian-bookworm+vm"
 BOOT_TIMEOUT = 900  # TCG on a host that other tests load too
@@ -92,12 +95,127 @@ def test_bad_vm_network_input_is_one_line_and_makes_nothing(argv, message, priva
     assert (links("rk"), dnsmasqs()) == before
 
 
+@pytest.mark.slow  # the taken name fails only once the VM claims its address: the image's disk must be there (the shared store's)
+@pytest.mark.root
+def test_a_vms_bad_name_on_a_network_is_one_line_and_leaves_nothing(private_store) -> None:  # type: ignore[no-untyped-def]
+    net = named_networks.create(f"t-{os.urandom(3).hex()}", owned=True)
+    shared = {"RACKER_HOME": str(SHARED_HOME)}
+    try:
+        with a_vms_network_side(net.name, "web"):
+            before = (links("rk"), dnsmasqs(), sorted(net.members()), net.hosts_file.read_text(), machines.all_states("qemu"))
+            cases = [
+                (["--name", "web-"], private_store, "'web-' is not a valid host name"),  # before anything is pulled
+                (["--name", "WEB"], shared, f"network {net.name!r} has a machine named 'web' already"),
+            ]
+            for argv, env, message in cases:
+                done = racker("vm", "start", "--network", net.name, *argv, SERVER, env=env)
+                assert done.returncode == 125 and done.stderr.splitlines()[0] == "racker: error: " + message, done.stderr
+                assert len(done.stderr.splitlines()) <= 2, done.stderr
+                after = (links("rk"), dnsmasqs(), sorted(net.members()), net.hosts_file.read_text(), machines.all_states("qemu"))
+                assert after == before, argv
+            assert not (Path(private_store["RACKER_HOME"]) / "images").exists()
+            assert not (SHARED_HOME / "vms" / "WEB.json").exists() and not (SHARED_HOME / "run" / "qemu" / "WEB").exists()
+    finally:
+        named_networks.release_owned(net)
+    assert named_networks.get(net.name) is None
+
+
 def test_a_vm_group_member_needs_a_known_engine() -> None:
     from racker.pytest import groups
 
     with pytest.raises(MachineError, match="engine 'lxc' cannot join a group"):
         groups.parse({"server": {"image": SERVER, "engine": "lxc"}})
     assert groups.parse({"server": {"image": SERVER, "engine": "qemu"}}) == {"server": (SERVER, "qemu")}
+
+
+# -- a VM's DNS server on a private network: the network's names, as they change ------------------
+
+# A DNS question from inside a machine (no dig there): "RCODE ANSWERS [ADDRESS]" for each TYPE NAME.
+ASK = """
+import socket, struct, sys
+for qtype, name in zip(sys.argv[2::2], sys.argv[3::2]):
+    kind = {"A": 1, "AAAA": 28}[qtype]
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(struct.pack(">6H", 7, 0x0100, 1, 0, 0, 0) + labels + b"\\0" + struct.pack(">2H", kind, 1), (sys.argv[1], 53))
+        answer = s.recv(512)
+    count = struct.unpack(">H", answer[6:8])[0]
+    print(answer[3] & 15, count, socket.inet_ntoa(answer[-4:]) if count and kind == 1 else "")
+"""
+
+
+def ask(host, server: str, *questions: str) -> list[str]:  # type: ignore[no-untyped-def]
+    script = base64.b64encode(ASK.encode()).decode()
+    argv = " ".join(questions)
+    out = host.check_output(f"python3 -c 'import base64; exec(base64.b64decode(\"{script}\"))' {server} {argv}")
+    return [line.strip() for line in out.splitlines()]
+
+
+@contextlib.contextmanager
+def a_vms_network_side(network_name: str, alias: str):  # type: ignore[no-untyped-def]
+    """What `racker vm start --network NAME` makes before QEMU starts (claim, tap, DHCP and DNS server),
+    without the QEMU: its lease. Removed as VM.stop removes it."""
+    state = machines.new_state("qemu", machines.unique_name(alias), "no-image")
+    machines.claim(state)
+    rundir = machines.make_run_dir("qemu", state.name)
+    side = bridge.Bridged(network_name, alias=alias)
+    try:
+        side.setup(state, rundir, detached=False)
+        yield side.lease
+    finally:
+        bridge.release(state)
+        side.close()
+        store.remove_tree(rundir)
+        machines.release(state)
+
+
+def until(check, timeout: float = 10):  # type: ignore[no-untyped-def]
+    """check() until it returns something true (dnsmasq rereads the hosts file a moment after a change)."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_vms_dns_server_answers_the_networks_names_as_they_come_and_go(racker_machines) -> None:
+    """No QEMU: the VM's dnsmasq is what the guest asks first (the seed pins it, below); here an nspawn
+    member asks it, as the guest would."""
+    client = racker_machines({"client": SERVER})["client"]
+    mine = client.machine.state.extra["network"]
+    with a_vms_network_side(mine["network"], "vm") as vm:
+        dns = vm["dhcp_server"]
+        # The members' names, an IPv4 address each; no AAAA (an empty answer, not a refusal that would send
+        # the guest's resolver to its next server); any other name refused: the guest asks its next server.
+        assert ask(client, dns, "A", "client", "A", "vm", "AAAA", "client", "A", "deb.debian.org") == [
+            f"0 1 {mine['address']}",
+            f"0 1 {vm['address']}",
+            "0 0",
+            "5 0",
+        ]
+        # A member that joins later is known at once, and forgotten when it goes: the server rereads the hosts file.
+        with a_vms_network_side(mine["network"], "late") as late:
+            assert until(lambda: ask(client, dns, "A", "late") == [f"0 1 {late['address']}"]), ask(client, dns, "A", "late")
+            assert client.check_output("getent hosts late").split()[0] == late["address"]  # nspawn's /etc/hosts: the same names
+        assert until(lambda: ask(client, dns, "A", "late") == ["5 0"]), ask(client, dns, "A", "late")
+
+
+def test_a_vm_on_a_private_network_asks_its_dns_server_first() -> None:
+    """systemd-resolved lists the links' servers in an order of its own: the seed makes the network's the
+    global one, which comes first; racker's bootcmd runs after the caller's, and keeps the minimal module lists."""
+    named = object.__new__(bridge.Bridged)
+    named.member, named.lease = object.__new__(named_networks.Member), {"dhcp_server": "10.250.3.2"}
+    [command] = named.seed_bootcmd()
+    assert command[:2] == ["sh", "-c"] and command[3:] == ["10.250.3.2", bridge.RESOLVED_DROPIN]
+    nat = object.__new__(bridge.Bridged)
+    nat.member = object.__new__(network.Nat)
+    assert nat.seed_bootcmd() == []
+    config = json.loads(seed.user_data("vm", "ssh-ed25519 AAAA", extra={"bootcmd": [["true"]]}, bootcmd=[command]).split("\n", 1)[1])
+    assert config["bootcmd"] == [["true"], command]
+    config = json.loads(seed.user_data("vm", "ssh-ed25519 AAAA", bootcmd=[command]).split("\n", 1)[1])
+    assert config["bootcmd"] == [command]
 
 
 # -- a VM server, an nspawn client, one private network --------------------------------------
@@ -121,14 +239,19 @@ def test_a_vm_server_answers_an_nspawn_client_by_name(racker_machines) -> None:
     assert ipv4 == [(lease["address"], True)]
     leases = (server.machine.rundir / "dhcp.leases").read_text()
     assert f"{lease['mac']} {lease['address']}" in leases
-    # And the VM reaches the client by its address (no names in a VM: its DNS is the user-mode NIC's).
+    # And the VM resolves the client by the name the test gave (its DNS server serves the network's
+    # names, and the seed made it the guest's first), and reaches it there.
+    client_address = client.machine.state.extra["network"]["address"]
+    assert server.check_output("getent hosts client").split()[0] == client_address
+    assert server.check_output("sed -n 's/^nameserver //p' /etc/resolv.conf").split()[0] == lease["dhcp_server"]
+    # First by racker's doing, not by luck: the links' servers come in resolved's hash order, the global one before them.
+    assert server.check_output("resolvectl dns").splitlines()[0].split() == ["Global:", lease["dhcp_server"]]
     client.check_output(f'systemd-run --unit=racker-listen python3 -c "{LISTEN}"')
     deadline = time.monotonic() + 30
     while not client.socket("tcp://0.0.0.0:7000").is_listening:
         assert time.monotonic() < deadline, "the client's listener did not start"
         time.sleep(0.2)
-    client_address = client.machine.state.extra["network"]["address"]
-    assert server.check_output(f"python3 -c '{READ}' {client_address}") == "from-client"
+    assert server.check_output(f"python3 -c '{READ}' client") == "from-client"
     # A private network gives no way out: no default route through the bridge's NIC.
     assert first["ifname"] not in server.check_output("ip -4 route show default")
     net = named_networks.get(lease["network"])

@@ -98,7 +98,7 @@ def _vm_for(args: argparse.Namespace, *, detached: bool):  # type: ignore[no-unt
     from racker.vm import bridge
 
     publish = [network.parse_publish(spec) for spec in args.publish]  # and the network: before anything is pulled or booted
-    bridge.check_mode(args.network)
+    bridge.check_mode(args.network, args.name)
     if publish and args.network == bridge.USER:
         raise VMError("--publish needs a bridge to publish from", hint="add --network nat")
     if args.network != bridge.USER and args.warm:

@@ -4,9 +4,11 @@ A network is a bridge of its own (`rkn-…`, no address on the host, so the host
 routes nothing to or from it), a /24 of RACKER_NETWORK_RANGE that no other
 network and not racker0 holds (network.claim_subnet), and a hosts file that
 every member has bind-mounted read-only at /etc/hosts: each resolves the others
-by the name it joined under. A member is an nspawn machine with a veth
-(`rkv-…` on the host, `eth0` inside) on the bridge and the next free address,
-claimed as racker0's are (one file per address, naming the machine record).
+by the name it joined under (a VM, out of reach of bind mounts, asks its DNS
+server, racker.vm.bridge, which serves that same file). A member is an nspawn
+machine with a veth (`rkv-…` on the host, `eth0` inside) on the bridge and the
+next free address, claimed as racker0's are (one file per address, naming the
+machine record).
 No default route, no NAT, no forwarding: racker's nft table `racker_private`
 drops whatever comes in from these bridges to the host or leaves them routed.
 
@@ -81,8 +83,15 @@ class Network:
         return self.directory / "claims"
 
     @property
+    def hosts_dir(self) -> Path:
+        """The hosts file's directory, which holds nothing else: a VM's DNS server (racker.vm.bridge)
+        reads it as dnsmasq's --hostsdir, and so sees every rewrite of the file as it happens."""
+        return self.directory / "hosts.d"
+
+    @property
     def hosts_file(self) -> Path:
-        return self.directory / "hosts"
+        legacy = self.directory / "hosts"  # a network made before hosts.d, its members bound to that file
+        return legacy if legacy.is_file() and not self.hosts_dir.is_dir() else self.hosts_dir / "hosts"
 
     def members(self) -> dict[str, dict]:
         """address -> claim, of every claim file (live or not)."""
@@ -141,6 +150,7 @@ def create(name: str, *, owned: bool = False) -> Network:
             subnet = network.claim_subnet(f"network {name}")
             created = Network(name, BRIDGE_PREFIX + os.urandom(5).hex(), subnet, owner)
             (directory / "claims").mkdir()
+            (directory / "hosts.d").mkdir()
             store.write_json(
                 directory / "network.json",
                 {"name": name, "bridge": created.bridge, "subnet": str(subnet), "owner": list(owner) if owner else None},

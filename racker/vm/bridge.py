@@ -22,6 +22,9 @@ else. Why dnsmasq, and why there:
 - dnsmasq is small (dnsmasq-base: no service, no config) and logs each lease to the
   run directory.
 
+On a private network, the same dnsmasq is the VM's DNS server for the network's names
+(the hosts file nspawn members see as /etc/hosts), and the guest asks it first (seed_bootcmd).
+
 The VM keeps QEMU's user-mode NIC too, second, for racker's SSH control channel on
 127.0.0.1: a private network is unreachable from the host by design, and so the
 SSH readiness, port and connection master work the same on every network. The
@@ -46,15 +49,19 @@ from racker.machines import State, named_networks, network
 
 USER = "user"  # QEMU's user-mode network only: the default
 HELPER_IF = "eth0"  # inside the DHCP server's namespace
+RESOLVED_DROPIN = "/etc/systemd/resolved.conf.d/50-racker-network.conf"  # in the guest
 
 
-def check_mode(mode: str) -> str:
-    """user, nat, nat+link-local or a private network's name; one line for the rest."""
+def check_mode(mode: str, name: str | None = None) -> str:
+    """user, nat, nat+link-local or a private network's name; one line for the rest. On a private
+    network, the VM's `name` is the others' name for it: a host name."""
     if mode in (USER, "nat", "nat+link-local"):
         return mode
     if mode in network.MODES:
         raise MachineError(f"a VM has no network {mode!r}", hint="--network user (QEMU's own, the default), nat, or a network's name")
     named_networks.lookup(named_networks.check_network_name(mode))
+    if name is not None:
+        named_networks.check_hostname(name)
     return mode
 
 
@@ -118,14 +125,23 @@ class Bridged:
     def _start_dhcp(self, state: State, rundir: Path, bridge: str, helper_if: str, server: str, mtu: list[str], *, detached: bool) -> None:
         lease = self.lease
         netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{lease['prefix']}").netmask)
-        options = ["--dhcp-option=option:router", "--dhcp-option=option:dns-server"]  # a private network routes nowhere
-        if not self.named:
+        if self.named:
+            # No router: a private network routes nowhere. DNS: the network's names, from the hosts file
+            # the nspawn members have as /etc/hosts, reread on every change (--hostsdir watches it).
+            # A member's name has an IPv4 address only: its AAAA is an empty answer (--filter-AAAA), not a
+            # refusal a resolver would take to its next server. Any other name is refused (no upstream):
+            # the guest asks its next server, the user-mode NIC's.
+            hosts_dir = named_networks.lookup(self.mode).hosts_dir
+            options = ["--dhcp-option=option:router", f"--dhcp-option=option:dns-server,{server}"]
+            options += [f"--hostsdir={hosts_dir}", "--filter-AAAA"]
+        else:
             nameservers = [line.split()[1] for line in network.resolv_conf().splitlines() if line.split()[:1] == ["nameserver"]]
             options = [f"--dhcp-option=option:router,{lease['gateway']}", f"--dhcp-option=option:mtu,{lease['mtu']}"]
             options.append("--dhcp-option=option:dns-server" + "".join(f",{n}" for n in nameservers))
+            options.append("--port=0")  # no DNS: the host's resolvers serve racker0's machines
         argv = [
             "unshare", "--net", "--", proc.require("dnsmasq"),
-            "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--no-resolv", "--port=0",
+            "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
             "--user=root", "--group=root", f"--interface={HELPER_IF}", "--bind-dynamic",
             f"--dhcp-range={lease['address']},static,{netmask}", f"--dhcp-host={lease['mac']},{lease['address']}",
             f"--dhcp-leasefile={rundir / 'dhcp.leases'}", f"--pid-file={rundir / 'dnsmasq.pid'}",
@@ -147,6 +163,21 @@ class Bridged:
         proc.run(["ip", "link", "set", helper_if, "master", bridge, *mtu, "up"], timeout=30)
         inside = f"link set lo up\nlink set {HELPER_IF} {' '.join(mtu)} up\naddress add {server}/{lease['prefix']} dev {HELPER_IF}\n"
         proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", proc.require("ip"), "-batch", "-"], input=inside.encode(), timeout=30)
+
+    def seed_bootcmd(self) -> list[list[str]]:
+        """cloud-init bootcmd (the seed's dsmode is local: it runs before the network, and long
+        before sshd and racker's first command): on a private network, the guest asks the network's
+        DNS server before any other. systemd-resolved lists the links' servers in /etc/resolv.conf in
+        an order of its own (a hash table's), and the user-mode NIC's server, which knows none of the
+        network's names, may come first; resolved.conf's DNS= (a global server) comes before every
+        link's. Written whether resolved runs yet or not (it may start in parallel): a running one is
+        restarted, one not started yet reads it. Without resolved, the file is read by nobody and an
+        image's dhclient takes the bridge's lease's server."""
+        if not self.named:
+            return []
+        write = 'mkdir -p "${1%/*}" && printf "[Resolve]\\nDNS=%s\\n" "$0" >"$1"'
+        script = f"{write} && {{ systemctl try-restart systemd-resolved.service 2>/dev/null || true; }}"
+        return [["sh", "-c", script, self.lease["dhcp_server"], RESOLVED_DROPIN]]
 
     def qemu_args(self, nic: str) -> list[str]:
         """The bridge's NIC, first of the VM's: QEMU opens the tap racker made (no scripts)."""

@@ -235,7 +235,8 @@ class VM(warm.WarmBoot, machines.Guest):
     def _prepare_files(self, info: disks.DiskInfo, firmware: str) -> None:
         assert self.state is not None
         key = ssh.keygen(self.rundir / "id_ed25519", f"racker@{self.name}")
-        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data)
+        bootcmd = self.bridge.seed_bootcmd() if self.bridge is not None else []
+        seed.build(self.rundir / "seed.iso", self.name, key.with_suffix(".pub").read_text(), self.user_data, bootcmd)
         overlay = self.rundir / "overlay.qcow2"
         size = [str(self.disk_size)] if self.disk_size and self.disk_size > info.virtual_size else []
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.disk), "-F", info.format, str(overlay), *size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from racker import proc, settings
@@ -29,11 +30,12 @@ MINIMAL_MODULES = {
 }  # fmt: skip
 
 
-def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | None = None) -> str:
+def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | None = None, bootcmd: Sequence[Sequence[str]] = ()) -> str:
     """#cloud-config as JSON (YAML's subset), so that no value needs YAML quoting rules.
 
     `extra` is more cloud-config; racker's hostname and user win over it, and its
-    `users` are created beside racker's."""
+    `users` are created beside racker's. `bootcmd`: racker's own commands for the
+    guest's every boot, run after the caller's."""
     extra = dict(extra or {})
     config = {
         **extra,
@@ -51,6 +53,8 @@ def user_data(hostname: str, public_key: str, user: str = USER, extra: dict | No
             *extra.get("users", ()),
         ],
     }
+    if bootcmd:
+        config["bootcmd"] = [*extra.get("bootcmd", ()), *(list(command) for command in bootcmd)]
     if not extra and settings.SEED_MODULES.value() == "minimal":
         config |= MINIMAL_MODULES
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
@@ -61,11 +65,11 @@ def meta_data(hostname: str) -> str:
     return json.dumps({"instance-id": f"racker-{hostname}-{secrets.token_hex(4)}", "local-hostname": hostname, "dsmode": "local"}) + "\n"
 
 
-def build(path: Path, hostname: str, public_key: str, extra: dict | None = None) -> Path:
-    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data."""
+def build(path: Path, hostname: str, public_key: str, extra: dict | None = None, bootcmd: Sequence[Sequence[str]] = ()) -> Path:
+    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data, `bootcmd`: racker's own."""
     files = path.parent / f"{path.stem}.d"
     files.mkdir(parents=True, exist_ok=True)
     (files / "meta-data").write_text(meta_data(hostname))
-    (files / "user-data").write_text(user_data(hostname, public_key, extra=extra))
+    (files / "user-data").write_text(user_data(hostname, public_key, extra=extra, bootcmd=bootcmd))
     proc.run(["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)])
     return path
