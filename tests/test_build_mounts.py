@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import racker, serving
+from conftest import racker, racker_here, serving
 from racker import store
 from racker.store import catalog
 
@@ -180,7 +180,8 @@ def test_a_bad_volume_secret_or_ca_is_one_line_naming_the_entry(
     entry.write_text(f'source = "dockerfile:{tmp_path / "ctx"}"\n{line.format(tmp=tmp_path)}\n')
     monkeypatch.setenv("RACKER_BUILD_CA", "/nonexistent/bundle.pem")
     monkeypatch.setenv("RACKER_PATH", "/nonexistent")  # no buildah: the check comes before any build
-    result = racker("pull", "bad")
+    # The CLI in this process: test_catalog runs the real command on a bad entry.
+    result = racker_here("pull", "bad")
     assert result.returncode == 125, result.stderr
     first = result.stderr.splitlines()[0]
     assert says in first and ("bad.toml" in first or "RACKER_BUILD_CA" in first), result.stderr

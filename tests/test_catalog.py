@@ -64,7 +64,7 @@ def test_a_bad_entry_is_named_when_the_catalogue_is_listed(private_store: dict[s
     """An unknown name reads every file to suggest one: a bad file there is an error too, not skipped."""
     path = Path(private_store["RACKER_CATALOG"]) / "broken.toml"
     path.write_text('source = "bootstrap:debian/bookworm"\npakages = []\n')
-    result = racker("pull", "tinny", env=private_store)
+    result = racker_here("pull", "tinny")
     assert result.returncode == 125
     assert result.stderr.splitlines() == [f"racker: error: catalogue file {path}: unknown key 'pakages'; did you mean 'packages'?"]
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, racker, racker_here
+from conftest import racker, racker_here
 from racker import images, store
 from racker.errors import RackerError
 from racker.sources import bootstrap
@@ -75,7 +73,7 @@ def test_rmi_removes_every_listed_name(private_store: dict[str, str], every_kind
 
 
 def test_a_missing_prepared_image_says_what_prepares_it(private_store: dict[str, str]) -> None:
-    result = racker("run", "debian-bookworm+vm", "--", "true", env=private_store)
+    result = racker_here("run", "debian-bookworm+vm", "--", "true")
     assert result.returncode == 125
     assert result.stderr.splitlines() == [
         "racker: error: image 'debian-bookworm+vm' is not in the store",
@@ -139,22 +137,18 @@ def test_every_listed_name_is_an_image_to_vm_start(every_kind_of_name: dict[str,
     assert {name: disk_or_image(name) for name in every_kind_of_name} == dict.fromkeys(every_kind_of_name)
 
 
-def _racker_in(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """racker run from another directory: this checkout's racker, not whichever one is installed."""
-    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "racker", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
-
-
-def test_vm_start_of_a_missing_disk_is_one_line(private_store: dict[str, str], tmp_path: Path) -> None:
+def test_vm_start_of_a_missing_disk_is_one_line(private_store: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative path is the current directory's
     for target in ["./nope.qcow2", "file:nope.qcow2"]:
-        result = _racker_in(tmp_path, "vm", "start", target, env=private_store)
+        result = racker_here("vm", "start", target)
         assert result.returncode == 125
         assert result.stderr.splitlines() == [f"racker: error: no disk file {tmp_path / 'nope.qcow2'}"]
 
 
-def test_vm_start_of_a_scheme_reference_pulls_the_image(private_store: dict[str, str]) -> None:
+def test_vm_start_of_a_scheme_reference_pulls_the_image(private_store: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """bootstrap:debian/bookworm holds a `/` but is an image: vm start pulls it (here: no mmdebstrap, so it cannot)."""
-    result = racker("vm", "start", "bootstrap:debian/bookworm", env={**private_store, "RACKER_PATH": "/nonexistent"})
+    monkeypatch.setenv("RACKER_PATH", "/nonexistent")
+    result = racker_here("vm", "start", "bootstrap:debian/bookworm")
     assert result.returncode == 125
     # The bootstrap's first tool: gpgv verifies the archive's InRelease (its date) before mmdebstrap runs.
     assert result.stderr.splitlines()[0] == "racker: error: gpgv is not installed"
@@ -211,6 +205,7 @@ def test_an_option_after_the_image_without_a_separator_is_one_error(argv: list[s
 
 
 def test_a_word_between_the_image_and_the_separator_that_is_no_option_is_one_error() -> None:
+    """The real command, in a process of its own (the cases above run the CLI in this process)."""
     result = racker("run", "img", "--name", "x", "foo", "--", "true")
     assert result.returncode == 125
     assert result.stderr.splitlines() == [

@@ -9,6 +9,7 @@ an arrow, and hiding a circle behind one is how circles start.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,8 @@ def _code(tree: ast.Module, name: str) -> list[ast.AST]:
     return nodes
 
 
-def imported(name: str) -> set[str]:
+@functools.cache  # each module is parsed once, for its own case and again for the circles
+def imported(name: str) -> frozenset[str]:
     """The racker modules `name` imports, anywhere in its code."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -71,7 +73,7 @@ def imported(name: str) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
-    return {module for module in found if module in MODULES and module != name}
+    return frozenset(module for module in found if module in MODULES and module != name)
 
 
 def stage(name: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,8 +190,8 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (files / "Missing.dockerfile").write_text("FROM debian:bookworm\nADD not-there.txt /srv/\n")
     servers = []
     try:
-        servers.append(subprocess.Popen(
-            ["python3", "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port)],
+        servers.append(subprocess.Popen(  # this Python: a `python3` on PATH may be a slow shim, or absent
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
         _wait_for(port, servers[-1])

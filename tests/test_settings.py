@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, racker
+from conftest import ROOT, racker, racker_here
 from racker import settings
 from racker.errors import BadSetting
 from racker.vm import ports
@@ -71,8 +71,10 @@ def test_an_invalid_value_is_one_error_naming_the_variable(monkeypatch: pytest.M
     assert "\n" not in str(raised.value) and name in (raised.value.hint or "")
 
 
-def test_racker_config_lists_every_setting_with_its_source() -> None:
-    result = racker("config", "--json", env={"RACKER_BOOT_TIMEOUT": "75", "RACKER_VAGRANT_SERVER": "https://me:s3cret@boxes.lan"})
+def test_racker_config_lists_every_setting_with_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RACKER_BOOT_TIMEOUT", "75")
+    monkeypatch.setenv("RACKER_VAGRANT_SERVER", "https://me:s3cret@boxes.lan")
+    result = racker_here("config", "--json")  # in this process: read when used, so the variables set now count
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert set(rows) == {s.name for s in settings.SETTINGS}
@@ -81,15 +83,17 @@ def test_racker_config_lists_every_setting_with_its_source() -> None:
     assert "s3cret" not in result.stdout  # a URL's credentials are sent, never shown
 
 
-def test_racker_config_says_which_value_is_invalid() -> None:
-    result = racker("config", env={"RACKER_BOOT_TIMEOUT": "sixty"})
+def test_racker_config_says_which_value_is_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RACKER_BOOT_TIMEOUT", "sixty")
+    result = racker_here("config")
     assert result.returncode == 1
     assert re.search(r"^RACKER_BOOT_TIMEOUT\s+sixty\s+environment \(invalid\)$", result.stdout, re.MULTILINE), result.stdout
     assert result.stderr == "racker: error: RACKER_BOOT_TIMEOUT='sixty' is not a number of seconds\n"
 
 
 def test_an_invalid_setting_ends_a_command_in_one_line(tmp_path: Path) -> None:
-    """Read when the VM is made, before its disk is looked at: the error names the variable, not the disk."""
+    """Read when the VM is made, before its disk is looked at: the error names the variable, not the disk.
+    The real command, in a process of its own: nothing read at import may hide the variable."""
     (tmp_path / "disk.raw").write_bytes(bytes(4096))
     result = racker(
         "vm", "start", str(tmp_path / "disk.raw"), env={"RACKER_HOME": str(tmp_path / "store"), "RACKER_VM_BOOT_TIMEOUT": "sixty"}

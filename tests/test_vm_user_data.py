@@ -34,7 +34,7 @@ def test_bad_user_data_is_one_line_and_boots_nothing(text, message, tmp_path: Pa
 def test_user_data_with_warm_is_one_line(tmp_path: Path, private_store) -> None:
     path = tmp_path / "user-data.yaml"
     path.write_text("#cloud-config\n{}\n")
-    done = racker("vm", "start", "--warm", "--user-data", str(path), "debian-bookworm", env=private_store)
+    done = racker_here("vm", "start", "--warm", "--user-data", str(path), "debian-bookworm")
     assert done.returncode == 125 and done.stderr.splitlines()[0].startswith("racker: error: --user-data needs a cold boot"), done.stderr
 
 
