@@ -328,3 +328,18 @@ def test_runit_is_told_by_what_init_resolves_to(tmp_path: Path) -> None:
     found = inits.detect(root)
     assert type(found) is inits.Runit and found.halt == ("/sbin/init", "0")
     assert found.nspawn_options() == ["--notify-ready=no", "--kill-signal=SIGKILL"]
+
+
+@pytest.mark.parametrize("systemd", [False, True])
+def test_a_bootstrapped_image_without_systemd_makes_host_keys_before_its_init_script_starts_sshd(tmp_path: Path, systemd: bool) -> None:
+    """A bootstrap ships no host keys (reproducible digests); systemd images make them in ssh.service's
+    drop-in, the others in /etc/default/ssh, which /etc/init.d/ssh sources before `sshd -t`."""
+    from racker.sources import bootstrap
+
+    files = {"etc/ssh/ssh_host_ed25519_key": "secret", "etc/default/ssh": "SSHD_OPTS=\n", "etc/init.d/ssh": "#!/bin/sh\n"}
+    root = _tree(tmp_path, files | ({"usr/lib/systemd/systemd": b"\x7fELF"} if systemd else {}))
+    bootstrap._no_host_keys(root)
+    assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert "ssh-keygen -A" in (root / bootstrap.SSH_HOST_KEYS_DROPIN).read_text()
+    defaults = (root / "etc/default/ssh").read_text()
+    assert defaults == ("SSHD_OPTS=\n" if systemd else "SSHD_OPTS=\n" + bootstrap.SSH_HOST_KEYS_RC)
