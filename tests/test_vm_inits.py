@@ -91,7 +91,7 @@ def test_runit_image_is_refused_for_vms_in_one_line(tmp_path: Path) -> None:
         prepare.prepare(image)
 
 
-def test_qemu_offers_systemd_only_where_the_image_boots_it(tmp_path: Path) -> None:
+def test_qemu_offers_systemd_only_where_the_image_boots_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sysv = tmp_path / "rootfs"
     (sysv / "sbin").mkdir(parents=True)
     (sysv / "sbin/init").write_bytes(b"\x7fELF INIT_VERSION=sysvinit-3.06")
@@ -100,6 +100,12 @@ def test_qemu_offers_systemd_only_where_the_image_boots_it(tmp_path: Path) -> No
     image = store.StoredImage("sysv-test", "sha256:" + "0" * 64, "", "", 0, path=tmp_path)
     assert engines.get("qemu").unmet(["systemd", "ssh", "cloud-init"], image) == ["systemd"]
     assert engines.get("qemu").unmet(["systemd"], None) == []  # not known before the image is there
+    # Its services start one after another: its VM gets twice the boot budget, which the setting still scales.
+    monkeypatch.setenv("RACKER_VM_BOOT_TIMEOUT", "100")
+    assert engines.vm_boot_timeout(image) == 200
+    (sysv / "usr/lib/systemd").mkdir(parents=True)
+    (sysv / "usr/lib/systemd/systemd").write_bytes(b"\x7fELF")
+    assert engines.vm_boot_timeout(image) is None
 
 
 @pytest.mark.slow
