@@ -104,8 +104,9 @@ def nspawn_machine(image: StoredImage, *, network_mode: str = "private", warm: b
 
 
 # sysvinit and OpenRC start their services one after another (udev's settle, then cloud-init's four
-# stages): under TCG on a loaded 2-core host, cold boots of 304 s (sysvinit) and 690 s (OpenRC) were
-# measured beside a first attempt cut off at the default budget's wall cap (3 x 240 s).
+# stages). Cold boots to ready under TCG, emulator CPU (2 cores, load 6): systemd 54 s, sysvinit 79 s,
+# OpenRC 112 s. At load 11 an OpenRC boot took 690 s of wall time and a sysvinit one was cut off at
+# the default budget's wall cap (3 x 240 s).
 RC_BOOT_SLOWDOWN = 2.0
 
 
