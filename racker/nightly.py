@@ -67,8 +67,9 @@ def refreshed(done: images.Refreshed) -> dict[str, Any]:
 
 
 def default_images() -> list[str]:
-    """The default image set: the catalogue, but for entries with default_set = false."""
-    return catalog.default_set()
+    """The images of a night without names: the catalogue's default set, and the entries marked
+    `nightly = true` (catalog.nightly_set)."""
+    return catalog.nightly_set()
 
 
 def results_name(engine: str, shard: Shard | None) -> str:

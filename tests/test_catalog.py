@@ -19,6 +19,7 @@ BAD_ENTRIES = {
     "number-variant": ('source = "bootstrap:debian/bookworm"\nvariant = 3\n', ["variant must be a string, not a number"]),
     "list-build-args": ('source = "dockerfile:."\nbuild_args = ["A=1"]\n', ["build_args must be a table of strings, not a list"]),
     "number-build-arg": ('source = "dockerfile:."\nbuild_args = { A = 1 }\n', ["a table of strings", "a table holding a number"]),
+    "string-nightly": ('source = "bootstrap:debian/bookworm"\nnightly = "yes"\n', ["nightly must be true or false, not a string"]),
     "bad-toml": ('source = "bootstrap:debian/bookworm\n', ["is not valid TOML", "line 1"]),
     "bad-source": ('source = "bootstrap:fedora/40"\n', ["source: bad bootstrap reference"]),
     "catalogue-source": ('source = "debian-bookworm"\n', ["source 'debian-bookworm' is a catalogue name"]),
@@ -83,6 +84,20 @@ def test_every_key_is_read_as_declared(private_store: dict[str, str]) -> None:
         ('Acquire::Check-Valid-Until "false"',),
     )
     assert entry.options == {"variant": "essential"}
+
+
+def test_the_nightly_takes_the_default_set_and_what_is_marked_for_it(private_store: dict[str, str]) -> None:
+    """`racker nightly` without names: the default set (`--racker-images all`), plus the entries
+    marked `nightly = true`, minus those marked `nightly = false`."""
+    here = Path(private_store["RACKER_CATALOG"])
+    source = 'source = "bootstrap:debian/bookworm"\n'
+    (here / "asked-only.toml").write_text(source + "default_set = false\n")
+    (here / "nightly-too.toml").write_text(source + "default_set = false\nnightly = true\n")
+    (here / "not-nightly.toml").write_text(source + "nightly = false\n")
+    assert {"tiny", "not-nightly"} <= set(catalog.default_set())
+    assert not {"asked-only", "nightly-too"} & set(catalog.default_set())
+    assert {"tiny", "nightly-too"} <= set(catalog.nightly_set())
+    assert not {"asked-only", "not-nightly"} & set(catalog.nightly_set())
 
 
 def test_the_shipped_catalogue_is_valid() -> None:

@@ -309,15 +309,18 @@ def test_a_vm_of_a_sysvinit_image_keeps_sysvinit_not_given_systemd(private_store
     assert prepare.bootable(image) == image  # nspawn boots it as it is
 
 
-def test_the_new_images_are_named_not_in_the_default_set() -> None:
-    """Each costs a bootstrap (~1.5 min): the nightly and `--racker-images all` take them once the lead adds them."""
+def test_the_nightly_carries_sysvinit_and_openrc_not_runit() -> None:
+    """`racker nightly` takes sysvinit and OpenRC (both engines pass them); `--racker-images all`,
+    the set users' own suites run on, keeps to the systemd images; runit, whose VM is refused,
+    is named when asked for."""
     from racker import nightly
     from racker.store import catalog
 
     for name in IMAGES:
-        assert catalog.get(name).options["default_set"] is False
-        assert name not in catalog.default_set() and name not in nightly.default_images()
-    assert "debian-bookworm" in catalog.default_set()
+        assert catalog.get(name).options["default_set"] is False and name not in catalog.default_set()
+    assert {"debian-bookworm-sysvinit", "debian-bookworm-openrc"} <= set(nightly.default_images())
+    assert "debian-bookworm-runit" not in nightly.default_images()
+    assert set(catalog.default_set()) < set(nightly.default_images())
 
 
 def test_runit_is_told_by_what_init_resolves_to(tmp_path: Path) -> None:
@@ -325,3 +328,18 @@ def test_runit_is_told_by_what_init_resolves_to(tmp_path: Path) -> None:
     found = inits.detect(root)
     assert type(found) is inits.Runit and found.halt == ("/sbin/init", "0")
     assert found.nspawn_options() == ["--notify-ready=no", "--kill-signal=SIGKILL"]
+
+
+@pytest.mark.parametrize("systemd", [False, True])
+def test_a_bootstrapped_image_without_systemd_makes_host_keys_before_its_init_script_starts_sshd(tmp_path: Path, systemd: bool) -> None:
+    """A bootstrap ships no host keys (reproducible digests); systemd images make them in ssh.service's
+    drop-in, the others in /etc/default/ssh, which /etc/init.d/ssh sources before `sshd -t`."""
+    from racker.sources import bootstrap
+
+    files = {"etc/ssh/ssh_host_ed25519_key": "secret", "etc/default/ssh": "SSHD_OPTS=\n", "etc/init.d/ssh": "#!/bin/sh\n"}
+    root = _tree(tmp_path, files | ({"usr/lib/systemd/systemd": b"\x7fELF"} if systemd else {}))
+    bootstrap._no_host_keys(root)
+    assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    assert "ssh-keygen -A" in (root / bootstrap.SSH_HOST_KEYS_DROPIN).read_text()
+    defaults = (root / "etc/default/ssh").read_text()
+    assert defaults == ("SSHD_OPTS=\n" if systemd else "SSHD_OPTS=\n" + bootstrap.SSH_HOST_KEYS_RC)

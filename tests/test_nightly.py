@@ -252,7 +252,14 @@ def test_the_readmes_main_command_is_the_nightly_on_the_default_image_set() -> N
     assert words[:3] == ["./install.sh", "&&", ".venv/bin/racker"], line
     args = cli.parse(words[3:])
     assert (args.func, args.images, args.engine, args.previous, args.shard) == (cli_reports.cmd_nightly, [], "all", None, None)
-    assert sorted(nightly.default_images()) == ["debian-bookworm", "debian-bullseye", "debian-sid", "debian-trixie"]
+    assert sorted(nightly.default_images()) == [
+        "debian-bookworm",
+        "debian-bookworm-openrc",
+        "debian-bookworm-sysvinit",
+        "debian-bullseye",
+        "debian-sid",
+        "debian-trixie",
+    ]
 
 
 # --- a night costs only what changed (racker.report.reuse) -------------------------------------

@@ -181,6 +181,17 @@ ExecStartPre=/usr/sbin/sshd -t
 """
 
 
+# Where systemd is not the init (sysvinit-core, openrc, runit-init), sshd's /etc/init.d/ssh (which
+# OpenRC runs too) sources /etc/default/ssh first: the same step there. Not in systemd images, whose
+# ssh.service reads that file as an EnvironmentFile. (prepare writes the same for +vm images.)
+SSH_DEFAULTS = "etc/default/ssh"
+SSH_HOST_KEYS_RC = """\
+# Written by racker: no host keys in the image; each machine makes its own before sshd -t needs them.
+ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || ssh-keygen -A >/dev/null
+"""
+SYSTEMD = ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+
+
 def _no_host_keys(rootfs: Path) -> None:
     ssh = rootfs / "etc/ssh"
     if ssh.is_symlink() or not ssh.is_dir():
@@ -190,8 +201,15 @@ def _no_host_keys(rootfs: Path) -> None:
         return
     for key in keys:
         key.unlink()
+    inside = rootfs.resolve()
     dropin = rootfs / SSH_HOST_KEYS_DROPIN
-    if not dropin.parent.resolve().is_relative_to(rootfs.resolve()):
-        return  # a link out of the image: nothing written there
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text(SSH_HOST_KEYS)
+    if dropin.parent.resolve().is_relative_to(inside):  # else a link out of the image: nothing written there
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(SSH_HOST_KEYS)
+    defaults = rootfs / SSH_DEFAULTS
+    if any((rootfs / init).exists() for init in SYSTEMD) or not defaults.parent.resolve().is_relative_to(inside):
+        return
+    if defaults.is_symlink() or not defaults.parent.is_dir():
+        return
+    kept = defaults.read_text() if defaults.is_file() else ""
+    defaults.write_text(kept + ("" if kept.endswith("\n") or not kept else "\n") + SSH_HOST_KEYS_RC)

@@ -46,6 +46,9 @@ KEYS: dict[str, Key] = {
     # false: named only when asked for, not in the default image set (`racker nightly` without
     # names, `--racker-images all`), e.g. while an image is new and its cost in the nightly unknown.
     "default_set": Key(bool, "false", field=False),
+    # Whether `racker nightly` without names takes it (default: as default_set). true puts an image in
+    # the nightly's report that `--racker-images all` leaves out (the set users' own suites run on).
+    "nightly": Key(bool, "true", field=False),
     # Read by sources/dockerfile.py: docker build's --build-arg and --target.
     "build_args": Key(dict, '{ GREETING = "hello" }', field=False),
     "target": Key(str, '"runtime"', field=False),
@@ -169,6 +172,12 @@ def entries() -> dict[str, CatalogEntry]:
 def default_set() -> list[str]:
     """The images a run takes when none are named: every entry but those with default_set = false."""
     return [name for name, entry in entries().items() if entry.options.get("default_set", True)]
+
+
+def nightly_set() -> list[str]:
+    """The images `racker nightly` takes when none are named: the default set, with the entries
+    marked `nightly = true` and without those marked `nightly = false`."""
+    return [name for name, entry in entries().items() if entry.options.get("nightly", entry.options.get("default_set", True))]
 
 
 def get(name: str) -> CatalogEntry:
