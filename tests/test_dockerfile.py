@@ -3,13 +3,15 @@ that docker.io's mirror (a loopback registry the tests start) serves."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_promote import HOSTILE_ENV
 
 from conftest import passes_checks, racker
-from racker import store
+from racker import images, store
 
 pytestmark = pytest.mark.slow
 
@@ -145,10 +147,12 @@ EXPOSE 8080
 ENTRYPOINT ["python3", "-m", "http.server"]
 CMD ["8080"]
 """
+# A directory whose name holds what quoting can get wrong, added to CMD as http.server's --directory.
+SERVED = "/srv/www/$HOME ${HOME} $$ 100% %n \"q\" 'q' back\\slash\\ new\nline ;"
 
-# One SSH round trip for every fact: the service's answer, and its main process's user, cwd and environment.
+# One SSH round trip for every fact: the service's answer, and its main process's user, cwd, argv and environment.
 APP_FACTS = r"""
-fetch='import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8080/").read().decode(), end="")'
+fetch='import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8080/index.html").read().decode(), end="")'
 for i in $(seq 300); do
     answer=$(python3 -c "$fetch" 2>/dev/null) && break
     sleep 0.2
@@ -158,13 +162,17 @@ printf 'answer=%s\n' "$answer"
 echo "active=$(systemctl is-active racker-app)"
 echo "user=$(ps -o user= -p "$pid")"
 echo "cwd=$(readlink "/proc/$pid/cwd")"
-echo "argv=$(tr '\0' ' ' < "/proc/$pid/cmdline")"
-tr '\0' '\n' < "/proc/$pid/environ" | sed 's/^/env:/'
+echo "workdir_index=$(cat /srv/www/index.html)"
+echo "argv=$(base64 -w0 < "/proc/$pid/cmdline")"
+echo "environ=$(base64 -w0 < "/proc/$pid/environ")"
 """
 
 
 @pytest.mark.qemu
 def test_a_dockerfile_service_promoted_with_app_answers_in_a_vm(hub_mirror: dict, private_store: dict, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A Dockerfile's service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) built by buildah, given a CMD
+    argument and ENV values that quoting can get wrong, `racker promote --app` to a qcow2: in the
+    VM, the service runs as the image says, with its arguments and environment exactly as given."""
     from racker.vm.qemu import VM
 
     for key, value in hub_mirror.items():
@@ -174,26 +182,44 @@ def test_a_dockerfile_service_promoted_with_app_answers_in_a_vm(hub_mirror: dict
     context.mkdir()
     (context / "Dockerfile").write_text(APP_DOCKERFILE)
     (context / "index.html").write_text("<h1>served from the image's WORKDIR</h1>\n")
+    pulled = racker("pull", f"dockerfile:{context}", timeout=1800)
+    assert pulled.returncode == 0, pulled.stderr
+    built = images.find(f"dockerfile:{context}")
+    # The built image with what a Dockerfile cannot say plainly: a CMD argument and ENV values
+    # holding what quoting gets wrong, added to what the build wrote.
+    with store.workdir("test-app") as work:
+        rootfs = work / "rootfs"
+        subprocess.run(["cp", "-al", str(built.rootfs), str(rootfs)], check=True)
+        (rootfs / SERVED.lstrip("/")).mkdir(parents=True)
+        (rootfs / SERVED.lstrip("/") / "index.html").write_text("hello from the app\n")
+        config = dict(built.manifest["config"])
+        config["Cmd"] = [*config["Cmd"], "--directory", SERVED]
+        config["Env"] = [*config["Env"], *(f"{key}={value}" for key, value in HOSTILE_ENV)]
+        manifest = dict(built.manifest, name="racker-test-app", config=config)
+        for key in ("digest", "size", "created", "source"):
+            manifest.pop(key, None)
+        store.commit("racker-test-app", rootfs, source="test:app", recipe="1", manifest=manifest)
     disk = tmp_path / "web.qcow2"
-    promoted = racker("promote", f"dockerfile:{context}", "--app", "--format", "qcow2", "-o", str(disk), timeout=1800)
+    promoted = racker("promote", "racker-test-app", "--app", "--format", "qcow2", "-o", str(disk), timeout=1800)
     assert promoted.returncode == 0, promoted.stderr
-    with VM(disk, image="dockerfile-web") as vm:
+    with VM(disk, image="racker-test-app") as vm:
         result = vm.run(["sh", "-c", APP_FACTS], timeout=180)
         status = vm.run(["systemctl", "status", "--no-pager", "racker-app"]).stdout
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    facts = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("env:"))
-    environ = {line.removeprefix("env:") for line in lines if line.startswith("env:")}
-    facts["env"] = sorted(environ & {"GREETING=hello from racker", "APP_MODE=production"})
+    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    argv = base64.b64decode(facts.pop("argv", "")).decode().split("\0")
+    environ = base64.b64decode(facts.pop("environ", "")).decode().split("\0")
     expected = {
-        "answer": "<h1>served from the image's WORKDIR</h1>",  # index.html, from the WORKDIR http.server serves
+        "answer": "hello from the app",  # from the --directory CMD gave, whose name came through whole
         "active": "active",
         "user": "web",  # USER: a user the Dockerfile made
         "cwd": "/srv/www",  # WORKDIR
-        "argv": "python3 -m http.server 8080 ",  # ENTRYPOINT + CMD
-        "env": ["APP_MODE=production", "GREETING=hello from racker"],  # ENV
+        "workdir_index": "<h1>served from the image's WORKDIR</h1>",  # COPY ./ into WORKDIR
     }
     assert {key: facts.get(key) for key in expected} == expected, status
+    assert argv == ["python3", "-m", "http.server", "8080", "--directory", SERVED, ""], argv  # ENTRYPOINT + CMD, exactly
+    for entry in ("GREETING=hello from racker", "APP_MODE=production", *(f"{key}={value}" for key, value in HOSTILE_ENV)):
+        assert entry in environ, (entry, [e for e in environ if e.partition("=")[0] == entry.partition("=")[0]])  # ENV, exactly
 
 
 def test_ctrl_c_during_a_build_leaves_no_container_mount_or_temp_dir(

@@ -1,5 +1,10 @@
-"""Real QEMU boots of promoted disks: every catalogue image, BIOS and UEFI, and every output format
-(booted, or compared with the disk booted when it is that disk converted).
+"""Real QEMU boots of promoted disks: every catalogue release, BIOS and UEFI, and every output
+format, each on the stand-in for its platform; six boots in all (MATRIX, and the Firecracker rootfs).
+
+A format is booted as one release's case of the matrix, with its cloud profile and on its
+platform's board, so that each boot the matrix needs anyway covers a format too. Formats that
+are the booted raw disk converted (no datasource, kernel or board of their own) are compared with
+that disk instead of booted (SAME_DISK_FORMATS).
 
 What only a real boot shows is asserted by racker's built-in full-boot
 checks (racker.checks.test_vm), the ones users run, against each test's VM:
@@ -19,10 +24,11 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_promote import HOSTILE_ENV, assert_firecracker_config
+from test_promote import assert_firecracker_config
 
 from conftest import CATALOG_IMAGES, ROOT, racker
 from racker import images, machines, prepare, promote, store
@@ -38,11 +44,51 @@ GiB = 1024**3
 DISK = 2 * GiB  # what promote writes
 GROWN = 3 * GiB  # what the VM's overlay offers: the root must grow to fill it
 
-MATRIX = [
-    pytest.param(name, firmware, id=f"{name}-{firmware}", marks=pytest.mark.xdist_group(name))
-    for name in CATALOG_IMAGES
-    for firmware in ("bios", "uefi")
-]
+
+@dataclass(frozen=True)
+class Case:
+    """One boot of the matrix: a catalogue release and its firmware, promoted to `fmt` with
+    `profile`, and booted on the board and with the kernel that format's platform has."""
+
+    name: str
+    firmware: str
+    fmt: str = "raw"
+    profile: str = "generic"
+
+    @property
+    def id(self) -> str:
+        # Not "debian-bookworm-…": the scheduler would take that for a racker target's id and
+        # send every such test to one worker; each boot here is a scope of its own.
+        return "-".join([self.name.removeprefix("debian-"), self.firmware, *([self.fmt] if self.fmt != "raw" else [])])
+
+    @property
+    def board(self) -> str:
+        return PLATFORM_BOARD.get(self.fmt, "pc")
+
+    @property
+    def kernel(self) -> str:
+        """The kernel the format's platform needs drivers from: a vdi gets the generic one (ahci, e1000)."""
+        return prepare.kernel_for(promote.formats.get(self.fmt).drivers)
+
+
+# Every release once, the firmware alternating, and bookworm with both: five boots. Besides the
+# checks users run (sshd, cloud-init, DHCP, the root grown, identity, health, and the requirements
+# of the disk's profile that a boot shows), each covers:
+# - bookworm, bios, raw: started and stopped by the CLI (racker vm start boots the image's cached
+#   disk), each check broken once (BREAKS); vmdk, vhdx and qcow2 compared with its disk.
+# - bookworm, uefi, vdi: VirtualBox's SATA and e1000 with the generic kernel, DigitalOcean's
+#   profile (a vdi is one of its formats), the user-data modules (USER_DATA_CASE).
+# - bullseye, uefi, gce with gcp: GCE's tar.gz, the profile's NTP drop-in. The one profile bullseye
+#   meets: it has no security suite (digitalocean) and cloud-init 20.4 (azure wants 21.2).
+# - sid, bios, raw: sid's cloud-init keeps its version where racker does not read it, so no profile takes it.
+# - trixie, uefi, a fixed vhd with azure, on Hyper-V's SCSI stand-in.
+# The Firecracker rootfs boots on its own (test_the_firecracker_rootfs_boots_on_its_stand_in).
+BOOKWORM_BIOS = Case("debian-bookworm", "bios")
+BOOKWORM_UEFI = Case("debian-bookworm", "uefi", "vdi", "digitalocean")
+BULLSEYE_UEFI = Case("debian-bullseye", "uefi", "gce", "gcp")
+SID_BIOS = Case("debian-sid", "bios")
+TRIXIE_UEFI = Case("debian-trixie", "uefi", "vhd", "azure")
+MATRIX = [BOOKWORM_BIOS, BOOKWORM_UEFI, BULLSEYE_UEFI, SID_BIOS, TRIXIE_UEFI]
 
 # Each check of racker.checks.test_vm, broken in a running VM by one command, and what its failure says.
 BREAKS: dict[str, tuple[str, str]] = {
@@ -127,9 +173,10 @@ def disk_names(fs: str, directory: str, work: Path) -> list[str]:
     return [line.split("/")[5] for line in output.splitlines() if line.count("/") >= 6]
 
 
-def assert_cloud_defaults_on_disk(result: promote.Promoted, name: str, work: Path) -> None:
-    """Read back from the disk as built: the release's security suite in apt's sources, no build leftovers."""
-    fs = ext.device(result.path, result.layout.root_offset)
+def assert_cloud_defaults_on_disk(raw: Path, root_offset: int, name: str, work: Path) -> None:
+    """Read back from the disk as built (`raw`: it, or its raw image): the release's security suite
+    in apt's sources, no build leftovers."""
+    fs = ext.device(raw, root_offset)
     sources = (ext.read_file(fs, "/etc/apt/sources.list", work) or b"").decode()
     suite = name.removeprefix("debian-")
     if ("debian", suite) not in bootstrap.SECURITY_SUITES:  # sid; bullseye, past its LTS
@@ -143,7 +190,7 @@ def assert_cloud_defaults_on_disk(result: promote.Promoted, name: str, work: Pat
 
 # The MATRIX case whose seed carries USER_DATA's modules too, asserted in its one boot:
 # what racker's cut-down module lists used to accept and silently ignore.
-USER_DATA_CASE = ("debian-bookworm", "uefi")
+USER_DATA_CASE = BOOKWORM_UEFI
 REPO = "/opt/racker-repo"  # a flat apt repository the seed itself carries (no archive needed)
 NTP_SERVER = "ntp.racker.test"
 HELLO_CONTROL = "Package: racker-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: racker <racker@localhost>\nDescription: racker test\n"
@@ -212,18 +259,19 @@ def assert_user_data_applied(vm: VM, expected: dict[str, str]) -> None:
 # Formats whose disk is the raw disk converted: no datasource of their own, the cloud kernel,
 # racker's own board. Each is compared, sector by sector, with the raw disk that SAME_DISK_CASE
 # boots (qemu-img reads it through the block driver QEMU would boot it with) instead of booting it.
-SAME_DISK_FORMATS = ["vmdk", "vhdx"]
-SAME_DISK_CASE = ("debian-bookworm", "bios")
+# Format -> promote's compress: qcow2's clusters compressed, as a cloud profile's upload has them.
+SAME_DISK_FORMATS = {"vmdk": None, "vhdx": None, "qcow2": True}
+SAME_DISK_CASE = BOOKWORM_BIOS
 
 
 def assert_formats_hold_the_booted_disk(image: store.StoredImage, booted: Path, work: Path) -> None:
-    for fmt in SAME_DISK_FORMATS:
+    for fmt, compress in SAME_DISK_FORMATS.items():
         spec = promote.formats.get(fmt)
         assert not spec.datasources and prepare.kernel_for(spec.drivers) == prepare.CLOUD_KERNEL and fmt not in PLATFORM_BOARD, (
-            f"{fmt} is no longer the booted raw disk converted: boot it in test_every_output_format_boots"
+            f"{fmt} is no longer the booted raw disk converted: boot it as a case of MATRIX"
         )
         output = work / f"same-disk{spec.suffix}"
-        promote.promote(image, output, promote.Options(fmt=fmt, firmware=SAME_DISK_CASE[1], size=DISK))
+        promote.promote(image, output, promote.Options(fmt=fmt, firmware=SAME_DISK_CASE.firmware, size=DISK, compress=compress))
         info = json.loads(
             subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True, check=True).stdout
         )
@@ -249,12 +297,12 @@ def prepared():
 # The MATRIX case booted by `racker vm start IMAGE` (the image's cached disk: the disk promote
 # writes here, byte for byte) and stopped by `racker vm stop`: the CLI's lifecycle is asserted on
 # its one boot, beside everything the library's boots assert.
-CLI_CASE = ("debian-bookworm", "bios")
+CLI_CASE = BOOKWORM_BIOS
 
 
 @contextlib.contextmanager
 def started_by_the_cli(name: str, image: store.StoredImage, promoted: Path) -> Iterator[VM]:
-    cached = promote.cached_disk(image, CLI_CASE[1])
+    cached = promote.cached_disk(image, CLI_CASE.firmware)
     same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(promoted), str(cached)], capture_output=True, text=True)
     assert same.returncode == 0, f"racker vm start boots another disk than promote writes: {same.stdout}{same.stderr}"
     vm_name = f"cli-{os.getpid()}"
@@ -279,45 +327,6 @@ def assert_cli_lifecycle(vm: VM) -> None:
     assert "Linux version" in racker("vm", "console", vm.name).stdout
 
 
-@pytest.mark.parametrize(("name", "firmware"), MATRIX)
-def test_promoted_disk_boots_as_a_cloud_vm(name: str, firmware: str, prepared, tmp_path: Path) -> None:
-    image = prepared(name)
-    result = promote.promote(image, tmp_path / f"{name}.raw", promote.Options(firmware=firmware, size=DISK))
-    assert result.path.stat().st_size == DISK
-    # What only the image can tell: it ships no machine-id and no host keys (the checks see them made at boot).
-    assert (image.rootfs / "etc/machine-id").read_text() == "", "the image must ship an empty machine-id"
-    assert not list((image.rootfs / "etc/ssh").glob("ssh_host_*")), "the image must ship no SSH host keys"
-    assert_cloud_defaults_on_disk(result, name, tmp_path)
-    config, expected = user_data(tmp_path) if (name, firmware) == USER_DATA_CASE else (None, {})
-    if (name, firmware) == CLI_CASE:
-        booting = started_by_the_cli(name, image, result.path)
-    else:
-        booting = VM(result.path, image=image.name, disk_size=GROWN, user_data=config)
-    with booting as vm:
-        # The checks users run, on this one boot: sshd, cloud-init, DHCP, root grown to GROWN, identity, health.
-        checks = assert_checks_pass(vm, tmp_path)
-        boot = checks["test_boot_time_recorded"]["properties"]["boot_seconds"]
-        assert {"kernel", "userspace", "total", "cloud_init"} <= set(boot), boot
-        assert vm.state is not None and vm.state.extra["firmware"] == firmware
-        assert "Linux version" in vm.console_log.read_text(errors="replace")
-        assert vm.check_output(["findmnt", "-no", "SOURCE", "/"]).startswith("/dev/vda")
-        if expected:
-            assert_user_data_applied(vm, expected)
-        if (name, firmware) == CLI_CASE:
-            assert_cli_lifecycle(vm)
-        if (name, firmware) == ("debian-bookworm", "bios"):
-            assert_broken_checks_fail(vm, tmp_path)
-        rundir = vm.rundir
-    assert not rundir.exists()
-    assert machines.load("qemu", vm.name) is None
-    if (name, firmware) == SAME_DISK_CASE:
-        assert_formats_hold_the_booted_disk(image, result.path, tmp_path)
-
-
-# Booted each: a profile, a kernel or a board of their own (vmdk and vhdx: SAME_DISK_FORMATS).
-CONVERTED = ["qcow2", "vhd", "vdi", "gce", "firecracker"]
-# Formats booted with a cloud's profile: the checks then hold the booted VM to that cloud's requirements too.
-PROFILE_OF = {"qcow2": "digitalocean", "gce": "gcp", "vhd": "azure"}
 # Each format booted on the stand-in for its platform (boards.BOARDS); others on racker's own.
 PLATFORM_BOARD = {"firecracker": "microvm", "vhd": "scsi", "vdi": "sata"}
 # Where the booted guest finds its root disk and which driver runs its NIC, on each stand-in.
@@ -350,102 +359,118 @@ def assert_placed_as_its_platform(vm: VM, board: str) -> None:
         assert found["pci_devices"] == "0", found
 
 
-@pytest.mark.xdist_group("debian-bookworm")
-@pytest.mark.parametrize("fmt", CONVERTED)
-def test_every_output_format_boots(fmt: str, prepared, tmp_path: Path) -> None:
-    # The kernel the format's platform needs drivers from: a vdi gets the generic one (ahci, e1000).
-    image = prepared("debian-bookworm", prepare.kernel_for(promote.formats.get(fmt).drivers))
-    output = tmp_path / f"bookworm{promote.formats.get(fmt).suffix}"
-    profile = PROFILE_OF.get(fmt, "generic")
-    before = store.tree_digest(image.rootfs) if fmt == "qcow2" else None
-    result = promote.promote(image, output, promote.Options(fmt=fmt, size=DISK, profile=profile))
-    if before is not None:  # promote never writes the store image (its tree staged for a profile's checks)
-        assert store.tree_digest(image.rootfs) == before == image.digest
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True, check=True).stdout)
-    options: dict = {}
-    if fmt == "gce":
-        # As GCE expects it: a sparse oldgnu tar.gz holding one file, disk.raw.
-        listing = subprocess.run(["tar", "-tvzf", str(output)], capture_output=True, text=True, check=True).stdout.split()
+# The MATRIX case each check of racker.checks.test_vm is broken in, once (BREAKS).
+BREAKS_CASE = BOOKWORM_BIOS
+# The MATRIX case that shows promote never writes the store image, even with a profile's
+# requirements read from a staged copy of its tree.
+TREE_KEPT_CASE = BOOKWORM_UEFI
+
+
+def disk_as_booted(result: promote.Promoted, work: Path) -> tuple[Path, Path]:
+    """(what QEMU boots, a raw image of it for debugfs), once the output is checked as its platform
+    takes it: each format's own shape, read by qemu-img as the format it claims."""
+    spec = promote.formats.get(result.fmt)
+    if result.fmt == "raw":
+        assert result.path.stat().st_size == DISK
+        return result.path, result.path
+    if result.fmt == "gce":  # as GCE expects it: a sparse oldgnu tar.gz holding one file, disk.raw
+        listing = subprocess.run(["tar", "-tvzf", str(result.path)], capture_output=True, text=True, check=True).stdout.split()
         assert listing[-1] == "disk.raw" and int(listing[2]) % GiB == 0
-        subprocess.run(["tar", "-xSzf", str(output), "-C", str(tmp_path)], check=True)
-        boot = tmp_path / "disk.raw"
-    elif fmt == "firecracker":
-        assert info["format"] == "raw"
-        config = json.loads(result.extra["config"].read_text())
-        assert_firecracker_config(config)
-        source = config["boot-source"]
-        assert [source["kernel_image_path"], source["initrd_path"], config["drives"][0]["path_on_host"]] == [
-            str(result.extra["vmlinux"]), str(result.extra["initrd"]), str(output)
-        ]  # fmt: skip
-        assert result.extra["vmlinux"].read_bytes()[:4] == b"\x7fELF", "Firecracker needs an uncompressed ELF kernel"
-        # Firecracker's boot, on its stand-in: what the configuration says (plus the
-        # root=/dev/vda rw Firecracker adds for the root drive), on virtio-mmio devices only.
-        options = {
-            "kernel": Path(source["kernel_image_path"]),
-            "initrd": Path(source["initrd_path"]),
-            "append": f"{source['boot_args']} root=/dev/vda rw",
-        }
-        boot = output
-    elif fmt == "vhd":
-        assert diskfile.is_fixed_vhd(output), "Azure takes fixed VHDs only"
-        boot = output
+        subprocess.run(["tar", "-xSzf", str(result.path), "-C", str(work)], check=True)
+        return work / "disk.raw", work / "disk.raw"
+    if result.fmt == "vhd":  # the raw disk and a footer: debugfs reads it as it is
+        assert diskfile.is_fixed_vhd(result.path), "Azure takes fixed VHDs only"
+        return result.path, result.path
+    info = json.loads(
+        subprocess.run(["qemu-img", "info", "--output=json", str(result.path)], capture_output=True, text=True, check=True).stdout
+    )
+    assert info["format"] == spec.qemu_format and info["virtual-size"] == DISK, info
+    raw = work / "as-raw.raw"
+    subprocess.run(["qemu-img", "convert", "-f", spec.qemu_format, "-O", "raw", str(result.path), str(raw)], check=True)
+    return result.path, raw
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=lambda case: case.id)
+def test_promoted_disk_boots_as_a_cloud_vm(case: Case, prepared, tmp_path: Path) -> None:
+    """Each release once (bookworm with both firmwares), each booted as one output format on its
+    platform's board with its cloud's profile (see MATRIX): the checks users run pass on every boot,
+    and each case asserts what it covers besides."""
+    image = prepared(case.name, case.kernel)
+    before = store.tree_digest(image.rootfs) if case == TREE_KEPT_CASE else None
+    options = promote.Options(fmt=case.fmt, firmware=case.firmware, size=DISK, profile=case.profile)
+    result = promote.promote(image, tmp_path / f"{case.id}{promote.formats.get(case.fmt).suffix}", options)
+    if before is not None:  # promote never writes the store image (its tree staged for a profile's checks)
+        assert case.profile != "generic" and store.tree_digest(image.rootfs) == before == image.digest
+    boot, raw = disk_as_booted(result, tmp_path)
+    # What only the image can tell: it ships no machine-id and no host keys (the checks see them made at boot).
+    assert (image.rootfs / "etc/machine-id").read_text() == "", "the image must ship an empty machine-id"
+    assert not list((image.rootfs / "etc/ssh").glob("ssh_host_*")), "the image must ship no SSH host keys"
+    assert_cloud_defaults_on_disk(raw, result.layout.root_offset, case.name, tmp_path)
+    config, expected = user_data(tmp_path) if case == USER_DATA_CASE else (None, {})
+    if case == CLI_CASE:
+        booting = started_by_the_cli(case.name, image, result.path)
     else:
-        assert info["format"] == promote.formats.get(fmt).qemu_format
-        boot = output
-    options["machine"] = PLATFORM_BOARD.get(fmt, "pc")
-    with VM(boot, image=image.name, disk_size=GROWN if fmt != "firecracker" else None, **options) as vm:
-        assert_placed_as_its_platform(vm, options["machine"])
-        if profile != "generic":
-            checks = assert_checks_pass(
-                vm, tmp_path, "-k", "profile or cloud_init_done or no_failed_units or root_writable or time_sync or nameserver"
-            )
+        booting = VM(boot, image=image.name, disk_size=GROWN, user_data=config, machine=case.board)
+    with booting as vm:
+        # The checks users run, on this one boot: sshd, cloud-init, DHCP, root grown to GROWN, identity,
+        # health, and the requirements of the profile the disk was promoted with that a boot shows.
+        checks = assert_checks_pass(vm, tmp_path)
+        boot_seconds = checks["test_boot_time_recorded"]["properties"]["boot_seconds"]
+        assert {"kernel", "userspace", "total", "cloud_init"} <= set(boot_seconds), boot_seconds
+        assert vm.state is not None and vm.state.extra["firmware"] == case.firmware
+        assert "Linux version" in vm.console_log.read_text(errors="replace")
+        assert_placed_as_its_platform(vm, case.board)
+        if case.profile != "generic":
             assert checks["test_profile_requirements_met"]["outcome"] == "pass", checks["test_profile_requirements_met"]
-            if fmt == "gce":  # the gcp profile's NTP drop-in configures the time-sync service that runs
-                servers = vm.check_output(["timedatectl", "show-timesync", "-p", "SystemNTPServers", "--value"]).split()
-                assert servers == ["metadata.google.internal"], servers
-            return
-        # A light look, the full checks being run above on the same image: one SSH round trip.
+        if case.profile == "gcp":  # the gcp profile's NTP drop-in configures the time-sync service that runs
+            servers = vm.check_output(["timedatectl", "show-timesync", "-p", "SystemNTPServers", "--value"]).split()
+            assert servers == ["metadata.google.internal"], servers
+        if expected:
+            assert_user_data_applied(vm, expected)
+        if case == CLI_CASE:
+            assert_cli_lifecycle(vm)
+        if case == BREAKS_CASE:
+            assert_broken_checks_fail(vm, tmp_path)
+        rundir = vm.rundir
+    assert not rundir.exists()
+    assert machines.load("qemu", vm.name) is None
+    if case == SAME_DISK_CASE:
+        assert_formats_hold_the_booted_disk(image, result.path, tmp_path)
+
+
+def test_the_firecracker_rootfs_boots_on_its_stand_in(prepared, tmp_path: Path) -> None:
+    """Firecracker's boot, on QEMU's microvm: the kernel, initrd and command line its configuration
+    names (plus the root=/dev/vda rw Firecracker adds for the root drive), virtio-mmio devices only."""
+    image = prepared("debian-bookworm", prepare.kernel_for(promote.formats.get("firecracker").drivers))
+    output = tmp_path / f"bookworm{promote.formats.get('firecracker').suffix}"
+    result = promote.promote(image, output, promote.Options(fmt="firecracker", size=DISK))
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "raw"
+    config = json.loads(result.extra["config"].read_text())
+    assert_firecracker_config(config)
+    source = config["boot-source"]
+    assert [source["kernel_image_path"], source["initrd_path"], config["drives"][0]["path_on_host"]] == [
+        str(result.extra["vmlinux"]), str(result.extra["initrd"]), str(output)
+    ]  # fmt: skip
+    assert result.extra["vmlinux"].read_bytes()[:4] == b"\x7fELF", "Firecracker needs an uncompressed ELF kernel"
+    append = f"{source['boot_args']} root=/dev/vda rw"
+    kernel, initrd = Path(source["kernel_image_path"]), Path(source["initrd_path"])
+    with VM(output, image=image.name, machine=PLATFORM_BOARD["firecracker"], kernel=kernel, initrd=initrd, append=append) as vm:
+        assert_placed_as_its_platform(vm, PLATFORM_BOARD["firecracker"])
+        # A light look, the full checks being run by MATRIX on the same image: one SSH round trip.
         found = guest.gather(vm)
         assert found.out("system_state") == "running", found.out("failed_units")
         assert found.cloud_init_status().get("status") == "done" and not found.cloud_init_status().get("errors")
         assert found.out("root_write") == "racker-write-check"
 
 
-@pytest.mark.xdist_group("debian-bookworm")
-def test_app_image_runs_its_entrypoint_as_a_service(share_image, tmp_path: Path) -> None:
-    """A Dockerfile-style service (ENTRYPOINT, CMD, ENV, WORKDIR, USER) really runs in the VM,
-    with its environment and its arguments exactly as the image gives them."""
-    share_image("debian-bookworm")
-    base = share_image("debian-bookworm", prepared=True)  # in this test's private store
-    # A directory whose name holds what quoting can get wrong, served by http.server --directory.
-    served = "/srv/www/$HOME ${HOME} $$ 100% %n \"q\" 'q' back\\slash\\ new\nline ;"
-    with store.workdir("test-app") as work:
-        rootfs = work / "rootfs"
-        subprocess.run(["cp", "-al", str(base.rootfs), str(rootfs)], check=True)
-        (rootfs / served.lstrip("/")).mkdir(parents=True)
-        (rootfs / served.lstrip("/") / "index.html").write_text("hello from the app\n")
-        config = {
-            "Entrypoint": ["/usr/bin/python3", "-m", "http.server"],
-            "Cmd": ["8080", "--bind", "127.0.0.1", "--directory", served],
-            "Env": ["GREETING=hello world", "PATH=/usr/local/bin:/usr/bin:/bin", *(f"{k}={v}" for k, v in HOSTILE_ENV)],
-            "WorkingDir": "/srv/www",
-            "User": "nobody",
-        }
-        manifest = dict(base.manifest, name="racker-test-app", config=config)
-        for key in ("digest", "size", "created", "source"):
-            manifest.pop(key, None)
-        image = store.commit("racker-test-app", rootfs, source="test:app", recipe="1", manifest=manifest)
-    result = promote.promote(image, tmp_path / "app.qcow2", promote.Options(fmt="qcow2", app=True, size=DISK))
-    with VM(result.path, image=image.name) as vm:
-        assert vm.run(["systemctl", "is-active", "racker-app"]).stdout.strip() == "active"
-        pid = vm.check_output(["systemctl", "show", "-p", "MainPID", "--value", "racker-app"]).strip()
-        environ = vm.check_output(["cat", f"/proc/{pid}/environ"]).split("\0")
-        assert "GREETING=hello world" in environ
-        for key, value in HOSTILE_ENV:
-            assert f"{key}={value}" in environ, [e for e in environ if e.startswith(key)]
-        cmdline = vm.check_output(["cat", f"/proc/{pid}/cmdline"]).split("\0")
-        assert cmdline == [*config["Entrypoint"], *config["Cmd"], ""]
-        fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/index.html').read().decode())"
-        assert vm.run(["python3", "-c", fetch]).stdout.strip() == "hello from the app"
-        assert vm.check_output(["readlink", f"/proc/{pid}/cwd"]).strip() == "/srv/www"
-        assert vm.check_output(["ps", "-o", "user=", "-p", pid]).strip() == "nobody"
+def test_every_format_profile_and_board_is_booted_or_compared_with_a_booted_disk() -> None:
+    """What the six boots stand for: a format, profile or board added later is booted too (a case of
+    MATRIX), or shown to be the booted disk converted (SAME_DISK_FORMATS). Boxes and appliances
+    hold one of those disks (test_promote pulls them back)."""
+    disks = {name for name, spec in promote.formats.FORMATS.items() if not spec.package}
+    assert disks == {c.fmt for c in MATRIX} | set(SAME_DISK_FORMATS) | {"firecracker"}
+    assert set(promote.profiles.PROFILES) == {c.profile for c in MATRIX}
+    assert set(PLACED_ON) == {c.board for c in MATRIX} | {PLATFORM_BOARD["firecracker"]}
+    assert sorted(c.name for c in MATRIX if c.name != "debian-bookworm") == sorted(set(CATALOG_IMAGES) - {"debian-bookworm"})
+    assert sorted(c.firmware for c in MATRIX if c.name == "debian-bookworm") == ["bios", "uefi"]
