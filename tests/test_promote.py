@@ -623,6 +623,31 @@ def test_datasource_list_last_setting_wins_in_file_order(tmp_path: Path) -> None
     assert not profiles.check_datasource_order(tree)[0]
 
 
+# cloud-init 25.1 and later, built with Meson (Debian sid's 26.2): version.py only imports the version.
+MESON_VERSION_PY = """try:
+    from cloudinit import meson_versions  # type: ignore
+
+    __VERSION__ = meson_versions.UPSTREAM_VERSION
+except ImportError:
+    __VERSION__ = "@MISSING_MESON_BUILD_ARTIFACT@"
+"""
+
+
+@pytest.mark.parametrize(
+    ("files", "version"),
+    [
+        ({"version.py": '__VERSION__ = "22.4.2"\n'}, (22, 4, 2)),
+        ({"version.py": MESON_VERSION_PY, "meson_versions.py": 'UPSTREAM_VERSION = "26.2"      # Required\n'}, (26, 2)),
+        ({"version.py": MESON_VERSION_PY}, None),
+        ({}, None),
+    ],
+    ids=["version.py", "meson", "meson-without-its-versions", "none"],
+)
+def test_cloud_init_version_is_read_from_the_image_however_it_was_built(tmp_path: Path, files: dict, version) -> None:  # type: ignore[no-untyped-def]
+    tree = write_tree(tmp_path, {f"usr/lib/python3/dist-packages/cloudinit/{name}": text for name, text in files.items()})
+    assert profiles.cloud_init_version(tree) == version
+
+
 def test_sshd_option_reads_included_dropins_first(tmp_path: Path) -> None:
     tree = write_tree(
         tmp_path,

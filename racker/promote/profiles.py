@@ -140,13 +140,13 @@ def sshd_option(tree: Path, option: str) -> str:
 
 
 def cloud_init_version(tree: Path) -> tuple[int, ...] | None:
-    for rel in (
-        "usr/lib/python3/dist-packages/cloudinit/version.py",
-        *_glob(tree, "usr/lib/python3*/site-packages/cloudinit/version.py"),
-    ):
-        match = re.search(r"__VERSION__\s*=\s*['\"]([\d.]+)", _read(tree, rel))
-        if match:
-            return tuple(int(x) for x in match.group(1).split(".") if x.isdigit())
+    """The version of the image's cloud-init, read from its files: version.py holds it, or, in a
+    cloud-init built with Meson (25.1 and later; Debian sid), the meson_versions.py it imports."""
+    for package in ("usr/lib/python3/dist-packages/cloudinit", *_glob(tree, "usr/lib/python3*/site-packages/cloudinit")):
+        for rel, variable in (("version.py", "__VERSION__"), ("meson_versions.py", "UPSTREAM_VERSION")):
+            match = re.search(rf"{variable}\s*=\s*['\"]([\d.]+)['\"]", _read(tree, f"{package}/{rel}"), re.MULTILINE)
+            if match:
+                return tuple(int(x) for x in match.group(1).split(".") if x.isdigit())
     return None
 
 
