@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("xdist", reason="the scheduler is pytest-xdist's; tox -e unit runs without it, pytest -n auto with it")
+
 from racker.pytest.targets import Target
 from racker.pytest.xdist_scheduling import ImageScheduling, publish_groups
 
