@@ -8,6 +8,10 @@ from racker.errors import MachineError
 from racker.machines import named_networks
 from racker.pytest import groups
 
+# It makes networks, which test_multi's and test_vm_network's "nothing left" checks of the host's rk*
+# links would see: every test that makes networks runs on one worker, one at a time.
+pytestmark = pytest.mark.xdist_group("named-networks")
+
 
 def test_a_group_spec_names_images_and_engines() -> None:
     assert groups.parse({"server": "debian-bookworm", "client": {"image": "debian-trixie"}}) == {

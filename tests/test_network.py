@@ -228,7 +228,7 @@ def beyond_the_host() -> Iterator[tuple[str, str]]:
     """An HTTP server on an address beyond this host: in a network namespace of this test's own,
     joined to the host by a veth pair on a /30 of TEST-NET-2. Yields its URL and the host side's address."""
     tag = f"{os.getpid() % 10000}"
-    namespace, host_if, far_if = f"racker-beyond-{tag}", f"rkb{tag}h", f"rkb{tag}n"
+    namespace, host_if, far_if = f"racker-beyond-{tag}", f"beyond{tag}h", f"beyond{tag}n"
     base = 4 * (os.getpid() % 64)  # one /30 per worker: two runs never share an address
     host_side, far_side = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
     steps = [

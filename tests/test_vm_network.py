@@ -26,6 +26,10 @@ from racker.errors import MachineError
 from racker.machines import named_networks, network
 from racker.vm import boards, bridge, seed
 
+# Their "nothing left" checks look at the host's rk* links and dnsmasq processes, which every test
+# that makes networks changes: all such tests (test_multi's too) run on one worker, one at a time.
+pytestmark = pytest.mark.xdist_group("named-networks")
+
 SERVER = "debian-bookworm+vm"
 BOOT_TIMEOUT = 900  # TCG on a host that other tests load too
 LISTEN = "import socket; c = socket.create_server((chr(48) + '.0.0.0', 7000)).accept()[0]; c.sendall(b'from-client'); c.close()"
