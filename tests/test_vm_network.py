@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_HOME, racker
+from conftest import ROOT, SHARED_HOME, in_store, racker
 from racker import machines, proc, store
 from racker.errors import MachineError
 from racker.machines import named_networks, network
@@ -57,17 +57,10 @@ def shared_disk() -> Path:
     """The prepared bookworm's promoted disk in the shared store (a VM only reads it: its overlay is its own)."""
     from racker import images, prepare, promote
 
-    private = os.environ.get("RACKER_HOME")
-    os.environ["RACKER_HOME"] = str(SHARED_HOME)
-    try:
+    with in_store(SHARED_HOME):
         image = prepare.prepare(images.pull(SERVER.removesuffix("+vm")))
         _board, firmware = boards.board_for(prepare.image_architecture(image))
         return promote.cached_disk(image, firmware)
-    finally:
-        if private is None:
-            del os.environ["RACKER_HOME"]
-        else:
-            os.environ["RACKER_HOME"] = private
 
 
 # -- bad input: one line, nothing made ------------------------------------------------------
