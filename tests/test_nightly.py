@@ -86,7 +86,8 @@ def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
          "-W", "ignore::pytest.PytestUnknownMarkWarning", f"--racker-results={results}", *args, "test_x.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         # Only racker's plugin, named once (-p), not again by its entry point; no xdist, no testinfra plugin.
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+        # No PYTEST_ADDOPTS of the caller's: a -v there would change the -q listing read below.
+        env={**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )  # fmt: skip
     ids = [line.split("[", 1)[1].rstrip("]") for line in done.stdout.splitlines() if line.startswith("test_x.py::")]
     runs = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
@@ -275,7 +276,9 @@ def _tonight(directory: Path) -> tuple[list[dict], list[dict]]:
 @pytest.mark.root
 def test_a_second_night_with_nothing_changed_reuses_every_cell_and_boots_nothing(tmp_path: Path) -> None:
     night = ["nightly", "debian-bookworm", "--engine", "nspawn", "--offline", "-n", "0"]
-    first = racker(*night, "-o", str(tmp_path / "1"))
+    # A user's PYTEST_ADDOPTS are for their own pytest: racker's check run has argv of its own (an
+    # inherited -v stopped every night: "unrecognized arguments", the terminal plugin being off).
+    first = racker(*night, "-o", str(tmp_path / "1"), env={"PYTEST_ADDOPTS": "-v --durations=0"})
     assert first.returncode == 0, first.stdout + first.stderr
     tests, booted = _tonight(tmp_path / "1")
     assert tests and not any(t.get("reused") for t in tests) and all(t["key"] and t["ran"] for t in tests)

@@ -75,4 +75,11 @@ def run(
             argv.append(f"--racker-shard={shard}")
         if reuse:
             argv.append(f"--racker-reuse={reuse}")
-        return int(pytest.main(argv))
+        # The caller's PYTEST_ADDOPTS are for their own pytest runs: this one's argv is racker's,
+        # and an added `-v` is not even an option with the terminal plugin off.
+        addopts = os.environ.pop("PYTEST_ADDOPTS", None)
+        try:
+            return int(pytest.main(argv))
+        finally:
+            if addopts is not None:
+                os.environ["PYTEST_ADDOPTS"] = addopts
