@@ -62,3 +62,59 @@ def test_evidence_is_capped_per_file_and_in_all(tmp_path: Path) -> None:
     assert paths["journal.txt"] == "", "past the total limit: named, with no file"
     assert paths["../escape"].startswith("evidence/") and (tmp_path / paths["../escape"]).is_file()
     assert evidence.cell_directory(NODE) != evidence.cell_directory(NODE + "x")
+
+
+def test_the_gathering_s_parts_are_split_at_their_boundary_exactly() -> None:
+    said = "noise\n\nB begin a\none\ntwo\n\nB end a 0\n\nB begin b\nno newline\nB end b 3\n\nB begin cut\npart"
+    assert evidence.split_parts(said, "B") == {"a": ("one\ntwo\n", 0), "b": ("no newline", 3), "cut": ("part", -1)}
+
+
+class LocalGuest:
+    """A 'machine' whose commands run here, with a journalctl of the test's own first on PATH."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir, self.calls = bin_dir, []
+
+    def run(self, argv, timeout=None):  # type: ignore[no-untyped-def]
+        import os
+        import subprocess
+
+        self.calls.append(list(argv))
+        env = {**os.environ, "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
+        done = subprocess.run(argv, capture_output=True, env=env, timeout=timeout)
+        from racker.proc import Result
+
+        return Result(list(argv), done.returncode, done.stdout, done.stderr)
+
+
+# Two journal entries at first, a third after the first gathering: --after-cursor gives only the new one.
+FAKE_JOURNALCTL = """#!/bin/sh
+entry() { printf '__CURSOR=c%s\\nMESSAGE=entry %s\\n\\n' "$1" "$1"; }
+case "$*" in
+  *--after-cursor=c2*) entry 3 ;;
+  *--after-cursor*) exit 1 ;;
+  *--output=export*) entry 1; entry 2; if [ -e "$(dirname "$0")/third" ]; then entry 3; fi ;;
+  *--lines=*) echo "the last lines" ;;
+esac
+"""
+
+
+def test_a_second_failure_on_one_machine_reads_only_the_journal_s_new_entries(tmp_path: Path) -> None:
+    (tmp_path / "journalctl").write_text(FAKE_JOURNALCTL)
+    (tmp_path / "journalctl").chmod(0o755)
+    guest = LocalGuest(tmp_path)
+    first = evidence.from_guest(guest)
+    assert first["journal.export"] == "__CURSOR=c1\nMESSAGE=entry 1\n\n__CURSOR=c2\nMESSAGE=entry 2\n\n"
+    assert first["journal-tail.txt"] == "the last lines\n" and "notes.txt" not in first
+    (tmp_path / "third").touch()
+    second = evidence.from_guest(guest)
+    assert second["journal.export"] == first["journal.export"] + "__CURSOR=c3\nMESSAGE=entry 3\n\n"
+    assert len(guest.calls) == 2, "one command a gathering"
+    assert guest.calls[1][5] == "c2", "the second asks from the first's last cursor"
+
+
+def test_a_guest_without_journalctl_gives_a_note_not_an_error(tmp_path: Path) -> None:
+    guest = LocalGuest(tmp_path)
+    guest.run = lambda argv, timeout=None: LocalGuest.run(guest, [a.replace("command -v journalctl", "false") for a in argv], timeout)  # type: ignore[method-assign]
+    found = evidence.from_guest(guest)
+    assert "no journal" in found["notes.txt"] and "journal.export" not in found

@@ -420,6 +420,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
         return
     backend = sys.modules.get("racker.pytest.testinfra_backend")
     commands = list(backend.HISTORY) if backend is not None else []
+    gathered = evidence.from_guest(machine, commands)
+    tail = gathered.pop("journal-tail.txt", "")
     if report.failed:
         for result in commands:
             report.sections.append(
@@ -428,13 +430,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
                     f"$ {result.command.decode(errors='replace')}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}",
                 )
             )
-        try:
-            journal = machine.run(["journalctl", "--boot", "--no-pager", "--lines=200"], timeout=30)
-            report.sections.append((f"racker: journal of {machine.name}", journal.stdout or journal.stderr))
-        except RackerError as failed:
-            report.sections.append(("racker: journal", f"could not read the journal: {failed}"))
+        report.sections.append((f"racker: journal of {machine.name}", tail or gathered.get("notes.txt", "no journal")))
     # Into the results' evidence directory (results.py), where the report links it.
-    report.racker_evidence = {**evidence.from_guest(machine, commands), **getattr(report, "racker_evidence", {})}  # type: ignore[attr-defined]
+    report.racker_evidence = {**gathered, **getattr(report, "racker_evidence", {})}  # type: ignore[attr-defined]
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):  # type: ignore[no-untyped-def]
