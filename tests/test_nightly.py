@@ -81,13 +81,14 @@ def collect(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
     (tmp_path / "test_x.py").write_text("def test_x(host):\n    pass\n")
     results = tmp_path / "results.jsonl"
     results.unlink(missing_ok=True)
+    without_addopts = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "racker.pytest.plugin", "-p", "no:cacheprovider", "--collect-only", "-q",
          "-W", "ignore::pytest.PytestUnknownMarkWarning", f"--racker-results={results}", *args, "test_x.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         # Only racker's plugin, named once (-p), not again by its entry point; no xdist, no testinfra plugin.
         # No PYTEST_ADDOPTS of the caller's: a -v there would change the -q listing read below.
-        env={**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+        env={**without_addopts, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )  # fmt: skip
     ids = [line.split("[", 1)[1].rstrip("]") for line in done.stdout.splitlines() if line.startswith("test_x.py::")]
     runs = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
