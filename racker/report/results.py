@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import pytest
+if TYPE_CHECKING:  # pytest itself is imported by the runs that write results, not by the commands that read them
+    import pytest
 
 from racker.report import evidence
 
