@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def slim(private_store: dict) -> store.StoredImage:
-    """Debian's minbase variant: apt, but no systemd, sshd or D-Bus (like Docker Hub's debian)."""
+def slim(private_store: dict, share_image) -> store.StoredImage:  # type: ignore[no-untyped-def]
+    """Debian's minbase variant: apt, but no systemd, sshd or D-Bus (like Docker Hub's debian).
+    Bootstrapped once in the shared store (the tests here are about what comes after a pull)."""
     (Path(private_store["RACKER_CATALOG"]) / "slim.toml").write_text(
         'source = "bootstrap:debian/bookworm"\nvariant = "minbase"\npackages = []\n'
     )
-    pulled = racker("pull", "slim")
-    assert pulled.returncode == 0, pulled.stderr
+    share_image("slim")
     image = store.lookup("slim")
     assert image is not None and not image.manifest["distro"]["systemd"]
     return image

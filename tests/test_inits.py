@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, pulled, racker
+from conftest import ROOT, racker
 from racker import images, machines, store
 from racker.errors import UnknownInit
 from racker.machines import inits
@@ -249,10 +249,10 @@ def _commands(leader: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_an_unknown_init_is_one_line_at_once(private_store: dict[str, str]) -> None:
+def test_an_unknown_init_is_one_line_at_once(private_store: dict[str, str], share_image) -> None:  # type: ignore[no-untyped-def]
     """An image whose /sbin/init is a script that sleeps: refused before anything boots, not a hang
     until the boot timeout (nor given systemd by prepare: that would boot another system)."""
-    tiny = pulled("tiny")  # Essential packages: a shell and sleep, for the script to run
+    tiny = share_image("tiny")  # Essential packages: a shell and sleep, for the script to run
     with store.workdir("unknown-init") as work:
         rootfs = work / "rootfs"
         subprocess.run(["cp", "-a", "--reflink=auto", str(tiny.rootfs), str(rootfs)], check=True)
