@@ -87,13 +87,21 @@ class LocalGuest:
         return Result(list(argv), done.returncode, done.stdout, done.stderr)
 
 
-# Two journal entries at first, a third after the first gathering: --after-cursor gives only the new one.
+# Two journal entries at first, a third after the first gathering: --after-cursor gives only the
+# new one. After a reboot (or a snapshot's restore) this boot's journal has no entry c2: --cursor
+# seeks to the nearest entry there is, as journalctl does, and --after-cursor gives this boot's.
 FAKE_JOURNALCTL = """#!/bin/sh
+here="$(dirname "$0")"
 entry() { printf '__CURSOR=c%s\\nMESSAGE=entry %s\\n\\n' "$1" "$1"; }
+if [ -e "$here/rebooted" ]; then
+  case "$*" in *--output=export*) entry 9 ;; *--lines=*) echo "the last lines" ;; esac
+  exit 0
+fi
 case "$*" in
   *--after-cursor=c2*) entry 3 ;;
   *--after-cursor*) exit 1 ;;
-  *--output=export*) entry 1; entry 2; if [ -e "$(dirname "$0")/third" ]; then entry 3; fi ;;
+  *--cursor=c2*) entry 2; entry 3 ;;
+  *--output=export*) entry 1; entry 2; if [ -e "$here/third" ]; then entry 3; fi ;;
   *--lines=*) echo "the last lines" ;;
 esac
 """
@@ -118,3 +126,13 @@ def test_a_guest_without_journalctl_gives_a_note_not_an_error(tmp_path: Path) ->
     guest.run = lambda argv, timeout=None: LocalGuest.run(guest, [a.replace("command -v journalctl", "false") for a in argv], timeout)  # type: ignore[method-assign]
     found = evidence.from_guest(guest)
     assert "no journal" in found["notes.txt"] and "journal.export" not in found
+
+
+def test_after_a_reboot_the_last_cursor_is_not_trusted_and_the_whole_journal_is_read(tmp_path: Path) -> None:
+    (tmp_path / "journalctl").write_text(FAKE_JOURNALCTL)
+    (tmp_path / "journalctl").chmod(0o755)
+    guest = LocalGuest(tmp_path)
+    evidence.from_guest(guest)
+    (tmp_path / "rebooted").touch()
+    again = evidence.from_guest(guest)
+    assert again["journal.export"] == "__CURSOR=c9\nMESSAGE=entry 9\n\n", "the last boot's entries are not this boot's journal"

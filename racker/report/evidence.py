@@ -38,12 +38,15 @@ JOURNAL_TAIL_LINES = 200
 # Everything from the guest in one command: each command's output between two marker lines
 # (a random boundary no log can forge), its exit status in the second. A round trip costs a
 # TCG guest seconds, and a bad night fails many checks on one machine. $2, when given, is the
-# journal cursor the last gathering on this machine ended at: only what came after is read.
+# journal cursor the last gathering on this machine ended at: only what came after is read, if
+# this boot's journal still has that entry (a reboot or a snapshot's restore since: all of it).
 GATHER = r"""
 b="$1"; after="$2"; limit="$3"
 run() { name="$1"; shift; printf '\n%s begin %s\n' "$b" "$name"; "$@"; rc=$?; printf '\n%s end %s %s\n' "$b" "$name" "$rc"; return $rc; }
 if command -v journalctl >/dev/null 2>&1; then
-  { [ -n "$after" ] && run journal.new journalctl --boot --output=export --no-pager --after-cursor="$after" 2>/dev/null; } ||
+  { [ -n "$after" ] &&
+      [ "$(journalctl --boot --output=export --no-pager --cursor="$after" 2>/dev/null | head -n 1)" = "__CURSOR=$after" ] &&
+      run journal.new journalctl --boot --output=export --no-pager --after-cursor="$after" 2>/dev/null; } ||
     run journal.export journalctl --boot --output=export --no-pager 2>/dev/null ||
     run journal.txt journalctl --boot --no-pager 2>&1
   run journal-tail journalctl --boot --no-pager --lines=@TAIL@ 2>&1
