@@ -221,20 +221,17 @@ def render(report: dict[str, Any], matrices: list[dict[str, Any]], failures: lis
         for image, engines_of in sorted(report["images"].items())
         for engine, facts in sorted(engines_of.items())
     ]  # fmt: skip
-    return (
-        environment()
-        .get_template("report.html.j2")
-        .render(
-            report=report,
-            comparison=comparison,
-            regressed=regressed,
-            outcomes=list(report["counts"]),
-            linked={c["id"] for c in failures},
-            nights=(report.get("history") or {}).get("nights", [report["generated"]]),
-            matrices=matrices,
-            images=images,
-            failures=failures,
-            css=Markup(CSS),
-            js=Markup(JS),
-        )
+    template = environment().get_template("report.html.j2")
+    return template.render(
+        report=report,
+        comparison=comparison,
+        regressed=regressed,
+        outcomes=list(report["counts"]),
+        linked={c["id"] for c in failures},
+        nights=(report.get("history") or {}).get("nights", [report["generated"]]),
+        matrices=matrices,
+        images=images,
+        failures=failures,
+        css=Markup(CSS),
+        js=Markup(JS),
     )
