@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from racker.proc import Result
 from racker.report import evidence, results
 
 NODE = "test_x.py::test_boots[debian-bookworm]"
@@ -76,14 +79,9 @@ class LocalGuest:
         self.bin_dir, self.calls = bin_dir, []
 
     def run(self, argv, timeout=None):  # type: ignore[no-untyped-def]
-        import os
-        import subprocess
-
         self.calls.append(list(argv))
         env = {**os.environ, "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
         done = subprocess.run(argv, capture_output=True, env=env, timeout=timeout)
-        from racker.proc import Result
-
         return Result(list(argv), done.returncode, done.stdout, done.stderr)
 
 
@@ -107,10 +105,14 @@ esac
 """
 
 
+def guest_with_fake_journal(bin_dir: Path) -> LocalGuest:
+    (bin_dir / "journalctl").write_text(FAKE_JOURNALCTL)
+    (bin_dir / "journalctl").chmod(0o755)
+    return LocalGuest(bin_dir)
+
+
 def test_a_second_failure_on_one_machine_reads_only_the_journal_s_new_entries(tmp_path: Path) -> None:
-    (tmp_path / "journalctl").write_text(FAKE_JOURNALCTL)
-    (tmp_path / "journalctl").chmod(0o755)
-    guest = LocalGuest(tmp_path)
+    guest = guest_with_fake_journal(tmp_path)
     first = evidence.from_guest(guest)
     assert first["journal.export"] == "__CURSOR=c1\nMESSAGE=entry 1\n\n__CURSOR=c2\nMESSAGE=entry 2\n\n"
     assert first["journal-tail.txt"] == "the last lines\n" and "notes.txt" not in first
@@ -129,9 +131,7 @@ def test_a_guest_without_journalctl_gives_a_note_not_an_error(tmp_path: Path) ->
 
 
 def test_after_a_reboot_the_last_cursor_is_not_trusted_and_the_whole_journal_is_read(tmp_path: Path) -> None:
-    (tmp_path / "journalctl").write_text(FAKE_JOURNALCTL)
-    (tmp_path / "journalctl").chmod(0o755)
-    guest = LocalGuest(tmp_path)
+    guest = guest_with_fake_journal(tmp_path)
     evidence.from_guest(guest)
     (tmp_path / "rebooted").touch()
     again = evidence.from_guest(guest)

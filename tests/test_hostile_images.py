@@ -93,16 +93,6 @@ OPERATIONS = {
 OUTSIDE_ETC = {
     "promote-azure-vagrant-app": ["promote", "{image}", "--no-prepare", "--profile", "azure", "--vagrant-user", "--app", "-o", "{out}.vhd"],
 }
-
-
-def operations_for(hostile: Hostile, first: bool) -> dict[str, list[str]]:
-    operations = dict(OPERATIONS, **(MORE if first else {}))
-    if not first and not any(link == "etc" or link.startswith("etc/") for link in hostile.links):
-        del operations["promote-gcp-vagrant-app"]
-        operations.update(OUTSIDE_ETC)
-    return operations
-
-
 # Formats and profiles tried on the first image only: each disk build costs seconds.
 MORE = {
     "promote-qcow2": ["promote", "{image}", "--no-prepare", "--format", "qcow2", "-o", "{out}.qcow2"],
@@ -113,6 +103,14 @@ MORE = {
     "promote-azure": ["promote", "{image}", "--no-prepare", "--profile", "azure", "-o", "{out}.vhd"],
     "promote-uefi": ["promote", "{image}", "--no-prepare", "--firmware", "uefi", "-o", "{out}-uefi.raw"],
 }
+
+
+def operations_for(hostile: Hostile, first: bool) -> dict[str, list[str]]:
+    operations = dict(OPERATIONS, **(MORE if first else {}))
+    if not first and not any(link == "etc" or link.startswith("etc/") for link in hostile.links):
+        del operations["promote-gcp-vagrant-app"]
+        operations.update(OUTSIDE_ETC)
+    return operations
 
 
 def make_sentinel(base: Path) -> Path:
