@@ -35,6 +35,18 @@ GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], tim
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
 
 
+@pytest.fixture(autouse=True)
+def prepared_images(request: pytest.FixtureRequest) -> None:
+    """SERVER and CLIENT are prepared images (+vm), which only prepare makes: in a fresh store
+    they are made here, before a group asks for them (a group never builds an image itself)."""
+    if {"racker_machines", "racker_group"} & set(request.fixturenames):
+        from racker import images, prepare
+        from racker.store.refs import PREPARED
+
+        for name in (SERVER, CLIENT):
+            prepare.prepare(images.pull(name.removesuffix(PREPARED)))
+
+
 def serve(host, token: str) -> None:  # type: ignore[no-untyped-def]
     """python3's HTTP server in the machine, on PORT, serving a file that holds `token`."""
     host.check_output(f"mkdir -p /srv/www && echo {token} > /srv/www/token")
