@@ -37,6 +37,7 @@ packages = []
 """
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's: the unit tier runs without it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one worker more than the host has cores. With one per core, a fifth of the
     CPU sat idle (159 % of 2 cores, a cold run): tests wait on downloads, on SSH and on guests
