@@ -37,14 +37,6 @@ packages = []
 """
 
 
-@pytest.hookimpl(optionalhook=True)  # xdist's: the unit tier runs without it
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker more than the host has cores. With one per core, a fifth of the
-    CPU sat idle (159 % of 2 cores, a cold run): tests wait on downloads, on SSH and on guests
-    that sleep, and a third worker's tests fill those waits."""
-    return len(os.sched_getaffinity(0)) + 1
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, leave out the tests that lower a host-wide limit: another worker's
     boot in that moment would fail. README's test command runs them alone afterwards."""
