@@ -254,7 +254,9 @@ def test_a_cold_boot_s_files_and_sockets_are_root_s_alone_under_umask_0(hang_dis
     seen: list[Path] = []
 
     def look(vm: VM, deadline: float) -> None:
-        for path in (vm.rundir, vm.rundir / "id_ed25519", vm.rundir / "overlay.qcow2"):
+        # The seed too: its user-data may carry a caller's secrets (a password's hash, a CA).
+        made = ("id_ed25519", "overlay.qcow2", "seed.iso", "seed.d", "seed.d/user-data", "seed.d/meta-data")
+        for path in (vm.rundir, *(vm.rundir / name for name in made)):
             _private(path)
             seen.append(path)
         probe = _socket_probe().probe_sockets_as_nobody(outer / "store")
@@ -272,7 +274,7 @@ def test_a_cold_boot_s_files_and_sockets_are_root_s_alone_under_umask_0(hang_dis
     finally:
         os.umask(old)
         store.remove_tree(outer)
-    assert len(seen) == 6
+    assert len(seen) == 10
 
 
 @pytest.mark.slow

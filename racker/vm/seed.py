@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from racker import proc, settings
+from racker.files import write_atomic
 
 USER = "racker"
 
@@ -66,10 +67,13 @@ def meta_data(hostname: str) -> str:
 
 
 def build(path: Path, hostname: str, public_key: str, extra: dict | None = None, bootcmd: Sequence[Sequence[str]] = ()) -> Path:
-    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data, `bootcmd`: racker's own."""
+    """Write the seed ISO at `path`; `extra`: more cloud-config for the user-data, `bootcmd`: racker's own.
+
+    Root's alone whatever the umask: the caller's cloud-config may carry secrets (a password's hash)."""
     files = path.parent / f"{path.stem}.d"
-    files.mkdir(parents=True, exist_ok=True)
-    (files / "meta-data").write_text(meta_data(hostname))
-    (files / "user-data").write_text(user_data(hostname, public_key, extra=extra, bootcmd=bootcmd))
-    proc.run(["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)])
+    files.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(files / "meta-data", meta_data(hostname))
+    write_atomic(files / "user-data", user_data(hostname, public_key, extra=extra, bootcmd=bootcmd))
+    argv = ["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(files)]
+    proc.run(argv, umask=proc.PRIVATE)
     return path
