@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MEMORY = 1024
 DEFAULT_CPUS = 2
-KIND = "qemu"
+KIND = ports.KIND  # the registry's kind of VMs, named once (ports reads the registry too)
 # -- the VM -----------------------------------------------------------------
 
 
