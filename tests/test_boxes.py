@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_HOME, StaticServer, loop_devices, passes_checks, racker
+from conftest import SHARED_HOME, StaticServer, in_store, loop_devices, passes_checks, racker
 from conftest import pulled as _pulled
 from racker import store
 
@@ -118,12 +118,8 @@ def boxes(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory)
     from racker import images
 
     work = tmp_path_factory.mktemp("boxes")
-    home = os.environ["RACKER_HOME"]
-    os.environ["RACKER_HOME"] = str(SHARED_HOME)
-    try:
+    with in_store(SHARED_HOME):
         bookworm = store.image_dir(images.pull("debian-bookworm").digest) / "rootfs"  # only read
-    finally:
-        os.environ["RACKER_HOME"] = home
     disk(bookworm, work / "bookworm.raw", 1 << 30)
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", work / "bookworm.raw", work / "box.img")
     (work / "bookworm.raw").unlink()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_HOME, StaticServer, loop_devices, passes_checks, racker
+from conftest import SHARED_HOME, StaticServer, in_store, loop_devices, passes_checks, racker
 from conftest import pulled as _pulled  # tests here name their results `pulled`
 from racker import store
 
@@ -182,16 +182,12 @@ def disks(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory)
     from racker import promote
 
     work = tmp_path_factory.mktemp("disks")
-    home = os.environ["RACKER_HOME"]
-    os.environ["RACKER_HOME"] = str(SHARED_HOME)
-    try:
+    with in_store(SHARED_HOME):
         from racker import images, prepare
 
         vm_image = prepare.prepare(images.pull("debian-bookworm"))
         raw = promote.cached_disk(vm_image)  # racker promote's raw output, kept in the shared store
         vm_rootfs = store.image_dir(vm_image.digest) / "rootfs"
-    finally:
-        os.environ["RACKER_HOME"] = home
     promoted = work / "promoted"
     promoted.mkdir()
     # A copy, not a link: a link's ctime moves whenever another test links the cached disk, and tar

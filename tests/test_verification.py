@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import StaticServer, racker
+from conftest import StaticServer, in_store, racker
 from racker import store
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,8 @@ def served(static_server: StaticServer, tmp_path_factory: pytest.TempPathFactory
 def pull(static_server: StaticServer, home: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     """`racker pull ARGS` into the store at HOME: (the run, the tarball's manifest fields or {})."""
     done = racker("pull", *args, env={"RACKER_HOME": str(home), "SSL_CERT_FILE": str(static_server.ca)})
-    os.environ["RACKER_HOME"] = str(home)
-    try:
+    with in_store(home):
         image = store.lookup(args[-1])
-    finally:
-        del os.environ["RACKER_HOME"]
     return done, (image.manifest.get("tarball", {}) if image else {})
 
 
