@@ -197,6 +197,13 @@ def test_a_vms_dns_server_answers_the_networks_names_as_they_come_and_go(racker_
             assert until(lambda: ask(client, dns, "A", "late") == [f"0 1 {late['address']}"]), ask(client, dns, "A", "late")
             assert client.check_output("getent hosts late").split()[0] == late["address"]  # nspawn's /etc/hosts: the same names
         assert until(lambda: ask(client, dns, "A", "late") == ["5 0"]), ask(client, dns, "A", "late")
+    # A network made before hosts.d, its hosts file beside its other state: a VM's server reads that file.
+    made_before = named_networks.lookup(mine["network"])
+    os.rename(made_before.hosts_dir / "hosts", made_before.directory / "hosts")
+    made_before.hosts_dir.rmdir()
+    with a_vms_network_side(mine["network"], "old") as old:
+        client.run("ip neigh flush all")  # its server has the address an earlier one had, not its MAC
+        assert ask(client, old["dhcp_server"], "A", "client", "A", "old") == [f"0 1 {mine['address']}", f"0 1 {old['address']}"]
 
 
 def test_a_vm_on_a_private_network_asks_its_dns_server_first() -> None:

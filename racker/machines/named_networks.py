@@ -93,6 +93,14 @@ class Network:
         legacy = self.directory / "hosts"  # a network made before hosts.d, its members bound to that file
         return legacy if legacy.is_file() and not self.hosts_dir.is_dir() else self.hosts_dir / "hosts"
 
+    def dnsmasq_hosts(self) -> list[str]:
+        """A VM's DNS server's options for the network's names: the hosts file's directory, watched, so
+        every change is seen (--hostsdir); a network made before hosts.d has only the file beside its
+        other state, which is read as the server starts (--addn-hosts): names that come later are not known."""
+        if self.hosts_file.parent == self.hosts_dir:
+            return [f"--hostsdir={self.hosts_dir}"]
+        return [f"--addn-hosts={self.hosts_file}"]
+
     def members(self) -> dict[str, dict]:
         """address -> claim, of every claim file (live or not)."""
         found = {}

@@ -131,9 +131,8 @@ class Bridged:
             # A member's name has an IPv4 address only: its AAAA is an empty answer (--filter-AAAA), not a
             # refusal a resolver would take to its next server. Any other name is refused (no upstream):
             # the guest asks its next server, the user-mode NIC's.
-            hosts_dir = named_networks.lookup(self.mode).hosts_dir
             options = ["--dhcp-option=option:router", f"--dhcp-option=option:dns-server,{server}"]
-            options += [f"--hostsdir={hosts_dir}", "--filter-AAAA"]
+            options += [*named_networks.lookup(self.mode).dnsmasq_hosts(), "--filter-AAAA"]
         else:
             nameservers = [line.split()[1] for line in network.resolv_conf().splitlines() if line.split()[:1] == ["nameserver"]]
             options = [f"--dhcp-option=option:router,{lease['gateway']}", f"--dhcp-option=option:mtu,{lease['mtu']}"]
