@@ -140,10 +140,10 @@ def _tiny_oci_layout(directory: Path) -> None:
 @contextlib.contextmanager
 def auth_registry(base: Path) -> Iterator[str]:
     """docker-registry on 127.0.0.1 requiring htpasswd auth USER:PASSWORD, holding tiny:1: yields "127.0.0.1:PORT"."""
-    import crypt  # bcrypt for htpasswd; deprecated, still in 3.11 (the registry reads bcrypt only)
+    import bcrypt  # the registry's htpasswd is bcrypt's only
 
     base.mkdir(parents=True, exist_ok=True)
-    (base / "htpasswd").write_text(f"{USER}:{crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    (base / "htpasswd").write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
     port = free_port()
     config = base / "config.yml"
     config.write_text(
